@@ -1,0 +1,31 @@
+r"""The SaRO pipeline: RW (SFT) -> SRPO (DPO, RW model as start and reference) -> HF export.
+
+  python -m saro_jax.main --config configs/saro.py          # preset tiny (default): CPU, < 3 min
+  python -m saro_jax.main --config configs/saro.py:smollm2_135m
+  python -m saro_jax.main --config configs/saro.py:qwen2_5_7b --workdir gs://bucket/run1
+
+Shared sections (model, mesh, checkpoint, export, seed) apply to both stages; per-stage settings
+live in config.rw.{data,opt,train} and config.srpo.{data,opt,train,dpo}, e.g.
+--config.rw.train.steps=100 --config.srpo.dpo.beta=0.2. Outputs: <workdir>/rw, <workdir>/srpo
+(checkpoints, metrics.jsonl, TensorBoard) and <workdir>/hf (the final model, printed at the end).
+Tiny preset: RW loss falls well below its start; SRPO rewards/accuracies ends ~1.0.
+Re-running the same command resumes (finished stages are skipped).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+_spec = importlib.util.spec_from_file_location("saro_configs_common",
+                                               os.path.join(os.path.dirname(__file__), "common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
+def get_config(arg: str | None = None):
+  preset = common.parse_preset(arg, "saro")
+  config = common.base("saro", "saro", preset)
+  config.rw = ml_collections.ConfigDict(common.rw_recipe(preset))
+  config.srpo = ml_collections.ConfigDict(common.srpo_recipe(preset))
+  return config

@@ -1,0 +1,330 @@
+"""Typed, validated views of the ml_collections config: fail before anything compiles.
+
+A config file (``configs/*.py``) returns a ``ConfigDict`` with one sub-dict per concern. Every
+stage reads the part it needs through the dataclasses below, built by ``training_config``; each
+field error names the config key and says what to change. Layout (see BUILD.md "Config"):
+
+  stage, name, workdir, seed                   top level, every config
+  model.{init_from, tokenizer, dtypes, arch}   what to start from
+  mesh.{data, fsdp, tensor}                    device mesh (-1 = the remaining devices)
+  data.*  opt.*  train.*  dpo.*                one training stage
+  checkpoint.*  export.*                       outputs
+  rw.{data,opt,train}  srpo.{data,opt,train,dpo}   pipeline configs: per-stage overrides
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+RANDOM_INIT = "random"
+REFERENCE_MODES = ("live", "precomputed", "none")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "block", "dots")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ON_ERROR = ("raise", "skip")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+def _check_choice(where: str, value: Any, choices: tuple) -> None:
+  if value not in choices:
+    raise ConfigError(f"config.{where}={value!r} is not one of {list(choices)}")
+
+
+def _check_positive(where: str, value: int | float, allow_zero: bool = False) -> None:
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(f"config.{where}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Where the weights come from. ``init_from``: "random" (uses ``arch``), an HF dir or hub id,
+  a ``.gguf`` file, or an orbax checkpoint dir written by a previous stage."""
+  init_from: str = RANDOM_INIT
+  tokenizer: str = ""  # "" = the one beside init_from; "bundled" = the bundled tiny tokenizer
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  remat: str = "none"
+  attention_impl: str = "xla"
+  arch: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields (random init)
+
+  def validate(self) -> None:
+    _check_choice("model.param_dtype", self.param_dtype, DTYPES)
+    _check_choice("model.compute_dtype", self.compute_dtype, DTYPES)
+    _check_choice("model.remat", self.remat, REMAT)
+    _check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    if not self.init_from:
+      raise ConfigError('config.model.init_from is empty; use "random", an HF dir/hub id, a .gguf'
+                        " file or a checkpoint dir")
+    if self.init_from == RANDOM_INIT and not self.arch:
+      raise ConfigError('config.model.init_from="random" needs config.model.arch (ModelConfig fields)')
+    if self.init_from == RANDOM_INIT and not self.tokenizer:
+      raise ConfigError('config.model.init_from="random" needs config.model.tokenizer (e.g. "bundled")')
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+
+  def validate(self, device_count: int | None = None) -> None:
+    shape = (self.data, self.fsdp, self.tensor)
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+      raise ConfigError(f"config.mesh data={self.data} fsdp={self.fsdp} tensor={self.tensor}: each"
+                        " axis must be >= 1, and at most one may be -1 (= the remaining devices)")
+    if device_count is None:
+      return
+    known = math.prod(s for s in shape if s != -1)
+    ok = device_count % known == 0 if -1 in shape else known == device_count
+    if not ok:
+      raise ConfigError(
+          f"config.mesh data*fsdp*tensor = {self.data}*{self.fsdp}*{self.tensor} does not fit the"
+          f" {device_count} devices present; make the product equal {device_count} (or set one axis"
+          " to -1)")
+
+  def resolved(self, device_count: int) -> tuple[int, int, int]:
+    shape = [self.data, self.fsdp, self.tensor]
+    if -1 in shape:
+      shape[shape.index(-1)] = device_count // math.prod(s for s in shape if s != -1)
+    return tuple(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """One stage's input. ``sources``: comma-separated specs (path/glob, "hf:...", "tfds:...",
+  "bundled:<name>")."""
+  sources: str = ""
+  max_length: int = 512
+  pack: bool = True
+  shuffle: bool = True
+  num_epochs: int = 0  # 0 = repeat forever (train.steps bounds the run)
+  on_error: str = "raise"
+  reasoning_tags: tuple[str, str] = ("<think>", "</think>")
+  truncation: str = "keep_end"  # what the data pipeline keeps of a too-long prompt
+
+  def validate(self, where: str) -> None:
+    if not self.sources:
+      raise ConfigError(f"config.{where}.sources is empty; give a path, hf:..., tfds:... or bundled:...")
+    _check_positive(f"{where}.max_length", self.max_length)
+    _check_positive(f"{where}.num_epochs", self.num_epochs, allow_zero=True)
+    _check_choice(f"{where}.on_error", self.on_error, ON_ERROR)
+    if len(self.reasoning_tags) != 2:
+      raise ConfigError(f"config.{where}.reasoning_tags must be (open, close), got {self.reasoning_tags!r}")
+
+  @property
+  def source_list(self) -> tuple[str, ...]:
+    return tuple(s.strip() for s in self.sources.split(",") if s.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+  learning_rate: float = 1e-5
+  schedule: str = "cosine"
+  warmup_steps: int = 0
+  min_lr_ratio: float = 0.0
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  max_grad_norm: float = 1.0  # 0 = no clipping
+
+  def validate(self, where: str) -> None:
+    _check_choice(f"{where}.schedule", self.schedule, SCHEDULES)
+    _check_positive(f"{where}.learning_rate", self.learning_rate)
+    _check_positive(f"{where}.warmup_steps", self.warmup_steps, allow_zero=True)
+    _check_positive(f"{where}.max_grad_norm", self.max_grad_norm, allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 100
+  batch_size: int = 8  # global, in sequences (SFT rows / DPO pairs), over all processes
+  grad_accum: int = 1  # micro-batches per step; each is batch_size // grad_accum rows
+  log_every: int = 10
+  logps_chunk: int = 256  # sequence chunk of the log-prob computation (no B x L x V tensor)
+  progress_bar: bool = True
+
+  def validate(self, where: str, batch_divisor: int = 1, process_count: int = 1) -> None:
+    _check_positive(f"{where}.steps", self.steps)
+    _check_positive(f"{where}.batch_size", self.batch_size)
+    _check_positive(f"{where}.grad_accum", self.grad_accum)
+    _check_positive(f"{where}.log_every", self.log_every)
+    _check_positive(f"{where}.logps_chunk", self.logps_chunk)
+    need = batch_divisor * self.grad_accum
+    if self.batch_size % need:
+      raise ConfigError(
+          f"config.{where}.batch_size={self.batch_size} is not divisible by mesh data*fsdp"
+          f" ({batch_divisor}) * {where}.grad_accum ({self.grad_accum}) = {need}; use a multiple of"
+          f" {need}")
+    if self.batch_size % process_count or (self.batch_size // self.grad_accum) % process_count:
+      raise ConfigError(
+          f"config.{where}.batch_size={self.batch_size} (micro-batch {self.batch_size // self.grad_accum})"
+          f" is not divisible by the {process_count} processes; use a multiple of"
+          f" {process_count * self.grad_accum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DpoConfig:
+  loss_type: str = "sigmoid"  # checked against losses.DPO_LOSSES when the step is built
+  beta: float = 0.1
+  label_smoothing: float = 0.0
+  rpo_alpha: float = 0.0  # > 0 adds TRL's RPO NLL term on the chosen completion
+  reference: str = "live"  # live | precomputed | none (reference-free)
+  reference_from: str = ""  # "" = the stage's own starting weights (SaRO: the RW result)
+
+  def validate(self, where: str) -> None:
+    _check_choice(f"{where}.reference", self.reference, REFERENCE_MODES)
+    _check_positive(f"{where}.beta", self.beta)
+    if not 0.0 <= self.label_smoothing < 0.5:
+      raise ConfigError(f"config.{where}.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+    _check_positive(f"{where}.rpo_alpha", self.rpo_alpha, allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 0  # save every N steps (0 = only at the end)
+  keep: int = 2
+  async_save: bool = True
+
+  def validate(self) -> None:
+    _check_positive("checkpoint.every", self.every, allow_zero=True)
+    _check_positive("checkpoint.keep", self.keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  enabled: bool = True
+  dir: str = ""  # "" = <workdir>/hf
+  dtype: str = ""  # "" = the param dtype
+
+  def validate(self) -> None:
+    if self.dtype:
+      _check_choice("export.dtype", self.dtype, DTYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+  """Everything one training stage (rw or srpo) needs, validated."""
+  stage: str
+  seed: int
+  model: ModelSpec
+  mesh: MeshConfig
+  data: DataConfig
+  opt: OptConfig
+  train: TrainConfig
+  checkpoint: CheckpointConfig
+  export: ExportConfig
+  dpo: DpoConfig | None = None
+
+
+def _to_plain(value: Any) -> Any:
+  if isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+    return {k: _to_plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_to_plain(v) for v in value)
+  return value
+
+
+def _coerce(where: str, value: Any, default: Any) -> Any:
+  """Type-checks one field against its dataclass default's type (annotations are strings)."""
+  if isinstance(default, bool):
+    if not isinstance(value, bool):
+      raise ConfigError(f"config.{where}={value!r} must be true/false")
+    return value
+  if isinstance(default, int):
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"config.{where}={value!r} must be an integer")
+    return value
+  if isinstance(default, float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"config.{where}={value!r} must be a number")
+    return float(value)
+  if isinstance(default, str):
+    if not isinstance(value, str):
+      raise ConfigError(f"config.{where}={value!r} must be a string")
+    return value
+  return value
+
+
+def section(cls: type, raw: Mapping[str, Any] | None, where: str):
+  """Builds dataclass ``cls`` from a config section; unknown keys and wrong types raise."""
+  raw = _to_plain(raw) if raw is not None else {}
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(raw) - set(fields))
+  if unknown:
+    raise ConfigError(f"config.{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+  values = {}
+  for name, value in raw.items():
+    f = fields[name]
+    default = f.default if f.default is not dataclasses.MISSING else None
+    values[name] = _coerce(f"{where}.{name}", value, default)
+  return cls(**values)
+
+
+def _stage_raw(cfg: ml_collections.ConfigDict, stage: str | None) -> dict:
+  """The stage's view: a pipeline's ``cfg.<stage>`` section overlays the top level."""
+  raw = _to_plain(cfg)
+  if stage is not None and stage in raw and isinstance(raw[stage], dict):
+    for key, value in raw[stage].items():
+      raw[key] = value
+  return raw
+
+
+def training_config(cfg: ml_collections.ConfigDict, stage: str | None = None, *,
+                    device_count: int | None = None, process_count: int = 1,
+                    dpo: bool | None = None) -> StageConfig:
+  """Validated view of one training stage; ``stage`` picks a pipeline's per-stage section.
+
+  ``device_count`` (default: ``jax.device_count()``) checks the mesh and batch divisibility
+  here, before any model is built or compiled.
+  """
+  if device_count is None:
+    import jax  # only when asked: the config file itself must not need devices
+    device_count = jax.device_count()
+    process_count = jax.process_count()
+  raw = _stage_raw(cfg, stage)
+  name = stage or raw.get("stage", "")
+  want_dpo = (name == "srpo") if dpo is None else dpo
+  model = section(ModelSpec, raw.get("model"), "model")
+  model.validate()
+  mesh = section(MeshConfig, raw.get("mesh"), "mesh")
+  mesh.validate(device_count)
+  prefix = f"{stage}." if stage and stage in _to_plain(cfg) else ""
+  data = section(DataConfig, raw.get("data"), f"{prefix}data")
+  data.validate(f"{prefix}data")
+  opt = section(OptConfig, raw.get("opt"), f"{prefix}opt")
+  opt.validate(f"{prefix}opt")
+  train = section(TrainConfig, raw.get("train"), f"{prefix}train")
+  data_ax, fsdp_ax, _ = mesh.resolved(device_count)
+  train.validate(f"{prefix}train", data_ax * fsdp_ax, process_count)
+  if (train.batch_size // train.grad_accum) % (data_ax * fsdp_ax):
+    raise ConfigError(f"config.{prefix}train: micro-batch {train.batch_size // train.grad_accum} is"
+                      f" not divisible by mesh data*fsdp = {data_ax * fsdp_ax}")
+  checkpoint = section(CheckpointConfig, raw.get("checkpoint"), "checkpoint")
+  checkpoint.validate()
+  export = section(ExportConfig, raw.get("export"), "export")
+  export.validate()
+  dpo_cfg = None
+  if want_dpo:
+    dpo_cfg = section(DpoConfig, raw.get("dpo"), f"{prefix}dpo")
+    dpo_cfg.validate(f"{prefix}dpo")
+  seed = raw.get("seed", 0)
+  if not isinstance(seed, int):
+    raise ConfigError(f"config.seed={seed!r} must be an integer")
+  return StageConfig(stage=name, seed=seed, model=model, mesh=mesh, data=data, opt=opt,
+                     train=train, checkpoint=checkpoint, export=export, dpo=dpo_cfg)
+
+
+def default_workdir(cfg: ml_collections.ConfigDict) -> str:
+  """./runs/<config name>, e.g. ./runs/saro-tiny; ``cfg.workdir`` or --workdir override it."""
+  return cfg.get("workdir") or f"runs/{cfg.get('name') or cfg.stage}"
+

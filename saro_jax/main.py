@@ -1,0 +1,37 @@
+r"""Entry point: flags -> config -> ``saro_jax.stages.<config.stage>.run(config, workdir)``.
+
+  python -m saro_jax.main --config configs/saro.py[:preset] [--config.x=y ...] [--workdir DIR]
+"""
+
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A configs/*.py file, optionally with :preset (e.g. configs/saro.py:tiny).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output dir (default: config.workdir or runs/<name>).")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.key=value overrides")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  import jax  # after flags: --jax_* flags and XLA_FLAGS are in place
+
+  from saro_jax import config as config_lib
+  from saro_jax import stages
+
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or config_lib.default_workdir(config)
+  logging.info("jax %s: %d process(es), %d device(s) (%s); workdir %s", jax.__version__,
+               jax.process_count(), jax.device_count(), jax.devices()[0].platform,
+               os.path.abspath(workdir))
+  stages.run(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
