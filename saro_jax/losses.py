@@ -1,0 +1,316 @@
+"""Pure losses: chunked token log-probs, the SFT (RW) loss and the DPO family (SRPO).
+
+Arrays in, scalars and a metric dict out: no model, no config objects. Every formula follows TRL
+(``trl.DPOTrainer``) so runs are comparable with the PyTorch ecosystem; metric names are TRL's.
+
+Shift convention (BUILD.md data contract): ``loss_mask[b, t] = 1`` marks ``tokens[b, t]`` as a token
+to predict from the tokens before it, so the hidden state at ``t - 1`` scores token ``t``.
+``shift_targets`` turns a batch into per-position targets and masks for ``token_logps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from saro_jax import sharding
+
+# --------------------------------------------------------------------------------------------
+# Token log-probs without a B x L x V tensor
+# --------------------------------------------------------------------------------------------
+
+
+def shift_targets(tokens_BxL: jax.Array, loss_mask_BxL: jax.Array,
+                  segment_ids_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-position targets: position ``t`` predicts ``tokens[t + 1]``.
+
+  Returns ``(targets_BxL, target_mask_BxL)``; the last column and any position whose next token
+  lies in another (packed) segment or in padding (segment 0) are masked out, so a packed row never
+  scores one example's first token from the previous example's context.
+  """
+  targets_BxL = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, 1)))
+  next_mask_BxL = jnp.pad(loss_mask_BxL[:, 1:], ((0, 0), (0, 1)))
+  next_segment_BxL = jnp.pad(segment_ids_BxL[:, 1:], ((0, 0), (0, 1)))
+  same_segment_BxL = (next_segment_BxL == segment_ids_BxL) & (next_segment_BxL != 0)
+  target_mask_BxL = (next_mask_BxL != 0) & same_segment_BxL
+  return targets_BxL, target_mask_BxL.astype(jnp.int32)
+
+
+def _chunk_logits(hidden_BxCxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
+  # fp32 accumulation whatever the compute dtype: log-softmax over 1e5 classes in bf16 is too coarse.
+  logits_BxCxV = jnp.einsum("bcd,dv->bcv", hidden_BxCxD, unembed_DxV,
+                            preferred_element_type=jnp.float32)
+  return sharding.constrain(logits_BxCxV, ("batch", "length", "act_vocab"))
+
+
+def _full_vocab_stats(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size):
+  """(log p(target), mean logit) for one sequence chunk, all vocabulary columns at once."""
+  logits_BxCxV = _chunk_logits(hidden_BxCxD, unembed_DxV)
+  real_V = jnp.arange(logits_BxCxV.shape[-1]) < vocab_size
+  lse_BxC = jax.nn.logsumexp(jnp.where(real_V, logits_BxCxV, -jnp.inf), axis=-1)
+  target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+  logit_sum_BxC = jnp.sum(jnp.where(real_V, logits_BxCxV, 0.0), axis=-1)
+  return target_logit_BxC - lse_BxC, logit_sum_BxC / vocab_size
+
+
+def _vocab_chunked_stats(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size, vocab_chunk):
+  """Same as ``_full_vocab_stats`` with an online log-sum-exp over vocabulary slices."""
+  d, v = unembed_DxV.shape
+  n_vocab_chunks = -(-v // vocab_chunk)
+  unembed_DxVp = jnp.pad(unembed_DxV, ((0, 0), (0, n_vocab_chunks * vocab_chunk - v)))
+  unembed_NxDxK = unembed_DxVp.reshape(d, n_vocab_chunks, vocab_chunk).transpose(1, 0, 2)
+  starts_N = jnp.arange(n_vocab_chunks, dtype=jnp.int32) * vocab_chunk
+
+  @jax.checkpoint  # the scan keeps only its B x C carries, never a B x C x K slice per step
+  def step(carry, xs):
+    max_BxC, sumexp_BxC, target_BxC, logit_sum_BxC = carry
+    unembed_DxK, start = xs
+    logits_BxCxK = _chunk_logits(hidden_BxCxD, unembed_DxK)
+    real_K = start + jnp.arange(vocab_chunk) < vocab_size
+    masked_BxCxK = jnp.where(real_K, logits_BxCxK, -jnp.inf)
+    # The log-sum-exp does not depend on the shift, so the shift carries no gradient.
+    new_max_BxC = jax.lax.stop_gradient(jnp.maximum(max_BxC, jnp.max(masked_BxCxK, axis=-1)))
+    sumexp_BxC = (sumexp_BxC * jnp.exp(max_BxC - new_max_BxC)
+                  + jnp.sum(jnp.exp(masked_BxCxK - new_max_BxC[..., None]), axis=-1))
+    local_BxC = targets_BxC - start
+    in_chunk_BxC = (local_BxC >= 0) & (local_BxC < vocab_chunk)
+    picked_BxC = jnp.take_along_axis(
+        logits_BxCxK, jnp.clip(local_BxC, 0, vocab_chunk - 1)[..., None], axis=-1)[..., 0]
+    target_BxC = target_BxC + jnp.where(in_chunk_BxC, picked_BxC, 0.0)
+    logit_sum_BxC = logit_sum_BxC + jnp.sum(jnp.where(real_K, logits_BxCxK, 0.0), axis=-1)
+    return (new_max_BxC, sumexp_BxC, target_BxC, logit_sum_BxC), None
+
+  zeros_BxC = jnp.zeros(targets_BxC.shape, jnp.float32)
+  init = (jnp.full(targets_BxC.shape, -jnp.inf, jnp.float32), zeros_BxC, zeros_BxC, zeros_BxC)
+  (max_BxC, sumexp_BxC, target_BxC, logit_sum_BxC), _ = jax.lax.scan(
+      step, init, (unembed_NxDxK, starts_N))
+  return target_BxC - (max_BxC + jnp.log(sumexp_BxC)), logit_sum_BxC / vocab_size
+
+
+def token_logps_and_mean_logits(
+    hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: jax.Array, *,
+    vocab_size: int, chunk_size: int, vocab_chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """``log p(targets[b, t] | hidden[b, t])`` and the mean logit over the vocabulary, both [B, L].
+
+  The sequence is processed ``chunk_size`` positions at a time (``lax.map`` of a rematerialised
+  function), so forward and backward hold one ``B x chunk_size x V`` fp32 block, never ``B x L x V``.
+  ``vocab_chunk_size`` further splits the vocabulary (online log-sum-exp), for huge vocabularies;
+  leave it ``None`` when the vocabulary is tensor-sharded (slicing it would gather it).
+  Columns ``>= vocab_size`` of ``unembed_DxV`` (padding rows added for speed) are excluded from the
+  softmax and the mean. Targets must lie in ``[0, vocab_size)``; give 0 at masked positions.
+  The mean logit is TRL's ``logits/chosen`` ingredient (logging only).
+  """
+  if hidden_BxLxD.ndim != 3 or unembed_DxV.ndim != 2 or targets_BxL.ndim != 2:
+    raise ValueError(
+        f"token_logps: expected hidden [B, L, D], unembed [D, V], targets [B, L]; got hidden"
+        f" {hidden_BxLxD.shape}, unembed {unembed_DxV.shape}, targets {targets_BxL.shape}")
+  b, l, d = hidden_BxLxD.shape
+  if unembed_DxV.shape[0] != d:
+    raise ValueError(f"token_logps: hidden size {d} != unembed rows {unembed_DxV.shape[0]}"
+                     " (pass model.unembed_DxV(), shaped [D, V])")
+  if targets_BxL.shape != (b, l):
+    raise ValueError(f"token_logps: targets shape {targets_BxL.shape} != hidden's [B, L] {(b, l)}")
+  if not 0 < vocab_size <= unembed_DxV.shape[1]:
+    raise ValueError(f"token_logps: vocab_size={vocab_size} must be in [1, {unembed_DxV.shape[1]}]"
+                     " (the unembedding's column count)")
+  if chunk_size <= 0 or (vocab_chunk_size is not None and vocab_chunk_size <= 0):
+    raise ValueError(f"token_logps: chunk_size={chunk_size} and vocab_chunk_size="
+                     f"{vocab_chunk_size} must be positive")
+
+  chunk = min(chunk_size, l)
+  n_chunks = -(-l // chunk)
+  pad = n_chunks * chunk - l
+  # Padding to whole chunks copies hidden (D wide), never logits (V wide).
+  hidden_NxBxCxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(
+      b, n_chunks, chunk, d).transpose(1, 0, 2, 3)
+  targets_NxBxC = jnp.pad(targets_BxL.astype(jnp.int32), ((0, 0), (0, pad))).reshape(
+      b, n_chunks, chunk).transpose(1, 0, 2)
+
+  @jax.checkpoint  # backward recomputes each chunk's logits instead of storing them
+  def chunk_stats(xs):
+    hidden_BxCxD, targets_BxC = xs
+    if vocab_chunk_size is None or vocab_chunk_size >= unembed_DxV.shape[1]:
+      return _full_vocab_stats(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size)
+    return _vocab_chunked_stats(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size,
+                                vocab_chunk_size)
+
+  logps_NxBxC, mean_logits_NxBxC = jax.lax.map(chunk_stats, (hidden_NxBxCxD, targets_NxBxC))
+  unchunk = lambda x_NxBxC: x_NxBxC.transpose(1, 0, 2).reshape(b, n_chunks * chunk)[:, :l]
+  return unchunk(logps_NxBxC), unchunk(mean_logits_NxBxC)
+
+
+def token_logps(hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: jax.Array, *,
+                vocab_size: int, chunk_size: int, vocab_chunk_size: int | None = None) -> jax.Array:
+  """``log p(targets[b, t] | hidden[b, t])`` [B, L], chunked (see ``token_logps_and_mean_logits``)."""
+  logps_BxL, _ = token_logps_and_mean_logits(
+      hidden_BxLxD, unembed_DxV, targets_BxL, vocab_size=vocab_size, chunk_size=chunk_size,
+      vocab_chunk_size=vocab_chunk_size)
+  return logps_BxL
+
+
+def sequence_sums(values_BxL: jax.Array, mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(sum of values over masked positions, number of masked positions)``, both [B] float32.
+
+  Per-sequence log-probs for DPO are ``sequence_sums(logps_BxL, target_mask_BxL)``; the same call
+  on the mean logits gives the sums behind TRL's ``logits/chosen``.
+  """
+  mask_BxL = mask_BxL.astype(jnp.float32)
+  return jnp.sum(values_BxL * mask_BxL, axis=-1), jnp.sum(mask_BxL, axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# SFT (RW stage)
+# --------------------------------------------------------------------------------------------
+
+
+def sft_loss(logps_BxL: jax.Array, mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed negative log-likelihood over masked tokens and the token count, both scalars.
+
+  The caller divides the sum over the whole global batch (all micro-batches, all processes) by
+  the total count, so every assistant token weighs the same whatever the packing or accumulation
+  (a mean of per-micro-batch means would over-weight short micro-batches).
+  """
+  mask_BxL = mask_BxL.astype(jnp.float32)
+  return -jnp.sum(logps_BxL * mask_BxL), jnp.sum(mask_BxL)
+
+
+# --------------------------------------------------------------------------------------------
+# DPO family (SRPO stage)
+# --------------------------------------------------------------------------------------------
+# ``logits_B`` below is TRL's name: (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected).
+
+
+def sigmoid_loss(logits_B: jax.Array, *, beta: float, label_smoothing: float) -> jax.Array:
+  """DPO (Rafailov et al.); with ``label_smoothing`` > 0, conservative DPO (cDPO)."""
+  return (-jax.nn.log_sigmoid(beta * logits_B) * (1.0 - label_smoothing)
+          - jax.nn.log_sigmoid(-beta * logits_B) * label_smoothing)
+
+
+def robust_loss(logits_B: jax.Array, *, beta: float, label_smoothing: float) -> jax.Array:
+  """Robust DPO (Chowdhury et al. 2024): unbiased under label-flip rate ``label_smoothing``."""
+  return (-jax.nn.log_sigmoid(beta * logits_B) * (1.0 - label_smoothing)
+          + jax.nn.log_sigmoid(-beta * logits_B) * label_smoothing) / (1.0 - 2.0 * label_smoothing)
+
+
+def hinge_loss(logits_B: jax.Array, *, beta: float) -> jax.Array:
+  """SLiC / RSO hinge on the reward margin."""
+  return jax.nn.relu(1.0 - beta * logits_B)
+
+
+def ipo_loss(logits_B: jax.Array, *, beta: float) -> jax.Array:
+  """IPO (Azar et al., eq. 17), beta = tau; TRL feeds it length-averaged log-probs."""
+  return (logits_B - 1.0 / (2.0 * beta)) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceLoss:
+  fn: Callable[..., jax.Array]
+  label_smoothing: bool  # takes label_smoothing (else a non-zero value is an error)
+  length_normalized: bool  # uses per-token average log-probs, as TRL does for IPO
+
+
+PREFERENCE_LOSSES: Mapping[str, PreferenceLoss] = {
+    "sigmoid": PreferenceLoss(sigmoid_loss, label_smoothing=True, length_normalized=False),
+    "robust": PreferenceLoss(robust_loss, label_smoothing=True, length_normalized=False),
+    "hinge": PreferenceLoss(hinge_loss, label_smoothing=False, length_normalized=False),
+    "ipo": PreferenceLoss(ipo_loss, label_smoothing=False, length_normalized=True),
+}
+
+
+def _check_dpo_flags(loss_type: str, beta: float, label_smoothing: float,
+                     rpo_alpha: float | None) -> PreferenceLoss:
+  if loss_type not in PREFERENCE_LOSSES:
+    raise ValueError(f"dpo loss_type={loss_type!r} is unknown; valid: {sorted(PREFERENCE_LOSSES)}")
+  spec = PREFERENCE_LOSSES[loss_type]
+  if not beta > 0:
+    raise ValueError(f"dpo beta={beta} must be > 0")
+  if label_smoothing and not spec.label_smoothing:
+    takes = sorted(k for k, v in PREFERENCE_LOSSES.items() if v.label_smoothing)
+    raise ValueError(f"dpo label_smoothing={label_smoothing} does not apply to loss_type="
+                     f"{loss_type!r} (only {takes}); set it to 0")
+  # robust divides by 1 - 2 * label_smoothing, so 0.5 itself is excluded there.
+  in_range = (0.0 <= label_smoothing < 0.5 if loss_type == "robust"
+              else 0.0 <= label_smoothing <= 0.5)
+  if not in_range:
+    bound = "0.5)" if loss_type == "robust" else "0.5]"
+    raise ValueError(f"dpo label_smoothing={label_smoothing} must be in [0, {bound} for"
+                     f" loss_type={loss_type!r}")
+  if rpo_alpha is not None and rpo_alpha < 0:
+    raise ValueError(f"dpo rpo_alpha={rpo_alpha} must be >= 0 (or None to disable the NLL term)")
+  return spec
+
+
+def dpo_loss(
+    policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array | None, ref_rejected_logps: jax.Array | None, *,
+    chosen_lengths: jax.Array, rejected_lengths: jax.Array,
+    loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+    reference_free: bool = False, rpo_alpha: float | None = None,
+    chosen_logit_sums: jax.Array | None = None, rejected_logit_sums: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """TRL's DPO loss (mean over the B pairs) and TRL-named metrics.
+
+  All ``*_logps`` are per-sequence SUMS over completion tokens [B] (as ``sequence_sums`` gives and
+  as reference log-probs are precomputed, independent of the loss type); ``*_lengths`` are the
+  completion token counts [B]. For ``ipo`` both policy and reference sums are divided by the
+  lengths first, as TRL does, and ``logps/*`` then report those averages (TRL logs the same).
+  ``reference_free``: reference log-probs are taken as 0 (pass ``None`` for them); rewards are
+  then ``beta * policy_logps``. ``rpo_alpha``: adds ``rpo_alpha * nll`` with TRL's RPO ``nll`` =
+  mean negative log-likelihood over all chosen completion tokens of the batch (metric
+  ``nll_loss``). ``chosen/rejected_logit_sums`` (sums of per-token mean logits, optional) give
+  ``logits/chosen`` and ``logits/rejected`` as TRL computes them: a mean over all completion tokens.
+  """
+  spec = _check_dpo_flags(loss_type, beta, label_smoothing, rpo_alpha)
+  if reference_free != (ref_chosen_logps is None and ref_rejected_logps is None):
+    raise ValueError(
+        "dpo: pass ref_chosen_logps/ref_rejected_logps=None exactly when reference_free=True"
+        f" (reference_free={reference_free}, ref given: {ref_chosen_logps is not None},"
+        f" {ref_rejected_logps is not None})")
+  shape = policy_chosen_logps.shape
+  others = [policy_rejected_logps, chosen_lengths, rejected_lengths]
+  others += [] if reference_free else [ref_chosen_logps, ref_rejected_logps]
+  if len(shape) != 1 or any(x.shape != shape for x in others):
+    raise ValueError(f"dpo: every per-sequence input must be [B]; got policy_chosen {shape} and"
+                     f" {[x.shape for x in others]}")
+
+  chosen_lengths = chosen_lengths.astype(jnp.float32)
+  rejected_lengths = rejected_lengths.astype(jnp.float32)
+  if reference_free:
+    ref_chosen_logps = ref_rejected_logps = jnp.zeros(shape, jnp.float32)
+  chosen, rejected = policy_chosen_logps, policy_rejected_logps
+  ref_chosen, ref_rejected = ref_chosen_logps, ref_rejected_logps
+  if spec.length_normalized:
+    # max(n, 1): a pair without completion tokens is bad data, not a reason to emit NaN.
+    chosen_n, rejected_n = jnp.maximum(chosen_lengths, 1.0), jnp.maximum(rejected_lengths, 1.0)
+    chosen, ref_chosen = chosen / chosen_n, ref_chosen / chosen_n
+    rejected, ref_rejected = rejected / rejected_n, ref_rejected / rejected_n
+
+  logits_B = (chosen - rejected) - (ref_chosen - ref_rejected)
+  kwargs = {"label_smoothing": label_smoothing} if spec.label_smoothing else {}
+  loss = jnp.mean(spec.fn(logits_B, beta=beta, **kwargs))
+
+  stop = jax.lax.stop_gradient
+  chosen_rewards_B = beta * stop(chosen - ref_chosen)
+  rejected_rewards_B = beta * stop(rejected - ref_rejected)
+  metrics = {
+      "rewards/chosen": jnp.mean(chosen_rewards_B),
+      "rewards/rejected": jnp.mean(rejected_rewards_B),
+      "rewards/accuracies": jnp.mean((chosen_rewards_B > rejected_rewards_B).astype(jnp.float32)),
+      "rewards/margins": jnp.mean(chosen_rewards_B - rejected_rewards_B),
+      "logps/chosen": jnp.mean(stop(chosen)),
+      "logps/rejected": jnp.mean(stop(rejected)),
+  }
+  if chosen_logit_sums is not None:
+    metrics["logits/chosen"] = stop(jnp.sum(chosen_logit_sums) / jnp.sum(chosen_lengths))
+  if rejected_logit_sums is not None:
+    metrics["logits/rejected"] = stop(jnp.sum(rejected_logit_sums) / jnp.sum(rejected_lengths))
+  if rpo_alpha is not None:
+    # From the un-normalised sums: TRL's RPO term is token-level cross-entropy, even for IPO.
+    nll = -jnp.sum(policy_chosen_logps) / jnp.maximum(jnp.sum(chosen_lengths), 1.0)
+    loss = loss + rpo_alpha * nll
+    metrics["nll_loss"] = stop(nll)
+  return loss, metrics
