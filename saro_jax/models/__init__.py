@@ -1,0 +1,81 @@
+"""The model layer: build a decoder at random, or load one from an HF directory or a GGUF file.
+
+``init_random`` and every loader place weights on the mesh without ever holding a full copy on one
+device: shapes come from ``nnx.eval_shape``, shardings from the weights' logical names, and values
+from a jitted init (or, for checkpoints, from per-device slices read straight from disk).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from saro_jax import sharding
+from saro_jax.models.config import ModelConfig
+from saro_jax.models.transformer import Cache, Transformer
+
+__all__ = ["Cache", "ModelConfig", "Transformer", "init_random", "load", "load_tokenizer",
+           "param_shardings"]
+
+
+def _fit(spec_sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+  """Replicates any dim its mesh axes do not divide (e.g. 9 heads on tensor=2) instead of failing."""
+  mesh = spec_sharding.mesh
+  spec = list(spec_sharding.spec) + [None] * (len(shape) - len(spec_sharding.spec))
+  for i, axes in enumerate(spec):
+    if axes is None:
+      continue
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    if shape[i] % int(np.prod([mesh.shape[a] for a in names])):
+      spec[i] = None
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules=None):
+  """NamedShardings for a model's (abstract) state from its logical names, fitted to the shapes."""
+  raw = sharding.state_shardings(abstract_state, mesh, rules)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  return jax.tree.map(lambda s, v: _fit(s, v.shape), raw, abstract_state, is_leaf=is_var)
+
+
+def abstract_model(config: ModelConfig) -> Transformer:
+  """The model with ShapeDtypeStruct leaves (no memory), for shapes, shardings and loading."""
+  return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+
+def init_random(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None,
+                rules=None) -> Transformer:
+  """A randomly initialised model, its weights sharded on ``mesh`` (one device if None)."""
+  graphdef, abstract_state = nnx.split(abstract_model(config))
+  out_shardings = None if mesh is None else param_shardings(abstract_state, mesh, rules)
+
+  def make_state():
+    return nnx.state(Transformer(config, rngs=nnx.Rngs(seed)))
+
+  return nnx.merge(graphdef, jax.jit(make_state, out_shardings=out_shardings)())
+
+
+def load(init_from: str, *, mesh: Mesh | None = None, rules=None, param_dtype=None,
+         compute_dtype=None, allow_pickle: bool = False) -> Transformer:
+  """A model from a ``.gguf`` file, a local HF directory, or an HF hub id."""
+  kw = dict(mesh=mesh, rules=rules, param_dtype=param_dtype, compute_dtype=compute_dtype)
+  if str(init_from).endswith(".gguf"):
+    from saro_jax.models import gguf
+    return gguf.load_gguf(init_from, **kw)
+  from saro_jax.models import hf
+  return hf.load_hf(init_from, allow_pickle=allow_pickle, **kw)
+
+
+def load_tokenizer(init_from: str):
+  """The tokenizer that goes with ``init_from`` (HF dir / hub id / .gguf file)."""
+  if str(init_from).endswith(".gguf"):
+    from saro_jax.models import gguf
+    return gguf.gguf_tokenizer(init_from)
+  import transformers
+  if not os.path.isdir(init_from) and os.path.exists(init_from):
+    raise ValueError(f"load_tokenizer: {init_from} is a file but neither a .gguf nor an HF directory")
+  return transformers.AutoTokenizer.from_pretrained(init_from)

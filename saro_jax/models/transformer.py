@@ -1,0 +1,321 @@
+"""The decoder shared by every family (Llama, Mistral, Qwen2/3, Gemma) in Flax NNX.
+
+Weights carry their shape in their name (``wq_DxNxH``: D = hidden, N = query heads, K = kv heads,
+H = head dim, F = mlp width, V = padded vocabulary) and their logical axes as ``out_sharding``
+metadata, so ``sharding.state_shardings`` places them and ``hf.py`` maps them by name.
+
+Numerics follow HF ``transformers`` so fp32 logits agree to ~1e-6: RoPE angles in fp32 from the
+same inv_freq, RMSNorm normalises in fp32 and casts back before the weight (Gemma: after (1+w)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from saro_jax import sharding
+from saro_jax.models.config import ModelConfig
+
+_INIT_STD = 0.02  # HF's default initializer_range: random models look like HF's random models.
+
+
+class Cache(NamedTuple):
+  """KV cache for sampling. Slot s of every layer holds the token written at slot s.
+
+  ``segment_ids_BxS`` is 0 for empty slots and left padding, so no real token ever attends to them.
+  """
+
+  keys: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+  values: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+  segment_ids_BxS: jax.Array  # int32
+
+
+def _param(rngs: nnx.Rngs | None, shape, dtype, names, init: str = "normal") -> nnx.Param:
+  if init == "normal":
+    value = _INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+  elif init == "ones":
+    value = jnp.ones(shape, jnp.float32)
+  else:
+    value = jnp.zeros(shape, jnp.float32)
+  return nnx.Param(value.astype(dtype), out_sharding=tuple(names))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding (HF's computation, incl. "linear" and "llama3" rope scaling)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """inv_freq [H/2] in float32 exactly as HF builds it (and rescales it for rope_scaling)."""
+  dim = config.head_dim
+  exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+  scaling = dict(config.rope_scaling or {})
+  rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+  if rope_type == "default":
+    return inv_freq
+  if rope_type == "linear":
+    return (inv_freq / np.float32(scaling["factor"])).astype(np.float32)
+  if rope_type == "llama3":
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling["low_freq_factor"])
+    high_freq_factor = float(scaling["high_freq_factor"])
+    old_context_len = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are slowed by `factor`; short ones kept; the band between is interpolated.
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+  raise ValueError(
+      f"rope_scaling rope_type={rope_type!r} is not supported; supported: default, linear, llama3")
+
+
+def rope_cos_sin(config: ModelConfig, positions_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [B, L, H] in float32 (HF duplicates the half-dim angles: cat(freqs, freqs))."""
+  inv_freq = jnp.asarray(rope_inv_freq(config))
+  freqs_BxLxh = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+  emb_BxLxH = jnp.concatenate([freqs_BxLxh, freqs_BxLxh], axis=-1)
+  return jnp.cos(emb_BxLxH), jnp.sin(emb_BxLxH)
+
+
+def apply_rope(x_BxLxNxH: jax.Array, cos_BxLxH: jax.Array, sin_BxLxH: jax.Array) -> jax.Array:
+  dtype = x_BxLxNxH.dtype
+  cos = cos_BxLxH.astype(dtype)[:, :, None, :]
+  sin = sin_BxLxH.astype(dtype)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxNxH, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x_BxLxNxH * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention mask: causal by row/slot index, same segment, optional sliding window.
+
+
+def attention_mask(q_slot_BxT: jax.Array, q_segment_BxT: jax.Array, k_segment_BxS: jax.Array,
+                   sliding_window: int | None) -> jax.Array:
+  """Boolean [B, 1, T, S]: query t (at slot q_slot) sees key slot s."""
+  k_slot_S = jnp.arange(k_segment_BxS.shape[1], dtype=jnp.int32)
+  q_slot = q_slot_BxT[:, :, None]
+  visible = k_slot_S[None, None, :] <= q_slot
+  visible &= q_segment_BxT[:, :, None] == k_segment_BxS[:, None, :]
+  if sliding_window is not None:
+    visible &= (q_slot - k_slot_S[None, None, :]) < sliding_window
+  return visible[:, None, :, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, config: ModelConfig, names=("norm",)):
+    self.eps = float(config.rms_norm_eps)
+    self.offset = float(config.norm_offset)
+    # Gemma stores w with the scale (1 + w), so its identity is w = 0.
+    self.scale_D = _param(None, (dim,), config.param_dtype, names,
+                          init="zeros" if self.offset else "ones")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    y32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (y32 * (self.offset + self.scale_D[...].astype(jnp.float32))).astype(dtype)
+    return self.scale_D[...].astype(dtype) * y32.astype(dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    pd = c.param_dtype
+    self.config = c
+    self.wq_DxNxH = _param(rngs, (D, N, H), pd, ("embed", "heads", "head_dim"))
+    self.wk_DxKxH = _param(rngs, (D, K, H), pd, ("embed", "kv_heads", "head_dim"))
+    self.wv_DxKxH = _param(rngs, (D, K, H), pd, ("embed", "kv_heads", "head_dim"))
+    self.wo_NxHxD = _param(rngs, (N, H, D), pd, ("heads", "head_dim", "embed"))
+    if c.attention_bias:
+      self.bq_NxH = _param(None, (N, H), pd, ("heads", "head_dim"), init="zeros")
+      self.bk_KxH = _param(None, (K, H), pd, ("kv_heads", "head_dim"), init="zeros")
+      self.bv_KxH = _param(None, (K, H), pd, ("kv_heads", "head_dim"), init="zeros")
+    if c.qk_norm:
+      self.q_norm = RMSNorm(H, c, names=("head_dim",))
+      self.k_norm = RMSNorm(H, c, names=("head_dim",))
+
+  def __call__(self, x_BxLxD, cos_BxLxH, sin_BxLxH, mask_Bx1xTxS, kv_cache=None, write_index_B=None):
+    c = self.config
+    dt = x_BxLxD.dtype
+    q = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.wq_DxNxH[...].astype(dt))
+    k = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wk_DxKxH[...].astype(dt))
+    v = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wv_DxKxH[...].astype(dt))
+    if c.attention_bias:
+      q, k, v = q + self.bq_NxH[...].astype(dt), k + self.bk_KxH[...].astype(dt), v + self.bv_KxH[...].astype(dt)
+    if c.qk_norm:  # Qwen3: per-head RMSNorm before RoPE.
+      q, k = self.q_norm(q), self.k_norm(k)
+    q_BxLxNxH = sharding.constrain(apply_rope(q, cos_BxLxH, sin_BxLxH),
+                                   ("batch", "length", "act_heads", "head_dim"))
+    k_BxLxKxH = sharding.constrain(apply_rope(k, cos_BxLxH, sin_BxLxH),
+                                   ("batch", "length", "act_kv_heads", "head_dim"))
+    v_BxLxKxH = sharding.constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
+
+    new_cache = None
+    if kv_cache is not None:
+      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
+      cache_k, cache_v = kv_cache
+      k_BxLxKxH = write(cache_k, k_BxLxKxH.astype(cache_k.dtype), write_index_B)
+      v_BxLxKxH = write(cache_v, v_BxLxKxH.astype(cache_v.dtype), write_index_B)
+      new_cache = (k_BxLxKxH, v_BxLxKxH)
+      k_BxLxKxH, v_BxLxKxH = k_BxLxKxH.astype(dt), v_BxLxKxH.astype(dt)
+
+    impl = None if c.attention_impl == "auto" else c.attention_impl
+    out_BxTxNxH = jax.nn.dot_product_attention(
+        q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xTxS, scale=c.head_dim ** -0.5,
+        implementation=impl)
+    out_BxLxD = jnp.einsum("blnh,nhd->bld", out_BxTxNxH, self.wo_NxHxD[...].astype(dt))
+    return out_BxLxD, new_cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    D, F, pd = config.hidden_size, config.intermediate_size, config.param_dtype
+    self.hidden_act = config.hidden_act
+    self.w_gate_DxF = _param(rngs, (D, F), pd, ("embed", "mlp"))
+    self.w_up_DxF = _param(rngs, (D, F), pd, ("embed", "mlp"))
+    self.w_down_FxD = _param(rngs, (F, D), pd, ("mlp", "embed"))
+
+  def __call__(self, x_BxLxD):
+    dt = x_BxLxD.dtype
+    gate = jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate_DxF[...].astype(dt))
+    up = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up_DxF[...].astype(dt))
+    if self.hidden_act == "silu":
+      act = jax.nn.silu(gate)
+    else:  # Gemma's gelu_pytorch_tanh is the tanh approximation; plain "gelu" is exact erf.
+      act = jax.nn.gelu(gate, approximate=self.hidden_act == "gelu_tanh")
+    h_BxLxF = sharding.constrain(act * up, ("batch", "length", "act_mlp"))
+    return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down_FxD[...].astype(dt))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(config.hidden_size, config)
+    self.attn = Attention(config, rngs=rngs)
+    self.mlp_norm = RMSNorm(config.hidden_size, config)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x_BxLxD, cos, sin, mask, kv_cache=None, write_index_B=None):
+    attn_out, new_cache = self.attn(self.attn_norm(x_BxLxD), cos, sin, mask, kv_cache, write_index_B)
+    x_BxLxD = sharding.constrain(x_BxLxD + attn_out, ("batch", "length", "act_embed"))
+    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+    return sharding.constrain(x_BxLxD, ("batch", "length", "act_embed")), new_cache
+
+
+def _run_block(block: Block, x, cos, sin, mask):
+  return block(x, cos, sin, mask)[0]
+
+
+_REMAT_POLICIES = {
+    "block": None,  # save nothing inside a block: recompute it all on the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+  """Decoder-only transformer; see BUILD.md "Model" for the calling contract."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None = None):
+    rngs = nnx.Rngs(0) if rngs is None else rngs
+    c = config
+    self.config = c
+    V, Vp, D = c.vocab_size, c.padded_vocab_size, c.hidden_size
+    pad_rows = jnp.arange(Vp)[:, None] < V  # padding rows start (and stay, on load) at zero
+    embed = _param(rngs, (Vp, D), c.param_dtype, ("vocab", "embed"))
+    self.embed_VxD = nnx.Param(jnp.where(pad_rows, embed[...], 0).astype(c.param_dtype),
+                               out_sharding=("vocab", "embed"))
+    self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = RMSNorm(D, c)
+    if not c.tie_embeddings:
+      head = _param(rngs, (D, Vp), c.param_dtype, ("embed", "vocab"))
+      self.lm_head_DxV = nnx.Param(jnp.where(pad_rows.T, head[...], 0).astype(c.param_dtype),
+                                   out_sharding=("embed", "vocab"))
+
+  # -- public API ------------------------------------------------------------------------------
+
+  def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, *, cache: Cache | None = None,
+               cache_index=None):
+    """Logits [B, L, vocab_size] float32; with ``cache``, returns (logits, updated cache)."""
+    hidden_BxLxD, new_cache = self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, cache,
+                                            cache_index)
+    logits_BxLxV = jnp.einsum("bld,dv->blv", hidden_BxLxD,
+                              self.unembed_DxV().astype(hidden_BxLxD.dtype),
+                              preferred_element_type=jnp.float32)
+    logits_BxLxV = sharding.constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
+    logits_BxLxV = logits_BxLxV[..., :self.config.vocab_size]
+    return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
+
+  def hidden_states(self, tokens_BxL, positions_BxL, segment_ids_BxL) -> jax.Array:
+    """Final-norm hidden states [B, L, D] in the compute dtype (for chunked log-probs)."""
+    return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, None, None)[0]
+
+  def unembed_DxV(self) -> jax.Array:
+    """Output projection [D, padded_vocab_size]; columns >= config.vocab_size are padding."""
+    if self.config.tie_embeddings:
+      return self.embed_VxD[...].T
+    return self.lm_head_DxV[...]
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+    c = self.config
+    dtype = jnp.dtype(dtype or c.compute_dtype)
+    shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+    names = ("batch", "cache_length", "act_kv_heads", "head_dim")
+    zeros = lambda: sharding.constrain(jnp.zeros(shape, dtype), names)
+    return Cache(keys=tuple(zeros() for _ in range(c.num_layers)),
+                 values=tuple(zeros() for _ in range(c.num_layers)),
+                 segment_ids_BxS=jnp.zeros((batch, max_len), jnp.int32))
+
+  # -- internals -------------------------------------------------------------------------------
+
+  def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index):
+    c = self.config
+    dt = jnp.dtype(c.compute_dtype)
+    tokens_BxL = jnp.asarray(tokens_BxL, jnp.int32)
+    segment_ids_BxL = jnp.asarray(segment_ids_BxL, jnp.int32)
+    B, L = tokens_BxL.shape
+    x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
+    if c.embed_scale:  # Gemma rounds sqrt(D) to the compute dtype before multiplying.
+      x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(c.hidden_size), dt)
+    x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "act_embed"))
+    cos, sin = rope_cos_sin(c, jnp.asarray(positions_BxL))
+
+    if cache is None:
+      slots_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+      mask = attention_mask(slots_BxL, segment_ids_BxL, segment_ids_BxL, c.sliding_window)
+      run = _run_block
+      if c.remat != "none":
+        run = nnx.remat(_run_block, policy=_REMAT_POLICIES[c.remat])
+      for block in self.layers:
+        x_BxLxD = run(block, x_BxLxD, cos, sin, mask)
+      return self.final_norm(x_BxLxD), None
+
+    write_index_B = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (B,))
+    write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
+    cache_segments_BxS = write(cache.segment_ids_BxS, segment_ids_BxL, write_index_B)
+    slots_BxL = write_index_B[:, None] + jnp.arange(L, dtype=jnp.int32)
+    mask = attention_mask(slots_BxL, segment_ids_BxL, cache_segments_BxS, c.sliding_window)
+    keys, values = [], []
+    for block, k, v in zip(self.layers, cache.keys, cache.values):
+      x_BxLxD, (k, v) = block(x_BxLxD, cos, sin, mask, (k, v), write_index_B)
+      keys.append(k)
+      values.append(v)
+    return self.final_norm(x_BxLxD), Cache(tuple(keys), tuple(values), cache_segments_BxS)
