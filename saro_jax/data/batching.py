@@ -1,0 +1,236 @@
+"""Tokenized examples -> fixed-shape batch dicts (BUILD.md "Data" contract).
+
+SFT rows hold one example (padded) or several (packed: greedy first fit over the batch's rows,
+segment ids 1..k, positions restarting at 0 in each segment). DPO rows hold one pair, chosen and
+rejected padded to the same length. Padding is segment 0, position 0, token ``pad_id``, mask 0.
+
+The batching iterators are grain ``DatasetIterator``s whose state is the parent's state at the
+first example not yet in an emitted batch, so a restored iterator re-reads exactly what the
+interrupted one still held. Each element is ``(batch, counts)``: ``counts`` are the events of the
+examples this batch consumed (used, dropped/<why>, truncated/<what>, real and padding tokens). They
+travel with the batch because with multiprocess prefetch the batching runs in worker processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+SFT_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
+DPO_KEYS = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in SFT_KEYS) + (
+    "shared_len", "example_id")
+
+
+def example_id(record_id: str) -> int:
+  """A stable non-negative int64 for a record id (same on every host, run and Python version)."""
+  digest = hashlib.blake2b(record_id.encode("utf-8"), digest_size=8).digest()
+  return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def bucket_length(n: int, max_length: int, buckets: Sequence[int] | None) -> int:
+  """The smallest bucket >= n (``max_length`` without buckets): a bounded set of compiled shapes."""
+  if not buckets:
+    return max_length
+  for b in sorted(buckets):
+    if n <= b:
+      return b
+  raise ValueError(f"sequence of {n} tokens exceeds the largest length bucket {max(buckets)}")
+
+
+def check_buckets(buckets: Sequence[int] | None, max_length: int) -> tuple[int, ...] | None:
+  if not buckets:
+    return None
+  buckets = tuple(sorted(int(b) for b in buckets))
+  if buckets[-1] != max_length or buckets[0] < 1:
+    raise ValueError(f"length_buckets {buckets} must be positive and end at max_length={max_length}")
+  return buckets
+
+
+def pack_rows(rows: Sequence[Sequence[Mapping[str, np.ndarray]]], length: int,
+              pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Rows of examples ({"tokens", "loss_mask"}) -> the SFT batch dict, each row ``length`` long."""
+  shape = (len(rows), length)
+  out = {k: np.zeros(shape, np.int32) for k in SFT_KEYS}
+  out["tokens"][:] = pad_id
+  for r, row in enumerate(rows):
+    at = 0
+    for seg, ex in enumerate(row, start=1):
+      n = len(ex["tokens"])
+      if at + n > length:
+        raise ValueError(f"row {r}: examples of {at + n} tokens exceed length {length}")
+      out["tokens"][r, at:at + n] = ex["tokens"]
+      out["loss_mask"][r, at:at + n] = ex["loss_mask"]
+      out["segment_ids"][r, at:at + n] = seg
+      out["positions"][r, at:at + n] = np.arange(n, dtype=np.int32)
+      at += n
+  return out
+
+
+def pair_rows(pairs: Sequence[Mapping[str, Any]], length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Tokenized preference pairs -> the DPO batch dict (chosen and rejected side by side)."""
+  out: dict[str, np.ndarray] = {}
+  for side in ("chosen", "rejected"):
+    rows = [[{"tokens": p[f"{side}_tokens"], "loss_mask": p[f"{side}_loss_mask"]}] for p in pairs]
+    for k, v in pack_rows(rows, length, pad_id).items():
+      out[f"{side}_{k}"] = v
+  out["shared_len"] = np.asarray([p["shared_len"] for p in pairs], np.int32).reshape(len(pairs))
+  out["example_id"] = np.asarray([example_id(p["id"]) for p in pairs], np.int64).reshape(len(pairs))
+  return out
+
+
+def _first_fit(free: Sequence[int], n: int) -> int:
+  for i, room in enumerate(free):
+    if room >= n:
+      return i
+  return -1
+
+
+class _BatchIterator(grain.DatasetIterator):
+  """Shared loop: read examples, place them in rows, emit when the next one does not fit."""
+
+  def __init__(self, parent: grain.DatasetIterator, ds: "_BatchDataset"):
+    super().__init__(parent)
+    self._ds = ds
+    self._carry: tuple[Any, dict] | None = None  # (parent state before it, example)
+
+  def _read(self):
+    if self._carry is not None:
+      item, self._carry = self._carry, None
+      return item
+    state = self._parent.get_state()
+    return state, next(self._parent)
+
+  def _place(self, rows, free, ex) -> bool:
+    raise NotImplementedError
+
+  def __next__(self):
+    ds = self._ds
+    rows: list[list[dict]] = [[] for _ in range(ds.batch_size)]
+    free = [ds.max_length] * ds.batch_size
+    counts: collections.Counter = collections.Counter()
+    while True:
+      if ds.is_full(rows):
+        break
+      try:
+        state, ex = self._read()
+      except StopIteration:
+        break
+      if "dropped" in ex:
+        counts[ex["dropped"]] += 1
+        continue
+      if not self._place(rows, free, ex):
+        self._carry = (state, ex)
+        break
+      counts["examples"] += 1
+      counts.update(ex.get("events", ()))
+    used = sum(1 for r in rows if r)
+    if used == 0 or (used < ds.batch_size and ds.drop_remainder):
+      if used:
+        counts["dropped/remainder"] += sum(len(r) for r in rows)
+      raise StopIteration
+    batch = ds.assemble(rows)
+    counts["rows"] += ds.batch_size
+    for prefix in ds.sides:
+      counts["slots"] += int(batch[f"{prefix}segment_ids"].size)
+      counts["tokens"] += int((batch[f"{prefix}segment_ids"] > 0).sum())
+      counts["loss_tokens"] += int(batch[f"{prefix}loss_mask"].sum())
+    return batch, dict(counts)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._carry[0] if self._carry is not None else self._parent.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._carry = None
+    self._parent.set_state(state["parent"])
+
+
+class _SftIterator(_BatchIterator):
+
+  def _place(self, rows, free, ex) -> bool:
+    n = len(ex["tokens"])
+    if self._ds.pack:
+      i = _first_fit(free, n)
+    else:
+      i = next((j for j, r in enumerate(rows) if not r), -1)
+    if i < 0:
+      return False
+    rows[i].append(ex)
+    free[i] -= n
+    return True
+
+
+class _DpoIterator(_BatchIterator):
+
+  def _place(self, rows, free, ex) -> bool:
+    i = next((j for j, r in enumerate(rows) if not r), -1)
+    if i < 0:
+      return False
+    rows[i].append(ex)
+    return True
+
+
+class _BatchDataset(grain.IterDataset):
+  """Tokenized examples -> (batch dict, counts); see the module docstring."""
+
+  sides = ("",)  # key prefixes of the token arrays, for the usage counts
+
+  def __init__(self, parent: grain.IterDataset, *, batch_size: int, max_length: int,
+               pad_id: int = 0, length_buckets: Sequence[int] | None = None,
+               drop_remainder: bool = False):
+    super().__init__(parent)
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self.batch_size, self.max_length, self.pad_id = batch_size, max_length, pad_id
+    self.buckets = check_buckets(length_buckets, max_length)
+    self.drop_remainder = drop_remainder
+
+  def is_full(self, rows) -> bool:
+    return all(rows)
+
+
+class SftBatchDataset(_BatchDataset):
+  """SFT rows: packed (first fit, several segments per row) or one padded example per row."""
+
+  def __init__(self, parent: grain.IterDataset, *, pack: bool = True, **kw):
+    super().__init__(parent, **kw)
+    self.pack = pack
+
+  def is_full(self, rows) -> bool:
+    # A packed batch closes only when an example fits no row (the iterator carries it over).
+    return not self.pack and all(rows)
+
+  def assemble(self, rows) -> dict[str, np.ndarray]:
+    longest = max(sum(len(ex["tokens"]) for ex in r) for r in rows)
+    return pack_rows(rows, bucket_length(longest, self.max_length, self.buckets), self.pad_id)
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _SftIterator(self._parent.__iter__(), self)
+
+  def __str__(self) -> str:
+    return f"SftBatchDataset(batch_size={self.batch_size}, max_length={self.max_length}, pack={self.pack})"
+
+
+class DpoBatchDataset(_BatchDataset):
+  """DPO rows: one pair per row, chosen and rejected padded to one common length."""
+
+  sides = ("chosen_", "rejected_")
+
+  def __init__(self, parent: grain.IterDataset, **kw):
+    # A short last batch is dropped: an empty pair row would still weigh in a mean DPO loss.
+    super().__init__(parent, drop_remainder=True, **kw)
+
+  def assemble(self, rows) -> dict[str, np.ndarray]:
+    pairs = [r[0] for r in rows]
+    longest = max(max(len(p["chosen_tokens"]), len(p["rejected_tokens"])) for p in pairs)
+    return pair_rows(pairs, bucket_length(longest, self.max_length, self.buckets), self.pad_id)
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _DpoIterator(self._parent.__iter__(), self)
+
+  def __str__(self) -> str:
+    return f"DpoBatchDataset(batch_size={self.batch_size}, max_length={self.max_length})"

@@ -1,0 +1,221 @@
+"""Records -> batches on this host: the grain pipelines of the RW (SFT) and SRPO (DPO) stages.
+
+  records (sources.open_source, or a MapDataset given by the caller)
+    -> shuffle(seed), reshuffled every epoch -> repeat(num_epochs; 0 = forever)
+    -> this process's slice [process_index::process_count]  (disjoint, together the whole stream)
+    -> tokenize (chat template, masks, truncation)          (tokenize.py)
+    -> pack / pad into batch_size // process_count rows    (batching.py)
+    -> optional multiprocess prefetch
+    -> BatchIterator: yields batch dicts, keeps DataStats, get_state()/set_state() for checkpoints
+
+Everything before the iterator is a deterministic function of (records, seed, process_index,
+process_count), so restoring a saved state replays exactly the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+
+from saro_jax.data import batching, formats, sources, tokenize
+
+
+class DataStats:
+  """Running counts of one pipeline, for the run log.
+
+  Keys: ``examples`` (in batches), ``dropped/<why>``, ``truncated/<what>``, ``rows``, ``slots``
+  (rows x length), ``tokens`` (real), ``loss_tokens``, ``source/<count>`` (from the sources).
+  ``as_dict()`` adds ``fill`` = tokens / slots (the packing efficiency).
+  """
+
+  def __init__(self, counts: Mapping[str, int] | None = None):
+    self.counts: collections.Counter = collections.Counter(counts or {})
+
+  def update(self, delta: Mapping[str, int]) -> None:
+    self.counts.update(delta)
+
+  @property
+  def dropped(self) -> int:
+    return sum(v for k, v in self.counts.items() if k.startswith("dropped/"))
+
+  def as_dict(self) -> dict[str, float]:
+    out = {k: int(v) for k, v in sorted(self.counts.items())}
+    out["dropped"] = self.dropped
+    out["fill"] = self.counts["tokens"] / self.counts["slots"] if self.counts["slots"] else 0.0
+    return out
+
+
+class BatchIterator:
+  """Yields batch dicts (NumPy); ``stats`` counts what went in; state is JSON-serializable."""
+
+  def __init__(self, inner: grain.DatasetIterator, stats: DataStats):
+    self._inner = inner
+    self.stats = stats
+
+  def __iter__(self) -> "BatchIterator":
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    batch, counts = next(self._inner)
+    self.stats.update(counts)
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    """Save with the checkpoint; the stats travel along so logged totals survive a resume."""
+    return {"grain": self._inner.get_state(), "stats": dict(self.stats.counts)}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self._inner.set_state(state["grain"])
+    self.stats.counts = collections.Counter(state.get("stats", {}))
+
+  def close(self) -> None:
+    close = getattr(self._inner, "close", None)
+    if close is not None:
+      close()
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # only here: the pipeline itself needs no accelerator
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+  return process_index, process_count
+
+
+def _records(spec, kind: str, on_error: str, reasoning_tags, stats: DataStats) -> grain.MapDataset:
+  if isinstance(spec, grain.MapDataset):
+    return spec
+  specs = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
+  if not specs:
+    raise ValueError("data sources are empty; give a path, hf:..., tfds:... or bundled:<name>")
+  counts: dict[str, Any] = {}
+  ds = sources.open_source(specs, kind=kind, on_error=on_error, reasoning_tags=reasoning_tags,
+                           stats=counts)
+  for k, v in counts.items():
+    if isinstance(v, Mapping):
+      stats.update({f"source/skipped/{r}": n for r, n in v.items()})
+    else:
+      stats.update({f"source/{k}": int(v)})
+  return ds
+
+
+def _tokenized(records: grain.MapDataset, tokenize_fn, *, shuffle: bool, seed: int,
+               num_epochs: int, process_index: int, process_count: int,
+               read_threads: int) -> grain.IterDataset:
+  if len(records) == 0:
+    raise ValueError("data: no records to train on")
+  ds = records.shuffle(seed % 2**32) if shuffle else records
+  # shuffle before repeat: grain reshuffles each epoch with the seed folded with the epoch.
+  ds = ds.repeat(num_epochs if num_epochs > 0 else None)
+  ds = ds[process_index::process_count]
+  ds = ds.map(tokenize_fn)
+  # HF tokenizers are not safe to call from several threads at once; parallelism comes from
+  # prefetch worker processes instead.
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 4 * read_threads)))
+
+
+def _host_batch(batch_size: int, process_count: int) -> int:
+  if batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} (global) is not divisible by process_count={process_count}")
+  return batch_size // process_count
+
+
+def _finish(batches: grain.IterDataset, stats: DataStats, prefetch_workers: int) -> BatchIterator:
+  if prefetch_workers > 0:
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=prefetch_workers))
+  return BatchIterator(iter(batches), stats)
+
+
+def _options(max_length, truncation, max_prompt_length, response_truncation, min_response_tokens):
+  return tokenize.TokenizeOptions(
+      max_length=max_length, max_prompt_length=max_prompt_length, prompt_truncation=truncation,
+      response_truncation=response_truncation, min_response_tokens=min_response_tokens)
+
+
+def sft_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer, *,
+                batch_size: int, max_length: int, pack: bool = True, shuffle: bool = True,
+                seed: int = 0, num_epochs: int = 0, on_error: str = "raise",
+                reasoning_tags: Sequence[str] = formats.DEFAULT_TAGS, truncation: str = "keep_end",
+                max_prompt_length: int | None = None, response_truncation: str = "cut",
+                min_response_tokens: int = 1, length_buckets: Sequence[int] | None = None,
+                process_index: int | None = None, process_count: int | None = None,
+                read_threads: int = 0, prefetch_workers: int = 0) -> BatchIterator:
+  """RW batches for this process: dicts of int32 [batch_size // process_count, L] arrays
+  ``tokens``, ``positions``, ``segment_ids``, ``loss_mask`` (L = max_length or a length bucket)."""
+  process_index, process_count = _process(process_index, process_count)
+  _check_buckets(length_buckets, process_count)
+  stats = DataStats()
+  records = _records(sources_spec, "rw", on_error, reasoning_tags, stats)
+  opts = _options(max_length, truncation, max_prompt_length, response_truncation, min_response_tokens)
+  fn = functools.partial(tokenize.tokenize_rw, tokenizer=tokenizer, opts=opts,
+                         specials=tokenize.special_ids(tokenizer))
+  examples = _tokenized(records, fn, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
+                        process_index=process_index, process_count=process_count,
+                        read_threads=read_threads)
+  batches = batching.SftBatchDataset(
+      examples, pack=pack, batch_size=_host_batch(batch_size, process_count), max_length=max_length,
+      pad_id=_pad_id(tokenizer), length_buckets=length_buckets)
+  return _finish(batches, stats, prefetch_workers)
+
+
+def dpo_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer, *,
+                batch_size: int, max_length: int, shuffle: bool = True, seed: int = 0,
+                num_epochs: int = 0, on_error: str = "raise",
+                reasoning_tags: Sequence[str] = formats.DEFAULT_TAGS, truncation: str = "keep_end",
+                max_prompt_length: int | None = None, response_truncation: str = "cut",
+                min_response_tokens: int = 1, length_buckets: Sequence[int] | None = None,
+                process_index: int | None = None, process_count: int | None = None,
+                read_threads: int = 0, prefetch_workers: int = 0) -> BatchIterator:
+  """SRPO batches for this process: ``chosen_*`` / ``rejected_*`` (tokens, positions, segment_ids,
+  loss_mask; int32 [B, L]), ``shared_len`` int32 [B], ``example_id`` int64 [B]."""
+  process_index, process_count = _process(process_index, process_count)
+  _check_buckets(length_buckets, process_count)
+  stats = DataStats()
+  records = _records(sources_spec, "preference", on_error, reasoning_tags, stats)
+  opts = _options(max_length, truncation, max_prompt_length, response_truncation, min_response_tokens)
+  fn = functools.partial(tokenize.tokenize_pref, tokenizer=tokenizer, opts=opts,
+                         specials=tokenize.special_ids(tokenizer))
+  examples = _tokenized(records, fn, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
+                        process_index=process_index, process_count=process_count,
+                        read_threads=read_threads)
+  batches = batching.DpoBatchDataset(
+      examples, batch_size=_host_batch(batch_size, process_count), max_length=max_length,
+      pad_id=_pad_id(tokenizer), length_buckets=length_buckets)
+  return _finish(batches, stats, prefetch_workers)
+
+
+def batches_from_config(kind: str, data, tokenizer, *, batch_size: int, seed: int,
+                        process_index: int | None = None, process_count: int | None = None,
+                        **overrides) -> BatchIterator:
+  """``kind`` "sft" | "dpo" from a ``config.DataConfig`` (or any object with its field names)."""
+  keys = ("max_length", "shuffle", "num_epochs", "on_error", "reasoning_tags", "truncation",
+          "max_prompt_length", "response_truncation", "min_response_tokens", "length_buckets",
+          "read_threads", "prefetch_workers")
+  kw = {k: getattr(data, k) for k in keys if getattr(data, k, None) is not None}
+  kw["reasoning_tags"] = tuple(kw.get("reasoning_tags", formats.DEFAULT_TAGS))
+  kw.update(overrides)
+  common = dict(batch_size=batch_size, seed=seed, process_index=process_index,
+                process_count=process_count, **kw)
+  if kind == "sft":
+    return sft_batches(data.sources, tokenizer, pack=getattr(data, "pack", True), **common)
+  if kind == "dpo":
+    return dpo_batches(data.sources, tokenizer, **common)
+  raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
+
+
+def _pad_id(tokenizer) -> int:
+  pad = getattr(tokenizer, "pad_token_id", None)
+  return int(pad) if pad is not None else 0
+
+
+def _check_buckets(length_buckets, process_count: int) -> None:
+  # Each host would pick its own bucket; a global batch needs one shape on every host.
+  if length_buckets and process_count > 1:
+    raise ValueError("length_buckets need process_count == 1: each process would choose its own"
+                     " length and the global batch could not be assembled; use a fixed max_length")
