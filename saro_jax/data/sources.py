@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_LINE_BYTES = 16 * 2**20  # a JSONL line beyond this is a broken file, not a record
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 PARSERS: dict[str, Callable[..., dict[str, Any]]] = {
-    "rw": formats.parse_rw, "preference": formats.parse_preference}
+    "rw": formats.parse_rw, "preference": formats.parse_preference,
+    # build_pairs input; trajectories carry raw steps, so reasoning tags do not apply yet.
+    "trajectory": lambda raw, *, where, reasoning_tags: formats.parse_trajectory(raw, where=where)}
 
 
 class SourceError(ValueError):
@@ -204,7 +206,7 @@ def load_records(spec: str | Sequence[str], *, kind: str, on_error: str = "raise
                  reasoning_tags: Sequence[str] = formats.DEFAULT_TAGS,
                  max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, tfds_data_dir: str | None = None,
                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  """Normalized records of ``kind`` ("rw" | "preference") and stats {"read", "kept", "skipped"}.
+  """Normalized records of ``kind`` ("rw" | "preference" | "trajectory") and stats {"read", "kept", "skipped"}.
 
   ``on_error="raise"`` raises the first RecordError / SourceError; ``"skip"`` drops bad records
   and counts them per reason ("malformed_json", "invalid_utf8", "line_too_long", "duplicate_id",
