@@ -1,0 +1,69 @@
+"""The report: files exist, hold the numbers the metrics computed, and survive bad training logs."""
+
+import json
+
+from saro_jax.evaluate import metrics, report
+
+
+def _rows(n_unsafe_harmful, n_refused_benign):
+  rows = []
+  for i in range(4):
+    rows.append(dict(label="harmful", category="weapons", unsafe=i < n_unsafe_harmful,
+                     refused=i >= n_unsafe_harmful, source="jsonl:bundled:eval_prompts",
+                     reasoning_tokens=10 * i, answer_tokens=5))
+    rows.append(dict(label="benign", category="coding", unsafe=False, refused=i < n_refused_benign,
+                     source="jsonl:bundled:eval_prompts", reasoning_tokens=0, answer_tokens=20))
+  return rows
+
+
+def _is_png(path):
+  return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_holds_metrics_across_stages_and_plots(tmp_path):
+  stage_metrics = {"start": metrics.compute_metrics(_rows(3, 0)),
+                   "rw": metrics.compute_metrics(_rows(1, 1)),
+                   "srpo": metrics.compute_metrics(_rows(0, 1))}
+  rw_log = tmp_path / "rw_metrics.jsonl"
+  rw_log.write_text("\n".join(json.dumps({"step": s, "loss": 3.0 - 0.1 * s}) for s in range(1, 6))
+                    + '\n{"step": 6, "loss": 2.\n')  # the last line was cut by a crash
+  srpo_log = tmp_path / "srpo_metrics.jsonl"
+  srpo_log.write_text("\n".join(json.dumps({"step": s, "loss": 0.69 - 0.05 * s, "rewards/margins": 0.1 * s,
+                                            "rewards/accuracies": 0.5 + 0.1 * s}) for s in range(1, 5)))
+  path = report.write_report(tmp_path / "out", stage_metrics, judge_note="refusal phrases (crude)",
+                             training_logs={"rw": rw_log, "srpo": srpo_log,
+                                            "extra": tmp_path / "missing.jsonl"})
+  text = path.read_text()
+  assert path.name == "report.md"
+  # The headline table: ASR harmful 75% -> 25% -> 0%, over-refusal benign 0% -> 25% -> 25%.
+  lines = {}
+  for line in text.splitlines():  # the first table is the overall one
+    if line.startswith("| "):
+      lines.setdefault(line.split("|")[1].strip(), line)
+  assert "| start | 8 | 75.0% |" in lines["start"]
+  assert "| rw | 8 | 25.0% |" in lines["rw"]
+  assert "| srpo | 8 | 0.0% |" in lines["srpo"]
+  # Columns: ASR harmful, ASR jailbreak (no rows: –), refusal harmful, over-refusal benign,
+  # over-refusal borderline (no rows), mean reasoning tokens (0+10+20+30)/8, answer tokens (4*5+4*20)/8.
+  assert lines["srpo"] == "| srpo | 8 | 0.0% | – | 100.0% | 25.0% | – | 7.5 | 12.5 |"
+  assert "### weapons" in text and "### coding" in text and "refusal phrases (crude)" in text
+  assert "rw_metrics.jsonl:6: not JSON (skipped)" in text and "missing.jsonl: not found" in text
+  assert "'rewards/accuracies': 0.9" in text
+  for png in ("safety_by_stage.png", "safety_by_category.png", "training_curves.png"):
+    assert _is_png(tmp_path / "out" / png), png
+    assert f"({png})" in text
+
+
+def test_report_without_training_logs(tmp_path):
+  path = report.write_report(tmp_path, {"model": metrics.compute_metrics(_rows(2, 2))})
+  text = path.read_text()
+  assert "(no training metrics found)" in text and "| model | 8 | 50.0% |" in text
+  assert not (tmp_path / "training_curves.png").exists()
+
+
+def test_read_training_log_skips_bad_lines(tmp_path):
+  log = tmp_path / "m.jsonl"
+  log.write_text('{"step": 1, "loss": 2.5, "note": "x", "nan": NaN}\n[1]\n{"loss": 1}\n\n{"step": 2, "loss": 2}\n')
+  rows, problems = report.read_training_log(log)
+  assert rows == [{"step": 1.0, "loss": 2.5}, {"step": 2.0, "loss": 2.0}]
+  assert [p.split(": ", 1)[0].rsplit(":", 1)[1] for p in problems] == ["2", "3"]
