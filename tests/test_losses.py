@@ -1,0 +1,331 @@
+"""losses.py against independent NumPy implementations of TRL's formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from saro_jax import losses, sharding
+
+# --------------------------------------------------------------------------------------------
+# NumPy references (float64): the formulas as TRL writes them, computed independently.
+# --------------------------------------------------------------------------------------------
+
+
+def np_log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def np_token_stats(hidden, unembed, targets, vocab_size):
+  logits = (hidden.astype(np.float64) @ unembed.astype(np.float64))[..., :vocab_size]
+  logps = np.take_along_axis(np_log_softmax(logits), targets[..., None], -1)[..., 0]
+  return logps, logits.mean(-1), logits
+
+
+def np_log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+def np_dpo(pc, pr, rc, rr, nc, nr, loss_type, beta, eps=0.0, rpo_alpha=None):
+  """TRL DPOTrainer.dpo_loss + get_batch_loss_metrics, with TRL's IPO length averaging."""
+  if loss_type == "ipo":
+    pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+  logits = (pc - pr) - (rc - rr)
+  if loss_type == "sigmoid":
+    losses_ = -np_log_sigmoid(beta * logits) * (1 - eps) - np_log_sigmoid(-beta * logits) * eps
+  elif loss_type == "robust":
+    losses_ = (-np_log_sigmoid(beta * logits) * (1 - eps)
+               + np_log_sigmoid(-beta * logits) * eps) / (1 - 2 * eps)
+  elif loss_type == "hinge":
+    losses_ = np.maximum(0.0, 1 - beta * logits)
+  elif loss_type == "ipo":
+    losses_ = (logits - 1 / (2 * beta)) ** 2
+  cr, rj = beta * (pc - rc), beta * (pr - rr)
+  metrics = {"rewards/chosen": cr.mean(), "rewards/rejected": rj.mean(),
+             "rewards/accuracies": (cr > rj).mean(), "rewards/margins": (cr - rj).mean(),
+             "logps/chosen": pc.mean(), "logps/rejected": pr.mean()}
+  loss = losses_.mean()
+  return loss, metrics
+
+
+def rand(seed, *shape, scale=1.0):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
+
+
+# --------------------------------------------------------------------------------------------
+# token log-probs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk,vocab_chunk", [(8, None), (5, None), (64, None), (8, 7), (3, 16)])
+def test_token_logps_match_numpy_with_padded_vocab(chunk, vocab_chunk):
+  b, l, d, v_pad, vocab = 3, 21, 16, 48, 41  # 7 padding columns that must not enter the softmax
+  hidden, unembed = rand(0, b, l, d), rand(1, d, v_pad)
+  unembed[:, vocab:] = 50.0  # huge padded logits would dominate if they leaked in
+  targets = np.random.default_rng(2).integers(0, vocab, (b, l))
+  logps, mean_logits = losses.token_logps_and_mean_logits(
+      jnp.asarray(hidden), jnp.asarray(unembed), jnp.asarray(targets), vocab_size=vocab,
+      chunk_size=chunk, vocab_chunk_size=vocab_chunk)
+  want_logps, want_mean, _ = np_token_stats(hidden, unembed, targets, vocab)
+  assert logps.shape == mean_logits.shape == (b, l)
+  np.testing.assert_allclose(logps, want_logps, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(mean_logits, want_mean, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vocab_chunk", [None, 10])
+def test_token_logps_gradient_is_the_analytic_softmax_gradient(vocab_chunk):
+  b, l, d, v_pad, vocab = 2, 12, 8, 32, 29
+  hidden, unembed = rand(3, b, l, d), rand(4, d, v_pad)
+  targets = np.random.default_rng(5).integers(0, vocab, (b, l))
+  weights = rand(6, b, l)
+
+  def objective(h, w):
+    return jnp.sum(weights * losses.token_logps(h, w, jnp.asarray(targets), vocab_size=vocab,
+                                                chunk_size=5, vocab_chunk_size=vocab_chunk))
+
+  g_hidden, g_unembed = jax.grad(objective, (0, 1))(jnp.asarray(hidden), jnp.asarray(unembed))
+  # d log p(y) / d logits = onehot(y) - softmax; padded columns get no gradient.
+  _, _, logits = np_token_stats(hidden, unembed, targets, vocab)
+  dlogits = np.eye(vocab)[targets] - np.exp(np_log_softmax(logits))
+  dlogits = np.pad(dlogits * weights[..., None], ((0, 0), (0, 0), (0, v_pad - vocab)))
+  np.testing.assert_allclose(g_hidden, dlogits @ unembed.T.astype(np.float64), atol=1e-4)
+  np.testing.assert_allclose(g_unembed, np.einsum("bld,blv->dv", hidden, dlogits), atol=1e-4)
+  assert np.all(np.asarray(g_unembed)[:, vocab:] == 0.0)
+
+
+def _temp_bytes(fn, *args):
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_chunking_never_materialises_the_bxlxv_logits():
+  b, l, d, v = 4, 512, 32, 4096
+  full_bytes = b * l * v * 4
+  args = (jax.ShapeDtypeStruct((b, l, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32),
+          jax.ShapeDtypeStruct((b, l), jnp.int32))
+
+  def chunked(h, w, t):
+    return losses.token_logps(h, w, t, vocab_size=v, chunk_size=64).sum()
+
+  def vocab_chunked(h, w, t):
+    return losses.token_logps(h, w, t, vocab_size=v, chunk_size=64, vocab_chunk_size=512).sum()
+
+  def unchunked(h, w, t):
+    return jnp.take_along_axis(jax.nn.log_softmax(h @ w), t[..., None], -1).sum()
+
+  reference = _temp_bytes(jax.grad(unchunked, (0, 1)), *args)
+  assert reference >= full_bytes  # the measurement does see a B x L x V buffer when there is one
+  for fn in (chunked, vocab_chunked):
+    forward, backward = _temp_bytes(fn, *args), _temp_bytes(jax.grad(fn, (0, 1)), *args)
+    # One B x 64 x V chunk is 1/8 of the full tensor; allow a few chunk-sized buffers.
+    assert max(forward, backward) < full_bytes / 3, (fn.__name__, forward, backward, full_bytes)
+
+
+def test_token_logps_sharded_on_a_mesh_equals_single_device():
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  b, l, d, v = 8, 16, 8, 64
+  hidden, unembed = rand(7, b, l, d), rand(8, d, v)
+  targets = np.random.default_rng(9).integers(0, 60, (b, l))
+  want = losses.token_logps(jnp.asarray(hidden), jnp.asarray(unembed), jnp.asarray(targets),
+                            vocab_size=60, chunk_size=4)
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+
+  @jax.jit
+  def run(h, w, t):
+    with sharding.use(mesh):
+      return losses.token_logps(h, w, t, vocab_size=60, chunk_size=4)
+
+  got = run(put(hidden, P(("data", "fsdp"))), put(unembed, P(None, "tensor")),
+            put(targets, P(("data", "fsdp"))))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_token_logps_bad_shapes_name_the_argument():
+  h, w, t = jnp.zeros((2, 4, 8)), jnp.zeros((8, 10)), jnp.zeros((2, 4), jnp.int32)
+  with pytest.raises(ValueError, match="hidden size 8 != unembed rows 9"):
+    losses.token_logps(h, jnp.zeros((9, 10)), t, vocab_size=10, chunk_size=2)
+  with pytest.raises(ValueError, match="vocab_size=11"):
+    losses.token_logps(h, w, t, vocab_size=11, chunk_size=2)
+  with pytest.raises(ValueError, match="targets shape"):
+    losses.token_logps(h, w, t[:, :3], vocab_size=10, chunk_size=2)
+  with pytest.raises(ValueError, match="chunk_size=0"):
+    losses.token_logps(h, w, t, vocab_size=10, chunk_size=0)
+
+
+def test_shift_targets_masks_segment_boundaries_and_padding():
+  tokens = np.array([[5, 6, 7, 8, 9, 3, 4, 0]])
+  segments = np.array([[1, 1, 1, 2, 2, 2, 2, 0]])
+  # token 8 opens segment 2 but is (wrongly) marked; it must not be predicted from segment 1.
+  loss_mask = np.array([[0, 0, 1, 1, 0, 1, 1, 0]])
+  targets, mask = losses.shift_targets(jnp.asarray(tokens), jnp.asarray(loss_mask),
+                                       jnp.asarray(segments))
+  np.testing.assert_array_equal(targets, [[6, 7, 8, 9, 3, 4, 0, 0]])
+  np.testing.assert_array_equal(mask, [[0, 1, 0, 0, 1, 1, 0, 0]])
+
+
+# --------------------------------------------------------------------------------------------
+# SFT
+# --------------------------------------------------------------------------------------------
+
+
+def test_sft_four_microbatches_of_two_equal_one_batch_of_eight():
+  b, l, d, v = 8, 10, 8, 32
+  hidden, unembed = jnp.asarray(rand(10, b, l, d)), jnp.asarray(rand(11, d, v))
+  rng = np.random.default_rng(12)
+  tokens = jnp.asarray(rng.integers(0, v, (b, l)))
+  # Very different token counts per row: a mean of micro-batch means would differ.
+  loss_mask = jnp.asarray((rng.random((b, l)) < np.linspace(0.1, 0.9, b)[:, None]).astype(np.int32))
+  segments = jnp.ones((b, l), jnp.int32)
+
+  @jax.jit
+  def summed(w, rows_hidden, rows_tokens, rows_mask, rows_segments):
+    targets, mask = losses.shift_targets(rows_tokens, rows_mask, rows_segments)
+    logps = losses.token_logps(rows_hidden, w, targets, vocab_size=v, chunk_size=4)
+    return losses.sft_loss(logps, mask)
+
+  def rows_of(rows):
+    return hidden[rows], tokens[rows], loss_mask[rows], segments[rows]
+
+  def full_loss(w):
+    total, count = summed(w, *rows_of(slice(0, 8)))
+    return total / count
+
+  want_loss, want_grad = jax.value_and_grad(full_loss)(unembed)
+  grad_sum, loss_sum, count_sum = 0.0, 0.0, 0.0
+  for i in range(4):
+    micro = rows_of(slice(2 * i, 2 * i + 2))
+    (total, count), grad = jax.value_and_grad(summed, has_aux=True)(unembed, *micro)
+    grad_sum, loss_sum, count_sum = grad_sum + grad, loss_sum + total, count_sum + count
+  np.testing.assert_allclose(loss_sum / count_sum, want_loss, rtol=1e-6)
+  np.testing.assert_allclose(grad_sum / count_sum, want_grad, atol=1e-6)
+  # A mean of the micro-batch means is NOT the same (so the test can tell the two apart).
+  means = [summed(unembed, *rows_of(slice(2 * i, 2 * i + 2))) for i in range(4)]
+  assert abs(np.mean([t / c for t, c in means]) - want_loss) > 1e-3
+  # And the value itself is the NumPy token-level cross-entropy.
+  targets, mask = (np.asarray(x) for x in losses.shift_targets(tokens, loss_mask, segments))
+  want_logps, _, _ = np_token_stats(np.asarray(hidden), np.asarray(unembed), targets, v)
+  np.testing.assert_allclose(want_loss, -(want_logps * mask).sum() / mask.sum(), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# DPO family
+# --------------------------------------------------------------------------------------------
+
+
+def _pairs(seed, b=16):
+  rng = np.random.default_rng(seed)
+  nc, nr = rng.integers(3, 40, b).astype(np.float64), rng.integers(3, 40, b).astype(np.float64)
+  pc, pr = -nc * rng.uniform(0.5, 2, b), -nr * rng.uniform(0.5, 2, b)
+  rc, rr = pc + rng.normal(0, 2, b), pr + rng.normal(0, 2, b)
+  return pc, pr, rc, rr, nc, nr
+
+
+CASES = [("sigmoid", 0.1, 0.0), ("sigmoid", 0.3, 0.2), ("robust", 0.1, 0.1), ("hinge", 0.2, 0.0),
+         ("ipo", 0.1, 0.0), ("ipo", 0.5, 0.0)]
+
+
+@pytest.mark.parametrize("loss_type,beta,eps", CASES)
+def test_dpo_losses_and_metrics_match_numpy_trl(loss_type, beta, eps):
+  pc, pr, rc, rr, nc, nr = _pairs(13)
+  j = lambda x: jnp.asarray(x, jnp.float32)
+  loss, metrics = losses.dpo_loss(j(pc), j(pr), j(rc), j(rr), chosen_lengths=j(nc),
+                                  rejected_lengths=j(nr), loss_type=loss_type, beta=beta,
+                                  label_smoothing=eps)
+  want_loss, want_metrics = np_dpo(pc, pr, rc, rr, nc, nr, loss_type, beta, eps)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-6)
+  assert set(metrics) == set(want_metrics)
+  for name, value in want_metrics.items():
+    np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+  assert 0.0 < float(metrics["rewards/accuracies"]) < 1.0  # the random pairs exercise both sides
+
+
+@pytest.mark.parametrize("loss_type,beta,eps", CASES)
+def test_dpo_gradient_matches_finite_differences(loss_type, beta, eps):
+  pc, pr, rc, rr, nc, nr = _pairs(14, b=6)
+
+  def jax_loss(x):
+    return losses.dpo_loss(x[0], x[1], jnp.asarray(rc, jnp.float32), jnp.asarray(rr, jnp.float32),
+                           chosen_lengths=jnp.asarray(nc), rejected_lengths=jnp.asarray(nr),
+                           loss_type=loss_type, beta=beta, label_smoothing=eps, rpo_alpha=0.5)[0]
+
+  def np_loss(x):
+    dpo, _ = np_dpo(x[0], x[1], rc, rr, nc, nr, loss_type, beta, eps)
+    return dpo + 0.5 * -x[0].sum() / nc.sum()
+
+  x = np.stack([pc, pr])
+  grad = np.asarray(jax.grad(jax_loss)(jnp.asarray(x, jnp.float32)))
+  numeric = np.zeros_like(x)
+  h = 1e-5
+  for idx in np.ndindex(x.shape):
+    up, down = x.copy(), x.copy()
+    up[idx] += h
+    down[idx] -= h
+    numeric[idx] = (np_loss(up) - np_loss(down)) / (2 * h)
+  np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-6)
+
+
+def test_dpo_reference_free_rpo_and_logit_metrics():
+  pc, pr, _, _, nc, nr = _pairs(15)
+  j = lambda x: jnp.asarray(x, jnp.float32)
+  logit_sums_c, logit_sums_r = rand(16, 16).astype(np.float64) * nc, rand(17, 16) * nr
+  loss, metrics = losses.dpo_loss(
+      j(pc), j(pr), None, None, chosen_lengths=j(nc), rejected_lengths=j(nr), beta=0.1,
+      reference_free=True, rpo_alpha=1.0, chosen_logit_sums=j(logit_sums_c),
+      rejected_logit_sums=j(logit_sums_r))
+  zeros = np.zeros_like(pc)
+  want, want_metrics = np_dpo(pc, pr, zeros, zeros, nc, nr, "sigmoid", 0.1)
+  nll = -pc.sum() / nc.sum()  # TRL's RPO term: cross-entropy over every chosen token
+  np.testing.assert_allclose(loss, want + nll, rtol=1e-5)
+  np.testing.assert_allclose(metrics["nll_loss"], nll, rtol=1e-5)
+  np.testing.assert_allclose(metrics["rewards/chosen"], 0.1 * pc.mean(), rtol=1e-5)
+  # TRL: logits[mask].mean() = mean over every completion token of its mean-over-vocab logit.
+  np.testing.assert_allclose(metrics["logits/chosen"], logit_sums_c.sum() / nc.sum(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["logits/rejected"], logit_sums_r.sum() / nr.sum(), rtol=1e-5)
+
+
+def test_dpo_end_to_end_from_token_logps():
+  """sequence_sums of chunked token log-probs feed dpo_loss exactly like the NumPy pipeline."""
+  b, l, d, v = 4, 12, 8, 24
+  h_c, h_r, unembed = rand(18, b, l, d), rand(19, b, l, d), rand(20, d, v)
+  rng = np.random.default_rng(21)
+  t_c, t_r = rng.integers(0, v, (b, l)), rng.integers(0, v, (b, l))
+  m_c, m_r = (rng.random((b, l)) < 0.6).astype(np.int32), (rng.random((b, l)) < 0.6).astype(np.int32)
+  m_c[:, 0] = m_r[:, 0] = 1
+  stats = []
+  for h, t, m in ((h_c, t_c, m_c), (h_r, t_r, m_r)):
+    logps, mean_logits = losses.token_logps_and_mean_logits(
+        jnp.asarray(h), jnp.asarray(unembed), jnp.asarray(t), vocab_size=v, chunk_size=5)
+    logps_sum, n = losses.sequence_sums(logps, jnp.asarray(m))
+    logit_sum, _ = losses.sequence_sums(mean_logits, jnp.asarray(m))
+    stats.append((logps_sum, n, logit_sum))
+  (pc, nc, lc), (pr, nr, lr) = stats
+  loss, metrics = losses.dpo_loss(pc, pr, pc - 1.0, pr + 1.0, chosen_lengths=nc,
+                                  rejected_lengths=nr, beta=0.1, chosen_logit_sums=lc,
+                                  rejected_logit_sums=lr)
+  np_c, _, logits_c = np_token_stats(h_c, unembed, t_c, v)
+  np.testing.assert_allclose(pc, (np_c * m_c).sum(-1), rtol=1e-5)
+  np.testing.assert_allclose(metrics["logits/chosen"], logits_c[m_c.astype(bool)].mean(), rtol=1e-5)
+  np.testing.assert_allclose(loss, -np_log_sigmoid(0.1 * 2.0), rtol=1e-5)  # margin of exactly 2
+
+
+def test_dpo_rejects_unknown_and_inapplicable_flags():
+  x = jnp.zeros(4)
+  kw = dict(chosen_lengths=x + 1, rejected_lengths=x + 1)
+  with pytest.raises(ValueError, match=r"'dpop' is unknown; valid: \['hinge', 'ipo', 'robust', 'sigmoid'\]"):
+    losses.dpo_loss(x, x, x, x, loss_type="dpop", **kw)
+  for loss_type in ("hinge", "ipo"):
+    with pytest.raises(ValueError, match="label_smoothing=0.1 does not apply"):
+      losses.dpo_loss(x, x, x, x, loss_type=loss_type, label_smoothing=0.1, **kw)
+  with pytest.raises(ValueError, match=r"must be in \[0, 0.5\)"):
+    losses.dpo_loss(x, x, x, x, loss_type="robust", label_smoothing=0.5, **kw)
+  with pytest.raises(ValueError, match="beta=0"):
+    losses.dpo_loss(x, x, x, x, beta=0.0, **kw)
+  with pytest.raises(ValueError, match="reference_free=True"):
+    losses.dpo_loss(x, x, x, x, reference_free=True, **kw)
+  with pytest.raises(ValueError, match="reference_free=False"):
+    losses.dpo_loss(x, x, None, None, **kw)
+  with pytest.raises(ValueError, match=r"must be \[B\]"):
+    losses.dpo_loss(x, jnp.zeros(3), x, x, **kw)
+  with pytest.raises(ValueError, match="rpo_alpha=-1"):
+    losses.dpo_loss(x, x, x, x, rpo_alpha=-1.0, **kw)
