@@ -3,6 +3,8 @@
 SFT rows hold one example (padded) or several (packed: greedy first fit over the batch's rows,
 segment ids 1..k, positions restarting at 0 in each segment). DPO rows hold one pair, chosen and
 rejected padded to the same length. Padding is segment 0, position 0, token ``pad_id``, mask 0.
+The last batch of a finite pass is padded with empty rows (DPO: ``example_id`` -1) unless
+``drop_remainder``.
 
 The batching iterators are grain ``DatasetIterator``s whose state is the parent's state at the
 first example not yet in an emitted batch, so a restored iterator re-reads exactly what the
@@ -71,15 +73,22 @@ def pack_rows(rows: Sequence[Sequence[Mapping[str, np.ndarray]]], length: int,
   return out
 
 
-def pair_rows(pairs: Sequence[Mapping[str, Any]], length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-  """Tokenized preference pairs -> the DPO batch dict (chosen and rejected side by side)."""
+def pair_rows(pairs: Sequence[Mapping[str, Any] | None], length: int,
+              pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Tokenized preference pairs -> the DPO batch dict (chosen and rejected side by side).
+
+  A ``None`` pair is a padding row (last batch of a finite pass): all masks 0, ``shared_len`` 0,
+  ``example_id`` -1 (real ids are non-negative).
+  """
   out: dict[str, np.ndarray] = {}
   for side in ("chosen", "rejected"):
-    rows = [[{"tokens": p[f"{side}_tokens"], "loss_mask": p[f"{side}_loss_mask"]}] for p in pairs]
+    rows = [[{"tokens": p[f"{side}_tokens"], "loss_mask": p[f"{side}_loss_mask"]}] if p else []
+            for p in pairs]
     for k, v in pack_rows(rows, length, pad_id).items():
       out[f"{side}_{k}"] = v
-  out["shared_len"] = np.asarray([p["shared_len"] for p in pairs], np.int32).reshape(len(pairs))
-  out["example_id"] = np.asarray([example_id(p["id"]) for p in pairs], np.int64).reshape(len(pairs))
+  out["shared_len"] = np.asarray([p["shared_len"] if p else 0 for p in pairs], np.int32).reshape(-1)
+  out["example_id"] = np.asarray([example_id(p["id"]) if p else -1 for p in pairs],
+                                 np.int64).reshape(-1)
   return out
 
 
@@ -220,13 +229,9 @@ class DpoBatchDataset(_BatchDataset):
 
   sides = ("chosen_", "rejected_")
 
-  def __init__(self, parent: grain.IterDataset, **kw):
-    # A short last batch is dropped: an empty pair row would still weigh in a mean DPO loss.
-    super().__init__(parent, drop_remainder=True, **kw)
-
   def assemble(self, rows) -> dict[str, np.ndarray]:
-    pairs = [r[0] for r in rows]
-    longest = max(max(len(p["chosen_tokens"]), len(p["rejected_tokens"])) for p in pairs)
+    pairs = [r[0] if r else None for r in rows]
+    longest = max(max(len(p["chosen_tokens"]), len(p["rejected_tokens"])) for p in pairs if p)
     return pair_rows(pairs, bucket_length(longest, self.max_length, self.buckets), self.pad_id)
 
   def __iter__(self) -> grain.DatasetIterator:

@@ -1,8 +1,9 @@
 """Records -> batches on this host: the grain pipelines of the RW (SFT) and SRPO (DPO) stages.
 
   records (sources.open_source, or a MapDataset given by the caller)
-    -> shuffle(seed), reshuffled every epoch -> repeat(num_epochs; 0 = forever)
-    -> this process's slice [process_index::process_count]  (disjoint, together the whole stream)
+    -> this process's fixed share: a seeded permutation, then [process_index::process_count],
+       equal sizes (the n % process_count left over are counted as dropped)
+    -> shuffle the share, reshuffled every epoch -> repeat(num_epochs; 0 = forever)
     -> tokenize (chat template, masks, truncation)          (tokenize.py)
     -> pack / pad into batch_size // process_count rows    (batching.py)
     -> optional multiprocess prefetch
@@ -105,19 +106,35 @@ def _records(spec, kind: str, on_error: str, reasoning_tags, stats: DataStats) -
   return ds
 
 
+def _shard(records: grain.MapDataset, *, shuffle: bool, seed: int, process_index: int,
+           process_count: int, stats: DataStats) -> grain.MapDataset:
+  """This process's fixed share of the records: equal sizes on every process, disjoint.
+
+  The share is the same in every epoch (only its order changes), so a per-process pass such as
+  the SRPO reference log-probs covers everything this process will ever train on.
+  """
+  n = len(records)
+  if n < process_count:
+    raise ValueError(f"data: {n} records cannot be shared by {process_count} processes")
+  if shuffle:
+    # An epoch-independent permutation decides the shares (and which n % process_count are left out).
+    records = records.shuffle(seed % 2**32)
+  per_process = n // process_count
+  if n % process_count:
+    stats.update({"dropped/process_remainder": n % process_count})
+  return records[process_index::process_count][:per_process]
+
+
 def _tokenized(records: grain.MapDataset, tokenize_fn, *, shuffle: bool, seed: int,
-               num_epochs: int, process_index: int, process_count: int,
-               read_threads: int) -> grain.IterDataset:
-  if len(records) == 0:
-    raise ValueError("data: no records to train on")
-  ds = records.shuffle(seed % 2**32) if shuffle else records
+               num_epochs: int, read_threads: int) -> grain.IterDataset:
+  ds = records.shuffle((seed + 1) % 2**32) if shuffle else records
   # shuffle before repeat: grain reshuffles each epoch with the seed folded with the epoch.
   ds = ds.repeat(num_epochs if num_epochs > 0 else None)
-  ds = ds[process_index::process_count]
   ds = ds.map(tokenize_fn)
-  # HF tokenizers are not safe to call from several threads at once; parallelism comes from
-  # prefetch worker processes instead.
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, 4 * read_threads)))
+  # HF tokenizers are not safe to call from several threads at once (and chat templates are
+  # Python): parallelism comes from prefetch worker processes instead.
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=max(1, 4 * read_threads)))
 
 
 def _host_batch(batch_size: int, process_count: int) -> int:
@@ -145,22 +162,24 @@ def sft_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer,
                 max_prompt_length: int | None = None, response_truncation: str = "cut",
                 min_response_tokens: int = 1, length_buckets: Sequence[int] | None = None,
                 process_index: int | None = None, process_count: int | None = None,
-                read_threads: int = 0, prefetch_workers: int = 0) -> BatchIterator:
+                drop_remainder: bool = False, read_threads: int = 0,
+                prefetch_workers: int = 0) -> BatchIterator:
   """RW batches for this process: dicts of int32 [batch_size // process_count, L] arrays
   ``tokens``, ``positions``, ``segment_ids``, ``loss_mask`` (L = max_length or a length bucket)."""
   process_index, process_count = _process(process_index, process_count)
   _check_buckets(length_buckets, process_count)
   stats = DataStats()
-  records = _records(sources_spec, "rw", on_error, reasoning_tags, stats)
+  records = _shard(_records(sources_spec, "rw", on_error, reasoning_tags, stats),
+                   shuffle=shuffle, seed=seed, process_index=process_index,
+                   process_count=process_count, stats=stats)
   opts = _options(max_length, truncation, max_prompt_length, response_truncation, min_response_tokens)
   fn = functools.partial(tokenize.tokenize_rw, tokenizer=tokenizer, opts=opts,
                          specials=tokenize.special_ids(tokenizer))
   examples = _tokenized(records, fn, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-                        process_index=process_index, process_count=process_count,
                         read_threads=read_threads)
   batches = batching.SftBatchDataset(
       examples, pack=pack, batch_size=_host_batch(batch_size, process_count), max_length=max_length,
-      pad_id=_pad_id(tokenizer), length_buckets=length_buckets)
+      pad_id=_pad_id(tokenizer), length_buckets=length_buckets, drop_remainder=drop_remainder)
   return _finish(batches, stats, prefetch_workers)
 
 
@@ -171,22 +190,24 @@ def dpo_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer,
                 max_prompt_length: int | None = None, response_truncation: str = "cut",
                 min_response_tokens: int = 1, length_buckets: Sequence[int] | None = None,
                 process_index: int | None = None, process_count: int | None = None,
-                read_threads: int = 0, prefetch_workers: int = 0) -> BatchIterator:
+                drop_remainder: bool = False, read_threads: int = 0,
+                prefetch_workers: int = 0) -> BatchIterator:
   """SRPO batches for this process: ``chosen_*`` / ``rejected_*`` (tokens, positions, segment_ids,
   loss_mask; int32 [B, L]), ``shared_len`` int32 [B], ``example_id`` int64 [B]."""
   process_index, process_count = _process(process_index, process_count)
   _check_buckets(length_buckets, process_count)
   stats = DataStats()
-  records = _records(sources_spec, "preference", on_error, reasoning_tags, stats)
+  records = _shard(_records(sources_spec, "preference", on_error, reasoning_tags, stats),
+                   shuffle=shuffle, seed=seed, process_index=process_index,
+                   process_count=process_count, stats=stats)
   opts = _options(max_length, truncation, max_prompt_length, response_truncation, min_response_tokens)
   fn = functools.partial(tokenize.tokenize_pref, tokenizer=tokenizer, opts=opts,
                          specials=tokenize.special_ids(tokenizer))
   examples = _tokenized(records, fn, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-                        process_index=process_index, process_count=process_count,
                         read_threads=read_threads)
   batches = batching.DpoBatchDataset(
       examples, batch_size=_host_batch(batch_size, process_count), max_length=max_length,
-      pad_id=_pad_id(tokenizer), length_buckets=length_buckets)
+      pad_id=_pad_id(tokenizer), length_buckets=length_buckets, drop_remainder=drop_remainder)
   return _finish(batches, stats, prefetch_workers)
 
 
@@ -196,7 +217,7 @@ def batches_from_config(kind: str, data, tokenizer, *, batch_size: int, seed: in
   """``kind`` "sft" | "dpo" from a ``config.DataConfig`` (or any object with its field names)."""
   keys = ("max_length", "shuffle", "num_epochs", "on_error", "reasoning_tags", "truncation",
           "max_prompt_length", "response_truncation", "min_response_tokens", "length_buckets",
-          "read_threads", "prefetch_workers")
+          "drop_remainder", "read_threads", "prefetch_workers")
   kw = {k: getattr(data, k) for k in keys if getattr(data, k, None) is not None}
   kw["reasoning_tags"] = tuple(kw.get("reasoning_tags", formats.DEFAULT_TAGS))
   kw.update(overrides)
