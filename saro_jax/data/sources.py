@@ -71,7 +71,7 @@ def _read_jsonl(path: str, max_line_bytes: int) -> Iterator[tuple[str, Any]]:
       try:
         yield where, json.loads(text)
       except json.JSONDecodeError as e:
-        yield where, SourceError(where, "malformed_json", f"malformed JSON at column {e.colno}: {e.msg}")
+        yield where, SourceError(where, "malformed_json", f"malformed JSON at character {e.pos}: {e.msg}")
 
 
 def _read_json(path: str) -> Iterator[tuple[str, Any]]:
