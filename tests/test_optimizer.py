@@ -1,0 +1,154 @@
+"""optimizer.py against a NumPy AdamW written from the PyTorch/HF definitions."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from saro_jax import optimizer
+
+
+def np_lr(step, lr, warmup, total, schedule, min_ratio):
+  """HF get_*_schedule_with_warmup, with a floor of min_ratio * lr."""
+  if step < warmup:
+    return lr * step / warmup
+  progress = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+  shape = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress,
+           "constant": 1.0}[schedule]
+  return lr * (min_ratio + (1 - min_ratio) * shape)
+
+
+@pytest.mark.parametrize("schedule,min_ratio", [("cosine", 0.1), ("cosine", 0.0), ("linear", 0.2),
+                                                ("constant", 0.0)])
+def test_schedule_values_at_key_steps(schedule, min_ratio):
+  lr_at = optimizer.make_schedule(learning_rate=3e-4, warmup_steps=10, total_steps=110,
+                                  schedule=schedule, min_lr_ratio=min_ratio)
+  steps = [0, 1, 5, 10, 35, 60, 85, 109, 110, 500]
+  got = [float(lr_at(s)) for s in steps]
+  want = [np_lr(s, 3e-4, 10, 110, schedule, min_ratio) for s in steps]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=3e-4 * 1e-6)  # float32 cos near pi
+  assert got[0] == 0.0 and got[3] == pytest.approx(3e-4)  # warmup starts at 0, peaks at step 10
+  if schedule != "constant":
+    assert got[5] == pytest.approx(3e-4 * (min_ratio + (1 - min_ratio) * 0.5))  # half-way
+    assert got[-1] == pytest.approx(3e-4 * min_ratio, rel=1e-6, abs=1e-12)  # held at the floor
+  # jit-able with a traced step, as the train step logs it
+  assert float(jax.jit(lr_at)(jnp.int32(35))) == pytest.approx(got[4], rel=1e-6)
+
+
+def test_cosine_schedule_agrees_with_optax():
+  ours = optimizer.make_schedule(learning_rate=1e-3, warmup_steps=7, total_steps=50,
+                                 schedule="cosine", min_lr_ratio=0.05)
+  theirs = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 7, 50, end_value=5e-5)
+  np.testing.assert_allclose([ours(s) for s in range(60)], [theirs(s) for s in range(60)],
+                             rtol=1e-5, atol=1e-10)
+
+
+def test_no_warmup_starts_at_peak():
+  lr_at = optimizer.make_schedule(learning_rate=1.0, warmup_steps=0, total_steps=4,
+                                  schedule="linear")
+  np.testing.assert_allclose([lr_at(s) for s in range(5)], [1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+class Tiny(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(11, 6, rngs=rngs)
+    self.norm = nnx.RMSNorm(6, rngs=rngs)
+    self.proj = nnx.Linear(6, 4, use_bias=True, rngs=rngs)
+
+
+def test_weight_decay_skips_norms_and_biases_on_an_nnx_model():
+  model = Tiny(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  mask = optimizer.decay_mask(params)
+  flat = {jax.tree_util.keystr(p, simple=True, separator="/"): bool(v)
+          for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+  assert flat == {"embed/embedding/value": True, "norm/scale/value": False,
+                  "proj/bias/value": False, "proj/kernel/value": True}
+
+  before = jax.tree.map(np.asarray, params)
+  tx = optimizer.make_optimizer(learning_rate=0.1, warmup_steps=0, total_steps=10,
+                                weight_decay=0.5, max_grad_norm=1.0)
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  update = nnx.jit(lambda opt, model, grads: opt.update(model, grads))
+  update(opt, model, jax.tree.map(jnp.zeros_like, params))  # zero grads: only decay moves weights
+  after = nnx.state(model, nnx.Param)
+  leaves = jax.tree_util.tree_leaves_with_path
+  for (path, old), (_, new) in zip(leaves(before), leaves(after)):
+    factor = 1 - 0.1 * 0.5 if old.ndim >= 2 else 1.0  # decoupled decay: p -= lr * wd * p
+    np.testing.assert_allclose(new, old * factor, rtol=1e-6, err_msg=str(path))
+
+
+def np_adamw(params, grads_seq, *, lrs, b1, b2, eps, wd, max_norm):
+  """PyTorch AdamW (decoupled decay, bias correction) after global-norm clipping."""
+  params = {k: v.astype(np.float64) for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in params.items()}
+  v = {k: np.zeros_like(p) for k, p in params.items()}
+  for t, (grads, lr) in enumerate(zip(grads_seq, lrs), start=1):
+    norm = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
+    scale = min(1.0, max_norm / norm) if max_norm is not None else 1.0
+    for k in params:
+      g = grads[k] * scale
+      m[k] = b1 * m[k] + (1 - b1) * g
+      v[k] = b2 * v[k] + (1 - b2) * g * g
+      step = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+      decay = wd * params[k] if params[k].ndim >= 2 else 0.0
+      params[k] = params[k] - lr * (step + decay)
+  return params
+
+
+@pytest.mark.parametrize("max_norm", [1.0, None])
+def test_adamw_steps_match_numpy_including_clipping(max_norm):
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(5, 3)).astype(np.float32),
+            "b": rng.normal(size=(3,)).astype(np.float32)}
+  # Norms ~20, ~0.2, ~5: clipping changes the moments' relative scales, hence the updates.
+  grads_seq = [{k: (rng.normal(size=p.shape) * s).astype(np.float32) for k, p in params.items()}
+               for s in (5.0, 0.05, 1.2)]
+  kw = dict(learning_rate=1e-2, warmup_steps=1, total_steps=4, schedule="linear",
+            min_lr_ratio=0.0, weight_decay=0.1, b1=0.8, b2=0.95, eps=1e-6)
+  tx = optimizer.make_optimizer(**kw, max_grad_norm=max_norm)
+  state = tx.init(params)
+  got = params
+  update = jax.jit(tx.update)
+  for grads in grads_seq:
+    updates, state = update(grads, state, got)
+    got = optax.apply_updates(got, updates)
+  lrs = [np_lr(s, 1e-2, 1, 4, "linear", 0.0) for s in range(3)]  # optax counts from step 0
+  want = np_adamw(params, grads_seq, lrs=lrs, b1=0.8, b2=0.95, eps=1e-6, wd=0.1, max_norm=max_norm)
+  for k in params:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  other = np_adamw(params, grads_seq, lrs=lrs, b1=0.8, b2=0.95, eps=1e-6, wd=0.1,
+                   max_norm=None if max_norm else 1.0)
+  assert max(np.abs(other[k] - want[k]).max() for k in params) > 1e-4  # clipping is observable
+
+
+def test_clipping_scales_to_exactly_max_norm():
+  # With eps >> |g|, Adam's first step is -lr * g / eps: the update reveals the clipped gradient.
+  eps = 1e4
+  tx = optimizer.make_optimizer(learning_rate=1.0, warmup_steps=0, total_steps=1, schedule="constant",
+                                eps=eps, max_grad_norm=2.0)
+  params = {"a": jnp.zeros((4,)), "w": jnp.zeros((2, 2))}
+  for grads, want_norm in (({"a": jnp.full((4,), 3.0), "w": jnp.zeros((2, 2))}, 2.0),  # norm 6
+                           ({"a": jnp.full((4,), 0.25), "w": jnp.full((2, 2), 0.25)}, 0.5 * 2**0.5)):
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert float(optax.tree.norm(updates)) * eps == pytest.approx(want_norm, rel=1e-3)
+
+
+def test_bad_settings_fail_with_the_field_name():
+  base = dict(learning_rate=1e-3, warmup_steps=1, total_steps=10)
+  with pytest.raises(ValueError, match=r"schedule='step' is unknown; valid: \['cosine', 'linear', 'constant'\]"):
+    optimizer.make_optimizer(**base, schedule="step")
+  with pytest.raises(ValueError, match="warmup_steps=11"):
+    optimizer.make_optimizer(**{**base, "warmup_steps": 11})
+  with pytest.raises(ValueError, match="min_lr_ratio=0.1 does not apply"):
+    optimizer.make_optimizer(**base, schedule="constant", min_lr_ratio=0.1)
+  with pytest.raises(ValueError, match="max_grad_norm=0"):
+    optimizer.make_optimizer(**base, max_grad_norm=0)
+  with pytest.raises(ValueError, match="weight_decay=-1"):
+    optimizer.make_optimizer(**base, weight_decay=-1)
+  with pytest.raises(ValueError, match="learning_rate=0"):
+    optimizer.make_optimizer(**{**base, "learning_rate": 0})
