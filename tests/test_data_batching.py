@@ -1,0 +1,178 @@
+"""Packing, padding, pair batches and resumable batching iterators (no tokenizer needed)."""
+
+import grain
+import numpy as np
+import pytest
+
+from saro_jax.data import batching
+
+
+def sft_example(i: int, n: int, prompt: int = 2) -> dict:
+  tokens = np.arange(1000 * i, 1000 * i + n, dtype=np.int32)  # unique per example
+  mask = np.zeros(n, np.int32)
+  mask[min(prompt, n - 1):] = 1
+  return {"id": f"e{i}", "tokens": tokens, "loss_mask": mask, "events": []}
+
+
+def stream(examples) -> grain.IterDataset:
+  return grain.MapDataset.source(examples).to_iter_dataset(grain.ReadOptions(num_threads=0))
+
+
+def segments(batch):
+  """Every (tokens, mask) segment of a SFT batch, row by row."""
+  out = []
+  for r in range(batch["tokens"].shape[0]):
+    seg = batch["segment_ids"][r]
+    for s in range(1, seg.max() + 1):
+      where = np.flatnonzero(seg == s)
+      assert where.size and np.all(np.diff(where) == 1), "a segment must be contiguous"
+      out.append((batch["tokens"][r, where], batch["loss_mask"][r, where], batch["positions"][r, where]))
+  return out
+
+
+def test_pack_rows_layout():
+  a, b, c = sft_example(1, 3), sft_example(2, 4), sft_example(3, 5)
+  batch = batching.pack_rows([[a, b], [c], []], length=8, pad_id=7)
+  assert set(batch) == set(batching.SFT_KEYS)
+  assert all(v.shape == (3, 8) and v.dtype == np.int32 for v in batch.values())
+  np.testing.assert_array_equal(batch["segment_ids"][0], [1, 1, 1, 2, 2, 2, 2, 0])
+  np.testing.assert_array_equal(batch["positions"][0], [0, 1, 2, 0, 1, 2, 3, 0])
+  np.testing.assert_array_equal(batch["tokens"][0, :7], np.concatenate([a["tokens"], b["tokens"]]))
+  np.testing.assert_array_equal(batch["loss_mask"][0], [0, 0, 1, 0, 0, 1, 1, 0])
+  assert batch["tokens"][0, 7] == 7 and (batch["tokens"][2] == 7).all()
+  assert batch["segment_ids"][2].sum() == 0 and batch["loss_mask"][2].sum() == 0
+  with pytest.raises(ValueError, match="exceed length 8"):
+    batching.pack_rows([[a, b, c]], length=8)
+
+
+def test_packed_batches_hold_every_example_once_first_fit():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(3, 40, size=60)
+  examples = [sft_example(i, int(n)) for i, n in enumerate(lengths)]
+  ds = batching.SftBatchDataset(stream(examples), pack=True, batch_size=3, max_length=48)
+  batches = list(ds)
+  seen = []
+  for k, (batch, counts) in enumerate(batches):
+    assert batch["tokens"].shape == (3, 48)
+    assert counts["slots"] == 3 * 48 and counts["tokens"] == (batch["segment_ids"] > 0).sum()
+    assert counts["loss_tokens"] == batch["loss_mask"].sum()
+    # Padding is segment 0 with mask 0, only at the end of a row.
+    assert not batch["loss_mask"][batch["segment_ids"] == 0].any()
+    for r in range(3):
+      used = (batch["segment_ids"][r] > 0).sum()
+      assert (batch["segment_ids"][r, used:] == 0).all()
+    for tokens, mask, positions in segments(batch):
+      np.testing.assert_array_equal(positions, np.arange(len(tokens)))
+      seen.append(int(tokens[0]) // 1000)
+      np.testing.assert_array_equal(tokens, examples[seen[-1]]["tokens"])
+      np.testing.assert_array_equal(mask, examples[seen[-1]]["loss_mask"])
+    if k + 1 < len(batches):
+      # The batch closed because the next example fit in none of its rows.
+      free = 48 - (batch["segment_ids"] > 0).sum(axis=1)
+      first_next = int(batches[k + 1][0]["tokens"][0, 0]) // 1000
+      assert lengths[first_next] > free.max()
+  assert sorted(seen) == list(range(60))
+  assert sum(c["examples"] for _, c in batches) == 60
+  fill = sum(c["tokens"] for _, c in batches) / sum(c["slots"] for _, c in batches)
+  assert fill > 0.7, fill
+
+
+def test_unpacked_batches_one_example_per_row_in_order():
+  examples = [sft_example(i, 5 + i) for i in range(7)]
+  batches = list(batching.SftBatchDataset(stream(examples), pack=False, batch_size=3, max_length=16))
+  assert len(batches) == 3
+  order = [int(t[0]) // 1000 for b, _ in batches for t, _, _ in segments(b)]
+  assert order == list(range(7))
+  assert all(b["segment_ids"].max(axis=1).max() == 1 for b, _ in batches)
+  last, counts = batches[-1]
+  # The short last batch is padded with empty rows (no data lost) ...
+  assert last["segment_ids"][1:].sum() == 0 and counts["examples"] == 1
+  # ... or dropped, and counted.
+  dropped = list(batching.SftBatchDataset(stream(examples), pack=False, batch_size=3,
+                                          max_length=16, drop_remainder=True))
+  assert len(dropped) == 2
+
+
+def test_length_buckets_bound_the_shapes():
+  examples = [sft_example(i, n) for i, n in enumerate([5, 6, 20, 3, 30, 4])]
+  ds = batching.SftBatchDataset(stream(examples), pack=False, batch_size=2, max_length=32,
+                                length_buckets=(8, 16, 32))
+  lengths = [b["tokens"].shape[1] for b, _ in ds]
+  assert lengths == [8, 32, 32]
+  assert batching.bucket_length(9, 32, (8, 16, 32)) == 16
+  with pytest.raises(ValueError, match="end at max_length"):
+    batching.check_buckets((8, 16), 32)
+
+
+def test_dropped_examples_are_counted_not_batched():
+  examples = [sft_example(0, 4), {"id": "x", "dropped": "dropped/prompt_too_long"},
+              sft_example(2, 4), {"id": "y", "dropped": "dropped/prompt_too_long"},
+              {"id": "z", "dropped": "dropped/no_response_left"}, sft_example(5, 4)]
+  examples[2]["events"] = ["truncated/response"]
+  batches = list(batching.SftBatchDataset(stream(examples), pack=False, batch_size=4, max_length=8))
+  (batch, counts), = batches
+  assert counts["dropped/prompt_too_long"] == 2 and counts["dropped/no_response_left"] == 1
+  assert counts["examples"] == 3 and counts["truncated/response"] == 1
+  assert batch["segment_ids"].max(axis=1).tolist() == [1, 1, 1, 0]
+
+
+def pair(i: int, shared: int, n_chosen: int, n_rejected: int) -> dict:
+  prefix = np.arange(shared, dtype=np.int32) + 1
+  out = {"id": f"pair-{i}", "shared_len": shared, "events": []}
+  for side, n, base in (("chosen", n_chosen, 100), ("rejected", n_rejected, 200)):
+    out[f"{side}_tokens"] = np.concatenate([prefix, base + np.arange(n, dtype=np.int32)])
+    out[f"{side}_loss_mask"] = np.concatenate([np.zeros(shared, np.int32), np.ones(n, np.int32)])
+  return out
+
+
+def test_dpo_batches_side_by_side():
+  pairs = [pair(i, 3 + i, 4, 6 - i) for i in range(5)]
+  batches = list(batching.DpoBatchDataset(stream(pairs), batch_size=2, max_length=16))
+  batch, counts = batches[0]
+  assert tuple(batch) == batching.DPO_KEYS
+  assert batch["shared_len"].dtype == np.int32 and batch["example_id"].dtype == np.int64
+  assert all(batch[k].shape == (2, 16) for k in batching.DPO_KEYS[:8])
+  np.testing.assert_array_equal(batch["shared_len"], [3, 4])
+  for r in range(2):
+    s = batch["shared_len"][r]
+    np.testing.assert_array_equal(batch["chosen_tokens"][r, :s], batch["rejected_tokens"][r, :s])
+    for side in ("chosen", "rejected"):
+      assert batch[f"{side}_loss_mask"][r, :s].sum() == 0
+      np.testing.assert_array_equal(batch[f"{side}_loss_mask"][r], pairs[r][f"{side}_loss_mask"].tolist()
+                                    + [0] * (16 - len(pairs[r][f"{side}_loss_mask"])))
+  np.testing.assert_array_equal(batch["example_id"], [batching.example_id("pair-0"),
+                                                      batching.example_id("pair-1")])
+  assert counts["tokens"] == (3 + 4) + (3 + 6) + (4 + 4) + (4 + 5)
+  # Last pass batch: one pair and one padding row (no masks, example_id -1).
+  last, _ = batches[-1]
+  assert last["example_id"][1] == -1 and last["shared_len"][1] == 0
+  assert last["chosen_loss_mask"][1].sum() == 0 and last["rejected_segment_ids"][1].sum() == 0
+  assert len(list(batching.DpoBatchDataset(stream(pairs), batch_size=2, max_length=16,
+                                           drop_remainder=True))) == 2
+
+
+def test_example_id_is_stable_int63():
+  # Golden: the id keys precomputed reference log-probs on disk; it must never change.
+  assert batching.example_id("pair-0") == batching.example_id("pair-0")
+  assert batching.example_id("rw_train.jsonl:17") == 874873708604069919  # blake2b-64, little endian, top bit cleared
+  ids = {batching.example_id(f"x{i}") for i in range(1000)}
+  assert len(ids) == 1000 and min(ids) >= 0 and max(ids) < 2**63
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_state_restores_the_following_batches(pack):
+  rng = np.random.default_rng(1)
+  examples = [sft_example(i, int(n)) for i, n in enumerate(rng.integers(3, 30, size=40))]
+  ds = batching.SftBatchDataset(stream(examples), pack=pack, batch_size=2, max_length=32)
+  it = iter(ds)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  rest = [b for b, _ in it]
+  fresh = iter(ds)
+  fresh.set_state(state)
+  again = [b for b, _ in fresh]
+  assert len(again) == len(rest) > 0
+  for a, b in zip(rest, again):
+    for k in batching.SFT_KEYS:
+      np.testing.assert_array_equal(a[k], b[k])
