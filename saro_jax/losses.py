@@ -213,7 +213,7 @@ class PreferenceLoss:
   length_normalized: bool  # uses per-token average log-probs, as TRL does for IPO
 
 
-PREFERENCE_LOSSES: Mapping[str, PreferenceLoss] = {
+DPO_LOSSES: Mapping[str, PreferenceLoss] = {
     "sigmoid": PreferenceLoss(sigmoid_loss, label_smoothing=True, length_normalized=False),
     "robust": PreferenceLoss(robust_loss, label_smoothing=True, length_normalized=False),
     "hinge": PreferenceLoss(hinge_loss, label_smoothing=False, length_normalized=False),
@@ -223,13 +223,13 @@ PREFERENCE_LOSSES: Mapping[str, PreferenceLoss] = {
 
 def _check_dpo_flags(loss_type: str, beta: float, label_smoothing: float,
                      rpo_alpha: float | None) -> PreferenceLoss:
-  if loss_type not in PREFERENCE_LOSSES:
-    raise ValueError(f"dpo loss_type={loss_type!r} is unknown; valid: {sorted(PREFERENCE_LOSSES)}")
-  spec = PREFERENCE_LOSSES[loss_type]
+  if loss_type not in DPO_LOSSES:
+    raise ValueError(f"dpo loss_type={loss_type!r} is unknown; valid: {sorted(DPO_LOSSES)}")
+  spec = DPO_LOSSES[loss_type]
   if not beta > 0:
     raise ValueError(f"dpo beta={beta} must be > 0")
   if label_smoothing and not spec.label_smoothing:
-    takes = sorted(k for k, v in PREFERENCE_LOSSES.items() if v.label_smoothing)
+    takes = sorted(k for k, v in DPO_LOSSES.items() if v.label_smoothing)
     raise ValueError(f"dpo label_smoothing={label_smoothing} does not apply to loss_type="
                      f"{loss_type!r} (only {takes}); set it to 0")
   # robust divides by 1 - 2 * label_smoothing, so 0.5 itself is excluded there.
@@ -261,8 +261,11 @@ def dpo_loss(
   ``reference_free``: reference log-probs are taken as 0 (pass ``None`` for them); rewards are
   then ``beta * policy_logps``. ``rpo_alpha``: adds ``rpo_alpha * nll`` with TRL's RPO ``nll`` =
   mean negative log-likelihood over all chosen completion tokens of the batch (metric
-  ``nll_loss``). ``chosen/rejected_logit_sums`` (sums of per-token mean logits, optional) give
-  ``logits/chosen`` and ``logits/rejected`` as TRL computes them: a mean over all completion tokens.
+  ``nll_loss``; ``rpo_alpha=0`` logs it without training on it). ``chosen/rejected_logit_sums``
+  (sums of per-token mean logits, optional) give ``logits/chosen`` and ``logits/rejected`` as TRL
+  computes them: a mean over all completion tokens.
+  Pairs with no completion token on either side (the pipeline's padding rows) weigh nothing; the
+  loss and pair metrics are means over the other pairs.
   """
   spec = _check_dpo_flags(loss_type, beta, label_smoothing, rpo_alpha)
   if reference_free != (ref_chosen_logps is None and ref_rejected_logps is None):
@@ -289,25 +292,33 @@ def dpo_loss(
     chosen, ref_chosen = chosen / chosen_n, ref_chosen / chosen_n
     rejected, ref_rejected = rejected / rejected_n, ref_rejected / rejected_n
 
+  # The pipeline pads a finite pass's last batch with empty rows (no completion tokens): they
+  # must weigh nothing, in the loss or in the metrics.
+  valid_B = ((chosen_lengths > 0) & (rejected_lengths > 0)).astype(jnp.float32)
+  n_valid = jnp.maximum(jnp.sum(valid_B), 1.0)
+  pair_mean = lambda x_B: jnp.sum(jnp.where(valid_B > 0, x_B, 0.0)) / n_valid
+
   logits_B = (chosen - rejected) - (ref_chosen - ref_rejected)
   kwargs = {"label_smoothing": label_smoothing} if spec.label_smoothing else {}
-  loss = jnp.mean(spec.fn(logits_B, beta=beta, **kwargs))
+  loss = pair_mean(spec.fn(logits_B, beta=beta, **kwargs))
 
   stop = jax.lax.stop_gradient
   chosen_rewards_B = beta * stop(chosen - ref_chosen)
   rejected_rewards_B = beta * stop(rejected - ref_rejected)
   metrics = {
-      "rewards/chosen": jnp.mean(chosen_rewards_B),
-      "rewards/rejected": jnp.mean(rejected_rewards_B),
-      "rewards/accuracies": jnp.mean((chosen_rewards_B > rejected_rewards_B).astype(jnp.float32)),
-      "rewards/margins": jnp.mean(chosen_rewards_B - rejected_rewards_B),
-      "logps/chosen": jnp.mean(stop(chosen)),
-      "logps/rejected": jnp.mean(stop(rejected)),
+      "rewards/chosen": pair_mean(chosen_rewards_B),
+      "rewards/rejected": pair_mean(rejected_rewards_B),
+      "rewards/accuracies": pair_mean((chosen_rewards_B > rejected_rewards_B).astype(jnp.float32)),
+      "rewards/margins": pair_mean(chosen_rewards_B - rejected_rewards_B),
+      "logps/chosen": pair_mean(stop(chosen)),
+      "logps/rejected": pair_mean(stop(rejected)),
   }
   if chosen_logit_sums is not None:
-    metrics["logits/chosen"] = stop(jnp.sum(chosen_logit_sums) / jnp.sum(chosen_lengths))
+    metrics["logits/chosen"] = stop(
+        jnp.sum(chosen_logit_sums) / jnp.maximum(jnp.sum(chosen_lengths), 1.0))
   if rejected_logit_sums is not None:
-    metrics["logits/rejected"] = stop(jnp.sum(rejected_logit_sums) / jnp.sum(rejected_lengths))
+    metrics["logits/rejected"] = stop(
+        jnp.sum(rejected_logit_sums) / jnp.maximum(jnp.sum(rejected_lengths), 1.0))
   if rpo_alpha is not None:
     # From the un-normalised sums: TRL's RPO term is token-level cross-entropy, even for IPO.
     nll = -jnp.sum(policy_chosen_logps) / jnp.maximum(jnp.sum(chosen_lengths), 1.0)

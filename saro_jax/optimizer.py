@@ -68,7 +68,7 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
                    weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-8, max_grad_norm: float | None = 1.0
                    ) -> optax.GradientTransformation:
-  """Global-norm clipping (skipped when ``max_grad_norm`` is None) then masked AdamW.
+  """Global-norm clipping (skipped when ``max_grad_norm`` is 0 or None) then masked AdamW.
 
   Works on any params pytree, including an ``nnx.State`` (``nnx.Optimizer(model, tx, wrt=...)``):
   the mask is computed from the tree it is given, so it always matches its structure.
@@ -81,9 +81,9 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
     raise ValueError(f"optimizer b1={b1}, b2={b2} must be in [0, 1)")
   if not eps > 0:
     raise ValueError(f"optimizer eps={eps} must be > 0")
-  if max_grad_norm is not None and not max_grad_norm > 0:
-    raise ValueError(f"optimizer max_grad_norm={max_grad_norm} must be > 0 (None disables clipping)")
+  if max_grad_norm is not None and max_grad_norm < 0:
+    raise ValueError(f"optimizer max_grad_norm={max_grad_norm} must be >= 0 (0 or None: no clipping)")
   adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
-  if max_grad_norm is None:
+  if not max_grad_norm:
     return adamw
   return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)

@@ -329,3 +329,19 @@ def test_dpo_rejects_unknown_and_inapplicable_flags():
     losses.dpo_loss(x, jnp.zeros(3), x, x, **kw)
   with pytest.raises(ValueError, match="rpo_alpha=-1"):
     losses.dpo_loss(x, x, x, x, rpo_alpha=-1.0, **kw)
+
+
+def test_dpo_padding_pairs_weigh_nothing():
+  """The pipeline's padded last batch: rows with no completion tokens change nothing."""
+  pc, pr, rc, rr, nc, nr = _pairs(22, b=6)
+  j = lambda *xs: [jnp.asarray(x, jnp.float32) for x in xs]
+  kw = dict(loss_type="robust", beta=0.2, label_smoothing=0.1, rpo_alpha=0.3)
+  want_loss, want_metrics = losses.dpo_loss(*j(pc, pr, rc, rr), chosen_lengths=j(nc)[0],
+                                            rejected_lengths=j(nr)[0], **kw)
+  pad = lambda x, v: np.concatenate([x, np.full(3, v)])
+  loss, metrics = losses.dpo_loss(*j(pad(pc, 0.0), pad(pr, 0.0), pad(rc, 7.0), pad(rr, -7.0)),
+                                  chosen_lengths=j(pad(nc, 0))[0],
+                                  rejected_lengths=j(pad(nr, 0))[0], **kw)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  for name in want_metrics:
+    np.testing.assert_allclose(metrics[name], want_metrics[name], rtol=1e-6, err_msg=name)
