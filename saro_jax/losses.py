@@ -207,22 +207,22 @@ def ipo_loss(logits_B: jax.Array, *, beta: float) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class PreferenceLoss:
+class DpoLoss:
   fn: Callable[..., jax.Array]
   label_smoothing: bool  # takes label_smoothing (else a non-zero value is an error)
   length_normalized: bool  # uses per-token average log-probs, as TRL does for IPO
 
 
-DPO_LOSSES: Mapping[str, PreferenceLoss] = {
-    "sigmoid": PreferenceLoss(sigmoid_loss, label_smoothing=True, length_normalized=False),
-    "robust": PreferenceLoss(robust_loss, label_smoothing=True, length_normalized=False),
-    "hinge": PreferenceLoss(hinge_loss, label_smoothing=False, length_normalized=False),
-    "ipo": PreferenceLoss(ipo_loss, label_smoothing=False, length_normalized=True),
+DPO_LOSSES: Mapping[str, DpoLoss] = {
+    "sigmoid": DpoLoss(sigmoid_loss, label_smoothing=True, length_normalized=False),
+    "robust": DpoLoss(robust_loss, label_smoothing=True, length_normalized=False),
+    "hinge": DpoLoss(hinge_loss, label_smoothing=False, length_normalized=False),
+    "ipo": DpoLoss(ipo_loss, label_smoothing=False, length_normalized=True),
 }
 
 
 def _check_dpo_flags(loss_type: str, beta: float, label_smoothing: float,
-                     rpo_alpha: float | None) -> PreferenceLoss:
+                     rpo_alpha: float | None) -> DpoLoss:
   if loss_type not in DPO_LOSSES:
     raise ValueError(f"dpo loss_type={loss_type!r} is unknown; valid: {sorted(DPO_LOSSES)}")
   spec = DPO_LOSSES[loss_type]
