@@ -87,23 +87,23 @@ def dpo(beta: float = 0.1) -> ml_collections.ConfigDict:
 # Per-preset stage recipes: (data sources, max_length, opt, train) for RW and SRPO.
 def rw_recipe(preset: str) -> dict:
   if preset == "tiny":
-    return dict(data=data("bundled:rw", 256), opt=opt(3e-3, warmup_steps=5),
+    return dict(data=data("bundled:rw_train", 256), opt=opt(3e-3, warmup_steps=5),
                 train=train(60, 16, log_every=10))
   if preset == "smollm2_135m":
-    return dict(data=data("bundled:rw", 384), opt=opt(2e-5, warmup_steps=2),
+    return dict(data=data("bundled:rw_train", 384), opt=opt(2e-5, warmup_steps=2),
                 train=train(10, 4, log_every=2))
-  return dict(data=data("bundled:rw", 4096), opt=opt(1e-5, warmup_steps=50, weight_decay=0.0),
+  return dict(data=data("bundled:rw_train", 4096), opt=opt(1e-5, warmup_steps=50, weight_decay=0.0),
               train=train(1000, 128, grad_accum=4, log_every=10, logps_chunk=512))
 
 
 def srpo_recipe(preset: str) -> dict:
   if preset == "tiny":
-    return dict(data=data("bundled:pairs", 256), opt=opt(1e-3, warmup_steps=2, schedule="constant"),
+    return dict(data=data("bundled:pairs_train", 256), opt=opt(1e-3, warmup_steps=2, schedule="constant"),
                 train=train(40, 16, log_every=10), dpo=dpo(beta=0.1))
   if preset == "smollm2_135m":
-    return dict(data=data("bundled:pairs", 384), opt=opt(5e-6, warmup_steps=1),
+    return dict(data=data("bundled:pairs_train", 384), opt=opt(5e-6, warmup_steps=1),
                 train=train(10, 4, log_every=2), dpo=dpo(beta=0.1))
-  return dict(data=data("bundled:pairs", 4096), opt=opt(5e-7, warmup_steps=20),
+  return dict(data=data("bundled:pairs_train", 4096), opt=opt(5e-7, warmup_steps=20),
               train=train(500, 64, grad_accum=4, log_every=10, logps_chunk=512), dpo=dpo(beta=0.1))
 
 

@@ -19,7 +19,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.key=value overrides")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / grain chatter
   import jax  # after flags: --jax_* flags and XLA_FLAGS are in place
 
   from saro_jax import config as config_lib

@@ -1,0 +1,150 @@
+"""Per-sequence log-probs of preference pairs, and the DPO reference model in its three modes.
+
+  live         a frozen, sharded copy of the reference weights; one forward per step (no grads)
+  precomputed  one pass over the pairs before training writes per-example reference log-probs to
+               ``<workdir>/reference_logps/<hash>.process_<i>.npz``; the hash covers the data
+               config, the tokenizer and a fingerprint of the reference weights, so a later run with
+               the same inputs reuses the file
+  none         reference-free DPO (reference log-probs = 0)
+
+Either way the reference enters the step as two batch entries, ``ref_chosen_logps`` and
+``ref_rejected_logps`` [B], so the SRPO step is the same function in every mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from saro_jax import losses, sharding, train
+from saro_jax.config import StageConfig
+
+log = logging.getLogger(__name__)
+
+PAIR_KEYS = tuple(f"{side}_{name}" for side in ("chosen", "rejected")
+                  for name in ("tokens", "positions", "segment_ids", "loss_mask"))
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_size: int,
+               chunk_size: int) -> dict[str, jax.Array]:
+  """Chosen and rejected in ONE forward of 2B rows: summed completion log-probs [B], completion
+  lengths [B] and summed per-token mean logits [B] (TRL's ``logits/*``)."""
+  both = {name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
+          for name in ("tokens", "positions", "segment_ids", "loss_mask")}
+  hidden_2BxLxD = model.hidden_states(both["tokens"], both["positions"], both["segment_ids"])
+  targets_2BxL, mask_2BxL = losses.shift_targets(both["tokens"], both["loss_mask"],
+                                                 both["segment_ids"])
+  logps_2BxL, mean_logits_2BxL = losses.token_logps_and_mean_logits(
+      hidden_2BxLxD, model.unembed_DxV(), targets_2BxL, vocab_size=vocab_size,
+      chunk_size=chunk_size)
+  logps_2B, lengths_2B = losses.sequence_sums(logps_2BxL, mask_2BxL)
+  logit_sums_2B, _ = losses.sequence_sums(mean_logits_2BxL, mask_2BxL)
+  b = batch["chosen_tokens"].shape[0]
+  out = {}
+  for i, side in enumerate(("chosen", "rejected")):
+    rows = slice(i * b, (i + 1) * b)
+    out[f"{side}_logps"] = logps_2B[rows]
+    out[f"{side}_lengths"] = lengths_2B[rows]
+    out[f"{side}_logit_sums"] = logit_sums_2B[rows]
+  return out
+
+
+def make_reference_fn(graphdef: nnx.GraphDef, *, vocab_size: int, chunk_size: int,
+                      micro_batches: int, mesh: Mesh):
+  """Jitted ``(ref_params, batch) -> (ref_chosen_logps, ref_rejected_logps)``, micro-batched
+  like the step so the reference forward never needs more memory than the policy's."""
+
+  def one(params, batch):
+    out = pair_logps(train.merge_model(graphdef, params), batch, vocab_size=vocab_size,
+                     chunk_size=chunk_size)
+    return out["chosen_logps"], out["rejected_logps"]
+
+  def ref_fn(params, batch):
+    params = jax.lax.stop_gradient(params)
+    if micro_batches == 1:
+      return one(params, batch)
+    micro = train._micro_batches(batch, micro_batches, mesh)
+    chosen_AxB, rejected_AxB = jax.lax.map(lambda mb: one(params, mb), micro)
+    # Undo the interleaving of train._micro_batches: row r sits at [r % A, r // A].
+    unsplit = lambda x_AxB: x_AxB.swapaxes(0, 1).reshape(-1)
+    return unsplit(chosen_AxB), unsplit(rejected_AxB)
+
+  out_sh = sharding.batch_sharding(mesh, 1)
+  return jax.jit(ref_fn, out_shardings=(out_sh, out_sh))
+
+
+def fingerprint(params) -> str:
+  """A cheap content hash of weights: per-leaf sum and sum of squares (float64 on host)."""
+  stats = jax.tree.map(lambda x: jnp.stack([jnp.sum(x.astype(jnp.float32)),
+                                            jnp.sum(jnp.square(x.astype(jnp.float32)))]), params)
+  values = np.concatenate([np.asarray(v, np.float64).ravel()
+                           for v in jax.tree.leaves(jax.device_get(stats))])
+  shapes = [tuple(x.shape) for x in jax.tree.leaves(params)]
+  return hashlib.sha256(repr((np.round(values, 6).tolist(), shapes)).encode()).hexdigest()[:16]
+
+
+def cache_key(cfg: StageConfig, tokenizer, params) -> str:
+  data = {"sources": cfg.data.sources, "max_length": cfg.data.max_length, "pack": cfg.data.pack,
+          "truncation": cfg.data.truncation, "tags": list(cfg.data.reasoning_tags),
+          "tokenizer": [getattr(tokenizer, "name_or_path", ""), len(tokenizer)],
+          "weights": fingerprint(params), "process_count": jax.process_count()}
+  return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def precompute(ref_fn: Callable, ref_params, batches: Iterable[Mapping[str, np.ndarray]],
+               mesh: Mesh, path: str) -> dict[int, tuple[float, float]]:
+  """One pass over ``batches`` (one epoch, this process's shard): example_id -> (chosen, rejected)."""
+  if os.path.exists(path):
+    data = np.load(path)
+    log.info("reference log-probs: reusing %s (%d examples)", path, len(data["example_id"]))
+    return dict(zip(data["example_id"].tolist(),
+                    zip(data["chosen"].tolist(), data["rejected"].tolist())))
+  table: dict[int, tuple[float, float]] = {}
+  for host in batches:
+    device = train.put_batch({k: host[k] for k in PAIR_KEYS}, mesh)
+    chosen, rejected = ref_fn(ref_params, device)
+    chosen = _local_rows(chosen)
+    rejected = _local_rows(rejected)
+    for i, eid in enumerate(np.asarray(host["example_id"]).tolist()):
+      if np.asarray(host["chosen_loss_mask"])[i].any():  # padding rows of a last batch have none
+        table[int(eid)] = (float(chosen[i]), float(rejected[i]))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  ids = np.asarray(list(table), np.int64)
+  np.savez(path + ".tmp.npz", example_id=ids, chosen=np.asarray([table[i][0] for i in ids.tolist()]),
+           rejected=np.asarray([table[i][1] for i in ids.tolist()]))
+  os.replace(path + ".tmp.npz", path)
+  log.info("reference log-probs: wrote %s (%d examples)", path, len(table))
+  return table
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in order."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, rows = set(), []
+  for s in shards:
+    start = s.index[0].start or 0
+    if start not in seen:
+      seen.add(start)
+      rows.append(np.asarray(s.data))
+  return np.concatenate(rows)
+
+
+def lookup(table: Mapping[int, tuple[float, float]], example_ids: np.ndarray) -> dict[str, np.ndarray]:
+  missing = [int(i) for i in example_ids if int(i) not in table]
+  if missing:
+    raise KeyError(f"precomputed reference log-probs lack example ids {missing[:5]}; delete the"
+                   " reference_logps dir of this workdir to recompute it")
+  pairs = np.asarray([table[int(i)] for i in example_ids], np.float32).reshape(-1, 2)
+  return {"ref_chosen_logps": pairs[:, 0], "ref_rejected_logps": pairs[:, 1]}

@@ -1,0 +1,52 @@
+"""The SaRO pipeline: RW (SFT) -> SRPO (DPO from the RW model, RW model as reference) -> HF export.
+
+Both stage configs are validated before anything is built. Outputs: ``<workdir>/rw``,
+``<workdir>/srpo`` (each: checkpoints/, metrics.jsonl, tensorboard/, data_stats.json) and the final
+HF directory (``export.dir`` or ``<workdir>/hf``). Re-running resumes: a finished stage is only
+restored, an interrupted one continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+
+from saro_jax import checkpoint as ckpt_lib
+from saro_jax.config import training_config
+from saro_jax.stages import _setup, rw, srpo
+
+log = logging.getLogger(__name__)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  rw_cfg = training_config(config, "rw")
+  srpo_cfg = training_config(config, "srpo")
+  rw_dir, srpo_dir = os.path.join(workdir, "rw"), os.path.join(workdir, "srpo")
+
+  _, rw_result = rw.train_stage(rw_cfg, rw_dir)
+  print(f"RW done ({rw_cfg.train.steps} steps): {os.path.abspath(rw_dir)}")
+
+  # SRPO starts from the RW checkpoint (which also names the tokenizer) and, unless
+  # dpo.reference_from says otherwise, uses it as the reference.
+  start = dataclasses.replace(srpo_cfg.model, init_from=os.path.join(rw_dir, ckpt_lib.CHECKPOINT_SUBDIR),
+                              tokenizer="")
+  srpo_cfg = dataclasses.replace(srpo_cfg, model=start)
+  s, srpo_result = srpo.train_stage(srpo_cfg, srpo_dir)
+  print(f"SRPO done ({srpo_cfg.train.steps} steps): {os.path.abspath(srpo_dir)}")
+
+  summary = {"rw": rw_result.last_metrics, "srpo": srpo_result.last_metrics,
+             "rw_dir": os.path.abspath(rw_dir), "srpo_dir": os.path.abspath(srpo_dir)}
+  if srpo_cfg.export.enabled:
+    summary["hf_dir"] = os.path.abspath(
+        _setup.export(s, srpo_cfg.export.dir or os.path.join(workdir, "hf")))
+    print(f"exported the SaRO model (HF format) to {summary['hf_dir']}")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  log.info("saro: %s", summary)
+  return summary
