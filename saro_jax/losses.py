@@ -268,11 +268,11 @@ def dpo_loss(
   loss and pair metrics are means over the other pairs.
   """
   spec = _check_dpo_flags(loss_type, beta, label_smoothing, rpo_alpha)
-  if reference_free != (ref_chosen_logps is None and ref_rejected_logps is None):
+  refs_given = (ref_chosen_logps is not None, ref_rejected_logps is not None)
+  if refs_given != ((False, False) if reference_free else (True, True)):
     raise ValueError(
         "dpo: pass ref_chosen_logps/ref_rejected_logps=None exactly when reference_free=True"
-        f" (reference_free={reference_free}, ref given: {ref_chosen_logps is not None},"
-        f" {ref_rejected_logps is not None})")
+        f" (reference_free={reference_free}, ref chosen/rejected given: {refs_given})")
   shape = policy_chosen_logps.shape
   others = [policy_rejected_logps, chosen_lengths, rejected_lengths]
   others += [] if reference_free else [ref_chosen_logps, ref_rejected_logps]

@@ -74,6 +74,17 @@ def test_token_logps_match_numpy_with_padded_vocab(chunk, vocab_chunk):
   np.testing.assert_allclose(mean_logits, want_mean, atol=2e-5, rtol=1e-5)
 
 
+def test_token_logps_bf16_inputs_accumulate_in_float32():
+  hidden, unembed = rand(30, 2, 9, 64), rand(31, 64, 40)
+  targets = np.random.default_rng(32).integers(0, 40, (2, 9))
+  h16, w16 = jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(unembed, jnp.bfloat16)
+  logps = losses.token_logps(h16, w16, jnp.asarray(targets), vocab_size=40, chunk_size=4)
+  assert logps.dtype == jnp.float32
+  # Reference on the bf16-rounded values in float64: only the input rounding differs.
+  want, _, _ = np_token_stats(np.asarray(h16, np.float32), np.asarray(w16, np.float32), targets, 40)
+  np.testing.assert_allclose(logps, want, atol=1e-3)
+
+
 @pytest.mark.parametrize("vocab_chunk", [None, 10])
 def test_token_logps_gradient_is_the_analytic_softmax_gradient(vocab_chunk):
   b, l, d, v_pad, vocab = 2, 12, 8, 32, 29
@@ -85,7 +96,8 @@ def test_token_logps_gradient_is_the_analytic_softmax_gradient(vocab_chunk):
     return jnp.sum(weights * losses.token_logps(h, w, jnp.asarray(targets), vocab_size=vocab,
                                                 chunk_size=5, vocab_chunk_size=vocab_chunk))
 
-  g_hidden, g_unembed = jax.grad(objective, (0, 1))(jnp.asarray(hidden), jnp.asarray(unembed))
+  g_hidden, g_unembed = jax.jit(jax.grad(objective, (0, 1)))(jnp.asarray(hidden),
+                                                              jnp.asarray(unembed))
   # d log p(y) / d logits = onehot(y) - softmax; padded columns get no gradient.
   _, _, logits = np_token_stats(hidden, unembed, targets, vocab)
   dlogits = np.eye(vocab)[targets] - np.exp(np_log_softmax(logits))
@@ -192,16 +204,16 @@ def test_sft_four_microbatches_of_two_equal_one_batch_of_eight():
     return total / count
 
   want_loss, want_grad = jax.value_and_grad(full_loss)(unembed)
-  grad_sum, loss_sum, count_sum = 0.0, 0.0, 0.0
+  grad_sum, loss_sum, count_sum, micro_means = 0.0, 0.0, 0.0, []
   for i in range(4):
     micro = rows_of(slice(2 * i, 2 * i + 2))
     (total, count), grad = jax.value_and_grad(summed, has_aux=True)(unembed, *micro)
     grad_sum, loss_sum, count_sum = grad_sum + grad, loss_sum + total, count_sum + count
+    micro_means.append(total / count)
   np.testing.assert_allclose(loss_sum / count_sum, want_loss, rtol=1e-6)
   np.testing.assert_allclose(grad_sum / count_sum, want_grad, atol=1e-6)
   # A mean of the micro-batch means is NOT the same (so the test can tell the two apart).
-  means = [summed(unembed, *rows_of(slice(2 * i, 2 * i + 2))) for i in range(4)]
-  assert abs(np.mean([t / c for t, c in means]) - want_loss) > 1e-3
+  assert abs(np.mean(micro_means) - want_loss) > 1e-3
   # And the value itself is the NumPy token-level cross-entropy.
   targets, mask = (np.asarray(x) for x in losses.shift_targets(tokens, loss_mask, segments))
   want_logps, _, _ = np_token_stats(np.asarray(hidden), np.asarray(unembed), targets, v)
@@ -292,13 +304,16 @@ def test_dpo_end_to_end_from_token_logps():
   t_c, t_r = rng.integers(0, v, (b, l)), rng.integers(0, v, (b, l))
   m_c, m_r = (rng.random((b, l)) < 0.6).astype(np.int32), (rng.random((b, l)) < 0.6).astype(np.int32)
   m_c[:, 0] = m_r[:, 0] = 1
-  stats = []
-  for h, t, m in ((h_c, t_c, m_c), (h_r, t_r, m_r)):
+
+  @jax.jit
+  def side(h, t, m):
     logps, mean_logits = losses.token_logps_and_mean_logits(
-        jnp.asarray(h), jnp.asarray(unembed), jnp.asarray(t), vocab_size=v, chunk_size=5)
-    logps_sum, n = losses.sequence_sums(logps, jnp.asarray(m))
-    logit_sum, _ = losses.sequence_sums(mean_logits, jnp.asarray(m))
-    stats.append((logps_sum, n, logit_sum))
+        h, jnp.asarray(unembed), t, vocab_size=v, chunk_size=5)
+    logps_sum, n = losses.sequence_sums(logps, m)
+    logit_sum, _ = losses.sequence_sums(mean_logits, m)
+    return logps_sum, n, logit_sum
+
+  stats = [side(h, t, m) for h, t, m in ((h_c, t_c, m_c), (h_r, t_r, m_r))]
   (pc, nc, lc), (pr, nr, lr) = stats
   loss, metrics = losses.dpo_loss(pc, pr, pc - 1.0, pr + 1.0, chosen_lengths=nc,
                                   rejected_lengths=nr, beta=0.1, chosen_logit_sums=lc,
@@ -325,6 +340,8 @@ def test_dpo_rejects_unknown_and_inapplicable_flags():
     losses.dpo_loss(x, x, x, x, reference_free=True, **kw)
   with pytest.raises(ValueError, match="reference_free=False"):
     losses.dpo_loss(x, x, None, None, **kw)
+  with pytest.raises(ValueError, match="reference_free=False"):
+    losses.dpo_loss(x, x, x, None, **kw)
   with pytest.raises(ValueError, match=r"must be \[B\]"):
     losses.dpo_loss(x, jnp.zeros(3), x, x, **kw)
   with pytest.raises(ValueError, match="rpo_alpha=-1"):
