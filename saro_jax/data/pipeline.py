@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
+import numpy as np
 
 from saro_jax.data import batching, formats, sources, tokenize
 
@@ -106,6 +107,21 @@ def _records(spec, kind: str, on_error: str, reasoning_tags, stats: DataStats) -
   return ds
 
 
+class _Share(Sequence):
+  """Records at fixed indices of a parent dataset: the share is a plain source, so the per-epoch
+  reseeding of grain's ``repeat`` (which folds the epoch into every upstream shuffle) cannot
+  move records between processes."""
+
+  def __init__(self, records: grain.MapDataset, indices: np.ndarray):
+    self._records, self._indices = records, indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i):
+    return self._records[int(self._indices[i])]
+
+
 def _shard(records: grain.MapDataset, *, shuffle: bool, seed: int, process_index: int,
            process_count: int, stats: DataStats) -> grain.MapDataset:
   """This process's fixed share of the records: equal sizes on every process, disjoint.
@@ -116,18 +132,17 @@ def _shard(records: grain.MapDataset, *, shuffle: bool, seed: int, process_index
   n = len(records)
   if n < process_count:
     raise ValueError(f"data: {n} records cannot be shared by {process_count} processes")
-  if shuffle:
-    # An epoch-independent permutation decides the shares (and which n % process_count are left out).
-    records = records.shuffle(seed % 2**32)
+  # A seeded permutation decides the shares (and which n % process_count records are left out).
+  order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
   per_process = n // process_count
   if n % process_count:
     stats.update({"dropped/process_remainder": n % process_count})
-  return records[process_index::process_count][:per_process]
+  return grain.MapDataset.source(_Share(records, order[process_index::process_count][:per_process]))
 
 
 def _tokenized(records: grain.MapDataset, tokenize_fn, *, shuffle: bool, seed: int,
                num_epochs: int, read_threads: int) -> grain.IterDataset:
-  ds = records.shuffle((seed + 1) % 2**32) if shuffle else records
+  ds = records.shuffle(seed % 2**32) if shuffle else records
   # shuffle before repeat: grain reshuffles each epoch with the seed folded with the epoch.
   ds = ds.repeat(num_epochs if num_epochs > 0 else None)
   ds = ds.map(tokenize_fn)
@@ -145,6 +160,10 @@ def _host_batch(batch_size: int, process_count: int) -> int:
 
 def _finish(batches: grain.IterDataset, stats: DataStats, prefetch_workers: int) -> BatchIterator:
   if prefetch_workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      # grain's workers read absl flags; outside an absl app (library use, tests) take the defaults.
+      flags.FLAGS.mark_as_parsed()
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=prefetch_workers))
   return BatchIterator(iter(batches), stats)
 
