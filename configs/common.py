@@ -67,7 +67,8 @@ def data(sources: str, max_length: int) -> ml_collections.ConfigDict:
 def opt(learning_rate: float, *, warmup_steps: int, schedule: str = "cosine",
         weight_decay: float = 0.0) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps, min_lr_ratio=0.1,
+      learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps,
+      min_lr_ratio=0.0 if schedule == "constant" else 0.1,
       weight_decay=weight_decay, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0))
 
 
@@ -88,7 +89,7 @@ def dpo(beta: float = 0.1) -> ml_collections.ConfigDict:
 def rw_recipe(preset: str) -> dict:
   if preset == "tiny":
     return dict(data=data("bundled:rw_train", 256), opt=opt(3e-3, warmup_steps=5),
-                train=train(60, 16, log_every=10))
+                train=train(40, 8, log_every=10))
   if preset == "smollm2_135m":
     return dict(data=data("bundled:rw_train", 384), opt=opt(2e-5, warmup_steps=2),
                 train=train(10, 4, log_every=2))
@@ -98,8 +99,8 @@ def rw_recipe(preset: str) -> dict:
 
 def srpo_recipe(preset: str) -> dict:
   if preset == "tiny":
-    return dict(data=data("bundled:pairs_train", 256), opt=opt(1e-3, warmup_steps=2, schedule="constant"),
-                train=train(40, 16, log_every=10), dpo=dpo(beta=0.1))
+    return dict(data=data("bundled:pairs_train", 256), opt=opt(5e-4, warmup_steps=2, schedule="constant"),
+                train=train(30, 8, log_every=10), dpo=dpo(beta=0.1))
   if preset == "smollm2_135m":
     return dict(data=data("bundled:pairs_train", 384), opt=opt(5e-6, warmup_steps=1),
                 train=train(10, 4, log_every=2), dpo=dpo(beta=0.1))

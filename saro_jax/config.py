@@ -142,6 +142,11 @@ class OptConfig:
     _check_positive(f"{where}.learning_rate", self.learning_rate)
     _check_positive(f"{where}.warmup_steps", self.warmup_steps, allow_zero=True)
     _check_positive(f"{where}.max_grad_norm", self.max_grad_norm, allow_zero=True)
+    if not 0.0 <= self.min_lr_ratio <= 1.0:
+      raise ConfigError(f"config.{where}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+    if self.schedule == "constant" and self.min_lr_ratio:
+      raise ConfigError(f"config.{where}.min_lr_ratio={self.min_lr_ratio} does not apply to"
+                        f" {where}.schedule='constant'; set it to 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +311,9 @@ def training_config(cfg: ml_collections.ConfigDict, stage: str | None = None, *,
   train = section(TrainConfig, raw.get("train"), f"{prefix}train")
   data_ax, fsdp_ax, _ = mesh.resolved(device_count)
   train.validate(f"{prefix}train", data_ax * fsdp_ax, process_count)
+  if opt.warmup_steps > train.steps:
+    raise ConfigError(f"config.{prefix}opt.warmup_steps={opt.warmup_steps} exceeds"
+                      f" {prefix}train.steps={train.steps}; lower it")
   if (train.batch_size // train.grad_accum) % (data_ax * fsdp_ax):
     raise ConfigError(f"config.{prefix}train: micro-batch {train.batch_size // train.grad_accum} is"
                       f" not divisible by mesh data*fsdp = {data_ax * fsdp_ax}")

@@ -139,8 +139,9 @@ def make_optimizer(cfg: StageConfig, params) -> tuple[optax.GradientTransformati
   o = cfg.opt
   kw = dict(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, total_steps=cfg.train.steps,
             schedule=o.schedule, min_lr_ratio=o.min_lr_ratio)
+  del params  # the weight-decay mask is derived from the tree the optimizer is given
   tx = opt_lib.make_optimizer(**kw, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                              max_grad_norm=o.max_grad_norm, params=params)
+                              max_grad_norm=o.max_grad_norm)
   return tx, opt_lib.make_schedule(**kw)
 
 
