@@ -40,7 +40,8 @@ def shift_targets(tokens_BxL: jax.Array, loss_mask_BxL: jax.Array,
 
 
 def _chunk_logits(hidden_BxCxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
-  # fp32 accumulation whatever the compute dtype: log-softmax over 1e5 classes in bf16 is too coarse.
+  # fp32 accumulation whatever the compute dtype: a log-softmax over 1e5 classes in bf16 is too
+  # coarse.
   logits_BxCxV = jnp.einsum("bcd,dv->bcv", hidden_BxCxD, unembed_DxV,
                             preferred_element_type=jnp.float32)
   return sharding.constrain(logits_BxCxV, ("batch", "length", "act_vocab"))
@@ -97,7 +98,8 @@ def token_logps_and_mean_logits(
   """``log p(targets[b, t] | hidden[b, t])`` and the mean logit over the vocabulary, both [B, L].
 
   The sequence is processed ``chunk_size`` positions at a time (``lax.map`` of a rematerialised
-  function), so forward and backward hold one ``B x chunk_size x V`` fp32 block, never ``B x L x V``.
+  function), so forward and backward hold one ``B x chunk_size x V`` fp32 block, never
+  ``B x L x V``.
   ``vocab_chunk_size`` further splits the vocabulary (online log-sum-exp), for huge vocabularies;
   leave it ``None`` when the vocabulary is tensor-sharded (slicing it would gather it).
   Columns ``>= vocab_size`` of ``unembed_DxV`` (padding rows added for speed) are excluded from the
@@ -145,7 +147,7 @@ def token_logps_and_mean_logits(
 
 def token_logps(hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: jax.Array, *,
                 vocab_size: int, chunk_size: int, vocab_chunk_size: int | None = None) -> jax.Array:
-  """``log p(targets[b, t] | hidden[b, t])`` [B, L], chunked (see ``token_logps_and_mean_logits``)."""
+  """``log p(targets[b, t] | hidden[b, t])`` [B, L], chunked (``token_logps_and_mean_logits``)."""
   logps_BxL, _ = token_logps_and_mean_logits(
       hidden_BxLxD, unembed_DxV, targets_BxL, vocab_size=vocab_size, chunk_size=chunk_size,
       vocab_chunk_size=vocab_chunk_size)
@@ -158,8 +160,9 @@ def sequence_sums(values_BxL: jax.Array, mask_BxL: jax.Array) -> tuple[jax.Array
   Per-sequence log-probs for DPO are ``sequence_sums(logps_BxL, target_mask_BxL)``; the same call
   on the mean logits gives the sums behind TRL's ``logits/chosen``.
   """
-  mask_BxL = mask_BxL.astype(jnp.float32)
-  return jnp.sum(values_BxL * mask_BxL, axis=-1), jnp.sum(mask_BxL, axis=-1)
+  # where, not multiply: a junk value (NaN from an out-of-range target) at a masked slot stays out.
+  values_BxL = jnp.where(mask_BxL != 0, values_BxL, 0.0)
+  return jnp.sum(values_BxL, axis=-1), jnp.sum((mask_BxL != 0).astype(jnp.float32), axis=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,8 +177,8 @@ def sft_loss(logps_BxL: jax.Array, mask_BxL: jax.Array) -> tuple[jax.Array, jax.
   the total count, so every assistant token weighs the same whatever the packing or accumulation
   (a mean of per-micro-batch means would over-weight short micro-batches).
   """
-  mask_BxL = mask_BxL.astype(jnp.float32)
-  return -jnp.sum(logps_BxL * mask_BxL), jnp.sum(mask_BxL)
+  mask_BxL = mask_BxL != 0
+  return -jnp.sum(jnp.where(mask_BxL, logps_BxL, 0.0)), jnp.sum(mask_BxL.astype(jnp.float32))
 
 
 # --------------------------------------------------------------------------------------------

@@ -82,7 +82,8 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int,
   if not eps > 0:
     raise ValueError(f"optimizer eps={eps} must be > 0")
   if max_grad_norm is not None and max_grad_norm < 0:
-    raise ValueError(f"optimizer max_grad_norm={max_grad_norm} must be >= 0 (0 or None: no clipping)")
+    raise ValueError(
+        f"optimizer max_grad_norm={max_grad_norm} must be >= 0 (0 or None: no clipping)")
   adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
   if not max_grad_norm:
     return adamw

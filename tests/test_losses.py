@@ -302,7 +302,7 @@ def test_dpo_end_to_end_from_token_logps():
   h_c, h_r, unembed = rand(18, b, l, d), rand(19, b, l, d), rand(20, d, v)
   rng = np.random.default_rng(21)
   t_c, t_r = rng.integers(0, v, (b, l)), rng.integers(0, v, (b, l))
-  m_c, m_r = (rng.random((b, l)) < 0.6).astype(np.int32), (rng.random((b, l)) < 0.6).astype(np.int32)
+  m_c, m_r = ((rng.random((b, l)) < 0.6).astype(np.int32) for _ in range(2))
   m_c[:, 0] = m_r[:, 0] = 1
 
   @jax.jit
@@ -327,7 +327,8 @@ def test_dpo_end_to_end_from_token_logps():
 def test_dpo_rejects_unknown_and_inapplicable_flags():
   x = jnp.zeros(4)
   kw = dict(chosen_lengths=x + 1, rejected_lengths=x + 1)
-  with pytest.raises(ValueError, match=r"'dpop' is unknown; valid: \['hinge', 'ipo', 'robust', 'sigmoid'\]"):
+  valid = r"'dpop' is unknown; valid: \['hinge', 'ipo', 'robust', 'sigmoid'\]"
+  with pytest.raises(ValueError, match=valid):
     losses.dpo_loss(x, x, x, x, loss_type="dpop", **kw)
   for loss_type in ("hinge", "ipo"):
     with pytest.raises(ValueError, match="label_smoothing=0.1 does not apply"):

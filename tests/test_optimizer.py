@@ -129,18 +129,20 @@ def test_adamw_steps_match_numpy_including_clipping(max_norm):
 def test_clipping_scales_to_exactly_max_norm():
   # With eps >> |g|, Adam's first step is -lr * g / eps: the update reveals the clipped gradient.
   eps = 1e4
-  tx = optimizer.make_optimizer(learning_rate=1.0, warmup_steps=0, total_steps=1, schedule="constant",
-                                eps=eps, max_grad_norm=2.0)
+  tx = optimizer.make_optimizer(learning_rate=1.0, warmup_steps=0, total_steps=1,
+                                schedule="constant", eps=eps, max_grad_norm=2.0)
   params = {"a": jnp.zeros((4,)), "w": jnp.zeros((2, 2))}
-  for grads, want_norm in (({"a": jnp.full((4,), 3.0), "w": jnp.zeros((2, 2))}, 2.0),  # norm 6
-                           ({"a": jnp.full((4,), 0.25), "w": jnp.full((2, 2), 0.25)}, 0.5 * 2**0.5)):
+  big = {"a": jnp.full((4,), 3.0), "w": jnp.zeros((2, 2))}  # norm 6: clipped to 2
+  small = {"a": jnp.full((4,), 0.25), "w": jnp.full((2, 2), 0.25)}  # norm 0.71: untouched
+  for grads, want_norm in ((big, 2.0), (small, 0.5 * 2**0.5)):
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     assert float(optax.tree.norm(updates)) * eps == pytest.approx(want_norm, rel=1e-3)
 
 
 def test_bad_settings_fail_with_the_field_name():
   base = dict(learning_rate=1e-3, warmup_steps=1, total_steps=10)
-  with pytest.raises(ValueError, match=r"schedule='step' is unknown; valid: \['cosine', 'linear', 'constant'\]"):
+  valid = r"schedule='step' is unknown; valid: \['cosine', 'linear', 'constant'\]"
+  with pytest.raises(ValueError, match=valid):
     optimizer.make_optimizer(**base, schedule="step")
   with pytest.raises(ValueError, match="warmup_steps=11"):
     optimizer.make_optimizer(**{**base, "warmup_steps": 11})
