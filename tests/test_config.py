@@ -1,0 +1,109 @@
+"""Config layout and validation: every bad config fails before anything is built or compiled."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from saro_jax import config as config_lib
+from saro_jax.config import ConfigError, training_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smollm2_135m", "qwen2_5_7b", "llama3_8b"])
+def test_every_preset_validates(preset):
+  saro = load_config("saro", preset)
+  assert saro.stage == "saro" and saro.name == f"saro-{preset}"
+  for stage in ("rw", "srpo"):
+    cfg = training_config(saro, stage, device_count=8)
+    assert cfg.stage == stage
+    assert (cfg.dpo is not None) == (stage == "srpo")
+  assert training_config(load_config("rw", preset), device_count=8).dpo is None
+  assert training_config(load_config("srpo", preset), device_count=8).dpo.reference == "live"
+
+
+def test_default_preset_is_tiny_and_random():
+  cfg = training_config(load_config("saro"), "rw", device_count=1)
+  assert cfg.model.init_from == "random" and cfg.model.tokenizer == "bundled"
+  assert cfg.data.source_list == ("bundled:rw_train",)
+  assert config_lib.default_workdir(load_config("saro")) == "runs/saro-tiny"
+
+
+def test_pipeline_stage_sections_overlay_top_level():
+  saro = load_config("saro")
+  saro.srpo.dpo.beta = 0.25
+  saro.rw.train.steps = 7
+  assert training_config(saro, "srpo", device_count=1).dpo.beta == 0.25
+  assert training_config(saro, "rw", device_count=1).train.steps == 7
+
+
+def test_unknown_preset_names_the_choices():
+  with pytest.raises(ValueError, match=r"unknown preset 'huge'.*tiny"):
+    load_config("saro", "huge")
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: setattr(c.mesh, "tensor", 3), r"config.mesh data\*fsdp\*tensor = 1\*-1\*3 does not fit the 8"),
+    (lambda c: c.mesh.update(data=2, fsdp=2, tensor=1), r"does not fit the 8 devices"),
+    (lambda c: setattr(c.rw.train, "batch_size", 12), r"config.rw.train.batch_size=12 is not divisible"),
+    (lambda c: setattr(c.rw.train, "grad_accum", 3), r"grad_accum \(3\)"),
+    (lambda c: setattr(c.srpo.dpo, "reference", "frozen"), r"config.srpo.dpo.reference='frozen' is not one of"),
+    (lambda c: setattr(c.rw.opt, "schedule", "step"), r"config.rw.opt.schedule='step'"),
+    (lambda c: setattr(c.model, "compute_dtype", "fp8"), r"config.model.compute_dtype='fp8'"),
+    (lambda c: setattr(c.rw.data, "on_error", "ignore"), r"config.rw.data.on_error"),
+    (lambda c: setattr(c.rw.opt, "warmup_steps", 1000), r"warmup_steps=1000 exceeds"),
+    (lambda c: setattr(c.rw.data, "sources", ""), r"config.rw.data.sources is empty"),
+    (lambda c: setattr(c.model, "init_from", ""), r"config.model.init_from is empty"),
+])
+def test_bad_values_fail_with_the_key_and_the_fix(mutate, message):
+  saro = load_config("saro")
+  mutate(saro)
+  with pytest.raises(ConfigError, match=message):
+    training_config(saro, "rw", device_count=8)
+    training_config(saro, "srpo", device_count=8)
+
+
+def test_wrong_type_and_unknown_key_in_a_section():
+  raw = load_config("saro").to_dict()
+  raw["rw"]["train"]["steps"] = "ten"  # a config file can build such a dict; flags cannot
+  saro = ml_collections.ConfigDict(raw)
+  with pytest.raises(ConfigError, match=r"config.rw.train.steps='ten' must be an integer"):
+    training_config(saro, "rw", device_count=1)
+  saro = load_config("saro")
+  saro.rw.train.stepz = 3
+  with pytest.raises(ConfigError, match=r"config.rw.train: unknown key\(s\) \['stepz'\]"):
+    training_config(saro, "rw", device_count=1)
+
+
+def test_batch_must_divide_process_count():
+  saro = load_config("saro")
+  saro.rw.train.batch_size = 6
+  with pytest.raises(ConfigError, match=r"not divisible by the 4 processes"):
+    training_config(saro, "rw", device_count=2, process_count=4)
+
+
+def _main(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "saro_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_command_line_rejects_unknown_key_and_bad_mesh_before_compiling(tmp_path):
+  out = _main("--config", "configs/saro.py", "--config.rw.train.stepz=3", f"--workdir={tmp_path}")
+  assert out.returncode != 0 and "stepz" in out.stderr
+  out = _main("--config", "configs/saro.py", "--config.mesh.tensor=3", f"--workdir={tmp_path}")
+  assert out.returncode != 0
+  assert "config.mesh data*fsdp*tensor = 1*-1*3 does not fit the 8 devices" in out.stderr
+  # Nothing was built: the workdir has no stage output.
+  assert not os.path.exists(tmp_path / "rw")
