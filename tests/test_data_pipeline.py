@@ -105,10 +105,16 @@ def test_process_shares_are_disjoint_equal_and_cover(tok):
   assert [len(s) for s in shares] == [6, 6, 6]
   union = set().union(*map(set, shares))
   assert len(union) == 18 and union <= {batching.example_id(r["id"]) for r in records}
-  # The share is fixed: a second epoch on a process sees the same records again.
+  # The share is fixed: a second epoch on a process sees the same records again ...
   two = dpo(tok, records, batch_size=3, num_epochs=2, process_index=1, process_count=3)
   ids = [int(i) for b in two for i in b["example_id"] if i >= 0]
   assert sorted(ids[:6]) == sorted(ids[6:]) == sorted(shares[1])
+  # ... and an unshuffled pass with another seed (the reference log-probs) covers the same share.
+  plain = dpo(tok, records, batch_size=3, num_epochs=1, shuffle=False, seed=99, process_index=1,
+              process_count=3)
+  ids = [int(i) for b in plain for i in b["example_id"] if i >= 0]
+  assert ids == [batching.example_id(f"p-{i}") for i in (1, 4, 7, 10, 13, 16)]
+  assert sorted(ids) == sorted(shares[1])
 
 
 @pytest.mark.parametrize("pack", [True, False])

@@ -1,8 +1,8 @@
 """Records -> batches on this host: the grain pipelines of the RW (SFT) and SRPO (DPO) stages.
 
   records (sources.open_source, or a MapDataset given by the caller)
-    -> this process's fixed share: a seeded permutation, then [process_index::process_count],
-       equal sizes (the n % process_count left over are counted as dropped)
+    -> this process's fixed share [process_index::process_count], equal sizes (the last
+       n % process_count records are left out and counted)
     -> shuffle the share, reshuffled every epoch -> repeat(num_epochs; 0 = forever)
     -> tokenize (chat template, masks, truncation)          (tokenize.py)
     -> pack / pad into batch_size // process_count rows    (batching.py)
@@ -122,22 +122,23 @@ class _Share(Sequence):
     return self._records[int(self._indices[i])]
 
 
-def _shard(records: grain.MapDataset, *, shuffle: bool, seed: int, process_index: int,
-           process_count: int, stats: DataStats) -> grain.MapDataset:
-  """This process's fixed share of the records: equal sizes on every process, disjoint.
+def _shard(records: grain.MapDataset, *, process_index: int, process_count: int,
+           stats: DataStats) -> grain.MapDataset:
+  """This process's fixed share of the records: ``[process_index::process_count]``, equal sizes.
 
-  The share is the same in every epoch (only its order changes), so a per-process pass such as
-  the SRPO reference log-probs covers everything this process will ever train on.
+  The share depends on nothing but the process index and count (not on the seed, nor on whether
+  the stream is shuffled), so a per-process pass such as the SRPO reference log-probs (unshuffled)
+  covers exactly what the shuffled training stream on that process will see, in every epoch.
+  The ``n % process_count`` last records are left out (equal shares keep hosts in step) and counted.
   """
   n = len(records)
   if n < process_count:
     raise ValueError(f"data: {n} records cannot be shared by {process_count} processes")
-  # A seeded permutation decides the shares (and which n % process_count records are left out).
-  order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
   per_process = n // process_count
   if n % process_count:
     stats.update({"dropped/process_remainder": n % process_count})
-  return grain.MapDataset.source(_Share(records, order[process_index::process_count][:per_process]))
+  indices = np.arange(process_index, per_process * process_count, process_count)
+  return grain.MapDataset.source(_Share(records, indices))
 
 
 def _tokenized(records: grain.MapDataset, tokenize_fn, *, shuffle: bool, seed: int,
@@ -189,8 +190,7 @@ def sft_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer,
   _check_buckets(length_buckets, process_count)
   stats = DataStats()
   records = _shard(_records(sources_spec, "rw", on_error, reasoning_tags, stats),
-                   shuffle=shuffle, seed=seed, process_index=process_index,
-                   process_count=process_count, stats=stats)
+                   process_index=process_index, process_count=process_count, stats=stats)
   opts = _options(max_length, truncation, max_prompt_length, response_truncation, min_response_tokens)
   fn = functools.partial(tokenize.tokenize_rw, tokenizer=tokenizer, opts=opts,
                          specials=tokenize.special_ids(tokenizer))
@@ -217,8 +217,7 @@ def dpo_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer,
   _check_buckets(length_buckets, process_count)
   stats = DataStats()
   records = _shard(_records(sources_spec, "preference", on_error, reasoning_tags, stats),
-                   shuffle=shuffle, seed=seed, process_index=process_index,
-                   process_count=process_count, stats=stats)
+                   process_index=process_index, process_count=process_count, stats=stats)
   opts = _options(max_length, truncation, max_prompt_length, response_truncation, min_response_tokens)
   fn = functools.partial(tokenize.tokenize_pref, tokenizer=tokenizer, opts=opts,
                          specials=tokenize.special_ids(tokenizer))
