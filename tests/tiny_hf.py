@@ -92,3 +92,32 @@ def save_tiny_hf(family: str, out_dir, *, seed: int = 0, **config_overrides) -> 
   random_torch_model(family, seed=seed, **config_overrides).save_pretrained(out)
   tiny_tokenizer(int(hf_config(family, **config_overrides).vocab_size)).save_pretrained(out)
   return out
+
+
+def padded_batch(seed: int = 0, lengths=(12, 7), left_pad=(False, True), vocab_size=VOCAB_SIZE):
+  """(tokens, positions, segment_ids) int32 [B, L]: padding is segment 0; positions count real
+  tokens from 0 (left-padded rows start their positions after the padding)."""
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  L = max(lengths)
+  tokens = rng.integers(3, vocab_size, (len(lengths), L)).astype(np.int32)
+  segment_ids = np.zeros_like(tokens)
+  positions = np.zeros_like(tokens)
+  for b, (n, left) in enumerate(zip(lengths, left_pad)):
+    real = slice(L - n, L) if left else slice(0, n)
+    segment_ids[b, real] = 1
+    positions[b, real] = np.arange(n)
+    tokens[b, segment_ids[b] == 0] = 0
+  return tokens, positions, segment_ids
+
+
+def torch_logits(model: torch.nn.Module, tokens, positions, segment_ids):
+  """Reference logits from a transformers model (padding = segment 0 -> attention_mask 0)."""
+  import numpy as np
+
+  with torch.no_grad():
+    out = model(input_ids=torch.as_tensor(np.asarray(tokens, np.int64)),
+                attention_mask=torch.as_tensor((np.asarray(segment_ids) > 0).astype(np.int64)),
+                position_ids=torch.as_tensor(np.asarray(positions, np.int64)))
+  return out.logits.float().numpy()
