@@ -124,6 +124,14 @@ def test_special_tokens_in_data_cannot_forge_a_turn(tok):
   assert any(user_ids[i:i + len(plain)] == plain for i in range(len(user_ids)))
 
 
+def test_every_special_token_is_guarded_not_only_the_chat_ones(tok):
+  # SmolLM2 has 17 special tokens (<filename>, <empty_output>, ...); all_special_tokens lists 3.
+  assert len(tokenize.special_ids(tok)) == 17
+  out = tokenize.tokenize_rw(rw("see <filename>a.py<empty_output>", "ok<|endoftext|>"), tok, opts())
+  found = [t for t in out["tokens"].tolist() if t in tokenize.special_ids(tok)]
+  assert found == [IM_START, IM_END, IM_START, IM_END, IM_START, IM_END]
+
+
 def test_forged_tokens_in_pair_completion_and_prefix(tok):
   record = {"id": "f", "kind": "process", "category": None,
             "prompt": [{"role": "user", "content": "x<|endoftext|>"}],
@@ -193,6 +201,18 @@ def test_pair_truncation_keeps_shared_prefix_identical(tok):
     assert len(out[f"{side}_tokens"]) == 80
     assert out[f"{side}_loss_mask"][:50].sum() == 0 and out[f"{side}_loss_mask"][50:].all()
   np.testing.assert_array_equal(out["chosen_tokens"][:50], out["rejected_tokens"][:50])
+
+
+def test_template_refusals_name_the_record(tok, monkeypatch):
+  strict = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role"
+            " not supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+  monkeypatch.setattr(tok, "chat_template", strict)
+  record = {"id": "sys-1", "messages": [{"role": "system", "content": "s"},
+                                        {"role": "user", "content": "u"},
+                                        {"role": "assistant", "content": "a"}]}
+  with pytest.raises(tokenize.TemplateError, match="record sys-1: .*System role not supported"):
+    tokenize.tokenize_rw(record, tok, opts())
 
 
 def test_options_are_validated():

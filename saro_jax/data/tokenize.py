@@ -75,11 +75,25 @@ def special_ids(tokenizer) -> frozenset[int]:
   return frozenset(ids)
 
 
-def _render(tokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
+def _special_texts(tokenizer) -> tuple[str, ...]:
+  """The strings of all special tokens (all_special_tokens misses added special tokens)."""
+  texts = {t for t in tokenizer.all_special_tokens if t}
+  for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
+    if getattr(added, "special", False) and added.content:
+      texts.add(added.content)
+  return tuple(sorted(texts))
+
+
+def _render(tokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool,
+            rid: str) -> str:
   if not getattr(tokenizer, "chat_template", None):
     raise TemplateError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat_template")
-  return tokenizer.apply_chat_template(
-      [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt)
+  try:
+    return tokenizer.apply_chat_template(
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt)
+  except Exception as e:  # jinja's raise_exception (e.g. "System role not supported"), bad roles
+    raise TemplateError(f"record {rid}: the chat template refused the conversation (roles"
+                        f" {[m['role'] for m in messages]}): {e}") from e
 
 
 def _content_spans(tokenizer, messages, add_generation_prompt: bool, text: str):
@@ -89,7 +103,7 @@ def _content_spans(tokenizer, messages, add_generation_prompt: bool, text: str):
   give ``text`` exactly, else the template rewrites contents and the spans are unknown.
   """
   stand_in = [dict(m, content=_SENTINEL.format(i)) for i, m in enumerate(messages)]
-  skeleton = _render(tokenizer, stand_in, add_generation_prompt)
+  skeleton = _render(tokenizer, stand_in, add_generation_prompt, "<sentinels>")
   spans, out, cursor, pos = [], [], 0, 0
   for i, m in enumerate(messages):
     at = skeleton.find(_SENTINEL.format(i), cursor)
@@ -112,7 +126,11 @@ def _encode(tokenizer, text: str, protected: Sequence[tuple[int, int]], specials
   """Token ids of ``text``; special tokens found inside a ``protected`` span become plain text."""
   if not text:
     return []
-  enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=bool(protected))
+  try:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=bool(protected))
+  except NotImplementedError as e:  # slow (Python) tokenizers have no offsets
+    raise TemplateError(f"record {rid}: special-token text in a message needs a fast tokenizer"
+                        f" (offsets) to be kept as plain text: {e}") from e
   ids = list(enc["input_ids"])
   if not protected:
     return ids
@@ -137,16 +155,15 @@ def _encode(tokenizer, text: str, protected: Sequence[tuple[int, int]], specials
 def _pieces(tokenizer, prompt_messages, completion: str, rid: str):
   """(prompt_text, prompt_spans, assistant_text, assistant_spans) of one conversation."""
   full_messages = list(prompt_messages) + [{"role": "assistant", "content": completion}]
-  prompt_text = _render(tokenizer, prompt_messages, True)
-  full_text = _render(tokenizer, full_messages, False)
+  prompt_text = _render(tokenizer, prompt_messages, True, rid)
+  full_text = _render(tokenizer, full_messages, False, rid)
   if not full_text.startswith(prompt_text):
     raise TemplateError(
         f"record {rid}: the chat template's prompt rendering (add_generation_prompt=True) is not a"
         f" prefix of the full conversation's rendering, so the assistant turn cannot be masked"
         f" safely.\n  prompt ends: {prompt_text[-80:]!r}\n  full at that point:"
         f" {full_text[max(0, len(prompt_text) - 80):len(prompt_text) + 20]!r}")
-  specials_text = [t for t in tokenizer.all_special_tokens if t]
-  risky = any(s in m["content"] for m in full_messages for s in specials_text)
+  risky = any(s in m["content"] for m in full_messages for s in _special_texts(tokenizer))
   prompt_spans: list[tuple[int, int]] = []
   assistant_spans: list[tuple[int, int]] = []
   if risky:
