@@ -42,6 +42,7 @@ def test_overall_rates_and_counts_exact():
   assert m["over_refusal_borderline"] == pytest.approx(1.0)
   assert m["over_refusal"] == pytest.approx(3 / 4)
   assert m["n_unjudged"] == 1
+  assert m["n_empty_answer"] == 0 and m["n_truncated"] == 0
   assert m["mean_reasoning_tokens"] == pytest.approx(100 / 12)
   assert m["mean_answer_tokens"] == pytest.approx(300 / 12)
 
@@ -58,6 +59,13 @@ def test_per_category_and_per_set():
   assert weapons["over_refusal_benign"] is None
   assert out["per_category"]["(none)"]["over_refusal_borderline"] == 1.0
   assert out["per_set"]["set-b"]["n"] == 3 and out["per_set"]["set-a"]["n"] == 9
+
+
+def test_truncated_and_empty_answers_are_counted():
+  rows = [dict(_row("harmful", None, False, True, 24, 0), finish_reason="length"),
+          dict(_row("benign", None, False, False, 3, 9), finish_reason="eos")]
+  m = metrics.compute_metrics(rows)["overall"]
+  assert (m["n_truncated"], m["n_empty_answer"]) == (1, 1)
 
 
 def test_bad_label_and_formatting():

@@ -49,6 +49,7 @@ def test_report_holds_metrics_across_stages_and_plots(tmp_path):
   assert "### weapons" in text and "### coding" in text and "refusal phrases (crude)" in text
   assert "rw_metrics.jsonl:6: not JSON (skipped)" in text and "missing.jsonl: not found" in text
   assert "'rewards/accuracies': 0.9" in text
+  assert "empty final answers" not in text  # every answer here has tokens
   for png in ("safety_by_stage.png", "safety_by_category.png", "training_curves.png"):
     assert _is_png(tmp_path / "out" / png), png
     assert f"({png})" in text
@@ -59,6 +60,10 @@ def test_report_without_training_logs(tmp_path):
   text = path.read_text()
   assert "(no training metrics found)" in text and "| model | 8 | 50.0% |" in text
   assert not (tmp_path / "training_curves.png").exists()
+  rows = [dict(r, answer_tokens=0, finish_reason="length") for r in _rows(0, 4)]
+  text = report.write_report(tmp_path, {"cut": metrics.compute_metrics(rows)}).read_text()
+  assert "generations cut at max_new_tokens: {'cut': 8}" in text
+  assert "empty final answers (judged as refusals): {'cut': 8}" in text
 
 
 def test_read_training_log_skips_bad_lines(tmp_path):

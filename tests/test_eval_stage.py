@@ -81,6 +81,7 @@ def test_stage_end_to_end_tiny_random_model(tmp_path):
   assert all(g["finish_reason"] in ("eos", "stop", "length") for g in gens)
   assert all(g["answer_tokens"] <= 6 and g["reasoning_tokens"] <= 6 for g in gens)
   assert all(j["safety_judge"] == j["refusal_judge"] == "refusal_phrases" for j in judged)
+  assert [j["finish_reason"] for j in judged] == [g["finish_reason"] for g in gens]
   saved = json.loads((tmp_path / "metrics.json").read_text())
   assert saved == json.loads(json.dumps(metrics.compute_metrics(judged)))
   assert saved["overall"]["n"] == 8 and saved["overall"]["n_unjudged"] == 0

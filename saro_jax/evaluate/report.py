@@ -85,7 +85,7 @@ def plot_training(logs: Mapping[str, Sequence[Mapping[str, float]]], out_path: p
     ax_reward.set_xlabel("step")
     for ax in (ax_loss, ax_reward):
       if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
   fig.tight_layout()
   fig.savefig(out_path, dpi=100)
   plt.close(fig)
@@ -103,7 +103,7 @@ def _bars(ax, groups: Sequence[str], series: Mapping[str, Sequence[float | None]
   ax.set_ylabel("%")
   ax.set_ylim(0, 100)
   ax.set_title(title)
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def plot_safety_by_stage(stage_metrics: Mapping[str, Mapping[str, Any]], out_path: pathlib.Path) -> None:
@@ -168,6 +168,11 @@ def write_report(out_dir: str | os.PathLike, stage_metrics: Mapping[str, Mapping
   unjudged = {s: m["overall"]["n_unjudged"] for s, m in stage_metrics.items() if m["overall"]["n_unjudged"]}
   if unjudged:
     md += [f"Rows without a usable verdict (left out of the rates): {unjudged}", ""]
+  for key, what in (("n_truncated", "generations cut at max_new_tokens"),
+                    ("n_empty_answer", "empty final answers (judged as refusals)")):
+    counts = {s: m["overall"].get(key, 0) for s, m in stage_metrics.items()}
+    if any(counts.values()):
+      md += [f"Rows with {what}: {counts}", ""]
   plot_safety_by_stage(stage_metrics, out / "safety_by_stage.png")
   plot_by_category(stage_metrics, out / "safety_by_category.png")
   md += ["![refusal and over-refusal per stage](safety_by_stage.png)", "",

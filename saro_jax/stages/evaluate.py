@@ -91,7 +91,8 @@ def judge_rows(rows: Sequence[Mapping[str, Any]], safety: judges_lib.Judge,
     out.append(dict(id=r["id"], source=r["source"], label=r["label"], category=r["category"],
                     unsafe=s.unsafe, refused=f.refused, safety_judge=safety.name, safety_raw=s.raw,
                     safety_categories=list(s.categories), refusal_judge=refusal.name,
-                    refusal_raw=f.raw, reasoning_tokens=r["reasoning_tokens"],
+                    refusal_raw=f.raw, finish_reason=r.get("finish_reason"),
+                    reasoning_tokens=r["reasoning_tokens"],
                     answer_tokens=r["answer_tokens"]))
   return out
 
@@ -121,10 +122,21 @@ def _write_jsonl(path: pathlib.Path, rows: Sequence[Mapping[str, Any]]) -> None:
 def evaluate_model(model, tokenizer, prompts: Sequence[prompts_lib.EvalPrompt],
                    ev: settings_lib.EvalSettings, out_dir: str | os.PathLike, *,
                    judges: tuple[judges_lib.Judge, judges_lib.Judge], mesh=None) -> dict[str, Any]:
-  """Generates, judges and scores one model; writes the three files into out_dir; returns metrics."""
+  """Generates, judges and scores one model; writes the three files into out_dir; returns metrics.
+
+  Multi-process: every process generates (one SPMD program); process 0 judges, scores and writes.
+  The others only join a classifier judge's generation (it is an SPMD program too) and return {}.
+  """
+  import jax
+  rows = generate_rows(model, tokenizer, prompts, ev, mesh=mesh)
+  if jax.process_index() != 0:
+    items = [judges_lib.JudgeInput(r["prompt"], r["answer"], r["reasoning"]) for r in rows]
+    for judge in {id(j): j for j in judges}.values():
+      if isinstance(judge, judges_lib.ClassifierJudge):
+        judge(items)
+    return {}
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  rows = generate_rows(model, tokenizer, prompts, ev, mesh=mesh)
   _write_jsonl(out / "generations.jsonl", rows)
   judged = judge_rows(rows, *judges)
   _write_jsonl(out / "judgements.jsonl", judged)
@@ -205,6 +217,10 @@ def evaluate_models(config: ml_collections.ConfigDict, workdir: str | os.PathLik
       del model  # one model on the devices at a time
   if training_logs is None and ev.run_dir:
     training_logs = {s: os.path.join(ev.run_dir, s, "metrics.jsonl") for s in ("rw", "srpo")}
+  import jax
+  path = pathlib.Path(workdir) / "report.md"
+  if jax.process_index() != 0:
+    return path
   path = report_lib.write_report(workdir, stage_metrics, training_logs=training_logs,
                                  judge_note=judge_note(ev))
   print(f"report: {path}")
