@@ -154,7 +154,8 @@ def test_dpo_batches_side_by_side():
 def test_example_id_is_stable_int63():
   # Golden: the id keys precomputed reference log-probs on disk; it must never change.
   assert batching.example_id("pair-0") == batching.example_id("pair-0")
-  assert batching.example_id("rw_train.jsonl:17") == 874873708604069919  # blake2b-64, little endian, top bit cleared
+  # blake2b-64 of the UTF-8 id, little endian, top bit cleared.
+  assert batching.example_id("rw_train.jsonl:17") == 874873708604069919
   ids = {batching.example_id(f"x{i}") for i in range(1000)}
   assert len(ids) == 1000 and min(ids) >= 0 and max(ids) < 2**63
 

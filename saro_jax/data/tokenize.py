@@ -56,12 +56,14 @@ class TokenizeOptions:
     if self.max_length < 2:
       raise ValueError(f"max_length must be >= 2, got {self.max_length}")
     if self.prompt_truncation not in PROMPT_TRUNCATIONS:
-      raise ValueError(f"prompt_truncation must be one of {PROMPT_TRUNCATIONS}, got {self.prompt_truncation!r}")
+      raise ValueError(
+          f"prompt_truncation must be one of {PROMPT_TRUNCATIONS}, got {self.prompt_truncation!r}")
     if self.response_truncation not in RESPONSE_TRUNCATIONS:
       raise ValueError(
           f"response_truncation must be one of {RESPONSE_TRUNCATIONS}, got {self.response_truncation!r}")
     if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
-      raise ValueError(f"max_prompt_length must be in (0, max_length={self.max_length}), got {self.max_prompt_length}")
+      raise ValueError(f"max_prompt_length must be in (0, max_length={self.max_length}),"
+                       f" got {self.max_prompt_length}")
     if self.min_response_tokens < 1:
       raise ValueError(f"min_response_tokens must be >= 1, got {self.min_response_tokens}")
 
