@@ -11,6 +11,7 @@ gguf_file=...)` builds.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -84,6 +85,15 @@ def _open(path: str | os.PathLike) -> gguf.GGUFReader:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"GGUF file not found: {path}")
+  stat = os.stat(path)
+  return _cached_reader(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+
+
+# Parsing the metadata (~100k tokenizer strings for SmolLM2) takes seconds; the reader only
+# memory-maps the file read-only, so loads of the same unchanged file share one.
+@functools.lru_cache(maxsize=4)
+def _cached_reader(path: str, mtime_ns: int, size: int) -> gguf.GGUFReader:
+  del mtime_ns, size  # cache key only: a rewritten file is read again
   try:
     return gguf.GGUFReader(path)
   except Exception as e:  # the reader raises bare ValueError/struct errors on corrupt input

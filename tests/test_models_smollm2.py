@@ -1,0 +1,180 @@
+"""Real weights: SmolLM2-135M-Instruct (GGUF Q4_1) in saro_jax vs transformers/PyTorch.
+
+The reference is transformers' own GGUF loader (it reads the file's metadata itself, so a lost
+rope_theta = 100000 on our side shows up as a ~4-logit gap). Both sides run fp32 on the same
+dequantized weights; the HF directory written by `gguf_to_hf_dir` is checked bit for bit.
+"""
+
+import os
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from saro_jax import sharding
+from saro_jax.models import gguf as gg
+
+pytestmark = pytest.mark.heavy
+
+PROMPTS = [
+  [{"role": "user", "content": "What is the capital of France?"}],
+  [{"role": "system", "content": "You are a careful assistant who explains its reasoning."},
+   {"role": "user", "content": "How can I keep my passwords safe?"}],
+  [{"role": "user", "content": "Write one sentence about rain."},
+   {"role": "assistant", "content": "Rain taps softly on the roof."},
+   {"role": "user", "content": "Now one about snow."}],
+]
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+  return gg.smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(tmp_path_factory, smollm2_path):
+  """The dequantized HF directory, written once per test session."""
+  start = time.perf_counter()
+  out = gg.gguf_to_hf_dir(smollm2_path, tmp_path_factory.mktemp("smollm2") / "hf")
+  print(f"\ngguf_to_hf_dir: {time.perf_counter() - start:.1f} s")
+  return out
+
+
+@pytest.fixture(scope="session")
+def torch_reference(smollm2_path):
+  transformers = pytest.importorskip("transformers")
+  start = time.perf_counter()
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+    os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path),
+    dtype="float32").eval()
+  print(f"\ntransformers GGUF load: {time.perf_counter() - start:.1f} s")
+  return model
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(smollm2_hf_dir) -> list[np.ndarray]:
+  """The prompts through SmolLM2's chat template (the tokenizer saved next to the weights)."""
+  import transformers
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(smollm2_hf_dir))
+  texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+           for m in PROMPTS]
+  return [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"], np.int32) for t in texts]
+
+
+@pytest.fixture(scope="session")
+def torch_logits(torch_reference, prompt_ids) -> list[np.ndarray]:
+  import torch
+  with torch.no_grad():
+    return [torch_reference(torch.from_numpy(ids[None].astype(np.int64))).logits[0].numpy()
+            for ids in prompt_ids]
+
+
+def right_padded(prompt_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """All prompts in one batch: right padding is segment 0, which no real token attends to."""
+  length = max(len(ids) for ids in prompt_ids)
+  tokens_BxL = np.zeros((len(prompt_ids), length), np.int32)
+  segment_ids_BxL = np.zeros_like(tokens_BxL)
+  for b, ids in enumerate(prompt_ids):
+    tokens_BxL[b, :len(ids)] = ids
+    segment_ids_BxL[b, :len(ids)] = 1
+  positions_BxL = np.broadcast_to(np.arange(length, dtype=np.int32), tokens_BxL.shape).copy()
+  return tokens_BxL, positions_BxL, segment_ids_BxL
+
+
+def max_abs_diff_per_prompt(logits_BxLxV, prompt_ids, torch_logits) -> list[float]:
+  logits_BxLxV = np.asarray(logits_BxLxV)
+  return [float(np.abs(logits_BxLxV[b, :len(ids)] - ref).max())
+          for b, (ids, ref) in enumerate(zip(prompt_ids, torch_logits))]
+
+
+def test_hf_dir_is_bit_exact_vs_transformers_gguf(smollm2_hf_dir, torch_reference):
+  import safetensors.numpy
+  import transformers
+  ours = safetensors.numpy.load_file(str(smollm2_hf_dir / "model.safetensors"))
+  reference = {k: v.numpy() for k, v in torch_reference.state_dict().items()}
+  # Tied: transformers lists lm_head.weight as an alias of the embedding; the file stores it once.
+  assert set(ours) == set(reference) - {"lm_head.weight"}
+  assert len(ours) == 272
+  for name, w in ours.items():
+    np.testing.assert_array_equal(w.view(np.uint32), reference[name].view(np.uint32), err_msg=name)
+  config = transformers.AutoConfig.from_pretrained(str(smollm2_hf_dir))
+  assert config.rope_parameters["rope_theta"] == 100000.0
+  assert torch_reference.config.rope_parameters["rope_theta"] == 100000.0
+  assert config.tie_word_embeddings and (config.num_attention_heads, config.num_key_value_heads) == (9, 3)
+
+
+def test_gguf_tokenizer_has_chat_template(smollm2_path, smollm2_hf_dir, prompt_ids):
+  tokenizer = gg.gguf_tokenizer(smollm2_path)
+  text = tokenizer.apply_chat_template(PROMPTS[0], tokenize=False, add_generation_prompt=True)
+  assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+  np.testing.assert_array_equal(tokenizer(text, add_special_tokens=False)["input_ids"], prompt_ids[0])
+  assert tokenizer.eos_token_id == 2
+
+
+@pytest.fixture(scope="session")
+def jax_model(smollm2_path):
+  start = time.perf_counter()
+  model = gg.load_gguf(smollm2_path, param_dtype="float32", compute_dtype="float32")
+  jax.block_until_ready(jax.tree.leaves(model))
+  print(f"\nload_gguf (1 device): {time.perf_counter() - start:.1f} s")
+  return model
+
+
+# fp32 noise floor, measured: transformers' own fp32 forward differs from its fp64 forward by up to
+# 1.8e-4 on these prompts (logits reach ~43); saro_jax vs transformers fp32 is 1.0-1.3e-4. Bugs
+# sit far above: rms_norm_eps 1e-6 instead of 1e-5 costs 3e-2, rope_theta 1e4 instead of 1e5 ~4.
+MAX_ABS_TOL = 2.5e-4
+MEAN_ABS_TOL = 2e-5
+
+
+def test_logits_match_pytorch(jax_model, prompt_ids, torch_logits):
+  assert jax_model.config.rope_theta == 100000.0
+  logits_BxLxV = jax_model(*right_padded(prompt_ids))
+  diffs = max_abs_diff_per_prompt(logits_BxLxV, prompt_ids, torch_logits)
+  means = [float(np.abs(np.asarray(logits_BxLxV)[b, :len(ids)] - ref).mean())
+           for b, (ids, ref) in enumerate(zip(prompt_ids, torch_logits))]
+  for ids, d, m in zip(prompt_ids, diffs, means):
+    print(f"SmolLM2 prompt of {len(ids)} tokens: max |logits - torch| = {d:.2e}, mean {m:.1e}")
+  assert max(diffs) <= MAX_ABS_TOL, diffs
+  assert max(means) <= MEAN_ABS_TOL, means
+  # The same greedy next token at every position (what sampling will see).
+  for b, (ids, ref) in enumerate(zip(prompt_ids, torch_logits)):
+    np.testing.assert_array_equal(np.asarray(logits_BxLxV)[b, :len(ids)].argmax(-1), ref.argmax(-1))
+
+
+def test_wrong_rope_theta_is_caught(smollm2_path, prompt_ids, torch_logits):
+  """Negative control: the parity tolerance above is far below what a lost rope_theta costs."""
+  from saro_jax.models import hf
+  config, tensors = gg.read_gguf(smollm2_path)
+  config = {**config, "rope_theta": 10000.0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+  model = hf.load_from_tensors(config, tensors, param_dtype="float32", compute_dtype="float32")
+  diffs = max_abs_diff_per_prompt(model(*right_padded(prompt_ids)), prompt_ids, torch_logits)
+  print(f"rope_theta 10000 instead of 100000: max |Δ| per prompt = {[f'{d:.2f}' for d in diffs]}")
+  assert min(diffs) > 100 * MAX_ABS_TOL
+
+
+def test_sharded_2x2x2_equals_single_device(smollm2_path, jax_model, prompt_ids):
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  start = time.perf_counter()
+  sharded = gg.load_gguf(smollm2_path, mesh=mesh, param_dtype="float32", compute_dtype="float32")
+  print(f"\nload_gguf (2x2x2 mesh): {time.perf_counter() - start:.1f} s")
+  tokens_BxL, positions_BxL, segment_ids_BxL = right_padded(prompt_ids + prompt_ids[:1])  # B=4
+  graphdef, state = nnx.split(sharded)
+
+  @jax.jit
+  def forward(state, tokens_BxL, positions_BxL, segment_ids_BxL):
+    return nnx.merge(graphdef, state)(tokens_BxL, positions_BxL, segment_ids_BxL)
+
+  with sharding.use(mesh):
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
+    logits_sharded = forward(state, put(tokens_BxL), put(positions_BxL), put(segment_ids_BxL))
+  logits_single = jax_model(tokens_BxL, positions_BxL, segment_ids_BxL)
+  # The weights really are split over the mesh (not 8 replicas).
+  assert sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state)) >= 30
+  diff_NxV = np.abs(np.asarray(logits_sharded) - np.asarray(logits_single))[segment_ids_BxL > 0]
+  print(f"2x2x2 mesh vs 1 device: max |Δ logits| = {diff_NxV.max():.2e}, mean {diff_NxV.mean():.1e}")
+  # Sharded contractions sum in another order: the same fp32 noise floor as against PyTorch.
+  assert diff_NxV.max() <= MAX_ABS_TOL and diff_NxV.mean() <= MEAN_ABS_TOL
