@@ -114,7 +114,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, micro)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     if learning_rate_fn is not None:
       metrics["learning_rate"] = learning_rate_fn(state.step)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
