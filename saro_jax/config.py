@@ -157,6 +157,9 @@ class TrainConfig:
   log_every: int = 10
   logps_chunk: int = 256  # sequence chunk of the log-prob computation (no B x L x V tensor)
   progress_bar: bool = True
+  # > 0: this invocation stops (after a checkpoint) at that step; re-running resumes. For jobs
+  # with a time limit (preemptible slices, SLURM walltime) and for resume tests.
+  stop_at: int = 0
 
   def validate(self, where: str, batch_divisor: int = 1, process_count: int = 1) -> None:
     _check_positive(f"{where}.steps", self.steps)
@@ -164,6 +167,7 @@ class TrainConfig:
     _check_positive(f"{where}.grad_accum", self.grad_accum)
     _check_positive(f"{where}.log_every", self.log_every)
     _check_positive(f"{where}.logps_chunk", self.logps_chunk)
+    _check_positive(f"{where}.stop_at", self.stop_at, allow_zero=True)
     need = batch_divisor * self.grad_accum
     if self.batch_size % need:
       raise ConfigError(

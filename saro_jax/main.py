@@ -13,7 +13,19 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, optionally with :preset (e.g. configs/saro.py:tiny).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output dir (default: config.workdir or runs/<name>).")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize: from JAX_COORDINATOR_ADDRESS /"
+    " JAX_NUM_PROCESSES / JAX_PROCESS_ID if set, else auto-detected (TPU pod, SLURM).")
 flags.mark_flags_as_required(["config"])
+
+
+def _init_distributed(jax) -> None:
+  env = os.environ
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
+                               int(env["JAX_PROCESS_ID"]))
+  else:
+    jax.distributed.initialize()
 
 
 def main(argv: list[str]) -> None:
@@ -23,6 +35,8 @@ def main(argv: list[str]) -> None:
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / grain chatter
   import jax  # after flags: --jax_* flags and XLA_FLAGS are in place
 
+  if _MULTIHOST.value:
+    _init_distributed(jax)
   from saro_jax import config as config_lib
   from saro_jax import stages
 

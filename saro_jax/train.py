@@ -170,17 +170,19 @@ class LoopResult:
   state: TrainState
   last_metrics: dict[str, float]
   history: list[dict[str, float]]
+  finished: bool  # reached the configured number of steps (not stopped early by stop_at)
 
 
 def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.ndarray]],
              mesh: Mesh, steps: int, workdir: str, log_every: int, checkpointer: Checkpointer | None,
              data_state_fn: Callable[[], Any] | None = None, progress_bar: bool = True,
              to_device: Callable[[Mapping[str, np.ndarray]], Batch] | None = None,
-             desc: str = "train") -> LoopResult:
+             stop_at: int = 0, desc: str = "train") -> LoopResult:
   """Steps from ``state.step`` to ``steps``: logs, checkpoints (periodic + final), returns.
 
   ``to_device`` turns a host batch into the step's device batch (default: ``put_batch``; SRPO
-  adds the reference log-probs there).
+  adds the reference log-probs there). ``stop_at`` > 0 ends this invocation (checkpointed) at
+  that step; the next one resumes.
   """
   to_device = to_device or (lambda b: put_batch(b, mesh))
   from tqdm import tqdm
@@ -192,11 +194,12 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
   bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress_bar or jax.process_index() != 0,
              dynamic_ncols=True)
   tokens, t0 = 0, time.perf_counter()
-  for step in range(start + 1, steps + 1):
+  last_step = min(steps, stop_at) if stop_at > 0 else steps
+  for step in range(start + 1, last_step + 1):
     host_batch = next(batches)
     tokens += int(sum(np.count_nonzero(v) for k, v in host_batch.items() if k.endswith("segment_ids")))
     state, metrics = step_fn(state, to_device(host_batch))
-    if step % log_every == 0 or step == steps:
+    if step % log_every == 0 or step == last_step:
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
       elapsed = time.perf_counter() - t0
       last["tokens_per_s"] = tokens * jax.process_count() / max(elapsed, 1e-9)
@@ -205,10 +208,11 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
       history.append({"step": step, **last})
       bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
     bar.update(1)
-    if checkpointer is not None and (checkpointer.should_save(step) or step == steps):
+    if checkpointer is not None and (checkpointer.should_save(step) or step == last_step):
       checkpointer.save(step, state, data_state_fn() if data_state_fn else None)
   bar.close()
   writer.close()
   if checkpointer is not None:
     checkpointer.wait()
-  return LoopResult(state=state, last_metrics=last, history=history)
+  finished = int(jax.device_get(state.step)) >= steps
+  return LoopResult(state=state, last_metrics=last, history=history, finished=finished)

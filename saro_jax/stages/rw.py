@@ -62,7 +62,7 @@ def train_stage(cfg: StageConfig, workdir: str) -> tuple[_setup.Setup, train.Loo
         step_fn=step, state=s.state, batches=_data.select(batches, SFT_KEYS), mesh=s.mesh,
         steps=cfg.train.steps, workdir=workdir, log_every=cfg.train.log_every,
         checkpointer=s.checkpointer, data_state_fn=batches.get_state,
-        progress_bar=cfg.train.progress_bar, desc="rw")
+        progress_bar=cfg.train.progress_bar, stop_at=cfg.train.stop_at, desc="rw")
   s.state = result.state
   _data.log_stats(batches, workdir)
   s.checkpointer.close()
@@ -74,6 +74,10 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   s, result = train_stage(cfg, workdir)
   log.info("rw: final metrics %s", result.last_metrics)
   print(f"RW done: checkpoints in {os.path.join(workdir, 'checkpoints')}")
+  if not result.finished:
+    print(f"stopped at step {int(result.state.step)} of {cfg.train.steps} (train.stop_at); re-run"
+          " the same command to resume")
+    return result
   if cfg.export.enabled:
     out = _setup.export(s, cfg.export.dir or os.path.join(workdir, "hf"))
     print(f"exported HF model to {out}")

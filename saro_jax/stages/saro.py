@@ -29,6 +29,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rw_dir, srpo_dir = os.path.join(workdir, "rw"), os.path.join(workdir, "srpo")
 
   _, rw_result = rw.train_stage(rw_cfg, rw_dir)
+  if not rw_result.finished:
+    print(f"RW stopped at step {int(rw_result.state.step)} of {rw_cfg.train.steps}"
+          " (rw.train.stop_at); re-run the same command to resume")
+    return {"rw": rw_result.last_metrics, "finished": False}
   print(f"RW done ({rw_cfg.train.steps} steps): {os.path.abspath(rw_dir)}")
 
   # SRPO starts from the RW checkpoint (which also names the tokenizer) and, unless
@@ -37,6 +41,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               tokenizer="")
   srpo_cfg = dataclasses.replace(srpo_cfg, model=start)
   s, srpo_result = srpo.train_stage(srpo_cfg, srpo_dir)
+  if not srpo_result.finished:
+    print(f"SRPO stopped at step {int(srpo_result.state.step)} of {srpo_cfg.train.steps}"
+          " (srpo.train.stop_at); re-run the same command to resume")
+    return {"srpo": srpo_result.last_metrics, "finished": False}
   print(f"SRPO done ({srpo_cfg.train.steps} steps): {os.path.abspath(srpo_dir)}")
 
   summary = {"rw": rw_result.last_metrics, "srpo": srpo_result.last_metrics,

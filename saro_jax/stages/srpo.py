@@ -112,7 +112,7 @@ def train_stage(cfg: StageConfig, workdir: str) -> tuple[_setup.Setup, train.Loo
         step_fn=jitted, state=s.state, batches=batches, mesh=s.mesh, steps=cfg.train.steps,
         workdir=workdir, log_every=cfg.train.log_every, checkpointer=s.checkpointer,
         data_state_fn=batches.get_state, progress_bar=cfg.train.progress_bar, to_device=to_device,
-        desc="srpo")
+        stop_at=cfg.train.stop_at, desc="srpo")
   s.state = result.state
   _data.log_stats(batches, workdir)
   s.checkpointer.close()
@@ -124,6 +124,10 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   s, result = train_stage(cfg, workdir)
   log.info("srpo: final metrics %s", result.last_metrics)
   print(f"SRPO done: checkpoints in {os.path.join(workdir, 'checkpoints')}")
+  if not result.finished:
+    print(f"stopped at step {int(result.state.step)} of {cfg.train.steps} (train.stop_at); re-run"
+          " the same command to resume")
+    return result
   if cfg.export.enabled:
     out = _setup.export(s, cfg.export.dir or os.path.join(workdir, "hf"))
     print(f"exported HF model to {out}")
