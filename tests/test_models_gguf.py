@@ -156,6 +156,22 @@ def test_config_matches_transformers(tiny_gguf, transformers_model):
   assert (config["num_hidden_layers"], config["head_dim"]) == (c["layers"], c["head_dim"])
 
 
+def test_load_gguf_logits_match_transformers(tiny_gguf, transformers_model):
+  """The whole path: GGUF -> lazy tensors -> hf.load_from_tensors -> saro_jax logits."""
+  import torch
+  tokens_1xL = np.array([[1, 5, 17, 99, 3, 64, 127, 2, 42, 8, 0, 77]], np.int32)
+  positions_1xL = np.arange(tokens_1xL.shape[1], dtype=np.int32)[None]
+  # Vocab padding (a config override passed through load_gguf) must not change the logits.
+  model = gg.load_gguf(tiny_gguf[0], param_dtype="float32", compute_dtype="float32",
+                       vocab_padding_multiple=96)
+  assert model.config.rope_theta == TINY["theta"] and model.config.padded_vocab_size == 192
+  logits_1xLxV = np.asarray(model(tokens_1xL, positions_1xL, np.ones_like(tokens_1xL)))
+  with torch.no_grad():
+    reference = transformers_model(torch.from_numpy(tokens_1xL.astype(np.int64))).logits.numpy()
+  assert logits_1xLxV.shape == reference.shape == (1, 12, TINY["vocab"])
+  assert np.abs(logits_1xLxV - reference).max() < 2e-5
+
+
 def test_tied_file_has_no_lm_head(tmp_path):
   path = write_gguf(tmp_path / "tied.gguf", hf_tensors(1, tied=True))
   config, tensors = gg.read_gguf(path)

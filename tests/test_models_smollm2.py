@@ -123,10 +123,10 @@ def jax_model(smollm2_path):
 
 
 # fp32 noise floor, measured: transformers' own fp32 forward differs from its fp64 forward by up to
-# 1.8e-4 on these prompts (logits reach ~43); saro_jax vs transformers fp32 is 1.0-1.3e-4. Bugs
+# 1.8e-4 on these prompts (logits reach ~43); saro_jax vs transformers fp32 is 1.0-1.3e-4 (mean 1.2-1.7e-5). Bugs
 # sit far above: rms_norm_eps 1e-6 instead of 1e-5 costs 3e-2, rope_theta 1e4 instead of 1e5 ~4.
 MAX_ABS_TOL = 2.5e-4
-MEAN_ABS_TOL = 2e-5
+MEAN_ABS_TOL = 5e-5
 
 
 def test_logits_match_pytorch(jax_model, prompt_ids, torch_logits):

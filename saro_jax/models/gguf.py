@@ -264,13 +264,17 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], GGUFTensors]:
 
 
 def load_gguf(path: str | os.PathLike, *, mesh=None, rules=None, param_dtype=None,
-              compute_dtype=None):
-  """A Transformer with the (dequantized) weights of a GGUF file, through hf.load_from_tensors."""
+              compute_dtype=None, **config_overrides):
+  """A Transformer with the (dequantized) weights of a GGUF file, through hf.load_from_tensors.
+
+  `config_overrides` (e.g. remat, vocab_padding_multiple) go to the ModelConfig, as in load_hf.
+  """
   from saro_jax.models import hf  # deferred: hf imports the model code
 
   config, tensors = read_gguf(path)
   return hf.load_from_tensors(config, tensors, mesh=mesh, rules=rules, param_dtype=param_dtype,
-                              compute_dtype=compute_dtype, source=os.fspath(path))
+                              compute_dtype=compute_dtype, source=os.fspath(path),
+                              **config_overrides)
 
 
 def gguf_tokenizer(path: str | os.PathLike):
