@@ -93,6 +93,7 @@ class _Server:
     self.fail_first = 0  # answer this many requests with HTTP 503 first
     self.status = 200
     self.delay_s = 0.0
+    self.malformed = False  # answer 200 with no choices
     server = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -103,6 +104,8 @@ class _Server:
         if server.fail_first > 0:
           server.fail_first -= 1
           return self._reply(503, {"error": "busy"})
+        if server.malformed:
+          return self._reply(200, {"choices": []})
         if server.status != 200:
           return self._reply(server.status, {"error": {"message": "model not found"}})
         content = body["messages"][-1]["content"]
@@ -185,6 +188,12 @@ def test_http_judge_client_error_not_retried_and_timeout(server):
   with pytest.raises(judges.JudgeError, match=r"(?i)timeout|timed out"):
     _http_judge(server, timeout_s=0.2, max_retries=1, max_workers=1)(_items(COMPLY))
   assert time.monotonic() - start < 5
+
+
+def test_http_judge_malformed_reply(server):
+  server.malformed = True
+  with pytest.raises(judges.JudgeError, match=r"malformed response \(IndexError.*after 2 attempt"):
+    _http_judge(server, max_retries=1, max_workers=1)(_items(COMPLY))
 
 
 def test_http_judge_missing_key_env_and_unreachable(monkeypatch):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import http.client
 import json
 import logging
 import os
@@ -300,7 +301,7 @@ class HttpJudge:
         error = f"HTTP {e.code}: {e.read()[:200].decode(errors='replace')}"
         if e.code not in _RETRY_STATUS:
           break  # a client error (bad model name, bad key) will not heal by retrying
-      except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+      except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
         error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
       except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
         error = f"malformed response ({type(e).__name__}: {e})"
