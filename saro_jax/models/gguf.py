@@ -132,7 +132,10 @@ def _hf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
   where = reader.data.filename
 
   def get(key: str, default: Any = None, *, required: bool = False) -> Any:
-    return _field(reader, f"{arch}.{key}", default, required=required)
+    value = _field(reader, f"{arch}.{key}", default, required=required)
+    if isinstance(value, list):  # e.g. per-layer head counts: not a plain decoder
+      raise GGUFError(f"{where}: {arch}.{key} holds per-layer values {value[:4]}...; not supported")
+    return value
 
   tensor_names = {t.name for t in reader.tensors}
   if "rope_freqs.weight" in tensor_names:
