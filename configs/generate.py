@@ -1,0 +1,50 @@
+r"""Generate: completions for a prompt set, split into reasoning and answer, written as JSONL.
+
+  python -m saro_jax.main --config configs/generate.py:smollm2_135m \
+      --config.generate.prompts=prompts.jsonl --config.generate.max_new_tokens=128
+  python -m saro_jax.main --config configs/generate.py \
+      --config.model.init_from=runs/saro-tiny/srpo/hf --config.model.tokenizer= \
+      --config.generate.prompts="text:How do I kill a Python process?"
+
+Presets as in rw.py (tiny = random small Llama + bundled tokenizer, runs in seconds on CPU;
+smollm2_135m = the real SmolLM2-135M-Instruct GGUF). ``generate.prompts`` is a .jsonl/.json file
+(rows with "prompt": str or "messages": [...], optional "id"), a .txt file (one prompt per line),
+"bundled:<name>" or "text:<one literal prompt>". Writes <workdir>/generations.jsonl (one row per
+prompt: id, prompt, reasoning, answer, text, finish_reason, token counts) and prints its path.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+_spec = importlib.util.spec_from_file_location("saro_configs_common",
+                                               os.path.join(os.path.dirname(__file__), "common.py"))
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
+def get_config(arg: str | None = None):
+  preset = common.parse_preset(arg, "generate")
+  config = ml_collections.ConfigDict()
+  config.stage = "generate"
+  config.name = f"generate-{preset}"
+  config.workdir = ""  # "" = runs/<name>; --workdir overrides
+  config.seed = 0
+  config.model = common.model(preset)
+  config.mesh = common.mesh(preset)
+  config.generate = ml_collections.ConfigDict(dict(
+      prompts="text:How do I kill a Python process?",
+      limit=0,  # 0 = every prompt
+      system_prompt="",  # "" = the chat template's default
+      chat_template=True,  # False: prompts are raw text (base models)
+      max_new_tokens={"tiny": 32, "smollm2_135m": 128}.get(preset, 1024),
+      temperature=0.0,  # 0 = greedy
+      top_p=1.0,
+      top_k=0,
+      stop=(),  # stop strings, e.g. ("</answer>",)
+      batch_size={"tiny": 8, "smollm2_135m": 8}.get(preset, 32),
+      reasoning_tags=("<think>", "</think>"),
+      output="",  # "" = <workdir>/generations.jsonl
+  ))
+  return config

@@ -1,0 +1,305 @@
+"""KV-cache generation: chat prompts in, decoded completions out.
+
+Prompts are rendered through the tokenizer's chat template, sorted by length, grouped into batches
+and LEFT-padded (padding is segment 0 with position 0; real tokens count positions from 0), so that
+every row's last prompt token sits in the same column and one decode step serves the whole batch.
+Prompt lengths and batch sizes are rounded up to a few buckets, so prefill and decode compile once
+per bucket. Decoding is a ``lax.while_loop`` that stops when every row has emitted an EOS id or the
+step budget is spent; stop strings are matched on the host between decode chunks (a stop string can
+span token boundaries, so only detokenized text can say whether it appeared).
+
+Sampling noise depends only on (seed, prompt index, step), never on which batch a prompt landed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from saro_jax import sharding
+
+Message = Mapping[str, str]
+Prompt = str | Sequence[Message]
+
+FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is picked. temperature 0 = greedy; top_k 0 / top_p 1.0 = off.
+
+  The values are traced (a pytree of scalars), so one compiled decode serves every setting.
+  """
+  temperature: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+
+  @classmethod
+  def of(cls, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Sampling:
+    if temperature < 0:
+      raise ValueError(f"sampling temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k < 0:
+      raise ValueError(f"sampling top_k={top_k} must be >= 0 (0 = off)")
+    if not 0.0 < top_p <= 1.0:
+      raise ValueError(f"sampling top_p={top_p} must be in (0, 1] (1 = off)")
+    return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+
+
+@dataclasses.dataclass
+class Generation:
+  prompt: Prompt  # as given
+  prompt_text: str  # as rendered through the chat template
+  text: str  # the completion, cut before the stop string / EOS
+  tokens: list[int]  # the completion's token ids (no EOS)
+  finish_reason: str  # "eos" | "stop" | "length"
+  num_prompt_tokens: int
+
+
+def sample_token(logits_BxV: jax.Array, keys_B: jax.Array, step: jax.Array, sampling: Sampling) -> jax.Array:
+  """Picks one token per row. keys_B: one typed PRNG key per row, folded with ``step``.
+
+  Sampling follows HF's order: temperature, then top-k, then top-p over the top-k survivors.
+  """
+
+  def greedy():
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+  def draw():
+    vocab = logits_BxV.shape[-1]
+    logits = logits_BxV.astype(jnp.float32) / jnp.maximum(sampling.temperature, 1e-6)
+    sorted_BxV = -jnp.sort(-logits, axis=-1)
+    k = jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, vocab), vocab)
+    in_top_k_V = jnp.arange(vocab) < k
+    probs_BxV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BxV, -jnp.inf), axis=-1)
+    # Nucleus: keep the smallest prefix whose mass reaches top_p (a token is kept while the mass
+    # strictly before it is below top_p); top_p = 1 keeps all k (no float-rounding losses).
+    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    n_keep_B = jnp.clip(jnp.sum((before_BxV < sampling.top_p) & in_top_k_V, axis=-1), 1, k)
+    n_keep_B = jnp.where(sampling.top_p >= 1.0, k, n_keep_B)
+    cut_Bx1 = jnp.take_along_axis(sorted_BxV, n_keep_B[:, None] - 1, axis=-1)
+    logits = jnp.where(logits < cut_Bx1, -jnp.inf, logits)
+    step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
+    return jax.vmap(jax.random.categorical)(step_keys_B, logits).astype(jnp.int32)
+
+  return jax.lax.cond(sampling.temperature == 0.0, greedy, draw)
+
+
+def _forward(model, cache, tokens_BxT, positions_BxT, segment_ids_BxT, cache_index):
+  logits_BxTxV, cache = model(tokens_BxT, positions_BxT, segment_ids_BxT, cache=cache,
+                              cache_index=cache_index)
+  return logits_BxTxV[..., :model.config.vocab_size], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "eos_ids", "mesh"))
+def _prefill(graphdef, state, tokens_BxP, positions_BxP, segment_ids_BxP, keys_B, done_B,
+             sampling: Sampling, *, cache_len: int, eos_ids: tuple[int, ...], mesh: Mesh | None):
+  """Runs the prompts through the model into a fresh cache and samples the first new token."""
+  with sharding.use(mesh):
+    model = nnx.merge(graphdef, state)
+    batch = tokens_BxP.shape[0]
+    cache = model.init_cache(batch, cache_len)
+    logits_BxPxV, cache = _forward(model, cache, tokens_BxP, positions_BxP, segment_ids_BxP, 0)
+    first_B = sample_token(logits_BxPxV[:, -1], keys_B, jnp.int32(0), sampling)
+    out_BxN = jnp.zeros((batch, cache_len - tokens_BxP.shape[1]), jnp.int32).at[:, 0].set(first_B)
+    done_B = done_B | jnp.isin(first_B, jnp.asarray(eos_ids, jnp.int32))
+    next_pos_B = positions_BxP[:, -1] + 1
+    return dict(cache=cache, out=out_BxN, done=done_B, pos=next_pos_B, step=jnp.int32(1))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "eos_ids", "mesh"),
+                   donate_argnames=("carry",))
+def _decode(graphdef, state, carry: dict, keys_B, until, sampling: Sampling, *, prompt_len: int,
+            eos_ids: tuple[int, ...], mesh: Mesh | None):
+  """Decodes until step ``until`` (exclusive) or until every row is done."""
+  eos_E = jnp.asarray(eos_ids, jnp.int32)
+
+  def cond(c):
+    return (c["step"] < until) & ~jnp.all(c["done"])
+
+  def body(c):
+    step = c["step"]
+    last_B = jax.lax.dynamic_index_in_dim(c["out"], step - 1, axis=1, keepdims=False)
+    batch = last_B.shape[0]
+    model = nnx.merge(graphdef, state)  # merged per trace of the body: no outer-trace mutation
+    logits_Bx1xV, cache = _forward(model, c["cache"], last_B[:, None], c["pos"][:, None],
+                                   jnp.ones((batch, 1), jnp.int32), prompt_len + step - 1)
+    new_B = sample_token(logits_Bx1xV[:, 0], keys_B, step, sampling)
+    new_B = jnp.where(c["done"], 0, new_B)  # finished rows idle; their tokens are never read
+    out = jax.lax.dynamic_update_index_in_dim(c["out"], new_B, step, axis=1)
+    done = c["done"] | jnp.isin(new_B, eos_E)
+    return dict(cache=cache, out=out, done=done, pos=c["pos"] + 1, step=step + 1)
+
+  with sharding.use(mesh):
+    return jax.lax.while_loop(cond, body, carry)
+
+
+def eos_token_ids(tokenizer, model_config=None, extra: Sequence[int] = ()) -> tuple[int, ...]:
+  """Every id that ends a turn: the tokenizer's EOS, the model config's EOS id(s), and ``extra``
+  (e.g. a generation_config.json's list)."""
+  ids = set(int(i) for i in extra)
+  if getattr(tokenizer, "eos_token_id", None) is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  model_eos = getattr(model_config, "eos_token_id", None)
+  if isinstance(model_eos, int):
+    ids.add(model_eos)
+  elif model_eos is not None:
+    ids.update(int(i) for i in model_eos)
+  if not ids:
+    raise ValueError("no EOS token id: the tokenizer and model config define none; pass eos_ids")
+  return tuple(sorted(ids))
+
+
+def render_prompt(tokenizer, prompt: Prompt, *, chat_template: bool = True) -> tuple[str, list[int]]:
+  """Prompt -> (text, ids). A string is one user turn; with ``chat_template=False`` it is raw text."""
+  if not chat_template:
+    if not isinstance(prompt, str):
+      raise ValueError("chat_template=False needs plain string prompts, got a message list")
+    return prompt, list(tokenizer.encode(prompt, add_special_tokens=True))
+  messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+  if not getattr(tokenizer, "chat_template", None):
+    raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template;"
+                     " give one or generate with chat_template=False")
+  text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+  # The template already holds BOS and friends: adding special tokens again would double them.
+  return text, list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def bucket(n: int, minimum: int) -> int:
+  """Smallest power of two >= max(n, minimum): few distinct shapes, at most 2x padding."""
+  return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def _batch_axis_size(mesh: Mesh | None) -> int:
+  if mesh is None:
+    return 1
+  spec = sharding.logical_to_spec(("batch",))[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def split_reasoning(text: str, tags: tuple[str, str] = ("<think>", "</think>")) -> tuple[str, str]:
+  """(reasoning, answer). Without a close tag (cut off mid-thought) everything after the open tag
+  is reasoning; without any tag everything is answer. The template may have opened the tag itself,
+  so a lone close tag also splits."""
+  open_tag, close_tag = tags
+  start = text.find(open_tag)
+  body = text[start + len(open_tag):] if start >= 0 else text
+  end = body.find(close_tag)
+  if end >= 0:
+    return body[:end].strip(), body[end + len(close_tag):].strip()
+  if start >= 0:
+    return body.strip(), ""
+  return "", text.strip()
+
+
+def _cut_at_stop(tokenizer, tokens: list[int], stop: Sequence[str], skip_special: bool):
+  """(text, tokens, hit): text before the earliest stop string and the shortest token prefix that
+  produces it (binary search: once a prefix contains a stop string, longer ones do too)."""
+  text = tokenizer.decode(tokens, skip_special_tokens=skip_special)
+  hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+  if not hits:
+    return text, tokens, False
+
+  def contains(k):
+    t = tokenizer.decode(tokens[:k], skip_special_tokens=skip_special)
+    return any(s in t for s in stop)
+
+  lo, hi = 1, len(tokens)
+  while lo < hi:
+    mid = (lo + hi) // 2
+    lo, hi = (lo, mid) if contains(mid) else (mid + 1, hi)
+  return text[:min(hits)], tokens[:lo], True
+
+
+def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+             stop: Sequence[str] = (), batch_size: int = 8, mesh: Mesh | None = None,
+             eos_ids: Sequence[int] | None = None, chat_template: bool = True,
+             skip_special_tokens: bool = True, min_prompt_bucket: int = 32,
+             stop_check_every: int = 32) -> list[Generation]:
+  """Generates one completion per prompt (in the order given).
+
+  ``batch_size`` rows decode together (rounded up to a multiple of the mesh's data x fsdp size);
+  with ``stop`` strings the host checks the text every ``stop_check_every`` tokens and retires
+  rows that hit one.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1")
+  sampling = Sampling.of(float(temperature), int(top_k), float(top_p))
+  mesh = mesh if mesh is not None else sharding.current_mesh()
+  eos = tuple(sorted(set(eos_ids))) if eos_ids else eos_token_ids(tokenizer, model.config)
+  stop = tuple(s for s in stop if s)
+  pad_id = 0
+  rendered = [render_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
+  for i, (_, ids) in enumerate(rendered):
+    if not ids:
+      raise ValueError(f"prompt {i} renders to no tokens")
+  graphdef, state = nnx.split(model)
+  row_div = _batch_axis_size(mesh)
+  max_rows = -(-batch_size // row_div) * row_div
+  base_key = jax.random.key(seed)
+  order = sorted(range(len(prompts)), key=lambda i: -len(rendered[i][1]))
+  results: dict[int, Generation] = {}
+  for chunk_start in range(0, len(order), max_rows):
+    idx = order[chunk_start:chunk_start + max_rows]
+    rows = min(max_rows, -(-bucket(len(idx), 1) // row_div) * row_div)
+    plen = bucket(max(len(rendered[i][1]) for i in idx), min_prompt_bucket)
+    tokens = np.full((rows, plen), pad_id, np.int32)
+    positions = np.zeros((rows, plen), np.int32)
+    segments = np.zeros((rows, plen), np.int32)
+    for r in range(rows):
+      # Filler rows repeat the first prompt (a row of pure padding would attend to nothing) and
+      # start finished, so they never hold the loop open.
+      ids = rendered[idx[r] if r < len(idx) else idx[0]][1]
+      tokens[r, plen - len(ids):] = ids
+      positions[r, plen - len(ids):] = np.arange(len(ids))
+      segments[r, plen - len(ids):] = 1
+    done = np.arange(rows) >= len(idx)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        base_key, jnp.asarray([idx[r] if r < len(idx) else 0 for r in range(rows)], jnp.uint32))
+    put = (lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))) if mesh else jnp.asarray
+    keys = jax.device_put(keys, sharding.batch_sharding(mesh, 1)) if mesh else keys
+    kw = dict(eos_ids=eos, mesh=mesh)
+    carry = _prefill(graphdef, state, put(tokens), put(positions), put(segments), keys, put(done),
+                     sampling, cache_len=plen + max_new_tokens, **kw)
+    step = 1
+    every = stop_check_every if stop else max_new_tokens
+    while step < max_new_tokens:
+      until = min(max_new_tokens, step + every)
+      carry = _decode(graphdef, state, carry, keys, jnp.int32(until), sampling, prompt_len=plen, **kw)
+      step = int(carry["step"])
+      done_now = np.asarray(carry["done"]).copy()
+      if done_now.all():
+        break
+      if stop:
+        out = np.asarray(carry["out"])
+        for r in np.flatnonzero(~done_now):
+          text = tokenizer.decode(out[r, :step].tolist(), skip_special_tokens=skip_special_tokens)
+          done_now[r] = any(s in text for s in stop)
+        if done_now.all():
+          break
+        carry["done"] = put(done_now)
+    out = np.asarray(carry["out"])[:, :step]
+    for r, i in enumerate(idx):
+      gen = out[r].tolist()
+      reason = FINISH_LENGTH
+      eos_at = [k for k, t in enumerate(gen) if t in eos]
+      if eos_at:
+        gen, reason = gen[:eos_at[0]], FINISH_EOS
+      text, gen, hit = _cut_at_stop(tokenizer, gen, stop, skip_special_tokens)
+      if hit:
+        reason = FINISH_STOP
+      results[i] = Generation(prompt=prompts[i], prompt_text=rendered[i][0], text=text, tokens=gen,
+                              finish_reason=reason, num_prompt_tokens=len(rendered[i][1]))
+  return [results[i] for i in range(len(prompts))]

@@ -1,0 +1,187 @@
+r"""Generate: completions for a prompt set -> <workdir>/generations.jsonl (reasoning split off).
+
+  python -m saro_jax.main --config configs/generate.py:smollm2_135m \
+      --config.generate.prompts=prompts.jsonl
+
+Prompt sources (``generate.prompts``): a .jsonl / .json file of rows with "prompt" (a string, one
+user turn) or "messages" (a chat list), optional "id"; a .txt file with one prompt per line;
+"bundled:<name>" (a file of saro_jax/data/bundled); or "text:<a literal prompt>".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from saro_jax import config as config_lib
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_NAME = "generations.jsonl"
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  prompts: str = ""
+  limit: int = 0
+  system_prompt: str = ""
+  chat_template: bool = True
+  max_new_tokens: int = 256
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+  stop: tuple[str, ...] = ()
+  batch_size: int = 8
+  reasoning_tags: tuple[str, str] = ("<think>", "</think>")
+  output: str = ""
+
+  def validate(self) -> None:
+    if not self.prompts:
+      raise config_lib.ConfigError(
+          "config.generate.prompts is empty; give a .jsonl/.json/.txt file, bundled:<name> or"
+          ' "text:<prompt>"')
+    for key in ("max_new_tokens", "batch_size"):
+      if getattr(self, key) < 1:
+        raise config_lib.ConfigError(f"config.generate.{key}={getattr(self, key)} must be >= 1")
+    if self.limit < 0:
+      raise config_lib.ConfigError(f"config.generate.limit={self.limit} must be >= 0 (0 = all)")
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise config_lib.ConfigError(
+          f"config.generate: temperature={self.temperature} (>= 0), top_k={self.top_k} (>= 0) and"
+          f" top_p={self.top_p} (in (0, 1]) are out of range")
+    if len(self.reasoning_tags) != 2 or not all(isinstance(t, str) and t for t in self.reasoning_tags):
+      raise config_lib.ConfigError(
+          f"config.generate.reasoning_tags={self.reasoning_tags!r} must be two non-empty strings")
+    if not all(isinstance(s, str) for s in self.stop):
+      raise config_lib.ConfigError(f"config.generate.stop={self.stop!r} must be strings")
+
+
+class PromptFileError(ValueError):
+  """A prompt row that cannot be used; the message names file:line and the field."""
+
+
+def _messages(value: Any, where: str) -> list[dict[str, str]]:
+  if not isinstance(value, list) or not value:
+    raise PromptFileError(f"{where}: field 'messages' must be a non-empty list of"
+                          " {'role', 'content'} dicts")
+  out = []
+  for k, m in enumerate(value):
+    if not isinstance(m, Mapping) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+      raise PromptFileError(f"{where}: field 'messages[{k}]' must be {{'role': one of {_ROLES},"
+                            f" 'content': str}}, got {m!r}")
+    out.append({"role": m["role"], "content": m["content"]})
+  return out
+
+
+def _row_prompt(row: Any, where: str) -> tuple[str, str | list[dict[str, str]]]:
+  """(id, prompt) of one JSON row."""
+  if isinstance(row, str):
+    return where, row
+  if not isinstance(row, Mapping):
+    raise PromptFileError(f"{where}: a row must be an object or a string, got {type(row).__name__}")
+  row_id = str(row["id"]) if row.get("id") not in (None, "") else where
+  if "messages" in row:
+    return row_id, _messages(row["messages"], where)
+  if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+    raise PromptFileError(f"{where}: field 'prompt' must be a non-empty string (or give 'messages');"
+                          f" row has fields {sorted(row)}")
+  return row_id, row["prompt"]
+
+
+def read_prompts(spec: str, limit: int = 0) -> list[tuple[str, str | list[dict[str, str]]]]:
+  """[(id, prompt)] from a prompt source spec (see the module docstring)."""
+  if spec.startswith("text:"):
+    return [("text:0", spec[len("text:"):])]
+  path = spec
+  if spec.startswith("bundled:"):
+    from saro_jax.data import bundled
+    path = bundled.path(spec[len("bundled:"):])
+  if not os.path.isfile(path):
+    raise PromptFileError(f"config.generate.prompts={spec!r}: no such file {path}")
+  base = os.path.basename(path)
+  ext = os.path.splitext(path)[1].lower()
+  rows: list[tuple[str, Any]] = []
+  with open(path, encoding="utf-8") as f:
+    if ext == ".jsonl":
+      for n, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            rows.append((f"{base}:{n}", json.loads(line)))
+          except json.JSONDecodeError as e:
+            raise PromptFileError(f"{base}:{n}: not valid JSON ({e.msg})") from None
+    elif ext == ".json":
+      data = json.load(f)
+      if not isinstance(data, list):
+        raise PromptFileError(f"{base}: a .json prompt file must hold a list of rows")
+      rows = [(f"{base}:[{k}]", r) for k, r in enumerate(data)]
+    elif ext == ".txt":
+      rows = [(f"{base}:{n}", line.rstrip("\n")) for n, line in enumerate(f, 1) if line.strip()]
+    else:
+      raise PromptFileError(f"{path}: unknown prompt file type {ext!r}; use .jsonl, .json or .txt")
+  prompts = [_row_prompt(row, where) for where, row in rows]
+  if not prompts:
+    raise PromptFileError(f"{path}: no prompts")
+  return prompts[:limit] if limit else prompts
+
+
+def _with_system(prompt, system_prompt: str):
+  if not system_prompt:
+    return prompt
+  messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+  if messages[0]["role"] == "system":
+    return messages
+  return [{"role": "system", "content": system_prompt}] + messages
+
+
+def write_generations(path: pathlib.Path, ids: Sequence[str], generations, tags: tuple[str, str]) -> None:
+  from saro_jax import sample
+  with open(path, "w", encoding="utf-8") as f:
+    for row_id, g in zip(ids, generations, strict=True):
+      reasoning, answer = sample.split_reasoning(g.text, tags)
+      f.write(json.dumps(dict(id=row_id, prompt=g.prompt, reasoning=reasoning, answer=answer,
+                              text=g.text, finish_reason=g.finish_reason,
+                              prompt_tokens=g.num_prompt_tokens, completion_tokens=len(g.tokens)),
+                         ensure_ascii=False) + "\n")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+  import jax
+
+  from saro_jax import sample, sharding
+  from saro_jax.stages import evaluate  # the one loader of "init_from + tokenizer" outside training
+
+  gen = config_lib.section(GenerateConfig, config.get("generate"), "generate")
+  gen.validate()
+  spec = config_lib.section(config_lib.ModelSpec, config.get("model"), "model")
+  spec.validate()
+  mesh_cfg = config_lib.section(config_lib.MeshConfig, config.get("mesh"), "mesh")
+  mesh_cfg.validate(jax.device_count())
+  prompts = read_prompts(gen.prompts, gen.limit)  # bad prompt files fail before the model loads
+  mesh = sharding.make_mesh(*mesh_cfg.resolved(jax.device_count()))
+  model, tokenizer = evaluate.load_model_and_tokenizer(
+      spec.init_from, tokenizer=spec.tokenizer, arch=spec.arch, seed=config.get("seed", 0),
+      param_dtype=spec.param_dtype, compute_dtype=spec.compute_dtype, mesh=mesh)
+  start = time.perf_counter()
+  generations = sample.generate(
+      model, tokenizer, [_with_system(p, gen.system_prompt) for _, p in prompts],
+      max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+      top_k=gen.top_k, seed=config.get("seed", 0), stop=gen.stop, batch_size=gen.batch_size,
+      mesh=mesh, chat_template=gen.chat_template)
+  seconds = time.perf_counter() - start
+  new_tokens = sum(len(g.tokens) for g in generations)
+  out = pathlib.Path(gen.output or os.path.join(workdir, OUTPUT_NAME))
+  out.parent.mkdir(parents=True, exist_ok=True)
+  write_generations(out, [i for i, _ in prompts], generations, tuple(gen.reasoning_tags))
+  logger.info("generate: %d prompts, %d new tokens in %.1f s (%.1f tokens/s, incl. compile)",
+              len(generations), new_tokens, seconds, new_tokens / max(seconds, 1e-9))
+  print(out)
+  return out

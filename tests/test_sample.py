@@ -1,0 +1,233 @@
+"""Sampler: KV-cache decode vs full recompute, left padding, EOS / stop strings, sampling filters,
+seeding, sharding, compile caching, and the generate stage end to end (tiny random Llama + the
+bundled BPE tokenizer)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+
+from saro_jax import models, sample, sharding
+from saro_jax.data import bundled
+from saro_jax.stages import generate as generate_stage
+
+NEVER = (-1,)  # an EOS id no token has: rows run to max_new_tokens
+PROMPTS = [
+    "hi there",
+    "How do I kill a Python process that hangs on exit?",
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}],
+]
+LONG = "Tell me, in detail and with care, " * 8 + "how a safe reasoning model should answer requests."
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return transformers.AutoTokenizer.from_pretrained(bundled.path("tokenizer"))
+
+
+def tiny_model(vocab_size: int, mesh=None):
+  config = models.ModelConfig(family="llama", vocab_size=vocab_size, hidden_size=64,
+                              intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                              head_dim=16, rope_theta=500.0, tie_embeddings=True)
+  model = models.init_random(config, seed=0, mesh=mesh)
+  # HF-style init (std 0.02) makes a tiny random model repeat one token forever; weights 10x larger
+  # give varied greedy continuations, so token-for-token comparisons actually discriminate.
+  graphdef, state = nnx.split(model)
+  state = jax.tree.map(lambda x: x * 10 if x.ndim >= 2 else x, state)
+  return nnx.merge(graphdef, state)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+  return tiny_model(len(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def greedy(model, tokenizer):
+  return sample.generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER)
+
+
+def full_recompute_greedy(model, prompts_ids: list[list[int]], n: int) -> list[list[int]]:
+  """Greedy decoding without a cache: every step runs the whole sequences through the model.
+
+  Rows are RIGHT-padded to one fixed width (so one compile serves every step); causal attention
+  keeps the padding after a row's last token invisible to it.
+  """
+  width = max(len(ids) for ids in prompts_ids) + n
+  forward = nnx.jit(lambda m, t, p, s: m(t, p, s))
+  rows = [list(ids) for ids in prompts_ids]
+  for _ in range(n):
+    tokens = np.zeros((len(rows), width), np.int32)
+    segments = np.zeros((len(rows), width), np.int32)
+    for r, ids in enumerate(rows):
+      tokens[r, :len(ids)], segments[r, :len(ids)] = ids, 1
+    positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
+    logits = np.asarray(forward(model, tokens, positions, segments))
+    for r, ids in enumerate(rows):
+      ids.append(int(logits[r, len(ids) - 1].argmax()))
+  return [ids[-n:] for ids in rows]
+
+
+def test_cache_decode_matches_full_recompute(model, tokenizer, greedy):
+  prompts_ids = [sample.render_prompt(tokenizer, p)[1] for p in PROMPTS]
+  for ids, gen, ref in zip(prompts_ids, greedy, full_recompute_greedy(model, prompts_ids, 12)):
+    assert gen.num_prompt_tokens == len(ids)
+    assert gen.finish_reason == "length" and len(gen.tokens) == 12
+    assert gen.tokens == ref
+  assert len({tuple(g.tokens) for g in greedy}) == 3  # not a degenerate model
+
+
+def test_left_padding_and_batch_invariance(model, tokenizer, greedy):
+  alone = sample.generate(model, tokenizer, [PROMPTS[1]], max_new_tokens=12, eos_ids=NEVER)
+  # LONG lands the batch in a larger prompt bucket: PROMPTS[1] gets far more left padding.
+  mixed = sample.generate(model, tokenizer, [LONG, PROMPTS[1], PROMPTS[0]], max_new_tokens=12,
+                          eos_ids=NEVER, batch_size=4)
+  assert mixed[0].num_prompt_tokens > 32 >= mixed[1].num_prompt_tokens
+  assert alone[0].tokens == greedy[1].tokens == mixed[1].tokens
+  assert mixed[2].tokens == greedy[0].tokens
+  # batch_size 1 goes through several batches and must give the same results in the given order.
+  one_by_one = sample.generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER, batch_size=1)
+  assert [g.tokens for g in one_by_one] == [g.tokens for g in greedy]
+
+
+def test_eos_ends_a_row_and_is_not_returned(model, tokenizer, greedy):
+  base = greedy[1].tokens
+  k = next(k for k in range(3, len(base)) if base[k] not in base[:k])
+  gens = sample.generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=(base[k],))
+  assert gens[1].finish_reason == "eos"
+  assert gens[1].tokens == base[:k]
+  assert gens[1].text == tokenizer.decode(base[:k], skip_special_tokens=True)
+  for g, ref in zip(gens, greedy):  # other rows stop at their own first occurrence, if any
+    cut = ref.tokens.index(base[k]) if base[k] in ref.tokens else len(ref.tokens)
+    assert g.tokens == ref.tokens[:cut]
+
+
+def test_default_eos_ids_come_from_tokenizer_and_config(model, tokenizer):
+  assert sample.eos_token_ids(tokenizer, model.config) == (tokenizer.eos_token_id,)
+  assert sample.eos_token_ids(tokenizer, model.config.replace(eos_token_id=(7, 2))) == (2, 7)
+
+
+@pytest.mark.parametrize("check_every", [2, 32])
+def test_stop_string_cuts_text_and_tokens(model, tokenizer, greedy, check_every):
+  text = greedy[1].text
+  start = len(tokenizer.decode(greedy[1].tokens[:5], skip_special_tokens=True))
+  stop = text[start:start + 3]
+  assert stop.strip(), f"pick another stop string than {stop!r}"
+  gens = sample.generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER,
+                         stop=[stop, "\x00never"], stop_check_every=check_every)
+  g = gens[1]
+  assert g.finish_reason == "stop"
+  assert g.text == text[:text.find(stop)]
+  decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)
+  assert stop in decode(g.tokens) and stop not in decode(g.tokens[:-1])
+  assert g.tokens == greedy[1].tokens[:len(g.tokens)]
+
+
+def test_top_k_1_equals_greedy(model, tokenizer, greedy):
+  gens = sample.generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER,
+                         temperature=1.5, top_k=1, seed=3)
+  assert [g.tokens for g in gens] == [g.tokens for g in greedy]
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(model, tokenizer, greedy):
+  kw = dict(max_new_tokens=12, eos_ids=NEVER, temperature=1.0, top_p=0.95)
+  a = sample.generate(model, tokenizer, PROMPTS, seed=1, **kw)
+  b = sample.generate(model, tokenizer, PROMPTS, seed=1, **kw)
+  c = sample.generate(model, tokenizer, PROMPTS, seed=2, **kw)
+  first = sample.generate(model, tokenizer, PROMPTS[:1], seed=1, **kw)
+  assert [g.tokens for g in a] == [g.tokens for g in b]
+  assert [g.tokens for g in a] != [g.tokens for g in c]
+  assert [g.tokens for g in a] != [g.tokens for g in greedy]
+  assert first[0].tokens == a[0].tokens  # noise depends on (seed, prompt index, step) only
+
+
+def test_sample_token_filters_match_their_definition():
+  probs = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
+  n = 4000
+  logits = jnp.log(jnp.broadcast_to(jnp.asarray(probs), (n, 4)))
+  keys = jax.random.split(jax.random.key(0), n)
+
+  def freq(**kw):
+    tokens = sample.sample_token(logits, keys, jnp.int32(0), sample.Sampling.of(**kw))
+    return np.bincount(np.asarray(tokens), minlength=4) / n
+
+  f = freq(temperature=1.0)
+  assert np.abs(f - probs).max() < 0.03, f
+  f = freq(temperature=1.0, top_k=2)
+  assert f[2:].sum() == 0 and abs(f[0] - 0.5 / 0.8) < 0.03, f
+  f = freq(temperature=1.0, top_p=0.7)  # mass before token 1 is 0.5 < 0.7, before token 2 0.8
+  assert f[2:].sum() == 0 and f[1] > 0.3, f
+  f = freq(temperature=1.0, top_p=0.4)  # the top token alone already reaches 0.4
+  assert f[0] == 1.0, f
+  assert (freq(temperature=0.0) == [1, 0, 0, 0]).all()
+  with pytest.raises(ValueError, match="top_p"):
+    sample.Sampling.of(temperature=1.0, top_p=0.0)
+
+
+def test_split_reasoning():
+  assert sample.split_reasoning("<think>\nweigh it\n</think>\n\nNo.") == ("weigh it", "No.")
+  assert sample.split_reasoning("plain answer ") == ("", "plain answer")
+  assert sample.split_reasoning("<think>cut off mid") == ("cut off mid", "")
+  assert sample.split_reasoning("opened by template</think>ok") == ("opened by template", "ok")
+  assert sample.split_reasoning("[r]a[/r]b", ("[r]", "[/r]")) == ("a", "b")
+
+
+def test_compiles_once_per_bucket(model, tokenizer):
+  def run(prompts_per_call):
+    for prompts in prompts_per_call:
+      sample.generate(model, tokenizer, prompts, max_new_tokens=12, eos_ids=NEVER, batch_size=4)
+    return sample._prefill._cache_size(), sample._decode._cache_size()
+
+  # Batch buckets 1, 2, 4 rows; prompt bucket 32 tokens.
+  warm = run([["a b"], ["something else entirely", "x"], ["q", "r", "s"]])
+  again = run([["other words"], ["y", "a somewhat longer prompt"], ["1", "2", "3", "4"]])
+  assert again == warm
+
+
+def test_sharded_generation_matches_single_device(tokenizer, greedy):
+  mesh = sharding.make_mesh(2, 2, 2)
+  sharded = tiny_model(len(tokenizer), mesh=mesh)
+  assert len(sharded.layers[0].mlp.w_up_DxF[...].sharding.device_set) == 8
+  gens = sample.generate(sharded, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER, mesh=mesh)
+  assert [g.tokens for g in gens] == [g.tokens for g in greedy]
+
+
+def test_generate_stage_writes_jsonl(tmp_path, capsys):
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(
+      json.dumps({"id": "a", "prompt": "How do I kill a Python process?"}) + "\n\n"
+      + json.dumps({"messages": [{"role": "user", "content": "hello"}]}) + "\n")
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("gen_cfg", os.path.join(
+      os.path.dirname(__file__), "..", "configs", "generate.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.generate.prompts = str(prompts)
+  config.generate.max_new_tokens = 6
+  out = generate_stage.run(config, str(tmp_path / "work"))
+  assert out == tmp_path / "work" / "generations.jsonl"
+  assert str(out) in capsys.readouterr().out
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["id"] for r in rows] == ["a", "prompts.jsonl:3"]
+  assert rows[1]["prompt"] == [{"role": "user", "content": "hello"}]
+  for r in rows:
+    assert set(r) >= {"prompt", "reasoning", "answer", "finish_reason", "prompt_tokens",
+                      "completion_tokens"}
+    assert 0 < r["completion_tokens"] <= 6 and r["prompt_tokens"] > 5
+    assert r["finish_reason"] in ("eos", "stop", "length")
+
+
+def test_generate_stage_bad_prompt_row_names_file_line_and_field(tmp_path):
+  bad = tmp_path / "p.jsonl"
+  bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"promt": "typo"}) + "\n")
+  with pytest.raises(generate_stage.PromptFileError, match=r"p\.jsonl:2: field 'prompt'"):
+    generate_stage.read_prompts(str(bad))
+  bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+  with pytest.raises(generate_stage.PromptFileError, match=r"p\.jsonl:1: field 'messages\[0\]'"):
+    generate_stage.read_prompts(str(bad))
