@@ -8,8 +8,11 @@ r"""Safety evaluation: generate on labelled prompt sets, judge, score (and repor
   python -m saro_jax.main --config configs/eval.py:smollm2_135m \
       --config.eval.prompt_sets=jsonl:bundled:eval_prompts,xstest:xstest_prompts.csv
 
-Presets as in rw.py (tiny = random small Llama + bundled tokenizer: seconds on CPU; its numbers
-mean nothing, it checks the plumbing). Prompt sets: comma-separated "<format>:<source>" with format
+Presets as in rw.py. tiny: random small Llama + bundled tokenizer, 8 prompts per label, 192 new
+tokens; three tiny models + report take ~1.5 min on 2 CPU cores; its numbers mean nothing (the
+tiny models emit few or no answer tokens, which the report flags), it checks the plumbing.
+smollm2_135m: the real SmolLM2-135M-Instruct; it goes along with plain harmful requests and
+refuses some jailbreak wrappings (measured on the bundled prompts). Prompt sets: comma-separated "<format>:<source>" with format
 jsonl | xstest | advbench | wildjailbreak and source a .jsonl/.json/.csv/.parquet path,
 "hf:<id or dir>[:split]" or "bundled:<name>". Judges: eval.judge.safety decides "unsafe" (ASR),
 eval.judge.refusal decides "refused" (refusal / over-refusal); each is refusal_phrases (crude,
@@ -32,12 +35,14 @@ def eval_section(preset: str) -> ml_collections.ConfigDict:
   """The `eval` section; the SaRO pipeline config reuses it for its final evaluation."""
   return ml_collections.ConfigDict(dict(
       prompt_sets="jsonl:bundled:eval_prompts",
-      limit={"tiny": 8, "smollm2_135m": 16}.get(preset, 0),  # per set; 0 = every prompt
+      limit={"tiny": 8, "smollm2_135m": 8}.get(preset, 0),  # per label per set; 0 = every prompt
       models="",  # "name=init_from,..." evaluates each and writes the report
       run_dir="",  # a saro workdir: its rw/ and srpo/ metrics.jsonl become the report's curves
       reasoning_tags=("<think>", "</think>"),
       generation=dict(
-          max_new_tokens={"tiny": 24, "smollm2_135m": 96}.get(preset, 1024),
+          # Room for a whole trace (bundled traces: ~140-190 tokens of the tiny tokenizer); a cut
+          # trace has no answer, which the report counts (n_truncated, n_empty_answer).
+          max_new_tokens={"tiny": 192, "smollm2_135m": 256}.get(preset, 1024),
           temperature=0.0, top_p=1.0, top_k=0,
           batch_size={"tiny": 8, "smollm2_135m": 8}.get(preset, 64),
           seed=0, skip_special_tokens=False),
