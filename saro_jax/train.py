@@ -199,7 +199,7 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
     host_batch = next(batches)
     tokens += int(sum(np.count_nonzero(v) for k, v in host_batch.items() if k.endswith("segment_ids")))
     state, metrics = step_fn(state, to_device(host_batch))
-    if step % log_every == 0 or step == last_step:
+    if step % log_every == 0 or step in (1, last_step):
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
       elapsed = time.perf_counter() - t0
       last["tokens_per_s"] = tokens * jax.process_count() / max(elapsed, 1e-9)
