@@ -120,16 +120,17 @@ def test_kv_cache_decode_equals_full_recompute(family, tiny_dirs):
 
 def test_remat_matches_no_remat_values_and_grads(tiny_dirs):
   model = load("llama", tiny_dirs)
-  remat = _with_config(model, model.config.replace(remat="block"))
   tokens, positions, segments = batch(3)
 
   def loss(m):
     return jnp.mean(m(tokens, positions, segments) ** 2)
 
   grad = nnx.jit(nnx.grad(loss))
-  g_plain, g_remat = grad(model), grad(remat)
-  diffs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g_plain, g_remat)
-  assert max(jax.tree.leaves(diffs)) <= 1e-6
+  g_plain = grad(model)
+  for mode in ("block", "dots"):
+    g_remat = grad(_with_config(model, model.config.replace(remat=mode)))
+    diffs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g_plain, g_remat)
+    assert max(jax.tree.leaves(diffs)) <= 1e-6, mode
 
 
 def test_bf16_compute_tracks_fp32(tiny_dirs):

@@ -292,7 +292,10 @@ class Transformer(nnx.Module):
     tokens_BxL = jnp.asarray(tokens_BxL, jnp.int32)
     segment_ids_BxL = jnp.asarray(segment_ids_BxL, jnp.int32)
     B, L = tokens_BxL.shape
-    x_BxLxD = jnp.take(self.embed_VxD[...], tokens_BxL, axis=0).astype(dt)
+    # Gather the table's embed dim (FSDP all-gather) before the lookup: a lookup into an
+    # fsdp-sharded embed dim would leave D sharded where the batch must be, a full reshuffle.
+    embed_VxD = sharding.constrain(self.embed_VxD[...], ("vocab", None))
+    x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0).astype(dt)
     if c.embed_scale:  # Gemma rounds sqrt(D) to the compute dtype before multiplying.
       x_BxLxD = x_BxLxD * jnp.asarray(math.sqrt(c.hidden_size), dt)
     x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "act_embed"))
