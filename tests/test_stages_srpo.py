@@ -1,0 +1,76 @@
+"""SRPO reference modes: ``precomputed`` == ``live``; the precomputed file is reused; ``none``."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from saro_jax.config import training_config
+from saro_jax.stages import reference, srpo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_srpo_config(reference_mode: str, steps: int = 2):
+  spec = importlib.util.spec_from_file_location("cfg_saro", os.path.join(ROOT, "configs", "saro.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.model.arch.update(hidden_size=32, intermediate_size=64, num_layers=1, head_dim=8)
+  config.srpo.data.max_length = 64
+  config.srpo.train.update(steps=steps, batch_size=8, log_every=1, progress_bar=False)
+  config.srpo.opt.update(learning_rate=1e-2, warmup_steps=0)
+  config.srpo.dpo.reference = reference_mode
+  return training_config(config, "srpo")
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("live"))
+  srpo.train_stage(tiny_srpo_config("live"), workdir)
+  return metrics(workdir)
+
+
+def test_precomputed_reference_equals_live_and_is_reused(live, tmp_path):
+  workdir = str(tmp_path)
+  srpo.train_stage(tiny_srpo_config("precomputed"), workdir)
+  pre = metrics(workdir)
+  # Step 1: policy == reference, so every reward is 0 and the loss is log 2.
+  assert live[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)
+  assert abs(live[0]["rewards/margins"]) < 1e-5
+  for a, b in zip(live, pre):
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"):
+      assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a["step"])
+  assert live[-1]["rewards/margins"] > 0  # one update already moved the policy
+  files = os.listdir(os.path.join(workdir, "reference_logps"))
+  assert len(files) == 1 and files[0].endswith(".process_0.npz")
+  path = os.path.join(workdir, "reference_logps", files[0])
+  table = dict(np.load(path))
+  assert len(table["example_id"]) >= 400  # every bundled training pair
+  assert np.all(table["chosen"] < 0) and np.all(table["rejected"] < 0)
+
+  def must_not_run(*_):
+    raise AssertionError("the reference forward ran although its results were on disk")
+
+  reused = reference.precompute(must_not_run, None, iter(()), None, path)
+  assert len(reused) == len(table["example_id"])
+
+
+def test_lookup_names_missing_examples():
+  with pytest.raises(KeyError, match=r"lack example ids \[7\]"):
+    reference.lookup({1: (-1.0, -2.0)}, np.asarray([1, 7]))
+
+
+def test_reference_free(tmp_path):
+  srpo.train_stage(tiny_srpo_config("none", steps=1), str(tmp_path))
+  first = metrics(str(tmp_path))[0]
+  # Without a reference the rewards are beta * policy log-probs: negative, not 0.
+  assert first["rewards/chosen"] < 0 and first["rewards/chosen"] == pytest.approx(
+      0.1 * first["logps/chosen"], rel=1e-5)
