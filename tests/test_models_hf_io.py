@@ -177,3 +177,37 @@ def test_directory_without_weights_is_refused(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(tiny_hf.hf_config("llama").to_dict()))
   with pytest.raises(FileNotFoundError, match="no model.safetensors"):
     hf.load_hf(str(tmp_path))
+
+
+def test_gemma_legacy_gelu_means_tanh_and_config_dict_round_trips():
+  from saro_jax.models import families
+  from saro_jax.models.config import ModelConfig
+
+  hf_config = tiny_hf.hf_config("gemma").to_dict()
+  hf_config["hidden_act"] = "gelu"  # as in the released gemma-2b/7b config.json
+  config = families.config_from_hf(hf_config)
+  assert config.hidden_act == "gelu_tanh" and config.embed_scale and config.norm_offset == 1.0
+  llama3 = families.config_from_hf(tiny_hf.hf_config("llama3").to_dict())
+  assert llama3.rope_scaling["rope_type"] == "llama3" and llama3.rope_theta == 50000.0
+  assert ModelConfig.from_dict(llama3.to_dict()) == llama3
+  assert hash(llama3) == hash(ModelConfig.from_dict(llama3.to_dict()))
+  legacy = {k: v for k, v in tiny_hf.hf_config("llama").to_dict().items() if k != "rope_parameters"}
+  legacy.update(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 2.0})  # v4 keys
+  old = families.config_from_hf(legacy)
+  assert old.rope_theta == 500000.0 and dict(old.rope_scaling) == {"rope_type": "linear", "factor": 2.0}
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(family="gpt2"), r"ModelConfig\.family='gpt2': unsupported; supported families: llama"),
+    (dict(num_kv_heads=3), r"num_kv_heads=3: must divide num_heads=4"),
+    (dict(remat="full"), r"remat='full': must be one of"),
+    (dict(compute_dtype="fp8"), r"compute_dtype='fp8'"),
+])
+def test_model_config_rejects_bad_fields(change, message):
+  from saro_jax.models.config import ModelConfig
+
+  good = dict(family="llama", vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=1,
+              num_heads=4, num_kv_heads=2, head_dim=2)
+  ModelConfig(**good)
+  with pytest.raises(ValueError, match=message):
+    ModelConfig(**{**good, **change})

@@ -24,6 +24,7 @@ class Family:
   norm_offset: float  # RMSNorm scale is (offset + w) (Gemma: 1.0)
   uses_sliding_window: bool  # honours config "sliding_window" on every layer (Mistral)
   default_tie: bool  # HF default of tie_word_embeddings for this family
+  gelu_means_tanh: bool = False  # Gemma's released configs say "gelu" but mean the tanh form
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -36,7 +37,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen3", "qwen3", "Qwen3ForCausalLM", qkv_bias=False, qk_norm=True, embed_scale=False,
            norm_offset=0.0, uses_sliding_window=False, default_tie=True),
     Family("gemma", "gemma", "GemmaForCausalLM", qkv_bias=False, qk_norm=False, embed_scale=True,
-           norm_offset=1.0, uses_sliding_window=False, default_tie=True),
+           norm_offset=1.0, uses_sliding_window=False, default_tie=True, gelu_means_tanh=True),
 )}
 
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -100,7 +101,9 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json", **over
          "per-layer sliding windows are not implemented")
   refuse(float(hf.get("partial_rotary_factor", 1.0) or 1.0) != 1.0, "partial_rotary_factor",
          "partial RoPE is not implemented")
-  act_name = hf.get("hidden_act") or hf.get("hidden_activation") or "silu"
+  act_name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+  if fam.gelu_means_tanh and act_name == "gelu":
+    act_name = "gelu_pytorch_tanh"
   refuse(act_name not in _ACT_FROM_HF, "hidden_act", f"supported: {sorted(_ACT_FROM_HF)}")
 
   num_heads = int(need("num_attention_heads"))
