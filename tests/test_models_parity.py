@@ -116,6 +116,8 @@ def test_kv_cache_decode_equals_full_recompute(family, tiny_dirs):
   assert diff <= 1e-5
   assert cache.segment_ids_BxS.shape == (3, 16)
   np.testing.assert_array_equal(np.asarray(cache.segment_ids_BxS[:, :12]), segments)
+  with pytest.raises(ValueError, match="cache_index=15 \\+ 2 new tokens does not fit"):
+    model(tokens[:, :2], positions[:, :2], segments[:, :2], cache=cache, cache_index=15)
 
 
 def test_remat_matches_no_remat_values_and_grads(tiny_dirs):

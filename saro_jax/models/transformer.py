@@ -311,6 +311,11 @@ class Transformer(nnx.Module):
         x_BxLxD = run(block, x_BxLxD, cos, sin, mask)
       return self.final_norm(x_BxLxD), None
 
+    max_len = cache.segment_ids_BxS.shape[1]
+    if isinstance(cache_index, int) and not 0 <= cache_index <= max_len - L:
+      # dynamic_update_slice would clamp the start and silently overwrite earlier slots.
+      raise ValueError(f"cache_index={cache_index} + {L} new tokens does not fit the cache of "
+                       f"length {max_len}; allocate init_cache(batch, max_len >= {cache_index + L})")
     write_index_B = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (B,))
     write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
     cache_segments_BxS = write(cache.segment_ids_BxS, segment_ids_BxL, write_index_B)
