@@ -7,7 +7,9 @@ r"""The SaRO pipeline: RW (SFT) -> SRPO (DPO, RW model as start and reference) -
 Shared sections (model, mesh, checkpoint, export, seed) apply to both stages; per-stage settings
 live in config.rw.{data,opt,train} and config.srpo.{data,opt,train,dpo}, e.g.
 --config.rw.train.steps=100 --config.srpo.dpo.beta=0.2. Outputs: <workdir>/rw, <workdir>/srpo
-(checkpoints, metrics.jsonl, TensorBoard) and <workdir>/hf (the final model, printed at the end).
+(checkpoints, metrics.jsonl, TensorBoard), <workdir>/hf (the final model, printed at the end) and,
+with config.evaluate (default on), <workdir>/report.md: safety metrics of the start, RW and SRPO
+models on the bundled held-out prompts (config.eval, see configs/eval.py) plus training curves.
 Tiny preset: RW loss falls well below its start; SRPO rewards/accuracies ends ~1.0.
 Re-running the same command resumes (finished stages are skipped).
 """
@@ -21,6 +23,10 @@ _spec = importlib.util.spec_from_file_location("saro_configs_common",
                                                os.path.join(os.path.dirname(__file__), "common.py"))
 common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
+_spec = importlib.util.spec_from_file_location("saro_configs_eval",
+                                               os.path.join(os.path.dirname(__file__), "eval.py"))
+_eval_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_eval_config)
 
 
 def get_config(arg: str | None = None):
@@ -28,4 +34,9 @@ def get_config(arg: str | None = None):
   config = common.base("saro", "saro", preset)
   config.rw = ml_collections.ConfigDict(common.rw_recipe(preset))
   config.srpo = ml_collections.ConfigDict(common.srpo_recipe(preset))
+  # After export: evaluate start / RW / SRPO on the held-out prompts and write report.md.
+  config.evaluate = True
+  config.eval = _eval_config.eval_section(preset)
+  if preset == "tiny":
+    config.eval.limit = 4  # prompts per label: the tiny run checks the plumbing, not safety
   return config

@@ -1,6 +1,7 @@
-"""The SaRO pipeline: RW (SFT) -> SRPO (DPO from the RW model, RW model as reference) -> HF export.
+"""The SaRO pipeline: RW (SFT) -> SRPO (DPO from the RW model, RW model as reference) -> HF export
+-> (``config.evaluate``) safety evaluation of start / RW / SRPO models and ``<workdir>/report.md``.
 
-Both stage configs are validated before anything is built. Outputs: ``<workdir>/rw``,
+Both stage configs (and the eval section) are validated before anything is built. Outputs: ``<workdir>/rw``,
 ``<workdir>/srpo`` (each: checkpoints/, metrics.jsonl, tensorboard/, data_stats.json) and the final
 HF directory (``export.dir`` or ``<workdir>/hf``). Re-running resumes: a finished stage is only
 restored, an interrupted one continues from its last checkpoint.
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rw_cfg = training_config(config, "rw")
   srpo_cfg = training_config(config, "srpo")
+  evaluate = bool(config.get("evaluate", False))
+  if evaluate:
+    from saro_jax.evaluate import settings as eval_settings
+    eval_settings.eval_settings(config.get("eval"))  # fail now, not after training
   rw_dir, srpo_dir = os.path.join(workdir, "rw"), os.path.join(workdir, "srpo")
 
   _, rw_result = rw.train_stage(rw_cfg, rw_dir)
@@ -53,6 +58,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary["hf_dir"] = os.path.abspath(
         _setup.export(s, srpo_cfg.export.dir or os.path.join(workdir, "hf")))
     print(f"exported the SaRO model (HF format) to {summary['hf_dir']}")
+  mesh = s.mesh
+  del s  # free the training state before the evaluation loads models
+  if evaluate:
+    from saro_jax.stages import evaluate as evaluate_stage
+    models = {"start": config.model.init_from,
+              "rw": os.path.join(rw_dir, ckpt_lib.CHECKPOINT_SUBDIR),
+              "srpo": summary.get("hf_dir") or os.path.join(srpo_dir, ckpt_lib.CHECKPOINT_SUBDIR)}
+    logs = {name: os.path.join(d, "metrics.jsonl") for name, d in (("rw", rw_dir), ("srpo", srpo_dir))}
+    summary["report"] = str(evaluate_stage.evaluate_models(config, workdir, models,
+                                                           training_logs=logs, mesh=mesh))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
