@@ -111,6 +111,13 @@ def attention_mask(q_slot_BxT: jax.Array, q_segment_BxT: jax.Array, k_segment_Bx
   return visible[:, None, :, :]
 
 
+def write_slots(buffer_BxS: jax.Array, new_BxT: jax.Array, index_B: jax.Array) -> jax.Array:
+  """Row b of ``new`` written into row b of ``buffer`` at slots index_B[b] .. index_B[b] + T - 1
+  (trailing dims ride along)."""
+  write_row = lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0)
+  return jax.vmap(write_row)(buffer_BxS, new_BxT, index_B)
+
+
 # ---------------------------------------------------------------------------------------------
 # Modules
 
@@ -170,10 +177,9 @@ class Attention(nnx.Module):
 
     new_cache = None
     if kv_cache is not None:
-      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
       cache_k, cache_v = kv_cache
-      k_BxLxKxH = write(cache_k, k_BxLxKxH.astype(cache_k.dtype), write_index_B)
-      v_BxLxKxH = write(cache_v, v_BxLxKxH.astype(cache_v.dtype), write_index_B)
+      k_BxLxKxH = write_slots(cache_k, k_BxLxKxH.astype(cache_k.dtype), write_index_B)
+      v_BxLxKxH = write_slots(cache_v, v_BxLxKxH.astype(cache_v.dtype), write_index_B)
       new_cache = (k_BxLxKxH, v_BxLxKxH)
       k_BxLxKxH, v_BxLxKxH = k_BxLxKxH.astype(dt), v_BxLxKxH.astype(dt)
 
@@ -282,7 +288,8 @@ class Transformer(nnx.Module):
     zeros = lambda: sharding.constrain(jnp.zeros(shape, dtype), names)
     return Cache(keys=tuple(zeros() for _ in range(c.num_layers)),
                  values=tuple(zeros() for _ in range(c.num_layers)),
-                 segment_ids_BxS=jnp.zeros((batch, max_len), jnp.int32))
+                 segment_ids_BxS=sharding.constrain(jnp.zeros((batch, max_len), jnp.int32),
+                                                    ("batch", "cache_length")))
 
   # -- internals -------------------------------------------------------------------------------
 
@@ -317,8 +324,7 @@ class Transformer(nnx.Module):
       raise ValueError(f"cache_index={cache_index} + {L} new tokens does not fit the cache of "
                        f"length {max_len}; allocate init_cache(batch, max_len >= {cache_index + L})")
     write_index_B = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (B,))
-    write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
-    cache_segments_BxS = write(cache.segment_ids_BxS, segment_ids_BxL, write_index_B)
+    cache_segments_BxS = write_slots(cache.segment_ids_BxS, segment_ids_BxL, write_index_B)
     slots_BxL = write_index_B[:, None] + jnp.arange(L, dtype=jnp.int32)
     mask = attention_mask(slots_BxL, segment_ids_BxL, cache_segments_BxS, c.sliding_window)
     keys, values = [], []
