@@ -33,6 +33,14 @@ def run_dir(tmp_path_factory):
   return workdir
 
 
+def test_pipeline_writes_summary_and_report(run_dir):
+  summary = json.loads((run_dir / "summary.json").read_text())
+  assert summary["hf_dir"] == str(run_dir / "hf")
+  report = (run_dir / "report.md").read_text()
+  for stage in ("start", "rw", "srpo"):
+    assert f"| {stage} |" in report  # the three models were evaluated
+
+
 def test_rw_loss_falls(run_dir):
   rows = read_metrics(run_dir / "rw" / "metrics.jsonl")
   first, last = rows[0]["loss"], rows[-1]["loss"]
