@@ -99,10 +99,11 @@ def _forward(model, cache, tokens_BxT, positions_BxT, segment_ids_BxT, cache_ind
   return logits_BxTxV[..., :model.config.vocab_size], cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "eos_ids", "mesh"))
-def _prefill(graphdef, state, tokens_BxP, positions_BxP, segment_ids_BxP, keys_B, done_B,
-             sampling: Sampling, *, cache_len: int, eos_ids: tuple[int, ...], mesh: Mesh | None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "mesh"))
+def _prefill(graphdef, state, tokens_BxP, positions_BxP, segment_ids_BxP, prompt_index_B, done_B,
+             seed, eos_E, sampling: Sampling, *, cache_len: int, mesh: Mesh | None):
   """Runs the prompts through the model into a fresh cache and samples the first new token."""
+  keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), prompt_index_B)
   with sharding.use(mesh):
     model = nnx.merge(graphdef, state)
     batch = tokens_BxP.shape[0]
@@ -110,17 +111,16 @@ def _prefill(graphdef, state, tokens_BxP, positions_BxP, segment_ids_BxP, keys_B
     logits_BxPxV, cache = _forward(model, cache, tokens_BxP, positions_BxP, segment_ids_BxP, 0)
     first_B = sample_token(logits_BxPxV[:, -1], keys_B, jnp.int32(0), sampling)
     out_BxN = jnp.zeros((batch, cache_len - tokens_BxP.shape[1]), jnp.int32).at[:, 0].set(first_B)
-    done_B = done_B | jnp.isin(first_B, jnp.asarray(eos_ids, jnp.int32))
+    done_B = done_B | jnp.isin(first_B, eos_E)
     next_pos_B = positions_BxP[:, -1] + 1
-    return dict(cache=cache, out=out_BxN, done=done_B, pos=next_pos_B, step=jnp.int32(1))
+    return dict(cache=cache, out=out_BxN, done=done_B, pos=next_pos_B, keys=keys_B, step=jnp.int32(1))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "eos_ids", "mesh"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "mesh"),
                    donate_argnames=("carry",))
-def _decode(graphdef, state, carry: dict, keys_B, until, sampling: Sampling, *, prompt_len: int,
-            eos_ids: tuple[int, ...], mesh: Mesh | None):
+def _decode(graphdef, state, carry: dict, until, eos_E, sampling: Sampling, *, prompt_len: int,
+            mesh: Mesh | None):
   """Decodes until step ``until`` (exclusive) or until every row is done."""
-  eos_E = jnp.asarray(eos_ids, jnp.int32)
 
   def cond(c):
     return (c["step"] < until) & ~jnp.all(c["done"])
@@ -132,11 +132,11 @@ def _decode(graphdef, state, carry: dict, keys_B, until, sampling: Sampling, *, 
     model = nnx.merge(graphdef, state)  # merged per trace of the body: no outer-trace mutation
     logits_Bx1xV, cache = _forward(model, c["cache"], last_B[:, None], c["pos"][:, None],
                                    jnp.ones((batch, 1), jnp.int32), prompt_len + step - 1)
-    new_B = sample_token(logits_Bx1xV[:, 0], keys_B, step, sampling)
+    new_B = sample_token(logits_Bx1xV[:, 0], c["keys"], step, sampling)
     new_B = jnp.where(c["done"], 0, new_B)  # finished rows idle; their tokens are never read
     out = jax.lax.dynamic_update_index_in_dim(c["out"], new_B, step, axis=1)
     done = c["done"] | jnp.isin(new_B, eos_E)
-    return dict(cache=cache, out=out, done=done, pos=c["pos"] + 1, step=step + 1)
+    return dict(cache=cache, out=out, done=done, pos=c["pos"] + 1, keys=c["keys"], step=step + 1)
 
   with sharding.use(mesh):
     return jax.lax.while_loop(cond, body, carry)
@@ -240,7 +240,6 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
   mesh = mesh if mesh is not None else sharding.current_mesh()
   eos = tuple(sorted(set(eos_ids))) if eos_ids else eos_token_ids(tokenizer, model.config)
   stop = tuple(s for s in stop if s)
-  pad_id = 0
   rendered = [render_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
   for i, (_, ids) in enumerate(rendered):
     if not ids:
@@ -248,58 +247,90 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
   graphdef, state = nnx.split(model)
   row_div = _batch_axis_size(mesh)
   max_rows = -(-batch_size // row_div) * row_div
-  base_key = jax.random.key(seed)
+  run = functools.partial(_generate_batch, graphdef, state, tokenizer, sampling=sampling, seed=seed,
+                          eos=eos, stop=stop, max_new_tokens=max_new_tokens, mesh=mesh,
+                          skip_special=skip_special_tokens, stop_check_every=stop_check_every)
+  # Longest first: batches of similar lengths waste less padding.
   order = sorted(range(len(prompts)), key=lambda i: -len(rendered[i][1]))
   results: dict[int, Generation] = {}
-  for chunk_start in range(0, len(order), max_rows):
-    idx = order[chunk_start:chunk_start + max_rows]
+  for start in range(0, len(order), max_rows):
+    idx = order[start:start + max_rows]
     rows = min(max_rows, -(-bucket(len(idx), 1) // row_div) * row_div)
     plen = bucket(max(len(rendered[i][1]) for i in idx), min_prompt_bucket)
-    tokens = np.full((rows, plen), pad_id, np.int32)
-    positions = np.zeros((rows, plen), np.int32)
-    segments = np.zeros((rows, plen), np.int32)
-    for r in range(rows):
-      # Filler rows repeat the first prompt (a row of pure padding would attend to nothing) and
-      # start finished, so they never hold the loop open.
-      ids = rendered[idx[r] if r < len(idx) else idx[0]][1]
-      tokens[r, plen - len(ids):] = ids
-      positions[r, plen - len(ids):] = np.arange(len(ids))
-      segments[r, plen - len(ids):] = 1
-    done = np.arange(rows) >= len(idx)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
-        base_key, jnp.asarray([idx[r] if r < len(idx) else 0 for r in range(rows)], jnp.uint32))
-    put = (lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))) if mesh else jnp.asarray
-    keys = jax.device_put(keys, sharding.batch_sharding(mesh, 1)) if mesh else keys
-    kw = dict(eos_ids=eos, mesh=mesh)
-    carry = _prefill(graphdef, state, put(tokens), put(positions), put(segments), keys, put(done),
-                     sampling, cache_len=plen + max_new_tokens, **kw)
-    step = 1
-    every = stop_check_every if stop else max_new_tokens
-    while step < max_new_tokens:
-      until = min(max_new_tokens, step + every)
-      carry = _decode(graphdef, state, carry, keys, jnp.int32(until), sampling, prompt_len=plen, **kw)
-      step = int(carry["step"])
-      done_now = np.asarray(carry["done"]).copy()
-      if done_now.all():
-        break
-      if stop:
-        out = np.asarray(carry["out"])
-        for r in np.flatnonzero(~done_now):
-          text = tokenizer.decode(out[r, :step].tolist(), skip_special_tokens=skip_special_tokens)
-          done_now[r] = any(s in text for s in stop)
-        if done_now.all():
-          break
-        carry["done"] = put(done_now)
-    out = np.asarray(carry["out"])[:, :step]
-    for r, i in enumerate(idx):
-      gen = out[r].tolist()
-      reason = FINISH_LENGTH
-      eos_at = [k for k, t in enumerate(gen) if t in eos]
-      if eos_at:
-        gen, reason = gen[:eos_at[0]], FINISH_EOS
-      text, gen, hit = _cut_at_stop(tokenizer, gen, stop, skip_special_tokens)
-      if hit:
-        reason = FINISH_STOP
-      results[i] = Generation(prompt=prompts[i], prompt_text=rendered[i][0], text=text, tokens=gen,
-                              finish_reason=reason, num_prompt_tokens=len(rendered[i][1]))
+    for i, (text, tokens, reason) in zip(idx, run([rendered[i][1] for i in idx], idx, rows, plen)):
+      results[i] = Generation(prompt=prompts[i], prompt_text=rendered[i][0], text=text,
+                              tokens=tokens, finish_reason=reason,
+                              num_prompt_tokens=len(rendered[i][1]))
   return [results[i] for i in range(len(prompts))]
+
+
+def _to_device(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
+  """Every process holds the whole host batch; each device takes its rows (multi-host safe)."""
+  if mesh is None:
+    return jnp.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding.batch_sharding(mesh, x.ndim),
+                                      lambda index: x[index])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _left_padded(prompts_ids: Sequence[list[int]], rows: int, plen: int):
+  """tokens, positions, segment ids [rows, plen]. Filler rows (beyond the prompts) repeat the
+  first prompt: a row of pure padding would attend to nothing."""
+  tokens = np.zeros((rows, plen), np.int32)
+  positions = np.zeros((rows, plen), np.int32)
+  segments = np.zeros((rows, plen), np.int32)
+  for r in range(rows):
+    ids = prompts_ids[r if r < len(prompts_ids) else 0]
+    tokens[r, plen - len(ids):] = ids
+    positions[r, plen - len(ids):] = np.arange(len(ids))
+    segments[r, plen - len(ids):] = 1
+  return tokens, positions, segments
+
+
+def _generate_batch(graphdef, state, tokenizer, prompts_ids: Sequence[list[int]],
+                    prompt_index: Sequence[int], rows: int, plen: int, *, sampling: Sampling,
+                    seed: int, eos: tuple[int, ...], stop: tuple[str, ...], max_new_tokens: int,
+                    mesh: Mesh | None, skip_special: bool,
+                    stop_check_every: int) -> list[tuple[str, list[int], str]]:
+  """(text, tokens, finish_reason) for each prompt of one batch."""
+  n = len(prompts_ids)
+  tokens, positions, segments = _left_padded(prompts_ids, rows, plen)
+  done = np.arange(rows) >= n  # filler rows start finished: they never hold the loop open
+  index = np.asarray([prompt_index[r] if r < n else 0 for r in range(rows)], np.uint32)
+  put = functools.partial(_to_device, mesh=mesh)
+  eos_E = jnp.asarray(eos, jnp.int32)
+  carry = _prefill(graphdef, state, put(tokens), put(positions), put(segments), put(index),
+                   put(done), jnp.uint32(seed % 2**32), eos_E, sampling,
+                   cache_len=plen + max_new_tokens, mesh=mesh)
+  step = 1
+  every = stop_check_every if stop else max_new_tokens
+  while step < max_new_tokens:
+    until = min(max_new_tokens, step + every)
+    carry = _decode(graphdef, state, carry, jnp.int32(until), eos_E, sampling, prompt_len=plen,
+                    mesh=mesh)
+    step = int(_to_host(carry["step"]))
+    done_now = _to_host(carry["done"]).copy()
+    if stop and not done_now.all():
+      out = _to_host(carry["out"])
+      for r in np.flatnonzero(~done_now):
+        text = tokenizer.decode(out[r, :step].tolist(), skip_special_tokens=skip_special)
+        done_now[r] = any(s in text for s in stop)
+      carry["done"] = put(done_now)
+    if done_now.all():
+      break
+  out = _to_host(carry["out"])[:n, :step]
+  results = []
+  for gen in out.tolist():
+    reason = FINISH_LENGTH
+    eos_at = next((k for k, t in enumerate(gen) if t in eos), None)
+    if eos_at is not None:
+      gen, reason = gen[:eos_at], FINISH_EOS
+    text, gen, hit = _cut_at_stop(tokenizer, gen, stop, skip_special)
+    results.append((text, gen, FINISH_STOP if hit else reason))
+  return results

@@ -2,6 +2,7 @@
 seeding, sharding, compile caching, and the generate stage end to end (tiny random Llama + the
 bundled BPE tokenizer)."""
 
+import importlib.util
 import json
 import os
 
@@ -30,10 +31,18 @@ def tokenizer():
   return transformers.AutoTokenizer.from_pretrained(bundled.path("tokenizer"))
 
 
+def generate_config(preset: str = "tiny"):
+  spec = importlib.util.spec_from_file_location("generate_config", os.path.join(
+      os.path.dirname(__file__), "..", "configs", "generate.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
 def tiny_model(vocab_size: int, mesh=None):
-  config = models.ModelConfig(family="llama", vocab_size=vocab_size, hidden_size=64,
-                              intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                              head_dim=16, rope_theta=500.0, tie_embeddings=True)
+  # The tiny preset's architecture: the stage test then reuses these compiled programs.
+  arch = dict(generate_config().model.arch)
+  config = models.ModelConfig(**arch, vocab_size=vocab_size)
   model = models.init_random(config, seed=0, mesh=mesh)
   # HF-style init (std 0.02) makes a tiny random model repeat one token forever; weights 10x larger
   # give varied greedy continuations, so token-for-token comparisons actually discriminate.
@@ -152,8 +161,10 @@ def test_sample_token_filters_match_their_definition():
   logits = jnp.log(jnp.broadcast_to(jnp.asarray(probs), (n, 4)))
   keys = jax.random.split(jax.random.key(0), n)
 
+  sample_token = jax.jit(sample.sample_token)  # settings are traced: one compile serves all
+
   def freq(**kw):
-    tokens = sample.sample_token(logits, keys, jnp.int32(0), sample.Sampling.of(**kw))
+    tokens = sample_token(logits, keys, jnp.int32(0), sample.Sampling.of(**kw))
     return np.bincount(np.asarray(tokens), minlength=4) / n
 
   f = freq(temperature=1.0)
@@ -202,14 +213,10 @@ def test_generate_stage_writes_jsonl(tmp_path, capsys):
   prompts.write_text(
       json.dumps({"id": "a", "prompt": "How do I kill a Python process?"}) + "\n\n"
       + json.dumps({"messages": [{"role": "user", "content": "hello"}]}) + "\n")
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("gen_cfg", os.path.join(
-      os.path.dirname(__file__), "..", "configs", "generate.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = generate_config("tiny")
   config.generate.prompts = str(prompts)
-  config.generate.max_new_tokens = 6
+  config.generate.max_new_tokens = 12
+  config.mesh.update(dict(data=2, fsdp=2, tensor=2))  # as the sharded test: compiled already
   out = generate_stage.run(config, str(tmp_path / "work"))
   assert out == tmp_path / "work" / "generations.jsonl"
   assert str(out) in capsys.readouterr().out
@@ -219,7 +226,7 @@ def test_generate_stage_writes_jsonl(tmp_path, capsys):
   for r in rows:
     assert set(r) >= {"prompt", "reasoning", "answer", "finish_reason", "prompt_tokens",
                       "completion_tokens"}
-    assert 0 < r["completion_tokens"] <= 6 and r["prompt_tokens"] > 5
+    assert 0 < r["completion_tokens"] <= 12 and r["prompt_tokens"] > 5
     assert r["finish_reason"] in ("eos", "stop", "length")
 
 
