@@ -92,7 +92,7 @@ def rw_recipe(preset: str) -> dict:
                 train=train(40, 8, log_every=10))
   if preset == "smollm2_135m":
     return dict(data=data("bundled:rw_train", 256), opt=opt(2e-5, warmup_steps=2),
-                train=train(8, 8, log_every=2, logps_chunk=128))
+                train=train(5, 8, log_every=1, logps_chunk=128))
   return dict(data=data("bundled:rw_train", 4096), opt=opt(1e-5, warmup_steps=50, weight_decay=0.0),
               train=train(1000, 128, grad_accum=4, log_every=10, logps_chunk=512))
 
@@ -103,7 +103,7 @@ def srpo_recipe(preset: str) -> dict:
                 train=train(30, 8, log_every=10), dpo=dpo(beta=0.1))
   if preset == "smollm2_135m":
     return dict(data=data("bundled:pairs_train", 256), opt=opt(5e-6, warmup_steps=1),
-                train=train(8, 8, log_every=2, logps_chunk=128), dpo=dpo(beta=0.1))
+                train=train(5, 8, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))
   return dict(data=data("bundled:pairs_train", 4096), opt=opt(5e-7, warmup_steps=20),
               train=train(500, 64, grad_accum=4, log_every=10, logps_chunk=512), dpo=dpo(beta=0.1))
 

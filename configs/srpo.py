@@ -4,7 +4,8 @@ r"""Safety-oriented Reasoning Process Optimization (SRPO): DPO on outcome- and p
 
 Starts from ``model.init_from`` (an RW checkpoint dir, HF dir, hub id or .gguf) and uses the same
 weights as the frozen reference (``dpo.reference``: live | precomputed | none). On the tiny preset
-after 40 steps rewards/accuracies is ~1.0 on the training pairs. Default workdir runs/srpo-<preset>.
+(30 steps) rewards/accuracies reaches ~1.0 on the training pairs within 10 steps, also from a
+random start. Default workdir runs/srpo-<preset>.
 """
 
 import importlib.util
