@@ -83,9 +83,11 @@ def test_init_random_sharded_equals_unsharded_and_tolerates_uneven_heads(mesh):
   assert sharded.layers[0].attn.wq_DxNxH[...].sharding.spec == P("fsdp", "tensor", None)
   assert sharded.layers[0].attn.wk_DxKxH[...].sharding.spec == P("fsdp", None, None)
   assert sharded.layers[0].mlp.w_down_FxD[...].sharding.spec == P("tensor", "fsdp")
+  # Same random draws; per-shard code generation may round the normal transform 1 ulp apart.
   for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(single)),
                                nnx.to_flat_state(nnx.state(sharded))):
-    assert np.array_equal(np.asarray(a[...]), np.asarray(b[...])), path
+    np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=1e-6, atol=1e-9,
+                               err_msg=str(path))
   assert not np.any(np.asarray(sharded.embed_VxD[...])[100:])  # vocab padding rows are zero
 
   tokens, positions, segments = tiny_hf.padded_batch(seed=4, lengths=(10, 6, 8, 10),
