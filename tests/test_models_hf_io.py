@@ -211,3 +211,8 @@ def test_model_config_rejects_bad_fields(change, message):
   ModelConfig(**good)
   with pytest.raises(ValueError, match=message):
     ModelConfig(**{**good, **change})
+
+
+def test_missing_local_directory_is_not_sent_to_the_hub(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no such model directory"):
+    hf.load_hf(str(tmp_path / "runs" / "final"))

@@ -248,6 +248,9 @@ def _resolve(path_or_id: str) -> pathlib.Path:
     return path
   if path.exists():
     raise ValueError(f"{path}: expected an HF model directory (config.json + safetensors)")
+  text = str(path_or_id)
+  if text.startswith((".", "/", "~")) or text.count("/") != 1:
+    raise FileNotFoundError(f"{text}: no such model directory (and not an 'org/name' hub id)")
   from huggingface_hub import snapshot_download
 
   return pathlib.Path(snapshot_download(
