@@ -191,6 +191,11 @@ class DpoConfig:
   reference_from: str = ""  # "" = the stage's own starting weights (SaRO: the RW result)
 
   def validate(self, where: str) -> None:
+    from saro_jax import losses  # the table of DPO losses lives with the formulas
+    _check_choice(f"{where}.loss_type", self.loss_type, tuple(sorted(losses.DPO_LOSSES)))
+    if self.label_smoothing and not losses.DPO_LOSSES[self.loss_type].label_smoothing:
+      raise ConfigError(f"config.{where}.label_smoothing={self.label_smoothing} does not apply to"
+                        f" {where}.loss_type={self.loss_type!r}; set it to 0")
     _check_choice(f"{where}.reference", self.reference, REFERENCE_MODES)
     _check_positive(f"{where}.beta", self.beta)
     if not 0.0 <= self.label_smoothing < 0.5:

@@ -165,6 +165,19 @@ class MetricsWriter:
       self._tb.close()
 
 
+def _last_logged(workdir: str) -> dict[str, float]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  if not lines:
+    return {}
+  row = json.loads(lines[-1])
+  row.pop("step", None)
+  return row
+
+
 @dataclasses.dataclass
 class LoopResult:
   state: TrainState
@@ -214,5 +227,7 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
   writer.close()
   if checkpointer is not None:
     checkpointer.wait()
+  if not last:  # nothing ran (a finished stage re-run): report the last logged values
+    last = _last_logged(workdir)
   finished = int(jax.device_get(state.step)) >= steps
   return LoopResult(state=state, last_metrics=last, history=history, finished=finished)

@@ -60,6 +60,8 @@ def test_unknown_preset_names_the_choices():
     (lambda c: setattr(c.rw.train, "grad_accum", 3), r"grad_accum \(3\)"),
     (lambda c: setattr(c.srpo.dpo, "reference", "frozen"), r"config.srpo.dpo.reference='frozen' is not one of"),
     (lambda c: setattr(c.rw.opt, "schedule", "step"), r"config.rw.opt.schedule='step'"),
+    (lambda c: setattr(c.srpo.dpo, "loss_type", "kto"), r"config.srpo.dpo.loss_type='kto' is not one of"),
+    (lambda c: c.srpo.dpo.update(loss_type="ipo", label_smoothing=0.1), r"does not apply to srpo.dpo.loss_type='ipo'"),
     (lambda c: setattr(c.model, "compute_dtype", "fp8"), r"config.model.compute_dtype='fp8'"),
     (lambda c: setattr(c.rw.data, "on_error", "ignore"), r"config.rw.data.on_error"),
     (lambda c: setattr(c.rw.opt, "warmup_steps", 1000), r"warmup_steps=1000 exceeds"),
@@ -84,6 +86,15 @@ def test_wrong_type_and_unknown_key_in_a_section():
   saro.rw.train.stepz = 3
   with pytest.raises(ConfigError, match=r"config.rw.train: unknown key\(s\) \['stepz'\]"):
     training_config(saro, "rw", device_count=1)
+
+
+def test_unknown_stage_lists_the_stages():
+  from saro_jax import stages
+  config = ml_collections.ConfigDict({"stage": "train_everything"})
+  with pytest.raises(ValueError, match=r"config.stage='train_everything' is not a stage; available: .*'rw'"):
+    stages.run(config, "/nonexistent")
+  assert {"rw", "srpo", "saro"} <= set(stages.available())
+  assert "reference" not in stages.available()
 
 
 def test_batch_must_divide_process_count():
