@@ -13,13 +13,25 @@ from saro_jax.stages import reference, srpo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_srpo_config(reference_mode: str, steps: int = 2):
+N_PAIRS = 40  # a slice of the bundled pairs keeps the precompute pass short
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+  from saro_jax.data import bundled
+  path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+  with open(bundled.path("pairs_train")) as f:
+    path.write_text("".join(f.readline() for _ in range(N_PAIRS)))
+  return str(path)
+
+
+def tiny_srpo_config(reference_mode: str, pairs: str, steps: int = 2):
   spec = importlib.util.spec_from_file_location("cfg_saro", os.path.join(ROOT, "configs", "saro.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("tiny")
   config.model.arch.update(hidden_size=32, intermediate_size=64, num_layers=1, head_dim=8)
-  config.srpo.data.max_length = 64
+  config.srpo.data.update(max_length=64, sources=pairs)
   config.srpo.train.update(steps=steps, batch_size=8, log_every=1, progress_bar=False)
   config.srpo.opt.update(learning_rate=1e-2, warmup_steps=0)
   config.srpo.dpo.reference = reference_mode
@@ -32,15 +44,15 @@ def metrics(workdir):
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def live(tmp_path_factory, pairs_file):
   workdir = str(tmp_path_factory.mktemp("live"))
-  srpo.train_stage(tiny_srpo_config("live"), workdir)
+  srpo.train_stage(tiny_srpo_config("live", pairs_file), workdir)
   return metrics(workdir)
 
 
-def test_precomputed_reference_equals_live_and_is_reused(live, tmp_path):
+def test_precomputed_reference_equals_live_and_is_reused(live, pairs_file, tmp_path):
   workdir = str(tmp_path)
-  srpo.train_stage(tiny_srpo_config("precomputed"), workdir)
+  srpo.train_stage(tiny_srpo_config("precomputed", pairs_file), workdir)
   pre = metrics(workdir)
   # Step 1: policy == reference, so every reward is 0 and the loss is log 2.
   assert live[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)
@@ -53,7 +65,7 @@ def test_precomputed_reference_equals_live_and_is_reused(live, tmp_path):
   assert len(files) == 1 and files[0].endswith(".process_0.npz")
   path = os.path.join(workdir, "reference_logps", files[0])
   table = dict(np.load(path))
-  assert len(table["example_id"]) >= 400  # every bundled training pair
+  assert len(table["example_id"]) == N_PAIRS  # every pair, incl. the last partial batch's
   assert np.all(table["chosen"] < 0) and np.all(table["rejected"] < 0)
 
   def must_not_run(*_):
@@ -68,8 +80,8 @@ def test_lookup_names_missing_examples():
     reference.lookup({1: (-1.0, -2.0)}, np.asarray([1, 7]))
 
 
-def test_reference_free(tmp_path):
-  srpo.train_stage(tiny_srpo_config("none", steps=1), str(tmp_path))
+def test_reference_free(pairs_file, tmp_path):
+  srpo.train_stage(tiny_srpo_config("none", pairs_file, steps=1), str(tmp_path))
   first = metrics(str(tmp_path))[0]
   # Without a reference the rewards are beta * policy log-probs: negative, not 0.
   assert first["rewards/chosen"] < 0 and first["rewards/chosen"] == pytest.approx(
