@@ -108,16 +108,30 @@ def named_sharding(mesh: Mesh, names: LogicalNames | None, rules=None) -> NamedS
   return NamedSharding(mesh, logical_to_spec(names, rules))
 
 
+def fit(spec_sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+  """Replicates each dim its mesh axes do not divide (e.g. 9 heads on tensor=2) instead of failing."""
+  mesh = spec_sharding.mesh
+  spec = list(spec_sharding.spec) + [None] * (len(shape) - len(spec_sharding.spec))
+  for i, axes in enumerate(spec):
+    if axes is None:
+      continue
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    if shape[i] % int(np.prod([mesh.shape[a] for a in names])):
+      spec[i] = None
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
 def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
-  """Sharding constraint on an activation inside jit; identity when no mesh is in use."""
+  """Sharding constraint on an activation; identity when no mesh is in use."""
   mesh = _ctx.mesh
   if mesh is None:
     return x
-  return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names))
+  return jax.lax.with_sharding_constraint(x, fit(named_sharding(mesh, names), x.shape))
 
 
 def state_shardings(state: nnx.State | object, mesh: Mesh, rules=None):
-  """NamedShardings for every leaf of an (abstract) nnx state, from its ``sharding`` metadata."""
+  """NamedShardings for every leaf of an (abstract) nnx state, from its logical-name metadata,
+  fitted to each leaf's shape."""
 
   def leaf_sharding(leaf):
     names = None
@@ -128,7 +142,7 @@ def state_shardings(state: nnx.State | object, mesh: Mesh, rules=None):
         if meta.get(key) is not None:
           names = meta[key]
           break
-    return named_sharding(mesh, names, rules)
+    return fit(named_sharding(mesh, names, rules), np.shape(leaf))
 
   return jax.tree.map(leaf_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -10,36 +10,14 @@ from __future__ import annotations
 import os
 
 import jax
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from saro_jax import sharding
 from saro_jax.models.config import ModelConfig
 from saro_jax.models.transformer import Cache, Transformer
 
-__all__ = ["Cache", "ModelConfig", "Transformer", "init_random", "load", "load_tokenizer",
-           "param_shardings"]
-
-
-def _fit(spec_sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
-  """Replicates any dim its mesh axes do not divide (e.g. 9 heads on tensor=2) instead of failing."""
-  mesh = spec_sharding.mesh
-  spec = list(spec_sharding.spec) + [None] * (len(shape) - len(spec_sharding.spec))
-  for i, axes in enumerate(spec):
-    if axes is None:
-      continue
-    names = (axes,) if isinstance(axes, str) else tuple(axes)
-    if shape[i] % int(np.prod([mesh.shape[a] for a in names])):
-      spec[i] = None
-  return NamedSharding(mesh, PartitionSpec(*spec))
-
-
-def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules=None):
-  """NamedShardings for a model's (abstract) state from its logical names, fitted to the shapes."""
-  raw = sharding.state_shardings(abstract_state, mesh, rules)
-  is_var = lambda x: isinstance(x, nnx.Variable)
-  return jax.tree.map(lambda s, v: _fit(s, v.shape), raw, abstract_state, is_leaf=is_var)
+__all__ = ["Cache", "ModelConfig", "Transformer", "init_random", "load", "load_tokenizer"]
 
 
 def abstract_model(config: ModelConfig) -> Transformer:
@@ -51,7 +29,7 @@ def init_random(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None,
                 rules=None) -> Transformer:
   """A randomly initialised model, its weights sharded on ``mesh`` (one device if None)."""
   graphdef, abstract_state = nnx.split(abstract_model(config))
-  out_shardings = None if mesh is None else param_shardings(abstract_state, mesh, rules)
+  out_shardings = None if mesh is None else sharding.state_shardings(abstract_state, mesh, rules)
 
   def make_state():
     return nnx.state(Transformer(config, rngs=nnx.Rngs(seed)))

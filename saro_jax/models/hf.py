@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from saro_jax.models import abstract_model, param_shardings
+from saro_jax import sharding
+from saro_jax.models import abstract_model
 from saro_jax.models import families
 from saro_jax.models.config import ModelConfig
 from saro_jax.models.transformer import Transformer
@@ -166,7 +167,7 @@ def load_from_tensors(hf_config: Mapping[str, Any], tensors: Mapping[str, Any], 
     shardings = jax.tree.map(lambda _: device_sharding, abstract_state,
                              is_leaf=lambda x: isinstance(x, nnx.Variable))
   else:
-    shardings = param_shardings(abstract_state, mesh, rules)
+    shardings = sharding.state_shardings(abstract_state, mesh, rules)
   flat_shardings = dict(nnx.to_flat_state(shardings))
   expected = _expand(config)
 

@@ -128,7 +128,7 @@ def load_model(spec: ModelSpec, tokenizer, mesh: Mesh, seed: int) -> nnx.Module:
 def abstract_params(config: ModelConfig, mesh: Mesh) -> nnx.State:
   """Params as ShapeDtypeStructs carrying their target shardings."""
   _, state = nnx.split(models.abstract_model(config), nnx.Param)
-  shardings = models.param_shardings(state, mesh)
+  shardings = sharding.state_shardings(state, mesh)
   return jax.tree.map(
       lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), state, shardings,
       is_leaf=lambda x: isinstance(x, nnx.Variable))
