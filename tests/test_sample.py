@@ -238,3 +238,9 @@ def test_generate_stage_bad_prompt_row_names_file_line_and_field(tmp_path):
   bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
   with pytest.raises(generate_stage.PromptFileError, match=r"p\.jsonl:1: field 'messages\[0\]'"):
     generate_stage.read_prompts(str(bad))
+
+
+def test_generation_config_eos_ids(tmp_path):
+  assert generate_stage.generation_config_eos(str(tmp_path)) == ()
+  (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128009]}))
+  assert generate_stage.generation_config_eos(str(tmp_path)) == (128001, 128009)

@@ -142,6 +142,16 @@ def _with_system(prompt, system_prompt: str):
   return [{"role": "system", "content": system_prompt}] + messages
 
 
+def generation_config_eos(init_from: str) -> tuple[int, ...]:
+  """EOS ids of an HF dir's generation_config.json (chat models often list several there)."""
+  path = os.path.join(init_from, "generation_config.json")
+  if not os.path.isfile(path):
+    return ()
+  with open(path, encoding="utf-8") as f:
+    eos = json.load(f).get("eos_token_id")
+  return () if eos is None else (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
+
+
 def write_generations(path: pathlib.Path, ids: Sequence[str], generations, tags: tuple[str, str]) -> None:
   from saro_jax import sample
   with open(path, "w", encoding="utf-8") as f:
@@ -170,17 +180,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   model, tokenizer = evaluate.load_model_and_tokenizer(
       spec.init_from, tokenizer=spec.tokenizer, arch=spec.arch, seed=config.get("seed", 0),
       param_dtype=spec.param_dtype, compute_dtype=spec.compute_dtype, mesh=mesh)
+  eos = sample.eos_token_ids(tokenizer, model.config, generation_config_eos(spec.init_from))
   start = time.perf_counter()
   generations = sample.generate(
       model, tokenizer, [_with_system(p, gen.system_prompt) for _, p in prompts],
       max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
       top_k=gen.top_k, seed=config.get("seed", 0), stop=gen.stop, batch_size=gen.batch_size,
-      mesh=mesh, chat_template=gen.chat_template)
+      mesh=mesh, eos_ids=eos, chat_template=gen.chat_template)
   seconds = time.perf_counter() - start
   new_tokens = sum(len(g.tokens) for g in generations)
   out = pathlib.Path(gen.output or os.path.join(workdir, OUTPUT_NAME))
-  out.parent.mkdir(parents=True, exist_ok=True)
-  write_generations(out, [i for i, _ in prompts], generations, tuple(gen.reasoning_tags))
+  if jax.process_index() == 0:  # every process generated the same rows; one writes them
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_generations(out, [i for i, _ in prompts], generations, tuple(gen.reasoning_tags))
   logger.info("generate: %d prompts, %d new tokens in %.1f s (%.1f tokens/s, incl. compile)",
               len(generations), new_tokens, seconds, new_tokens / max(seconds, 1e-9))
   print(out)
