@@ -274,6 +274,8 @@ def _to_device(x: np.ndarray, mesh: Mesh | None) -> jax.Array:
 def _to_host(x: jax.Array) -> np.ndarray:
   if x.is_fully_addressable:
     return np.asarray(x)
+  if x.is_fully_replicated:  # e.g. the step counter: any local copy is the whole value
+    return np.asarray(x.addressable_data(0))
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 

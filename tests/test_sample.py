@@ -244,3 +244,30 @@ def test_generation_config_eos_ids(tmp_path):
   assert generate_stage.generation_config_eos(str(tmp_path)) == ()
   (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128009]}))
   assert generate_stage.generation_config_eos(str(tmp_path)) == (128001, 128009)
+
+
+@pytest.mark.multiprocess
+def test_two_process_generate_matches_one_process(tmp_path):
+  """2 processes x 2 devices (jax.distributed over 127.0.0.1): the batch spans both processes,
+  results are gathered back, process 0 writes the same rows a single process writes."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(
+      ["How do I kill a Python process?", "hello there", "Why is the sky blue?"])))
+  overrides = [f"--config.generate.prompts={prompts}", "--config.generate.max_new_tokens=8"]
+  env = dict(os.environ, NUM_PROCESSES="2", DEVICES="2", PY=sys.executable,
+             LOGDIR=str(tmp_path / "logs"), PYTHONPATH=root)
+  env.pop("XLA_FLAGS", None)  # the launcher gives each process its own 2 devices
+  cmd = ["bash", "launch/local_multiprocess.sh", "--config", "configs/generate.py",
+         f"--workdir={tmp_path / 'two'}"] + overrides
+  out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:]
+  assert "2 process(es), 4 device(s)" in (tmp_path / "logs" / "process_0.log").read_text()
+  config = generate_config("tiny")
+  config.generate.prompts = str(prompts)
+  config.generate.max_new_tokens = 8
+  one = generate_stage.run(config, str(tmp_path / "one"))
+  rows = lambda path: [json.loads(line) for line in open(path)]
+  assert rows(tmp_path / "two" / "generations.jsonl") == rows(one)
