@@ -211,7 +211,11 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
   for step in range(start + 1, last_step + 1):
     host_batch = next(batches)
     tokens += int(sum(np.count_nonzero(v) for k, v in host_batch.items() if k.endswith("segment_ids")))
-    state, metrics = step_fn(state, to_device(host_batch))
+    device_batch = to_device(host_batch)
+    # Everything the step needs is on the devices already; an implicit host->device copy here
+    # would be a silent per-step cost, so it is an error (big_vision's transfer guard).
+    with jax.transfer_guard_host_to_device("disallow"):
+      state, metrics = step_fn(state, device_batch)
     if step % log_every == 0 or step in (1, last_step):
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
       elapsed = time.perf_counter() - t0
