@@ -107,9 +107,15 @@ def _prefill(graphdef, state, tokens_BxP, positions_BxP, segment_ids_BxP, prompt
     model = nnx.merge(graphdef, state)
     batch = tokens_BxP.shape[0]
     cache = model.init_cache(batch, cache_len)
-    logits_BxPxV, cache = _forward(model, cache, tokens_BxP, positions_BxP, segment_ids_BxP, 0)
-    first_B = sample_token(logits_BxPxV[:, -1], keys_B, jnp.int32(0), sampling)
-    out_BxN = jnp.zeros((batch, cache_len - tokens_BxP.shape[1]), jnp.int32).at[:, 0].set(first_B)
+    # All but the last column fill the cache (their logits are unused, so XLA drops the unembed:
+    # no B x P x V tensor); the last column, where every row's prompt ends, gives the logits.
+    plen = tokens_BxP.shape[1]
+    _, cache = _forward(model, cache, tokens_BxP[:, :-1], positions_BxP[:, :-1],
+                        segment_ids_BxP[:, :-1], 0)
+    logits_Bx1xV, cache = _forward(model, cache, tokens_BxP[:, -1:], positions_BxP[:, -1:],
+                                   segment_ids_BxP[:, -1:], plen - 1)
+    first_B = sample_token(logits_Bx1xV[:, 0], keys_B, jnp.int32(0), sampling)
+    out_BxN = jnp.zeros((batch, cache_len - plen), jnp.int32).at[:, 0].set(first_B)
     done_B = done_B | jnp.isin(first_B, eos_E)
     next_pos_B = positions_BxP[:, -1] + 1
     return dict(cache=cache, out=out_BxN, done=done_B, pos=next_pos_B, keys=keys_B, step=jnp.int32(1))

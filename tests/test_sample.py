@@ -5,6 +5,7 @@ bundled BPE tokenizer)."""
 import importlib.util
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -198,6 +199,21 @@ def test_compiles_once_per_bucket(model, tokenizer):
   warm = run([["a b"], ["something else entirely", "x"], ["q", "r", "s"]])
   again = run([["other words"], ["y", "a somewhat longer prompt"], ["1", "2", "3", "4"]])
   assert again == warm
+
+
+def test_prefill_never_builds_prompt_length_logits(model, tokenizer, greedy):
+  del greedy  # compiled the 4-row / 32-token bucket
+  graphdef, state = nnx.split(model)
+  tokens = jnp.zeros((4, 32), jnp.int32)
+  hlo = sample._prefill.lower(graphdef, state, tokens, tokens, tokens, tokens.astype(jnp.uint32)[:, 0],
+                              tokens[:, 0] > 0, jnp.uint32(0), jnp.asarray(NEVER), sample.Sampling.of(),
+                              cache_len=44, mesh=None).compile().as_text()
+  vocab = model.config.vocab_size
+  shapes = [[int(d) for d in m.split(",")] for m in re.findall(r"\[(\d+(?:,\d+)+)\]", hlo)]
+  with_vocab = [d for d in shapes if vocab in d]
+  assert with_vocab  # the last column's logits (and the embedding)
+  largest = max(int(np.prod(d)) // vocab for d in with_vocab)
+  assert largest < 4 * 31, f"a [.., {vocab}] tensor with {largest} rows: B x P x V logits"
 
 
 def test_sharded_generation_matches_single_device(tokenizer, greedy):
