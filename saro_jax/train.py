@@ -77,7 +77,7 @@ def abstract_state(abstract_params: nnx.State, optimizer: optax.GradientTransfor
                       compiled.output_shardings)
 
 
-def _micro_batches(batch: Batch, grad_accum: int, mesh: Mesh | None) -> Batch:
+def micro_batches(batch: Batch, grad_accum: int, mesh: Mesh | None) -> Batch:
   """[B, ...] -> [A, B/A, ...] where micro-batch i takes rows i, i+A, ...: every device keeps
   its own rows (its contiguous block splits evenly over the micro-batches), so no data moves."""
 
@@ -102,7 +102,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     if grad_accum == 1:
       (loss, metrics), grads = grad_fn(state.params, batch, normalizer)
     else:
-      micro = _micro_batches(batch, grad_accum, mesh)
+      micro = micro_batches(batch, grad_accum, mesh)
       first = jax.tree.map(lambda x: x[0], micro)
       shapes = jax.eval_shape(grad_fn, state.params, first, normalizer)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

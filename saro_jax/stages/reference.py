@@ -73,9 +73,9 @@ def make_reference_fn(graphdef: nnx.GraphDef, *, vocab_size: int, chunk_size: in
     params = jax.lax.stop_gradient(params)
     if micro_batches == 1:
       return one(params, batch)
-    micro = train._micro_batches(batch, micro_batches, mesh)
+    micro = train.micro_batches(batch, micro_batches, mesh)
     chosen_AxB, rejected_AxB = jax.lax.map(lambda mb: one(params, mb), micro)
-    # Undo the interleaving of train._micro_batches: row r sits at [r % A, r // A].
+    # Undo the interleaving of train.micro_batches: row r sits at [r % A, r // A].
     unsplit = lambda x_AxB: x_AxB.swapaxes(0, 1).reshape(-1)
     return unsplit(chosen_AxB), unsplit(rejected_AxB)
 
