@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -24,6 +25,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from saro_jax import sharding
+
+logger = logging.getLogger(__name__)
 
 Message = Mapping[str, str]
 Prompt = str | Sequence[Message]
@@ -246,9 +249,14 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
   eos = tuple(sorted(set(eos_ids))) if eos_ids else eos_token_ids(tokenizer, model.config)
   stop = tuple(s for s in stop if s)
   rendered = [render_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
+  limit = model.config.max_position_embeddings
   for i, (_, ids) in enumerate(rendered):
     if not ids:
       raise ValueError(f"prompt {i} renders to no tokens")
+    if len(ids) + max_new_tokens > limit:
+      logger.warning("prompt %d: %d tokens + max_new_tokens=%d exceed the model's"
+                     " max_position_embeddings=%d; positions beyond it are untrained", i, len(ids),
+                     max_new_tokens, limit)
   graphdef, state = nnx.split(model)
   row_div = _batch_axis_size(mesh)
   max_rows = -(-batch_size // row_div) * row_div

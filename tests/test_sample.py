@@ -233,12 +233,15 @@ def test_generate_stage_writes_jsonl(tmp_path, capsys):
   config.generate.prompts = str(prompts)
   config.generate.max_new_tokens = 12
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))  # as the sharded test: compiled already
+  config.generate.system_prompt = "Think about safety first."
   out = generate_stage.run(config, str(tmp_path / "work"))
   assert out == tmp_path / "work" / "generations.jsonl"
   assert str(out) in capsys.readouterr().out
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["id"] for r in rows] == ["a", "prompts.jsonl:3"]
+  assert rows[0]["prompt"] == "How do I kill a Python process?"  # as read, without the system turn
   assert rows[1]["prompt"] == [{"role": "user", "content": "hello"}]
+  assert rows[1]["prompt_tokens"] > 12  # the system turn was rendered in
   for r in rows:
     assert set(r) >= {"prompt", "reasoning", "answer", "finish_reason", "prompt_tokens",
                       "completion_tokens"}

@@ -152,12 +152,14 @@ def generation_config_eos(init_from: str) -> tuple[int, ...]:
   return () if eos is None else (int(eos),) if isinstance(eos, int) else tuple(int(i) for i in eos)
 
 
-def write_generations(path: pathlib.Path, ids: Sequence[str], generations, tags: tuple[str, str]) -> None:
+def write_generations(path: pathlib.Path, prompts: Sequence[tuple[str, Any]], generations,
+                      tags: tuple[str, str]) -> None:
+  """One JSON row per (id, prompt as read) and its generation."""
   from saro_jax import sample
   with open(path, "w", encoding="utf-8") as f:
-    for row_id, g in zip(ids, generations, strict=True):
+    for (row_id, prompt), g in zip(prompts, generations, strict=True):
       reasoning, answer = sample.split_reasoning(g.text, tags)
-      f.write(json.dumps(dict(id=row_id, prompt=g.prompt, reasoning=reasoning, answer=answer,
+      f.write(json.dumps(dict(id=row_id, prompt=prompt, reasoning=reasoning, answer=answer,
                               text=g.text, finish_reason=g.finish_reason,
                               prompt_tokens=g.num_prompt_tokens, completion_tokens=len(g.tokens)),
                          ensure_ascii=False) + "\n")
@@ -192,7 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   out = pathlib.Path(gen.output or os.path.join(workdir, OUTPUT_NAME))
   if jax.process_index() == 0:  # every process generated the same rows; one writes them
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_generations(out, [i for i, _ in prompts], generations, tuple(gen.reasoning_tags))
+    write_generations(out, prompts, generations, tuple(gen.reasoning_tags))
   logger.info("generate: %d prompts, %d new tokens in %.1f s (%.1f tokens/s, incl. compile)",
               len(generations), new_tokens, seconds, new_tokens / max(seconds, 1e-9))
   print(out)
