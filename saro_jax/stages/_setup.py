@@ -190,3 +190,17 @@ def export(setup_: Setup, out_dir: str) -> str:
   kw = {"dtype": cfg.dtype} if cfg.dtype else {}
   path = hf.export_hf(setup_.model, out_dir, tokenizer=setup_.tokenizer, **kw)
   return str(path)
+
+
+def finish(s: Setup, result: train.LoopResult, name: str) -> train.LoopResult:
+  """A training stage's ending, shared by all of them: say where things went, export if done."""
+  log.info("%s: final metrics %s", name, result.last_metrics)
+  print(f"{name} done: checkpoints in {os.path.join(s.workdir, 'checkpoints')}")
+  if not result.finished:
+    print(f"stopped at step {int(result.state.step)} of {s.cfg.train.steps} (train.stop_at);"
+          " re-run the same command to resume")
+    return result
+  if s.cfg.export.enabled:
+    out = export(s, s.cfg.export.dir or os.path.join(s.workdir, "hf"))
+    print(f"exported HF model to {out}")
+  return result

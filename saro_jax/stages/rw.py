@@ -6,8 +6,6 @@ tokens, so packing and gradient accumulation do not re-weight examples.
 
 from __future__ import annotations
 
-import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +15,6 @@ from flax import nnx
 from saro_jax import losses, sharding, train
 from saro_jax.config import StageConfig, training_config
 from saro_jax.stages import _data, _setup
-
-log = logging.getLogger(__name__)
 
 SFT_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
@@ -70,15 +66,5 @@ def train_stage(cfg: StageConfig, workdir: str) -> tuple[_setup.Setup, train.Loo
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
-  cfg = training_config(config, "rw")
-  s, result = train_stage(cfg, workdir)
-  log.info("rw: final metrics %s", result.last_metrics)
-  print(f"RW done: checkpoints in {os.path.join(workdir, 'checkpoints')}")
-  if not result.finished:
-    print(f"stopped at step {int(result.state.step)} of {cfg.train.steps} (train.stop_at); re-run"
-          " the same command to resume")
-    return result
-  if cfg.export.enabled:
-    out = _setup.export(s, cfg.export.dir or os.path.join(workdir, "hf"))
-    print(f"exported HF model to {out}")
-  return result
+  s, result = train_stage(training_config(config, "rw"), workdir)
+  return _setup.finish(s, result, "RW")

@@ -8,7 +8,6 @@ three reference modes; the step itself is one function for all of them.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 
 import jax
@@ -19,8 +18,6 @@ from flax import nnx
 from saro_jax import losses, sharding, train
 from saro_jax.config import StageConfig, training_config
 from saro_jax.stages import _data, _setup, reference
-
-log = logging.getLogger(__name__)
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, cfg: StageConfig, *, vocab_size: int):
@@ -120,15 +117,5 @@ def train_stage(cfg: StageConfig, workdir: str) -> tuple[_setup.Setup, train.Loo
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
-  cfg = training_config(config, "srpo")
-  s, result = train_stage(cfg, workdir)
-  log.info("srpo: final metrics %s", result.last_metrics)
-  print(f"SRPO done: checkpoints in {os.path.join(workdir, 'checkpoints')}")
-  if not result.finished:
-    print(f"stopped at step {int(result.state.step)} of {cfg.train.steps} (train.stop_at); re-run"
-          " the same command to resume")
-    return result
-  if cfg.export.enabled:
-    out = _setup.export(s, cfg.export.dir or os.path.join(workdir, "hf"))
-    print(f"exported HF model to {out}")
-  return result
+  s, result = train_stage(training_config(config, "srpo"), workdir)
+  return _setup.finish(s, result, "SRPO")
