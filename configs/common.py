@@ -43,8 +43,7 @@ def model(preset: str) -> ml_collections.ConfigDict:
 def mesh(preset: str) -> ml_collections.ConfigDict:
   # Big models: fully sharded over all devices (fsdp=-1), tensor parallel within a host when
   # needed; CPU presets put everything on fsdp too (one device on a laptop -> 1x1x1).
-  if preset in ("qwen2_5_7b", "llama3_8b"):
-    return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  del preset
   return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
 
@@ -88,8 +87,10 @@ def dpo(beta: float = 0.1) -> ml_collections.ConfigDict:
 # Per-preset stage recipes: (data sources, max_length, opt, train) for RW and SRPO.
 def rw_recipe(preset: str) -> dict:
   if preset == "tiny":
+    # ~4 epochs of the bundled traces: enough for the tiny model to learn to reason-then-answer
+    # (RW loss ~7.6 -> ~0.9), so the report's before/after columns show a change, in ~1 min.
     return dict(data=data("bundled:rw_train", 256), opt=opt(3e-3, warmup_steps=5),
-                train=train(40, 8, log_every=10))
+                train=train(300, 8, log_every=25))
   if preset == "smollm2_135m":
     return dict(data=data("bundled:rw_train", 256), opt=opt(2e-5, warmup_steps=2),
                 train=train(5, 8, log_every=1, logps_chunk=128))
@@ -99,8 +100,9 @@ def rw_recipe(preset: str) -> dict:
 
 def srpo_recipe(preset: str) -> dict:
   if preset == "tiny":
-    return dict(data=data("bundled:pairs_train", 256), opt=opt(5e-4, warmup_steps=2, schedule="constant"),
-                train=train(30, 8, log_every=10), dpo=dpo(beta=0.1))
+    # A gentle learning rate: at 5e-4 the tiny policy collapses (empty answers) within 60 steps.
+    return dict(data=data("bundled:pairs_train", 256), opt=opt(5e-5, warmup_steps=2, schedule="constant"),
+                train=train(40, 8, log_every=10), dpo=dpo(beta=0.1))
   if preset == "smollm2_135m":
     return dict(data=data("bundled:pairs_train", 256), opt=opt(5e-6, warmup_steps=1),
                 train=train(5, 8, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))

@@ -9,8 +9,9 @@ r"""Safety evaluation: generate on labelled prompt sets, judge, score (and repor
       --config.eval.prompt_sets=jsonl:bundled:eval_prompts,xstest:xstest_prompts.csv
 
 Presets as in rw.py. tiny: random small Llama + bundled tokenizer, 8 prompts per label, 192 new
-tokens; three tiny models + report take ~1.5 min on 2 CPU cores; its numbers mean nothing (the
-tiny models emit few or no answer tokens, which the report flags), it checks the plumbing.
+tokens; three tiny models + report take ~1.5 min on 2 CPU cores; the numbers are a smoke test (the
+random start model emits no answer tokens, which the report flags; the trained tiny RW model
+reasons then refuses harmful prompts), not a safety measurement.
 smollm2_135m: the real SmolLM2-135M-Instruct; it goes along with plain harmful requests and
 refuses some jailbreak wrappings (measured on the bundled prompts). Prompt sets: comma-separated "<format>:<source>" with format
 jsonl | xstest | advbench | wildjailbreak and source a .jsonl/.json/.csv/.parquet path,

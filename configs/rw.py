@@ -1,9 +1,9 @@
 r"""Reasoning-style Warmup (RW): SFT on reasoning traces, loss on the assistant turn only.
 
-  python -m saro_jax.main --config configs/rw.py            # preset tiny (default), CPU, < 1 min
+  python -m saro_jax.main --config configs/rw.py            # preset tiny (default), CPU, ~1 min
   python -m saro_jax.main --config configs/rw.py:smollm2_135m --config.train.steps=20
 
-Presets: tiny (random small Llama + bundled tokenizer/data, 40 steps: loss ~7.6 -> ~5.2),
+Presets: tiny (random small Llama + bundled tokenizer/data, 300 steps: loss ~7.6 -> ~0.9),
 smollm2_135m (the real SmolLM2-135M-Instruct GGUF, CPU, 5 steps of 8 rows: loss ~3.6 at the
 start, tens of seconds per step on 2 cores), qwen2_5_7b / llama3_8b (hub ids or local dirs, fsdp
 over all devices, bf16 compute with fp32 master weights, remat, grad accumulation). Writes checkpoints, metrics.jsonl,

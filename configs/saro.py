@@ -2,7 +2,7 @@ r"""The SaRO pipeline: RW (SFT) -> SRPO (DPO, RW model as start and reference) -
 
   python -m saro_jax.main --config configs/saro.py          # preset tiny (default): CPU, < 3 min
   python -m saro_jax.main --config configs/saro.py:smollm2_135m
-  python -m saro_jax.main --config configs/saro.py:qwen2_5_7b --workdir gs://bucket/run1
+  python -m saro_jax.main --config configs/saro.py:qwen2_5_7b --workdir /shared/runs/qwen
 
 Shared sections (model, mesh, checkpoint, export, seed) apply to both stages; per-stage settings
 live in config.rw.{data,opt,train} and config.srpo.{data,opt,train,dpo}, e.g.
@@ -10,7 +10,9 @@ live in config.rw.{data,opt,train} and config.srpo.{data,opt,train,dpo}, e.g.
 (checkpoints, metrics.jsonl, TensorBoard), <workdir>/hf (the final model, printed at the end) and,
 with config.evaluate (default on), <workdir>/report.md: safety metrics of the start, RW and SRPO
 models on the bundled held-out prompts (config.eval, see configs/eval.py) plus training curves.
-Tiny preset: RW loss falls well below its start; SRPO rewards/accuracies ends ~1.0.
+Tiny preset (~2.5 min on 2 CPU cores): RW 300 steps, loss ~7.6 -> ~0.9; SRPO 40 steps,
+rewards/accuracies ~1.0; the report shows the RW model refusing the harmful prompts and answering
+the benign ones (4 prompts per label: a smoke test, not a safety measurement).
 Re-running the same command resumes (finished stages are skipped).
 """
 
