@@ -1,0 +1,248 @@
+r"""Throughput of the three hot paths: RW (SFT) step, SRPO (DPO) step with a live reference, sampler.
+
+  python benchmarks/throughput.py --model tiny --batch 8 --length 256 --steps 5
+  python benchmarks/throughput.py --model smollm2 --batch 2 --length 128 --steps 3 --new_tokens 16
+  python benchmarks/throughput.py --model /path/to/hf_dir --peak_tflops 989
+
+It only PRINTS figures (a table, then one JSON line); it asserts no speed target. Batches are
+synthetic random tokens in the "Data" contract's format (BUILD.md), so no data pipeline is timed.
+The model, optimizer and DPO settings come from the training configs (configs/rw.py, srpo.py) of
+the matching preset, so the steps timed are the ones `saro_jax.main` would run.
+
+Devices: the largest k <= jax.device_count() that divides --batch (batches shard over data x fsdp,
+so every device needs whole rows); the mesh is fsdp=k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saro_jax import models, sample, sharding, train
+from saro_jax.config import StageConfig, training_config
+from saro_jax.stages import _setup, reference, rw, srpo
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
+PROMPT = "Explain, step by step, why the sky looks blue during the day."
+
+
+def _stage_config(stage: str, model: str, batch: int, length: int, devices: int) -> StageConfig:
+  """The training config of ``stage`` for the preset matching ``model``, resized to the benchmark."""
+  spec = importlib.util.spec_from_file_location(f"saro_bench_{stage}",
+                                                os.path.join(CONFIGS_DIR, f"{stage}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny" if model == "tiny" else "smollm2_135m")
+  if model not in ("tiny", "smollm2"):
+    if not os.path.isdir(model):
+      raise ValueError(f"--model {model!r}: expected 'tiny', 'smollm2' or an existing HF directory")
+    config.model.init_from = model
+    config.model.tokenizer = ""
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, devices, 1
+  config.train.batch_size = batch
+  config.train.grad_accum = 1
+  config.train.logps_chunk = min(config.train.logps_chunk, length)
+  config.data.max_length = length
+  return training_config(config, stage, device_count=devices)
+
+
+def _timed(fn: Callable[[], object], steps: int, warmup: int) -> float:
+  """Seconds per call of ``fn`` (its outputs blocked on), ``warmup`` calls excluded."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    jax.block_until_ready(fn())
+  return (time.perf_counter() - t0) / steps
+
+
+def sft_batch(rng: np.random.Generator, batch: int, length: int, vocab: int) -> dict[str, np.ndarray]:
+  """One unpacked row per example; every token after the first is a target."""
+  loss_mask_BxL = np.ones((batch, length), np.int32)
+  loss_mask_BxL[:, 0] = 0
+  return {"tokens": rng.integers(0, vocab, (batch, length), dtype=np.int32),
+          "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+          "segment_ids": np.ones((batch, length), np.int32), "loss_mask": loss_mask_BxL}
+
+
+def dpo_batch(rng: np.random.Generator, batch: int, length: int, vocab: int) -> dict[str, np.ndarray]:
+  """Pairs sharing their first half (the prompt); loss masks cover the completions only."""
+  shared = length // 2
+  prefix_BxS = rng.integers(0, vocab, (batch, shared), dtype=np.int32)
+  out: dict[str, np.ndarray] = {}
+  for side in ("chosen", "rejected"):
+    completion = rng.integers(0, vocab, (batch, length - shared), dtype=np.int32)
+    mask_BxL = np.zeros((batch, length), np.int32)
+    mask_BxL[:, shared:] = 1
+    out.update({f"{side}_tokens": np.concatenate([prefix_BxS, completion], axis=1),
+                f"{side}_positions": np.broadcast_to(np.arange(length, dtype=np.int32),
+                                                     (batch, length)).copy(),
+                f"{side}_segment_ids": np.ones((batch, length), np.int32),
+                f"{side}_loss_mask": mask_BxL})
+  out["shared_len"] = np.full((batch,), shared, np.int32)
+  out["example_id"] = np.arange(batch, dtype=np.int64)
+  return out
+
+
+def _compile(step, state, batch) -> tuple[Callable, float]:
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def bench_rw(cfg: StageConfig, graphdef, params, optimizer, lr_fn, mesh, args) -> dict[str, float]:
+  vocab = args.vocab_size
+  loss_fn = rw.make_loss_fn(graphdef, vocab_size=vocab, chunk_size=cfg.train.logps_chunk)
+  step = train.make_train_step(loss_fn, optimizer, grad_accum=1, normalizer_fn=rw.target_token_count,
+                               mesh=mesh, learning_rate_fn=lr_fn)
+  state = train.init_state(jax.tree.map(jnp.copy, params), optimizer, cfg.seed)
+  batch = train.put_batch(sft_batch(np.random.default_rng(0), args.batch, args.length, vocab), mesh)
+  jitted = train.jit_step(step, state, {k: 2 for k in rw.SFT_KEYS}, mesh)
+  compiled, compile_s = _compile(jitted, state, batch)
+  holder = [state]
+
+  def one():
+    holder[0], metrics = compiled(holder[0], batch)
+    return holder[0].step, metrics["loss"]
+
+  step_s = _timed(one, args.steps, args.warmup)
+  tokens = args.batch * args.length
+  tflops = 6 * args.n_params * tokens / step_s / 1e12
+  out = {"rw_compile_s": compile_s, "rw_step_s": step_s, "rw_tokens_per_s": tokens / step_s,
+         "rw_tokens_per_s_per_device": tokens / step_s / args.devices, "rw_tflops": tflops}
+  if args.peak_tflops:
+    out["rw_mfu"] = tflops / (args.peak_tflops * args.devices)
+  return out
+
+
+def bench_srpo(cfg: StageConfig, graphdef, params, optimizer, lr_fn, mesh, args) -> dict[str, float]:
+  vocab = args.vocab_size
+  loss_fn = srpo.make_loss_fn(graphdef, cfg, vocab_size=vocab)
+  step = train.make_train_step(loss_fn, optimizer, grad_accum=1,
+                               normalizer_fn=lambda _: jnp.float32(1), mesh=mesh,
+                               learning_rate_fn=lr_fn)
+  ref_params = jax.tree.map(jnp.copy, params)
+  state = train.init_state(jax.tree.map(jnp.copy, params), optimizer, cfg.seed)
+  ref_fn = reference.make_reference_fn(graphdef, vocab_size=vocab, chunk_size=cfg.train.logps_chunk,
+                                       micro_batches=1, mesh=mesh)
+  host = dpo_batch(np.random.default_rng(1), args.batch, args.length, vocab)
+  device = train.put_batch({k: host[k] for k in reference.PAIR_KEYS}, mesh)
+  t0 = time.perf_counter()
+  device["ref_chosen_logps"], device["ref_rejected_logps"] = jax.block_until_ready(
+      ref_fn(ref_params, device))
+  ref_compile_s = time.perf_counter() - t0  # compile + one reference forward
+  jitted = train.jit_step(step, state, srpo.batch_ndims(cfg), mesh)
+  compiled, compile_s = _compile(jitted, state, device)
+  holder = [state]
+  pairs = {k: device[k] for k in reference.PAIR_KEYS}
+
+  def one():  # the live mode: a reference forward, then the policy step, every step
+    b = dict(pairs)
+    b["ref_chosen_logps"], b["ref_rejected_logps"] = ref_fn(ref_params, pairs)
+    holder[0], metrics = compiled(holder[0], b)
+    return holder[0].step, metrics["loss"]
+
+  step_s = _timed(one, args.steps, args.warmup)
+  return {"srpo_compile_s": compile_s + ref_compile_s, "srpo_step_s": step_s,
+          "srpo_pairs_per_s": args.batch / step_s,
+          "srpo_tokens_per_s": 2 * args.batch * args.length / step_s}
+
+
+def bench_sampler(model, tokenizer, mesh, args) -> dict[str, float]:
+  prompts = [PROMPT] * args.batch
+  # An EOS id no token can equal: every row decodes exactly --new_tokens tokens.
+  run = lambda: sample.generate(model, tokenizer, prompts, max_new_tokens=args.new_tokens,
+                                batch_size=args.batch, mesh=mesh, eos_ids=[-1], chat_template=False)
+  t0 = time.perf_counter()
+  run()
+  first_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  generations = run()  # returns host data: already synchronised
+  gen_s = time.perf_counter() - t0
+  new_tokens = sum(len(g.tokens) for g in generations)
+  return {"sample_first_call_s": first_s, "sample_s": gen_s, "sample_new_tokens": new_tokens,
+          "sample_new_tokens_per_s": new_tokens / gen_s}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", default="tiny", help="tiny | smollm2 | <HF directory>")
+  p.add_argument("--batch", type=int, default=8, help="global rows (SFT) / pairs (DPO) / prompts")
+  p.add_argument("--length", type=int, default=256, help="sequence length of the train batches")
+  p.add_argument("--steps", type=int, default=5, help="timed steps (after the warm-up)")
+  p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+  p.add_argument("--new_tokens", type=int, default=32, help="greedy tokens generated per prompt")
+  p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak; > 0 adds MFU")
+  p.add_argument("--skip", default="", help="comma list of rw,srpo,sample to leave out")
+  args = p.parse_args(argv)
+  for name in ("batch", "length", "steps", "new_tokens"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name}={getattr(args, name)} must be >= 1")
+  if args.warmup < 0:
+    p.error(f"--warmup={args.warmup} must be >= 0")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float | int | str]:
+  """Runs the benchmarks, prints a table and one JSON line, returns the figures."""
+  args = parse_args(argv)
+  skip = {s for s in args.skip.split(",") if s}
+  args.devices = math.gcd(args.batch, jax.device_count())
+  devices = jax.devices()[:args.devices]
+  mesh = sharding.make_mesh(1, args.devices, 1, devices=devices)
+  cfg_rw = _stage_config("rw", args.model, args.batch, args.length, args.devices)
+  cfg_srpo = _stage_config("srpo", args.model, args.batch, args.length, args.devices)
+  tokenizer = models.load_tokenizer(_setup.tokenizer_source(cfg_rw.model))
+  with sharding.use(mesh):
+    model = _setup.load_model(cfg_rw.model, tokenizer, mesh, cfg_rw.seed)
+    graphdef, params = train.split_model(model)
+    args.vocab_size = model.config.vocab_size
+    args.n_params = sum(x.size for x in jax.tree.leaves(params))
+    figures: dict[str, float | int | str] = {
+        "model": args.model, "backend": jax.default_backend(), "devices": args.devices,
+        "params": args.n_params, "batch": args.batch, "length": args.length, "steps": args.steps}
+    if "rw" not in skip:
+      optimizer, lr_fn = _setup.make_optimizer(cfg_rw, params)
+      figures.update(bench_rw(cfg_rw, graphdef, params, optimizer, lr_fn, mesh, args))
+    if "srpo" not in skip:
+      optimizer, lr_fn = _setup.make_optimizer(cfg_srpo, params)
+      figures.update(bench_srpo(cfg_srpo, graphdef, params, optimizer, lr_fn, mesh, args))
+    if "sample" not in skip:
+      figures["new_tokens"] = args.new_tokens
+      figures.update(bench_sampler(model, tokenizer, mesh, args))
+  print_table(figures)
+  print(json.dumps(figures))
+  return figures
+
+
+def print_table(f: dict) -> None:
+  print(f"model={f['model']} backend={f['backend']} devices={f['devices']} "
+        f"params={f['params'] / 1e6:.2f}M batch={f['batch']} length={f['length']} steps={f['steps']}")
+  rows = []
+  if "rw_step_s" in f:
+    mfu = f"  MFU {100 * f['rw_mfu']:.1f}%" if "rw_mfu" in f else ""
+    rows.append(("RW step", f["rw_compile_s"], f["rw_step_s"],
+                 f"{f['rw_tokens_per_s']:.0f} tok/s ({f['rw_tokens_per_s_per_device']:.0f}/device),"
+                 f" {f['rw_tflops']:.4f} TFLOP/s{mfu}"))
+  if "srpo_step_s" in f:
+    rows.append(("SRPO step+ref", f["srpo_compile_s"], f["srpo_step_s"],
+                 f"{f['srpo_pairs_per_s']:.2f} pairs/s ({f['srpo_tokens_per_s']:.0f} tok/s)"))
+  if "sample_s" in f:
+    rows.append((f"sample {f['new_tokens']} new", f["sample_first_call_s"], f["sample_s"],
+                 f"{f['sample_new_tokens_per_s']:.1f} new tok/s"))
+  print(f"{'what':<18}{'compile/first s':>16}{'steady s':>11}  throughput")
+  for name, first, steady, text in rows:
+    print(f"{name:<18}{first:>16.2f}{steady:>11.4f}  {text}")
+
+
+if __name__ == "__main__":
+  main()

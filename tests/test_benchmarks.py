@@ -1,0 +1,38 @@
+"""benchmarks/throughput.py runs end to end at a tiny size and reports every figure, positive."""
+
+import importlib.util
+import json
+import os
+
+import jax
+
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+
+
+def _throughput_module():
+  spec = importlib.util.spec_from_file_location(
+      "saro_benchmarks_throughput", os.path.join(ROOT, "benchmarks", "throughput.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_throughput_tiny_reports_positive_figures(capsys):
+  figures = _throughput_module().main(
+      ["--model", "tiny", "--batch", "2", "--length", "32", "--steps", "2", "--new_tokens", "4",
+       "--peak_tflops", "1.0"])
+  # batch 2 on the 8 virtual CPU devices: the mesh takes the 2 devices that hold whole rows.
+  assert figures["devices"] == 2 and jax.device_count() == 8
+  assert figures["params"] > 100_000
+  for key in ("rw_compile_s", "rw_step_s", "rw_tokens_per_s", "rw_tokens_per_s_per_device",
+              "rw_tflops", "rw_mfu", "srpo_compile_s", "srpo_step_s", "srpo_pairs_per_s",
+              "srpo_tokens_per_s", "sample_s", "sample_new_tokens_per_s"):
+    assert figures[key] > 0, key
+  assert figures["rw_tokens_per_s"] == 2 * 32 / figures["rw_step_s"]
+  assert figures["rw_tokens_per_s_per_device"] * 2 == figures["rw_tokens_per_s"]
+  assert figures["srpo_pairs_per_s"] == 2 / figures["srpo_step_s"]
+  # greedy, EOS disabled: every prompt gets exactly --new_tokens tokens
+  assert figures["sample_new_tokens"] == 2 * 4
+  out = capsys.readouterr().out.strip().splitlines()
+  assert any(line.startswith("RW step") for line in out)
+  assert json.loads(out[-1]) == figures
