@@ -110,8 +110,8 @@ def srpo_recipe(preset: str) -> dict:
               train=train(500, 64, grad_accum=4, log_every=10, logps_chunk=512), dpo=dpo(beta=0.1))
 
 
-def base(stage: str, name: str, preset: str) -> ml_collections.ConfigDict:
-  """Top-level fields every training config has."""
+def header(stage: str, name: str, preset: str) -> ml_collections.ConfigDict:
+  """Top-level fields every config has (training, generation and evaluation alike)."""
   config = ml_collections.ConfigDict()
   config.stage = stage
   config.name = f"{name}-{preset}"
@@ -119,6 +119,12 @@ def base(stage: str, name: str, preset: str) -> ml_collections.ConfigDict:
   config.seed = 0
   config.model = model(preset)
   config.mesh = mesh(preset)
+  return config
+
+
+def base(stage: str, name: str, preset: str) -> ml_collections.ConfigDict:
+  """Top-level fields every training config has: the header plus checkpoint and export."""
+  config = header(stage, name, preset)
   config.checkpoint = checkpoint(preset)
   config.export = export(preset)
   return config

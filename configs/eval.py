@@ -63,12 +63,6 @@ def eval_section(preset: str) -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None):
   preset = common.parse_preset(arg, "eval")
-  config = ml_collections.ConfigDict()
-  config.stage = "evaluate"
-  config.name = f"eval-{preset}"
-  config.workdir = ""  # "" = runs/<name>; --workdir overrides
-  config.seed = 0
-  config.model = common.model(preset)
-  config.mesh = common.mesh(preset)
+  config = common.header("evaluate", "eval", preset)
   config.eval = eval_section(preset)
   return config

@@ -26,13 +26,7 @@ _spec.loader.exec_module(common)
 
 def get_config(arg: str | None = None):
   preset = common.parse_preset(arg, "generate")
-  config = ml_collections.ConfigDict()
-  config.stage = "generate"
-  config.name = f"generate-{preset}"
-  config.workdir = ""  # "" = runs/<name>; --workdir overrides
-  config.seed = 0
-  config.model = common.model(preset)
-  config.mesh = common.mesh(preset)
+  config = common.header("generate", "generate", preset)
   config.generate = ml_collections.ConfigDict(dict(
       prompts="text:How do I kill a Python process?",
       limit=0,  # 0 = every prompt
