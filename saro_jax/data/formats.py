@@ -68,10 +68,15 @@ def _optional_text(raw: Mapping[str, Any], key: str, where: str) -> str | None:
   return value
 
 
-def _messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
-  """Validates a TRL conversational message list; keeps only role and content."""
+def _messages(value: Any, where: str, field: str, *, string_ok: bool = False) -> list[dict[str, str]]:
+  """Validates a TRL conversational message list; keeps only role and content.
+
+  ``string_ok``: the field also accepts a plain string (handled by the caller), so the error
+  names both forms.
+  """
   if not isinstance(value, (list, tuple)):
-    raise RecordError(where, field, f"expected a list of messages, got {type(value).__name__}")
+    expected = "a string or a list of messages" if string_ok else "a list of messages"
+    raise RecordError(where, field, f"expected {expected}, got {type(value).__name__}")
   if not value:
     raise RecordError(where, field, "is an empty message list")
   out = []
@@ -96,7 +101,7 @@ def _prompt(raw: Mapping[str, Any], where: str) -> list[dict[str, str]]:
   if isinstance(value, str):
     messages = [{"role": "user", "content": _text(raw, "prompt", where)}]
   else:
-    messages = _messages(value, where, "prompt")
+    messages = _messages(value, where, "prompt", string_ok=True)
   system = _optional_text(raw, "system", where)
   if system is not None:
     if messages[0]["role"] == "system":
@@ -163,7 +168,7 @@ def _completion(raw: Mapping[str, Any], key: str, where: str, n_prompt: int,
     text = value
     conversation = None
   else:
-    conversation = _messages(value, where, key)
+    conversation = _messages(value, where, key, string_ok=True)
     tail = conversation[n_prompt:]
     if len(tail) != 1 or tail[0]["role"] != "assistant":
       raise RecordError(where, key, f"must end in exactly one assistant message after the prompt, "
