@@ -85,6 +85,19 @@ RW_BAD = [
     ({"prompt": "q", "reasoning": "r", "response": "a", "category": 3}, "category", "expected a string"),
     ({"id": [1], "messages": [USER, BOT]}, "id", "expected a string or integer"),
     ([1, 2], "<record>", "expected a JSON object"),
+    # Issue 8 §3.2: a tag inside a rendered field would put a second tag in the turn.
+    ({"prompt": "p", "reasoning": "thinking </think> injected answer", "response": "r"},
+     "reasoning", "contains the reasoning tag '</think>'"),
+    ({"prompt": "p", "reasoning": "a <think> b", "response": "r"}, "reasoning", "'<think>'"),
+    ({"prompt": "p", "reasoning": "r", "response": "<think>again"}, "response", "'<think>'"),
+    ({"prompt": "p", "reasoning": "", "response": "r </think>"}, "response", "'</think>'"),
+    ({"messages": [USER, BOT], "reasoning": "x </think>"}, "reasoning", "'</think>'"),
+    ({"messages": [USER, {"role": "assistant", "content": "</think> a"}], "reasoning": "x"},
+     "messages[1].content", "'</think>'"),
+    ({"messages": [USER, {"role": "assistant", "content": "<think>\nr\n</think>\n</think> a"}]},
+     "messages[1].content", "at most one"),
+    ({"messages": [USER, {"role": "assistant", "content": "</think> a <think>"}]},
+     "messages[1].content", "in that order"),
 ]
 PREF_BAD = [
     ({"prompt": "q", "chosen": "a"}, "rejected", "is missing"),
@@ -99,6 +112,14 @@ PREF_BAD = [
     ({"prompt": "q", "chosen": "a", "rejected": "b", "kind": "step"}, "kind", "must be one of"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "kind": "outcome", "prefix": "x"}, "prefix", "no shared"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "prefix": 3}, "prefix", "expected a string"),
+    ({"prompt": "q", "chosen": "a", "chosen_reasoning": "x </think>", "rejected": "b"},
+     "chosen_reasoning", "'</think>'"),
+    ({"prompt": "q", "chosen": "<think>a", "chosen_reasoning": "x", "rejected": "b"}, "chosen", "'<think>'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "<think>\nx\n</think>\n\n</think>"}, "rejected", "at most one"),
+    ({"prompt": "q", "prefix": "<think>\ns\n", "chosen": "t\n</think>\n\na", "rejected": "<think>u"},
+     "prefix+rejected", "at most one"),
+    ({"prompt": "q", "prefix": "s\n", "chosen": "t\n</think>\n\na", "rejected": "u"},
+     "prefix+chosen", "has 0 '<think>' and 1 '</think>'"),
 ]
 TRAJ = {"prompt": "p", "steps": ["s0", "s1"], "first_unsafe_step": 1, "reflection": "Wait",
         "safe_continuation": [], "safe_answer": "No.", "unsafe_answer": "[unsafe]"}
@@ -109,6 +130,11 @@ TRAJ_BAD = [
     ({**TRAJ, "steps": ["s0", ""]}, "steps[1]", "non-empty string"),
     ({**TRAJ, "unsafe_answer": "No."}, "unsafe_answer", "identical"),
     ({k: v for k, v in TRAJ.items() if k != "reflection"}, "reflection", "is missing"),
+    ({**TRAJ, "steps": ["s0", "s1 </think> answer"]}, "steps[1]", "'</think>'"),
+    ({**TRAJ, "safe_continuation": ["<think>"]}, "safe_continuation[0]", "'<think>'"),
+    ({**TRAJ, "reflection": "Wait </think>"}, "reflection", "'</think>'"),
+    ({**TRAJ, "safe_answer": "</think> No."}, "safe_answer", "'</think>'"),
+    ({**TRAJ, "unsafe_answer": "<think>"}, "unsafe_answer", "'<think>'"),
 ]
 
 
@@ -124,3 +150,21 @@ def test_bad_record_names_file_line_and_field(parse, raw, field, problem):
   assert problem in message
   assert info.value.field == field and info.value.where == WHERE
   assert isinstance(info.value, ValueError)
+
+
+def test_tags_are_the_configured_ones():
+  """The check follows data.reasoning_tags: default tags are plain text under custom tags."""
+  raw = {"prompt": "p", "reasoning": "about </think> in html", "response": "r"}
+  record = formats.parse_rw(raw, where=WHERE, reasoning_tags=("<reason>", "</reason>"))
+  assert record["messages"][-1]["content"].count("</reason>") == 1
+  with pytest.raises(formats.RecordError, match="'</reason>'"):
+    formats.parse_rw({**raw, "reasoning": "x </reason>"}, where=WHERE,
+                     reasoning_tags=("<reason>", "</reason>"))
+
+
+def test_well_formed_reasoning_blocks_still_accepted():
+  raw = {"messages": [USER, {"role": "assistant", "content": "<think>\nr\n</think>\n\na"}]}
+  assert formats.parse_rw(raw, where=WHERE)["messages"][-1]["content"].count("</think>") == 1
+  pair = {"prompt": "q", "prefix": "<think>\ns\n", "chosen": "t\n</think>\n\na",
+          "rejected": "u\n</think>\n\nb"}
+  assert formats.parse_preference(pair, where=WHERE)["kind"] == "process"

@@ -58,7 +58,8 @@ def build_pairs(spec: str, *, min_prefix_steps: int = 0, max_prefix_steps: int |
     raise ValueError(f"--min-prefix-steps must be >= 0, got {min_prefix_steps}")
   if max_prefix_steps is not None and max_prefix_steps < min_prefix_steps:
     raise ValueError(f"--max-prefix-steps ({max_prefix_steps}) < --min-prefix-steps ({min_prefix_steps})")
-  trajectories, stats = sources.load_records(spec, kind="trajectory", on_error=on_error)
+  trajectories, stats = sources.load_records(spec, kind="trajectory", on_error=on_error,
+                                             reasoning_tags=reasoning_tags)
   pairs = []
   for traj in trajectories:
     pairs.extend(pairs_from_trajectory(traj, min_prefix_steps=min_prefix_steps,

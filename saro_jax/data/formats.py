@@ -34,6 +34,33 @@ def render_reasoning(reasoning: str, response: str, tags: Sequence[str] = DEFAUL
   return f"{open_tag}\n{reasoning}\n{close_tag}\n\n{response}"
 
 
+def _no_tags(text: str, where: str, field: str, tags: Sequence[str]) -> str:
+  """A text rendered inside (or right after) the tagged reasoning must not carry a tag itself.
+
+  A reasoning with "</think>" in it would render two close tags and train the model to end its
+  reasoning early; such records are refused (not escaped: an escaped tag is text the model
+  never sees at inference, so there is no faithful way to keep it).
+  """
+  for tag in tags:
+    if tag in text:
+      raise RecordError(where, field, f"contains the reasoning tag {tag!r}; the rendered turn would "
+                        "hold a second tag (remove it, or choose other data.reasoning_tags)")
+  return text
+
+
+def _one_block(text: str, where: str, field: str, tags: Sequence[str]) -> str:
+  """An assistant text that carries its own reasoning: at most one open..close block, in order.
+
+  An open tag without its close is allowed (a step-level process pair may end mid-reasoning).
+  """
+  open_tag, close_tag = tags
+  n_open, n_close = text.count(open_tag), text.count(close_tag)
+  if n_open > 1 or n_close > n_open or (n_close and text.index(open_tag) > text.index(close_tag)):
+    raise RecordError(where, field, f"has {n_open} {open_tag!r} and {n_close} {close_tag!r}; an "
+                      f"assistant turn holds at most one {open_tag}...{close_tag} block, in that order")
+  return text
+
+
 def record_id(raw: Mapping[str, Any], where: str) -> str:
   """The record's own "id" if it has one, else "<file basename>:<line>" from ``where``."""
   rid = raw.get("id")
@@ -144,12 +171,18 @@ def parse_rw(raw: Mapping[str, Any], *, where: str,
       raise RecordError(where, "messages", "has no user turn before the assistant turn")
     _check_prompt_turns(messages[:last], where, "messages")
     reasoning = _optional_text(raw, "reasoning", where)
+    content_field = f"messages[{last}].content"
     if reasoning:
+      _no_tags(reasoning, where, "reasoning", reasoning_tags)
+      _no_tags(messages[last]["content"], where, content_field, reasoning_tags)
       messages[last]["content"] = render_reasoning(reasoning, messages[last]["content"], reasoning_tags)
+    else:
+      _one_block(messages[last]["content"], where, content_field, reasoning_tags)
   elif "prompt" in raw or "response" in raw:
     prompt = _prompt(raw, where)
-    reasoning = _text(raw, "reasoning", where, allow_empty=True)
-    response = _text(raw, "response", where)
+    reasoning = _no_tags(_text(raw, "reasoning", where, allow_empty=True), where, "reasoning",
+                         reasoning_tags)
+    response = _no_tags(_text(raw, "response", where), where, "response", reasoning_tags)
     content = render_reasoning(reasoning, response, reasoning_tags) if reasoning.strip() else response
     messages = prompt + [{"role": "assistant", "content": content}]
   else:
@@ -159,8 +192,11 @@ def parse_rw(raw: Mapping[str, Any], *, where: str,
 
 
 def _completion(raw: Mapping[str, Any], key: str, where: str, n_prompt: int,
-                tags: Sequence[str]) -> tuple[list[dict[str, str]] | None, str]:
-  """One side of a pair: a string, or messages (the full conversation if the prompt is implicit)."""
+                tags: Sequence[str], prefix: str) -> tuple[list[dict[str, str]] | None, str]:
+  """One side of a pair: a string, or messages (the full conversation if the prompt is implicit).
+
+  ``prefix + side`` is one rendered assistant turn: it holds at most one reasoning block.
+  """
   value = raw.get(key)
   if value is None:
     raise RecordError(where, key, "is missing")
@@ -176,9 +212,12 @@ def _completion(raw: Mapping[str, Any], key: str, where: str, n_prompt: int,
     text = tail[0]["content"]
   reasoning = _optional_text(raw, f"{key}_reasoning", where)
   if reasoning:
+    _no_tags(reasoning, where, f"{key}_reasoning", tags)
+    _no_tags(text, where, key, tags)
     text = render_reasoning(reasoning, text, tags)
   if not text.strip():
     raise RecordError(where, key, "is empty")
+  _one_block(prefix + text, where, key if not prefix else f"prefix+{key}", tags)
   return conversation, text
 
 
@@ -208,13 +247,13 @@ def parse_preference(raw: Mapping[str, Any], *, where: str,
   # An explicit prompt string becomes one message; conversation sides then repeat no prompt turns.
   explicit = raw.get("prompt") is not None
   n_prompt = 0 if explicit else len(prompt)
-  _, chosen = _completion(raw, "chosen", where, n_prompt, reasoning_tags)
-  _, rejected = _completion(raw, "rejected", where, n_prompt, reasoning_tags)
   prefix = raw.get("prefix")
   if prefix is None:
     prefix = ""
   if not isinstance(prefix, str):
     raise RecordError(where, "prefix", f"expected a string, got {type(prefix).__name__}")
+  _, chosen = _completion(raw, "chosen", where, n_prompt, reasoning_tags, prefix)
+  _, rejected = _completion(raw, "rejected", where, n_prompt, reasoning_tags, prefix)
   kind = raw.get("kind")
   if kind is None:
     kind = "process" if prefix else "outcome"
@@ -228,7 +267,8 @@ def parse_preference(raw: Mapping[str, Any], *, where: str,
           "prefix": prefix, "chosen": chosen, "rejected": rejected}
 
 
-def _steps(raw: Mapping[str, Any], key: str, where: str, *, allow_empty_list: bool) -> list[str]:
+def _steps(raw: Mapping[str, Any], key: str, where: str, *, allow_empty_list: bool,
+           tags: Sequence[str]) -> list[str]:
   value = raw.get(key)
   if value is None:
     raise RecordError(where, key, "is missing")
@@ -239,21 +279,26 @@ def _steps(raw: Mapping[str, Any], key: str, where: str, *, allow_empty_list: bo
   for i, step in enumerate(value):
     if not isinstance(step, str) or not step.strip():
       raise RecordError(where, f"{key}[{i}]", "expected a non-empty string")
+    _no_tags(step, where, f"{key}[{i}]", tags)
   return list(value)
 
 
-def parse_trajectory(raw: Mapping[str, Any], *, where: str) -> dict[str, Any]:
+def parse_trajectory(raw: Mapping[str, Any], *, where: str,
+                     reasoning_tags: Sequence[str] = DEFAULT_TAGS) -> dict[str, Any]:
   """A reasoning trajectory that turns unsafe at ``first_unsafe_step`` (input of build_pairs).
 
   {"id"?, "prompt", "category"?, "steps": [str], "first_unsafe_step": int (0-based index into
    steps), "reflection": str, "safe_continuation": [str], "safe_answer": str, "unsafe_answer": str}
   Steps before ``first_unsafe_step`` are safe and shared; steps from it on are the unsafe line.
+  build_pairs renders steps, reflection and answers inside / after ``reasoning_tags``, so none of
+  them may contain a tag.
   """
+  tags = reasoning_tags
   if not isinstance(raw, Mapping):
     raise RecordError(where, "<record>", f"expected a JSON object, got {type(raw).__name__}")
   rid = record_id(raw, where)
   prompt = _prompt(raw, where)
-  steps = _steps(raw, "steps", where, allow_empty_list=False)
+  steps = _steps(raw, "steps", where, allow_empty_list=False, tags=tags)
   first = raw.get("first_unsafe_step")
   if first is None:
     raise RecordError(where, "first_unsafe_step", "is missing")
@@ -261,11 +306,13 @@ def parse_trajectory(raw: Mapping[str, Any], *, where: str) -> dict[str, Any]:
     raise RecordError(where, "first_unsafe_step", f"expected an integer, got {type(first).__name__}")
   if not 0 <= first < len(steps):
     raise RecordError(where, "first_unsafe_step", f"must index into steps (0..{len(steps) - 1}), got {first}")
-  safe_answer = _text(raw, "safe_answer", where)
-  unsafe_answer = _text(raw, "unsafe_answer", where)
+  safe_answer = _no_tags(_text(raw, "safe_answer", where), where, "safe_answer", tags)
+  unsafe_answer = _no_tags(_text(raw, "unsafe_answer", where), where, "unsafe_answer", tags)
   if safe_answer == unsafe_answer:
     raise RecordError(where, "unsafe_answer", "is identical to 'safe_answer'")
   return {"id": rid, "category": _category(raw, where), "prompt": prompt, "steps": steps,
-          "first_unsafe_step": first, "reflection": _text(raw, "reflection", where),
-          "safe_continuation": _steps(raw, "safe_continuation", where, allow_empty_list=True),
+          "first_unsafe_step": first,
+          "reflection": _no_tags(_text(raw, "reflection", where), where, "reflection", tags),
+          "safe_continuation": _steps(raw, "safe_continuation", where, allow_empty_list=True,
+                                      tags=tags),
           "safe_answer": safe_answer, "unsafe_answer": unsafe_answer}

@@ -31,8 +31,7 @@ DEFAULT_MAX_LINE_BYTES = 16 * 2**20  # a JSONL line beyond this is a broken file
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 PARSERS: dict[str, Callable[..., dict[str, Any]]] = {
     "rw": formats.parse_rw, "preference": formats.parse_preference,
-    # build_pairs input; trajectories carry raw steps, so reasoning tags do not apply yet.
-    "trajectory": lambda raw, *, where, reasoning_tags: formats.parse_trajectory(raw, where=where)}
+    "trajectory": formats.parse_trajectory}  # build_pairs input
 
 
 class SourceError(ValueError):
