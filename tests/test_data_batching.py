@@ -177,3 +177,15 @@ def test_state_restores_the_following_batches(pack):
   for a, b in zip(rest, again):
     for k in batching.SFT_KEYS:
       np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_endless_stream_of_dropped_examples_raises_after_one_pass():
+  """Ids may repeat (a caller's MapDataset): 2n - 1 consecutive drops still hold a whole pass."""
+  dropped = [{"id": "same", "dropped": "dropped/prompt_too_long"}] * 3
+  endless = grain.MapDataset.source(dropped).repeat(None).to_iter_dataset(
+      grain.ReadOptions(num_threads=0))
+  ds = batching.SftBatchDataset(endless, batch_size=2, max_length=8, records_per_pass=3,
+                                source_name="x.jsonl")
+  with pytest.raises(batching.NoBatchError, match=r"data of x.jsonl: .*3 records .*"
+                     r"dropped/prompt_too_long: 5"):
+    next(iter(ds))

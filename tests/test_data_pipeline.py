@@ -3,6 +3,9 @@ shares, resume from saved iterator state, counted drops, and packed == unpacked 
 
 import collections
 import json
+import os
+import subprocess
+import sys
 
 import grain
 import numpy as np
@@ -221,3 +224,55 @@ def test_multiprocess_prefetch_is_deterministic_and_resumable(tok):
   counts = collections.Counter()
   counts.update(resumed.stats.counts)
   assert counts["examples"] > 0
+
+
+@pytest.mark.parametrize("num_epochs", [0, 1])
+def test_all_records_dropped_is_an_error_not_a_hang(tok, tmp_path, num_epochs):
+  """Issue 8 §3.1: the only record's prompt exceeds max_length; the endless stream used to skip
+  it forever (num_epochs=0) or end in a bare StopIteration (num_epochs=1)."""
+  path = tmp_path / "long.jsonl"
+  path.write_text(json.dumps({"prompt": "long " * 300, "reasoning": "r", "response": "a"}) + "\n")
+  it = pipeline.sft_batches(str(path), tok, batch_size=2, max_length=64, seed=0,
+                            num_epochs=num_epochs, process_index=0, process_count=1)
+  with pytest.raises(batching.NoBatchError) as info:
+    next(it)
+  message = str(info.value)
+  assert str(path) in message and "1 records" in message
+  assert "dropped/prompt_too_long: 1" in message and "long.jsonl:1" in message
+
+
+def test_all_pairs_dropped_names_every_reason(tok):
+  records = pref_records(3)
+  records[0]["prompt"][0]["content"] = "long " * 300
+  records[1]["chosen"] = "long " * 300 + "\n</think>\n\nNo."
+  records[2]["prompt"][0]["content"] = "long " * 300
+  it = dpo(tok, records, max_length=64, response_truncation="drop")
+  with pytest.raises(batching.NoBatchError,
+                     match=r"3 records .*dropped/prompt_too_long: 2, dropped/response_too_long: 1"):
+    next(it)
+
+
+def test_some_records_dropped_still_train(tok):
+  """The check counts a whole pass of drops; a few long records among short ones are skipped."""
+  records = rw_records(6)
+  for i in (0, 2, 3, 5):
+    records[i]["messages"][0]["content"] = "long " * 300
+  it = sft(tok, records, max_length=256, batch_size=1, pack=False)  # endless
+  batches = take(it, 10)  # 5 passes over the 2 short records
+  assert len(batches) == 10 and it.stats.as_dict()["dropped/prompt_too_long"] >= 16
+
+
+@pytest.mark.heavy
+def test_main_exits_with_the_drop_counts_when_every_record_is_dropped(tmp_path):
+  """The issue's repro through ``python -m saro_jax.main``: it used to sit at 0 % forever."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  data = tmp_path / "long.jsonl"
+  data.write_text(json.dumps({"prompt": "long " * 3000, "reasoning": "r", "response": "a"}) + "\n")
+  cmd = [sys.executable, "-m", "saro_jax.main", "--config", "configs/rw.py",
+         f"--workdir={tmp_path / 'run'}", f"--config.data.sources={data}",
+         "--config.train.steps=2", "--config.opt.warmup_steps=0",
+         "--config.train.progress_bar=false"]
+  out = subprocess.run(cmd, cwd=root, env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode != 0
+  assert "NoBatchError" in out.stderr and "dropped/prompt_too_long: 1" in out.stderr, out.stderr[-3000:]

@@ -6,6 +6,10 @@ rejected padded to the same length. Padding is segment 0, position 0, token ``pa
 The last batch of a finite pass is padded with empty rows (DPO: ``example_id`` -1) unless
 ``drop_remainder``.
 
+If every example of a full pass over the data is dropped (too long, ...), no batch can ever come:
+the iterator then raises :class:`NoBatchError` with the drop counts by reason instead of reading
+an endless stream forever (it knows the pass size ``records_per_pass`` from the pipeline).
+
 The batching iterators are grain ``DatasetIterator``s whose state is the parent's state at the
 first example not yet in an emitted batch, so a restored iterator re-reads exactly what the
 interrupted one still held. Each element is ``(batch, counts)``: ``counts`` are the events of the
@@ -26,6 +30,10 @@ import numpy as np
 SFT_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 DPO_KEYS = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in SFT_KEYS) + (
     "shared_len", "example_id")
+
+
+class NoBatchError(ValueError):
+  """A full pass over the data yields no batch: every example was dropped."""
 
 
 def example_id(record_id: str) -> int:
@@ -106,6 +114,26 @@ class _BatchIterator(grain.DatasetIterator):
     super().__init__(parent)
     self._ds = ds
     self._carry: tuple[Any, dict] | None = None  # (parent state before it, example)
+    # Dropped examples read since the last kept one: distinct record ids and counts by reason.
+    # Drops depend only on the record, so once every record of a pass is in here, none ever fits.
+    self._drop_ids: set[str] = set()
+    self._drop_counts: collections.Counter = collections.Counter()
+
+  def _note_drop(self, ex) -> None:
+    n = self._ds.records_per_pass
+    if n is None:
+      return
+    self._drop_ids.add(ex.get("id"))
+    self._drop_counts[ex["dropped"]] += 1
+    # 2n - 1 consecutive reads hold one whole (epoch-aligned) pass even if ids repeat.
+    if len(self._drop_ids) >= n or sum(self._drop_counts.values()) >= 2 * n - 1:
+      reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self._drop_counts.items()))
+      examples = sorted(map(str, self._drop_ids))[:3]
+      where = f" of {self._ds.source_name}" if self._ds.source_name else ""
+      raise NoBatchError(
+          f"data{where}: a full pass over the {n} records of this process yields no batch: every "
+          f"example was dropped ({reasons}; e.g. record ids {examples}). Raise data.max_length / "
+          "data.max_prompt_length, choose another data.truncation, or fix the data")
 
   def _read(self):
     if self._carry is not None:
@@ -131,10 +159,13 @@ class _BatchIterator(grain.DatasetIterator):
         break
       if "dropped" in ex:
         counts[ex["dropped"]] += 1
+        self._note_drop(ex)
         continue
       if not self._place(rows, free, ex):
         self._carry = (state, ex)
         break
+      self._drop_ids.clear()
+      self._drop_counts.clear()
       counts["examples"] += 1
       counts.update(ex.get("events", ()))
     used = sum(1 for r in rows if r)
@@ -190,13 +221,17 @@ class _BatchDataset(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, *, batch_size: int, max_length: int,
                pad_id: int = 0, length_buckets: Sequence[int] | None = None,
-               drop_remainder: bool = False):
+               drop_remainder: bool = False, records_per_pass: int | None = None,
+               source_name: str = ""):
+    """``records_per_pass``: distinct records in one pass of ``parent`` (None = unknown: an
+    all-dropped stream is then not detected); ``source_name`` names the data in that error."""
     super().__init__(parent)
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.batch_size, self.max_length, self.pad_id = batch_size, max_length, pad_id
     self.buckets = check_buckets(length_buckets, max_length)
     self.drop_remainder = drop_remainder
+    self.records_per_pass, self.source_name = records_per_pass, source_name
 
   def is_full(self, rows) -> bool:
     return all(rows)

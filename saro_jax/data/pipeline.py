@@ -198,7 +198,8 @@ def sft_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer,
                         read_threads=read_threads)
   batches = batching.SftBatchDataset(
       examples, pack=pack, batch_size=_host_batch(batch_size, process_count), max_length=max_length,
-      pad_id=_pad_id(tokenizer), length_buckets=length_buckets, drop_remainder=drop_remainder)
+      pad_id=_pad_id(tokenizer), length_buckets=length_buckets, drop_remainder=drop_remainder,
+      records_per_pass=len(records), source_name=_name(sources_spec))
   return _finish(batches, stats, prefetch_workers)
 
 
@@ -225,7 +226,8 @@ def dpo_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer,
                         read_threads=read_threads)
   batches = batching.DpoBatchDataset(
       examples, batch_size=_host_batch(batch_size, process_count), max_length=max_length,
-      pad_id=_pad_id(tokenizer), length_buckets=length_buckets, drop_remainder=drop_remainder)
+      pad_id=_pad_id(tokenizer), length_buckets=length_buckets, drop_remainder=drop_remainder,
+      records_per_pass=len(records), source_name=_name(sources_spec))
   return _finish(batches, stats, prefetch_workers)
 
 
@@ -246,6 +248,13 @@ def batches_from_config(kind: str, data, tokenizer, *, batch_size: int, seed: in
   if kind == "dpo":
     return dpo_batches(data.sources, tokenizer, **common)
   raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
+
+
+def _name(spec) -> str:
+  """The sources spec as a user wrote it, for error messages."""
+  if isinstance(spec, grain.MapDataset):
+    return ""
+  return spec if isinstance(spec, str) else ",".join(map(str, spec))
 
 
 def _pad_id(tokenizer) -> int:
