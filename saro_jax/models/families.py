@@ -2,6 +2,11 @@
 
 Adding a family = one row in ``FAMILIES`` (plus, if its weights are named differently, one mapping
 table in ``hf.py``). The decoder itself never branches on the family name, only on config fields.
+
+A key absent from ``config.json`` takes the default of the family's transformers config class
+(read at load time, offline), so a checkpoint means here what it means in transformers: e.g.
+Qwen3 without ``tie_word_embeddings`` is untied, Mistral without ``sliding_window`` has a 4096
+window, Qwen3 / Gemma without ``head_dim`` use 128 / 256 (not hidden_size // heads).
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
+
+import transformers
 
 from saro_jax.models.config import ModelConfig
 
@@ -23,21 +30,20 @@ class Family:
   embed_scale: bool  # embeddings * sqrt(hidden) (Gemma)
   norm_offset: float  # RMSNorm scale is (offset + w) (Gemma: 1.0)
   uses_sliding_window: bool  # honours config "sliding_window" on every layer (Mistral)
-  default_tie: bool  # HF default of tie_word_embeddings for this family
   gelu_means_tanh: bool = False  # Gemma's released configs say "gelu" but mean the tanh form
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("llama", "llama", "LlamaForCausalLM", qkv_bias=False, qk_norm=False, embed_scale=False,
-           norm_offset=0.0, uses_sliding_window=False, default_tie=False),
+           norm_offset=0.0, uses_sliding_window=False),
     Family("mistral", "mistral", "MistralForCausalLM", qkv_bias=False, qk_norm=False,
-           embed_scale=False, norm_offset=0.0, uses_sliding_window=True, default_tie=False),
+           embed_scale=False, norm_offset=0.0, uses_sliding_window=True),
     Family("qwen2", "qwen2", "Qwen2ForCausalLM", qkv_bias=True, qk_norm=False, embed_scale=False,
-           norm_offset=0.0, uses_sliding_window=False, default_tie=False),
+           norm_offset=0.0, uses_sliding_window=False),
     Family("qwen3", "qwen3", "Qwen3ForCausalLM", qkv_bias=False, qk_norm=True, embed_scale=False,
-           norm_offset=0.0, uses_sliding_window=False, default_tie=True),
+           norm_offset=0.0, uses_sliding_window=False),
     Family("gemma", "gemma", "GemmaForCausalLM", qkv_bias=False, qk_norm=False, embed_scale=True,
-           norm_offset=1.0, uses_sliding_window=False, default_tie=True, gelu_means_tanh=True),
+           norm_offset=1.0, uses_sliding_window=False, gelu_means_tanh=True),
 )}
 
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -80,35 +86,58 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, dict | None]:
   return float(theta), scaling
 
 
-def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json", **overrides) -> ModelConfig:
-  """ModelConfig from an HF config.json dict; ``overrides`` (e.g. dtypes) win over the file."""
+def transformers_config(hf: Mapping[str, Any], *, source: str = "config.json"
+                        ) -> transformers.PretrainedConfig:
+  """The HF dict read by its family's transformers config class: every absent key gets the value
+  transformers would use (the class's default, or its derivation, e.g. head_dim)."""
   fam = family_of(hf, source=source)
+  kwargs = {k: v for k, v in hf.items() if k != "model_type"}
+  try:
+    return transformers.AutoConfig.for_model(fam.model_type, **kwargs)
+  except Exception as e:  # transformers validates values; say which file it refused
+    raise ValueError(f"{source}: transformers' {fam.model_type} config class refuses it "
+                     f"({type(e).__name__}: {e})") from e
+
+
+def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json", **overrides) -> ModelConfig:
+  """ModelConfig from an HF config.json dict; ``overrides`` (e.g. dtypes) win over the file.
+
+  The shape fields below (``need``) must be present; every other absent key takes transformers'
+  default for the family (see the module docstring). Token ids are taken as written.
+  """
+  fam = family_of(hf, source=source)
+  resolved = transformers_config(hf, source=source)
 
   def need(key):
     if key not in hf or hf[key] is None:
       raise ValueError(f"{source}: missing field {key!r} required for {fam.name}")
     return hf[key]
 
+  def get(key, default=None):
+    value = getattr(resolved, key, None)
+    return default if value is None else value
+
   def refuse(cond, field, why):
     if cond:
-      raise ValueError(f"{source}: field {field!r}={hf.get(field)!r} is not supported for "
+      raise ValueError(f"{source}: field {field!r}={get(field)!r} is not supported for "
                        f"{fam.name}: {why}")
 
-  refuse(bool(hf.get("attention_bias")) and not fam.qkv_bias, "attention_bias",
+  refuse(bool(get("attention_bias")) and not fam.qkv_bias, "attention_bias",
          "o_proj bias is not implemented")
-  refuse(bool(hf.get("mlp_bias")), "mlp_bias", "MLP biases are not implemented")
-  refuse(bool(hf.get("use_sliding_window")), "use_sliding_window",
+  refuse(bool(get("mlp_bias")), "mlp_bias", "MLP biases are not implemented")
+  refuse(bool(get("use_sliding_window")), "use_sliding_window",
          "per-layer sliding windows are not implemented")
-  refuse(float(hf.get("partial_rotary_factor", 1.0) or 1.0) != 1.0, "partial_rotary_factor",
+  refuse(float(get("partial_rotary_factor", 1.0)) != 1.0, "partial_rotary_factor",
          "partial RoPE is not implemented")
-  act_name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+  act_name = get("hidden_act", "silu")
   if fam.gelu_means_tanh and act_name == "gelu":
     act_name = "gelu_pytorch_tanh"
   refuse(act_name not in _ACT_FROM_HF, "hidden_act", f"supported: {sorted(_ACT_FROM_HF)}")
 
   num_heads = int(need("num_attention_heads"))
   hidden = int(need("hidden_size"))
-  theta, scaling = _rope_from_hf(hf)
+  theta, scaling = _rope_from_hf({"rope_parameters": get("rope_parameters")} if get("rope_parameters")
+                                 else hf)
   if scaling is not None and scaling["rope_type"] not in ("linear", "llama3"):
     raise ValueError(f"{source}: rope scaling rope_type={scaling['rope_type']!r} is not supported;"
                      " supported: default, linear, llama3")
@@ -119,20 +148,20 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json", **over
       intermediate_size=int(need("intermediate_size")),
       num_layers=int(need("num_hidden_layers")),
       num_heads=num_heads,
-      num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-      head_dim=int(hf.get("head_dim") or hidden // num_heads),
+      num_kv_heads=int(get("num_key_value_heads", num_heads)),
+      head_dim=int(get("head_dim", hidden // num_heads)),
       rope_theta=theta,
       rope_scaling=scaling,
-      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", fam.default_tie)),
+      rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(get("tie_word_embeddings", False)),
       attention_bias=fam.qkv_bias,
       qk_norm=fam.qk_norm,
       hidden_act=_ACT_FROM_HF[act_name],
       embed_scale=fam.embed_scale,
       norm_offset=fam.norm_offset,
-      sliding_window=(int(hf["sliding_window"]) if fam.uses_sliding_window
-                      and hf.get("sliding_window") else None),
-      max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+      sliding_window=(int(get("sliding_window")) if fam.uses_sliding_window
+                      and get("sliding_window") else None),
+      max_position_embeddings=int(get("max_position_embeddings", 4096)),
       bos_token_id=hf.get("bos_token_id"),
       eos_token_id=hf.get("eos_token_id"),
       pad_token_id=hf.get("pad_token_id"),

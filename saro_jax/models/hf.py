@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import pathlib
 import re
@@ -28,6 +29,7 @@ from saro_jax.models import families
 from saro_jax.models.config import ModelConfig
 from saro_jax.models.transformer import Transformer
 
+log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -154,6 +156,43 @@ def _read_block(tensor, layout: Layout, config: ModelConfig, index: tuple[slice,
   return block
 
 
+def _same_values(a, b, *, chunk_bytes: int = 2**26) -> bool:
+  """Whether two 2-D tensors hold the same values, read a block of rows at a time."""
+  if _shape_of(a) != _shape_of(b):
+    return False
+  rows, cols = _shape_of(a)
+  step = max(1, chunk_bytes // (4 * max(cols, 1)))
+  # safetensors slices do not clamp: stop at the last row.
+  return all(np.array_equal(np.asarray(a[r:min(r + step, rows)]), np.asarray(b[r:min(r + step, rows)]))
+             for r in range(0, rows, step))
+
+
+def _output_layer(config: ModelConfig, hf_config: Mapping[str, Any], tensors: Mapping[str, Any],
+                  source: str) -> ModelConfig:
+  """Tied or not, the way transformers (5.x) decides it from the config AND the tensors present.
+
+  - tied in the config, ``lm_head.weight`` present with other values than the embedding:
+    transformers keeps them apart (with a warning), so the model is loaded untied;
+  - tied, ``lm_head.weight`` equal to the embedding: tied (the copy carries nothing new);
+  - untied, ``lm_head.weight`` absent: transformers would start the output layer at random;
+    refused, since no weights for it exist.
+  """
+  has_head = "lm_head.weight" in tensors
+  said = f"tie_word_embeddings={str(config.tie_embeddings).lower()}"
+  if "tie_word_embeddings" not in hf_config:
+    said += f" (absent from the file: transformers' {config.family} default)"
+  if config.tie_embeddings and has_head and "model.embed_tokens.weight" in tensors:
+    if not _same_values(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
+      log.warning("%s: config.json says %s, but lm_head.weight differs from the embedding; "
+                  "loading both, untied, as transformers does", source, said)
+      return config.replace(tie_embeddings=False)
+  if not config.tie_embeddings and not has_head:
+    raise ValueError(f"{source}: config.json says {said}, but there is no lm_head.weight "
+                     "(transformers would initialize the output layer at random). If the output "
+                     "layer shares the embedding, set \"tie_word_embeddings\": true in config.json")
+  return config
+
+
 def load_from_tensors(hf_config: Mapping[str, Any], tensors: Mapping[str, Any], *,
                       mesh: Mesh | None = None, rules=None, param_dtype=None, compute_dtype=None,
                       source: str = "<tensors>", **config_overrides) -> Transformer:
@@ -161,6 +200,7 @@ def load_from_tensors(hf_config: Mapping[str, Any], tensors: Mapping[str, Any], 
   config = families.config_from_hf(hf_config, source=f"{source}/config.json",
                                    param_dtype=param_dtype, compute_dtype=compute_dtype,
                                    **config_overrides)
+  config = _output_layer(config, hf_config, tensors, source)
   graphdef, abstract_state = nnx.split(abstract_model(config))
   if mesh is None:
     device_sharding = SingleDeviceSharding(jax.devices()[0])
@@ -177,6 +217,7 @@ def load_from_tensors(hf_config: Mapping[str, Any], tensors: Mapping[str, Any], 
   if missing:
     raise ValueError(f"{source}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}"
                      f" required by {config.family} with {config.num_layers} layers")
+  # Tied with an lm_head.weight left: _output_layer found it equal to the embedding.
   tolerated = {"lm_head.weight"} if config.tie_embeddings else set()
   unexpected = sorted(k for k in present - wanted - tolerated if not _IGNORED_HF.match(k))
   if unexpected:
