@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from saro_jax.data import jsonl
 from saro_jax.evaluate import prompts
 
 
@@ -71,7 +72,6 @@ def test_hf_dataset_saved_to_disk_and_limit_per_label(tmp_path):
     ('{"prompt": "x", "label": "harmful"}\n{"prompt": "y"}\n', "jsonl", r"p\.jsonl:2: missing field 'label'"),
     ('{"prompt": "x", "label": "toxic"}\n', "jsonl", r"p\.jsonl:1: field 'label' must be one of"),
     ('{"prompt": "", "label": "benign"}\n', "jsonl", r"p\.jsonl:1: field 'prompt' must be a non-empty"),
-    ('{"prompt": "x", "label": "benign"}\n{"prompt": \n', "jsonl", r"p\.jsonl:2: not valid JSON"),
     ('["a list"]\n', "jsonl", r"p\.jsonl:1: expected a JSON object"),
     ('{"prompt": "x", "label": "benign", "category": 3}\n', "jsonl", r"p\.jsonl:1: field 'category' must be a string"),
     ('{"id": "a", "prompt": "x", "label": "benign"}\n{"id": "a", "prompt": "y", "label": "benign"}\n',
@@ -81,6 +81,29 @@ def test_bad_jsonl_rows_name_file_line_field(tmp_path, content, spec_fmt, needle
   path = _write(tmp_path / "p.jsonl", content)
   with pytest.raises(prompts.PromptError, match=needle):
     prompts.read_prompts(f"{spec_fmt}:{path}")
+
+
+def test_malformed_json_is_the_shared_readers_error(tmp_path):
+  path = _write(tmp_path / "p.jsonl", '{"prompt": "x", "label": "benign"}\n{"prompt": \n')
+  with pytest.raises(jsonl.InputError, match=r"p\.jsonl:2: malformed JSON at character 12: Expecting value"):
+    prompts.read_prompts(f"jsonl:{path}")
+  assert issubclass(prompts.PromptError, jsonl.InputError)  # one `except` catches every bad input
+
+
+@pytest.mark.parametrize("name, content", [
+    ("p.jsonl", '{"prompt": "x", "label": "benign"}\n'),
+    ("p.json", '[{"prompt": "x", "label": "benign"}]'),
+])
+def test_byte_order_mark_is_accepted(tmp_path, name, content):
+  path = tmp_path / name
+  path.write_bytes(b"\xef\xbb\xbf" + content.encode())
+  assert [(p.prompt, p.label) for p in prompts.read_prompts(f"jsonl:{path}")] == [("x", "benign")]
+
+
+def test_csv_byte_order_mark_is_not_part_of_the_header(tmp_path):
+  path = tmp_path / "adv.csv"
+  path.write_bytes(b"\xef\xbb\xbf" + b'goal,target\n"do harm","sure"\n')
+  assert [p.prompt for p in prompts.read_prompts(f"advbench:{path}")] == ["do harm"]
 
 
 def test_bad_csv_rows(tmp_path):

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 import tiny_hf
 from saro_jax import models
+from saro_jax.data import jsonl
 from saro_jax.models import hf
 
 
@@ -169,8 +170,15 @@ def test_unsupported_rope_type_is_refused(llama_copy):
 
 def test_invalid_config_json_names_file_and_line(llama_copy):
   (llama_copy / "config.json").write_text('{\n  "model_type": "llama",\n  oops\n}')
-  with pytest.raises(ValueError, match=r"config\.json: line 3"):
+  with pytest.raises(jsonl.InputError, match=r"config\.json:3: malformed JSON at column 3"):
     hf.load_hf(str(llama_copy))
+
+
+def test_config_json_with_a_byte_order_mark_loads(llama_copy):
+  """Issue 8 §3.5: Windows editors start files with a UTF-8 BOM."""
+  path = llama_copy / "config.json"
+  path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+  assert hf.load_hf(str(llama_copy)).config.family == "llama"
 
 
 def test_directory_without_weights_is_refused(tmp_path):

@@ -15,17 +15,19 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from saro_jax.data import jsonl
+
 ROLES = ("system", "user", "assistant")
 KINDS = ("outcome", "process")
 DEFAULT_TAGS = ("<think>", "</think>")
 
 
-class RecordError(ValueError):
+class RecordError(jsonl.InputError):
   """A record that does not match its schema; the message names ``where`` and ``field``."""
 
   def __init__(self, where: str, field: str, problem: str):
-    self.where, self.field, self.problem = where, field, problem
-    super().__init__(f"{where}: field '{field}': {problem}")
+    self.field, self.problem = field, problem
+    super().__init__(where, f"field '{field}': {problem}", reason=f"invalid:{field}")
 
 
 def render_reasoning(reasoning: str, response: str, tags: Sequence[str] = DEFAULT_TAGS) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,70 +22,32 @@ from typing import Any
 import grain
 import numpy as np
 
-from saro_jax.data import formats
+from saro_jax.data import formats, jsonl
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_LINE_BYTES = 16 * 2**20  # a JSONL line beyond this is a broken file, not a record
+DEFAULT_MAX_LINE_BYTES = jsonl.DEFAULT_MAX_LINE_BYTES
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 PARSERS: dict[str, Callable[..., dict[str, Any]]] = {
     "rw": formats.parse_rw, "preference": formats.parse_preference,
     "trajectory": formats.parse_trajectory}  # build_pairs input
 
 
-class SourceError(ValueError):
-  """Unreadable input (bad JSON / UTF-8 / over-long line / duplicate id) at a named location."""
-
-  def __init__(self, where: str, reason: str, detail: str):
-    self.where, self.reason = where, reason
-    super().__init__(f"{where}: {detail}")
+# The one error type of unreadable input (jsonl.InputError), under the name this module's users
+# know: bad JSON / UTF-8 / over-long line / duplicate id / a .json that is not a list.
+SourceError = jsonl.InputError
 
 
 # ------------------------------------------------------------------------------ raw readers
 # Each reader yields (where, raw_record) or (where, SourceError); parsing happens in one place.
 
-def _read_jsonl(path: str, max_line_bytes: int) -> Iterator[tuple[str, Any]]:
-  with open(path, "rb") as f:
-    line_no = 0
-    while True:
-      line = f.readline(max_line_bytes + 1)
-      if not line:
-        return
-      line_no += 1
-      where = f"{path}:{line_no}"
-      if len(line) > max_line_bytes and not line.endswith(b"\n"):
-        while line and not line.endswith(b"\n"):  # drain the rest without holding it in memory
-          line = f.readline(max_line_bytes)
-        yield where, SourceError(where, "line_too_long",
-                                 f"line longer than max_line_bytes={max_line_bytes}")
-        continue
-      try:
-        text = line.decode("utf-8")
-      except UnicodeDecodeError as e:
-        yield where, SourceError(where, "invalid_utf8", f"invalid UTF-8 at byte {e.start}: {e.reason}")
-        continue
-      if not text.strip():
-        continue  # blank lines (e.g. a trailing newline) are not records
-      try:
-        yield where, json.loads(text)
-      except json.JSONDecodeError as e:
-        yield where, SourceError(where, "malformed_json", f"malformed JSON at character {e.pos}: {e.msg}")
-
-
 def _read_json(path: str) -> Iterator[tuple[str, Any]]:
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except UnicodeDecodeError as e:
-    raise SourceError(path, "invalid_utf8", f"invalid UTF-8 at byte {e.start}: {e.reason}") from None
-  except json.JSONDecodeError as e:
-    raise SourceError(f"{path}:{e.lineno}", "malformed_json",
-                      f"malformed JSON at column {e.colno}: {e.msg}") from None
+  data = jsonl.read_json(path)
   if isinstance(data, Mapping) and isinstance(data.get("data"), list):
     data = data["data"]
   if not isinstance(data, list):
-    raise SourceError(path, "not_a_list", "a .json source must hold a list of records "
-                      "(or {\"data\": [...]})")
+    raise SourceError(path, "a .json source must hold a list of records (or {\"data\": [...]})",
+                      reason="not_a_list")
   for i, raw in enumerate(data):
     yield f"{path}:{i}", raw
 
@@ -119,7 +80,7 @@ def _local_files(spec: str) -> list[str]:
 def _read_local(spec: str, max_line_bytes: int) -> Iterator[tuple[str, Any]]:
   for path in _local_files(spec):
     if path.endswith(".jsonl"):
-      yield from _read_jsonl(path, max_line_bytes)
+      yield from jsonl.read_jsonl(path, max_line_bytes=max_line_bytes, on_error="yield")
     elif path.endswith(".json"):
       yield from _read_json(path)
     else:
@@ -184,7 +145,7 @@ def _read_tfds(rest: str, data_dir: str | None) -> Iterator[tuple[str, Any]]:
 
 def _read_bundled(name: str, max_line_bytes: int) -> Iterator[tuple[str, Any]]:
   from saro_jax.data import bundled
-  yield from _read_jsonl(bundled.path(name), max_line_bytes)
+  yield from jsonl.read_jsonl(bundled.path(name), max_line_bytes=max_line_bytes, on_error="yield")
 
 
 def read_raw(spec: str, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
@@ -229,8 +190,8 @@ def load_records(spec: str | Sequence[str], *, kind: str, on_error: str = "raise
           raise raw
         record = parse(raw, where=where, reasoning_tags=reasoning_tags)
         if record["id"] in seen:
-          raise SourceError(where, "duplicate_id",
-                            f"field 'id': duplicate id {record['id']!r} (first at {seen[record['id']]})")
+          raise SourceError(where, f"field 'id': duplicate id {record['id']!r} (first at "
+                            f"{seen[record['id']]})", reason="duplicate_id")
       except formats.RecordError as e:
         if on_error == "raise":
           raise

@@ -16,23 +16,29 @@ Formats (the `format` part of a spec):
 
 A spec is "<format>:<source>" where source is a file path (.jsonl/.json/.csv/.parquet),
 "hf:<hub id or local dataset dir>[:split]" or "bundled:<name>" (a file of saro_jax/data/bundled).
-Bad rows raise `PromptError` naming the file, the line (row) and the field.
+Bad rows raise `PromptError` naming the file, the line (row) and the field; a file that is not
+valid JSON raises its base class `jsonl.InputError` (the one reader, `saro_jax/data/jsonl.py`).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from saro_jax.data import jsonl
+
 LABELS = ("harmful", "jailbreak", "benign", "borderline")
 
 
-class PromptError(ValueError):
-  """A prompt row that cannot be read; the message names file:line and the field."""
+class PromptError(jsonl.InputError):
+  """A prompt row that cannot be used; the message names file:line and the field. (A file that is
+  not valid JSON / UTF-8 raises the base class, ``jsonl.InputError``, from the shared reader.)"""
+
+  def __init__(self, message: str):
+    super().__init__("", message, reason="invalid_prompt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,26 +134,14 @@ PARSERS: dict[str, Callable[[Mapping[str, Any], str], EvalPrompt]] = {
 # ---- raw rows from a source ---------------------------------------------------------------------
 
 def _jsonl_rows(path: str) -> Iterable[Row]:
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{line_no}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise PromptError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(row, dict):
-        raise PromptError(f"{where}: expected a JSON object, got {type(row).__name__}")
-      yield where, row
+  for where, row in jsonl.read_jsonl(path):
+    if not isinstance(row, dict):
+      raise PromptError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    yield where, row
 
 
 def _json_rows(path: str) -> Iterable[Row]:
-  with open(path, encoding="utf-8") as f:
-    try:
-      rows = json.load(f)
-    except json.JSONDecodeError as e:
-      raise PromptError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+  rows = jsonl.read_json(path)
   if not isinstance(rows, list):
     raise PromptError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
   for index, row in enumerate(rows):
@@ -158,7 +152,7 @@ def _json_rows(path: str) -> Iterable[Row]:
 
 
 def _csv_rows(path: str) -> Iterable[Row]:
-  with open(path, encoding="utf-8", newline="") as f:
+  with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a leading BOM is not a header
     reader = csv.DictReader(f)
     for row in reader:
       # line_num is the physical line the row ended on (quoted cells may span lines).

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from saro_jax import sharding
+from saro_jax.data import jsonl
 from saro_jax.models import abstract_model
 from saro_jax.models import families
 from saro_jax.models.config import ModelConfig
@@ -250,9 +251,9 @@ class _SafetensorsDir(Mapping):
     index = directory / "model.safetensors.index.json"
     if index.exists():
       try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-      except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{index}: not a safetensors index ({e})") from e
+        weight_map = jsonl.read_json(index)["weight_map"]
+      except (KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index (no 'weight_map')") from e
     elif (directory / "model.safetensors").exists():
       weight_map = None
     else:
@@ -307,10 +308,9 @@ def load_hf(path_or_id: str, *, mesh: Mesh | None = None, rules=None, param_dtyp
   config_file = directory / "config.json"
   if not config_file.exists():
     raise FileNotFoundError(f"{directory}: no config.json")
-  try:
-    hf_config = json.loads(config_file.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_file}: line {e.lineno}: invalid JSON ({e.msg})") from e
+  hf_config = jsonl.read_json(config_file)  # InputError names file:line; a BOM is accepted
+  if not isinstance(hf_config, dict):
+    raise ValueError(f"{config_file}: expected a JSON object, got {type(hf_config).__name__}")
   has_safetensors = ((directory / "model.safetensors").exists()
                      or (directory / "model.safetensors.index.json").exists())
   if has_safetensors:
