@@ -111,13 +111,13 @@ def test_http_teacher_retries_validates_and_keeps_the_shortest(stub, tmp_path, m
   server.fail_next = 1  # the first request gets a 503 and is retried
   monkeypatch.setenv("STUB_KEY", "sk-test")
   teacher = synthesis.HttpTeacher(url, "stub-model", api_key_env="STUB_KEY", backoff_s=0.01,
-                                  min_interval_s=0.02, cache_path=str(tmp_path / "cache.jsonl"))
+                                  min_interval_s=0.02, max_workers=4, cache_path=str(tmp_path / "cache.jsonl"))
   start = time.monotonic()
   stats = synthesis.synthesize(RECORDS, teacher, tmp_path / "out", synthesis.Options(shortest_of=3))
   elapsed = time.monotonic() - start
   # 6 prompts x 3 safe samples + 4 harmful x (unsafe + reflection) = 26 texts, +1 retried request.
   assert teacher.requests == 27 == len(server.log)
-  assert elapsed >= 26 * 0.02  # the rate limit spaces every request
+  assert elapsed >= 26 * 0.02  # the rate limit spaces every request start, across 4 workers
   assert {auth for _, _, auth in server.log} == {"Bearer sk-test"}
   assert sorted({b["seed"] for _, b, _ in server.log}) == [0, 1, 2]
   assert stats["ok"] == 6 and stats["teacher"]["safe"] == {"http": 6}

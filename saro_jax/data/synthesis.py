@@ -32,6 +32,7 @@ trajectory / preference) and stats.json.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -175,26 +176,28 @@ def _user_turn(record: Mapping[str, Any], role: str) -> str:
 class HttpTeacher:
   """An OpenAI-compatible chat endpoint. Bounded: ``timeout_s`` per request, ``max_retries`` with
   exponential backoff on connection errors, 429 and 5xx; at least ``min_interval_s`` between
-  requests; every text cached on disk (JSONL, keyed by a hash of the request) so reruns are free."""
+  requests (across ``max_workers`` concurrent requests); every text cached on disk (JSONL, keyed
+  by a hash of the request) so reruns are free."""
 
   name = "http"
 
   def __init__(self, base_url: str, model: str, *, api_key_env: str = "", cache_path: str | None = None,
                temperature: float = 0.7, max_tokens: int = 512, timeout_s: float = 60.0,
-               max_retries: int = 4, backoff_s: float = 1.0, min_interval_s: float = 0.0):
+               max_retries: int = 4, backoff_s: float = 1.0, min_interval_s: float = 0.0,
+               max_workers: int = 1):
     if not base_url or not model:
       raise ValueError("the http teacher needs base_url and model (an OpenAI-compatible endpoint)")
     self.url = base_url.rstrip("/") + "/chat/completions"
     self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
     self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
-    self.min_interval_s = min_interval_s
+    self.min_interval_s, self.max_workers = min_interval_s, max(1, max_workers)
     self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
     if api_key_env and not self.api_key:
       raise ValueError(f"the http teacher's api_key_env={api_key_env!r} is not set in the environment")
     self.cache_path = cache_path
     self.cache: dict[str, str] = {}
     self.requests = 0  # sent over the network (not cache hits), for stats and tests
-    self._last = 0.0
+    self._next_slot = 0.0  # monotonic time before which no request may start
     self._lock = threading.Lock()
     if cache_path and os.path.exists(cache_path):
       for line in open(cache_path, encoding="utf-8"):
@@ -220,11 +223,12 @@ class HttpTeacher:
       headers["Authorization"] = f"Bearer {self.api_key}"
     last_error = ""
     for attempt in range(self.max_retries + 1):
-      wait = self.min_interval_s - (time.monotonic() - self._last)
-      if wait > 0:
-        time.sleep(wait)
-      self._last = time.monotonic()
-      self.requests += 1
+      with self._lock:  # reserve the next start time: concurrent workers share one rate limit
+        slot = max(time.monotonic(), self._next_slot)
+        self._next_slot = slot + self.min_interval_s
+        self.requests += 1
+      if slot > time.monotonic():
+        time.sleep(slot - time.monotonic())
       try:
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
@@ -245,25 +249,28 @@ class HttpTeacher:
         time.sleep(self.backoff_s * 2**attempt)
     raise RuntimeError(f"http teacher {self.url}: gave up after {self.max_retries + 1} tries ({last_error})")
 
+  def _text(self, messages: Messages, sample: int, seed: int) -> str:
+    key = self._key(messages, sample)
+    if key in self.cache:
+      return self.cache[key]
+    try:
+      text = self._post(messages, seed + sample)
+    except TraceError as e:  # an unparseable body is one bad generation, not a crash
+      return f"<unusable response: {e}>"
+    with self._lock:
+      self.cache[key] = text
+      if self.cache_path:
+        with open(self.cache_path, "a", encoding="utf-8") as f:
+          f.write(json.dumps({"key": key, "text": text}, ensure_ascii=False) + "\n")
+    return text
+
   def complete(self, conversations: Sequence[Messages], ns: Sequence[int], seed: int) -> list[list[str]]:
-    out = []
-    for messages, n in zip(conversations, ns, strict=True):
-      texts = []
-      for i in range(n):
-        key = self._key(messages, i)
-        if key not in self.cache:
-          try:
-            text = self._post(messages, seed + i)
-          except TraceError as e:  # an unparseable body is one bad generation, not a crash
-            texts.append(f"<unusable response: {e}>")
-            continue
-          with self._lock:
-            self.cache[key] = text
-            if self.cache_path:
-              with open(self.cache_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"key": key, "text": text}, ensure_ascii=False) + "\n")
-        texts.append(self.cache[key])
-      out.append(texts)
+    tasks = [(j, i) for j, n in enumerate(ns) for i in range(n)]
+    with concurrent.futures.ThreadPoolExecutor(self.max_workers) as pool:
+      texts = list(pool.map(lambda t: self._text(conversations[t[0]], t[1], seed), tasks))
+    out: list[list[str]] = [[] for _ in conversations]
+    for (j, _), text in zip(tasks, texts):
+      out[j].append(text)
     return out
 
 

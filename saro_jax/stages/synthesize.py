@@ -38,7 +38,8 @@ class HttpSettings:
   timeout_s: float = 60.0
   max_retries: int = 4
   backoff_s: float = 1.0
-  min_interval_s: float = 0.0  # rate limit: at least this long between requests
+  min_interval_s: float = 0.0  # rate limit: at least this long between request starts
+  max_workers: int = 4  # concurrent requests
   cache: bool = True  # <output>/http_cache.jsonl
 
 
@@ -129,7 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
         http.base_url, http.model, api_key_env=http.api_key_env,
         cache_path=str(out / "http_cache.jsonl") if http.cache else None, temperature=http.temperature,
         max_tokens=http.max_tokens, timeout_s=http.timeout_s, max_retries=http.max_retries,
-        backoff_s=http.backoff_s, min_interval_s=http.min_interval_s)
+        backoff_s=http.backoff_s, min_interval_s=http.min_interval_s, max_workers=http.max_workers)
   elif syn.teacher == "sampler":
     teacher = _sampler_teacher(config, sampler)
   else:
