@@ -162,7 +162,9 @@ class MetricsWriter:
     self._jsonl = self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      _drop_partial_last_line(path)  # a kill -9 mid-write must not glue two rows together
+      self._jsonl = open(path, "a")
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -178,6 +180,15 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _drop_partial_last_line(path: str) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      f.truncate(data.rfind(b"\n") + 1)
 
 
 def _last_logged(workdir: str) -> dict[str, float]:
@@ -211,13 +222,25 @@ class DataExhaustedError(RuntimeError):
   """A finite dataset ran out before train.steps; the message has the batch count and stats."""
 
 
+_SIGTERM_RECEIVED = threading.Event()
+
+
+def _on_sigterm(signum, frame) -> None:
+  del signum, frame
+  if not _SIGTERM_RECEIVED.is_set():
+    log.warning("SIGTERM: finishing the current step, then checkpointing and exiting")
+  _SIGTERM_RECEIVED.set()
+
+
 def _preemption_check() -> tuple[Callable[[int], bool], Callable[[], None]]:
   """``(reached(step) -> bool, restore)``: whether to stop after ``step`` because of SIGTERM.
 
-  One process: a SIGTERM handler sets a flag (the handler is restored by ``restore``). Several
-  processes: JAX's preemption sync point (``jax.distributed`` installs its own SIGTERM notifier
-  and propagates a notice from any host to all; every host then stops at the same step, the
-  first one all of them can still reach). Called after every step on every process.
+  One process: a SIGTERM handler that sets a flag, installed for the loop (``restore`` puts the
+  previous handler back; before and after the loop nothing is unsaved, so SIGTERM ends the
+  process as usual). Several processes: JAX's preemption
+  sync point (``jax.distributed`` installs a SIGTERM notifier and propagates a notice from any
+  host to all; every host then stops at the same step, the first one all of them can still
+  reach). Called after every step on every process.
   """
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -230,18 +253,12 @@ def _preemption_check() -> tuple[Callable[[int], bool], Callable[[], None]]:
         return False
 
     return reached_multihost, lambda: None
+  reached = lambda step: _SIGTERM_RECEIVED.is_set()  # noqa: E731
   if threading.current_thread() is not threading.main_thread():
-    return (lambda step: False), (lambda: None)  # signals are delivered to the main thread only
-  received = threading.Event()
-
-  def on_sigterm(signum, frame):
-    del signum, frame
-    if not received.is_set():
-      log.warning("SIGTERM: finishing the current step, then checkpointing and exiting")
-    received.set()
-
-  previous = signal.signal(signal.SIGTERM, on_sigterm)
-  return (lambda step: received.is_set()), (lambda: signal.signal(signal.SIGTERM, previous))
+    return reached, lambda: None  # (signals reach the main thread only)
+  _SIGTERM_RECEIVED.clear()
+  previous = signal.signal(signal.SIGTERM, _on_sigterm)
+  return reached, lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _batch_origin(host_batch: Mapping[str, np.ndarray], position: Any) -> str:
@@ -397,6 +414,7 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
                       is not None else "no checkpointer, nothing saved"))
         log.warning(message)
         print(message, flush=True)
+        _SIGTERM_RECEIVED.clear()
         raise Preempted(step)
     check()
   finally:
