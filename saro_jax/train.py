@@ -277,9 +277,10 @@ def _data_stats(data_state_fn, data_stats_fn) -> dict:
   if data_stats_fn is not None:
     return dict(data_stats_fn())
   state = data_state_fn() if data_state_fn is not None else None
-  if isinstance(state, Mapping) and isinstance(state.get("stats"), Mapping):
-    return dict(state["stats"])
-  return {}
+  stats = dict(state["stats"]) if isinstance(state, Mapping) and isinstance(state.get("stats"), Mapping) else {}
+  if stats and "dropped" not in stats:
+    stats["dropped"] = sum(v for k, v in stats.items() if k.startswith("dropped/"))
+  return stats
 
 
 @dataclasses.dataclass
@@ -329,7 +330,11 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
       checkpointer is not None and start > 0) else 0
   # Steps since the last host sync: (step, batch origin, device metrics); read by check().
   pending: list[tuple[int, Callable[[], str], dict[str, jax.Array]]] = []
-  saved_step = start
+  saved_step = checkpointer.latest_step() if checkpointer is not None else None
+
+  def newest() -> str:
+    return (f"the newest checkpoint (step {saved_step}) holds the last good weights"
+            if saved_step is not None else "no checkpoint was written")
 
   def check() -> None:
     nonlocal skipped
@@ -345,8 +350,8 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
                    f" batch: {origin()}")
       if nonfinite == "raise":
         raise NonFiniteError(
-            f"{diagnosis}. The update was not applied and nothing was saved after it; the newest"
-            f" checkpoint (step {saved_step}) holds the last good weights. Lower the learning rate"
+            f"{diagnosis}. The update was not applied and nothing was saved after it; {newest()}."
+            " Lower the learning rate"
             " or look at that batch; train.nonfinite='skip' skips such batches (up to"
             " train.max_skipped_steps).")
       skipped += 1
@@ -354,8 +359,7 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
       if skipped > max_skipped_steps:
         raise NonFiniteError(
             f"{skipped} steps had a non-finite loss or gradient norm, more than"
-            f" train.max_skipped_steps={max_skipped_steps}; the last: {diagnosis}. The newest"
-            f" checkpoint (step {saved_step}) holds the last good weights.")
+            f" train.max_skipped_steps={max_skipped_steps}; the last: {diagnosis}; {newest()}.")
 
   def save(step: int) -> None:
     nonlocal saved_step
@@ -380,6 +384,8 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
             f"the data ran out before step {step} of train.steps={steps}: it gave {step - 1}"
             f" batches in all ({step - 1 - start} in this run, the rest before a resume). Set"
             f" train.steps <= {step - 1}, more data.num_epochs, or data.num_epochs=0 (repeat)."
+            f" Dropped examples: {stats.get('dropped', 'unknown')}"
+            f" { {k: v for k, v in stats.items() if k.startswith('dropped/')} }."
             f" Data stats: {json.dumps(stats, sort_keys=True, default=str)}") from None
       tokens += int(sum(np.count_nonzero(v) for k, v in host_batch.items() if k.endswith("segment_ids")))
       device_batch = to_device(host_batch)

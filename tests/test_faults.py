@@ -345,7 +345,7 @@ def test_nonfinite_raise_names_step_batch_and_metric(tmp_path):
   message = str(info.value)
   print(message)
   assert message.startswith("step 3: non-finite grad_norm=nan, loss=nan; batch: example ids [30, 31]")
-  assert "newest checkpoint (step 2)" in message
+  assert "the newest checkpoint (step 2) holds the last good weights" in message
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [1, 2]
 
 
@@ -408,6 +408,7 @@ def test_finite_data_that_runs_out_says_how_many_batches(tmp_path):
   message = str(info.value)
   print(message)
   assert "the data ran out before step 2 of train.steps=3: it gave 1 batches" in message
+  assert "Dropped examples: 1 {'dropped/prompt_too_long': 1}" in message
   stats = json.loads(message.split("Data stats: ", 1)[1])
   assert stats["examples"] == 2 and stats["dropped"] == 1
   assert any(k.startswith("dropped/") for k in stats)
@@ -506,3 +507,44 @@ def test_export_killed_mid_write_leaves_no_half_written_dir(tmp_path):
   assert done.returncode == 0 and "exported" in done.stdout, done.stderr[-3000:]
   assert (out / "model.safetensors").is_file()
   assert sorted(os.listdir(tmp_path)) == ["export.py", "hf"]  # the stale temporary is gone
+
+
+# ---------------------------------------------------------------------------- SIGTERM, 2 hosts
+
+
+@pytest.mark.multiprocess
+@pytest.mark.heavy
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+  """Real jax.distributed over 127.0.0.1: SIGTERM reaches process 1 only; JAX's preemption sync
+  point makes both stop after the same step, which both checkpoint (each its data position)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / "run"
+  steps = 60
+  procs, logs = [], []
+  for i in range(2):
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(i))
+    cmd = [sys.executable, "-m", "saro_jax.main", "--multihost", "--config", "configs/rw.py",
+           f"--workdir={workdir}", *TINY, f"--config.train.steps={steps}", "--config.checkpoint.every=0"]
+    log = open(tmp_path / f"process_{i}.log", "w")
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    logs.append(log)
+  deadline = time.time() + 600
+  while not metric_steps(workdir) and procs[0].poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  procs[1].send_signal(signal.SIGTERM)
+  codes = [p.wait(timeout=300) for p in procs]
+  for log in logs:
+    log.close()
+  texts = [(tmp_path / f"process_{i}.log").read_text() for i in range(2)]
+  assert codes == [train.PREEMPTED_EXIT_CODE] * 2, [t[-3000:] for t in texts]
+  reached = [int(t.split("preempted at step ")[1].split()[0]) for t in texts]
+  print(f"SIGTERM to process 1: both stopped at step {reached}")
+  assert reached[0] == reached[1] < steps
+  assert steps_on_disk(workdir) == [reached[0]]
+  for i in range(2):
+    assert os.path.isfile(workdir / "checkpoints" / "data_state" / f"{reached[0]}.process_{i}.json")
