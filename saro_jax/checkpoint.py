@@ -22,6 +22,7 @@ that names what was wrong, and the previous step is tried; when no step is good 
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -139,6 +140,20 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True, cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self._remove_stale_temporaries()
+
+  def _remove_stale_temporaries(self) -> None:
+    """Temporary JSON files of a process killed mid-write (their final names were never made)."""
+    patterns = [os.path.join(self.directory, DATA_STATE_SUBDIR,
+                             f"*.process_{jax.process_index()}.json.tmp-*")]
+    if jax.process_index() == 0:
+      patterns.append(os.path.join(self.directory, f"{MODEL_META}.tmp-*"))
+    for pattern in patterns:
+      for path in glob.glob(pattern):
+        try:
+          os.remove(path)
+        except FileNotFoundError:
+          pass
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -382,7 +382,7 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
         stats = _data_stats(data_state_fn, data_stats_fn)
         raise DataExhaustedError(
             f"the data ran out before step {step} of train.steps={steps}: it gave {step - 1}"
-            f" batches in all ({step - 1 - start} in this run, the rest before a resume). Set"
+            f" batches in all{f' ({start} before the resume)' if start else ''}. Set"
             f" train.steps <= {step - 1}, more data.num_epochs, or data.num_epochs=0 (repeat)."
             f" Dropped examples: {stats.get('dropped', 'unknown')}"
             f" { {k: v for k, v in stats.items() if k.startswith('dropped/')} }."
