@@ -75,7 +75,8 @@ def train(steps: int, batch_size: int, grad_accum: int = 1, *, log_every: int = 
           logps_chunk: int = 256) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       steps=steps, batch_size=batch_size, grad_accum=grad_accum, log_every=log_every,
-      logps_chunk=logps_chunk, progress_bar=True, stop_at=0))
+      logps_chunk=logps_chunk, progress_bar=True, stop_at=0, nonfinite="raise",
+      max_skipped_steps=10))
 
 
 def dpo(beta: float = 0.1) -> ml_collections.ConfigDict:

@@ -28,6 +28,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "block", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 ON_ERROR = ("raise", "skip")
+NONFINITE = ("raise", "skip")  # train.nonfinite
 
 
 class ConfigError(ValueError):
@@ -160,8 +161,14 @@ class TrainConfig:
   # > 0: this invocation stops (after a checkpoint) at that step; re-running resumes. For jobs
   # with a time limit (preemptible slices, SLURM walltime) and for resume tests.
   stop_at: int = 0
+  # A step with a non-finite loss or gradient norm is never applied. "raise": stop with a
+  # diagnosis (step, batch, metric); "skip": go on, counting it, up to max_skipped_steps.
+  nonfinite: str = "raise"
+  max_skipped_steps: int = 10
 
   def validate(self, where: str, batch_divisor: int = 1, process_count: int = 1) -> None:
+    _check_choice(f"{where}.nonfinite", self.nonfinite, NONFINITE)
+    _check_positive(f"{where}.max_skipped_steps", self.max_skipped_steps, allow_zero=True)
     _check_positive(f"{where}.steps", self.steps)
     _check_positive(f"{where}.batch_size", self.batch_size)
     _check_positive(f"{where}.grad_accum", self.grad_accum)

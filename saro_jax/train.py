@@ -12,6 +12,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -29,6 +31,11 @@ from saro_jax.checkpoint import Checkpointer
 log = logging.getLogger(__name__)
 
 Batch = Mapping[str, jax.Array]
+NONFINITE = "nonfinite"  # per-step metric of train_step: 1.0 when the update was dropped
+NONFINITE_MODES = ("raise", "skip")
+# Exit status after a SIGTERM was handled (checkpoint written): what a shell reports for a process
+# ended by SIGTERM (128 + 15), so wrappers that treat 143 as "preempted, requeue" keep working.
+PREEMPTED_EXIT_CODE = 143
 LossFn = Callable[[nnx.State, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -112,9 +119,17 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         return jax.tree.map(jnp.add, carry, out), None
 
       ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, micro)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    # A non-finite loss or gradient never reaches the weights or the optimizer moments: the
+    # update is dropped on the device (a select, no host round trip) and the step is flagged;
+    # run_loop decides from the flags whether to stop (train.nonfinite="raise") or go on ("skip").
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), params, state.params)
+    opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), opt_state, state.opt_state)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                   **{NONFINITE: jnp.logical_not(finite).astype(jnp.float32)})
     if learning_rate_fn is not None:
       metrics["learning_rate"] = learning_rate_fn(state.step)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
@@ -147,7 +162,9 @@ class MetricsWriter:
     self._jsonl = self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      _drop_partial_last_line(path)  # a kill -9 mid-write must not glue two rows together
+      self._jsonl = open(path, "a")
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -165,6 +182,15 @@ class MetricsWriter:
       self._tb.close()
 
 
+def _drop_partial_last_line(path: str) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      f.truncate(data.rfind(b"\n") + 1)
+
+
 def _last_logged(workdir: str) -> dict[str, float]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
@@ -176,6 +202,85 @@ def _last_logged(workdir: str) -> dict[str, float]:
   row = json.loads(lines[-1])
   row.pop("step", None)
   return row
+
+
+class Preempted(SystemExit):
+  """Raised by ``run_loop`` after a SIGTERM: the step reached is checkpointed (with the data
+  position); the process exits with ``PREEMPTED_EXIT_CODE``; re-running the command resumes."""
+
+  def __init__(self, step: int):
+    super().__init__(PREEMPTED_EXIT_CODE)
+    self.step = step
+
+
+class NonFiniteError(FloatingPointError):
+  """A step's loss or gradient norm was NaN/inf (train.nonfinite="raise"), or more such steps
+  than train.max_skipped_steps were skipped; the message has the step, batch and metrics."""
+
+
+class DataExhaustedError(RuntimeError):
+  """A finite dataset ran out before train.steps; the message has the batch count and stats."""
+
+
+_SIGTERM_RECEIVED = threading.Event()
+
+
+def _on_sigterm(signum, frame) -> None:
+  del signum, frame
+  if not _SIGTERM_RECEIVED.is_set():
+    log.warning("SIGTERM: finishing the current step, then checkpointing and exiting")
+  _SIGTERM_RECEIVED.set()
+
+
+def _preemption_check() -> tuple[Callable[[int], bool], Callable[[], None]]:
+  """``(reached(step) -> bool, restore)``: whether to stop after ``step`` because of SIGTERM.
+
+  One process: a SIGTERM handler that sets a flag, installed for the loop (``restore`` puts the
+  previous handler back; before and after the loop nothing is unsaved, so SIGTERM ends the
+  process as usual). Several processes: JAX's preemption
+  sync point (``jax.distributed`` installs a SIGTERM notifier and propagates a notice from any
+  host to all; every host then stops at the same step, the first one all of them can still
+  reach). Called after every step on every process.
+  """
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    def reached_multihost(step: int) -> bool:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError as e:  # jax_enable_preemption_service=False
+        log.warning("no SIGTERM handling across hosts: %s", e)
+        return False
+
+    return reached_multihost, lambda: None
+  reached = lambda step: _SIGTERM_RECEIVED.is_set()  # noqa: E731
+  if threading.current_thread() is not threading.main_thread():
+    return reached, lambda: None  # (signals reach the main thread only)
+  _SIGTERM_RECEIVED.clear()
+  previous = signal.signal(signal.SIGTERM, _on_sigterm)
+  return reached, lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _batch_origin(host_batch: Mapping[str, np.ndarray], position: Any) -> str:
+  """What identifies a batch in a diagnosis: its example ids, else its data position."""
+  if "example_id" in host_batch:
+    ids = [int(i) for i in np.asarray(host_batch["example_id"]).reshape(-1) if i >= 0]
+    return f"example ids {ids}"
+  if isinstance(position, Mapping) and "grain" in position:
+    position = position["grain"]
+  text = json.dumps(position, default=str) if position is not None else "unknown"
+  return (f"data position {text[:400]} (SFT batches carry no record ids: restore this iterator"
+          " state to replay the batch)")
+
+
+def _data_stats(data_state_fn, data_stats_fn) -> dict:
+  if data_stats_fn is not None:
+    return dict(data_stats_fn())
+  state = data_state_fn() if data_state_fn is not None else None
+  stats = dict(state["stats"]) if isinstance(state, Mapping) and isinstance(state.get("stats"), Mapping) else {}
+  if stats and "dropped" not in stats:
+    stats["dropped"] = sum(v for k, v in stats.items() if k.startswith("dropped/"))
+  return stats
 
 
 @dataclasses.dataclass
@@ -190,13 +295,30 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
              mesh: Mesh, steps: int, workdir: str, log_every: int, checkpointer: Checkpointer | None,
              data_state_fn: Callable[[], Any] | None = None, progress_bar: bool = True,
              to_device: Callable[[Mapping[str, np.ndarray]], Batch] | None = None,
-             stop_at: int = 0, desc: str = "train") -> LoopResult:
+             stop_at: int = 0, desc: str = "train", nonfinite: str = "raise",
+             max_skipped_steps: int = 0, handle_sigterm: bool = True,
+             data_stats_fn: Callable[[], Mapping[str, Any]] | None = None) -> LoopResult:
   """Steps from ``state.step`` to ``steps``: logs, checkpoints (periodic + final), returns.
 
   ``to_device`` turns a host batch into the step's device batch (default: ``put_batch``; SRPO
   adds the reference log-probs there). ``stop_at`` > 0 ends this invocation (checkpointed) at
   that step; the next one resumes.
+
+  Faults (BUILD.md "Failure behaviour"):
+  - SIGTERM (``handle_sigterm``): the step in flight finishes, the step reached is checkpointed
+    with the data position, "preempted at step N" is logged and ``Preempted`` (a SystemExit,
+    status 143) is raised. Every process stops at the same step (JAX's preemption sync point).
+  - A step whose loss or gradient norm is non-finite is not applied (see ``make_train_step``).
+    The per-step flags are read at the host syncs the loop already has (log steps, before each
+    checkpoint, at the end): ``nonfinite="raise"`` raises ``NonFiniteError`` (step, batch,
+    metrics) before anything is written, so the newest checkpoint is the last good one;
+    ``"skip"`` counts the step (``skipped_steps`` in the metrics, kept in checkpoints) and raises
+    once more than ``max_skipped_steps`` were skipped.
+  - Finite data that runs out before ``steps`` raises ``DataExhaustedError`` with the number of
+    batches it gave and the data stats (``data_stats_fn``, else ``data_state_fn()["stats"]``).
   """
+  if nonfinite not in NONFINITE_MODES:
+    raise ValueError(f"nonfinite={nonfinite!r} is not one of {list(NONFINITE_MODES)}")
   to_device = to_device or (lambda b: put_batch(b, mesh))
   from tqdm import tqdm
 
@@ -204,33 +326,109 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
   start = int(jax.device_get(state.step))
   history: list[dict[str, float]] = []
   last: dict[str, float] = {}
+  skipped = int(checkpointer.loop_state(start).get("skipped_steps", 0)) if (
+      checkpointer is not None and start > 0) else 0
+  # Steps since the last host sync: (step, batch origin, device metrics); read by check().
+  pending: list[tuple[int, Callable[[], str], dict[str, jax.Array]]] = []
+  saved_step = checkpointer.latest_step() if checkpointer is not None else None
+
+  def newest() -> str:
+    return (f"the newest checkpoint (step {saved_step}) holds the last good weights"
+            if saved_step is not None else "no checkpoint was written")
+
+  def check() -> None:
+    nonlocal skipped
+    if not pending:
+      return
+    flags = jax.device_get([m[NONFINITE] for _, _, m in pending if NONFINITE in m])
+    bad = [p for p, flag in zip((p for p in pending if NONFINITE in p[2]), flags) if flag]
+    pending.clear()
+    for step, origin, metrics in bad:
+      values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != NONFINITE}
+      names = sorted(k for k, v in values.items() if not np.isfinite(v))
+      diagnosis = (f"step {step}: non-finite {', '.join(f'{k}={values[k]}' for k in names)};"
+                   f" batch: {origin()}")
+      if nonfinite == "raise":
+        raise NonFiniteError(
+            f"{diagnosis}. The update was not applied and nothing was saved after it; {newest()}."
+            " Lower the learning rate"
+            " or look at that batch; train.nonfinite='skip' skips such batches (up to"
+            " train.max_skipped_steps).")
+      skipped += 1
+      log.warning("skipped %s (%d of at most %d)", diagnosis, skipped, max_skipped_steps)
+      if skipped > max_skipped_steps:
+        raise NonFiniteError(
+            f"{skipped} steps had a non-finite loss or gradient norm, more than"
+            f" train.max_skipped_steps={max_skipped_steps}; the last: {diagnosis}; {newest()}.")
+
+  def save(step: int) -> None:
+    nonlocal saved_step
+    check()  # never checkpoint after an unnoticed non-finite step
+    checkpointer.save(step, state, data_state_fn() if data_state_fn else None,
+                      loop_state={"skipped_steps": skipped})
+    saved_step = step
+
   bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress_bar or jax.process_index() != 0,
              dynamic_ncols=True)
+  preempted, restore_sigterm = _preemption_check() if handle_sigterm else (lambda s: False, lambda: None)
   tokens, t0 = 0, time.perf_counter()
   last_step = min(steps, stop_at) if stop_at > 0 else steps
-  for step in range(start + 1, last_step + 1):
-    host_batch = next(batches)
-    tokens += int(sum(np.count_nonzero(v) for k, v in host_batch.items() if k.endswith("segment_ids")))
-    device_batch = to_device(host_batch)
-    # Everything the step needs is on the devices already; an implicit host->device copy here
-    # would be a silent per-step cost, so it is an error (big_vision's transfer guard).
-    with jax.transfer_guard_host_to_device("disallow"):
-      state, metrics = step_fn(state, device_batch)
-    if step % log_every == 0 or step in (1, last_step):
-      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      elapsed = time.perf_counter() - t0
-      last["tokens_per_s"] = tokens * jax.process_count() / max(elapsed, 1e-9)
-      tokens, t0 = 0, time.perf_counter()
-      writer.write(step, last)
-      history.append({"step": step, **last})
-      bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-    bar.update(1)
-    if checkpointer is not None and (checkpointer.should_save(step) or step == last_step):
-      checkpointer.save(step, state, data_state_fn() if data_state_fn else None)
-  bar.close()
-  writer.close()
-  if checkpointer is not None:
-    checkpointer.wait()
+  try:
+    for step in range(start + 1, last_step + 1):
+      position = data_state_fn() if data_state_fn is not None else None
+      try:
+        host_batch = next(batches)
+      except StopIteration:
+        stats = _data_stats(data_state_fn, data_stats_fn)
+        raise DataExhaustedError(
+            f"the data ran out before step {step} of train.steps={steps}: it gave {step - 1}"
+            f" batches in all{f' ({start} before the resume)' if start else ''}. Set"
+            f" train.steps <= {step - 1}, more data.num_epochs, or data.num_epochs=0 (repeat)."
+            f" Dropped examples: {stats.get('dropped', 'unknown')}"
+            f" { {k: v for k, v in stats.items() if k.startswith('dropped/')} }."
+            f" Data stats: {json.dumps(stats, sort_keys=True, default=str)}") from None
+      tokens += int(sum(np.count_nonzero(v) for k, v in host_batch.items() if k.endswith("segment_ids")))
+      device_batch = to_device(host_batch)
+      # Everything the step needs is on the devices already; an implicit host->device copy here
+      # would be a silent per-step cost, so it is an error (big_vision's transfer guard).
+      with jax.transfer_guard_host_to_device("disallow"):
+        state, metrics = step_fn(state, device_batch)
+      ids = host_batch.get("example_id")
+      pending.append((step, lambda ids=ids, position=position: _batch_origin(
+          {"example_id": ids} if ids is not None else {}, position), metrics))
+      if step % log_every == 0 or step in (1, last_step):
+        check()
+        last = {k: float(v) for k, v in jax.device_get(metrics).items() if k != NONFINITE}
+        if nonfinite == "skip":
+          last["skipped_steps"] = float(skipped)
+        elapsed = time.perf_counter() - t0
+        last["tokens_per_s"] = tokens * jax.process_count() / max(elapsed, 1e-9)
+        tokens, t0 = 0, time.perf_counter()
+        writer.write(step, last)
+        history.append({"step": step, **last})
+        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+      bar.update(1)
+      stop = preempted(step)
+      if checkpointer is not None and (checkpointer.should_save(step) or step == last_step or stop):
+        save(step)
+      if stop:
+        check()
+        if checkpointer is not None:
+          checkpointer.wait()
+        message = (f"preempted at step {step} of {steps}: "
+                   + ("checkpoint written; re-run the same command to resume" if checkpointer
+                      is not None else "no checkpointer, nothing saved"))
+        log.warning(message)
+        print(message, flush=True)
+        _SIGTERM_RECEIVED.clear()
+        raise Preempted(step)
+    check()
+  finally:
+    restore_sigterm()
+    bar.close()
+    writer.close()
+    if checkpointer is not None:
+      checkpointer.wait()  # an in-flight save completes, whatever ended the loop
   if not last:  # nothing ran (a finished stage re-run): report the last logged values
     last = _last_logged(workdir)
   finished = int(jax.device_get(state.step)) >= steps

@@ -350,13 +350,20 @@ def _host_value(array: jax.Array) -> np.ndarray:
 
 
 def export_hf(model: Transformer, out_dir, *, tokenizer=None, max_shard_bytes: int = 2**30 * 4,
-              dtype: str | None = None) -> pathlib.Path:
-  """Writes an HF directory (config.json, generation_config.json, safetensors, tokenizer)."""
+              dtype: str | None = None, verify: bool = True) -> pathlib.Path:
+  """Writes an HF directory (config.json, generation_config.json, safetensors, tokenizer).
+
+  Atomic: everything is written to ``.<name>.tmp-export`` beside ``out_dir``, checked (``verify``:
+  reloaded through ``load_hf`` and its logits on one batch compared with the in-memory model's,
+  see ``verify_export``), then renamed into place. A crash leaves no ``out_dir`` or the previous
+  complete one, never a half-written one; non-finite weights are refused (``ExportError``).
+  """
   from safetensors.numpy import save_file
   import transformers
 
   config = model.config
   out = pathlib.Path(out_dir)
+  tmp = out.parent / f".{out.name}.tmp-export"
   write = jax.process_index() == 0
   np_dtype = np.dtype(ml_dtypes.bfloat16) if (dtype or config.param_dtype) == "bfloat16" else (
       np.dtype(dtype or config.param_dtype))
@@ -366,32 +373,147 @@ def export_hf(model: Transformer, out_dir, *, tokenizer=None, max_shard_bytes: i
   for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     hf_key, layout = expected[_path_str(path)]
     value = _to_hf_layout(_host_value(variable[...]), layout, config).astype(np_dtype)
+    if not np.all(np.isfinite(value.astype(np.float32))):
+      raise ExportError(f"export to {out}: weight {hf_key} has non-finite values; refusing to"
+                        " write it (the checkpoints still hold the last good weights)")
     if shards[-1] and sizes[-1] + value.nbytes > max_shard_bytes:
       shards.append({})
       sizes.append(0)
     shards[-1][hf_key] = value
     sizes[-1] += value.nbytes
-  if not write:
-    return out
-  out.mkdir(parents=True, exist_ok=True)
-  hf_config = families.config_to_hf(config, dtype=np_dtype.name)
-  # Through transformers' own class so the file is canonical for the installed version.
-  transformers.AutoConfig.for_model(**hf_config).save_pretrained(out)
-  generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                if hf_config[k] is not None}
-  (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-  for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-    stale.unlink()
-  if len(shards) == 1:
-    save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-  else:
-    weight_map = {}
-    for n, shard in enumerate(shards, 1):
-      name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-      save_file(shard, str(out / name), metadata={"format": "pt"})
-      weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-  if tokenizer is not None:
-    tokenizer.save_pretrained(out)
+  if write:
+    import shutil
+    if tmp.exists():  # left by a crashed export
+      shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    hf_config = families.config_to_hf(config, dtype=np_dtype.name)
+    # Through transformers' own class so the file is canonical for the installed version.
+    transformers.AutoConfig.for_model(**hf_config).save_pretrained(tmp)
+    generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if hf_config[k] is not None}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if len(shards) == 1:
+      save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+      weight_map = {}
+      for n, shard in enumerate(shards, 1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+      index = {"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}
+      (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+      tokenizer.save_pretrained(tmp)
+  del shards
+  _barrier(f"export_written_{out.name}")
+  if verify:
+    try:
+      verify_export(model, tmp, export_dtype=np_dtype)
+    except ExportError:
+      _barrier(f"export_failed_{out.name}")
+      if write:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  if write:
+    _replace_dir(tmp, out)
+  _barrier(f"export_done_{out.name}")
   return out
+
+
+class ExportError(RuntimeError):
+  """An export that would not reproduce the model (or holds non-finite weights)."""
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _replace_dir(src: pathlib.Path, dest: pathlib.Path) -> None:
+  """``src`` -> ``dest`` by renames: a crash leaves the old ``dest`` (or, between the two renames,
+  none and the old one under ``.<name>.old-export``), never a mixture."""
+  import os
+  import shutil
+  if dest.exists():
+    old = dest.parent / f".{dest.name}.old-export"
+    if old.exists():
+      shutil.rmtree(old)
+    os.replace(dest, old)
+    os.replace(src, dest)
+    shutil.rmtree(old)
+  else:
+    os.replace(src, dest)
+
+
+def _mesh_of(model: Transformer) -> Mesh | None:
+  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+    if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):
+      return leaf.sharding.mesh
+  return None
+
+
+def export_tolerance(config: ModelConfig, logit_scale: float) -> float:
+  """Largest |logit difference| between two fp32 evaluations of the SAME weights that differ
+  only in summation order (e.g. sharded in memory vs. as reloaded).
+
+  Error model: each matmul's fp32 accumulation over K terms carries a relative error ~ sqrt(K) u
+  (u = 2^-24, random-walk rounding; K = the longest reduction, max(hidden, intermediate)); the
+  2 * num_layers + 2 matmul stages (attention and MLP per block, plus embedding/unembedding)
+  add up; relative to the logit scale. The factor 4 covers the constant of the sqrt(K) law.
+  Any real defect of an export (a wrong mapping, a transposed or truncated tensor, a flipped
+  exponent bit) moves logits by a fraction of the scale, orders of magnitude above this (tiny
+  test model: ~8e-6 * scale; one weight tensor scaled by 1 + 1e-3 already exceeds it).
+  """
+  u = 2.0**-24
+  depth = 2 * config.num_layers + 2
+  k = max(config.hidden_size, config.intermediate_size)
+  return 4.0 * u * depth * math.sqrt(k) * max(logit_scale, 1.0)
+
+
+def verify_export(model: Transformer, directory, *, export_dtype=None, length: int = 32) -> float:
+  """Reloads ``directory`` with ``load_hf`` (on the model's mesh) and compares the logits of one
+  batch with ``model``'s; returns the max |difference|, raises ``ExportError`` beyond
+  ``export_tolerance`` or on non-finite logits.
+
+  Both sides run in fp32 compute, and the in-memory side uses its weights rounded to the export
+  dtype (bf16 export: exactly the values the files hold), so the comparison sees only summation
+  order, never the export's deliberate rounding: the bound stays tight for bf16 exports too.
+  """
+  import jax.numpy as jnp
+
+  config = model.config
+  mesh = _mesh_of(model)
+  export_dtype = np.dtype(export_dtype or config.param_dtype)
+  reloaded = load_hf(str(directory), mesh=mesh, param_dtype=config.param_dtype,
+                     compute_dtype="float32")
+  params = nnx.state(model, nnx.Param)
+  if export_dtype != np.dtype(config.param_dtype):
+    params = jax.tree.map(lambda x: x.astype(export_dtype).astype(x.dtype), params)
+  fp32 = config.replace(compute_dtype="float32")
+  graph_ref, _ = nnx.split(abstract_model(fp32), nnx.Param)
+  graph_new, params_new = nnx.split(reloaded, nnx.Param)
+  n = min(length, config.max_position_embeddings)
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, n), dtype=np.int32)
+  positions = np.arange(n, dtype=np.int32)[None]
+  segments = np.ones((1, n), np.int32)
+
+  def compare(p_ref, p_new):
+    a = nnx.merge(graph_ref, p_ref)(tokens, positions, segments)
+    b = nnx.merge(graph_new, p_new)(tokens, positions, segments)
+    finite = jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))
+    return jnp.max(jnp.abs(a - b)), jnp.max(jnp.abs(a)), finite
+
+  out_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
+  diff, scale, finite = jax.device_get(jax.jit(compare, out_shardings=out_sh)(params, params_new))
+  diff, scale = float(diff), float(scale)
+  if not finite:
+    raise ExportError(f"export {directory}: the weights give non-finite logits; not exported")
+  tol = export_tolerance(config, scale)
+  if not diff <= tol:
+    raise ExportError(f"export {directory}: reloaded logits differ from the in-memory model's by"
+                      f" {diff:.3e} (max |logit| {scale:.3g}, bound {tol:.3e} from fp32 roundoff x"
+                      f" depth); the written files do not reproduce the model, so it was not"
+                      " exported")
+  return diff

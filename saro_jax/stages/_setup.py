@@ -163,9 +163,9 @@ def setup(cfg: StageConfig, workdir: str) -> Setup:
       params_like = abstract_params(model_config, mesh)
       optimizer, lr_fn = make_optimizer(cfg, params_like)
       like = train.abstract_state(params_like, optimizer, cfg.seed)
-      state, data_state = checkpointer.restore(latest, like)
+      state, data_state = checkpointer.restore_latest(like)  # falls back past damaged steps
       graphdef, _ = nnx.split(models.abstract_model(model_config), nnx.Param)
-      log.info("resumed %s at step %d", ckpt_dir, latest)
+      log.info("resumed %s at step %d", ckpt_dir, int(jax.device_get(state.step)))
     else:
       tokenizer, tokenizer_dir = load_tokenizer(cfg.model, workdir)
       model = load_model(cfg.model, tokenizer, mesh, cfg.seed)

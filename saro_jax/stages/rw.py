@@ -58,7 +58,8 @@ def train_stage(cfg: StageConfig, workdir: str) -> tuple[_setup.Setup, train.Loo
         step_fn=step, state=s.state, batches=_data.select(batches, SFT_KEYS), mesh=s.mesh,
         steps=cfg.train.steps, workdir=workdir, log_every=cfg.train.log_every,
         checkpointer=s.checkpointer, data_state_fn=batches.get_state,
-        progress_bar=cfg.train.progress_bar, stop_at=cfg.train.stop_at, desc="rw")
+        progress_bar=cfg.train.progress_bar, stop_at=cfg.train.stop_at, desc="rw",
+        nonfinite=cfg.train.nonfinite, max_skipped_steps=cfg.train.max_skipped_steps)
   s.state = result.state
   _data.log_stats(batches, workdir)
   s.checkpointer.close()

@@ -109,7 +109,8 @@ def train_stage(cfg: StageConfig, workdir: str) -> tuple[_setup.Setup, train.Loo
         step_fn=jitted, state=s.state, batches=batches, mesh=s.mesh, steps=cfg.train.steps,
         workdir=workdir, log_every=cfg.train.log_every, checkpointer=s.checkpointer,
         data_state_fn=batches.get_state, progress_bar=cfg.train.progress_bar, to_device=to_device,
-        stop_at=cfg.train.stop_at, desc="srpo")
+        stop_at=cfg.train.stop_at, desc="srpo",
+        nonfinite=cfg.train.nonfinite, max_skipped_steps=cfg.train.max_skipped_steps)
   s.state = result.state
   _data.log_stats(batches, workdir)
   s.checkpointer.close()
