@@ -140,6 +140,22 @@ def target_devices(target: str, n: int | None) -> list:
 # Memory figures
 
 
+class CompilerOOM(Exception):
+  """The target's compiler refused the program: it does not fit the device memory (TPU compiles
+  know the chip's HBM). ``used`` = the bytes it reported needing, when it says."""
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    import re
+    m = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", message)
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    self.used = int(float(m.group(1)) * scale[m.group(2)]) if m else None
+    self.capacity = int(float(m.group(3)) * scale[m.group(4)]) if m else None
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    self.headline = next((line for line in lines if "Used" in line or "memory" in line),
+                         lines[0] if lines else "")[:300]
+
+
 @dataclasses.dataclass(frozen=True)
 class XlaMemory:
   """``compiled.memory_analysis()`` of one program, bytes per device."""
@@ -159,7 +175,12 @@ class XlaMemory:
   @classmethod
   def of(cls, lowered) -> XlaMemory:
     t0 = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # TPU compiles fail when the program cannot fit the chip's HBM
+      if "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e):
+        raise CompilerOOM(str(e)) from e
+      raise
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
     return cls(argument=int(m.argument_size_in_bytes), output=int(m.output_size_in_bytes),
@@ -434,17 +455,24 @@ class Plan:
   hbm_bytes: int
   stages: dict[str, StagePlan]
   suggestions: dict[str, list[tuple[str, int | None]]]  # stage -> [(knob, peak or None)]
+  ooms: dict[str, CompilerOOM] = dataclasses.field(default_factory=dict)
+
+  def stage_peak(self, stage: str) -> int:
+    if stage in self.ooms:  # what the compiler said it needed, else "more than there is"
+      return self.ooms[stage].used or self.hbm_bytes + 1
+    return self.stages[stage].peak
 
   @property
   def peak(self) -> int:
-    return max(p.peak for p in self.stages.values())
+    return max(self.stage_peak(s) for s in [*self.stages, *self.ooms])
 
   @property
   def fits(self) -> bool:
     return self.peak <= self.hbm_bytes
 
   def summary(self) -> str:
-    parts = [f"{s.upper()} {p.peak / GIB:.2f} GiB" for s, p in self.stages.items()]
+    parts = [f"{s.upper()} {self.stage_peak(s) / GIB:.2f} GiB" + (" (compiler OOM)" if s in self.ooms
+             else "") for s in [*self.stages, *self.ooms]]
     line = (f"PLAN {self.name} on {self.devices} x {self.hbm_bytes / GIB:g} GiB ({self.target}):"
             f" peak/device {', '.join(parts)} -> {verdict(self.peak, self.hbm_bytes)}")
     fixes = []
@@ -471,7 +499,7 @@ def make_plan(config, *, devices: Sequence, hbm_gib: float, target: str = "cpu",
   n = len(devices)
   hbm_bytes = int(hbm_gib * GIB)
   names = list(stages or stage_names(config))
-  plans, suggestions = {}, {}
+  plans, suggestions, ooms = {}, {}, {}
   for stage in names:
     cfg = training_config(config, stage if config.stage == "saro" else None, device_count=n,
                           process_count=1, dpo=stage == "srpo")
@@ -479,10 +507,16 @@ def make_plan(config, *, devices: Sequence, hbm_gib: float, target: str = "cpu",
       cfg = dataclasses.replace(cfg, mesh=MeshConfig(**mesh))
       cfg.mesh.validate(n)
     mc = model_config_for(cfg)
-    p = plan_stage(stage, cfg, mc, devices)
-    plans[stage] = p
-    echo(format_stage(p, hbm_bytes))
-    if p.peak > hbm_bytes and try_knobs:
+    try:
+      p = plan_stage(stage, cfg, mc, devices)
+    except CompilerOOM as e:
+      ooms[stage] = e
+      used = f"needs {e.used / GIB:.2f} GiB of {e.capacity / GIB:.2f}" if e.used else "no figure"
+      echo(f"stage {stage}: the {target} compiler ran out of device memory ({used}): {e.headline}")
+    else:
+      plans[stage] = p
+      echo(format_stage(p, hbm_bytes))
+    if (stage in ooms or p.peak > hbm_bytes) and try_knobs:
       tried = []
       echo(f"  {stage.upper()} does not fit; re-planning with one change at a time:")
       for label, apply in knobs(stage):
@@ -492,6 +526,11 @@ def make_plan(config, *, devices: Sequence, hbm_gib: float, target: str = "cpu",
         cfg2, mc2 = changed
         try:
           peak = plan_stage(stage, cfg2, mc2, devices).peak
+        except CompilerOOM as e:
+          echo(f"    {label:34s} compiler OOM"
+               + (f" (needs {e.used / GIB:.2f} GiB)" if e.used else ""))
+          tried.append((label, e.used or hbm_bytes + 1))
+          continue
         except Exception as e:  # a knob that cannot compile is reported, not fatal
           echo(f"    {label:34s} failed: {type(e).__name__}: {str(e)[:200]}")
           tried.append((label, None))
@@ -501,7 +540,7 @@ def make_plan(config, *, devices: Sequence, hbm_gib: float, target: str = "cpu",
       echo(f"    {LORA_NOTE}")
       suggestions[stage] = tried
   return Plan(name=str(config.get("name", "")), target=target, devices=n, hbm_bytes=hbm_bytes,
-              stages=plans, suggestions=suggestions)
+              stages=plans, suggestions=suggestions, ooms=ooms)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
