@@ -147,10 +147,18 @@ class CompilerOOM(Exception):
   def __init__(self, message: str):
     super().__init__(message)
     import re
-    m = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", message)
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    self.used = int(float(m.group(1)) * scale[m.group(2)]) if m else None
-    self.capacity = int(float(m.group(3)) * scale[m.group(4)]) if m else None
+    size = lambda value, unit: int(float(value) * scale[unit])
+    self.used = self.capacity = self.temporaries = None
+    m = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", message)
+    if m:
+      self.used, self.capacity = size(*m.group(1, 2)), size(*m.group(3, 4))
+    # "the total memory required for HLO temporaries (16.04G) exceeds available HBM (15.75G)":
+    # temporaries alone; the arguments (state, batch) come on top (``plan_stage`` adds them).
+    m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)",
+                  message)
+    if m:
+      self.temporaries, self.capacity = size(*m.group(1, 2)), size(*m.group(3, 4))
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     self.headline = next((line for line in lines if "Used" in line or "memory" in line),
                          lines[0] if lines else "")[:300]
@@ -324,7 +332,17 @@ def plan_stage(stage: str, cfg, mc, devices: Sequence) -> StagePlan:
         ref_mem = XlaMemory.of(ref_fn.lower(state_like.params, pairs))
     batch_like = _abstract_batch(ndims, B, L, mesh)
     jitted = train.jit_step(step, state_like, ndims, mesh)
-    step_mem = XlaMemory.of(jitted.lower(state_like, batch_like))
+    try:
+      step_mem = XlaMemory.of(jitted.lower(state_like, batch_like))
+    except CompilerOOM as e:
+      if e.used is None and e.temporaries is not None:  # at least: temporaries + arguments
+        resident = device_bytes(state_like) + device_bytes(batch_like)
+        e.used = e.temporaries + resident + (device_bytes(state_like.params)
+                                             if ref_mode == "live" else 0)
+        e.headline += (f" -> needs >= {e.used / GIB:.2f} GiB with the step's arguments"
+                       f" ({resident / GIB:.2f} GiB)" + (" and the live reference weights"
+                                                         if ref_mode == "live" else ""))
+      raise
   weights = device_bytes(state_like.params)
   mesh_shape = dict(mesh.shape)
   settings = dict(mesh=mesh_shape, batch_size=B, grad_accum=A, max_length=L, remat=mc.remat,
