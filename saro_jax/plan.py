@@ -489,10 +489,21 @@ class Plan:
     return self.peak <= self.hbm_bytes
 
   def summary(self) -> str:
-    parts = [f"{s.upper()} {self.stage_peak(s) / GIB:.2f} GiB" + (" (compiler OOM)" if s in self.ooms
-             else "") for s in [*self.stages, *self.ooms]]
+    parts = []
+    for s in [*self.stages, *self.ooms]:
+      if s not in self.ooms:
+        parts.append(f"{s.upper()} {self.stage_peak(s) / GIB:.2f} GiB")
+      elif self.ooms[s].used:
+        parts.append(f"{s.upper()} >= {self.ooms[s].used / GIB:.2f} GiB (compiler OOM)")
+      else:
+        parts.append(f"{s.upper()} compiler OOM")
+    outcome = verdict(self.peak, self.hbm_bytes)
+    if self.ooms:  # the compiler's figure is a lower bound, or there is none
+      worst = max(self.ooms.values(), key=lambda e: e.used or 0)
+      outcome = (f"does not fit by >= {(worst.used - self.hbm_bytes) / GIB:.2f} GiB" if worst.used
+                 and worst.used > self.hbm_bytes else "does not fit (the compiler ran out of memory)")
     line = (f"PLAN {self.name} on {self.devices} x {self.hbm_bytes / GIB:g} GiB ({self.target}):"
-            f" peak/device {', '.join(parts)} -> {verdict(self.peak, self.hbm_bytes)}")
+            f" peak/device {', '.join(parts)} -> {outcome}")
     fixes = []
     for stage, tried in self.suggestions.items():
       good = [f"{k} ({v / GIB:.2f} GiB)" for k, v in tried if v is not None and v <= self.hbm_bytes]

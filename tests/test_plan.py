@@ -127,3 +127,19 @@ def test_cli_replans_knobs_when_it_does_not_fit(tmp_path):
   # Splitting the 8 rows into 2 and 4 micro-batches shrinks the activations; the state stays.
   assert peaks["train.grad_accum x4"] < peaks["train.grad_accum x2"] < base_peak * 1.0001
   assert plan.LORA_NOTE in out.stdout
+
+
+def test_tpu_compiler_oom_is_a_verdict():
+  """A TPU compile that cannot fit the chip fails; its message (both forms libtpu writes) is
+  parsed into the bytes it needed, and the summary says by how much at least."""
+  used = plan.CompilerOOM("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory"
+                          " in memory space hbm. Used 20.53G of 15.75G hbm. Exceeded hbm capacity"
+                          " by 4.78G.")
+  assert used.used == int(20.53 * plan.GIB) and used.capacity == int(15.75 * plan.GIB)
+  temps = plan.CompilerOOM("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required"
+                           " for HLO temporaries (16.04G) exceeds available HBM (15.75G).")
+  assert temps.used is None and temps.temporaries == int(16.04 * plan.GIB)
+  p = plan.Plan("x", "tpu:v5e:4x4", 16, 16 * plan.GIB, {}, {}, {"srpo": temps})
+  assert p.summary().endswith("does not fit (the compiler ran out of memory)")
+  p.ooms["srpo"] = used
+  assert p.summary().endswith(f"does not fit by >= {20.53 - 16:.2f} GiB")
