@@ -47,3 +47,32 @@ def test_two_process_saro_run(tmp_path):
   assert rows[-1]["rewards/margins"] != 0.0  # SRPO moved the policy away from its reference
   assert (workdir / "hf" / "model.safetensors").is_file()
   assert json.loads((workdir / "summary.json").read_text())["hf_dir"] == str(workdir / "hf")
+
+  # The same SRPO stage again, 2 processes, from the same RW checkpoint, with the reference
+  # log-probs PRECOMPUTED: each process runs one pass over its own share of the pairs, writes its
+  # own table, and looks up its own rows of every batch by example_id.
+  pre_dir, pre_logs = tmp_path / "srpo_pre", tmp_path / "logs_pre"
+  cmd = ["bash", "launch/local_multiprocess.sh", "--config", "configs/srpo.py", f"--workdir={pre_dir}",
+         f"--config.model.init_from={workdir / 'rw' / 'checkpoints'}", "--config.dpo.reference=precomputed",
+         "--config.data.max_length=64", "--config.train.steps=3", "--config.train.batch_size=8",
+         "--config.train.log_every=1", "--config.train.progress_bar=false",
+         "--config.opt.warmup_steps=1", "--config.export.enabled=false"]
+  out = subprocess.run(cmd, cwd=ROOT, env=dict(env, LOGDIR=str(pre_logs)), capture_output=True,
+                       text=True, timeout=600)
+  details = out.stdout[-2000:] + "".join(
+      (pre_logs / f).read_text()[-3000:] for f in sorted(os.listdir(pre_logs)) if (pre_logs / f).is_file())
+  assert out.returncode == 0, details
+  tables = sorted(os.listdir(pre_dir / "reference_logps"))
+  assert [t.split(".", 1)[1] for t in tables] == ["process_0.npz", "process_1.npz"], tables
+  with open(pre_dir / "metrics.jsonl") as f:
+    pre_rows = [json.loads(line) for line in f]
+  assert [r["step"] for r in pre_rows] == [1, 2, 3]
+  # Same start, data order and seed as the pipeline's live-reference SRPO above, so the same
+  # steps. Error model: a reference log-prob is a sum over <= 64 tokens, each off by fp32
+  # roundoff of a log-softmax (~u * |logits| * few, < 1e-5) when its row is computed in another
+  # batch (the precompute pass batches an unshuffled epoch), so |d ref| < 64 * 1e-5; the loss and
+  # the margins move by at most beta * 2 * that = 1.3e-4. A row looked up under the wrong example
+  # (another process's table, a shifted order) moves them by beta * |ref_i - ref_j| ~ O(1).
+  for live, pre in zip(rows, pre_rows):
+    for key in ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+      assert abs(live[key] - pre[key]) < 2e-4, (live["step"], key, live[key], pre[key])

@@ -104,8 +104,15 @@ def test_micro_batched_reference_equals_one_pass(pairs_file):
     outs = [jax.device_get(reference.make_reference_fn(
         graphdef, vocab_size=len(tokenizer), chunk_size=16, micro_batches=a, mesh=mesh)(params, batch))
         for a in (1, 4)]
-  for one, micro in zip(*outs):
+    # Remat'ed blocks inside the micro-batch loop (the 7-8B presets: remat=block, grad_accum 4).
+    from flax import nnx
+    remat_graphdef, _ = nnx.split(models.abstract_model(model.config.replace(remat="block")), nnx.Param)
+    outs.append(jax.device_get(reference.make_reference_fn(
+        remat_graphdef, vocab_size=len(tokenizer), chunk_size=16, micro_batches=4,
+        mesh=mesh)(params, batch)))
+  for one, micro, remat in zip(*outs):
     np.testing.assert_allclose(micro, one, rtol=1e-5)
+    np.testing.assert_allclose(remat, one, rtol=1e-5)
   assert len(set(np.round(outs[0][0], 3))) > 1  # distinct rows, so an order mix-up would show
 
 

@@ -74,7 +74,10 @@ def make_reference_fn(graphdef: nnx.GraphDef, *, vocab_size: int, chunk_size: in
     if micro_batches == 1:
       return one(params, batch)
     micro = train.micro_batches(batch, micro_batches, mesh)
-    chosen_AxB, rejected_AxB = jax.lax.map(lambda mb: one(params, mb), micro)
+    # The params ride in the loop carry, not the closure: a model merged inside the loop body
+    # from closed-over params breaks nnx.remat ("Cannot mutate Param from a different trace
+    # level"), i.e. every remat'ed model with grad_accum > 1 (the 7-8B presets).
+    _, (chosen_AxB, rejected_AxB) = jax.lax.scan(lambda p, mb: (p, one(p, mb)), params, micro)
     # Undo the interleaving of train.micro_batches: row r sits at [r % A, r // A].
     unsplit = lambda x_AxB: x_AxB.swapaxes(0, 1).reshape(-1)
     return unsplit(chosen_AxB), unsplit(rejected_AxB)
