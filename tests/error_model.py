@@ -115,10 +115,12 @@ class Parity:
     return max(self.max_err / self.max_bound, self.mean_err / self.mean_bound)
 
   def __str__(self) -> str:
-    return (f"max|d| {self.max_err:.2e} <= {self.max_bound:.2e} "
-            f"({self.max_bound / max(self.max_err, 1e-30):.0f}x margin), mean|d| "
-            f"{self.mean_err:.2e} <= {self.mean_bound:.2e} "
-            f"({self.mean_bound / max(self.mean_err, 1e-30):.0f}x margin); scale {self.scale:.3g}, "
+    def part(name, err, bound):
+      ratio = f"{bound / err:.0f}x under" if err <= bound and err > 0 else (
+          "exact" if err == 0 else f"{err / bound:.0f}x OVER")
+      return f"{name} {err:.2e} vs bound {bound:.2e} ({ratio})"
+    return (f"{part('max|d|', self.max_err, self.max_bound)}, "
+            f"{part('mean|d|', self.mean_err, self.mean_bound)}; scale {self.scale:.3g}, "
             f"depth {self.depth}")
 
 
