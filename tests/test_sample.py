@@ -168,10 +168,14 @@ def test_sample_token_filters_match_their_definition():
     tokens = sample_token(logits, keys, jnp.int32(0), sample.Sampling.of(**kw))
     return np.bincount(np.asarray(tokens), minlength=4) / n
 
+  # Statistical, not fp32: a frequency of n draws has standard deviation <= sqrt(0.25 / n) =
+  # 0.008; 4 of those (0.032) is exceeded with probability < 1e-4 per frequency. The keys are
+  # threefry (the same bits on every platform), so the draws do not change between CPUs.
+  tol = 4 * np.sqrt(0.25 / n)
   f = freq(temperature=1.0)
-  assert np.abs(f - probs).max() < 0.03, f
+  assert np.abs(f - probs).max() < tol, f
   f = freq(temperature=1.0, top_k=2)
-  assert f[2:].sum() == 0 and abs(f[0] - 0.5 / 0.8) < 0.03, f
+  assert f[2:].sum() == 0 and abs(f[0] - 0.5 / 0.8) < tol, f
   f = freq(temperature=1.0, top_p=0.7)  # mass before token 1 is 0.5 < 0.7, before token 2 0.8
   assert f[2:].sum() == 0 and f[1] > 0.3, f
   f = freq(temperature=1.0, top_p=0.4)  # the top token alone already reaches 0.4

@@ -2,8 +2,10 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 
+import error_model as em
 from saro_jax import models, sharding, train
 from saro_jax.data import bundled, pipeline
 from saro_jax.models.config import ModelConfig
@@ -13,6 +15,7 @@ from saro_jax.stages import rw
 STEPS = 2
 BATCH = 8
 LENGTH = 64
+LR, EPS = 1e-2, 1e-8
 
 
 @pytest.fixture(scope="module")
@@ -37,31 +40,76 @@ def run_steps(config, mesh, batches, grad_accum=1, jit=True):
   with sharding.use(mesh):
     model = models.init_random(config, seed=0, mesh=mesh)
     graphdef, params = train.split_model(model)
-    tx = make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=STEPS, schedule="constant")
+    tx = make_optimizer(learning_rate=LR, warmup_steps=0, total_steps=STEPS, schedule="constant",
+                        eps=EPS)
     state = train.init_state(params, tx, seed=0)
     loss_fn = rw.make_loss_fn(graphdef, vocab_size=config.vocab_size, chunk_size=16)
     step = train.make_train_step(loss_fn, tx, grad_accum=grad_accum,
                                  normalizer_fn=rw.target_token_count, mesh=mesh)
     if jit:
       step = train.jit_step(step, state, {k: 2 for k in rw.SFT_KEYS}, mesh)
-    losses = []
+    losses, sqrt_v_hats = [], []
     for batch in batches:
       state, metrics = step(state, train.put_batch(batch, mesh))
       losses.append(float(metrics["loss"]))
-  return state, losses
+      sqrt_v_hats.append(sqrt_v_hat(state))
+  return state, losses, sqrt_v_hats
+
+
+def sqrt_v_hat(state) -> dict[str, np.ndarray]:
+  """Adam's bias-corrected RMS gradient per parameter element after the step just taken."""
+  adam, = [s for s in jax.tree.leaves(state.opt_state,
+                                      is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+           if isinstance(s, optax.ScaleByAdamState)]
+  correction = 1 - 0.999 ** int(adam.count)  # make_optimizer's default b2
+  return {k: np.sqrt(v / correction) for k, v in params_of_tree(adam.nu).items()}
+
+
+def params_of_tree(tree) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(p): np.asarray(x, np.float64) for p, x in
+          jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
 
 
 def params_of(state):
-  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in
-          jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
+  return params_of_tree(state.params)
 
 
-def moved_fraction(a, b, threshold):
-  return sum(int(np.sum(np.abs(a[k] - b[k]) > threshold)) for k in a) / sum(a[k].size for k in a)
+# Error model (tests/error_model.py). The tiny model's logits: depth = transformer_depth at
+# LENGTH; the token-mean loss adds logsumexp over the vocabulary and the sum over BATCH * LENGTH
+# tokens; a gradient adds the backward's transposed reductions (grad_depth). Both layouts are fp32
+# programs of the same step, so every difference is rounding:
+#  - losses: max_bound / mean_bound at loss_depth, relative to the loss (~7.6 nats);
+#  - parameters: Adam divides each gradient by its own RMS, so the bound is per element
+#    (adam_param_bound), from the gradient's worst-case relative error 2 * gamma(grad_depth)
+#    (two programs) and the reference run's sqrt(v_hat) after each step.
+def depths(config) -> tuple[int, int]:
+  forward = em.model_depth(config, LENGTH)
+  tokens = BATCH * LENGTH
+  return (em.loss_depth(forward, vocab=config.vocab_size, tokens=tokens),
+          em.grad_depth(forward, vocab=config.vocab_size, tokens=tokens))
 
 
-def max_diff(a, b):
-  return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+def param_excess(config, reference, other_state) -> float:
+  """max over elements of |param difference| / adam_param_bound (<= 1: within the model)."""
+  ref_state, _, ref_sqrt_v_hats = reference
+  grad_rel_err = 2 * em.gamma(depths(config)[1])
+  ref, other = params_of(ref_state), params_of(other_state)
+  excess = {}
+  for k in ref:
+    bound = em.adam_param_bound([s[k] for s in ref_sqrt_v_hats], lr=LR,
+                                grad_rel_err=grad_rel_err, eps=EPS)
+    excess[k] = float(np.max(np.abs(ref[k] - other[k]) / bound))
+  worst = max(excess, key=excess.get)
+  print(f"params: max |d| {max(float(np.abs(ref[k] - other[k]).max()) for k in ref):.2e}; "
+        f"worst |d| / bound = {excess[worst]:.2e} in {worst}")
+  return excess[worst]
+
+
+def assert_same_step(config, reference, run, what):
+  state, losses, _ = run
+  em.assert_parity(losses, reference[1], depths(config)[0], what=f"{what} losses")
+  excess = param_excess(config, reference, state)
+  assert excess <= 1.0, f"{what}: parameters differ beyond the Adam error model ({excess:.2f}x)"
 
 
 @pytest.fixture(scope="module")
@@ -73,30 +121,16 @@ def baseline(tokenizer, host_batches):
 
 def test_sharded_2x2x2_equals_one_device(tokenizer, host_batches, baseline):
   config = tiny_config(tokenizer)
-  one, one_losses = baseline
+  one, one_losses, _ = baseline
   mesh = sharding.make_mesh(2, 2, 2)
-  many, many_losses = run_steps(config, mesh, host_batches)
+  many, many_losses, _ = run = run_steps(config, mesh, host_batches)
   # The weights really are spread over the mesh (embed over fsdp, vocab over tensor).
   embed = many.params["embed_VxD"][...]
   assert len(embed.sharding.device_set) == 8
   assert embed.addressable_shards[0].data.shape == (config.vocab_size // 2, config.hidden_size // 2)
   print("losses 1 device", one_losses, "2x2x2", many_losses)
   assert one_losses[-1] < one_losses[0]  # it learns
-  np.testing.assert_allclose(many_losses, one_losses, rtol=2e-5)
-  diff = max_diff(params_of(one), params_of(many))
-  moved = moved_fraction(params_of(one), params_of(many), 1e-6)
-  print(f"max |param diff| after {STEPS} steps: {diff:.2e}; fraction > 1e-6: {moved:.1e}")
-  # Error model: sharded and 1-device gradients differ by reduction order, u * kappa relative
-  # (u = 6e-8, kappa = sum|terms| / |sum|). AdamW maps a gradient to a direction of size ~1
-  # (step 1: g / (|g| + eps)), so a well-conditioned element's update differs by ~lr * u * kappa
-  # (1e-9 here), while the rare element whose gradient nearly cancels (kappa ~ 1/u) can move by up
-  # to lr = 1e-2 per step (seen: ~20 of 150k elements above 1e-6, max 2.4e-5, once the optimizer
-  # state is sharded and gradients are reduce-scattered). A real bug -- a gradient missing a
-  # shard's contribution, a wrong sharding -- perturbs every element's gradient by O(1) relative,
-  # so a large fraction of elements move by ~lr. Hence: few elements beyond 1e-6, none beyond
-  # STEPS * lr.
-  assert moved < 1e-3
-  assert diff < STEPS * 1e-2
+  assert_same_step(config, baseline, run, "2x2x2 vs 1 device")
   assert int(many.step) == STEPS
   # AdamW's mu and nu live where their params live, not replicated on every device (jit gave
   # zeros_like outputs a replicated sharding until train._state_init_fn constrained them).
@@ -117,13 +151,22 @@ def test_grad_accumulation_4x2_equals_1x8(tokenizer, host_batches, baseline):
   The 4 micro-batches of 2 run sharded on a 1x2x4 mesh; the 1x8 reference on one device."""
   config = tiny_config(tokenizer)
   mesh = sharding.make_mesh(1, 2, 4)
-  full, full_losses = baseline
-  accum, accum_losses = run_steps(config, mesh, host_batches, grad_accum=4)
-  print("losses 1x8", full_losses, "4x2", accum_losses)
-  np.testing.assert_allclose(accum_losses, full_losses, rtol=2e-5)
-  diff = max_diff(params_of(full), params_of(accum))
-  print(f"max |param diff| 4x2 vs 1x8: {diff:.2e}")
-  assert diff < 2e-5
+  run = run_steps(config, mesh, host_batches, grad_accum=4)
+  print("losses 1x8", baseline[1], "4x2", run[1])
+  assert_same_step(config, baseline, run, "4x2 accumulated vs 1x8")
+
+
+def test_a_lost_row_is_caught(tokenizer, host_batches, baseline):
+  """Negative control for the two tests above: the step loses one of the 8 rows' targets (what
+  a missing all-reduce over a data shard, or a dropped micro-batch, does). The same bounds must
+  fail by >= 10x."""
+  config = tiny_config(tokenizer)
+  lossy = [{**b, "loss_mask": np.concatenate([0 * b["loss_mask"][:1], b["loss_mask"][1:]])}
+           for b in host_batches]
+  state, losses, _ = run_steps(config, sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
+                               lossy)
+  em.assert_caught(losses, baseline[1], depths(config)[0], what="one row lost: losses")
+  assert param_excess(config, baseline, state) >= 10.0
 
 
 def test_micro_batches_keep_each_devices_rows():
