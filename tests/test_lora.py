@@ -124,3 +124,25 @@ def test_merged_export_equals_adapted_model_in_pytorch(base, tmp_path):
   # merged weights would be off by `moved`, which must be far outside the bound.
   assert diff <= 1e-4, diff
   assert moved > 100 * 1e-4, f"training moved the logits by only {moved}: the test cannot tell"
+
+
+def test_stage_config_lora_section():
+  import importlib.util
+  import os
+
+  import ml_collections
+
+  from saro_jax import config as config_lib
+  spec = importlib.util.spec_from_file_location("rw_config", os.path.join(
+      os.path.dirname(__file__), "..", "configs", "rw.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config("tiny")
+  assert config_lib.training_config(cfg, device_count=1).lora.rank == 0  # absent = off
+  cfg.lora = ml_collections.ConfigDict(dict(rank=4, targets=("q", "qkv")))
+  with pytest.raises(config_lib.ConfigError, match=r"config.lora.targets.*qkv"):
+    config_lib.training_config(cfg, device_count=1)
+  # Until the stage engine calls models/lora.py, rank > 0 is refused, never silently ignored.
+  cfg.lora = ml_collections.ConfigDict(dict(rank=4))
+  with pytest.raises(config_lib.ConfigError, match="not wired"):
+    config_lib.training_config(cfg, device_count=1)
