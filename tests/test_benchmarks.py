@@ -36,16 +36,3 @@ def test_throughput_tiny_reports_positive_figures(capsys):
   out = capsys.readouterr().out.strip().splitlines()
   assert any(line.startswith("RW step") for line in out)
   assert json.loads(out[-1]) == figures
-
-
-@pytest.mark.heavy
-def test_lora_benchmark_prints_side_by_side(capsys):
-  import importlib.util
-  import os
-  path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "lora.py")
-  spec = importlib.util.spec_from_file_location("bench_lora", path)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
-  f = bench.main(["--model", "tiny", "--batch", "2", "--length", "16", "--steps", "1", "--rank", "2"])
-  assert f["lora_ckpt_bytes"] < f["full_ckpt_bytes"] / 4 and f["lora_step_s"] > 0
-  assert "| step s (median) |" in capsys.readouterr().out

@@ -146,3 +146,16 @@ def test_stage_config_lora_section():
   cfg.lora = ml_collections.ConfigDict(dict(rank=4))
   with pytest.raises(config_lib.ConfigError, match="not wired"):
     config_lib.training_config(cfg, device_count=1)
+
+
+@pytest.mark.heavy
+def test_lora_benchmark_prints_side_by_side(capsys):
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "lora.py")
+  spec = importlib.util.spec_from_file_location("bench_lora", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  f = bench.main(["--model", "tiny", "--batch", "2", "--length", "16", "--steps", "1", "--rank", "2"])
+  assert f["lora_ckpt_bytes"] < f["full_ckpt_bytes"] / 4 and f["lora_step_s"] > 0
+  assert "| step s (median) |" in capsys.readouterr().out
