@@ -245,6 +245,7 @@ class StageConfig:
   checkpoint: CheckpointConfig
   export: ExportConfig
   dpo: DpoConfig | None = None
+  lora: Any = None  # models.lora.LoraConfig (rank 0 = off); None when the section is absent
 
 
 def _to_plain(value: Any) -> Any:
@@ -344,8 +345,24 @@ def training_config(cfg: ml_collections.ConfigDict, stage: str | None = None, *,
   seed = raw.get("seed", 0)
   if not isinstance(seed, int):
     raise ConfigError(f"config.seed={seed!r} must be an integer")
+  lora_cfg = _lora_section(raw.get("lora"), f"{prefix}lora")
   return StageConfig(stage=name, seed=seed, model=model, mesh=mesh, data=data, opt=opt,
-                     train=train, checkpoint=checkpoint, export=export, dpo=dpo_cfg)
+                     train=train, checkpoint=checkpoint, export=export, dpo=dpo_cfg, lora=lora_cfg)
+
+
+def _lora_section(raw: Any, where: str):
+  """``config.lora``: rank / alpha / targets (see models/lora.py); absent or rank 0 = off."""
+  from saro_jax.models.lora import LoraConfig  # the dataclass lives with the adapters
+  try:
+    lora_cfg = section(LoraConfig, raw, where)
+  except ValueError as e:
+    raise ConfigError(str(e).replace("config.lora", f"config.{where}")) from e
+  if lora_cfg.enabled:
+    # The adapters, their tests and the step recipe exist (models/lora.py); the stage engine does
+    # not call them yet. Refuse rather than silently train every weight.
+    raise ConfigError(f"config.{where}.rank={lora_cfg.rank}: LoRA training is not wired into the"
+                      " rw/srpo stages yet (see BUILD.md 'LoRA'); set rank to 0")
+  return lora_cfg
 
 
 def default_workdir(cfg: ml_collections.ConfigDict) -> str:

@@ -28,10 +28,13 @@ class Cache(NamedTuple):
   """KV cache for sampling. Slot s of every layer holds the token written at slot s.
 
   ``segment_ids_BxS`` is 0 for empty slots and left padding, so no real token ever attends to them.
+  Layouts are chosen so both attention products are plain batched matmuls over (B, K) with no
+  per-step transpose of the cache: keys [B, K, H, S] (q·k contracts H, S is the output's minor
+  dim), values [B, K, S, H] (p·v contracts S).
   """
 
-  keys: tuple[jax.Array, ...]  # per layer [B, S, K, H]
-  values: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+  keys: tuple[jax.Array, ...]  # per layer [B, K, H, S]
+  values: tuple[jax.Array, ...]  # per layer [B, K, S, H]
   segment_ids_BxS: jax.Array  # int32
 
 
@@ -113,6 +116,27 @@ def attention_mask(q_slot_BxT: jax.Array, q_segment_BxT: jax.Array, k_segment_Bx
   return visible[:, None, :, :]
 
 
+def cached_attention(q_BxTxNxH: jax.Array, k_BxKxHxS: jax.Array, v_BxKxSxH: jax.Array,
+                     mask_Bx1xTxS: jax.Array, scale: float) -> jax.Array:
+  """Grouped-query attention over the cache layouts above -> [B, T, N, H].
+
+  Same arithmetic as ``jax.nn.dot_product_attention``'s xla path (fp32 logits, scale after the
+  product, masked to a large negative, fp32 softmax), but the cache is read in place: on CPU the
+  generic path transposed every layer's whole cache on every decode step.
+  """
+  B, T, N, H = q_BxTxNxH.shape
+  K = k_BxKxHxS.shape[1]
+  q_BxKxGxTxH = q_BxTxNxH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  logits_BxKxGxTxS = jnp.einsum("bkgth,bkhs->bkgts", q_BxKxGxTxH, k_BxKxHxS,
+                                preferred_element_type=jnp.float32)
+  logits_BxKxGxTxS = logits_BxKxGxTxS * jnp.float32(scale)
+  big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
+  logits_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], logits_BxKxGxTxS, big_negative)
+  probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxKxSxH.dtype)
+  out_BxKxGxTxH = jnp.einsum("bkgts,bksh->bkgth", probs, v_BxKxSxH)
+  return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 def write_slots(buffer_BxS: jax.Array, new_BxT: jax.Array, index_B: jax.Array) -> jax.Array:
   """Row b of ``new`` written into row b of ``buffer`` at slots index_B[b] .. index_B[b] + T - 1
   (trailing dims ride along)."""
@@ -179,11 +203,22 @@ class Attention(nnx.Module):
 
     new_cache = None
     if kv_cache is not None:
-      cache_k, cache_v = kv_cache
-      k_BxLxKxH = write_slots(cache_k, k_BxLxKxH.astype(cache_k.dtype), write_index_B)
-      v_BxLxKxH = write_slots(cache_v, v_BxLxKxH.astype(cache_v.dtype), write_index_B)
-      new_cache = (k_BxLxKxH, v_BxLxKxH)
-      k_BxLxKxH, v_BxLxKxH = k_BxLxKxH.astype(dt), v_BxLxKxH.astype(dt)
+      # One write slot for every row (the sampler's rows share a column): a dynamic-update-slice
+      # done in place, not a per-row scatter.
+      cache_k_BxKxHxS, cache_v_BxKxSxH = kv_cache
+      slot = write_index_B[0]
+      cache_k_BxKxHxS = jax.lax.dynamic_update_slice_in_dim(
+          cache_k_BxKxHxS, k_BxLxKxH.transpose(0, 2, 3, 1).astype(cache_k_BxKxHxS.dtype), slot, 3)
+      cache_v_BxKxSxH = jax.lax.dynamic_update_slice_in_dim(
+          cache_v_BxKxSxH, v_BxLxKxH.transpose(0, 2, 1, 3).astype(cache_v_BxKxSxH.dtype), slot, 2)
+      new_cache = (cache_k_BxKxHxS, cache_v_BxKxSxH)
+      out_BxTxNxH = cached_attention(q_BxLxNxH, cache_k_BxKxHxS.astype(dt),
+                                     cache_v_BxKxSxH.astype(dt), mask_Bx1xTxS, c.head_dim ** -0.5)
+      # One flat (N*H) contraction: as a two-axis contraction XLA CPU chose to copy a transposed
+      # wo on every decode step.
+      B, T, N, H = out_BxTxNxH.shape
+      wo_MxD = self.wo_NxHxD[...].astype(dt).reshape(N * H, -1)
+      return jnp.einsum("btm,md->btd", out_BxTxNxH.reshape(B, T, N * H), wo_MxD), new_cache
 
     impl = None if c.attention_impl == "auto" else c.attention_impl
     out_BxTxNxH = jax.nn.dot_product_attention(
@@ -285,11 +320,12 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
     c = self.config
     dtype = jnp.dtype(dtype or c.compute_dtype)
-    shape = (batch, max_len, c.num_kv_heads, c.head_dim)
-    names = ("batch", "cache_length", "act_kv_heads", "head_dim")
-    zeros = lambda: sharding.constrain(jnp.zeros(shape, dtype), names)
-    return Cache(keys=tuple(zeros() for _ in range(c.num_layers)),
-                 values=tuple(zeros() for _ in range(c.num_layers)),
+    K, H = c.num_kv_heads, c.head_dim
+    zeros = lambda shape, names: sharding.constrain(jnp.zeros(shape, dtype), names)
+    k_names = ("batch", "act_kv_heads", "head_dim", "cache_length")
+    v_names = ("batch", "act_kv_heads", "cache_length", "head_dim")
+    return Cache(keys=tuple(zeros((batch, K, H, max_len), k_names) for _ in range(c.num_layers)),
+                 values=tuple(zeros((batch, K, max_len, H), v_names) for _ in range(c.num_layers)),
                  segment_ids_BxS=sharding.constrain(jnp.zeros((batch, max_len), jnp.int32),
                                                     ("batch", "cache_length")))
 
