@@ -198,6 +198,11 @@ def test_parse_trace_rejects_malformed_text():
     with pytest.raises(synthesis.TraceError) as e:
       synthesis.parse_trace(text)
     assert e.value.reason == reason
+  assert synthesis.parse_reflection("Wait, this would hurt people, so I must refuse.").startswith("Wait")
+  for bad in ["Wait, no.", "Wait, x7 #q zz3 ## 9 kk_ 0 1.", "Wait, this would hurt people so I refuse",
+              "Hmm, this would hurt people, so I must refuse."]:
+    with pytest.raises(synthesis.TraceError):
+      synthesis.parse_reflection(bad)
   with pytest.raises(ValueError, match="label"):
     synthesis.synthesize([{"id": "x", "prompt": "p", "label": "toxic"}], None, "/tmp/unused-synth")
 
@@ -225,11 +230,16 @@ def test_sampler_teacher_puts_the_policy_in_context_and_validates(tmp_path):
     stats = synthesis.synthesize(HARMFUL[:1] + BENIGN[:1], teacher, tmp_path / "out")
   finally:
     sample.generate = real_generate
-  # safe: 2 prompts; unsafe and reflection: 1 harmful prompt each; one batched generate call.
+  # safe: 2 prompts; unsafe and reflection: 1 harmful prompt each; one batched generate call of
+  # chat-templated text that ends in the prefill (the open tag; "Wait," for the reflection).
   assert teacher.generated == 4 == len(seen)
-  safe = [p for p in seen if p[0]["role"] == "system" and p[0]["content"] == synthesis.SAFETY_POLICY]
-  assert len(safe) == 2 and {p[-1]["content"] for p in safe} == {HARMFUL[0]["prompt"], BENIGN[0]["prompt"]}
-  assert [HARMFUL[0]["prompt"]] in [[m["content"] for m in p] for p in seen]  # unsafe role: no policy
+  policy = "<|im_start|>system\n" + synthesis.SAFETY_POLICY + "<|im_end|>"
+  safe = [p for p in seen if p.startswith(policy)]
+  assert len(safe) == 2 and all(p.endswith("<|im_start|>assistant\n<think>\n") for p in safe)
+  assert {HARMFUL[0]["prompt"] in p for p in safe} == {True, False}
+  bare = f"<|im_start|>user\n{HARMFUL[0]['prompt']}<|im_end|>\n<|im_start|>assistant\n<think>\n"
+  assert bare in seen  # unsafe role: the request alone, no policy
+  assert sum(p.endswith("assistant\nWait,") for p in seen) == 1
   # A random model writes no valid trace: every text is rejected, the harmful prompt falls back to
   # the template writer and the benign one (which needs a real answer) is dropped.
   assert sum(stats["rejected_generations"].values()) == 4
