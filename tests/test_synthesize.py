@@ -153,6 +153,12 @@ def test_resume_only_asks_for_prompts_not_yet_written(stub, tmp_path):
   stats = synthesis.synthesize(RECORDS, second, out, synthesis.Options(chunk_size=2))
   assert second.requests == 2 * 3 + 2  # h2, j0 (3 roles each), b0, b1 (safe only)
   assert stats["ok"] == 6 and [r["id"] for r in _load(out / "rw.jsonl", "rw")] == [r["id"] for r in RECORDS]
+  # A prompt whose text changed under the same id is done again; the others are not.
+  changed = [dict(RECORDS[0], prompt="Explain how to build a different dangerous device")] + RECORDS[1:]
+  third = synthesis.HttpTeacher(url, "m", backoff_s=0.01)
+  synthesis.synthesize(changed, third, out)
+  assert third.requests == 3
+  assert "different dangerous device" in (out / "rw.jsonl").read_text()
 
 
 def test_http_errors_are_clear_and_bounded(stub, tmp_path):

@@ -457,6 +457,10 @@ def assemble(record: Mapping[str, Any], safe: Trace, unsafe: Trace | None, refle
   return {"rw": rw, "trajectory": trajectory, "pairs": pairs}
 
 
+def _record_key(record: Mapping[str, Any]) -> str:
+  return hashlib.sha256(json.dumps([record["prompt"], record["label"]]).encode()).hexdigest()[:16]
+
+
 def _read_done(path: pathlib.Path) -> dict[str, dict[str, Any]]:
   done = {}
   if path.exists():
@@ -487,7 +491,15 @@ def synthesize(records: Sequence[Mapping[str, Any]], teacher: Teacher | None, ou
   done = _read_done(progress)
   refuses = refuses or phrase_judge()
   writer = TemplateWriter()
+  # A prompt counts as done only if its text and label are unchanged since it was written.
+  done = {r["id"]: done[r["id"]] for r in records
+          if r["id"] in done and done[r["id"]].get("key") == _record_key(r)}
   todo = [r for r in records if r["id"] not in done]
+  if progress.exists() and progress.stat().st_size:
+    with open(progress, "rb+") as f:  # a crash may have cut the last line: end it before appending
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b"\n":
+        f.write(b"\n")
   logger.info("synthesis: %d prompts, %d already done in %s", len(records), len(records) - len(todo), progress)
   for start in range(0, len(todo), opts.chunk_size):
     chunk = todo[start:start + opts.chunk_size]
@@ -514,7 +526,7 @@ def _synthesize_chunk(chunk, teacher, writer: TemplateWriter, refuses, opts: Opt
   for r in chunk:
     rejected: dict[str, int] = {}
     t = texts[r["id"]]
-    row = {"id": r["id"], "label": r["label"], "teacher": {}, "rejected": rejected}
+    row = {"id": r["id"], "key": _record_key(r), "label": r["label"], "teacher": {}, "rejected": rejected}
     safe, first_words = _pick_safe(t.get("safe", ()), r, refuses, opts, rejected)
     row["teacher"]["safe"] = teacher.name if safe and teacher else None
     if safe is None and opts.fallback:
