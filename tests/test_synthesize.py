@@ -3,6 +3,9 @@ shortest rejection sampling, cache and resume, the local-sampler teacher, and th
 
 import http.server
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -253,15 +256,13 @@ def test_sampler_teacher_puts_the_policy_in_context_and_validates(tmp_path):
 
 
 def test_stage_runs_from_the_config(tmp_path):
-  import subprocess
-  import sys
   prompts = tmp_path / "p.jsonl"
   prompts.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
   out = subprocess.run(
       [sys.executable, "-m", "saro_jax.main", "--config", "configs/synthesize.py:tiny",
        f"--config.synthesize.prompts=jsonl:{prompts}", f"--workdir={tmp_path / 'w'}"],
       capture_output=True, text=True, timeout=300,
-      cwd=__import__("os").path.dirname(__import__("os").path.dirname(__file__)))
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.returncode == 0, out.stderr[-2000:]
   stats = json.loads((tmp_path / "w" / "stats.json").read_text())
   assert stats["ok"] == 4 and stats["pairs"] == {"outcome": 4, "process": 8}
