@@ -57,6 +57,6 @@ def get_config(arg: str | None = None):
                 timeout_s=60.0, max_retries=4, backoff_s=1.0, min_interval_s=0.0, max_workers=4,
                 cache=True),
       sampler=dict(max_new_tokens={"tiny": 32, "smollm2_135m": 192}.get(preset, 1024),
-                   temperature=0.7, top_p=0.95, batch_size=8),
+                   temperature=0.7, top_p=0.95, batch_size=8, prefill_reasoning=True),
   ))
   return config

@@ -3,6 +3,9 @@ shortest rejection sampling, cache and resume, the local-sampler teacher, and th
 
 import http.server
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -153,6 +156,12 @@ def test_resume_only_asks_for_prompts_not_yet_written(stub, tmp_path):
   stats = synthesis.synthesize(RECORDS, second, out, synthesis.Options(chunk_size=2))
   assert second.requests == 2 * 3 + 2  # h2, j0 (3 roles each), b0, b1 (safe only)
   assert stats["ok"] == 6 and [r["id"] for r in _load(out / "rw.jsonl", "rw")] == [r["id"] for r in RECORDS]
+  # A prompt whose text changed under the same id is done again; the others are not.
+  changed = [dict(RECORDS[0], prompt="Explain how to build a different dangerous device")] + RECORDS[1:]
+  third = synthesis.HttpTeacher(url, "m", backoff_s=0.01)
+  synthesis.synthesize(changed, third, out)
+  assert third.requests == 3
+  assert "different dangerous device" in (out / "rw.jsonl").read_text()
 
 
 def test_http_errors_are_clear_and_bounded(stub, tmp_path):
@@ -198,6 +207,11 @@ def test_parse_trace_rejects_malformed_text():
     with pytest.raises(synthesis.TraceError) as e:
       synthesis.parse_trace(text)
     assert e.value.reason == reason
+  assert synthesis.parse_reflection("Wait, this would hurt people, so I must refuse.").startswith("Wait")
+  for bad in ["Wait, no.", "Wait, x7 #q zz3 ## 9 kk_ 0 1.", "Wait, this would hurt people so I refuse",
+              "Hmm, this would hurt people, so I must refuse."]:
+    with pytest.raises(synthesis.TraceError):
+      synthesis.parse_reflection(bad)
   with pytest.raises(ValueError, match="label"):
     synthesis.synthesize([{"id": "x", "prompt": "p", "label": "toxic"}], None, "/tmp/unused-synth")
 
@@ -225,11 +239,16 @@ def test_sampler_teacher_puts_the_policy_in_context_and_validates(tmp_path):
     stats = synthesis.synthesize(HARMFUL[:1] + BENIGN[:1], teacher, tmp_path / "out")
   finally:
     sample.generate = real_generate
-  # safe: 2 prompts; unsafe and reflection: 1 harmful prompt each; one batched generate call.
+  # safe: 2 prompts; unsafe and reflection: 1 harmful prompt each; one batched generate call of
+  # chat-templated text that ends in the prefill (the open tag; "Wait," for the reflection).
   assert teacher.generated == 4 == len(seen)
-  safe = [p for p in seen if p[0]["role"] == "system" and p[0]["content"] == synthesis.SAFETY_POLICY]
-  assert len(safe) == 2 and {p[-1]["content"] for p in safe} == {HARMFUL[0]["prompt"], BENIGN[0]["prompt"]}
-  assert [HARMFUL[0]["prompt"]] in [[m["content"] for m in p] for p in seen]  # unsafe role: no policy
+  policy = "<|im_start|>system\n" + synthesis.SAFETY_POLICY + "<|im_end|>"
+  safe = [p for p in seen if p.startswith(policy)]
+  assert len(safe) == 2 and all(p.endswith("<|im_start|>assistant\n<think>\n") for p in safe)
+  assert {HARMFUL[0]["prompt"] in p for p in safe} == {True, False}
+  bare = f"<|im_start|>user\n{HARMFUL[0]['prompt']}<|im_end|>\n<|im_start|>assistant\n<think>\n"
+  assert bare in seen  # unsafe role: the request alone, no policy
+  assert sum(p.endswith("assistant\nWait,") for p in seen) == 1
   # A random model writes no valid trace: every text is rejected, the harmful prompt falls back to
   # the template writer and the benign one (which needs a real answer) is dropped.
   assert sum(stats["rejected_generations"].values()) == 4
@@ -237,15 +256,13 @@ def test_sampler_teacher_puts_the_policy_in_context_and_validates(tmp_path):
 
 
 def test_stage_runs_from_the_config(tmp_path):
-  import subprocess
-  import sys
   prompts = tmp_path / "p.jsonl"
   prompts.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
   out = subprocess.run(
       [sys.executable, "-m", "saro_jax.main", "--config", "configs/synthesize.py:tiny",
        f"--config.synthesize.prompts=jsonl:{prompts}", f"--workdir={tmp_path / 'w'}"],
       capture_output=True, text=True, timeout=300,
-      cwd=__import__("os").path.dirname(__import__("os").path.dirname(__file__)))
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.returncode == 0, out.stderr[-2000:]
   stats = json.loads((tmp_path / "w" / "stats.json").read_text())
   assert stats["ok"] == 4 and stats["pairs"] == {"outcome": 4, "process": 8}

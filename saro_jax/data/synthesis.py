@@ -137,12 +137,16 @@ def parse_trace(text: str, tags: Sequence[str] = formats.DEFAULT_TAGS, *, min_st
   return trace
 
 
-def parse_reflection(text: str, max_words: int = 60) -> str:
+def parse_reflection(text: str, min_words: int = 6, max_words: int = 60) -> str:
+  """One sentence of prose that starts with "Wait" and ends with a full stop (or "!")."""
   line = text.strip().strip('"').strip()
   if not line.startswith("Wait") or "\n" in line:
     raise TraceError("bad_reflection", "must be one line starting with 'Wait'")
-  if len(line.split()) > max_words:
-    raise TraceError("bad_reflection", f"over {max_words} words")
+  words = line.split()
+  if not min_words <= len(words) <= max_words or not line.endswith((".", "!")):
+    raise TraceError("bad_reflection", f"must be one sentence of {min_words}-{max_words} words")
+  if sum(bool(re.fullmatch(r"[A-Za-z][A-Za-z'\u2019-]*[,;:.!?]?", w)) for w in words) < 0.8 * len(words):
+    raise TraceError("bad_reflection", "is not prose")
   return line
 
 
@@ -276,15 +280,20 @@ class HttpTeacher:
 
 class SamplerTeacher:
   """A local model through saro_jax.sample.generate. Safe role: SAFETY_POLICY as the system turn
-  (context distillation); unsafe role: the bare request (the model's own behaviour without it)."""
+  (context distillation); unsafe role: the bare request (the model's own behaviour without it).
+  With ``prefill_reasoning`` the assistant turn starts with the open tag (a reflection's with
+  "Wait,"), so a model never taught the tags (SmolLM2-135M writes none on its own) still starts a
+  reasoning block."""
 
   name = "sampler"
 
   def __init__(self, model, tokenizer, *, eos_ids: Sequence[int] = (), max_new_tokens: int = 256,
-               temperature: float = 0.7, top_p: float = 1.0, batch_size: int = 8, mesh=None):
+               temperature: float = 0.7, top_p: float = 1.0, batch_size: int = 8, mesh=None,
+               prefill_reasoning: bool = True, reasoning_tags: Sequence[str] = formats.DEFAULT_TAGS):
     self.model, self.tokenizer, self.eos_ids, self.mesh = model, tokenizer, tuple(eos_ids), mesh
     self.max_new_tokens, self.temperature, self.top_p, self.batch_size = (
         max_new_tokens, temperature, top_p, batch_size)
+    self.prefill_reasoning, self.open_tag = prefill_reasoning, reasoning_tags[0]
     self.generated = 0
 
   def messages(self, role: str, record: Mapping[str, Any]) -> Messages:
@@ -293,17 +302,32 @@ class SamplerTeacher:
     system = SAFETY_POLICY if role == "safe" else REFLECTION_INSTRUCTION
     return [{"role": "system", "content": system}, {"role": "user", "content": _user_turn(record, role)}]
 
+  def prefill(self, messages: Messages) -> str:
+    if not self.prefill_reasoning:
+      return ""
+    return "Wait," if messages[0]["content"] == REFLECTION_INSTRUCTION else f"{self.open_tag}\n"
+
+  def rendered(self, messages: Messages) -> str:
+    """The chat-templated prompt + its prefill, as raw text for generate."""
+    text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    bos = getattr(self.tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and self.tokenizer.encode("", add_special_tokens=True):
+      text = text[len(bos):]  # raw-text encoding adds the BOS back: keep exactly one
+    return text + self.prefill(messages)
+
   def complete(self, conversations: Sequence[Messages], ns: Sequence[int], seed: int) -> list[list[str]]:
     from saro_jax import sample
+    prompts = [self.rendered(c) for c in conversations] if self.prefill_reasoning else list(conversations)
     out: list[list[str]] = [[] for _ in conversations]
     for i in range(max(ns, default=0)):  # one batched pass per sample index, all roles together
       rows = [j for j, n in enumerate(ns) if n > i]
-      gens = sample.generate(self.model, self.tokenizer, [conversations[j] for j in rows],
+      gens = sample.generate(self.model, self.tokenizer, [prompts[j] for j in rows],
                              max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                              top_p=self.top_p, seed=seed + i, batch_size=self.batch_size,
-                             mesh=self.mesh, eos_ids=self.eos_ids or None)
+                             mesh=self.mesh, eos_ids=self.eos_ids or None,
+                             chat_template=not self.prefill_reasoning)
       for j, g in zip(rows, gens, strict=True):
-        out[j].append(g.text)
+        out[j].append(self.prefill(conversations[j]) + g.text)
       self.generated += len(gens)
     return out
 
@@ -433,6 +457,10 @@ def assemble(record: Mapping[str, Any], safe: Trace, unsafe: Trace | None, refle
   return {"rw": rw, "trajectory": trajectory, "pairs": pairs}
 
 
+def _record_key(record: Mapping[str, Any]) -> str:
+  return hashlib.sha256(json.dumps([record["prompt"], record["label"]]).encode()).hexdigest()[:16]
+
+
 def _read_done(path: pathlib.Path) -> dict[str, dict[str, Any]]:
   done = {}
   if path.exists():
@@ -463,7 +491,15 @@ def synthesize(records: Sequence[Mapping[str, Any]], teacher: Teacher | None, ou
   done = _read_done(progress)
   refuses = refuses or phrase_judge()
   writer = TemplateWriter()
+  # A prompt counts as done only if its text and label are unchanged since it was written.
+  done = {r["id"]: done[r["id"]] for r in records
+          if r["id"] in done and done[r["id"]].get("key") == _record_key(r)}
   todo = [r for r in records if r["id"] not in done]
+  if progress.exists() and progress.stat().st_size:
+    with open(progress, "rb+") as f:  # a crash may have cut the last line: end it before appending
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b"\n":
+        f.write(b"\n")
   logger.info("synthesis: %d prompts, %d already done in %s", len(records), len(records) - len(todo), progress)
   for start in range(0, len(todo), opts.chunk_size):
     chunk = todo[start:start + opts.chunk_size]
@@ -490,7 +526,7 @@ def _synthesize_chunk(chunk, teacher, writer: TemplateWriter, refuses, opts: Opt
   for r in chunk:
     rejected: dict[str, int] = {}
     t = texts[r["id"]]
-    row = {"id": r["id"], "label": r["label"], "teacher": {}, "rejected": rejected}
+    row = {"id": r["id"], "key": _record_key(r), "label": r["label"], "teacher": {}, "rejected": rejected}
     safe, first_words = _pick_safe(t.get("safe", ()), r, refuses, opts, rejected)
     row["teacher"]["safe"] = teacher.name if safe and teacher else None
     if safe is None and opts.fallback:

@@ -49,6 +49,7 @@ class SamplerSettings:
   temperature: float = 0.7
   top_p: float = 1.0
   batch_size: int = 8
+  prefill_reasoning: bool = True  # start the assistant turn with the open tag ("Wait," for reflections)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +116,8 @@ def _sampler_teacher(config, sampler: SamplerSettings):
   eos = sample.eos_token_ids(tokenizer, model.config, generate.generation_config_eos(spec.init_from))
   return synthesis.SamplerTeacher(model, tokenizer, eos_ids=eos, max_new_tokens=sampler.max_new_tokens,
                                   temperature=sampler.temperature, top_p=sampler.top_p,
-                                  batch_size=sampler.batch_size, mesh=mesh)
+                                  batch_size=sampler.batch_size, mesh=mesh,
+                                  prefill_reasoning=sampler.prefill_reasoning)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
