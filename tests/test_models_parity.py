@@ -1,7 +1,6 @@
 """The decoder against transformers (PyTorch) for every family, and its own invariants:
 packing == separate rows, KV-cache decoding == full recompute, remat == no remat."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -7,8 +7,10 @@ left-padded batch; the reference decodes each prompt alone, without padding.
 
 import time
 
+import numpy as np
 import pytest
 
+import error_model as em
 from saro_jax import sample
 from saro_jax.models import gguf
 
@@ -34,18 +36,23 @@ def tokenizer(hf_dir):
   return transformers.AutoTokenizer.from_pretrained(str(hf_dir))
 
 
-def torch_greedy(hf_dir, prompt_ids: list[list[int]], eos_ids: tuple[int, ...]) -> list[list[int]]:
+def torch_greedy(hf_dir, prompt_ids: list[list[int]], eos_ids: tuple[int, ...]
+                 ) -> list[tuple[list[int], np.ndarray]]:
+  """Per prompt: the greedy tokens (up to EOS) and the logits [steps, V] each was chosen from."""
   import torch
   import transformers
   model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
   out = []
   with torch.no_grad():
     for ids in prompt_ids:
-      full = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                            max_new_tokens=NEW_TOKENS, do_sample=False, top_k=None, top_p=None,
-                            temperature=None, eos_token_id=list(eos_ids), pad_token_id=eos_ids[0])
-      new = full[0, len(ids):].tolist()
-      out.append(new[:next((k for k, t in enumerate(new) if t in eos_ids), len(new))])
+      result = model.generate(torch.tensor([ids]),
+                              attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=NEW_TOKENS, do_sample=False, top_k=None, top_p=None,
+                              temperature=None, eos_token_id=list(eos_ids), pad_token_id=eos_ids[0],
+                              return_dict_in_generate=True, output_logits=True)
+      new = result.sequences[0, len(ids):].tolist()
+      logits = torch.cat(result.logits).numpy()
+      out.append((new[:next((k for k, t in enumerate(new) if t in eos_ids), len(new))], logits))
   return out
 
 
@@ -63,10 +70,25 @@ def test_greedy_matches_transformers(hf_dir, tokenizer):
         f" (with compile), compiled {warm:.2f} s = {n / warm:.1f} tokens/s")
   assert [g.tokens for g in again] == [g.tokens for g in gens]
 
-  reference = torch_greedy(hf_dir, [sample.render_prompt(tokenizer, p)[1] for p in PROMPTS], eos)
-  for g, ref in zip(gens, reference):
-    assert g.tokens == ref, (g.text, tokenizer.decode(ref))
-    assert g.finish_reason == ("eos" if len(ref) < NEW_TOKENS else "length")
-  assert sum(len(r) for r in reference) > 2 * NEW_TOKENS  # long enough to mean something
+  prompt_ids = [sample.render_prompt(tokenizer, p)[1] for p in PROMPTS]
+  reference = torch_greedy(hf_dir, prompt_ids, eos)
+  for g, ids, (ref, ref_logits) in zip(gens, prompt_ids, reference):
+    # Greedy tokens are equal until a near-tie: two fp32 programs may legitimately pick the other
+    # of two tokens whose reference logits are within 2 max_bound (tests/error_model.py; the
+    # SmolLM2 depth at this length, relative to max|logit|) -- on another CPU, say. After such a
+    # step the continuations differ by construction, so the comparison stops there.
+    depth = em.transformer_depth(layers=30, hidden=576, intermediate=1536, num_heads=9,
+                                 head_dim=64, seq_len=len(ids) + NEW_TOKENS)
+    tie = 2 * em.max_bound(float(np.abs(ref_logits).max()), depth)
+    split = next((k for k, (a, b) in enumerate(zip(g.tokens, ref)) if a != b), None)
+    if split is None:
+      assert g.tokens == ref, (g.text, tokenizer.decode(ref))
+      assert g.finish_reason == ("eos" if len(ref) < NEW_TOKENS else "length")
+      continue
+    gap = float(ref_logits[split, ref[split]] - ref_logits[split, g.tokens[split]])
+    print(f"greedy paths split at step {split}: reference logit gap {gap:.2e} "
+          f"(near-tie <= {tie:.2e})")
+    assert gap <= tie, (split, gap, g.text, tokenizer.decode(ref))
+  assert sum(len(r) for r, _ in reference) > 2 * NEW_TOKENS  # long enough to mean something
   assert "Paris" in gens[0].text
 

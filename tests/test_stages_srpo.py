@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+import error_model as em
 from saro_jax.config import training_config
 from saro_jax.stages import reference, srpo
 
@@ -38,6 +39,17 @@ def tiny_srpo_config(reference_mode: str, pairs: str, steps: int = 2):
   return training_config(config, "srpo")
 
 
+def logp_depth(cfg) -> int:
+  """Error model (tests/error_model.py) of a sequence's summed log-prob: the tiny model's logits
+  at max_length 64, logsumexp over the vocabulary, the sum over <= 64 same-sign token terms
+  (so its bound is relative to |sum| itself)."""
+  from saro_jax import models
+  from saro_jax.data import bundled
+  tokenizer = models.load_tokenizer(bundled.path("tokenizer"))
+  forward = em.model_depth(_random_config(cfg, tokenizer), 64)
+  return em.loss_depth(forward, vocab=len(tokenizer), tokens=64)
+
+
 def metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -54,11 +66,20 @@ def test_precomputed_reference_equals_live_and_is_reused(live, pairs_file, tmp_p
   workdir = str(tmp_path)
   srpo.train_stage(tiny_srpo_config("precomputed", pairs_file), workdir)
   pre = metrics(workdir)
-  # Step 1: policy == reference, so every reward is 0 and the loss is log 2.
-  assert live[0]["loss"] == pytest.approx(np.log(2), abs=1e-5)
-  assert abs(live[0]["rewards/margins"]) < 1e-5
+  # Step 1: policy == reference, so every reward is 0 and the loss is log 2, up to the two
+  # programs' rounding of the summed log-probs: margins = beta ((pc - rc) - (pr - rr)) is within
+  # beta * 2 gamma(depth) (|pc| + |pr|), and -log sigmoid has slope 1/2 at 0.
+  beta = 0.1
+  margin_bound = beta * em.max_bound(abs(live[0]["logps/chosen"]) + abs(live[0]["logps/rejected"]),
+                                     logp_depth(tiny_srpo_config("live", pairs_file)))
+  print(f"step 1: |margins| {abs(live[0]['rewards/margins']):.1e} <= {margin_bound:.1e}")
+  assert abs(live[0]["rewards/margins"]) <= margin_bound
+  assert abs(live[0]["loss"] - np.log(2)) <= margin_bound / 2 + em.gamma(em.ELEMENTWISE_ULPS)
   for a, b in zip(live, pre):
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies"):
+      # Not derived (see BUILD.md "Parity bounds"): after step 1 the two runs' policies differ by
+      # Adam's per-element amplification of rounding (tests/test_train.py bounds that); these
+      # logged means are a weaker, empirical check of the same thing.
       assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a["step"])
   assert live[-1]["rewards/margins"] > 0  # one update already moved the policy
   files = os.listdir(os.path.join(workdir, "reference_logps"))
@@ -84,8 +105,10 @@ def test_reference_free(pairs_file, tmp_path):
   srpo.train_stage(tiny_srpo_config("none", pairs_file, steps=1), str(tmp_path))
   first = metrics(str(tmp_path))[0]
   # Without a reference the rewards are beta * policy log-probs: negative, not 0.
+  # mean(beta * pc) vs beta * mean(pc): the same 8 same-sign terms, a product moved across the
+  # mean: <= 2 gamma(8 + 2) relative (and the float32 -> JSON float64 logging is exact).
   assert first["rewards/chosen"] < 0 and first["rewards/chosen"] == pytest.approx(
-      0.1 * first["logps/chosen"], rel=1e-5)
+      0.1 * first["logps/chosen"], rel=2 * em.gamma(8 + 2))
 
 
 def test_micro_batched_reference_equals_one_pass(pairs_file):
@@ -110,9 +133,14 @@ def test_micro_batched_reference_equals_one_pass(pairs_file):
     outs.append(jax.device_get(reference.make_reference_fn(
         remat_graphdef, vocab_size=len(tokenizer), chunk_size=16, micro_batches=4,
         mesh=mesh)(params, batch)))
+  # Two programs (1 pass vs 4 micro-batches, with or without remat) of each row's summed
+  # log-prob: relative to |sum|.
+  bound = em.max_bound(1.0, logp_depth(cfg))
   for one, micro, remat in zip(*outs):
-    np.testing.assert_allclose(micro, one, rtol=1e-5)
-    np.testing.assert_allclose(remat, one, rtol=1e-5)
+    print(f"micro vs one: worst relative |d| {np.max(np.abs(micro - one) / np.abs(one)):.1e} "
+          f"<= {bound:.1e}")
+    np.testing.assert_allclose(micro, one, rtol=bound, atol=0)
+    np.testing.assert_allclose(remat, one, rtol=bound, atol=0)
   assert len(set(np.round(outs[0][0], 3))) > 1  # distinct rows, so an order mix-up would show
 
 
