@@ -385,9 +385,11 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
   preempted, restore_sigterm = _preemption_check() if handle_sigterm else (lambda s: False, lambda: None)
   tokens, t0 = 0, time.perf_counter()
   last_step = min(steps, stop_at) if stop_at > 0 else steps
+  need_position = True
   try:
     for step in range(start + 1, last_step + 1):
-      position = data_state_fn() if data_state_fn is not None else None
+      # Where this batch starts, to name it in a diagnosis when it carries no example ids.
+      position = data_state_fn() if data_state_fn is not None and need_position else None
       try:
         host_batch = next(batches)
       except StopIteration:
@@ -406,6 +408,7 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
       with jax.transfer_guard_host_to_device("disallow"):
         state, metrics = step_fn(state, device_batch)
       ids = host_batch.get("example_id")
+      need_position = ids is None
       pending.append((step, lambda ids=ids, position=position: _batch_origin(
           {"example_id": ids} if ids is not None else {}, position), metrics))
       if step % log_every == 0 or step in (1, last_step):

@@ -97,6 +97,7 @@ def reference(tmp_path_factory):
 # ------------------------------------------------------------------------------------- SIGTERM
 
 
+@pytest.mark.heavy
 def test_sigterm_checkpoints_the_step_reached_and_resumes_exactly(reference, tmp_path):
   workdir = tmp_path / "run"
   # Periodic checkpoints only every 5 steps: the SIGTERM checkpoint is an extra one.
@@ -497,6 +498,7 @@ print("exported")
 """
 
 
+@pytest.mark.heavy
 def test_export_killed_mid_write_leaves_no_half_written_dir(tmp_path):
   script = tmp_path / "export.py"
   script.write_text(CRASHING_EXPORT)
