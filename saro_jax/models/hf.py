@@ -23,7 +23,6 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from saro_jax import sharding
-from saro_jax.models import abstract_model
 from saro_jax.models import families
 from saro_jax.models.config import ModelConfig
 from saro_jax.models.transformer import Transformer
@@ -161,7 +160,7 @@ def load_from_tensors(hf_config: Mapping[str, Any], tensors: Mapping[str, Any], 
   config = families.config_from_hf(hf_config, source=f"{source}/config.json",
                                    param_dtype=param_dtype, compute_dtype=compute_dtype,
                                    **config_overrides)
-  graphdef, abstract_state = nnx.split(abstract_model(config))
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
   if mesh is None:
     device_sharding = SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device_sharding, abstract_state,
