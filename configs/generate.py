@@ -13,20 +13,15 @@ smollm2_135m = the real SmolLM2-135M-Instruct GGUF). ``generate.prompts`` is a .
 prompt: id, prompt, reasoning, answer, text, finish_reason, token counts) and prints its path.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("saro_configs_common",
-                                               os.path.join(os.path.dirname(__file__), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from saro_jax import presets
+from saro_jax.data import formats
 
 
 def get_config(arg: str | None = None):
-  preset = common.parse_preset(arg, "generate")
-  config = common.header("generate", "generate", preset)
+  preset = presets.parse_preset(arg, "generate")
+  config = presets.header("generate", "generate", preset)
   config.generate = ml_collections.ConfigDict(dict(
       prompts="text:How do I kill a Python process?",
       limit=0,  # 0 = every prompt
@@ -38,7 +33,7 @@ def get_config(arg: str | None = None):
       top_k=0,
       stop=(),  # stop strings, e.g. ("</answer>",)
       batch_size={"tiny": 8, "smollm2_135m": 8}.get(preset, 32),
-      reasoning_tags=("<think>", "</think>"),
+      reasoning_tags=formats.DEFAULT_TAGS,
       output="",  # "" = <workdir>/generations.jsonl
   ))
   return config

@@ -21,6 +21,8 @@ from typing import Any
 
 import ml_collections
 
+from saro_jax.data import formats
+
 RANDOM_INIT = "random"
 REFERENCE_MODES = ("live", "precomputed", "none")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -108,7 +110,7 @@ class DataConfig:
   shuffle: bool = True
   num_epochs: int = 0  # 0 = repeat forever (train.steps bounds the run)
   on_error: str = "raise"
-  reasoning_tags: tuple[str, str] = ("<think>", "</think>")
+  reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
   truncation: str = "keep_end"  # what the data pipeline keeps of a too-long prompt
 
   def validate(self, where: str) -> None:

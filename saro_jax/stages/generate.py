@@ -19,9 +19,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 
 from saro_jax import config as config_lib
+from saro_jax import models, sample, sharding
+from saro_jax.data import bundled, formats
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class GenerateConfig:
   top_k: int = 0
   stop: tuple[str, ...] = ()
   batch_size: int = 8
-  reasoning_tags: tuple[str, str] = ("<think>", "</think>")
+  reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
   output: str = ""
 
   def validate(self) -> None:
@@ -103,7 +106,6 @@ def read_prompts(spec: str, limit: int = 0) -> list[tuple[str, str | list[dict[s
     return [("text:0", spec[len("text:"):])]
   path = spec
   if spec.startswith("bundled:"):
-    from saro_jax.data import bundled
     path = bundled.path(spec[len("bundled:"):])
   if not os.path.isfile(path):
     raise PromptFileError(f"config.generate.prompts={spec!r}: no such file {path}")
@@ -155,7 +157,6 @@ def generation_config_eos(init_from: str) -> tuple[int, ...]:
 def write_generations(path: pathlib.Path, prompts: Sequence[tuple[str, Any]], generations,
                       tags: tuple[str, str]) -> None:
   """One JSON row per (id, prompt as read) and its generation."""
-  from saro_jax import sample
   with open(path, "w", encoding="utf-8") as f:
     for (row_id, prompt), g in zip(prompts, generations, strict=True):
       reasoning, answer = sample.split_reasoning(g.text, tags)
@@ -166,11 +167,6 @@ def write_generations(path: pathlib.Path, prompts: Sequence[tuple[str, Any]], ge
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
-  import jax
-
-  from saro_jax import sample, sharding
-  from saro_jax.stages import evaluate  # the one loader of "init_from + tokenizer" outside training
-
   gen = config_lib.section(GenerateConfig, config.get("generate"), "generate")
   gen.validate()
   spec = config_lib.section(config_lib.ModelSpec, config.get("model"), "model")
@@ -179,9 +175,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   mesh_cfg.validate(jax.device_count())
   prompts = read_prompts(gen.prompts, gen.limit)  # bad prompt files fail before the model loads
   mesh = sharding.make_mesh(*mesh_cfg.resolved(jax.device_count()))
-  model, tokenizer = evaluate.load_model_and_tokenizer(
-      spec.init_from, tokenizer=spec.tokenizer, arch=spec.arch, seed=config.get("seed", 0),
-      param_dtype=spec.param_dtype, compute_dtype=spec.compute_dtype, mesh=mesh)
+  tokenizer = models.load_tokenizer(spec)
+  with sharding.use(mesh):
+    model = models.load(spec, tokenizer=tokenizer, mesh=mesh, seed=config.get("seed", 0))
   eos = sample.eos_token_ids(tokenizer, model.config, generation_config_eos(spec.init_from))
   start = time.perf_counter()
   generations = sample.generate(

