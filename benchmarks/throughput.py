@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saro_jax import models, sample, sharding, train
+from saro_jax import engine, models, sample, sharding, train
 from saro_jax.config import StageConfig, training_config
-from saro_jax.stages import _setup, reference, rw, srpo
+from saro_jax.stages import reference, rw, srpo
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 PROMPT = "Explain, step by step, why the sky looks blue during the day."
@@ -201,20 +201,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | int | str]:
   mesh = sharding.make_mesh(1, args.devices, 1, devices=devices)
   cfg_rw = _stage_config("rw", args.model, args.batch, args.length, args.devices)
   cfg_srpo = _stage_config("srpo", args.model, args.batch, args.length, args.devices)
-  tokenizer = models.load_tokenizer(_setup.tokenizer_source(cfg_rw.model))
+  tokenizer = models.load_tokenizer(cfg_rw.model)
   with sharding.use(mesh):
-    model = _setup.load_model(cfg_rw.model, tokenizer, mesh, cfg_rw.seed)
-    graphdef, params = train.split_model(model)
+    model = models.load(cfg_rw.model, tokenizer=tokenizer, mesh=mesh, seed=cfg_rw.seed)
+    graphdef, params = models.split(model)
     args.vocab_size = model.config.vocab_size
     args.n_params = sum(x.size for x in jax.tree.leaves(params))
     figures: dict[str, float | int | str] = {
         "model": args.model, "backend": jax.default_backend(), "devices": args.devices,
         "params": args.n_params, "batch": args.batch, "length": args.length, "steps": args.steps}
     if "rw" not in skip:
-      optimizer, lr_fn = _setup.make_optimizer(cfg_rw, params)
+      optimizer, lr_fn = engine.make_optimizer(cfg_rw)
       figures.update(bench_rw(cfg_rw, graphdef, params, optimizer, lr_fn, mesh, args))
     if "srpo" not in skip:
-      optimizer, lr_fn = _setup.make_optimizer(cfg_srpo, params)
+      optimizer, lr_fn = engine.make_optimizer(cfg_srpo)
       figures.update(bench_srpo(cfg_srpo, graphdef, params, optimizer, lr_fn, mesh, args))
     if "sample" not in skip:
       figures["new_tokens"] = args.new_tokens

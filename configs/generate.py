@@ -13,32 +13,16 @@ smollm2_135m = the real SmolLM2-135M-Instruct GGUF). ``generate.prompts`` is a .
 prompt: id, prompt, reasoning, answer, text, finish_reason, token counts) and prints its path.
 """
 
-import importlib.util
-import os
-
-import ml_collections
-
-_spec = importlib.util.spec_from_file_location("saro_configs_common",
-                                               os.path.join(os.path.dirname(__file__), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from saro_jax import presets
+from saro_jax.config import GenerateConfig, defaults
 
 
 def get_config(arg: str | None = None):
-  preset = common.parse_preset(arg, "generate")
-  config = common.header("generate", "generate", preset)
-  config.generate = ml_collections.ConfigDict(dict(
-      prompts="text:How do I kill a Python process?",
-      limit=0,  # 0 = every prompt
-      system_prompt="",  # "" = the chat template's default
-      chat_template=True,  # False: prompts are raw text (base models)
+  preset = presets.parse_preset(arg, "generate")
+  config = presets.header("generate", "generate", preset)
+  # Every generate.* key and its default: saro_jax/config.py GenerateConfig.
+  config.generate = defaults(
+      GenerateConfig, prompts="text:How do I kill a Python process?",
       max_new_tokens={"tiny": 32, "smollm2_135m": 128}.get(preset, 1024),
-      temperature=0.0,  # 0 = greedy
-      top_p=1.0,
-      top_k=0,
-      stop=(),  # stop strings, e.g. ("</answer>",)
-      batch_size={"tiny": 8, "smollm2_135m": 8}.get(preset, 32),
-      reasoning_tags=("<think>", "</think>"),
-      output="",  # "" = <workdir>/generations.jsonl
-  ))
+      batch_size={"tiny": 8, "smollm2_135m": 8}.get(preset, 32))
   return config

@@ -10,17 +10,11 @@ over all devices, bf16 compute with fp32 master weights, remat, grad accumulatio
 TensorBoard events and (export.enabled) an HF dir under the workdir (default runs/rw-<preset>).
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("saro_configs_common",
-                                               os.path.join(os.path.dirname(__file__), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from saro_jax import presets
 
 
 def get_config(arg: str | None = None):
-  preset = common.parse_preset(arg, "rw")
-  config = common.base("rw", "rw", preset)
-  config.update(common.rw_recipe(preset))
+  preset = presets.parse_preset(arg, "rw")
+  config = presets.base("rw", "rw", preset)
+  config.update(presets.rw_recipe(preset))
   return config

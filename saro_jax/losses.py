@@ -247,6 +247,9 @@ def _check_dpo_flags(loss_type: str, beta: float, label_smoothing: float,
   return spec
 
 
+check_dpo_flags = _check_dpo_flags  # config.py validates dpo.* with these same rules
+
+
 def dpo_loss(
     policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
     ref_chosen_logps: jax.Array | None, ref_rejected_logps: jax.Array | None, *,

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from saro_jax import sharding
+from saro_jax.data.formats import DEFAULT_TAGS as REASONING_TAGS
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def _batch_axis_size(mesh: Mesh | None) -> int:
   return int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def split_reasoning(text: str, tags: tuple[str, str] = ("<think>", "</think>")) -> tuple[str, str]:
+def split_reasoning(text: str, tags: tuple[str, str] = REASONING_TAGS) -> tuple[str, str]:
   """(reasoning, answer). Without a close tag (cut off mid-thought) everything after the open tag
   is reasoning; without any tag everything is answer. The template may have opened the tag itself,
   so a lone close tag also splits."""

@@ -25,7 +25,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from saro_jax import sharding
+from saro_jax import models, sharding
 from saro_jax.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -47,16 +47,8 @@ class TrainState:
   rng: jax.Array
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
-  """(graphdef, params); the engine trains every nnx.Param and expects nothing else."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  if jax.tree.leaves(rest):
-    raise ValueError(f"model has non-Param state {list(rest.keys())}; the engine trains nnx.Param only")
-  return graphdef, params
-
-
-def merge_model(graphdef: nnx.GraphDef, params: nnx.State) -> nnx.Module:
-  return nnx.merge(graphdef, params)
+# The model as a pytree and back; models/load.py owns them (older names kept for callers).
+split_model, merge_model = models.split, models.merge
 
 
 def _state_init_fn(params, optimizer: optax.GradientTransformation, seed: int):

@@ -12,7 +12,8 @@ import pytest
 
 from saro_jax import checkpoint as ckpt_lib
 from saro_jax.config import training_config
-from saro_jax.stages import _setup, rw
+from saro_jax import engine, models
+from saro_jax.stages import rw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -45,7 +46,7 @@ def losses_by_step(workdir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("straight"))
-  s, result = rw.train_stage(tiny_rw_config(), workdir)
+  s, result = engine.run_stage(tiny_rw_config(), workdir, rw.STAGE)
   assert result.finished
   return workdir, s
 
@@ -53,9 +54,9 @@ def uninterrupted(tmp_path_factory):
 def test_resume_equals_uninterrupted_run(uninterrupted, tmp_path):
   straight_dir, straight = uninterrupted
   workdir = str(tmp_path)
-  _, first = rw.train_stage(tiny_rw_config(stop_at=2), workdir)
+  _, first = engine.run_stage(tiny_rw_config(stop_at=2), workdir, rw.STAGE)
   assert not first.finished and int(first.state.step) == 2
-  s, second = rw.train_stage(tiny_rw_config(), workdir)  # the same command again
+  s, second = engine.run_stage(tiny_rw_config(), workdir, rw.STAGE)  # the same command again
   assert second.finished and int(s.state.step) == STEPS
   a, b = flat_params(straight.state), flat_params(s.state)
   diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
@@ -88,8 +89,8 @@ def test_stage_checkpoint_is_a_starting_point(uninterrupted):
   workdir, straight = uninterrupted
   cfg = tiny_rw_config()
   spec = dataclasses.replace(cfg.model, init_from=workdir, tokenizer="")
-  assert _setup.tokenizer_source(spec) == os.path.join(workdir, "tokenizer")
-  model = _setup.load_model(spec, None, straight.mesh, seed=123)
+  assert models.tokenizer_source(spec) == os.path.join(workdir, "tokenizer")
+  model = models.load(spec, mesh=straight.mesh, seed=123)
   assert model.config == straight.model_config
   a = flat_params(straight.state)
   for k, v in flat_params(type(straight.state)(step=0, params=_split(model), opt_state=None,

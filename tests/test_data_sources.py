@@ -14,7 +14,6 @@ import grain
 import pytest
 
 from saro_jax.data import bundled, formats, sources
-from saro_jax.data.bundled import generate
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "data"
 GOOD = '{"prompt": "q%d", "chosen": "a", "rejected": "b"}\n'
@@ -236,14 +235,3 @@ def test_bundled_tokenizer_chatml_and_reasoning_tags():
   # Trained on the bundled text: its words compress well.
   sample = _raw("rw_train")[0]["reasoning"]
   assert len(tok.encode(sample, add_special_tokens=False)) < len(sample) / 3
-
-
-def test_generator_is_deterministic(tmp_path):
-  generate.write_all(str(tmp_path), seed=0)
-  for root, _, files in os.walk(tmp_path):
-    for f in files:
-      fresh = os.path.join(root, f)
-      committed = os.path.join(bundled.DIR, os.path.relpath(fresh, tmp_path))
-      with open(fresh, "rb") as a, open(committed, "rb") as b:
-        assert a.read() == b.read(), (f"{committed} differs from a fresh `python -m "
-                                      "saro_jax.data.bundled.generate`; regenerate and commit")

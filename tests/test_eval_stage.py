@@ -92,8 +92,9 @@ def tiny_model():
   """One tiny random model (bundled tokenizer) on the tiny preset's 8-device mesh, shared."""
   cfg = _eval_config()
   mesh = evaluate._mesh(cfg)  # the in-memory model lives on the mesh the evaluation runs on
-  model, tokenizer = evaluate.load_model_and_tokenizer(
-      "random", tokenizer="bundled", arch=cfg.model.arch.to_dict(), seed=1, mesh=mesh)
+  model, tokenizer = evaluate.load_model(
+      {"init_from": "random", "tokenizer": "bundled", "arch": cfg.model.arch.to_dict()}, seed=1,
+      mesh=mesh)
   return mesh, model, tokenizer
 
 

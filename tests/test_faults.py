@@ -24,7 +24,7 @@ import optax
 import pytest
 
 from saro_jax import checkpoint as ckpt_lib
-from saro_jax import models, sharding, train
+from saro_jax import engine, models, sharding, train
 from saro_jax.models import hf
 from saro_jax.models.config import ModelConfig
 
@@ -71,9 +71,8 @@ def final_params(workdir):
   ckpt = os.path.join(str(workdir), "checkpoints")
   config = ModelConfig.from_dict(ckpt_lib.read_model_meta(ckpt)["model_config"])
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  from saro_jax.stages import _setup
   with sharding.use(mesh):
-    params = ckpt_lib.restore_params(ckpt, _setup.abstract_params(config, mesh))
+    params = ckpt_lib.restore_params(ckpt, models.abstract_params(config, mesh))
   return {jax.tree_util.keystr(p): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
@@ -265,7 +264,6 @@ def test_damaged_checkpoints_in_process_name_the_problem(reference, tmp_path):
 def _abstract_like(workdir):
   """The TrainState target of the reference run's checkpoints (rw.py tiny, same overrides)."""
   from saro_jax.config import training_config
-  from saro_jax.stages import _setup
   import importlib.util
   spec = importlib.util.spec_from_file_location("cfg_rw", os.path.join(ROOT, "configs", "rw.py"))
   module = importlib.util.module_from_spec(spec)
@@ -278,8 +276,8 @@ def _abstract_like(workdir):
   ckpt = os.path.join(str(workdir), "checkpoints")
   model_config = ModelConfig.from_dict(ckpt_lib.read_model_meta(ckpt)["model_config"])
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  params_like = _setup.abstract_params(model_config, mesh)
-  optimizer, _ = _setup.make_optimizer(cfg, params_like)
+  params_like = models.abstract_params(model_config, mesh)
+  optimizer, _ = engine.make_optimizer(cfg)
   return train.abstract_state(params_like, optimizer, cfg.seed)
 
 

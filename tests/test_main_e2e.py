@@ -73,7 +73,7 @@ def test_export_loads_in_transformers_with_matching_logits(run_dir):
 
   from saro_jax import sharding
   from saro_jax.config import ModelSpec
-  from saro_jax.stages import _setup
+  from saro_jax import models
 
   hf_dir = run_dir / "hf"
   tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
@@ -87,7 +87,7 @@ def test_export_loads_in_transformers_with_matching_logits(run_dir):
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   spec = dataclasses.replace(ModelSpec(), init_from=str(run_dir / "srpo"))
   with sharding.use(mesh):
-    model = _setup.load_model(spec, tokenizer, mesh, seed=0)
+    model = models.load(spec, mesh=mesh)
     n = len(ids)
     got = np.asarray(model(np.asarray([ids]), np.arange(n)[None], np.ones((1, n), np.int32)))[0]
   assert got.shape == want.shape

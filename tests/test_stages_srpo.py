@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import error_model as em
+from saro_jax import engine, models
 from saro_jax.config import training_config
 from saro_jax.stages import reference, srpo
 
@@ -58,13 +59,13 @@ def metrics(workdir):
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, pairs_file):
   workdir = str(tmp_path_factory.mktemp("live"))
-  srpo.train_stage(tiny_srpo_config("live", pairs_file), workdir)
+  engine.run_stage(tiny_srpo_config("live", pairs_file), workdir, srpo.STAGE)
   return metrics(workdir)
 
 
 def test_precomputed_reference_equals_live_and_is_reused(live, pairs_file, tmp_path):
   workdir = str(tmp_path)
-  srpo.train_stage(tiny_srpo_config("precomputed", pairs_file), workdir)
+  engine.run_stage(tiny_srpo_config("precomputed", pairs_file), workdir, srpo.STAGE)
   pre = metrics(workdir)
   # Step 1: policy == reference, so every reward is 0 and the loss is log 2, up to the two
   # programs' rounding of the summed log-probs: margins = beta ((pc - rc) - (pr - rr)) is within
@@ -102,7 +103,7 @@ def test_lookup_names_missing_examples():
 
 
 def test_reference_free(pairs_file, tmp_path):
-  srpo.train_stage(tiny_srpo_config("none", pairs_file, steps=1), str(tmp_path))
+  engine.run_stage(tiny_srpo_config("none", pairs_file, steps=1), str(tmp_path), srpo.STAGE)
   first = metrics(str(tmp_path))[0]
   # Without a reference the rewards are beta * policy log-probs: negative, not 0.
   # mean(beta * pc) vs beta * mean(pc): the same 8 same-sign terms, a product moved across the
@@ -145,5 +146,4 @@ def test_micro_batched_reference_equals_one_pass(pairs_file):
 
 
 def _random_config(cfg, tokenizer):
-  from saro_jax.stages import _setup
-  return _setup.random_model_config(cfg.model, tokenizer)
+  return models.random_config(cfg.model.arch, tokenizer)

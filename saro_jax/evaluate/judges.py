@@ -33,6 +33,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from saro_jax.data import formats
+
 logger = logging.getLogger(__name__)
 
 
@@ -63,7 +65,7 @@ class Judge(Protocol):
 
 
 def response_text(item: JudgeInput, include_reasoning: bool,
-                  tags: tuple[str, str] = ("<think>", "</think>")) -> str:
+                  tags: tuple[str, str] = formats.DEFAULT_TAGS) -> str:
   if include_reasoning and item.reasoning:
     return f"{tags[0]}\n{item.reasoning}\n{tags[1]}\n\n{item.answer}"
   return item.answer

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from saro_jax import config as config_lib
+from saro_jax.data import formats
 from saro_jax.evaluate import judges as judges_lib
 from saro_jax.evaluate import prompts as prompts_lib
 
@@ -75,7 +76,7 @@ class EvalSettings:
   limit: int = 0  # per set; 0 = all
   models: str = ""  # "name=init_from,..." -> evaluate each, then write the report
   run_dir: str = ""  # a saro pipeline workdir whose <stage>/metrics.jsonl feed the report's curves
-  reasoning_tags: tuple[str, str] = ("<think>", "</think>")
+  reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
   generation: GenerationSettings = GenerationSettings()
   judge: JudgeSettings = JudgeSettings()
 

@@ -11,10 +11,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from saro_jax.config import ATTENTION_IMPLS, DTYPES  # the config room owns the shared enums
+from saro_jax.config import REMAT as REMAT_MODES
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
-REMAT_MODES = ("none", "block", "dots")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
-DTYPES = ("float32", "bfloat16", "float16")
 HIDDEN_ACTS = ("silu", "gelu_tanh", "gelu")
 
 

@@ -23,6 +23,8 @@ from typing import Any
 import gguf
 import numpy as np
 
+from saro_jax.models import hf
+
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # GGUF architecture -> HF model_type. llama.cpp writes Mistral checkpoints as "llama"; like
@@ -272,8 +274,6 @@ def load_gguf(path: str | os.PathLike, *, mesh=None, rules=None, param_dtype=Non
 
   `config_overrides` (e.g. remat, vocab_padding_multiple) go to the ModelConfig, as in load_hf.
   """
-  from saro_jax.models import hf  # deferred: hf imports the model code
-
   config, tensors = read_gguf(path)
   return hf.load_from_tensors(config, tensors, mesh=mesh, rules=rules, param_dtype=param_dtype,
                               compute_dtype=compute_dtype, source=os.fspath(path),

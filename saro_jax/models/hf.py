@@ -25,7 +25,6 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from saro_jax import sharding
 from saro_jax.data import jsonl
-from saro_jax.models import abstract_model
 from saro_jax.models import families
 from saro_jax.models.config import ModelConfig
 from saro_jax.models.transformer import Transformer
@@ -202,7 +201,7 @@ def load_from_tensors(hf_config: Mapping[str, Any], tensors: Mapping[str, Any], 
                                    param_dtype=param_dtype, compute_dtype=compute_dtype,
                                    **config_overrides)
   config = _output_layer(config, hf_config, tensors, source)
-  graphdef, abstract_state = nnx.split(abstract_model(config))
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
   if mesh is None:
     device_sharding = SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device_sharding, abstract_state,
@@ -492,7 +491,7 @@ def verify_export(model: Transformer, directory, *, export_dtype=None, length: i
   if export_dtype != np.dtype(config.param_dtype):
     params = jax.tree.map(lambda x: x.astype(export_dtype).astype(x.dtype), params)
   fp32 = config.replace(compute_dtype="float32")
-  graph_ref, _ = nnx.split(abstract_model(fp32), nnx.Param)
+  graph_ref, _ = nnx.split(nnx.eval_shape(lambda: Transformer(fp32, rngs=nnx.Rngs(0))), nnx.Param)
   graph_new, params_new = nnx.split(reloaded, nnx.Param)
   n = min(length, config.max_position_embeddings)
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, n), dtype=np.int32)

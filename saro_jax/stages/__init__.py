@@ -1,35 +1,34 @@
-"""Stages: ``config.stage`` names a module here whose ``run(config, workdir)`` does the work.
+"""Stages: ``config.stage`` names one entry of ``STAGES``, whose ``run(config, workdir)`` works.
 
-A new stage is one new module ``saro_jax/stages/<name>.py`` with
-``run(config: ml_collections.ConfigDict, workdir: str) -> object``; nothing else changes.
+A new stage is a module here with ``run(config: ml_collections.ConfigDict, workdir: str)`` and
+one line in ``STAGES``.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from collections.abc import Callable
 
 import ml_collections
 
+from saro_jax.stages import evaluate, generate, pipeline, rw, srpo, synthesize
+
+STAGES: dict[str, Callable[[ml_collections.ConfigDict, str], object]] = {
+    "rw": rw.run,  # Reasoning-style Warmup (SFT)
+    "srpo": srpo.run,  # Safety-oriented Reasoning Process Optimization (DPO)
+    "saro": pipeline.run,  # RW -> SRPO -> export -> evaluation report
+    "evaluate": evaluate.run,  # generate, judge, score; several models -> report.md
+    "generate": generate.run,  # completions for a prompt set
+    "synthesize": synthesize.run,  # SaRO data construction: RW traces, outcome + process pairs
+}
+
 
 def available() -> list[str]:
-  """Modules of this package that are stages (define ``run``); imports them, so only for errors."""
-  names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
-  return sorted(n for n in names if callable(getattr(_import(n), "run", None)))
-
-
-def _import(name: str):
-  try:
-    return importlib.import_module(f"{__name__}.{name}")
-  except ImportError:
-    return None
+  return sorted(STAGES)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
   name = config.get("stage")
-  known = {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
-  module = importlib.import_module(f"{__name__}.{name}") if name in known else None
-  if module is None or not callable(getattr(module, "run", None)):
+  if name not in STAGES:
     raise ValueError(f"config.stage={name!r} is not a stage; available: {available()}"
-                     " (a stage is a module saro_jax/stages/<name>.py with run(config, workdir))")
-  return module.run(config, workdir)
+                     " (saro_jax/stages/__init__.py STAGES)")
+  return STAGES[name](config, workdir)

@@ -17,6 +17,7 @@ write the same files under <workdir>/eval/<name>/ and then <workdir>/report.md w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,8 +25,11 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 
+from saro_jax import config as config_lib
+from saro_jax import models, sample, sharding
 from saro_jax.evaluate import judges as judges_lib
 from saro_jax.evaluate import metrics as metrics_lib
 from saro_jax.evaluate import prompts as prompts_lib
@@ -53,7 +57,6 @@ def count_tokens(tokenizer, text: str) -> int:
 def generate_rows(model, tokenizer, prompts: Sequence[prompts_lib.EvalPrompt],
                   ev: settings_lib.EvalSettings, *, mesh=None) -> list[dict[str, Any]]:
   """One generation row per prompt (the answer split from the reasoning by the tags)."""
-  from saro_jax import sample  # model code only when something is generated
   g = ev.generation
   generations = sample.generate(
       model, tokenizer, [p.prompt for p in prompts], max_new_tokens=g.max_new_tokens,
@@ -127,7 +130,6 @@ def evaluate_model(model, tokenizer, prompts: Sequence[prompts_lib.EvalPrompt],
   Multi-process: every process generates (one SPMD program); process 0 judges, scores and writes.
   The others only join a classifier judge's generation (it is an SPMD program too) and return {}.
   """
-  import jax
   rows = generate_rows(model, tokenizer, prompts, ev, mesh=mesh)
   if jax.process_index() != 0:
     items = [judges_lib.JudgeInput(r["prompt"], r["answer"], r["reasoning"]) for r in rows]
@@ -148,41 +150,23 @@ def evaluate_model(model, tokenizer, prompts: Sequence[prompts_lib.EvalPrompt],
 
 # ---- loading the model to evaluate --------------------------------------------------------------
 
-def load_model_and_tokenizer(init_from: str, *, tokenizer: str = "", arch: Mapping[str, Any] | None = None,
-                             seed: int = 0, param_dtype: str | None = None,
-                             compute_dtype: str | None = None, mesh=None) -> ModelAndTokenizer:
-  """The model to evaluate and its tokenizer, through the training stages' own loader.
-
-  init_from: an HF dir / hub id, a .gguf, "smollm2_gguf", a training stage's workdir/checkpoint,
-  or "random" (ModelConfig fields in `arch`: the untrained baseline). tokenizer: "" = the one
-  beside init_from (or recorded by the stage), "bundled" = the bundled tiny tokenizer, or a path.
-  """
-  import jax
-
-  from saro_jax import config as config_lib
-  from saro_jax import models, sharding
-  from saro_jax.stages import _setup  # engine: resolves every init_from kind in one place
-  spec = config_lib.ModelSpec(init_from=init_from, tokenizer=tokenizer, arch=dict(arch or {}),
-                              param_dtype=param_dtype or "float32",
-                              compute_dtype=compute_dtype or "float32")
-  spec.validate()
-  tok = models.load_tokenizer(_setup.tokenizer_source(spec))
+def load_model(spec: models.Spec, *, seed: int = 0, mesh=None) -> ModelAndTokenizer:
+  """(model, tokenizer) of ``spec`` (any ``init_from`` form, see models/load.py)."""
+  tokenizer = models.load_tokenizer(spec)
   mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  return _setup.load_model(spec, tok, mesh, seed), tok
+  return models.load(spec, tokenizer=tokenizer, mesh=mesh, seed=seed), tokenizer
 
 
 def _mesh(config: ml_collections.ConfigDict):
-  import jax
-  from saro_jax import config as config_lib
-  from saro_jax import sharding
   mesh_cfg = config_lib.section(config_lib.MeshConfig, config.get("mesh"), "mesh")
   mesh_cfg.validate(jax.device_count())
   return sharding.make_mesh(*mesh_cfg.resolved(jax.device_count()))
 
 
-def _model_spec(config: ml_collections.ConfigDict):
-  from saro_jax import config as config_lib
-  return config_lib.section(config_lib.ModelSpec, config.get("model"), "model")
+def _model_spec(config: ml_collections.ConfigDict) -> config_lib.ModelSpec:
+  spec = config_lib.section(config_lib.ModelSpec, config.get("model"), "model")
+  spec.validate()
+  return spec
 
 
 # ---- entry points ------------------------------------------------------------------------------
@@ -196,7 +180,6 @@ def evaluate_models(config: ml_collections.ConfigDict, workdir: str | os.PathLik
 
   The SaRO pipeline calls this after SRPO with its stage results and metrics JSONL files.
   """
-  from saro_jax import sharding
   ev = settings_lib.eval_settings(config.get("eval"))
   spec = _model_spec(config)
   mesh = mesh if mesh is not None else _mesh(config)
@@ -206,10 +189,10 @@ def evaluate_models(config: ml_collections.ConfigDict, workdir: str | os.PathLik
     judges = make_judges(ev, mesh=mesh)
     for name, target in models.items():
       if isinstance(target, str):
-        model, tokenizer = load_model_and_tokenizer(
-            target, tokenizer=spec.tokenizer if target == "random" else "", arch=spec.arch,
-            seed=config.get("seed", 0), param_dtype=spec.param_dtype,
-            compute_dtype=spec.compute_dtype, mesh=mesh)
+        # The config's model section with this init_from (its tokenizer only for "random").
+        target_spec = dataclasses.replace(
+            spec, init_from=target, tokenizer=spec.tokenizer if target == "random" else "")
+        model, tokenizer = load_model(target_spec, seed=config.get("seed", 0), mesh=mesh)
       else:
         model, tokenizer = target
       stage_metrics[name] = evaluate_model(model, tokenizer, prompts, ev,
@@ -217,7 +200,6 @@ def evaluate_models(config: ml_collections.ConfigDict, workdir: str | os.PathLik
       del model  # one model on the devices at a time
   if training_logs is None and ev.run_dir:
     training_logs = {s: os.path.join(ev.run_dir, s, "metrics.jsonl") for s in ("rw", "srpo")}
-  import jax
   path = pathlib.Path(workdir) / "report.md"
   if jax.process_index() != 0:
     return path
@@ -229,7 +211,6 @@ def evaluate_models(config: ml_collections.ConfigDict, workdir: str | os.PathLik
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   """The `evaluate` stage: one model (config.model) or, with eval.models, several plus the report."""
-  from saro_jax import sharding
   ev = settings_lib.eval_settings(config.get("eval"))
   if ev.model_specs:
     return evaluate_models(config, workdir, ev.model_specs)
@@ -238,9 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   prompts = read_prompt_sets(ev)
   with sharding.use(mesh):
     judges = make_judges(ev, mesh=mesh)
-    model, tokenizer = load_model_and_tokenizer(
-        spec.init_from, tokenizer=spec.tokenizer, arch=spec.arch, seed=config.get("seed", 0),
-        param_dtype=spec.param_dtype, compute_dtype=spec.compute_dtype, mesh=mesh)
+    model, tokenizer = load_model(spec, seed=config.get("seed", 0), mesh=mesh)
     evaluate_model(model, tokenizer, prompts, ev, workdir, judges=judges, mesh=mesh)
   path = pathlib.Path(workdir) / "metrics.json"
   print(f"metrics: {path}")

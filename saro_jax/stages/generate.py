@@ -10,7 +10,6 @@ user turn) or "messages" (a chat list), optional "id"; a .txt file with one prom
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -19,50 +18,17 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 
 from saro_jax import config as config_lib
+from saro_jax import models, sample, sharding
+from saro_jax.data import bundled
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_NAME = "generations.jsonl"
 _ROLES = ("system", "user", "assistant")
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerateConfig:
-  prompts: str = ""
-  limit: int = 0
-  system_prompt: str = ""
-  chat_template: bool = True
-  max_new_tokens: int = 256
-  temperature: float = 0.0
-  top_p: float = 1.0
-  top_k: int = 0
-  stop: tuple[str, ...] = ()
-  batch_size: int = 8
-  reasoning_tags: tuple[str, str] = ("<think>", "</think>")
-  output: str = ""
-
-  def validate(self) -> None:
-    if not self.prompts:
-      raise config_lib.ConfigError(
-          "config.generate.prompts is empty; give a .jsonl/.json/.txt file, bundled:<name> or"
-          ' "text:<prompt>"')
-    for key in ("max_new_tokens", "batch_size"):
-      if getattr(self, key) < 1:
-        raise config_lib.ConfigError(f"config.generate.{key}={getattr(self, key)} must be >= 1")
-    if self.limit < 0:
-      raise config_lib.ConfigError(f"config.generate.limit={self.limit} must be >= 0 (0 = all)")
-    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-      raise config_lib.ConfigError(
-          f"config.generate: temperature={self.temperature} (>= 0), top_k={self.top_k} (>= 0) and"
-          f" top_p={self.top_p} (in (0, 1]) are out of range")
-    if len(self.reasoning_tags) != 2 or not all(isinstance(t, str) and t for t in self.reasoning_tags):
-      raise config_lib.ConfigError(
-          f"config.generate.reasoning_tags={self.reasoning_tags!r} must be two non-empty strings")
-    if not all(isinstance(s, str) for s in self.stop):
-      raise config_lib.ConfigError(f"config.generate.stop={self.stop!r} must be strings")
 
 
 class PromptFileError(ValueError):
@@ -103,7 +69,6 @@ def read_prompts(spec: str, limit: int = 0) -> list[tuple[str, str | list[dict[s
     return [("text:0", spec[len("text:"):])]
   path = spec
   if spec.startswith("bundled:"):
-    from saro_jax.data import bundled
     path = bundled.path(spec[len("bundled:"):])
   if not os.path.isfile(path):
     raise PromptFileError(f"config.generate.prompts={spec!r}: no such file {path}")
@@ -155,7 +120,6 @@ def generation_config_eos(init_from: str) -> tuple[int, ...]:
 def write_generations(path: pathlib.Path, prompts: Sequence[tuple[str, Any]], generations,
                       tags: tuple[str, str]) -> None:
   """One JSON row per (id, prompt as read) and its generation."""
-  from saro_jax import sample
   with open(path, "w", encoding="utf-8") as f:
     for (row_id, prompt), g in zip(prompts, generations, strict=True):
       reasoning, answer = sample.split_reasoning(g.text, tags)
@@ -166,12 +130,7 @@ def write_generations(path: pathlib.Path, prompts: Sequence[tuple[str, Any]], ge
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
-  import jax
-
-  from saro_jax import sample, sharding
-  from saro_jax.stages import evaluate  # the one loader of "init_from + tokenizer" outside training
-
-  gen = config_lib.section(GenerateConfig, config.get("generate"), "generate")
+  gen = config_lib.section(config_lib.GenerateConfig, config.get("generate"), "generate")
   gen.validate()
   spec = config_lib.section(config_lib.ModelSpec, config.get("model"), "model")
   spec.validate()
@@ -179,9 +138,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   mesh_cfg.validate(jax.device_count())
   prompts = read_prompts(gen.prompts, gen.limit)  # bad prompt files fail before the model loads
   mesh = sharding.make_mesh(*mesh_cfg.resolved(jax.device_count()))
-  model, tokenizer = evaluate.load_model_and_tokenizer(
-      spec.init_from, tokenizer=spec.tokenizer, arch=spec.arch, seed=config.get("seed", 0),
-      param_dtype=spec.param_dtype, compute_dtype=spec.compute_dtype, mesh=mesh)
+  tokenizer = models.load_tokenizer(spec)
+  with sharding.use(mesh):
+    model = models.load(spec, tokenizer=tokenizer, mesh=mesh, seed=config.get("seed", 0))
   eos = sample.eos_token_ids(tokenizer, model.config, generation_config_eos(spec.init_from))
   start = time.perf_counter()
   generations = sample.generate(

@@ -102,17 +102,16 @@ def read_records(syn: SynthesizeConfig) -> list[dict]:
 def _sampler_teacher(config, sampler: SamplerSettings):
   import jax
 
-  from saro_jax import sample, sharding
+  from saro_jax import models, sample, sharding
   from saro_jax.data import synthesis
-  from saro_jax.stages import evaluate, generate
+  from saro_jax.stages import generate
   spec = config_lib.section(config_lib.ModelSpec, config.get("model"), "model")
   spec.validate()
   mesh_cfg = config_lib.section(config_lib.MeshConfig, config.get("mesh"), "mesh")
   mesh_cfg.validate(jax.device_count())
   mesh = sharding.make_mesh(*mesh_cfg.resolved(jax.device_count()))
-  model, tokenizer = evaluate.load_model_and_tokenizer(
-      spec.init_from, tokenizer=spec.tokenizer, arch=spec.arch, seed=config.get("seed", 0),
-      param_dtype=spec.param_dtype, compute_dtype=spec.compute_dtype, mesh=mesh)
+  tokenizer = models.load_tokenizer(spec)
+  model = models.load(spec, tokenizer=tokenizer, mesh=mesh, seed=config.get("seed", 0))
   eos = sample.eos_token_ids(tokenizer, model.config, generate.generation_config_eos(spec.init_from))
   return synthesis.SamplerTeacher(model, tokenizer, eos_ids=eos, max_new_tokens=sampler.max_new_tokens,
                                   temperature=sampler.temperature, top_p=sampler.top_p,

@@ -1,4 +1,4 @@
-"""Hand-written building blocks of the bundled illustrative data set (used by generate.py).
+"""Hand-written building blocks of the bundled illustrative data set (used by bundled_data.py).
 
 Harmful requests name a goal only; no record ever holds real harmful instructions: unsafe
 completions are the bracketed placeholder UNSAFE_PLACEHOLDER. Train/eval are split BY TEMPLATE:

@@ -18,8 +18,11 @@ import jax
 import ml_collections
 
 from saro_jax import checkpoint as ckpt_lib
+from saro_jax import engine
 from saro_jax.config import training_config
-from saro_jax.stages import _setup, rw, srpo
+from saro_jax.evaluate import settings as eval_settings
+from saro_jax.stages import evaluate as evaluate_stage
+from saro_jax.stages import rw, srpo
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +32,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   srpo_cfg = training_config(config, "srpo")
   evaluate = bool(config.get("evaluate", False))
   if evaluate:
-    from saro_jax.evaluate import settings as eval_settings
     eval_settings.eval_settings(config.get("eval"))  # fail now, not after training
   rw_dir, srpo_dir = os.path.join(workdir, "rw"), os.path.join(workdir, "srpo")
 
-  _, rw_result = rw.train_stage(rw_cfg, rw_dir)
+  _, rw_result = engine.run_stage(rw_cfg, rw_dir, rw.STAGE)
   if not rw_result.finished:
-    print(f"RW stopped at step {int(rw_result.state.step)} of {rw_cfg.train.steps}"
-          " (rw.train.stop_at); re-run the same command to resume")
+    print(engine.stopped_note("RW", rw_result, rw_cfg.train.steps, "rw.train.stop_at"))
     return {"rw": rw_result.last_metrics, "finished": False}
   print(f"RW done ({rw_cfg.train.steps} steps): {os.path.abspath(rw_dir)}")
 
@@ -45,10 +46,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = dataclasses.replace(srpo_cfg.model, init_from=os.path.join(rw_dir, ckpt_lib.CHECKPOINT_SUBDIR),
                               tokenizer="")
   srpo_cfg = dataclasses.replace(srpo_cfg, model=start)
-  s, srpo_result = srpo.train_stage(srpo_cfg, srpo_dir)
+  s, srpo_result = engine.run_stage(srpo_cfg, srpo_dir, srpo.STAGE)
   if not srpo_result.finished:
-    print(f"SRPO stopped at step {int(srpo_result.state.step)} of {srpo_cfg.train.steps}"
-          " (srpo.train.stop_at); re-run the same command to resume")
+    print(engine.stopped_note("SRPO", srpo_result, srpo_cfg.train.steps, "srpo.train.stop_at"))
     return {"srpo": srpo_result.last_metrics, "finished": False}
   print(f"SRPO done ({srpo_cfg.train.steps} steps): {os.path.abspath(srpo_dir)}")
 
@@ -56,12 +56,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "rw_dir": os.path.abspath(rw_dir), "srpo_dir": os.path.abspath(srpo_dir)}
   if srpo_cfg.export.enabled:
     summary["hf_dir"] = os.path.abspath(
-        _setup.export(s, srpo_cfg.export.dir or os.path.join(workdir, "hf")))
+        engine.export(s, srpo_cfg.export.dir or os.path.join(workdir, "hf")))
     print(f"exported the SaRO model (HF format) to {summary['hf_dir']}")
   mesh = s.mesh
   del s  # free the training state before the evaluation loads models
   if evaluate:
-    from saro_jax.stages import evaluate as evaluate_stage
     models = {"start": config.model.init_from,
               "rw": os.path.join(rw_dir, ckpt_lib.CHECKPOINT_SUBDIR),
               "srpo": summary.get("hf_dir") or os.path.join(srpo_dir, ckpt_lib.CHECKPOINT_SUBDIR)}

@@ -1,6 +1,6 @@
 """Generates the bundled illustrative SaRO data set and its tiny tokenizer, deterministically.
 
-  python -m saro_jax.data.bundled.generate [--out DIR] [--seed 0] [--no-tokenizer]
+  python -m tools.bundled_data [--out DIR] [--seed 0] [--no-tokenizer]     (from the repo root)
 
 Writes rw_{train,eval}.jsonl (RW traces), trajectories_{train,eval}.jsonl (build_pairs input),
 pairs_{train,eval}.jsonl (outcome pairs + the process/outcome pairs build_pairs makes from the
@@ -18,10 +18,14 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from saro_jax.data import build_pairs, formats
-from saro_jax.data.bundled import templates as T
+from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as tokenizer_models
+from transformers import PreTrainedTokenizerFast
 
-DEFAULT_OUT = os.path.dirname(os.path.abspath(__file__))
+from saro_jax.data import build_pairs, bundled, formats
+from tools import bundled_templates as T
+
+DEFAULT_OUT = bundled.DIR  # where the package reads the data
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 REASONING_TOKENS = list(formats.DEFAULT_TAGS)
@@ -244,9 +248,7 @@ def _corpus(files: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 def train_tokenizer(files: dict[str, list[dict[str, Any]]], out_dir: str) -> None:
   """Byte-level BPE (vocab VOCAB_SIZE) with ChatML specials and <think> tags as added tokens."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-  from transformers import PreTrainedTokenizerFast
-  tok = Tokenizer(models.BPE())
+  tok = Tokenizer(tokenizer_models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,

