@@ -81,7 +81,7 @@ def train(steps: int, batch_size: int, grad_accum: int = 1, *, log_every: int = 
 def dpo(beta: float = 0.1) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       loss_type="sigmoid", beta=beta, label_smoothing=0.0, rpo_alpha=0.0, reference="live",
-      reference_from=""))
+      reference_from="", prefix_sharing=False, pairs_per_row=1))
 
 
 # Per-preset stage recipes: (data sources, max_length, opt, train) for RW and SRPO.

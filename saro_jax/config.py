@@ -189,6 +189,11 @@ class DpoConfig:
   rpo_alpha: float = 0.0  # > 0 adds TRL's RPO NLL term on the chosen completion
   reference: str = "live"  # live | precomputed | none (reference-free)
   reference_from: str = ""  # "" = the stage's own starting weights (SaRO: the RW result)
+  # Prefix-shared rows [shared | chosen | rejected]: the prompt (+ shared reasoning) once per pair.
+  prefix_sharing: bool = False
+  # > 1 (needs prefix_sharing): up to this many pairs packed per row of data.max_length tokens;
+  # train.batch_size then counts ROWS, and a step holds as many pairs as fit.
+  pairs_per_row: int = 1
 
   def validate(self, where: str) -> None:
     from saro_jax import losses  # the table of DPO losses lives with the formulas
@@ -201,6 +206,10 @@ class DpoConfig:
     if not 0.0 <= self.label_smoothing < 0.5:
       raise ConfigError(f"config.{where}.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
     _check_positive(f"{where}.rpo_alpha", self.rpo_alpha, allow_zero=True)
+    _check_positive(f"{where}.pairs_per_row", self.pairs_per_row)
+    if self.pairs_per_row > 1 and not self.prefix_sharing:
+      raise ConfigError(f"config.{where}.pairs_per_row={self.pairs_per_row} packs prefix-shared"
+                        f" trees; set {where}.prefix_sharing=True (or pairs_per_row=1)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,8 +29,15 @@ def sft_batches(cfg: StageConfig, tokenizer, data_state: Any = None) -> pipeline
   return _batches("sft", cfg, tokenizer, data_state)
 
 
+def _dpo_layout(cfg: StageConfig) -> dict:
+  dpo = cfg.dpo
+  if dpo is None or not dpo.prefix_sharing:
+    return {}
+  return {"prefix_sharing": True, "pairs_per_row": dpo.pairs_per_row}
+
+
 def dpo_batches(cfg: StageConfig, tokenizer, data_state: Any = None) -> pipeline.BatchIterator:
-  return _batches("dpo", cfg, tokenizer, data_state)
+  return _batches("dpo", cfg, tokenizer, data_state, **_dpo_layout(cfg))
 
 
 def one_epoch_dpo_batches(cfg: StageConfig, tokenizer) -> Iterator[dict]:
@@ -38,7 +45,7 @@ def one_epoch_dpo_batches(cfg: StageConfig, tokenizer) -> Iterator[dict]:
   every process (the reference forward is one global computation): ceil(records / batch) + 1
   batches of the unshuffled, repeated stream (the +1 covers the last partial batch, which the
   DPO batcher would otherwise drop)."""
-  it = _batches("dpo", cfg, tokenizer, None, shuffle=False, num_epochs=0)
+  it = _batches("dpo", cfg, tokenizer, None, shuffle=False, num_epochs=0, **_dpo_layout(cfg))
   records = int(it.stats.counts.get("source/kept", 0))
   if records <= 0:
     raise ValueError(f"data {cfg.data.sources}: the source reported no records")

@@ -28,11 +28,11 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: StageConfig, *, vocab_size: int):
 
   def loss_fn(params, batch, grad_accum):
     out = reference.pair_logps(train.merge_model(graphdef, params), batch, vocab_size=vocab_size,
-                               chunk_size=cfg.train.logps_chunk)
+                               chunk_size=cfg.train.logps_chunk, trees=dpo.pairs_per_row)
     loss, metrics = losses.dpo_loss(
         out["chosen_logps"], out["rejected_logps"],
-        None if reference_free else batch["ref_chosen_logps"],
-        None if reference_free else batch["ref_rejected_logps"],
+        None if reference_free else batch["ref_chosen_logps"].reshape(-1),
+        None if reference_free else batch["ref_rejected_logps"].reshape(-1),
         chosen_lengths=out["chosen_lengths"], rejected_lengths=out["rejected_lengths"],
         loss_type=dpo.loss_type, beta=dpo.beta, label_smoothing=dpo.label_smoothing,
         reference_free=reference_free, rpo_alpha=dpo.rpo_alpha or None,
@@ -43,9 +43,9 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: StageConfig, *, vocab_size: int):
 
 
 def batch_ndims(cfg: StageConfig) -> dict[str, int]:
-  ndims = {k: 2 for k in reference.PAIR_KEYS}
-  if cfg.dpo.reference != "none":
-    ndims.update({k: 1 for k in reference.REF_KEYS})
+  ndims = {k: 2 for k in reference.input_keys(cfg.dpo.prefix_sharing)}
+  if cfg.dpo.reference != "none":  # prefix-shared: [rows, pairs_per_row]
+    ndims.update({k: 2 if cfg.dpo.prefix_sharing else 1 for k in reference.REF_KEYS})
   return ndims
 
 
@@ -63,13 +63,14 @@ def _reference_params(s: _setup.Setup, resumed: bool):
 def _to_device_fn(s: _setup.Setup, resumed: bool):
   """Host batch -> device batch with the reference log-probs the step expects."""
   cfg = s.cfg
-  keys = reference.PAIR_KEYS
+  keys = reference.input_keys(cfg.dpo.prefix_sharing)
   if cfg.dpo.reference == "none":
     return lambda host: train.put_batch({k: host[k] for k in keys}, s.mesh)
   ref_params = _reference_params(s, resumed)
   ref_fn = reference.make_reference_fn(s.graphdef, vocab_size=s.model_config.vocab_size,
                                        chunk_size=cfg.train.logps_chunk,
-                                       micro_batches=cfg.train.grad_accum, mesh=s.mesh)
+                                       micro_batches=cfg.train.grad_accum, mesh=s.mesh,
+                                       trees=cfg.dpo.pairs_per_row if cfg.dpo.prefix_sharing else None)
   if cfg.dpo.reference == "live":
 
     def live(host):
@@ -82,7 +83,7 @@ def _to_device_fn(s: _setup.Setup, resumed: bool):
   path = os.path.join(s.workdir, "reference_logps", f"{key}.process_{jax.process_index()}.npz")
   with sharding.use(s.mesh):
     table = reference.precompute(ref_fn, ref_params, _data.one_epoch_dpo_batches(cfg, s.tokenizer),
-                                 s.mesh, path)
+                                 s.mesh, path, keys)
   del ref_params
 
   def precomputed(host):
