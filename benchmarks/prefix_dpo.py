@@ -200,7 +200,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
-  args.mesh = sharding.make_mesh(1, 1, 1)
+  args.mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])  # one device, like the table
   base = stage_config(args.model)
   model, tokenizer = model_and_tokenizer(args, base)
   graphdef, params = train.split_model(model)
