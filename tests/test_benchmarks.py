@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import sys
 
 import jax
 
@@ -43,6 +44,7 @@ def test_prefix_dpo_benchmark_tiny_reports_every_mode():
   spec = importlib.util.spec_from_file_location(
       "saro_benchmarks_prefix_dpo", os.path.join(ROOT, "benchmarks", "prefix_dpo.py"))
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # its dataclasses look their module up by name
   spec.loader.exec_module(module)
   out = module.main(["--model", "tiny", "--pairs", "2", "--rows", "1", "--row_length", "512",
                      "--pairs_per_row", "4", "--batches", "1", "--steps", "1", "--rounds", "1",
