@@ -198,6 +198,11 @@ class DpoConfig:
   rpo_alpha: float = 0.0  # > 0 adds TRL's RPO NLL term on the chosen completion
   reference: str = "live"  # live | precomputed | none (reference-free)
   reference_from: str = ""  # "" = the stage's own starting weights (SaRO: the RW result)
+  # Prefix-shared rows [shared | chosen | rejected]: the prompt (+ shared reasoning) once per pair.
+  prefix_sharing: bool = False
+  # > 1 (needs prefix_sharing): up to this many pairs packed per row of data.max_length tokens;
+  # train.batch_size then counts ROWS, and a step holds as many pairs as fit.
+  pairs_per_row: int = 1
 
   def validate(self, where: str) -> None:
     # Lazy: losses imports jax, and a config file must load without it. Which losses exist and
@@ -209,6 +214,10 @@ class DpoConfig:
       losses.check_dpo_flags(self.loss_type, self.beta, self.label_smoothing, self.rpo_alpha)
     except ValueError as e:
       raise ConfigError(f"config.{where}: {e}") from None
+    _check_positive(f"{where}.pairs_per_row", self.pairs_per_row)
+    if self.pairs_per_row > 1 and not self.prefix_sharing:
+      raise ConfigError(f"config.{where}.pairs_per_row={self.pairs_per_row} packs prefix-shared"
+                        f" trees; set {where}.prefix_sharing=True (or pairs_per_row=1)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,6 +76,7 @@ class Stage:
   divided by to make it a share (RW: the global batch's target tokens; SRPO: grad_accum).
   ``batch_ndims(cfg)``: the device batch's keys and their ranks (the jitted step's input).
   ``to_device(setup)``: host batch -> device batch, or None for "put the ``batch_ndims`` keys".
+  ``batch_options(cfg)``: extra keyword arguments of the data pipeline (SRPO: the row layout).
   """
   name: str  # "rw" | "srpo": logs, progress bar, messages
   data: str  # the data pipeline's kind: "sft" | "dpo"
@@ -83,6 +84,7 @@ class Stage:
   divisor: Callable[[Setup], Callable[[train.Batch], jax.Array]]
   batch_ndims: Callable[[StageConfig], Mapping[str, int]]
   to_device: Callable[[Setup], ToDevice] | None = None
+  batch_options: Callable[[StageConfig], Mapping[str, Any]] = lambda cfg: {}
 
 
 # ---- setup --------------------------------------------------------------------------------------
@@ -183,7 +185,7 @@ def run_stage(cfg: StageConfig, workdir: str, stage: Stage) -> tuple[Setup, trai
     to_device = stage.to_device(s)
   else:
     to_device = lambda host: train.put_batch({k: host[k] for k in ndims}, s.mesh)
-  it = batches(stage.data, cfg, s.tokenizer, s.data_state)
+  it = batches(stage.data, cfg, s.tokenizer, s.data_state, **stage.batch_options(cfg))
   with sharding.use(s.mesh):
     jitted = train.jit_step(step, s.state, ndims, s.mesh)
     result = train.run_loop(

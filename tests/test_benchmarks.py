@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import sys
 
 import jax
 
@@ -36,3 +37,21 @@ def test_throughput_tiny_reports_positive_figures(capsys):
   out = capsys.readouterr().out.strip().splitlines()
   assert any(line.startswith("RW step") for line in out)
   assert json.loads(out[-1]) == figures
+
+
+def test_prefix_dpo_benchmark_tiny_reports_every_mode():
+  """benchmarks/prefix_dpo.py end to end at a small size: every mode reports positive figures."""
+  spec = importlib.util.spec_from_file_location(
+      "saro_benchmarks_prefix_dpo", os.path.join(ROOT, "benchmarks", "prefix_dpo.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # its dataclasses look their module up by name
+  spec.loader.exec_module(module)
+  out = module.main(["--model", "tiny", "--pairs", "2", "--rows", "1", "--row_length", "512",
+                     "--pairs_per_row", "4", "--batches", "1", "--steps", "1", "--rounds", "1",
+                     "--modes", "unshared,prefix,packed+cached"])
+  modes = out["modes"]
+  assert set(modes) == {"unshared", "prefix", "packed+cached"}
+  assert modes["unshared"]["ratio"] == 1.0
+  for figures in modes.values():
+    assert figures["step_s"] > 0 and figures["pairs_per_s"] > 0 and 0 < figures["fill"] <= 1
+  assert modes["packed+cached"]["pairs_per_step"] > 1  # several trees in the one row

@@ -274,3 +274,133 @@ class DpoBatchDataset(_BatchDataset):
 
   def __str__(self) -> str:
     return f"DpoBatchDataset(batch_size={self.batch_size}, max_length={self.max_length})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix-shared DPO rows: each pair is a tree [shared | chosen | rejected] in one row.
+
+TREE_KEYS = ("tokens", "positions", "segment_ids", "branch_ids", "loss_mask", "shared_len",
+             "example_id")
+TRUNK, CHOSEN, REJECTED = 0, 1, 2  # branch ids
+
+
+def fit_tree(pair: Mapping[str, Any], max_length: int, truncation: str = "cut") -> dict[str, Any]:
+  """A tokenized pair whose tree (shared + chosen rest + rejected rest) fits ``max_length``.
+
+  Too long: ``truncation="cut"`` shortens the completions (the shorter keeps up to half the
+  room, the longer gets the rest; event ``truncated/tree``), ``"drop"`` drops the pair
+  (``dropped/tree_too_long``, also when not even one token of each completion fits).
+  """
+  s = int(pair["shared_len"])
+  c, r = len(pair["chosen_tokens"]) - s, len(pair["rejected_tokens"]) - s
+  room = max_length - s
+  if c + r <= room:
+    return dict(pair)
+  if truncation != "cut" or room < 2:
+    return {"id": pair["id"], "dropped": "dropped/tree_too_long"}
+  if c <= r:
+    c = min(c, room // 2)
+    r = room - c
+  else:
+    r = min(r, room // 2)
+    c = room - r
+  out = dict(pair)
+  for side, n in (("chosen", c), ("rejected", r)):
+    out[f"{side}_tokens"] = pair[f"{side}_tokens"][:s + n]
+    out[f"{side}_loss_mask"] = pair[f"{side}_loss_mask"][:s + n]
+  out["events"] = list(pair.get("events", ())) + ["truncated/tree"]
+  return out
+
+
+def tree_length(pair: Mapping[str, Any]) -> int:
+  return len(pair["chosen_tokens"]) + len(pair["rejected_tokens"]) - int(pair["shared_len"])
+
+
+def tree_rows(rows: Sequence[Sequence[Mapping[str, Any]]], length: int, trees: int = 1,
+              pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Rows of tokenized pairs -> the prefix-shared DPO batch dict.
+
+  Pair k of row r is segment k + 1 laid out as ``[shared | chosen rest | rejected rest]``:
+  ``branch_ids`` 0 / 1 / 2; positions 0..S-1 on the trunk, and S.. again on EACH branch (restart
+  at the branch), so every token keeps the position it has in its own unshared sequence.
+  ``loss_mask`` marks both completions. Per tree slot [R, trees]: ``shared_len`` and
+  ``example_id`` (-1: empty slot / padding row).
+  """
+  shape = (len(rows), length)
+  out = {k: np.zeros(shape, np.int32) for k in TREE_KEYS[:5]}
+  out["tokens"][:] = pad_id
+  out["shared_len"] = np.zeros((len(rows), trees), np.int32)
+  out["example_id"] = np.full((len(rows), trees), -1, np.int64)
+  for i, row in enumerate(rows):
+    if len(row) > trees:
+      raise ValueError(f"row {i}: {len(row)} pairs exceed {trees} tree slots per row")
+    at = 0
+    for k, p in enumerate(row):
+      s = int(p["shared_len"])
+      chosen, rejected = np.asarray(p["chosen_tokens"]), np.asarray(p["rejected_tokens"])
+      if not (np.array_equal(chosen[:s], rejected[:s]) and not np.any(p["chosen_loss_mask"][:s])
+              and not np.any(p["rejected_loss_mask"][:s])):
+        raise ValueError(f"pair {p['id']}: the first shared_len={s} tokens must be identical in"
+                         " chosen and rejected and carry no loss")
+      n = tree_length(p)
+      if at + n > length:
+        raise ValueError(f"row {i}: pairs of {at + n} tokens exceed length {length}")
+      c, r = len(chosen) - s, len(rejected) - s
+      span = slice(at, at + n)
+      out["tokens"][i, span] = np.concatenate([chosen, rejected[s:]])
+      out["loss_mask"][i, span] = np.concatenate([p["chosen_loss_mask"], p["rejected_loss_mask"][s:]])
+      out["positions"][i, span] = np.concatenate([np.arange(s + c), s + np.arange(r)])
+      out["branch_ids"][i, span] = np.repeat([TRUNK, CHOSEN, REJECTED], [s, c, r])
+      out["segment_ids"][i, span] = k + 1
+      out["shared_len"][i, k] = s
+      out["example_id"][i, k] = example_id(p["id"])
+      at += n
+  return out
+
+
+class _DpoTreeIterator(_BatchIterator):
+
+  def _read(self):
+    state, ex = super()._read()
+    if "dropped" not in ex:
+      ex = fit_tree(ex, self._ds.max_length, self._ds.truncation)
+    return state, ex
+
+  def _place(self, rows, free, ex) -> bool:
+    n = tree_length(ex)
+    trees = self._ds.trees
+    # Best fit (the fullest row that still holds the tree) keeps large holes open for later trees.
+    fits = [j for j, r in enumerate(rows) if len(r) < trees and free[j] >= n]
+    if not fits:
+      return False
+    i = min(fits, key=lambda j: free[j])
+    rows[i].append(ex)
+    free[i] -= n
+    return True
+
+
+class DpoTreeBatchDataset(_BatchDataset):
+  """Prefix-shared DPO rows (``tree_rows``): one pair per row, or with ``trees > 1`` up to that
+  many pairs packed per row (first fit; the batch closes when a pair fits no row), so a batch of
+  ``batch_size`` rows holds a varying number of pairs."""
+
+  def __init__(self, parent: grain.IterDataset, *, trees: int = 1, truncation: str = "cut", **kw):
+    super().__init__(parent, **kw)
+    if trees < 1:
+      raise ValueError(f"trees (pairs per row) must be >= 1, got {trees}")
+    self.trees, self.truncation = trees, truncation
+
+  def is_full(self, rows) -> bool:
+    return all(len(r) >= self.trees for r in rows)
+
+  def assemble(self, rows) -> dict[str, np.ndarray]:
+    longest = max(sum(tree_length(p) for p in r) for r in rows)
+    return tree_rows(rows, bucket_length(longest, self.max_length, self.buckets), self.trees,
+                     self.pad_id)
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _DpoTreeIterator(self._parent.__iter__(), self)
+
+  def __str__(self) -> str:
+    return (f"DpoTreeBatchDataset(batch_size={self.batch_size}, max_length={self.max_length},"
+            f" trees={self.trees})")

@@ -211,9 +211,16 @@ def dpo_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer,
                 min_response_tokens: int = 1, length_buckets: Sequence[int] | None = None,
                 process_index: int | None = None, process_count: int | None = None,
                 drop_remainder: bool = False, read_threads: int = 0,
-                prefetch_workers: int = 0) -> BatchIterator:
+                prefetch_workers: int = 0, prefix_sharing: bool = False,
+                pairs_per_row: int = 1) -> BatchIterator:
   """SRPO batches for this process: ``chosen_*`` / ``rejected_*`` (tokens, positions, segment_ids,
-  loss_mask; int32 [B, L]), ``shared_len`` int32 [B], ``example_id`` int64 [B]."""
+  loss_mask; int32 [B, L]), ``shared_len`` int32 [B], ``example_id`` int64 [B].
+
+  ``prefix_sharing``: prefix-shared rows instead (``batching.tree_rows``: ``tokens``,
+  ``positions``, ``segment_ids``, ``branch_ids``, ``loss_mask`` [B, L]; ``shared_len``,
+  ``example_id`` [B, pairs_per_row]); ``pairs_per_row > 1`` packs several pairs per row, and
+  ``batch_size`` then counts rows. Trees longer than ``max_length`` are cut or dropped by
+  ``response_truncation``."""
   process_index, process_count = _process(process_index, process_count)
   _check_buckets(length_buckets, process_count)
   stats = DataStats()
@@ -224,10 +231,17 @@ def dpo_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer,
                          specials=tokenize.special_ids(tokenizer))
   examples = _tokenized(records, fn, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
                         read_threads=read_threads)
-  batches = batching.DpoBatchDataset(
-      examples, batch_size=_host_batch(batch_size, process_count), max_length=max_length,
-      pad_id=_pad_id(tokenizer), length_buckets=length_buckets, drop_remainder=drop_remainder,
-      records_per_pass=len(records), source_name=_name(sources_spec))
+  if pairs_per_row > 1 and not prefix_sharing:
+    raise ValueError(f"pairs_per_row={pairs_per_row} needs prefix_sharing=True")
+  common = dict(batch_size=_host_batch(batch_size, process_count), max_length=max_length,
+                pad_id=_pad_id(tokenizer), length_buckets=length_buckets,
+                drop_remainder=drop_remainder, records_per_pass=len(records),
+                source_name=_name(sources_spec))
+  if prefix_sharing:
+    batches = batching.DpoTreeBatchDataset(examples, trees=pairs_per_row,
+                                           truncation=response_truncation, **common)
+  else:
+    batches = batching.DpoBatchDataset(examples, **common)
   return _finish(batches, stats, prefetch_workers)
 
 

@@ -105,14 +105,26 @@ def apply_rope(x_BxLxNxH: jax.Array, cos_BxLxH: jax.Array, sin_BxLxH: jax.Array)
 
 
 def attention_mask(q_slot_BxT: jax.Array, q_segment_BxT: jax.Array, k_segment_BxS: jax.Array,
-                   sliding_window: int | None) -> jax.Array:
-  """Boolean [B, 1, T, S]: query t (at slot q_slot) sees key slot s."""
+                   sliding_window: int | None, branch_ids_BxL: jax.Array | None = None,
+                   positions_BxL: jax.Array | None = None) -> jax.Array:
+  """Boolean [B, 1, T, S]: query t (at slot q_slot) sees key slot s.
+
+  ``branch_ids_BxL`` (no cache, T = S = L; prefix-shared DPO rows ``[shared | chosen | rejected]``):
+  0 = shared trunk, 1 = chosen, 2 = rejected; a token also needs the key on the trunk or on its own
+  branch, so rejected never sees chosen. The sliding window then counts positions (which restart at
+  the branch), not slots.
+  """
   k_slot_S = jnp.arange(k_segment_BxS.shape[1], dtype=jnp.int32)
   q_slot = q_slot_BxT[:, :, None]
   visible = k_slot_S[None, None, :] <= q_slot
   visible &= q_segment_BxT[:, :, None] == k_segment_BxS[:, None, :]
+  distance = q_slot - k_slot_S[None, None, :]
+  if branch_ids_BxL is not None:
+    q_branch, k_branch = branch_ids_BxL[:, :, None], branch_ids_BxL[:, None, :]
+    visible &= (k_branch == 0) | (k_branch == q_branch)
+    distance = positions_BxL[:, :, None] - positions_BxL[:, None, :]
   if sliding_window is not None:
-    visible &= (q_slot - k_slot_S[None, None, :]) < sliding_window
+    visible &= distance < sliding_window
   return visible[:, None, :, :]
 
 
@@ -307,9 +319,11 @@ class Transformer(nnx.Module):
     logits_BxLxV = logits_BxLxV[..., :self.config.vocab_size]
     return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
 
-  def hidden_states(self, tokens_BxL, positions_BxL, segment_ids_BxL) -> jax.Array:
-    """Final-norm hidden states [B, L, D] in the compute dtype (for chunked log-probs)."""
-    return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, None, None)[0]
+  def hidden_states(self, tokens_BxL, positions_BxL, segment_ids_BxL,
+                    branch_ids_BxL=None) -> jax.Array:
+    """Final-norm hidden states [B, L, D] in the compute dtype (for chunked log-probs).
+    ``branch_ids_BxL``: prefix-shared DPO rows, see ``attention_mask``."""
+    return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, None, None, branch_ids_BxL)[0]
 
   def unembed_DxV(self) -> jax.Array:
     """Output projection [D, padded_vocab_size]; columns >= config.vocab_size are padding."""
@@ -331,7 +345,8 @@ class Transformer(nnx.Module):
 
   # -- internals -------------------------------------------------------------------------------
 
-  def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index):
+  def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index,
+               branch_ids_BxL=None):
     c = self.config
     dt = jnp.dtype(c.compute_dtype)
     tokens_BxL = jnp.asarray(tokens_BxL, jnp.int32)
@@ -348,7 +363,9 @@ class Transformer(nnx.Module):
 
     if cache is None:
       slots_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-      mask = attention_mask(slots_BxL, segment_ids_BxL, segment_ids_BxL, c.sliding_window)
+      mask = attention_mask(slots_BxL, segment_ids_BxL, segment_ids_BxL, c.sliding_window,
+                            None if branch_ids_BxL is None else jnp.asarray(branch_ids_BxL, jnp.int32),
+                            jnp.asarray(positions_BxL, jnp.int32))
       run = _run_block
       if c.remat != "none":
         run = nnx.remat(_run_block, policy=_REMAT_POLICIES[c.remat])

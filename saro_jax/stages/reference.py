@@ -33,12 +33,26 @@ log = logging.getLogger(__name__)
 PAIR_KEYS = tuple(f"{side}_{name}" for side in ("chosen", "rejected")
                   for name in ("tokens", "positions", "segment_ids", "loss_mask"))
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+# Prefix-shared layout (``dpo.prefix_sharing``): one row per pair, or several (``dpo.pairs_per_row``)
+# as segments 1..T; see ``data.batching.tree_rows``.
+TREE_KEYS = ("tokens", "positions", "segment_ids", "branch_ids", "loss_mask")
+
+
+def input_keys(prefix_sharing: bool) -> tuple[str, ...]:
+  """The batch entries the SRPO step and the reference forward read (all [rows, L])."""
+  return TREE_KEYS if prefix_sharing else PAIR_KEYS
 
 
 def pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_size: int,
-               chunk_size: int) -> dict[str, jax.Array]:
+               chunk_size: int, trees: int = 1) -> dict[str, jax.Array]:
   """Chosen and rejected in ONE forward of 2B rows: summed completion log-probs [B], completion
-  lengths [B] and summed per-token mean logits [B] (TRL's ``logits/*``)."""
+  lengths [B] and summed per-token mean logits [B] (TRL's ``logits/*``).
+
+  A prefix-shared batch (it has ``branch_ids``) goes to ``tree_pair_logps``; its outputs are
+  [rows * trees] (tree slot k of row r at r * trees + k; empty slots have lengths 0)."""
+  if "branch_ids" in batch:
+    return tree_pair_logps(model, batch, vocab_size=vocab_size, chunk_size=chunk_size,
+                           trees=trees)
   both = {name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
           for name in ("tokens", "positions", "segment_ids", "loss_mask")}
   hidden_2BxLxD = model.hidden_states(both["tokens"], both["positions"], both["segment_ids"])
@@ -59,15 +73,48 @@ def pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_size:
   return out
 
 
+def tree_pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_size: int,
+                    chunk_size: int, trees: int) -> dict[str, jax.Array]:
+  """``pair_logps`` for prefix-shared rows: ONE forward of R rows ``[shared | chosen | rejected]``
+  (up to ``trees`` per row), the shared part computed once.
+
+  Each completion token is scored from the hidden state of its predecessor in ITS OWN sequence
+  (``losses.tree_targets``): rejected's first token from the trunk's last token, exactly as in the
+  unshared row. The hidden states are gathered to the target positions (a [R, L, D] copy, small
+  next to the log-prob matmul), so one chunked log-prob pass serves both branches.
+  """
+  hidden_RxLxD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
+                                     batch["branch_ids"])
+  source_RxL, mask_RxL = losses.tree_targets(batch["loss_mask"], batch["segment_ids"],
+                                             batch["branch_ids"])
+  source_hidden_RxLxD = jnp.take_along_axis(hidden_RxLxD, source_RxL[..., None], axis=1)
+  logps_RxL, mean_logits_RxL = losses.token_logps_and_mean_logits(
+      source_hidden_RxLxD, model.unembed_DxV(), batch["tokens"], vocab_size=vocab_size,
+      chunk_size=chunk_size)
+  out = {}
+  for branch, side in ((1, "chosen"), (2, "rejected")):
+    sums = lambda values_RxL: losses.tree_sums(values_RxL, mask_RxL, batch["segment_ids"],
+                                               batch["branch_ids"], branch, trees)
+    logps_RxT, lengths_RxT = sums(logps_RxL)
+    logit_sums_RxT, _ = sums(mean_logits_RxL)
+    out[f"{side}_logps"] = logps_RxT.reshape(-1)
+    out[f"{side}_lengths"] = lengths_RxT.reshape(-1)
+    out[f"{side}_logit_sums"] = logit_sums_RxT.reshape(-1)
+  return out
+
+
 def make_reference_fn(graphdef: nnx.GraphDef, *, vocab_size: int, chunk_size: int,
-                      micro_batches: int, mesh: Mesh):
+                      micro_batches: int, mesh: Mesh, trees: int | None = None):
   """Jitted ``(ref_params, batch) -> (ref_chosen_logps, ref_rejected_logps)``, micro-batched
-  like the step so the reference forward never needs more memory than the policy's."""
+  like the step so the reference forward never needs more memory than the policy's.
+  ``trees`` (prefix-shared batches): outputs are [rows, trees], like the batch's tree slots."""
 
   def one(params, batch):
     out = pair_logps(train.merge_model(graphdef, params), batch, vocab_size=vocab_size,
-                     chunk_size=chunk_size)
-    return out["chosen_logps"], out["rejected_logps"]
+                     chunk_size=chunk_size, trees=trees or 1)
+    if trees is None:
+      return out["chosen_logps"], out["rejected_logps"]
+    return out["chosen_logps"].reshape(-1, trees), out["rejected_logps"].reshape(-1, trees)
 
   def ref_fn(params, batch):
     params = jax.lax.stop_gradient(params)
@@ -79,10 +126,10 @@ def make_reference_fn(graphdef: nnx.GraphDef, *, vocab_size: int, chunk_size: in
     # level"), i.e. every remat'ed model with grad_accum > 1 (the 7-8B presets).
     _, (chosen_AxB, rejected_AxB) = jax.lax.scan(lambda p, mb: (p, one(p, mb)), params, micro)
     # Undo the interleaving of train.micro_batches: row r sits at [r % A, r // A].
-    unsplit = lambda x_AxB: x_AxB.swapaxes(0, 1).reshape(-1)
+    unsplit = lambda x_AxB: x_AxB.swapaxes(0, 1).reshape((-1,) + x_AxB.shape[2:])
     return unsplit(chosen_AxB), unsplit(rejected_AxB)
 
-  out_sh = sharding.batch_sharding(mesh, 1)
+  out_sh = sharding.batch_sharding(mesh, 1 if trees is None else 2)
   return jax.jit(ref_fn, out_shardings=(out_sh, out_sh))
 
 
@@ -101,11 +148,14 @@ def cache_key(cfg: StageConfig, tokenizer, params) -> str:
           "truncation": cfg.data.truncation, "tags": list(cfg.data.reasoning_tags),
           "tokenizer": [getattr(tokenizer, "name_or_path", ""), len(tokenizer)],
           "weights": fingerprint(params), "process_count": jax.process_count()}
+  if cfg.dpo is not None and cfg.dpo.prefix_sharing:  # trees may be cut differently
+    data["layout"] = ["prefix", cfg.dpo.pairs_per_row]
   return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def precompute(ref_fn: Callable, ref_params, batches: Iterable[Mapping[str, np.ndarray]],
-               mesh: Mesh, path: str) -> dict[int, tuple[float, float]]:
+               mesh: Mesh, path: str, keys: tuple[str, ...] = PAIR_KEYS
+               ) -> dict[int, tuple[float, float]]:
   """One pass over ``batches`` (one epoch, this process's shard): example_id -> (chosen, rejected)."""
   if os.path.exists(path):
     data = np.load(path)
@@ -114,13 +164,14 @@ def precompute(ref_fn: Callable, ref_params, batches: Iterable[Mapping[str, np.n
                     zip(data["chosen"].tolist(), data["rejected"].tolist())))
   table: dict[int, tuple[float, float]] = {}
   for host in batches:
-    device = train.put_batch({k: host[k] for k in PAIR_KEYS}, mesh)
+    device = train.put_batch({k: host[k] for k in keys}, mesh)
     chosen, rejected = ref_fn(ref_params, device)
-    chosen = _local_rows(chosen)
-    rejected = _local_rows(rejected)
-    for i, eid in enumerate(np.asarray(host["example_id"]).tolist()):
-      if np.asarray(host["chosen_loss_mask"])[i].any():  # padding rows of a last batch have none
-        table[int(eid)] = (float(chosen[i]), float(rejected[i]))
+    chosen = _local_rows(chosen).reshape(-1)
+    rejected = _local_rows(rejected).reshape(-1)
+    ids = np.asarray(host["example_id"]).reshape(-1)
+    # Padding rows of a last batch (and empty tree slots) have example_id -1.
+    for i in np.flatnonzero(ids >= 0).tolist():
+      table[int(ids[i])] = (float(chosen[i]), float(rejected[i]))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   ids = np.asarray(list(table), np.int64)
   np.savez(path + ".tmp.npz", example_id=ids, chosen=np.asarray([table[i][0] for i in ids.tolist()]),
@@ -145,9 +196,14 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 
 
 def lookup(table: Mapping[int, tuple[float, float]], example_ids: np.ndarray) -> dict[str, np.ndarray]:
-  missing = [int(i) for i in example_ids if int(i) not in table]
+  """Reference log-probs for ``example_ids`` (any shape; -1 = padding pair, gets 0.0)."""
+  ids = np.asarray(example_ids).reshape(-1)
+  missing = [int(i) for i in ids if i >= 0 and int(i) not in table]
   if missing:
     raise KeyError(f"precomputed reference log-probs lack example ids {missing[:5]}; delete the"
                    " reference_logps dir of this workdir to recompute it")
-  pairs = np.asarray([table[int(i)] for i in example_ids], np.float32).reshape(-1, 2)
-  return {"ref_chosen_logps": pairs[:, 0], "ref_rejected_logps": pairs[:, 1]}
+  pairs = np.asarray([table[int(i)] if i >= 0 else (0.0, 0.0) for i in ids],
+                     np.float32).reshape(-1, 2)
+  shape = np.shape(example_ids)
+  return {"ref_chosen_logps": pairs[:, 0].reshape(shape),
+          "ref_rejected_logps": pairs[:, 1].reshape(shape)}

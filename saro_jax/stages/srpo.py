@@ -30,11 +30,11 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: StageConfig, *, vocab_size: int):
 
   def loss_fn(params, batch, n_micro_batches):
     out = reference.pair_logps(models.merge(graphdef, params), batch, vocab_size=vocab_size,
-                               chunk_size=cfg.train.logps_chunk)
+                               chunk_size=cfg.train.logps_chunk, trees=dpo.pairs_per_row)
     loss, metrics = losses.dpo_loss(
         out["chosen_logps"], out["rejected_logps"],
-        None if reference_free else batch["ref_chosen_logps"],
-        None if reference_free else batch["ref_rejected_logps"],
+        None if reference_free else batch["ref_chosen_logps"].reshape(-1),
+        None if reference_free else batch["ref_rejected_logps"].reshape(-1),
         chosen_lengths=out["chosen_lengths"], rejected_lengths=out["rejected_lengths"],
         loss_type=dpo.loss_type, beta=dpo.beta, label_smoothing=dpo.label_smoothing,
         reference_free=reference_free, rpo_alpha=dpo.rpo_alpha or None,
@@ -45,10 +45,17 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: StageConfig, *, vocab_size: int):
 
 
 def batch_ndims(cfg: StageConfig) -> dict[str, int]:
-  ndims = {k: 2 for k in reference.PAIR_KEYS}
-  if cfg.dpo.reference != "none":
-    ndims.update({k: 1 for k in reference.REF_KEYS})
+  ndims = {k: 2 for k in reference.input_keys(cfg.dpo.prefix_sharing)}
+  if cfg.dpo.reference != "none":  # prefix-shared: [rows, pairs_per_row]
+    ndims.update({k: 2 if cfg.dpo.prefix_sharing else 1 for k in reference.REF_KEYS})
   return ndims
+
+
+def batch_options(cfg: StageConfig) -> dict:
+  """The DPO row layout: one pair per row (default), prefix-shared trees, or packed trees."""
+  if not cfg.dpo.prefix_sharing:
+    return {}
+  return {"prefix_sharing": True, "pairs_per_row": cfg.dpo.pairs_per_row}
 
 
 def one_epoch_batches(cfg: StageConfig, tokenizer) -> Iterator[dict]:
@@ -56,7 +63,7 @@ def one_epoch_batches(cfg: StageConfig, tokenizer) -> Iterator[dict]:
   every process (the reference forward is one global computation): ceil(records / batch) + 1
   batches of the unshuffled, repeated stream (the +1 covers the last partial batch, which the
   DPO batcher would otherwise drop)."""
-  it = engine.batches("dpo", cfg, tokenizer, shuffle=False, num_epochs=0)
+  it = engine.batches("dpo", cfg, tokenizer, shuffle=False, num_epochs=0, **batch_options(cfg))
   records = int(it.stats.counts.get("source/kept", 0))
   if records <= 0:
     raise ValueError(f"data {cfg.data.sources}: the source reported no records")
@@ -78,13 +85,14 @@ def _reference_params(s: engine.Setup):
 def to_device_fn(s: engine.Setup):
   """Host batch -> device batch with the reference log-probs the step expects."""
   cfg = s.cfg
-  keys = reference.PAIR_KEYS
+  keys = reference.input_keys(cfg.dpo.prefix_sharing)
   if cfg.dpo.reference == "none":
     return lambda host: train.put_batch({k: host[k] for k in keys}, s.mesh)
   ref_params = _reference_params(s)
   ref_fn = reference.make_reference_fn(s.graphdef, vocab_size=s.model_config.vocab_size,
                                        chunk_size=cfg.train.logps_chunk,
-                                       micro_batches=cfg.train.grad_accum, mesh=s.mesh)
+                                       micro_batches=cfg.train.grad_accum, mesh=s.mesh,
+                                       trees=cfg.dpo.pairs_per_row if cfg.dpo.prefix_sharing else None)
   if cfg.dpo.reference == "live":
 
     def live(host):
@@ -97,7 +105,7 @@ def to_device_fn(s: engine.Setup):
   path = os.path.join(s.workdir, "reference_logps", f"{key}.process_{jax.process_index()}.npz")
   with sharding.use(s.mesh):
     table = reference.precompute(ref_fn, ref_params, one_epoch_batches(cfg, s.tokenizer), s.mesh,
-                                 path)
+                                 path, keys)
   del ref_params
 
   def precomputed(host):
@@ -111,7 +119,7 @@ STAGE = engine.Stage(
     name="srpo", data="dpo",
     loss_fn=lambda s: make_loss_fn(s.graphdef, s.cfg, vocab_size=s.model_config.vocab_size),
     divisor=lambda s: lambda _: jnp.float32(s.cfg.train.grad_accum),
-    batch_ndims=batch_ndims, to_device=to_device_fn)
+    batch_ndims=batch_ndims, to_device=to_device_fn, batch_options=batch_options)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
