@@ -460,8 +460,12 @@ def format_stage(p: StagePlan, hbm_bytes: int) -> str:
   lines = [head, f"  {'per device':28s} {'XLA':>16s}   {'hand formula':>14s}"]
   lines += [f"  {a:28s} {b:>16s}   {c:>14s}" for a, b, c in rows]
   compile_s = p.step.compile_s + (p.reference.compile_s if p.reference else 0.0)
-  lines.append(f"  compile {compile_s:.1f} s; verdict vs {hbm_bytes / GIB:g} GiB: "
+  lines.append(f"  compile {compile_s:.1f} s; verdict vs {hbm_bytes / GIB:.4g} GiB: "
                f"{verdict(p.peak, hbm_bytes)}")
+  if p.step.temp > 3 * h["temporaries"]:
+    lines.append(f"  note: XLA's temporaries are {p.step.temp / h['temporaries']:.0f}x the hand"
+                 " formula; a CPU compile keeps activations a TPU/GPU schedule frees (BUILD.md"
+                 " 'Memory planner'): check with --target tpu:<topology> or on the accelerator")
   return "\n".join(lines)
 
 
@@ -502,7 +506,7 @@ class Plan:
       worst = max(self.ooms.values(), key=lambda e: e.used or 0)
       outcome = (f"does not fit by >= {(worst.used - self.hbm_bytes) / GIB:.2f} GiB" if worst.used
                  and worst.used > self.hbm_bytes else "does not fit (the compiler ran out of memory)")
-    line = (f"PLAN {self.name} on {self.devices} x {self.hbm_bytes / GIB:g} GiB ({self.target}):"
+    line = (f"PLAN {self.name} on {self.devices} x {self.hbm_bytes / GIB:.4g} GiB ({self.target}):"
             f" peak/device {', '.join(parts)} -> {outcome}")
     fixes = []
     for stage, tried in self.suggestions.items():
@@ -535,6 +539,8 @@ def make_plan(config, *, devices: Sequence, hbm_gib: float, target: str = "cpu",
     if mesh is not None:
       cfg = dataclasses.replace(cfg, mesh=MeshConfig(**mesh))
       cfg.mesh.validate(n)
+    # Concrete axes (no -1), so the knobs' divisibility checks see the real mesh.
+    cfg = dataclasses.replace(cfg, mesh=MeshConfig(*cfg.mesh.resolved(n)))
     mc = model_config_for(cfg)
     try:
       p = plan_stage(stage, cfg, mc, devices)
