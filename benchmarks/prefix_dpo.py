@@ -62,10 +62,9 @@ def stage_config(model: str) -> StageConfig:
 
 
 def model_and_tokenizer(args, cfg: StageConfig):
-  from saro_jax.stages import _setup
   if args.model == "tiny":
     tokenizer = models.load_tokenizer(bundled.path("tokenizer"))
-    config = _setup.random_model_config(cfg.model, tokenizer)
+    config = models.random_model_config(cfg.model, tokenizer)
   else:
     from saro_jax.models import families, gguf
     path = gguf.smollm2_gguf_path()

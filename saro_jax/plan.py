@@ -92,22 +92,20 @@ def model_config_for(cfg):
   from saro_jax.config import RANDOM_INIT
   from saro_jax.models import families
   from saro_jax.models.config import ModelConfig
-  from saro_jax.stages import _setup
 
   spec = cfg.model
   if spec.init_from == RANDOM_INIT:
-    tokenizer = models.load_tokenizer(_setup.tokenizer_source(spec))
-    return _setup.random_model_config(spec, tokenizer)
+    return models.random_model_config(spec)
   stage_dir = ckpt_lib.find_stage_checkpoint(spec.init_from)
   if stage_dir is not None:
     config = ModelConfig.from_dict(ckpt_lib.read_model_meta(stage_dir)["model_config"])
-    return config.replace(**_setup._overrides(spec))
-  init_from = _setup.resolve_init_from(spec.init_from)
+    return config.replace(**models.spec_changes(spec))
+  init_from = models.weights_path(spec.init_from)
   if str(init_from).endswith(".gguf"):
     raise ValueError(f"plan: model.init_from={init_from!r} is a GGUF file; plan from its HF config"
                      " (an HF dir) instead")
   return families.config_from_hf(hf_config_for(init_from), source=f"{init_from}/config.json",
-                                 **_setup._overrides(spec))
+                                 **models.spec_changes(spec))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,13 +296,14 @@ def plan_stage(stage: str, cfg, mc, devices: Sequence) -> StagePlan:
   from flax import nnx
 
   from saro_jax import models, sharding, train
-  from saro_jax.stages import _setup, reference, rw, srpo
+  from saro_jax import engine
+  from saro_jax.stages import reference, rw, srpo
 
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
   with sharding.use(mesh):
-    params_like = _setup.abstract_params(mc, mesh)
+    params_like = models.abstract_params(mc, mesh)
     graphdef, _ = nnx.split(models.abstract_model(mc), nnx.Param)
-    optimizer, lr_fn = _setup.make_optimizer(cfg, params_like)
+    optimizer, lr_fn = engine.make_optimizer(cfg)
     state_like = train.abstract_state(params_like, optimizer, cfg.seed)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params_like))
     B, A, L = cfg.train.batch_size, cfg.train.grad_accum, cfg.data.max_length
@@ -460,8 +459,12 @@ def format_stage(p: StagePlan, hbm_bytes: int) -> str:
   lines = [head, f"  {'per device':28s} {'XLA':>16s}   {'hand formula':>14s}"]
   lines += [f"  {a:28s} {b:>16s}   {c:>14s}" for a, b, c in rows]
   compile_s = p.step.compile_s + (p.reference.compile_s if p.reference else 0.0)
-  lines.append(f"  compile {compile_s:.1f} s; verdict vs {hbm_bytes / GIB:g} GiB: "
+  lines.append(f"  compile {compile_s:.1f} s; verdict vs {hbm_bytes / GIB:.4g} GiB: "
                f"{verdict(p.peak, hbm_bytes)}")
+  if p.step.temp > 3 * h["temporaries"]:
+    lines.append(f"  note: XLA's temporaries are {p.step.temp / h['temporaries']:.0f}x the hand"
+                 " formula; a CPU compile keeps activations a TPU/GPU schedule frees (BUILD.md"
+                 " 'Memory planner'): check with --target tpu:<topology> or on the accelerator")
   return "\n".join(lines)
 
 
@@ -502,7 +505,7 @@ class Plan:
       worst = max(self.ooms.values(), key=lambda e: e.used or 0)
       outcome = (f"does not fit by >= {(worst.used - self.hbm_bytes) / GIB:.2f} GiB" if worst.used
                  and worst.used > self.hbm_bytes else "does not fit (the compiler ran out of memory)")
-    line = (f"PLAN {self.name} on {self.devices} x {self.hbm_bytes / GIB:g} GiB ({self.target}):"
+    line = (f"PLAN {self.name} on {self.devices} x {self.hbm_bytes / GIB:.4g} GiB ({self.target}):"
             f" peak/device {', '.join(parts)} -> {outcome}")
     fixes = []
     for stage, tried in self.suggestions.items():
@@ -535,6 +538,8 @@ def make_plan(config, *, devices: Sequence, hbm_gib: float, target: str = "cpu",
     if mesh is not None:
       cfg = dataclasses.replace(cfg, mesh=MeshConfig(**mesh))
       cfg.mesh.validate(n)
+    # Concrete axes (no -1), so the knobs' divisibility checks see the real mesh.
+    cfg = dataclasses.replace(cfg, mesh=MeshConfig(*cfg.mesh.resolved(n)))
     mc = model_config_for(cfg)
     try:
       p = plan_stage(stage, cfg, mc, devices)

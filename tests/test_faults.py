@@ -405,7 +405,7 @@ def test_finite_data_that_runs_out_says_how_many_batches(tmp_path):
   config.opt.warmup_steps = 1
   config.export.enabled = False
   with pytest.raises(train.DataExhaustedError) as info:
-    rw.train_stage(training_config(config), str(tmp_path / "run"))
+    engine.run_stage(training_config(config), str(tmp_path / "run"), rw.STAGE)
   message = str(info.value)
   print(message)
   assert "the data ran out before step 2 of train.steps=3: it gave 1 batches" in message

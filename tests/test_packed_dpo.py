@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saro_jax import losses, models
+from saro_jax import engine, losses, models
 from saro_jax.data import batching, bundled, pipeline
 from saro_jax.stages import reference
 from test_prefix_dpo import LAYERS, U, first_batch, logp_sum_bound, mixed_pairs_file, pair, \
@@ -145,7 +145,7 @@ def test_srpo_stage_packed_precomputed(tmp_path):
       cfg, data=dataclasses.replace(cfg.data, max_length=512),
       dpo=dataclasses.replace(cfg.dpo, prefix_sharing=True, pairs_per_row=2))
   workdir = str(tmp_path / "run")
-  srpo.train_stage(cfg, workdir)
+  engine.run_stage(cfg, workdir, srpo.STAGE)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]
   assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saro_jax import losses, models
+from saro_jax import engine, losses, models
 from saro_jax.data import batching, bundled, pipeline
 from saro_jax.models import transformer
 from saro_jax.models.config import ModelConfig
@@ -280,7 +280,7 @@ def test_srpo_stage_prefix_sharing_matches_unshared(setup, tmp_path):
         cfg, data=dataclasses.replace(cfg.data, max_length=MAX_LENGTH),
         dpo=dataclasses.replace(cfg.dpo, prefix_sharing=prefix_sharing))
     workdir = str(tmp_path / f"run_{prefix_sharing}")
-    srpo.train_stage(cfg, workdir)
+    engine.run_stage(cfg, workdir, srpo.STAGE)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       return [json.loads(line) for line in f]
 

@@ -150,6 +150,21 @@ def random_config(arch: Mapping[str, Any], tokenizer, **changes) -> ModelConfig:
                       f"{[f.name for f in dataclasses.fields(ModelConfig)]}") from e
 
 
+def spec_changes(spec: Spec) -> dict[str, Any]:
+  """The ModelConfig fields a spec sets on top of the weights' own config (dtypes, remat, attention)."""
+  spec = as_spec(spec)
+  return {k: getattr(spec, k) for k in _OVERRIDES}
+
+
+def random_model_config(spec: Spec, tokenizer=None) -> ModelConfig:
+  """The ModelConfig that ``load`` builds for ``init_from="random"`` (no weights drawn)."""
+  spec = as_spec(spec)
+  if not spec.arch:
+    raise ConfigError('config.model.init_from="random" needs config.model.arch (ModelConfig fields)')
+  tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
+  return random_config(spec.arch, tokenizer, **spec_changes(spec))
+
+
 def abstract_model(config: ModelConfig) -> Transformer:
   """The model with ShapeDtypeStruct leaves (no memory), for shapes, shardings and loading."""
   return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
