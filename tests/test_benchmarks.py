@@ -6,6 +6,7 @@ import os
 import sys
 
 import jax
+import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 
@@ -39,6 +40,7 @@ def test_throughput_tiny_reports_positive_figures(capsys):
   assert json.loads(out[-1]) == figures
 
 
+@pytest.mark.heavy  # tokenizes the 1114 bundled pairs and compiles three SRPO steps
 def test_prefix_dpo_benchmark_tiny_reports_every_mode():
   """benchmarks/prefix_dpo.py end to end at a small size: every mode reports positive figures."""
   spec = importlib.util.spec_from_file_location(
