@@ -378,6 +378,9 @@ class Transformer(nnx.Module):
       # dynamic_update_slice would clamp the start and silently overwrite earlier slots.
       raise ValueError(f"cache_index={cache_index} + {L} new tokens does not fit the cache of "
                        f"length {max_len}; allocate init_cache(batch, max_len >= {cache_index + L})")
+    if jnp.ndim(cache_index) != 0:
+      raise ValueError(f"cache_index must be a scalar (every row writes the same slot; the sampler"
+                       f" left-pads so rows share columns), got shape {jnp.shape(cache_index)}")
     write_index_B = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (B,))
     cache_segments_BxS = write_slots(cache.segment_ids_BxS, segment_ids_BxL, write_index_B)
     slots_BxL = write_index_B[:, None] + jnp.arange(L, dtype=jnp.int32)
