@@ -175,6 +175,26 @@ def _options(max_length, truncation, max_prompt_length, response_truncation, min
       response_truncation=response_truncation, min_response_tokens=min_response_tokens)
 
 
+_TOKENIZE = {"rw": tokenize.tokenize_rw, "preference": tokenize.tokenize_pref}
+
+
+def _examples(kind: str, sources_spec, tokenizer, *, on_error, reasoning_tags, opts,
+              length_buckets, process_index, process_count, shuffle, seed, num_epochs,
+              read_threads):
+  """Records of ``kind`` -> this process's share -> tokenized examples (shared by both entry
+  points); returns (examples, this process's records, stats, process_count)."""
+  process_index, process_count = _process(process_index, process_count)
+  _check_buckets(length_buckets, process_count)
+  stats = DataStats()
+  records = _shard(_records(sources_spec, kind, on_error, reasoning_tags, stats),
+                   process_index=process_index, process_count=process_count, stats=stats)
+  fn = functools.partial(_TOKENIZE[kind], tokenizer=tokenizer, opts=opts,
+                         specials=tokenize.special_ids(tokenizer))
+  examples = _tokenized(records, fn, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
+                        read_threads=read_threads)
+  return examples, records, stats, process_count
+
+
 def sft_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer, *,
                 batch_size: int, max_length: int, pack: bool = True, shuffle: bool = True,
                 seed: int = 0, num_epochs: int = 0, on_error: str = "raise",
@@ -186,16 +206,12 @@ def sft_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer,
                 prefetch_workers: int = 0) -> BatchIterator:
   """RW batches for this process: dicts of int32 [batch_size // process_count, L] arrays
   ``tokens``, ``positions``, ``segment_ids``, ``loss_mask`` (L = max_length or a length bucket)."""
-  process_index, process_count = _process(process_index, process_count)
-  _check_buckets(length_buckets, process_count)
-  stats = DataStats()
-  records = _shard(_records(sources_spec, "rw", on_error, reasoning_tags, stats),
-                   process_index=process_index, process_count=process_count, stats=stats)
-  opts = _options(max_length, truncation, max_prompt_length, response_truncation, min_response_tokens)
-  fn = functools.partial(tokenize.tokenize_rw, tokenizer=tokenizer, opts=opts,
-                         specials=tokenize.special_ids(tokenizer))
-  examples = _tokenized(records, fn, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-                        read_threads=read_threads)
+  examples, records, stats, process_count = _examples(
+      "rw", sources_spec, tokenizer, on_error=on_error, reasoning_tags=reasoning_tags,
+      opts=_options(max_length, truncation, max_prompt_length, response_truncation,
+                    min_response_tokens),
+      length_buckets=length_buckets, process_index=process_index, process_count=process_count,
+      shuffle=shuffle, seed=seed, num_epochs=num_epochs, read_threads=read_threads)
   batches = batching.SftBatchDataset(
       examples, pack=pack, batch_size=_host_batch(batch_size, process_count), max_length=max_length,
       pad_id=_pad_id(tokenizer), length_buckets=length_buckets, drop_remainder=drop_remainder,
@@ -221,16 +237,12 @@ def dpo_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer,
   ``example_id`` [B, pairs_per_row]); ``pairs_per_row > 1`` packs several pairs per row, and
   ``batch_size`` then counts rows. Trees longer than ``max_length`` are cut or dropped by
   ``response_truncation``."""
-  process_index, process_count = _process(process_index, process_count)
-  _check_buckets(length_buckets, process_count)
-  stats = DataStats()
-  records = _shard(_records(sources_spec, "preference", on_error, reasoning_tags, stats),
-                   process_index=process_index, process_count=process_count, stats=stats)
-  opts = _options(max_length, truncation, max_prompt_length, response_truncation, min_response_tokens)
-  fn = functools.partial(tokenize.tokenize_pref, tokenizer=tokenizer, opts=opts,
-                         specials=tokenize.special_ids(tokenizer))
-  examples = _tokenized(records, fn, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-                        read_threads=read_threads)
+  examples, records, stats, process_count = _examples(
+      "preference", sources_spec, tokenizer, on_error=on_error, reasoning_tags=reasoning_tags,
+      opts=_options(max_length, truncation, max_prompt_length, response_truncation,
+                    min_response_tokens),
+      length_buckets=length_buckets, process_index=process_index, process_count=process_count,
+      shuffle=shuffle, seed=seed, num_epochs=num_epochs, read_threads=read_threads)
   if pairs_per_row > 1 and not prefix_sharing:
     raise ValueError(f"pairs_per_row={pairs_per_row} needs prefix_sharing=True")
   common = dict(batch_size=_host_batch(batch_size, process_count), max_length=max_length,
