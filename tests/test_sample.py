@@ -257,10 +257,15 @@ def test_generate_stage_bad_prompt_row_names_file_line_and_field(tmp_path):
   bad = tmp_path / "p.jsonl"
   bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"promt": "typo"}) + "\n")
   with pytest.raises(generate_stage.PromptFileError, match=r"p\.jsonl:2: field 'prompt'"):
-    generate_stage.read_prompts(str(bad))
+    generate_stage.read_prompt_file(str(bad))
   bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
   with pytest.raises(generate_stage.PromptFileError, match=r"p\.jsonl:1: field 'messages\[0\]'"):
-    generate_stage.read_prompts(str(bad))
+    generate_stage.read_prompt_file(str(bad))
+  # A leading UTF-8 byte order mark (Windows editors) is accepted, in every prompt file type.
+  for name, body in (("b.jsonl", json.dumps({"prompt": "hi"}) + "\n"), ("b.json", json.dumps(["hi"])),
+                     ("b.txt", "hi\n")):
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert [p for _, p in generate_stage.read_prompt_file(str(tmp_path / name))] == ["hi"]
 
 
 def test_generation_config_eos_ids(tmp_path):

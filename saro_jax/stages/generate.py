@@ -23,7 +23,7 @@ import ml_collections
 
 from saro_jax import config as config_lib
 from saro_jax import models, sample, sharding
-from saro_jax.data import bundled
+from saro_jax.data import bundled, jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,11 @@ OUTPUT_NAME = "generations.jsonl"
 _ROLES = ("system", "user", "assistant")
 
 
-class PromptFileError(ValueError):
+class PromptFileError(jsonl.InputError):
   """A prompt row that cannot be used; the message names file:line and the field."""
+
+  def __init__(self, message: str):
+    super().__init__("", message, reason="prompt_file")
 
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
@@ -63,7 +66,7 @@ def _row_prompt(row: Any, where: str) -> tuple[str, str | list[dict[str, str]]]:
   return row_id, row["prompt"]
 
 
-def read_prompts(spec: str, limit: int = 0) -> list[tuple[str, str | list[dict[str, str]]]]:
+def read_prompt_file(spec: str, limit: int = 0) -> list[tuple[str, str | list[dict[str, str]]]]:
   """[(id, prompt)] from a prompt source spec (see the module docstring)."""
   if spec.startswith("text:"):
     return [("text:0", spec[len("text:"):])]
@@ -75,23 +78,18 @@ def read_prompts(spec: str, limit: int = 0) -> list[tuple[str, str | list[dict[s
   base = os.path.basename(path)
   ext = os.path.splitext(path)[1].lower()
   rows: list[tuple[str, Any]] = []
-  with open(path, encoding="utf-8") as f:
-    if ext == ".jsonl":
-      for n, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            rows.append((f"{base}:{n}", json.loads(line)))
-          except json.JSONDecodeError as e:
-            raise PromptFileError(f"{base}:{n}: not valid JSON ({e.msg})") from None
-    elif ext == ".json":
-      data = json.load(f)
-      if not isinstance(data, list):
-        raise PromptFileError(f"{base}: a .json prompt file must hold a list of rows")
-      rows = [(f"{base}:[{k}]", r) for k, r in enumerate(data)]
-    elif ext == ".txt":
+  if ext == ".jsonl":  # the one JSONL reader: BOM, line limits, file:line errors
+    rows = [(f"{base}:{where.rsplit(':', 1)[1]}", row) for where, row in jsonl.read_jsonl(path)]
+  elif ext == ".json":
+    data = jsonl.read_json(path)
+    if not isinstance(data, list):
+      raise PromptFileError(f"{base}: a .json prompt file must hold a list of rows")
+    rows = [(f"{base}:[{k}]", r) for k, r in enumerate(data)]
+  elif ext == ".txt":
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a leading BOM is not part of the prompt
       rows = [(f"{base}:{n}", line.rstrip("\n")) for n, line in enumerate(f, 1) if line.strip()]
-    else:
-      raise PromptFileError(f"{path}: unknown prompt file type {ext!r}; use .jsonl, .json or .txt")
+  else:
+    raise PromptFileError(f"{path}: unknown prompt file type {ext!r}; use .jsonl, .json or .txt")
   prompts = [_row_prompt(row, where) for where, row in rows]
   if not prompts:
     raise PromptFileError(f"{path}: no prompts")
@@ -136,7 +134,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   spec.validate()
   mesh_cfg = config_lib.section(config_lib.MeshConfig, config.get("mesh"), "mesh")
   mesh_cfg.validate(jax.device_count())
-  prompts = read_prompts(gen.prompts, gen.limit)  # bad prompt files fail before the model loads
+  prompts = read_prompt_file(gen.prompts, gen.limit)  # bad prompt files fail before the model loads
   mesh = sharding.make_mesh(*mesh_cfg.resolved(jax.device_count()))
   tokenizer = models.load_tokenizer(spec)
   with sharding.use(mesh):
