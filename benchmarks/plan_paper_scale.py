@@ -7,9 +7,9 @@ Each entry is one `python -m saro_jax.plan` run (its own process: the device cou
 jax starts); this script only prints the planner's summary lines and a table. TPU slices compile
 with the TPU compiler through jax.experimental.topologies when libtpu is importable (or
 TPU_LIBRARY_PATH is set), else on virtual CPU devices (see saro_jax/plan.py for the caveat).
-"v4-16" is 8 v4 chips (TPU v4 names count TensorCores, 2 per chip); 8x H100 has no deviceless
-GPU compiler here, so it is planned with the TPU compiler on 8 devices (same program and
-shardings; GPU-specific kernels such as cuDNN attention are not modelled) or on 8 CPU devices.
+"v4-16" is 8 v4 chips (TPU v4 names count TensorCores, 2 per chip; libtpu compiles for 16
+TensorCore devices of half a chip's HBM each); 8x H100 has no deviceless GPU compiler here, so
+it is planned on 8 CPU devices (see the CPU caveat in BUILD.md) -- prefer --target local on a GPU host.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # slice -> (devices, HBM GiB per device, TPU topology for the TPU compiler)
+# (libtpu shows a v4 2x2x2 slice as 16 devices, one per TensorCore, each with half a chip's HBM.)
 SLICES = {
     "v5e-16": (16, 16.0, "v5e:4x4"),
-    "v4-16": (8, 32.0, "v4:2x2x2"),
-    "8xH100": (8, 80.0, "v4:2x2x2"),
+    "v4-16": (16, 16.0, "v4:2x2x2"),
+    "8xH100": (8, 80.0, None),  # no deviceless GPU compiler: CPU devices
 }
 MODELS = ("qwen2_5_7b", "llama3_8b")
 
@@ -43,7 +44,7 @@ def tpu_available() -> bool:
 def run_one(model: str, slice_name: str, stages: str, knobs: bool, target: str,
             timeout: int) -> tuple[str, str]:
   devices, hbm, topology = SLICES[slice_name]
-  target = f"tpu:{topology}" if target == "tpu" else "cpu"
+  target = f"tpu:{topology}" if target == "tpu" and topology else "cpu"
   cmd = [sys.executable, "-m", "saro_jax.plan", "--config", f"configs/saro.py:{model}",
          "--devices", str(devices), "--hbm_gib", str(hbm), "--target", target, "--stages", stages,
          "--knobs" if knobs else "--noknobs"]
