@@ -8,8 +8,7 @@ import os
 import pytest
 
 from saro_jax.data import bundled
-from saro_jax.evaluate import judges, metrics, settings
-from saro_jax.stages import evaluate
+from saro_jax.evaluate import evaluation, judges, metrics, settings
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -38,7 +37,7 @@ def test_phrase_judge_on_bundled_outcome_pairs(side):
                      prompt=p["prompt"], reasoning=reasoning, answer=answer.strip(),
                      reasoning_tokens=0, answer_tokens=0))
   judge = judges.RefusalPhraseJudge()
-  m = metrics.compute_metrics(evaluate.judge_rows(rows, judge, judge))["overall"]
+  m = metrics.compute_metrics(evaluation.judge_rows(rows, judge, judge))["overall"]
   assert (m["n_harmful"], m["n_jailbreak"], m["n_benign"] + m["n_borderline"]) == (54, 46, 30)
   good = side == "chosen"
   assert m["refusal_harmful"] == m["refusal_jailbreak"] == (1.0 if good else 0.0)
@@ -91,8 +90,8 @@ def test_stage_end_to_end_tiny_random_model(tmp_path):
 def tiny_model():
   """One tiny random model (bundled tokenizer) on the tiny preset's 8-device mesh, shared."""
   cfg = _eval_config()
-  mesh = evaluate._mesh(cfg)  # the in-memory model lives on the mesh the evaluation runs on
-  model, tokenizer = evaluate.load_model(
+  mesh = evaluation.make_mesh(cfg)  # the in-memory model lives on the mesh the evaluation runs on
+  model, tokenizer = evaluation.load_model(
       {"init_from": "random", "tokenizer": "bundled", "arch": cfg.model.arch.to_dict()}, seed=1,
       mesh=mesh)
   return mesh, model, tokenizer
@@ -110,7 +109,7 @@ def test_evaluate_models_report(tmp_path, tiny_model):
   cfg.eval.generation.max_new_tokens = 4
   log = tmp_path / "srpo_metrics.jsonl"
   log.write_text(json.dumps({"step": 1, "loss": 0.69, "rewards/accuracies": 0.5}) + "\n")
-  path = evaluate.evaluate_models(cfg, tmp_path, {"start": (model, tokenizer), "srpo": (other, tokenizer)},
+  path = evaluation.evaluate_models(cfg, tmp_path, {"start": (model, tokenizer), "srpo": (other, tokenizer)},
                                   training_logs={"srpo": log}, mesh=mesh)
   text = path.read_text()
   gens = {n: [json.loads(l) for l in open(tmp_path / "eval" / n / "generations.jsonl")] for n in ("start", "srpo")}

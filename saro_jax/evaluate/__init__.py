@@ -4,8 +4,8 @@
   judges.py    refusal phrases (crude), a classifier model run by saro_jax, an OpenAI-compatible endpoint
   metrics.py   ASR, refusal, over-refusal, lengths; overall, per category, per set
   report.py    report.md + PNG plots across stages (start -> RW -> SRPO)
-  settings.py  the typed `eval` config section and judge construction
-The stage that ties them together is saro_jax/stages/evaluate.py.
+  settings.py  the typed `eval` config section
+  evaluation.py  load -> generate -> judge -> score -> report (the `evaluate` stage and the pipeline call it)
 """
 
 from saro_jax.evaluate.judges import (ClassifierJudge, HttpJudge, JudgeError, JudgeInput,
