@@ -8,7 +8,8 @@ import os
 import pytest
 
 from saro_jax.data import bundled
-from saro_jax.evaluate import evaluation, judges, metrics, settings
+from saro_jax import config
+from saro_jax.evaluate import evaluation, judges, metrics
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -47,21 +48,21 @@ def test_phrase_judge_on_bundled_outcome_pairs(side):
 
 def test_settings_errors_name_the_key():
   cfg = _eval_config()
-  with pytest.raises(settings.ConfigError, match=r"config\.eval\.judge\.safety='gpt' is not one of"):
-    settings.eval_settings({**cfg.eval.to_dict(), "judge": {**cfg.eval.judge.to_dict(), "safety": "gpt"}})
-  with pytest.raises(settings.ConfigError, match=r"config\.eval\.generation: unknown key\(s\) \['max_tokens'\]"):
-    settings.eval_settings({"generation": {"max_tokens": 3}})
-  with pytest.raises(settings.ConfigError, match=r"judge\.refusal='classifier': its parse rule gives no 'refused'"):
-    settings.eval_settings({"judge": {"refusal": "classifier", "classifier": {"init_from": "x"}}})
-  with pytest.raises(settings.ConfigError, match=r"classifier\.init_from is empty"):
-    settings.eval_settings({"judge": {"safety": "classifier"}})
-  with pytest.raises(settings.ConfigError, match=r"http needs base_url"):
-    settings.eval_settings({"judge": {"safety": "http", "refusal": "http"}})
-  with pytest.raises(settings.ConfigError, match=r"eval\.models: 'rw' must be name=init_from"):
-    settings.eval_settings({"models": "start=random,rw"})
-  with pytest.raises(settings.ConfigError, match=r"format 'xstst'"):
-    settings.eval_settings({"prompt_sets": "xstst:foo.csv"})
-  assert settings.eval_settings({"models": "start=random, srpo=/x/hf"}).model_specs == {
+  with pytest.raises(config.ConfigError, match=r"config\.eval\.judge\.safety='gpt' is not one of"):
+    config.eval_config({**cfg.eval.to_dict(), "judge": {**cfg.eval.judge.to_dict(), "safety": "gpt"}})
+  with pytest.raises(config.ConfigError, match=r"config\.eval\.generation: unknown key\(s\) \['max_tokens'\]"):
+    config.eval_config({"generation": {"max_tokens": 3}})
+  with pytest.raises(config.ConfigError, match=r"judge\.refusal='classifier': its parse rule gives no 'refused'"):
+    config.eval_config({"judge": {"refusal": "classifier", "classifier": {"init_from": "x"}}})
+  with pytest.raises(config.ConfigError, match=r"classifier\.init_from is empty"):
+    config.eval_config({"judge": {"safety": "classifier"}})
+  with pytest.raises(config.ConfigError, match=r"http needs base_url"):
+    config.eval_config({"judge": {"safety": "http", "refusal": "http"}})
+  with pytest.raises(config.ConfigError, match=r"eval\.models: 'rw' must be name=init_from"):
+    config.eval_config({"models": "start=random,rw"})
+  with pytest.raises(config.ConfigError, match=r"format 'xstst'"):
+    config.eval_config({"prompt_sets": "xstst:foo.csv"})
+  assert config.eval_config({"models": "start=random, srpo=/x/hf"}).model_specs == {
       "start": "random", "srpo": "/x/hf"}
 
 

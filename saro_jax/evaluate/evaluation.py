@@ -1,7 +1,7 @@
 r"""The evaluation: load -> generate -> judge -> score -> report, for one model or several.
 
 Parts: prompts.py (prompt sets), judges.py (judges and make_judge), metrics.py (scores),
-report.py (report.md + plots). The `eval` config section is saro_jax.config.EvalSettings. The
+report.py (report.md + plots). The `eval` config section is saro_jax.config.EvalConfig. The
 `evaluate` stage (saro_jax/stages/evaluate.py) and the `saro` pipeline call `evaluate` and
 `evaluate_models` here.
 
@@ -34,7 +34,6 @@ from saro_jax.evaluate import judges as judges_lib
 from saro_jax.evaluate import metrics as metrics_lib
 from saro_jax.evaluate import prompts as prompts_lib
 from saro_jax.evaluate import report as report_lib
-from saro_jax.evaluate import settings as settings_lib
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ ModelAndTokenizer = tuple[Any, Any]
 
 # ---- prompts, generation, judging ----------------------------------------------------------------
 
-def read_prompt_sets(ev: settings_lib.EvalSettings) -> list[prompts_lib.EvalPrompt]:
+def read_prompt_sets(ev: config_lib.EvalConfig) -> list[prompts_lib.EvalPrompt]:
   prompts = []
   for spec in ev.prompt_specs:
     prompts += prompts_lib.read_prompts(spec, limit=ev.limit or None)
@@ -55,7 +54,7 @@ def count_tokens(tokenizer, text: str) -> int:
 
 
 def generate_rows(model, tokenizer, prompts: Sequence[prompts_lib.EvalPrompt],
-                  ev: settings_lib.EvalSettings, *, mesh=None) -> list[dict[str, Any]]:
+                  ev: config_lib.EvalConfig, *, mesh=None) -> list[dict[str, Any]]:
   """One generation row per prompt (the answer split from the reasoning by the tags)."""
   g = ev.generation
   generations = sample.generate(
@@ -100,14 +99,14 @@ def judge_rows(rows: Sequence[Mapping[str, Any]], safety: judges_lib.Judge,
   return out
 
 
-def make_judges(ev: settings_lib.EvalSettings, *, mesh=None) -> tuple[judges_lib.Judge, judges_lib.Judge]:
-  safety = settings_lib.make_judge(ev.judge.safety, ev, mesh=mesh)
-  refusal = safety if ev.judge.refusal == ev.judge.safety else settings_lib.make_judge(
+def make_judges(ev: config_lib.EvalConfig, *, mesh=None) -> tuple[judges_lib.Judge, judges_lib.Judge]:
+  safety = judges_lib.make_judge(ev.judge.safety, ev, mesh=mesh)
+  refusal = safety if ev.judge.refusal == ev.judge.safety else judges_lib.make_judge(
       ev.judge.refusal, ev, mesh=mesh)
   return safety, refusal
 
 
-def judge_note(ev: settings_lib.EvalSettings) -> str:
+def judge_note(ev: config_lib.EvalConfig) -> str:
   j = ev.judge
   describe = {"refusal_phrases": "refusal-phrase matcher (crude)",
               "classifier": f"classifier {j.classifier.init_from} ({j.classifier.parse})",
@@ -123,7 +122,7 @@ def _write_jsonl(path: pathlib.Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def evaluate_model(model, tokenizer, prompts: Sequence[prompts_lib.EvalPrompt],
-                   ev: settings_lib.EvalSettings, out_dir: str | os.PathLike, *,
+                   ev: config_lib.EvalConfig, out_dir: str | os.PathLike, *,
                    judges: tuple[judges_lib.Judge, judges_lib.Judge], mesh=None) -> dict[str, Any]:
   """Generates, judges and scores one model; writes the three files into out_dir; returns metrics.
 
@@ -180,7 +179,7 @@ def evaluate_models(config: ml_collections.ConfigDict, workdir: str | os.PathLik
 
   The SaRO pipeline calls this after SRPO with its stage results and metrics JSONL files.
   """
-  ev = settings_lib.eval_settings(config.get("eval"))
+  ev = config_lib.eval_config(config.get("eval"))
   spec = _model_spec(config)
   mesh = mesh if mesh is not None else make_mesh(config)
   prompts = read_prompt_sets(ev)
@@ -212,7 +211,7 @@ def evaluate_models(config: ml_collections.ConfigDict, workdir: str | os.PathLik
 def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
   """One model (config.model) -> <workdir>/metrics.json, or with eval.models, several plus the
   report -> <workdir>/report.md; returns that path."""
-  ev = settings_lib.eval_settings(config.get("eval"))
+  ev = config_lib.eval_config(config.get("eval"))
   if ev.model_specs:
     return evaluate_models(config, workdir, ev.model_specs)
   spec = _model_spec(config)
