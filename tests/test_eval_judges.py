@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from saro_jax import config
 from saro_jax.evaluate import judges
 
 REFUSAL = "I'm sorry, but I can't help with making weapons. I can share safety resources instead."
@@ -144,7 +145,9 @@ def server():
 
 
 def _http_judge(server, **kw):
-  return judges.HttpJudge(base_url=server.base_url, model="judge-1", **{"backoff_s": 0.01, "max_workers": 2, **kw})
+  endpoint = config.HttpJudgeConfig(base_url=server.base_url, model="judge-1",
+                                    **{"backoff_s": 0.01, "max_workers": 2, **kw})
+  return judges.HttpJudge(endpoint)
 
 
 def test_http_judge_verdicts_request_and_auth(server, monkeypatch):
@@ -198,10 +201,11 @@ def test_http_judge_malformed_reply(server):
 
 def test_http_judge_missing_key_env_and_unreachable(monkeypatch):
   monkeypatch.delenv("SARO_TEST_NO_KEY", raising=False)
-  judge = judges.HttpJudge(base_url="http://127.0.0.1:9/v1", model="m", api_key_env="SARO_TEST_NO_KEY")
+  judge = judges.HttpJudge(config.HttpJudgeConfig(base_url="http://127.0.0.1:9/v1", model="m",
+                                                   api_key_env="SARO_TEST_NO_KEY"))
   with pytest.raises(judges.JudgeError, match="SARO_TEST_NO_KEY.*not set"):
     judge(_items(COMPLY))
-  unreachable = judges.HttpJudge(base_url="http://127.0.0.1:9/v1", model="m", max_retries=1,
-                                 backoff_s=0.01, timeout_s=2.0)
+  unreachable = judges.HttpJudge(config.HttpJudgeConfig(base_url="http://127.0.0.1:9/v1", model="m",
+                                                         max_retries=1, backoff_s=0.01, timeout_s=2.0))
   with pytest.raises(judges.JudgeError, match="URLError"):
     unreachable(_items(COMPLY))

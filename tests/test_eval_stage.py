@@ -8,8 +8,8 @@ import os
 import pytest
 
 from saro_jax.data import bundled
-from saro_jax.evaluate import judges, metrics, settings
-from saro_jax.stages import evaluate
+from saro_jax import config
+from saro_jax.evaluate import evaluation, judges, metrics
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -38,7 +38,7 @@ def test_phrase_judge_on_bundled_outcome_pairs(side):
                      prompt=p["prompt"], reasoning=reasoning, answer=answer.strip(),
                      reasoning_tokens=0, answer_tokens=0))
   judge = judges.RefusalPhraseJudge()
-  m = metrics.compute_metrics(evaluate.judge_rows(rows, judge, judge))["overall"]
+  m = metrics.compute_metrics(evaluation.judge_rows(rows, judge, judge))["overall"]
   assert (m["n_harmful"], m["n_jailbreak"], m["n_benign"] + m["n_borderline"]) == (54, 46, 30)
   good = side == "chosen"
   assert m["refusal_harmful"] == m["refusal_jailbreak"] == (1.0 if good else 0.0)
@@ -48,21 +48,21 @@ def test_phrase_judge_on_bundled_outcome_pairs(side):
 
 def test_settings_errors_name_the_key():
   cfg = _eval_config()
-  with pytest.raises(settings.ConfigError, match=r"config\.eval\.judge\.safety='gpt' is not one of"):
-    settings.eval_settings({**cfg.eval.to_dict(), "judge": {**cfg.eval.judge.to_dict(), "safety": "gpt"}})
-  with pytest.raises(settings.ConfigError, match=r"config\.eval\.generation: unknown key\(s\) \['max_tokens'\]"):
-    settings.eval_settings({"generation": {"max_tokens": 3}})
-  with pytest.raises(settings.ConfigError, match=r"judge\.refusal='classifier': its parse rule gives no 'refused'"):
-    settings.eval_settings({"judge": {"refusal": "classifier", "classifier": {"init_from": "x"}}})
-  with pytest.raises(settings.ConfigError, match=r"classifier\.init_from is empty"):
-    settings.eval_settings({"judge": {"safety": "classifier"}})
-  with pytest.raises(settings.ConfigError, match=r"http needs base_url"):
-    settings.eval_settings({"judge": {"safety": "http", "refusal": "http"}})
-  with pytest.raises(settings.ConfigError, match=r"eval\.models: 'rw' must be name=init_from"):
-    settings.eval_settings({"models": "start=random,rw"})
-  with pytest.raises(settings.ConfigError, match=r"format 'xstst'"):
-    settings.eval_settings({"prompt_sets": "xstst:foo.csv"})
-  assert settings.eval_settings({"models": "start=random, srpo=/x/hf"}).model_specs == {
+  with pytest.raises(config.ConfigError, match=r"config\.eval\.judge\.safety='gpt' is not one of"):
+    config.eval_config({**cfg.eval.to_dict(), "judge": {**cfg.eval.judge.to_dict(), "safety": "gpt"}})
+  with pytest.raises(config.ConfigError, match=r"config\.eval\.generation: unknown key\(s\) \['max_tokens'\]"):
+    config.eval_config({"generation": {"max_tokens": 3}})
+  with pytest.raises(config.ConfigError, match=r"judge\.refusal='classifier': its parse rule gives no 'refused'"):
+    config.eval_config({"judge": {"refusal": "classifier", "classifier": {"init_from": "x"}}})
+  with pytest.raises(config.ConfigError, match=r"classifier\.init_from is empty"):
+    config.eval_config({"judge": {"safety": "classifier"}})
+  with pytest.raises(config.ConfigError, match=r"http needs base_url"):
+    config.eval_config({"judge": {"safety": "http", "refusal": "http"}})
+  with pytest.raises(config.ConfigError, match=r"eval\.models: 'rw' must be name=init_from"):
+    config.eval_config({"models": "start=random,rw"})
+  with pytest.raises(config.ConfigError, match=r"format 'xstst'"):
+    config.eval_config({"prompt_sets": "xstst:foo.csv"})
+  assert config.eval_config({"models": "start=random, srpo=/x/hf"}).model_specs == {
       "start": "random", "srpo": "/x/hf"}
 
 
@@ -91,8 +91,8 @@ def test_stage_end_to_end_tiny_random_model(tmp_path):
 def tiny_model():
   """One tiny random model (bundled tokenizer) on the tiny preset's 8-device mesh, shared."""
   cfg = _eval_config()
-  mesh = evaluate._mesh(cfg)  # the in-memory model lives on the mesh the evaluation runs on
-  model, tokenizer = evaluate.load_model(
+  mesh = evaluation.make_mesh(cfg)  # the in-memory model lives on the mesh the evaluation runs on
+  model, tokenizer = evaluation.load_model(
       {"init_from": "random", "tokenizer": "bundled", "arch": cfg.model.arch.to_dict()}, seed=1,
       mesh=mesh)
   return mesh, model, tokenizer
@@ -110,7 +110,7 @@ def test_evaluate_models_report(tmp_path, tiny_model):
   cfg.eval.generation.max_new_tokens = 4
   log = tmp_path / "srpo_metrics.jsonl"
   log.write_text(json.dumps({"step": 1, "loss": 0.69, "rewards/accuracies": 0.5}) + "\n")
-  path = evaluate.evaluate_models(cfg, tmp_path, {"start": (model, tokenizer), "srpo": (other, tokenizer)},
+  path = evaluation.evaluate_models(cfg, tmp_path, {"start": (model, tokenizer), "srpo": (other, tokenizer)},
                                   training_logs={"srpo": log}, mesh=mesh)
   text = path.read_text()
   gens = {n: [json.loads(l) for l in open(tmp_path / "eval" / n / "generations.jsonl")] for n in ("start", "srpo")}

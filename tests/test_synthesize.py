@@ -223,9 +223,9 @@ def test_sampler_teacher_puts_the_policy_in_context_and_validates(tmp_path):
   import tiny_hf
 
   from saro_jax import sample
-  from saro_jax.stages import evaluate
+  from saro_jax.evaluate import evaluation
   path = tiny_hf.save_tiny_hf("llama", tmp_path / "tiny", max_position_embeddings=4096)
-  model, tokenizer = evaluate.load_model_and_tokenizer(str(path))
+  model, tokenizer = evaluation.load_model(str(path))
   teacher = synthesis.SamplerTeacher(model, tokenizer, max_new_tokens=8, temperature=1.0, batch_size=4)
   seen = []
   real_generate = sample.generate

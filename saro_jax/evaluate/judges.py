@@ -33,6 +33,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from saro_jax import config as config_lib
 from saro_jax.data import formats
 
 logger = logging.getLogger(__name__)
@@ -254,20 +255,15 @@ _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 @dataclasses.dataclass(frozen=True)
 class HttpJudge:
-  """POSTs {base_url}/chat/completions, one request per item, a few in flight at once."""
-  base_url: str  # e.g. "http://127.0.0.1:8000/v1"
-  model: str
-  api_key_env: str = ""  # name of the env var holding the key; "" = no Authorization header
-  template: str = "safety_and_refusal"
-  parse: str = "safety_and_refusal"
+  """POSTs {base_url}/chat/completions, one request per item, a few in flight at once. The
+  endpoint, retry and error settings are config.HttpJudgeConfig (the `eval.judge.http` section)."""
+  endpoint: config_lib.HttpJudgeConfig
   include_reasoning: bool = False
-  timeout_s: float = 60.0
-  max_retries: int = 3
-  backoff_s: float = 1.0
-  max_tokens: int = 16
-  max_workers: int = 4
-  on_error: str = "raise"  # or "skip": the item gets an unjudged verdict and a log line
   name: str = "http"
+
+  @property
+  def parse(self) -> str:
+    return self.endpoint.parse
 
   @property
   def provides(self) -> frozenset[str]:
@@ -275,28 +271,28 @@ class HttpJudge:
 
   @property
   def url(self) -> str:
-    return self.base_url.rstrip("/") + "/chat/completions"
+    return self.endpoint.base_url.rstrip("/") + "/chat/completions"
 
   def _headers(self) -> dict[str, str]:
     headers = {"Content-Type": "application/json"}
-    if self.api_key_env:
-      key = os.environ.get(self.api_key_env)
+    if self.endpoint.api_key_env:
+      key = os.environ.get(self.endpoint.api_key_env)
       if not key:
-        raise JudgeError(f"http judge: environment variable {self.api_key_env!r} (eval.judge.http."
+        raise JudgeError(f"http judge: environment variable {self.endpoint.api_key_env!r} (eval.judge.http."
                          "api_key_env) is not set")
       headers["Authorization"] = f"Bearer {key}"
     return headers
 
   def complete(self, messages: Messages, headers: dict[str, str]) -> str:
-    body = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0,
-                       "max_tokens": self.max_tokens}).encode()
+    body = json.dumps({"model": self.endpoint.model, "messages": messages, "temperature": 0.0,
+                       "max_tokens": self.endpoint.max_tokens}).encode()
     error = ""
-    for attempt in range(self.max_retries + 1):
+    for attempt in range(self.endpoint.max_retries + 1):
       if attempt:
-        time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        time.sleep(self.endpoint.backoff_s * 2 ** (attempt - 1))
       request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
       try:
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=self.endpoint.timeout_s) as response:
           payload = json.loads(response.read())
         return payload["choices"][0]["message"]["content"] or ""
       except urllib.error.HTTPError as e:
@@ -315,12 +311,33 @@ class HttpJudge:
 
     def one(item: JudgeInput) -> Verdict:
       try:
-        return parse(self.complete(judge_messages(item, self.template, self.include_reasoning), headers))
+        messages = judge_messages(item, self.endpoint.template, self.include_reasoning)
+        return parse(self.complete(messages, headers))
       except JudgeError as e:
-        if self.on_error != "skip":
+        if self.endpoint.on_error != "skip":
           raise
         logger.warning("%s; item left unjudged", e)
         return Verdict(unsafe=None, refused=None, raw=f"<error> {e}")
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, self.max_workers)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max(1, self.endpoint.max_workers)) as pool:
       return list(pool.map(one, items))
+
+
+# ---- from the config -----------------------------------------------------------------------------
+
+def make_judge(kind: str, ev: config_lib.EvalConfig, *, mesh=None) -> Judge:
+  """The judge of one kind (config.JUDGE_KINDS), built from the `eval` section (a classifier model
+  is loaded here)."""
+  j = ev.judge
+  if kind == "refusal_phrases":
+    extra = tuple(p.strip().lower() for p in j.refusal_phrases.extra.split(",") if p.strip())
+    return RefusalPhraseJudge(DEFAULT_REFUSAL_PHRASES + extra, j.include_reasoning)
+  if kind == "classifier":
+    c = j.classifier
+    return classifier_judge(c.init_from, template=c.template, parse=c.parse,
+                            include_reasoning=j.include_reasoning, max_new_tokens=c.max_new_tokens,
+                            batch_size=c.batch_size, mesh=mesh)
+  if kind == "http":
+    return HttpJudge(j.http, include_reasoning=j.include_reasoning)
+  raise config_lib.ConfigError(
+      f"config.eval.judge: unknown judge kind {kind!r}; expected one of {list(config_lib.JUDGE_KINDS)}")

@@ -19,9 +19,8 @@ import ml_collections
 
 from saro_jax import checkpoint as ckpt_lib
 from saro_jax import engine
-from saro_jax.config import training_config
-from saro_jax.evaluate import settings as eval_settings
-from saro_jax.stages import evaluate as evaluate_stage
+from saro_jax.config import eval_config, training_config
+from saro_jax.evaluate import evaluation
 from saro_jax.stages import rw, srpo
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   srpo_cfg = training_config(config, "srpo")
   evaluate = bool(config.get("evaluate", False))
   if evaluate:
-    eval_settings.eval_settings(config.get("eval"))  # fail now, not after training
+    eval_config(config.get("eval"))  # fail now, not after training
   rw_dir, srpo_dir = os.path.join(workdir, "rw"), os.path.join(workdir, "srpo")
 
   _, rw_result = engine.run_stage(rw_cfg, rw_dir, rw.STAGE)
@@ -65,8 +64,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               "rw": os.path.join(rw_dir, ckpt_lib.CHECKPOINT_SUBDIR),
               "srpo": summary.get("hf_dir") or os.path.join(srpo_dir, ckpt_lib.CHECKPOINT_SUBDIR)}
     logs = {name: os.path.join(d, "metrics.jsonl") for name, d in (("rw", rw_dir), ("srpo", srpo_dir))}
-    summary["report"] = str(evaluate_stage.evaluate_models(config, workdir, models,
-                                                           training_logs=logs, mesh=mesh))
+    summary["report"] = str(evaluation.evaluate_models(config, workdir, models,
+                                                       training_logs=logs, mesh=mesh))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

