@@ -16,6 +16,7 @@ process_count), so restoring a saved state replays exactly the batches an uninte
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -169,101 +170,95 @@ def _finish(batches: grain.IterDataset, stats: DataStats, prefetch_workers: int)
   return BatchIterator(iter(batches), stats)
 
 
-def _options(max_length, truncation, max_prompt_length, response_truncation, min_response_tokens):
-  return tokenize.TokenizeOptions(
-      max_length=max_length, max_prompt_length=max_prompt_length, prompt_truncation=truncation,
-      response_truncation=response_truncation, min_response_tokens=min_response_tokens)
-
-
 _TOKENIZE = {"rw": tokenize.tokenize_rw, "preference": tokenize.tokenize_pref}
 
 
-def _examples(kind: str, sources_spec, tokenizer, *, on_error, reasoning_tags, opts,
-              length_buckets, process_index, process_count, shuffle, seed, num_epochs,
-              read_threads):
-  """Records of ``kind`` -> this process's share -> tokenized examples (shared by both entry
-  points); returns (examples, this process's records, stats, process_count)."""
-  process_index, process_count = _process(process_index, process_count)
-  _check_buckets(length_buckets, process_count)
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+  """The keyword options ``sft_batches`` and ``dpo_batches`` share: one name, one default each."""
+  batch_size: int  # GLOBAL rows (RW) / pairs, or rows with packed DPO trees, per step
+  max_length: int
+  shuffle: bool = True
+  seed: int = 0
+  num_epochs: int = 0  # 0 = repeat forever
+  on_error: str = "raise"  # a bad record: "raise" or "skip" (counted)
+  reasoning_tags: Sequence[str] = formats.DEFAULT_TAGS
+  truncation: str = "keep_end"  # prompts over max_prompt_length: keep_end | keep_start | drop
+  max_prompt_length: int | None = None
+  response_truncation: str = "cut"  # completions past max_length: cut | drop
+  min_response_tokens: int = 1
+  length_buckets: Sequence[int] | None = None
+  process_index: int | None = None  # None = this JAX process
+  process_count: int | None = None
+  drop_remainder: bool = False
+  read_threads: int = 0
+  prefetch_workers: int = 0  # > 0: grain worker processes
+
+
+def _examples(kind: str, sources_spec, tokenizer, o: PipelineOptions):
+  """Records of ``kind`` -> this process's share -> tokenized examples (both entry points);
+  returns (examples, stats, the batch datasets' shared keyword arguments)."""
+  process_index, process_count = _process(o.process_index, o.process_count)
+  _check_buckets(o.length_buckets, process_count)
   stats = DataStats()
-  records = _shard(_records(sources_spec, kind, on_error, reasoning_tags, stats),
+  records = _shard(_records(sources_spec, kind, o.on_error, o.reasoning_tags, stats),
                    process_index=process_index, process_count=process_count, stats=stats)
+  opts = tokenize.TokenizeOptions(
+      max_length=o.max_length, max_prompt_length=o.max_prompt_length,
+      prompt_truncation=o.truncation, response_truncation=o.response_truncation,
+      min_response_tokens=o.min_response_tokens)
   fn = functools.partial(_TOKENIZE[kind], tokenizer=tokenizer, opts=opts,
                          specials=tokenize.special_ids(tokenizer))
-  examples = _tokenized(records, fn, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
-                        read_threads=read_threads)
-  return examples, records, stats, process_count
+  examples = _tokenized(records, fn, shuffle=o.shuffle, seed=o.seed, num_epochs=o.num_epochs,
+                        read_threads=o.read_threads)
+  common = dict(batch_size=_host_batch(o.batch_size, process_count), max_length=o.max_length,
+                pad_id=_pad_id(tokenizer), length_buckets=o.length_buckets,
+                drop_remainder=o.drop_remainder, records_per_pass=len(records),
+                source_name=_name(sources_spec))
+  return examples, stats, common
 
 
 def sft_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer, *,
-                batch_size: int, max_length: int, pack: bool = True, shuffle: bool = True,
-                seed: int = 0, num_epochs: int = 0, on_error: str = "raise",
-                reasoning_tags: Sequence[str] = formats.DEFAULT_TAGS, truncation: str = "keep_end",
-                max_prompt_length: int | None = None, response_truncation: str = "cut",
-                min_response_tokens: int = 1, length_buckets: Sequence[int] | None = None,
-                process_index: int | None = None, process_count: int | None = None,
-                drop_remainder: bool = False, read_threads: int = 0,
-                prefetch_workers: int = 0) -> BatchIterator:
+                pack: bool = True, **options) -> BatchIterator:
   """RW batches for this process: dicts of int32 [batch_size // process_count, L] arrays
-  ``tokens``, ``positions``, ``segment_ids``, ``loss_mask`` (L = max_length or a length bucket)."""
-  examples, records, stats, process_count = _examples(
-      "rw", sources_spec, tokenizer, on_error=on_error, reasoning_tags=reasoning_tags,
-      opts=_options(max_length, truncation, max_prompt_length, response_truncation,
-                    min_response_tokens),
-      length_buckets=length_buckets, process_index=process_index, process_count=process_count,
-      shuffle=shuffle, seed=seed, num_epochs=num_epochs, read_threads=read_threads)
-  batches = batching.SftBatchDataset(
-      examples, pack=pack, batch_size=_host_batch(batch_size, process_count), max_length=max_length,
-      pad_id=_pad_id(tokenizer), length_buckets=length_buckets, drop_remainder=drop_remainder,
-      records_per_pass=len(records), source_name=_name(sources_spec))
-  return _finish(batches, stats, prefetch_workers)
+  ``tokens``, ``positions``, ``segment_ids``, ``loss_mask`` (L = max_length or a length bucket).
+  ``options``: the fields of :class:`PipelineOptions` (``batch_size`` and ``max_length`` required)."""
+  o = PipelineOptions(**options)
+  examples, stats, common = _examples("rw", sources_spec, tokenizer, o)
+  return _finish(batching.SftBatchDataset(examples, pack=pack, **common), stats, o.prefetch_workers)
 
 
 def dpo_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer, *,
-                batch_size: int, max_length: int, shuffle: bool = True, seed: int = 0,
-                num_epochs: int = 0, on_error: str = "raise",
-                reasoning_tags: Sequence[str] = formats.DEFAULT_TAGS, truncation: str = "keep_end",
-                max_prompt_length: int | None = None, response_truncation: str = "cut",
-                min_response_tokens: int = 1, length_buckets: Sequence[int] | None = None,
-                process_index: int | None = None, process_count: int | None = None,
-                drop_remainder: bool = False, read_threads: int = 0,
-                prefetch_workers: int = 0, prefix_sharing: bool = False,
-                pairs_per_row: int = 1) -> BatchIterator:
+                prefix_sharing: bool = False, pairs_per_row: int = 1, **options) -> BatchIterator:
   """SRPO batches for this process: ``chosen_*`` / ``rejected_*`` (tokens, positions, segment_ids,
   loss_mask; int32 [B, L]), ``shared_len`` int32 [B], ``example_id`` int64 [B].
+  ``options``: the fields of :class:`PipelineOptions` (``batch_size`` and ``max_length`` required).
 
   ``prefix_sharing``: prefix-shared rows instead (``batching.tree_rows``: ``tokens``,
   ``positions``, ``segment_ids``, ``branch_ids``, ``loss_mask`` [B, L]; ``shared_len``,
   ``example_id`` [B, pairs_per_row]); ``pairs_per_row > 1`` packs several pairs per row, and
   ``batch_size`` then counts rows. Trees longer than ``max_length`` are cut or dropped by
   ``response_truncation``."""
-  examples, records, stats, process_count = _examples(
-      "preference", sources_spec, tokenizer, on_error=on_error, reasoning_tags=reasoning_tags,
-      opts=_options(max_length, truncation, max_prompt_length, response_truncation,
-                    min_response_tokens),
-      length_buckets=length_buckets, process_index=process_index, process_count=process_count,
-      shuffle=shuffle, seed=seed, num_epochs=num_epochs, read_threads=read_threads)
   if pairs_per_row > 1 and not prefix_sharing:
     raise ValueError(f"pairs_per_row={pairs_per_row} needs prefix_sharing=True")
-  common = dict(batch_size=_host_batch(batch_size, process_count), max_length=max_length,
-                pad_id=_pad_id(tokenizer), length_buckets=length_buckets,
-                drop_remainder=drop_remainder, records_per_pass=len(records),
-                source_name=_name(sources_spec))
+  o = PipelineOptions(**options)
+  examples, stats, common = _examples("preference", sources_spec, tokenizer, o)
   if prefix_sharing:
     batches = batching.DpoTreeBatchDataset(examples, trees=pairs_per_row,
-                                           truncation=response_truncation, **common)
+                                           truncation=o.response_truncation, **common)
   else:
     batches = batching.DpoBatchDataset(examples, **common)
-  return _finish(batches, stats, prefetch_workers)
+  return _finish(batches, stats, o.prefetch_workers)
 
 
 def batches_from_config(kind: str, data, tokenizer, *, batch_size: int, seed: int,
                         process_index: int | None = None, process_count: int | None = None,
                         **overrides) -> BatchIterator:
   """``kind`` "sft" | "dpo" from a ``config.DataConfig`` (or any object with its field names)."""
-  keys = ("max_length", "shuffle", "num_epochs", "on_error", "reasoning_tags", "truncation",
-          "max_prompt_length", "response_truncation", "min_response_tokens", "length_buckets",
-          "drop_remainder", "read_threads", "prefetch_workers")
+  # Every PipelineOptions field the data section carries (batch size, seed, process come from
+  # the training sections and the runtime).
+  keys = [f.name for f in dataclasses.fields(PipelineOptions)
+          if f.name not in ("batch_size", "seed", "process_index", "process_count")]
   kw = {k: getattr(data, k) for k in keys if getattr(data, k, None) is not None}
   kw["reasoning_tags"] = tuple(kw.get("reasoning_tags", formats.DEFAULT_TAGS))
   kw.update(overrides)
