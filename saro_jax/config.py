@@ -555,6 +555,8 @@ def defaults(cls: type, **changes) -> ml_collections.ConfigDict:
   values = {}
   for f in dataclasses.fields(cls):
     value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if dataclasses.is_dataclass(value):  # a nested section: its own defaults, recursively
+      value = defaults(type(value)).to_dict()
     values[f.name] = dict(value) if isinstance(value, Mapping) else value
   unknown = sorted(set(changes) - set(values))
   if unknown:

@@ -7,9 +7,8 @@ SmolLM2-135M-Instruct GGUF), qwen2_5_7b and llama3_8b (hub ids; fsdp, bf16 compu
 
 import ml_collections
 
-from saro_jax.config import (CheckpointConfig, DataConfig, DpoConfig, ExportConfig, MeshConfig,
-                             ModelSpec, OptConfig, TrainConfig, defaults)
-from saro_jax.data import formats
+from saro_jax.config import (CheckpointConfig, DataConfig, DpoConfig, EvalConfig, ExportConfig,
+                             MeshConfig, ModelSpec, OptConfig, TrainConfig, defaults)
 
 PRESETS = ("tiny", "smollm2_135m", "qwen2_5_7b", "llama3_8b")
 
@@ -145,29 +144,11 @@ def base(stage: str, name: str, preset: str) -> ml_collections.ConfigDict:
 
 
 def eval_section(preset: str) -> ml_collections.ConfigDict:
-  """The `eval` section; the SaRO pipeline config reuses it for its final evaluation."""
-  return ml_collections.ConfigDict(dict(
-      prompt_sets="jsonl:bundled:eval_prompts",
-      limit={"tiny": 8, "smollm2_135m": 8}.get(preset, 0),  # per label per set; 0 = every prompt
-      models="",  # "name=init_from,..." evaluates each and writes the report
-      run_dir="",  # a saro workdir: its rw/ and srpo/ metrics.jsonl become the report's curves
-      reasoning_tags=formats.DEFAULT_TAGS,
-      generation=dict(
-          # Room for a whole trace (bundled traces: ~140-190 tokens of the tiny tokenizer); a cut
-          # trace has no answer, which the report counts (n_truncated, n_empty_answer).
-          max_new_tokens={"tiny": 192, "smollm2_135m": 256}.get(preset, 1024),
-          temperature=0.0, top_p=1.0, top_k=0,
-          batch_size={"tiny": 8, "smollm2_135m": 8}.get(preset, 64),
-          seed=0, skip_special_tokens=False),
-      judge=dict(
-          safety="refusal_phrases",
-          refusal="refusal_phrases",
-          include_reasoning=False,  # judges see the final answer only
-          refusal_phrases=dict(extra=""),
-          classifier=dict(init_from="", template="llama_guard", parse="llama_guard",
-                          max_new_tokens=16, batch_size=8),
-          http=dict(base_url="", model="", api_key_env="", template="safety_and_refusal",
-                    parse="safety_and_refusal", timeout_s=60.0, max_retries=3, backoff_s=1.0,
-                    max_tokens=16, max_workers=4, on_error="raise"),
-      ),
-  ))
+  """The `eval` section (defaults: config.EvalConfig); the SaRO pipeline reuses it for its final
+  evaluation. Only what a preset changes is written here."""
+  section = defaults(EvalConfig, limit={"tiny": 8, "smollm2_135m": 8}.get(preset, 0))
+  # Room for a whole trace (bundled traces: ~140-190 tokens of the tiny tokenizer); a cut trace has
+  # no answer, which the report counts (n_truncated, n_empty_answer).
+  section.generation.max_new_tokens = {"tiny": 192, "smollm2_135m": 256}.get(preset, 1024)
+  section.generation.batch_size = {"tiny": 8, "smollm2_135m": 8}.get(preset, 64)
+  return section
