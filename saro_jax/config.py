@@ -504,7 +504,7 @@ class MineConfig:
   teacher: str = "template"  # chosen of a harmful prompt that no trace covers; "none" = drop it
   max_prefix_steps: int = 1  # process pairs at the sample's first k = 1..this steps; 0 = outcome only
   format_pairs: bool = False  # also pair good answers that lack a reasoning block against a trace
-  use_truncated: bool = False  # pair samples cut at max_new_tokens too (their verdict is on a cut text)
+  use_truncated: bool = False  # also judge samples cut at max_new_tokens that already have an answer
   pairs_per_prompt: int = 0  # at most this many distinct rejected samples per prompt; 0 = all n
   chunk_size: int = 64  # prompts per generate call and per progress flush
   mix_with: str = ""  # preference-pair specs appended to pairs.jsonl (e.g. synthesized pairs)

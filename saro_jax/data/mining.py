@@ -7,7 +7,8 @@ judges each sample's final answer (evaluate/judges.py). Each judged sample gets 
   refused       benign/borderline prompt, the refusal judge says the answer declines
   no_reasoning  a good answer (not unsafe / not refused) without a closed reasoning block
   fine          a good answer with its reasoning block
-  truncated     cut at max_new_tokens (its verdict is on a cut text; paired only with use_truncated)
+  truncated     cut at max_new_tokens; with ``use_truncated`` a cut sample that already has an answer
+                (cut after its reasoning, or no reasoning block) is judged like the others
   unjudged      the judge gave no verdict
 
 and these become pairs (every pair is checked by formats.parse_preference; the id names the
@@ -70,8 +71,8 @@ def has_reasoning(text: str, tags: Sequence[str]) -> bool:
 
 def outcome(sample: Mapping[str, Any], label: str, opts: Options) -> str:
   """One of OUTCOMES for a judged sample {"text", "finish_reason", "unsafe", "refused"}."""
-  if sample["finish_reason"] == "length" and not opts.use_truncated:
-    return "truncated"
+  if sample["finish_reason"] == "length" and not (opts.use_truncated and sample.get("answer", "").strip()):
+    return "truncated"  # a cut inside the reasoning has no answer to judge
   verdict = sample["unsafe"] if label in HARMFUL_LABELS else sample["refused"]
   if verdict is None:
     return "unjudged"

@@ -30,14 +30,16 @@ import jax
 import ml_collections
 
 from saro_jax import config as config_lib
-from saro_jax.data import build_pairs, jsonl, mining, sources
+from saro_jax import sharding
+from saro_jax.data import build_pairs, mining, sources
+from saro_jax.evaluate import evaluation
+from saro_jax.evaluate import prompts as prompts_lib
 
 logger = logging.getLogger(__name__)
 
 
 def read_records(m: config_lib.MineConfig) -> list[dict[str, Any]]:
   """The labelled training prompts: ``mine.prompts``, or the labelled records of ``mine.traces``."""
-  from saro_jax.evaluate import prompts as prompts_lib
   specs = m.prompts if m.prompts.strip() else ",".join(f"jsonl:{s}" for s in _specs(m.traces))
   records = [{"id": p.id, "prompt": p.prompt, "label": p.label, "category": p.category}
              for spec in _specs(specs) for p in prompts_lib.read_prompts(spec, limit=m.limit or None)]
@@ -75,8 +77,6 @@ def _read_progress(path: pathlib.Path) -> dict[str, dict[str, Any]]:
 def _sample_rows(model, tokenizer, chunk: Sequence[Mapping[str, Any]], m: config_lib.MineConfig,
                  judges, seed: int, mesh) -> list[list[dict[str, Any]]]:
   """n judged samples per prompt of ``chunk``: one batched generate call for all of them."""
-  from saro_jax.evaluate import evaluation
-  from saro_jax.evaluate import prompts as prompts_lib
   ev = m.eval_view()
   ev = dataclasses.replace(ev, generation=dataclasses.replace(ev.generation, seed=seed))
   asks = [prompts_lib.EvalPrompt(f"{r['id']}#{i}", r["prompt"], r["label"], r.get("category"), "mine")
@@ -98,7 +98,6 @@ def mine(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, polic
          mesh=None) -> dict[str, Any]:
   """Runs the mining into ``mine.output`` or ``workdir``; returns the stats. ``policy``: an
   init_from that replaces ``config.model.init_from`` (the pipeline's RW / SRPO checkpoint)."""
-  from saro_jax.evaluate import evaluation
   m = config_lib.mine_config(config.get("mine"))
   spec = config_lib.section(config_lib.ModelSpec, config.get("model"), "model")
   if policy is not None:
@@ -129,7 +128,6 @@ def mine(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, polic
               len(records) - len(todo), progress)
   if todo:
     mesh = mesh if mesh is not None else evaluation.make_mesh(config)
-    from saro_jax import sharding
     with sharding.use(mesh):
       judges = evaluation.make_judges(m.eval_view(), mesh=mesh)
       model, tokenizer = evaluation.load_model(spec, seed=config.get("seed", 0), mesh=mesh)
@@ -207,11 +205,6 @@ def _count(keys) -> dict[str, int]:
   for k in keys:
     counts[k] = counts.get(k, 0) + 1
   return dict(sorted(counts.items()))
-
-
-def read_stats(out_dir: str | os.PathLike) -> dict[str, Any] | None:
-  path = pathlib.Path(out_dir) / "stats.json"
-  return jsonl.read_json(str(path)) if path.exists() else None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
