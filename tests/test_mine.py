@@ -337,6 +337,44 @@ def test_http_teacher_writes_missing_chosen_sides(run, tmp_path):
     server.server_close()
 
 
+@pytest.mark.heavy
+def test_sampler_teacher_is_the_policy_under_the_safety_policy(run, tmp_path):
+  """mine.teacher=sampler: the policy itself writes the chosen sides with synthesis.SAFETY_POLICY in
+  context (real sampler); every text is validated, and what fails falls back (harmful: template)
+  or is counted (benign: no_chosen) - never used unvalidated."""
+  from saro_jax.stages import mine as mine_stage
+  from saro_jax.stages import pipeline
+  w = run["workdir"]
+  cfg = pipeline._resolved_config(run["config"], {pipeline.MINED: str(w / "mine" / "pairs.jsonl"), **{
+      f"synthesized:{n}": str(w / "synthesize" / f"{n}.jsonl") for n in pipeline.SYNTHESIZED}})
+  cfg.mine.traces, cfg.mine.mix_with, cfg.mine.teacher = "", "", "sampler"
+  cfg.mine.sampler.max_new_tokens = 48
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "samples.jsonl").write_text((w / "mine" / "samples.jsonl").read_text())
+  stats = mine_stage.mine(cfg, out, policy=str(w / "rw" / "checkpoints"))
+  chosen = {r["id"]: r for r in _jsonl(out / "chosen.jsonl")}
+  rows = {r["id"]: r for r in _jsonl(out / "samples.jsonl")}
+  opts = mining.Options(max_prefix_steps=2)
+  assert set(chosen) == {i for i, r in rows.items() if mining.needs_pair(run_prompt(run, i), r["samples"], opts)}
+  assert all(c["teacher"] == "sampler" for c in chosen.values())
+  judge = judges.RefusalPhraseJudge()
+  for pid, c in chosen.items():
+    if c["text"] is None:
+      assert sum(c["rejected"].values()) == 1  # one text asked, and it failed validation
+    else:  # accepted: a reasoning block, and the judge agrees with the label
+      trace = mining.trace_of(c["text"], formats.DEFAULT_TAGS)
+      refused = judge.verdict(judges.JudgeInput("", trace.answer)).refused
+      assert refused == (run_prompt(run, pid)["label"] == "harmful")
+  for p in _jsonl(out / "pairs.jsonl"):
+    c = chosen[p["id"].split(":")[1]]
+    if c["text"] is not None and p["kind"] == "outcome":
+      assert p["chosen"] == c["text"]
+    elif p["kind"] == "outcome":
+      assert p["label"] == "harmful" and p["chosen"].startswith("<think>\nThe user asks:")  # template
+  assert stats["teacher"]["asked"] == len(chosen)
+
+
 def run_prompt(run, pid):
   return next(r for r in run["prompts"] if r["id"] == pid)
 
