@@ -296,7 +296,7 @@ def plan_stage(stage: str, cfg, mc, devices: Sequence) -> StagePlan:
   from flax import nnx
 
   from saro_jax import models, sharding, train
-  from saro_jax import engine
+  from saro_jax import engine, logps
   from saro_jax.stages import reference, rw, srpo
 
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
@@ -327,7 +327,7 @@ def plan_stage(stage: str, cfg, mc, devices: Sequence) -> StagePlan:
         ref_fn = reference.make_reference_fn(graphdef, vocab_size=mc.vocab_size,
                                              chunk_size=cfg.train.logps_chunk, micro_batches=A,
                                              mesh=mesh)
-        pairs = _abstract_batch({k: 2 for k in reference.PAIR_KEYS}, B, L, mesh)
+        pairs = _abstract_batch({k: 2 for k in logps.PAIR_KEYS}, B, L, mesh)
         ref_mem = XlaMemory.of(ref_fn.lower(state_like.params, pairs))
     batch_like = _abstract_batch(ndims, B, L, mesh)
     jitted = train.jit_step(step, state_like, ndims, mesh)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from saro_jax import engine, losses, models, sharding, train
+from saro_jax import engine, logps, losses, models, sharding, train
 from saro_jax.config import StageConfig
 from saro_jax.stages import reference
 
@@ -29,7 +29,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: StageConfig, *, vocab_size: int):
   reference_free = dpo.reference == "none"
 
   def loss_fn(params, batch, n_micro_batches):
-    out = reference.pair_logps(models.merge(graphdef, params), batch, vocab_size=vocab_size,
+    out = logps.pair_logps(models.merge(graphdef, params), batch, vocab_size=vocab_size,
                                chunk_size=cfg.train.logps_chunk, trees=dpo.pairs_per_row)
     loss, metrics = losses.dpo_loss(
         out["chosen_logps"], out["rejected_logps"],
@@ -45,7 +45,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: StageConfig, *, vocab_size: int):
 
 
 def batch_ndims(cfg: StageConfig) -> dict[str, int]:
-  ndims = {k: 2 for k in reference.input_keys(cfg.dpo.prefix_sharing)}
+  ndims = {k: 2 for k in logps.input_keys(cfg.dpo.prefix_sharing)}
   if cfg.dpo.reference != "none":  # prefix-shared: [rows, pairs_per_row]
     ndims.update({k: 2 if cfg.dpo.prefix_sharing else 1 for k in reference.REF_KEYS})
   return ndims
@@ -85,7 +85,7 @@ def _reference_params(s: engine.Setup):
 def to_device_fn(s: engine.Setup):
   """Host batch -> device batch with the reference log-probs the step expects."""
   cfg = s.cfg
-  keys = reference.input_keys(cfg.dpo.prefix_sharing)
+  keys = logps.input_keys(cfg.dpo.prefix_sharing)
   if cfg.dpo.reference == "none":
     return lambda host: train.put_batch({k: host[k] for k in keys}, s.mesh)
   ref_params = _reference_params(s)
