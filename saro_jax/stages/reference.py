@@ -76,6 +76,9 @@ def fingerprint(params) -> str:
 def cache_key(cfg: StageConfig, tokenizer, params) -> str:
   data = {"sources": cfg.data.sources, "max_length": cfg.data.max_length, "pack": cfg.data.pack,
           "truncation": cfg.data.truncation, "tags": list(cfg.data.reasoning_tags),
+          # what tokenization keeps of a pair (its log-probs change with them)
+          "cut": [cfg.data.max_prompt_length, cfg.data.response_truncation,
+                  cfg.data.min_response_tokens],
           "tokenizer": [getattr(tokenizer, "name_or_path", ""), len(tokenizer)],
           "weights": fingerprint(params), "process_count": jax.process_count()}
   if cfg.dpo is not None and cfg.dpo.prefix_sharing:  # trees may be cut differently
