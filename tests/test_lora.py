@@ -10,8 +10,9 @@ import transformers
 from flax import nnx
 
 import tiny_hf
-from saro_jax import checkpoint, losses, optimizer, train
+from saro_jax import checkpoint, optimizer, train
 from saro_jax.models import hf, lora
+from saro_jax.stages import rw
 
 CFG = lora.LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "down"))
 
@@ -29,14 +30,14 @@ def logits(graphdef, params, batch):
 
 
 def sft_loss(graphdef, params, batch):
+  """The RW stage's loss on every real token of ``batch`` (tokens, positions, segment ids)."""
   tokens, positions, segments = batch
-  model = nnx.merge(graphdef, params)
-  hidden = model.hidden_states(tokens, positions, segments)
-  targets, mask = losses.shift_targets(tokens, segments, segments)
-  logps = losses.token_logps(hidden, model.unembed_DxV(), targets,
-                             vocab_size=model.config.vocab_size, chunk_size=16)
-  nll, count = losses.sft_loss(logps, mask)
-  return nll / jnp.maximum(count, 1)
+  sft = {"tokens": tokens, "positions": positions, "segment_ids": segments,
+         "loss_mask": (segments > 0).astype(jnp.int32)}
+  vocab = nnx.merge(graphdef, params).config.vocab_size
+  loss_fn = rw.make_loss_fn(graphdef, vocab_size=vocab, chunk_size=16)
+  loss, _ = loss_fn(params, sft, rw.target_token_count(sft))
+  return loss
 
 
 def test_config_is_validated():
