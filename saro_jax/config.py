@@ -643,23 +643,21 @@ def training_config(cfg: ml_collections.ConfigDict, stage: str | None = None, *,
   seed = raw.get("seed", 0)
   if not isinstance(seed, int):
     raise ConfigError(f"config.seed={seed!r} must be an integer")
-  lora_cfg = _lora_section(raw.get("lora"), f"{prefix}lora")
+  # A pipeline's top-level lora section serves both stages; a stage section may override it.
+  in_stage = bool(prefix) and "lora" in _to_plain(cfg).get(stage, {})
+  lora_cfg = _lora_section(raw.get("lora"), f"{prefix}lora" if in_stage else "lora")
   return StageConfig(stage=name, seed=seed, model=model, mesh=mesh, data=data, opt=opt,
                      train=train, checkpoint=checkpoint, export=export, dpo=dpo_cfg, lora=lora_cfg)
 
 
 def _lora_section(raw: Any, where: str):
-  """``config.lora``: rank / alpha / targets (see models/lora.py); absent or rank 0 = off."""
+  """``config.lora``: rank / alpha / targets (see models/lora.py); absent or rank 0 = off. With
+  rank > 0 the stage trains adapters on the frozen loaded weights (engine.py)."""
   from saro_jax.models.lora import LoraConfig  # the dataclass lives with the adapters
   try:
     lora_cfg = section(LoraConfig, raw, where)
   except ValueError as e:
     raise ConfigError(str(e).replace("config.lora", f"config.{where}")) from e
-  if lora_cfg.enabled:
-    # The adapters, their tests and the step recipe exist (models/lora.py); the stage engine does
-    # not call them yet. Refuse rather than silently train every weight.
-    raise ConfigError(f"config.{where}.rank={lora_cfg.rank}: LoRA training is not wired into the"
-                      " rw/srpo stages yet (see BUILD.md 'LoRA'); set rank to 0")
   return lora_cfg
 
 

@@ -405,7 +405,8 @@ def knobs(stage: str) -> list[Knob]:
   return out
 
 
-LORA_NOTE = "LoRA: not available in saro_jax yet (full fine-tuning only)"
+LORA_NOTE = ("LoRA (config.lora.rank > 0): not planned here; these figures are full fine-tuning"
+             " (LoRA's optimizer state is adapter-sized)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import ml_collections
 
 from saro_jax.config import (CheckpointConfig, DataConfig, DpoConfig, EvalConfig, ExportConfig,
                              MeshConfig, ModelSpec, OptConfig, TrainConfig, defaults)
+from saro_jax.models.lora import LoraConfig
 
 PRESETS = ("tiny", "smollm2_135m", "qwen2_5_7b", "llama3_8b")
 
@@ -136,10 +137,12 @@ def header(stage: str, name: str, preset: str) -> ml_collections.ConfigDict:
 
 
 def base(stage: str, name: str, preset: str) -> ml_collections.ConfigDict:
-  """Top-level fields every training config has: the header plus checkpoint and export."""
+  """Top-level fields every training config has: the header plus checkpoint, export and lora
+  (rank 0 = off; ``--config.lora.rank=16`` trains adapters)."""
   config = header(stage, name, preset)
   config.checkpoint = checkpoint(preset)
   config.export = export(preset)
+  config.lora = defaults(LoraConfig)
   return config
 
 

@@ -143,10 +143,8 @@ def test_stage_config_lora_section():
   cfg.lora = ml_collections.ConfigDict(dict(rank=4, targets=("q", "qkv")))
   with pytest.raises(config_lib.ConfigError, match=r"config.lora.targets.*qkv"):
     config_lib.training_config(cfg, device_count=1)
-  # Until the stage engine calls models/lora.py, rank > 0 is refused, never silently ignored.
-  cfg.lora = ml_collections.ConfigDict(dict(rank=4))
-  with pytest.raises(config_lib.ConfigError, match="not wired"):
-    config_lib.training_config(cfg, device_count=1)
+  cfg.lora = ml_collections.ConfigDict(dict(rank=4))  # the stages train it (test_lora_stages.py)
+  assert config_lib.training_config(cfg, device_count=1).lora == lora.LoraConfig(rank=4)
 
 
 @pytest.mark.heavy

@@ -1,8 +1,9 @@
 """Safety-oriented Reasoning Process Optimization (SRPO): DPO on outcome- and process-level pairs.
 
 The policy starts from ``model.init_from`` (in the SaRO pipeline: the RW result) and the reference
-is ``dpo.reference_from`` or, by default, those same starting weights. See ``reference.py`` for the
-three reference modes; the step itself is one function for all of them.
+is ``dpo.reference_from`` or, by default, those same starting weights (with LoRA: the frozen base,
+i.e. the adapters off). See ``reference.py`` for the three reference modes; the step itself is one
+function for all of them.
 """
 
 from __future__ import annotations
@@ -72,8 +73,11 @@ def one_epoch_batches(cfg: StageConfig, tokenizer) -> Iterator[dict]:
 
 
 def _reference_params(s: engine.Setup):
-  """The reference weights, sharded like the policy's."""
+  """The reference weights, sharded like the policy's. LoRA: the frozen base itself (the model
+  with its adapters off), no second copy of the weights."""
   dpo = s.cfg.dpo
+  if not dpo.reference_from and s.base is not None:
+    return s.base
   if not dpo.reference_from and not s.resumed:
     return jax.tree.map(jnp.copy, s.state.params)  # the start weights, before any update
   spec = dataclasses.replace(s.cfg.model, init_from=dpo.reference_from or s.cfg.model.init_from)
