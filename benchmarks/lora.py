@@ -23,34 +23,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from saro_jax import losses, models, optimizer, train  # noqa: E402
+from saro_jax import models, optimizer, train  # noqa: E402
 from saro_jax.models import lora  # noqa: E402
+from saro_jax.stages import rw  # noqa: E402
 
 
-def sft_loss(graphdef, params, batch):
-  tokens, positions, segments = batch
-  model = nnx.merge(graphdef, params)
-  hidden = model.hidden_states(tokens, positions, segments)
-  targets, mask = losses.shift_targets(tokens, segments, segments)
-  logps = losses.token_logps(hidden, model.unembed_DxV(), targets,
-                             vocab_size=model.config.vocab_size, chunk_size=128)
-  nll, count = losses.sft_loss(logps, mask)
-  return nll / jnp.maximum(count, 1)
+def make_steps(graphdef, tx, cfg: lora.LoraConfig, vocab_size: int):
+  rw_loss = rw.make_loss_fn(graphdef, vocab_size=vocab_size, chunk_size=128)
+  sft_loss = lambda params, batch: rw_loss(params, batch, rw.target_token_count(batch))[0]
 
-
-def make_steps(graphdef, tx, cfg: lora.LoraConfig):
   def full_step(state, batch):
-    loss, grads = jax.value_and_grad(lambda p: sft_loss(graphdef, p, batch))(state.params)
+    loss, grads = jax.value_and_grad(lambda p: sft_loss(p, batch))(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state), loss
 
   def lora_step(state, batch, base):
-    loss_fn = lambda a: sft_loss(graphdef, lora.adapted_params(base, a, cfg), batch)
+    loss_fn = lambda a: sft_loss(lora.adapted_params(base, a, cfg), batch)
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -88,6 +80,7 @@ def main(argv=None) -> dict:
   p.add_argument("--targets", default="q,k,v,o,gate,up,down")
   args = p.parse_args(argv)
   model = load_model(args.model)
+  vocab_size = model.config.vocab_size
   graphdef, params = train.split_model(model)
   del model
   cfg = lora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=tuple(args.targets.split(",")))
@@ -95,10 +88,10 @@ def main(argv=None) -> dict:
                                 schedule="constant")
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, params["embed_VxD"][...].shape[0] // 2, (args.batch, args.length))
-  batch = (jnp.asarray(tokens, jnp.int32),
-           jnp.broadcast_to(jnp.arange(args.length, dtype=jnp.int32), tokens.shape),
-           jnp.ones(tokens.shape, jnp.int32))
-  full_step, lora_step = make_steps(graphdef, tx, cfg)
+  ones = jnp.ones(tokens.shape, jnp.int32)  # one sequence per row; the loss on every token
+  batch = {"tokens": jnp.asarray(tokens, jnp.int32), "segment_ids": ones, "loss_mask": ones,
+           "positions": jnp.broadcast_to(jnp.arange(args.length, dtype=jnp.int32), tokens.shape)}
+  full_step, lora_step = make_steps(graphdef, tx, cfg, vocab_size)
   adapters = lora.init_adapters(params, cfg, seed=0)
   lora_state = train.init_state(adapters, tx, seed=0)
   # Full fine-tuning trains a copy (its state is donated), so the LoRA base stays intact.

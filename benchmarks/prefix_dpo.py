@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saro_jax import models, sharding, train
+from saro_jax import logps, models, sharding, train
 from saro_jax.config import StageConfig, training_config
 from saro_jax.data import bundled, pipeline
 from saro_jax.stages import reference, srpo
@@ -121,7 +121,7 @@ def build_mode(name, base: StageConfig, tokenizer, *, live, prefix, trees, rows,
                             num_epochs=0, process_index=0, process_count=1, **layout)
   hosts = [next(it) for _ in range(args.batches)]
   stats = it.stats.as_dict()
-  keys = reference.input_keys(prefix)
+  keys = logps.input_keys(prefix)
   batches = [train.put_batch({k: h[k] for k in keys}, args.mesh) for h in hosts]
   pairs = [int((h["example_id"] >= 0).sum()) for h in hosts]
   return Mode(name, cfg, batches, pairs, stats["fill"], length, live)
@@ -149,7 +149,7 @@ def compile_mode(mode: Mode, graphdef, params, vocab: int, mesh):
   t0 = time.perf_counter()
   compiled = train.jit_step(step, state, ndims, mesh).lower(state, mode.batches[0]).compile()
   compile_s = time.perf_counter() - t0
-  pair_keys = reference.input_keys(cfg.dpo.prefix_sharing)
+  pair_keys = logps.input_keys(cfg.dpo.prefix_sharing)
 
   def one(state, batch):
     if mode.live:  # the live mode: the reference forward, then the policy step, every step

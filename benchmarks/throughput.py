@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saro_jax import engine, models, sample, sharding, train
+from saro_jax import engine, logps, models, sample, sharding, train
 from saro_jax.config import StageConfig, training_config
 from saro_jax.stages import reference, rw, srpo
 
@@ -135,7 +135,7 @@ def bench_srpo(cfg: StageConfig, graphdef, params, optimizer, lr_fn, mesh, args)
   ref_fn = reference.make_reference_fn(graphdef, vocab_size=vocab, chunk_size=cfg.train.logps_chunk,
                                        micro_batches=1, mesh=mesh)
   host = dpo_batch(np.random.default_rng(1), args.batch, args.length, vocab)
-  device = train.put_batch({k: host[k] for k in reference.PAIR_KEYS}, mesh)
+  device = train.put_batch({k: host[k] for k in logps.PAIR_KEYS}, mesh)
   t0 = time.perf_counter()
   device["ref_chosen_logps"], device["ref_rejected_logps"] = jax.block_until_ready(
       ref_fn(ref_params, device))
@@ -143,7 +143,7 @@ def bench_srpo(cfg: StageConfig, graphdef, params, optimizer, lr_fn, mesh, args)
   jitted = train.jit_step(step, state, srpo.batch_ndims(cfg), mesh)
   compiled, compile_s = _compile(jitted, state, device)
   holder = [state]
-  pairs = {k: device[k] for k in reference.PAIR_KEYS}
+  pairs = {k: device[k] for k in logps.PAIR_KEYS}
 
   def one():  # the live mode: a reference forward, then the policy step, every step
     b = dict(pairs)

@@ -2,7 +2,8 @@
 
 A stage's checkpoint directory holds orbax steps (items ``params``, ``opt_state``, ``meta``,
 ``info``), ``model.json`` (the ModelConfig and the tokenizer dir, so a later stage can start from
-it) and ``data_state/`` (each process's data-iterator state per step, JSON: every process reads a
+it; a LoRA stage adds ``lora``: its adapters' config and how to rebuild the frozen base, whose
+weights are not in the checkpoint) and ``data_state/`` (each process's data-iterator state per step, JSON: every process reads a
 different shard, so each keeps its own file).
 
 Pytrees are stored as flat ``{path: array}`` dicts: any structure (nnx.State, optax namedtuples)
@@ -23,6 +24,7 @@ that names what was wrong, and the previous step is tried; when no step is good 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -321,10 +323,35 @@ class Checkpointer:
     self._manager.close()
 
 
-def write_model_meta(directory: str, model_config: dict, tokenizer_dir: str) -> None:
+def tree_checksum(tree: Any) -> str:
+  """One digest of a tree of arrays from the per-leaf checksums: exact and independent of the
+  sharding (e.g. that a LoRA stage's frozen base is the same weights on resume)."""
+  sums = checksums({"tree": _flat(tree)})["tree"]
+  return hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_weights(path: str, params: Any) -> None:
+  """A tree of arrays written once to ``path`` (orbax; every process calls it), e.g. a LoRA
+  stage's random base, which cannot be redrawn bit for bit on another mesh."""
+  with ocp.StandardCheckpointer() as saver:
+    saver.save(os.path.abspath(path), _flat(params), force=True)
+    saver.wait_until_finished()
+
+
+def restore_weights(path: str, like: Any) -> Any:
+  """``save_weights``' tree, placed by ``like``'s shardings (ShapeDtypeStructs)."""
+  with ocp.StandardCheckpointer() as saver:
+    return _unflat(like, saver.restore(os.path.abspath(path), _flat(abstract(like))))
+
+
+def write_model_meta(directory: str, model_config: dict, tokenizer_dir: str,
+                     lora: Mapping[str, Any] | None = None) -> None:
+  """``model.json``; ``lora``: a LoRA stage's record (``models.lora_record``)."""
+  meta = {"model_config": model_config, "tokenizer": os.path.abspath(tokenizer_dir)}
+  if lora is not None:
+    meta["lora"] = dict(lora)
   if jax.process_index() == 0:
-    _write_json_atomic(os.path.join(directory, MODEL_META),
-                       {"model_config": model_config, "tokenizer": os.path.abspath(tokenizer_dir)})
+    _write_json_atomic(os.path.join(directory, MODEL_META), meta)
 
 
 def find_stage_checkpoint(path: str) -> str | None:

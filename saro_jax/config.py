@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from saro_jax.data import formats
+from saro_jax.data import formats, pipeline, tokenize
 
 RANDOM_INIT = "random"
 REFERENCE_MODES = ("live", "precomputed", "none")
@@ -32,6 +32,9 @@ REMAT = ("none", "block", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 ON_ERROR = ("raise", "skip")
 NONFINITE = ("raise", "skip")  # train.nonfinite
+
+
+_PIPELINE = pipeline.PipelineOptions  # the data keys' defaults (one place)
 
 
 class ConfigError(ValueError):
@@ -105,15 +108,23 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """One stage's input. ``sources``: comma-separated specs (path/glob, "hf:...", "tfds:...",
-  "bundled:<name>")."""
+  "bundled:<name>"). Every other key is a ``data.pipeline.PipelineOptions`` field of the same
+  name, with its default (what each means: there)."""
   sources: str = ""
   max_length: int = 512
-  pack: bool = True
-  shuffle: bool = True
-  num_epochs: int = 0  # 0 = repeat forever (train.steps bounds the run)
-  on_error: str = "raise"
-  reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
-  truncation: str = "keep_end"  # what the data pipeline keeps of a too-long prompt
+  pack: bool = True  # RW: several examples per row
+  shuffle: bool = _PIPELINE.shuffle
+  num_epochs: int = _PIPELINE.num_epochs  # 0 = repeat forever (train.steps bounds the run)
+  on_error: str = _PIPELINE.on_error
+  reasoning_tags: tuple[str, str] = _PIPELINE.reasoning_tags
+  truncation: str = _PIPELINE.truncation  # what is kept of a prompt over max_prompt_length
+  max_prompt_length: int = _PIPELINE.max_prompt_length  # 0 = no separate prompt limit
+  response_truncation: str = _PIPELINE.response_truncation  # a completion past max_length
+  min_response_tokens: int = _PIPELINE.min_response_tokens
+  length_buckets: tuple[int, ...] = tuple(_PIPELINE.length_buckets)  # () = all rows max_length
+  drop_remainder: bool = _PIPELINE.drop_remainder
+  read_threads: int = _PIPELINE.read_threads
+  prefetch_workers: int = _PIPELINE.prefetch_workers
 
   def validate(self, where: str) -> None:
     if not self.sources:
@@ -123,6 +134,20 @@ class DataConfig:
     _check_choice(f"{where}.on_error", self.on_error, ON_ERROR)
     if len(self.reasoning_tags) != 2:
       raise ConfigError(f"config.{where}.reasoning_tags must be (open, close), got {self.reasoning_tags!r}")
+    _check_choice(f"{where}.truncation", self.truncation, tokenize.PROMPT_TRUNCATIONS)
+    if not 0 <= self.max_prompt_length < self.max_length:
+      raise ConfigError(f"config.{where}.max_prompt_length={self.max_prompt_length} must be 0 (no"
+                        f" prompt limit) or below {where}.max_length={self.max_length}")
+    _check_choice(f"{where}.response_truncation", self.response_truncation,
+                  tokenize.RESPONSE_TRUNCATIONS)
+    _check_positive(f"{where}.min_response_tokens", self.min_response_tokens)
+    buckets = self.length_buckets
+    if buckets and (not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in buckets)
+                    or max(buckets) != self.max_length):
+      raise ConfigError(f"config.{where}.length_buckets={buckets!r} must be positive integers, the"
+                        f" largest equal to {where}.max_length={self.max_length} (or () for none)")
+    _check_positive(f"{where}.read_threads", self.read_threads, allow_zero=True)
+    _check_positive(f"{where}.prefetch_workers", self.prefetch_workers, allow_zero=True)
 
   @property
   def source_list(self) -> tuple[str, ...]:
@@ -720,23 +745,21 @@ def training_config(cfg: ml_collections.ConfigDict, stage: str | None = None, *,
   seed = raw.get("seed", 0)
   if not isinstance(seed, int):
     raise ConfigError(f"config.seed={seed!r} must be an integer")
-  lora_cfg = _lora_section(raw.get("lora"), f"{prefix}lora")
+  # A pipeline's top-level lora section serves both stages; a stage section may override it.
+  in_stage = bool(prefix) and "lora" in _to_plain(cfg).get(stage, {})
+  lora_cfg = _lora_section(raw.get("lora"), f"{prefix}lora" if in_stage else "lora")
   return StageConfig(stage=name, seed=seed, model=model, mesh=mesh, data=data, opt=opt,
                      train=train, checkpoint=checkpoint, export=export, dpo=dpo_cfg, lora=lora_cfg)
 
 
 def _lora_section(raw: Any, where: str):
-  """``config.lora``: rank / alpha / targets (see models/lora.py); absent or rank 0 = off."""
+  """``config.lora``: rank / alpha / targets (see models/lora.py); absent or rank 0 = off. With
+  rank > 0 the stage trains adapters on the frozen loaded weights (engine.py)."""
   from saro_jax.models.lora import LoraConfig  # the dataclass lives with the adapters
   try:
     lora_cfg = section(LoraConfig, raw, where)
   except ValueError as e:
     raise ConfigError(str(e).replace("config.lora", f"config.{where}")) from e
-  if lora_cfg.enabled:
-    # The adapters, their tests and the step recipe exist (models/lora.py); the stage engine does
-    # not call them yet. Refuse rather than silently train every weight.
-    raise ConfigError(f"config.{where}.rank={lora_cfg.rank}: LoRA training is not wired into the"
-                      " rw/srpo stages yet (see BUILD.md 'LoRA'); set rank to 0")
   return lora_cfg
 
 

@@ -7,7 +7,10 @@ step takes, and how a host batch reaches the devices. ``run_stage`` does the res
   2. resume order: ``<workdir>/checkpoints`` has a step -> params, optimizer, step, RNG and data
      position from it (the tokenizer and ModelConfig it recorded); else ``cfg.model`` through
      ``models.load`` (every ``init_from`` form, see models/load.py) and a fresh optimizer;
-  3. the step: ``train.make_train_step`` around the stage's loss, jitted once (``train.jit_step``);
+     with LoRA (``cfg.lora.rank > 0``) the loaded weights become the frozen ``base`` and the
+     trained params (optimizer state, checkpoints) are the adapters only (models/lora.py);
+  3. the step: ``train.make_train_step`` around the stage's loss, jitted once (``train.jit_step``;
+     LoRA: the base is the step's third, non-donated argument);
   4. the loop: ``train.run_loop`` (logging, checkpoints, stop_at);
   5. finish: data stats, and the HF export when the stage reached its last step.
 """
@@ -30,8 +33,9 @@ from jax.sharding import Mesh
 from saro_jax import checkpoint as ckpt_lib
 from saro_jax import models, sharding, train
 from saro_jax import optimizer as opt_lib
-from saro_jax.config import StageConfig, training_config
+from saro_jax.config import ConfigError, StageConfig, training_config
 from saro_jax.data import pipeline
+from saro_jax.models import lora
 from saro_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -52,10 +56,15 @@ class Setup:
   learning_rate_fn: Any
   checkpointer: ckpt_lib.Checkpointer
   data_state: Any  # the data iterator's saved state when resuming, else None
+  # LoRA: the frozen base params (``state.params`` are then the adapters); None = full training.
+  base: nnx.State | None = None
 
   @property
   def model(self) -> nnx.Module:
-    return models.merge(self.graphdef, self.state.params)
+    """The trained model (LoRA: the base with the adapters merged in)."""
+    if self.base is None:
+      return models.merge(self.graphdef, self.state.params)
+    return models.merge(self.graphdef, lora.merged_params(self.base, self.state.params, self.cfg.lora))
 
   @property
   def resumed(self) -> bool:
@@ -115,7 +124,8 @@ def setup(cfg: StageConfig, workdir: str) -> Setup:
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir, every=cfg.checkpoint.every,
                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
   latest = checkpointer.latest_step()
-  data_state = None
+  data_state = base = None
+  lora_cfg = cfg.lora if cfg.lora is not None and cfg.lora.enabled else None
   optimizer, lr_fn = make_optimizer(cfg)
   with sharding.use(mesh):
     if latest is not None:
@@ -123,8 +133,14 @@ def setup(cfg: StageConfig, workdir: str) -> Setup:
       tokenizer_dir = meta["tokenizer"]
       tokenizer = models.load_tokenizer(tokenizer_dir)
       model_config = ModelConfig.from_dict(meta["model_config"])
-      params_like = models.abstract_params(model_config, mesh)
-      like = train.abstract_state(params_like, optimizer, cfg.seed)
+      _check_same_lora(cfg, meta.get("lora"), ckpt_dir)
+      if lora_cfg is None:
+        trainable_like = models.abstract_params(model_config, mesh)
+      else:  # the base is rebuilt as recorded (and verified); the adapters come from the step
+        base = models.lora_base(meta["lora"], model_config, stage_dir=ckpt_dir,
+                                tokenizer=tokenizer, mesh=mesh)
+        trainable_like = ckpt_lib.abstract(lora.init_adapters(base, lora_cfg, cfg.seed))
+      like = train.abstract_state(trainable_like, optimizer, cfg.seed)
       state, data_state = checkpointer.restore_latest(like)  # falls back past damaged steps
       graphdef, _ = nnx.split(models.abstract_model(model_config), nnx.Param)
       log.info("resumed %s at step %d", ckpt_dir, int(jax.device_get(state.step)))
@@ -135,14 +151,34 @@ def setup(cfg: StageConfig, workdir: str) -> Setup:
       model_config = model.config
       graphdef, params = models.split(model)
       del model
+      record = None
+      if lora_cfg is not None:
+        base, params = params, lora.init_adapters(params, lora_cfg, cfg.seed)
+        record = models.lora_record(cfg.model, lora_cfg, base, seed=cfg.seed, stage_dir=ckpt_dir)
       state = train.init_state(params, optimizer, cfg.seed)
-      ckpt_lib.write_model_meta(ckpt_dir, model_config.to_dict(), tokenizer_dir)
+      ckpt_lib.write_model_meta(ckpt_dir, model_config.to_dict(), tokenizer_dir, lora=record)
       log.info("started from %s", cfg.model.init_from)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  log.info("model %s: %.2fM params; mesh %s", model_config.family, n_params / 1e6, dict(mesh.shape))
+  n_params = lora.count(state.params)
+  if base is None:
+    log.info("model %s: %.2fM params; mesh %s", model_config.family, n_params / 1e6, dict(mesh.shape))
+  else:
+    log.info("model %s: %.2fM frozen base params, %.3fM LoRA adapter params (rank %d on %s); mesh %s",
+             model_config.family, lora.count(base) / 1e6, n_params / 1e6, lora_cfg.rank,
+             ",".join(lora_cfg.targets), dict(mesh.shape))
   return Setup(cfg=cfg, workdir=workdir, mesh=mesh, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir,
                model_config=model_config, graphdef=graphdef, state=state, optimizer=optimizer,
-               learning_rate_fn=lr_fn, checkpointer=checkpointer, data_state=data_state)
+               learning_rate_fn=lr_fn, checkpointer=checkpointer, data_state=data_state, base=base)
+
+
+def _check_same_lora(cfg: StageConfig, record: Mapping[str, Any] | None, ckpt_dir: str) -> None:
+  """A resumed stage trains what its checkpoint holds: full weights, or these same adapters."""
+  want = cfg.lora if cfg.lora is not None and cfg.lora.enabled else None
+  have = models.lora_config(record) if record else None
+  if want != have:
+    raise ConfigError(
+        f"config.lora ({want or 'off'}) differs from what the checkpoints in {ckpt_dir} hold"
+        f" ({have or 'full weights, no LoRA'}); use the same lora section to resume, or a new"
+        " workdir")
 
 
 def batches(kind: str, cfg: StageConfig, tokenizer, data_state: Any = None,
@@ -176,9 +212,11 @@ def log_stats(it: pipeline.BatchIterator, workdir: str) -> dict:
 def run_stage(cfg: StageConfig, workdir: str, stage: Stage) -> tuple[Setup, train.LoopResult]:
   """Runs (or resumes, or skips if finished) ``stage`` in ``workdir``."""
   s = setup(cfg, workdir)
+  adapt = None if s.base is None else (
+      lambda adapters, base: lora.adapted_params(base, adapters, cfg.lora))
   step = train.make_train_step(stage.loss_fn(s), s.optimizer, grad_accum=cfg.train.grad_accum,
                                normalizer_fn=stage.divisor(s), mesh=s.mesh,
-                               learning_rate_fn=s.learning_rate_fn)
+                               learning_rate_fn=s.learning_rate_fn, adapt=adapt)
   ndims = dict(stage.batch_ndims(cfg))
   done = int(jax.device_get(s.state.step)) >= cfg.train.steps
   if stage.to_device is not None and not done:  # e.g. SRPO's reference pass: not when finished
@@ -187,9 +225,10 @@ def run_stage(cfg: StageConfig, workdir: str, stage: Stage) -> tuple[Setup, trai
     to_device = lambda host: train.put_batch({k: host[k] for k in ndims}, s.mesh)
   it = batches(stage.data, cfg, s.tokenizer, s.data_state, **stage.batch_options(cfg))
   with sharding.use(s.mesh):
-    jitted = train.jit_step(step, s.state, ndims, s.mesh)
+    jitted = train.jit_step(step, s.state, ndims, s.mesh, frozen=s.base)
+    step_fn = jitted if s.base is None else (lambda state, batch: jitted(state, batch, s.base))
     result = train.run_loop(
-        step_fn=jitted, state=s.state, batches=it, mesh=s.mesh, steps=cfg.train.steps,
+        step_fn=step_fn, state=s.state, batches=it, mesh=s.mesh, steps=cfg.train.steps,
         workdir=workdir, log_every=cfg.train.log_every, checkpointer=s.checkpointer,
         data_state_fn=it.get_state, progress_bar=cfg.train.progress_bar, to_device=to_device,
         stop_at=cfg.train.stop_at, desc=stage.name,

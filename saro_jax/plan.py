@@ -296,7 +296,7 @@ def plan_stage(stage: str, cfg, mc, devices: Sequence) -> StagePlan:
   from flax import nnx
 
   from saro_jax import models, sharding, train
-  from saro_jax import engine
+  from saro_jax import engine, logps
   from saro_jax.stages import reference, rw, srpo
 
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
@@ -327,7 +327,7 @@ def plan_stage(stage: str, cfg, mc, devices: Sequence) -> StagePlan:
         ref_fn = reference.make_reference_fn(graphdef, vocab_size=mc.vocab_size,
                                              chunk_size=cfg.train.logps_chunk, micro_batches=A,
                                              mesh=mesh)
-        pairs = _abstract_batch({k: 2 for k in reference.PAIR_KEYS}, B, L, mesh)
+        pairs = _abstract_batch({k: 2 for k in logps.PAIR_KEYS}, B, L, mesh)
         ref_mem = XlaMemory.of(ref_fn.lower(state_like.params, pairs))
     batch_like = _abstract_batch(ndims, B, L, mesh)
     jitted = train.jit_step(step, state_like, ndims, mesh)
@@ -405,7 +405,8 @@ def knobs(stage: str) -> list[Knob]:
   return out
 
 
-LORA_NOTE = "LoRA: not available in saro_jax yet (full fine-tuning only)"
+LORA_NOTE = ("LoRA (config.lora.rank > 0): not planned here; these figures are full fine-tuning"
+             " (LoRA's optimizer state is adapter-sized)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from saro_jax.config import (CheckpointConfig, DataConfig, DpoConfig, EvalConfig
                              MeshConfig, MineConfig, ModelSpec, OptConfig, PipelineConfig,
                              SynthesizeConfig, SynthesizeHttpConfig, SynthesizeSamplerConfig,
                              TrainConfig, defaults)
+from saro_jax.models.lora import LoraConfig
 
 PRESETS = ("tiny", "smollm2_135m", "qwen2_5_7b", "llama3_8b")
 
@@ -138,10 +139,12 @@ def header(stage: str, name: str, preset: str) -> ml_collections.ConfigDict:
 
 
 def base(stage: str, name: str, preset: str) -> ml_collections.ConfigDict:
-  """Top-level fields every training config has: the header plus checkpoint and export."""
+  """Top-level fields every training config has: the header plus checkpoint, export and lora
+  (rank 0 = off; ``--config.lora.rank=16`` trains adapters)."""
   config = header(stage, name, preset)
   config.checkpoint = checkpoint(preset)
   config.export = export(preset)
+  config.lora = defaults(LoraConfig)
   return config
 
 

@@ -104,25 +104,40 @@ def micro_batches(batch: Batch, grad_accum: int, mesh: Mesh | None) -> Batch:
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     grad_accum: int, normalizer_fn: Callable[[Batch], jax.Array],
-                    mesh: Mesh | None = None, learning_rate_fn: Callable | None = None):
-  """The pure step ``(state, batch) -> (state, metrics)``; call it jitted or not."""
+                    mesh: Mesh | None = None, learning_rate_fn: Callable | None = None,
+                    adapt: Callable[[Any, Any], nnx.State] | None = None):
+  """The pure step ``(state, batch) -> (state, metrics)``; call it jitted or not.
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+  ``adapt(trainable, frozen) -> params`` (LoRA: the base weights with the adapters applied): the
+  step is then ``(state, batch, frozen)``; ``state.params`` (and so the optimizer state and the
+  checkpoints) holds only the trainable part, ``loss_fn`` sees ``adapt(state.params, frozen)``,
+  and ``frozen`` is an argument that is neither differentiated nor updated."""
+
+  def loss_of(trainable, micro_batch, normalizer, frozen):
+    params = trainable if adapt is None else adapt(trainable, frozen)
+    return loss_fn(params, micro_batch, normalizer)
+
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)  # w.r.t. the trainable params only
+
+  def train_step(state: TrainState, batch: Batch, frozen: Any = None
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
     normalizer = normalizer_fn(batch)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
-      (loss, metrics), grads = grad_fn(state.params, batch, normalizer)
+      (loss, metrics), grads = grad_fn(state.params, batch, normalizer, frozen)
     else:
       micro = micro_batches(batch, grad_accum, mesh)
       first = jax.tree.map(lambda x: x[0], micro)
-      shapes = jax.eval_shape(grad_fn, state.params, first, normalizer)
+      shapes = jax.eval_shape(grad_fn, state.params, first, normalizer, frozen)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
+      # The frozen params ride in the carry, not the closure (a model merged inside the loop
+      # from closed-over params breaks nnx.remat; see stages/reference.py).
       def body(carry, mb):
-        out = grad_fn(state.params, mb, normalizer)
-        return jax.tree.map(jnp.add, carry, out), None
+        total, frozen = carry
+        out = grad_fn(state.params, mb, normalizer, frozen)
+        return (jax.tree.map(jnp.add, total, out), frozen), None
 
-      ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, micro)
+      (((loss, metrics), grads), _), _ = jax.lax.scan(body, (zeros, frozen), micro)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -142,12 +157,19 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
   return train_step
 
 
-def jit_step(train_step, state: TrainState, batch_ndims: Mapping[str, int], mesh: Mesh):
-  """Jits ``train_step`` ONCE with explicit in/out shardings; the state is donated."""
+def jit_step(train_step, state: TrainState, batch_ndims: Mapping[str, int], mesh: Mesh,
+             frozen: Any = None):
+  """Jits ``train_step`` ONCE with explicit in/out shardings; the state is donated.
+
+  ``frozen`` (a step made with ``adapt``): the jitted step takes it as a third argument, placed
+  as it is and never donated (it is the same arrays every step)."""
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   batch_sh = {k: sharding.batch_sharding(mesh, n) for k, n in batch_ndims.items()}
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+  in_sh = (state_sh, batch_sh)
+  if frozen is not None:
+    in_sh += (jax.tree.map(lambda x: x.sharding, frozen),)
+  return jax.jit(train_step, in_shardings=in_sh, out_shardings=(state_sh, replicated),
                  donate_argnums=0)
 
 

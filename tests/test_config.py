@@ -118,3 +118,105 @@ def test_command_line_rejects_unknown_key_and_bad_mesh_before_compiling(tmp_path
   assert "config.mesh data*fsdp*tensor = 1*-1*3 does not fit the 8 devices" in out.stderr
   # Nothing was built: the workdir has no stage output.
   assert not os.path.exists(tmp_path / "rw")
+
+
+# ---- data.* : every data pipeline option is a config key --------------------------------------
+
+# The PipelineOptions fields a config does not carry: they come from train.*, seed and the runtime.
+NOT_DATA_KEYS = ("batch_size", "seed", "process_index", "process_count")
+
+
+def test_every_pipeline_option_is_a_data_key_with_the_pipeline_default():
+  import dataclasses
+  from saro_jax.data import pipeline
+  data = config_lib.DataConfig()
+  for f in dataclasses.fields(pipeline.PipelineOptions):
+    if f.name in NOT_DATA_KEYS or f.default is dataclasses.MISSING:
+      continue
+    assert hasattr(data, f.name), f"PipelineOptions.{f.name} cannot be set from a config"
+    assert tuple(getattr(data, f.name)) == tuple(f.default) if isinstance(f.default, tuple) else (
+        getattr(data, f.name) == f.default), f.name
+
+
+def _command_line_config(*overrides: str) -> ml_collections.ConfigDict:
+  """``configs/saro.py`` with ``--config.*`` overrides, parsed as main.py parses them."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["main", f"--config={os.path.join(ROOT, 'configs', 'saro.py')}", *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+DATA_OVERRIDES = {"max_prompt_length": 48, "truncation": "drop", "response_truncation": "drop",
+                  "min_response_tokens": 3, "length_buckets": (64, 256), "drop_remainder": True,
+                  "read_threads": 2, "prefetch_workers": 1}
+
+
+def test_data_options_set_on_the_command_line_reach_the_pipeline(monkeypatch):
+  from saro_jax import engine
+  from saro_jax.data import pipeline
+  saro = _command_line_config(*(
+      f"--config.rw.data.{k}={v if not isinstance(v, tuple) else ','.join(map(str, v))}"
+      for k, v in DATA_OVERRIDES.items()))
+  cfg = training_config(saro, "rw", device_count=8)
+  built = []
+
+  class Built(Exception):
+    pass
+
+  def capture(kind, sources, tokenizer, options):
+    built.append(options)
+    raise Built  # the options are what this test checks; no worker process is started
+
+  monkeypatch.setattr(pipeline, "_examples", capture)
+  with pytest.raises(Built):
+    engine.batches("sft", cfg, tokenizer=None)
+  options = built[0]
+  for key, value in DATA_OVERRIDES.items():
+    assert getattr(options, key) == value, key
+  assert options.max_length == 256 and options.batch_size == cfg.train.batch_size
+
+
+def test_data_options_change_the_batches():
+  """Two of the keys, end to end through the real pipeline on the bundled data: length buckets
+  shorten rows; a prompt limit with truncation "drop" drops (and counts) long prompts."""
+  import transformers
+  from saro_jax import engine
+  from saro_jax.data import bundled
+  tok = transformers.AutoTokenizer.from_pretrained(bundled.path("tokenizer"))
+  saro = load_config("saro")
+  buckets = (192, 224, 256)  # the bundled traces' batches hold rows of 179..256 tokens
+  saro.rw.data.update(length_buckets=buckets, max_prompt_length=24, truncation="drop",
+                      pack=False, shuffle=False, num_epochs=1)
+  it = engine.batches("sft", training_config(saro, "rw", device_count=8), tok)
+  lengths = []
+  for b in it:
+    longest = int((b["segment_ids"] > 0).sum(axis=1).max())
+    assert b["tokens"].shape[1] == min(x for x in buckets if x >= longest)
+    lengths.append(b["tokens"].shape[1])
+  stats = it.stats.as_dict()
+  assert min(lengths) < 256, lengths
+  assert stats["dropped/prompt_too_long"] > 0
+  assert stats["examples"] + stats["dropped"] == stats["source/kept"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("max_prompt_length", 256, r"config.rw.data.max_prompt_length=256 must be 0 \(no prompt limit\) or below rw.data.max_length=256"),
+    ("max_prompt_length", -1, r"config.rw.data.max_prompt_length=-1"),
+    ("truncation", "middle", r"config.rw.data.truncation='middle' is not one of"),
+    ("response_truncation", "trim", r"config.rw.data.response_truncation='trim' is not one of \['cut', 'drop'\]"),
+    ("min_response_tokens", 0, r"config.rw.data.min_response_tokens=0 must be > 0"),
+    ("min_response_tokens", 1.5, r"config.rw.data.min_response_tokens=1.5 must be an integer"),
+    ("length_buckets", (64, 100), r"config.rw.data.length_buckets=\(64, 100\) must be .* largest equal to rw.data.max_length=256"),
+    ("length_buckets", (0, 256), r"config.rw.data.length_buckets=\(0, 256\) must be positive"),
+    ("drop_remainder", "yes", r"config.rw.data.drop_remainder='yes' must be true/false"),
+    ("read_threads", -1, r"config.rw.data.read_threads=-1 must be >= 0"),
+    ("prefetch_workers", -2, r"config.rw.data.prefetch_workers=-2 must be >= 0"),
+])
+def test_bad_data_option_names_its_key(key, value, message):
+  raw = load_config("saro").to_dict()
+  raw["rw"]["data"][key] = value  # a config file can build any value; flags check types first
+  with pytest.raises(ConfigError, match=message):
+    training_config(ml_collections.ConfigDict(raw), "rw", device_count=8)

@@ -10,8 +10,9 @@ import transformers
 from flax import nnx
 
 import tiny_hf
-from saro_jax import checkpoint, losses, optimizer, train
+from saro_jax import checkpoint, optimizer, train
 from saro_jax.models import hf, lora
+from saro_jax.stages import rw
 
 CFG = lora.LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "down"))
 
@@ -29,14 +30,14 @@ def logits(graphdef, params, batch):
 
 
 def sft_loss(graphdef, params, batch):
+  """The RW stage's loss on every real token of ``batch`` (tokens, positions, segment ids)."""
   tokens, positions, segments = batch
-  model = nnx.merge(graphdef, params)
-  hidden = model.hidden_states(tokens, positions, segments)
-  targets, mask = losses.shift_targets(tokens, segments, segments)
-  logps = losses.token_logps(hidden, model.unembed_DxV(), targets,
-                             vocab_size=model.config.vocab_size, chunk_size=16)
-  nll, count = losses.sft_loss(logps, mask)
-  return nll / jnp.maximum(count, 1)
+  sft = {"tokens": tokens, "positions": positions, "segment_ids": segments,
+         "loss_mask": (segments > 0).astype(jnp.int32)}
+  vocab = nnx.merge(graphdef, params).config.vocab_size
+  loss_fn = rw.make_loss_fn(graphdef, vocab_size=vocab, chunk_size=16)
+  loss, _ = loss_fn(params, sft, rw.target_token_count(sft))
+  return loss
 
 
 def test_config_is_validated():
@@ -142,10 +143,8 @@ def test_stage_config_lora_section():
   cfg.lora = ml_collections.ConfigDict(dict(rank=4, targets=("q", "qkv")))
   with pytest.raises(config_lib.ConfigError, match=r"config.lora.targets.*qkv"):
     config_lib.training_config(cfg, device_count=1)
-  # Until the stage engine calls models/lora.py, rank > 0 is refused, never silently ignored.
-  cfg.lora = ml_collections.ConfigDict(dict(rank=4))
-  with pytest.raises(config_lib.ConfigError, match="not wired"):
-    config_lib.training_config(cfg, device_count=1)
+  cfg.lora = ml_collections.ConfigDict(dict(rank=4))  # the stages train it (test_lora_stages.py)
+  assert config_lib.training_config(cfg, device_count=1).lora == lora.LoraConfig(rank=4)
 
 
 @pytest.mark.heavy

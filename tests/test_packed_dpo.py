@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saro_jax import engine, losses, models
+from saro_jax import engine, logps, losses, models
 from saro_jax.data import batching, bundled, pipeline
-from saro_jax.stages import reference
 from test_prefix_dpo import LAYERS, U, first_batch, logp_sum_bound, mixed_pairs_file, pair, \
     sensitive_model
 
@@ -54,10 +53,10 @@ def setup(tmp_path_factory):
   assert sorted(ids[ids >= 0].tolist()) == sorted(one["example_id"][:, 0].tolist())
   assert (packed["example_id"] >= 0).sum(axis=1).max() >= 2, "some row must hold several pairs"
   vocab = len(tokenizer)
-  f = lambda trees: jax.jit(lambda b: reference.pair_logps(model, b, vocab_size=vocab,
+  f = lambda trees: jax.jit(lambda b: logps.pair_logps(model, b, vocab_size=vocab,
                                                            chunk_size=128, trees=trees))
-  out_one = jax.device_get(f(1)({k: one[k] for k in reference.TREE_KEYS}))
-  out_packed = jax.device_get(f(TREES)({k: packed[k] for k in reference.TREE_KEYS}))
+  out_one = jax.device_get(f(1)({k: one[k] for k in logps.TREE_KEYS}))
+  out_packed = jax.device_get(f(TREES)({k: packed[k] for k in logps.TREE_KEYS}))
   max_logit = float(jax.jit(lambda t, p, s, br: jnp.max(jnp.abs(
       model.hidden_states(t, p, s, br) @ model.unembed_DxV()[:, :vocab])))(
           one["tokens"], one["positions"], one["segment_ids"], one["branch_ids"]))
@@ -96,7 +95,7 @@ def test_packed_dpo_loss_and_gradients_equal(setup):
   refs = lambda ids, table: jnp.asarray([table.get(int(i), 0.0) for i in ids.reshape(-1)])
 
   def loss_fn(m, b, ids, trees):
-    o = reference.pair_logps(m, b, vocab_size=vocab, chunk_size=128, trees=trees)
+    o = logps.pair_logps(m, b, vocab_size=vocab, chunk_size=128, trees=trees)
     return losses.dpo_loss(o["chosen_logps"], o["rejected_logps"], refs(ids, ref_c),
                            refs(ids, ref_r), chosen_lengths=o["chosen_lengths"],
                            rejected_lengths=o["rejected_lengths"], beta=beta)[0]
@@ -104,7 +103,7 @@ def test_packed_dpo_loss_and_gradients_equal(setup):
   results = []
   for batch, trees in ((one, 1), (packed, TREES)):
     grad = jax.jit(nnx.value_and_grad(lambda m, b: loss_fn(m, b, batch["example_id"], trees)))
-    loss, g = grad(model, {k: batch[k] for k in reference.TREE_KEYS})
+    loss, g = grad(model, {k: batch[k] for k in logps.TREE_KEYS})
     results.append((float(loss), np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])))
   (loss_1, g_1), (loss_p, g_p) = results
   # As in test_prefix_dpo: z moves by at most the two per-pair sum bounds; the loss by beta * dz;

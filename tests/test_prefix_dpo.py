@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saro_jax import engine, losses, models
+from saro_jax import engine, logps, losses, models
 from saro_jax.data import batching, bundled, pipeline
 from saro_jax.models import transformer
 from saro_jax.models.config import ModelConfig
-from saro_jax.stages import reference
 
 U = 2.0 ** -24  # fp32 unit roundoff
 LAYERS = 2
@@ -74,8 +73,8 @@ def first_batch(source: str, tokenizer, **kw) -> dict:
 
 def logps_fn(model, vocab_size: int, trees: int = 1):
   """A fresh jit each call, so monkeypatched internals are traced."""
-  keys = reference.TREE_KEYS
-  return jax.jit(lambda b: reference.pair_logps(model, b, vocab_size=vocab_size, chunk_size=128,
+  keys = logps.TREE_KEYS
+  return jax.jit(lambda b: logps.pair_logps(model, b, vocab_size=vocab_size, chunk_size=128,
                                                 trees=trees)), keys
 
 
@@ -88,8 +87,8 @@ def setup(tmp_path_factory):
   shared = first_batch(source, tokenizer, batch_size=8, max_length=MAX_LENGTH, prefix_sharing=True)
   np.testing.assert_array_equal(shared["example_id"][:, 0], unshared["example_id"])
   assert (unshared["shared_len"] > 0).all()
-  f = jax.jit(lambda b: reference.pair_logps(model, b, vocab_size=len(tokenizer), chunk_size=128))
-  ref = jax.device_get(f({k: unshared[k] for k in reference.PAIR_KEYS}))
+  f = jax.jit(lambda b: logps.pair_logps(model, b, vocab_size=len(tokenizer), chunk_size=128))
+  ref = jax.device_get(f({k: unshared[k] for k in logps.PAIR_KEYS}))
   max_logit = float(jax.jit(lambda t, p, s: jnp.max(jnp.abs(model(t, p, s))))(
       unshared["chosen_tokens"], unshared["chosen_positions"], unshared["chosen_segment_ids"]))
   return dict(tokenizer=tokenizer, source=source, model=model, unshared=unshared, shared=shared,
@@ -105,8 +104,8 @@ def bound_for(setup, side: str):
 def shared_logps(setup, batch=None):
   model, vocab = setup["model"], len(setup["tokenizer"])
   batch = setup["shared"] if batch is None else batch
-  f = jax.jit(lambda b: reference.pair_logps(model, b, vocab_size=vocab, chunk_size=128))
-  return jax.device_get(f({k: batch[k] for k in reference.TREE_KEYS}))
+  f = jax.jit(lambda b: logps.pair_logps(model, b, vocab_size=vocab, chunk_size=128))
+  return jax.device_get(f({k: batch[k] for k in logps.TREE_KEYS}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,14 +239,14 @@ def test_dpo_loss_and_gradients_equal(setup):
   ref_r = jnp.asarray(ref["rejected_logps"]) * 1.01
 
   def loss_fn(m, b):
-    o = reference.pair_logps(m, b, vocab_size=vocab, chunk_size=128)
+    o = logps.pair_logps(m, b, vocab_size=vocab, chunk_size=128)
     return losses.dpo_loss(o["chosen_logps"], o["rejected_logps"], ref_c, ref_r,
                            chosen_lengths=o["chosen_lengths"],
                            rejected_lengths=o["rejected_lengths"], beta=beta)[0]
 
   grad = jax.jit(nnx.value_and_grad(loss_fn))
-  loss_u, g_u = grad(model, {k: setup["unshared"][k] for k in reference.PAIR_KEYS})
-  loss_s, g_s = grad(model, {k: setup["shared"][k] for k in reference.TREE_KEYS})
+  loss_u, g_u = grad(model, {k: setup["unshared"][k] for k in logps.PAIR_KEYS})
+  loss_s, g_s = grad(model, {k: setup["shared"][k] for k in logps.TREE_KEYS})
   flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]).astype(np.float64)
   g_u, g_s = flat(g_u), flat(g_s)
   # The loss is a mean over pairs of -log sigmoid(beta * z), |d/dz| <= beta, and z moves by at

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import error_model as em
-from saro_jax import engine, models
+from saro_jax import engine, logps, models
 from saro_jax.config import training_config
 from saro_jax.stages import reference, srpo
 
@@ -124,7 +124,7 @@ def test_micro_batched_reference_equals_one_pass(pairs_file):
     model = models.init_random(_random_config(cfg, tokenizer), seed=0, mesh=mesh)
     graphdef, params = train.split_model(model)
     host = next(pipeline.dpo_batches(pairs_file, tokenizer, batch_size=8, max_length=64, seed=0))
-    batch = train.put_batch({k: host[k] for k in reference.PAIR_KEYS}, mesh)
+    batch = train.put_batch({k: host[k] for k in logps.PAIR_KEYS}, mesh)
     outs = [jax.device_get(reference.make_reference_fn(
         graphdef, vocab_size=len(tokenizer), chunk_size=16, micro_batches=a, mesh=mesh)(params, batch))
         for a in (1, 4)]

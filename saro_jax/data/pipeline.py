@@ -175,7 +175,9 @@ _TOKENIZE = {"rw": tokenize.tokenize_rw, "preference": tokenize.tokenize_pref}
 
 @dataclasses.dataclass(frozen=True)
 class PipelineOptions:
-  """The keyword options ``sft_batches`` and ``dpo_batches`` share: one name, one default each."""
+  """The keyword options ``sft_batches`` and ``dpo_batches`` share: one name, one default each
+  (the tokenizer's come from ``tokenize.TokenizeOptions``; ``config.DataConfig`` takes them all
+  from here)."""
   batch_size: int  # GLOBAL rows (RW) / pairs, or rows with packed DPO trees, per step
   max_length: int
   shuffle: bool = True
@@ -183,15 +185,17 @@ class PipelineOptions:
   num_epochs: int = 0  # 0 = repeat forever
   on_error: str = "raise"  # a bad record: "raise" or "skip" (counted)
   reasoning_tags: Sequence[str] = formats.DEFAULT_TAGS
-  truncation: str = "keep_end"  # prompts over max_prompt_length: keep_end | keep_start | drop
-  max_prompt_length: int | None = None
-  response_truncation: str = "cut"  # completions past max_length: cut | drop
-  min_response_tokens: int = 1
-  length_buckets: Sequence[int] | None = None
+  # prompts over max_prompt_length: keep_end | keep_start | drop
+  truncation: str = tokenize.TokenizeOptions.prompt_truncation
+  max_prompt_length: int = tokenize.TokenizeOptions.max_prompt_length  # 0 = no prompt limit
+  # completions past max_length: cut | drop
+  response_truncation: str = tokenize.TokenizeOptions.response_truncation
+  min_response_tokens: int = tokenize.TokenizeOptions.min_response_tokens
+  length_buckets: Sequence[int] = ()  # () = every batch is max_length long; else ends at it
   process_index: int | None = None  # None = this JAX process
   process_count: int | None = None
-  drop_remainder: bool = False
-  read_threads: int = 0
+  drop_remainder: bool = False  # a last partial batch: dropped, or padded with empty rows
+  read_threads: int = 0  # grain read threads (0 = read in the calling thread)
   prefetch_workers: int = 0  # > 0: grain worker processes
 
 

@@ -42,12 +42,12 @@ class TokenizeOptions:
 
   ``max_prompt_length``: prompts (plus a preference prefix) longer than this are cut by
   ``prompt_truncation`` ("keep_end" keeps the last tokens, "keep_start" the first, "drop" drops
-  the record); ``None`` = no separate prompt limit. Then the completion is cut to the room left
+  the record); 0 = no separate prompt limit. Then the completion is cut to the room left
   in ``max_length`` ("cut") or the record dropped ("drop"); a record keeping fewer than
   ``min_response_tokens`` completion tokens is dropped.
   """
   max_length: int
-  max_prompt_length: int | None = None
+  max_prompt_length: int = 0
   prompt_truncation: str = "keep_end"
   response_truncation: str = "cut"
   min_response_tokens: int = 1
@@ -61,8 +61,8 @@ class TokenizeOptions:
     if self.response_truncation not in RESPONSE_TRUNCATIONS:
       raise ValueError(
           f"response_truncation must be one of {RESPONSE_TRUNCATIONS}, got {self.response_truncation!r}")
-    if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
-      raise ValueError(f"max_prompt_length must be in (0, max_length={self.max_length}),"
+    if not 0 <= self.max_prompt_length < self.max_length:
+      raise ValueError(f"max_prompt_length must be 0 (no limit) or in [1, max_length={self.max_length}),"
                        f" got {self.max_prompt_length}")
     if self.min_response_tokens < 1:
       raise ValueError(f"min_response_tokens must be >= 1, got {self.min_response_tokens}")
@@ -212,7 +212,7 @@ def _split_assistant(tokenizer, text: str, spans, prefix: str, specials, rid: st
 def _fit_prompt(prompt: list[int], opts: TokenizeOptions) -> tuple[list[int] | None, list[str]]:
   """Prompt ids after the prompt policy (None = dropped) and the events to count."""
   limit = opts.max_prompt_length
-  if limit is None or len(prompt) <= limit:
+  if not limit or len(prompt) <= limit:
     return prompt, []
   if opts.prompt_truncation == "drop":
     return None, ["dropped/prompt_too_long"]

@@ -9,6 +9,7 @@
   "<org>/<name>"              an HF hub id
   "<stage workdir>"           a training stage's workdir or its ``checkpoints/`` dir: the newest
                               step's weights, with the ModelConfig and tokenizer the stage recorded
+                              (a LoRA stage: its base, rebuilt as recorded, with the adapters merged)
 
 ``tokenizer`` (``config.model.tokenizer``): "" = the one that goes with ``init_from`` (beside the
 weights, or the one a stage recorded); "bundled" = the bundled tiny BPE tokenizer; else an HF dir,
@@ -35,7 +36,7 @@ from saro_jax import checkpoint as ckpt_lib
 from saro_jax import sharding
 from saro_jax.config import RANDOM_INIT, ConfigError, ModelSpec, section
 from saro_jax.data import bundled
-from saro_jax.models import gguf, hf
+from saro_jax.models import gguf, hf, lora
 from saro_jax.models.config import ModelConfig
 from saro_jax.models.transformer import Transformer
 
@@ -115,15 +116,72 @@ def load(spec: Spec, *, tokenizer=None, mesh: Mesh | None = None, rules=None, se
                        rules=rules)
   stage_dir = ckpt_lib.find_stage_checkpoint(spec.init_from)
   if stage_dir is not None:
-    config = ModelConfig.from_dict(ckpt_lib.read_model_meta(stage_dir)["model_config"])
-    config = config.replace(**changes)
+    meta = ckpt_lib.read_model_meta(stage_dir)
+    config = ModelConfig.from_dict(meta["model_config"]).replace(**changes)
     mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    params = ckpt_lib.restore_params(stage_dir, abstract_params(config, mesh, rules))
-    return merge(nnx.split(abstract_model(config), nnx.Param)[0], params)
+    graphdef = nnx.split(abstract_model(config), nnx.Param)[0]
+    if "lora" not in meta:
+      return merge(graphdef, ckpt_lib.restore_params(stage_dir, abstract_params(config, mesh, rules)))
+    record = meta["lora"]
+    base = lora_base(record, ModelConfig.from_dict(meta["model_config"]), stage_dir=stage_dir,
+                     tokenizer=tokenizer, mesh=mesh, rules=rules)
+    adapters = ckpt_lib.restore_params(stage_dir, ckpt_lib.abstract(
+        lora.init_adapters(base, lora_config(record), record["seed"])))
+    merged = lora.merged_params(base, adapters, lora_config(record))
+    return merge(graphdef, jax.tree.map(lambda x: x.astype(config.param_dtype), merged))
   path = weights_path(spec.init_from)
   if path.endswith(".gguf"):
     return gguf.load_gguf(path, mesh=mesh, rules=rules, **changes)
   return hf.load_hf(path, mesh=mesh, rules=rules, allow_pickle=allow_pickle, **changes)
+
+
+LORA_BASE_SUBDIR = "lora_base"  # a random base's weights, in a LoRA stage's checkpoint dir
+
+
+def lora_record(spec: Spec, lora_cfg: lora.LoraConfig, base: nnx.State, *, seed: int,
+                stage_dir: str) -> dict:
+  """What a LoRA stage's ``model.json`` keeps: the adapters' config and how to rebuild the frozen
+  base (its spec, paths made absolute, and seed), with the base's checksum to verify it by.
+
+  A base read from files (HF dir, .gguf, a stage) is read again on resume. A "random" base is
+  written to ``<stage_dir>/lora_base`` instead: its draws differ in the last bits between meshes
+  (XLA partitions the initializers' arithmetic), so redrawing it elsewhere would not give it back."""
+  spec = as_spec(spec)
+  base_spec = dataclasses.asdict(spec)
+  for key in ("init_from", "tokenizer"):
+    if base_spec[key] and os.path.exists(base_spec[key]):
+      base_spec[key] = os.path.abspath(base_spec[key])
+  record = {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "targets": list(lora_cfg.targets),
+            "seed": seed, "base": base_spec, "base_checksum": ckpt_lib.tree_checksum(base)}
+  if spec.init_from == RANDOM_INIT:
+    ckpt_lib.save_weights(os.path.join(stage_dir, LORA_BASE_SUBDIR), base)
+    record["base_saved"] = LORA_BASE_SUBDIR
+  return record
+
+
+def lora_config(record: Mapping[str, Any]) -> lora.LoraConfig:
+  """The LoraConfig a stage recorded (``lora_record``)."""
+  return lora.LoraConfig(rank=record["rank"], alpha=record["alpha"], targets=tuple(record["targets"]))
+
+
+def lora_base(record: Mapping[str, Any], config: ModelConfig, *, stage_dir: str, tokenizer=None,
+              mesh: Mesh | None = None, rules=None) -> nnx.State:
+  """A LoRA stage's frozen base params (of ``config``), rebuilt as ``lora_record`` wrote them down;
+  raises if they are not bit for bit the weights the adapters were trained on."""
+  mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  if record.get("base_saved"):
+    base = ckpt_lib.restore_weights(os.path.join(stage_dir, record["base_saved"]),
+                                    abstract_params(config, mesh, rules))
+  else:
+    _, base = split(load(as_spec(record["base"]), tokenizer=tokenizer, mesh=mesh, rules=rules,
+                         seed=record["seed"]))
+  got = ckpt_lib.tree_checksum(base)
+  if got != record["base_checksum"]:
+    raise ckpt_lib.CheckpointError(
+        f"the LoRA base {record['base']['init_from']!r} is not the weights the adapters were"
+        f" trained on (checksum {got} != recorded {record['base_checksum']}); restore those"
+        " weights or start the stage afresh in a new workdir")
+  return base
 
 
 def export(model: Transformer, tokenizer, out_dir: str | os.PathLike, *,

@@ -1,4 +1,4 @@
-"""Per-sequence log-probs of preference pairs, and the DPO reference model in its three modes.
+"""The DPO reference model in its three modes (its forward is ``logps.pair_logps``, the policy's).
 
   live         a frozen, sharded copy of the reference weights; one forward per step (no grads)
   precomputed  one pass over the pairs before training writes per-example reference log-probs to
@@ -25,82 +25,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from saro_jax import losses, sharding, train
+from saro_jax import logps, sharding, train
 from saro_jax.config import StageConfig
 
 log = logging.getLogger(__name__)
 
-PAIR_KEYS = tuple(f"{side}_{name}" for side in ("chosen", "rejected")
-                  for name in ("tokens", "positions", "segment_ids", "loss_mask"))
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
-# Prefix-shared layout (``dpo.prefix_sharing``): one row per pair, or several (``dpo.pairs_per_row``)
-# as segments 1..T; see ``data.batching.tree_rows``.
-TREE_KEYS = ("tokens", "positions", "segment_ids", "branch_ids", "loss_mask")
-
-
-def input_keys(prefix_sharing: bool) -> tuple[str, ...]:
-  """The batch entries the SRPO step and the reference forward read (all [rows, L])."""
-  return TREE_KEYS if prefix_sharing else PAIR_KEYS
-
-
-def pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_size: int,
-               chunk_size: int, trees: int = 1) -> dict[str, jax.Array]:
-  """Chosen and rejected in ONE forward of 2B rows: summed completion log-probs [B], completion
-  lengths [B] and summed per-token mean logits [B] (TRL's ``logits/*``).
-
-  A prefix-shared batch (it has ``branch_ids``) goes to ``tree_pair_logps``; its outputs are
-  [rows * trees] (tree slot k of row r at r * trees + k; empty slots have lengths 0)."""
-  if "branch_ids" in batch:
-    return tree_pair_logps(model, batch, vocab_size=vocab_size, chunk_size=chunk_size,
-                           trees=trees)
-  both = {name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
-          for name in ("tokens", "positions", "segment_ids", "loss_mask")}
-  hidden_2BxLxD = model.hidden_states(both["tokens"], both["positions"], both["segment_ids"])
-  targets_2BxL, mask_2BxL = losses.shift_targets(both["tokens"], both["loss_mask"],
-                                                 both["segment_ids"])
-  logps_2BxL, mean_logits_2BxL = losses.token_logps_and_mean_logits(
-      hidden_2BxLxD, model.unembed_DxV(), targets_2BxL, vocab_size=vocab_size,
-      chunk_size=chunk_size)
-  logps_2B, lengths_2B = losses.sequence_sums(logps_2BxL, mask_2BxL)
-  logit_sums_2B, _ = losses.sequence_sums(mean_logits_2BxL, mask_2BxL)
-  b = batch["chosen_tokens"].shape[0]
-  out = {}
-  for i, side in enumerate(("chosen", "rejected")):
-    rows = slice(i * b, (i + 1) * b)
-    out[f"{side}_logps"] = logps_2B[rows]
-    out[f"{side}_lengths"] = lengths_2B[rows]
-    out[f"{side}_logit_sums"] = logit_sums_2B[rows]
-  return out
-
-
-def tree_pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_size: int,
-                    chunk_size: int, trees: int) -> dict[str, jax.Array]:
-  """``pair_logps`` for prefix-shared rows: ONE forward of R rows ``[shared | chosen | rejected]``
-  (up to ``trees`` per row), the shared part computed once.
-
-  Each completion token is scored from the hidden state of its predecessor in ITS OWN sequence
-  (``losses.tree_targets``): rejected's first token from the trunk's last token, exactly as in the
-  unshared row. The hidden states are gathered to the target positions (a [R, L, D] copy, small
-  next to the log-prob matmul), so one chunked log-prob pass serves both branches.
-  """
-  hidden_RxLxD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
-                                     batch["branch_ids"])
-  source_RxL, mask_RxL = losses.tree_targets(batch["loss_mask"], batch["segment_ids"],
-                                             batch["branch_ids"])
-  source_hidden_RxLxD = jnp.take_along_axis(hidden_RxLxD, source_RxL[..., None], axis=1)
-  logps_RxL, mean_logits_RxL = losses.token_logps_and_mean_logits(
-      source_hidden_RxLxD, model.unembed_DxV(), batch["tokens"], vocab_size=vocab_size,
-      chunk_size=chunk_size)
-  out = {}
-  for branch, side in ((1, "chosen"), (2, "rejected")):
-    sums = lambda values_RxL: losses.tree_sums(values_RxL, mask_RxL, batch["segment_ids"],
-                                               batch["branch_ids"], branch, trees)
-    logps_RxT, lengths_RxT = sums(logps_RxL)
-    logit_sums_RxT, _ = sums(mean_logits_RxL)
-    out[f"{side}_logps"] = logps_RxT.reshape(-1)
-    out[f"{side}_lengths"] = lengths_RxT.reshape(-1)
-    out[f"{side}_logit_sums"] = logit_sums_RxT.reshape(-1)
-  return out
 
 
 def make_reference_fn(graphdef: nnx.GraphDef, *, vocab_size: int, chunk_size: int,
@@ -110,7 +40,7 @@ def make_reference_fn(graphdef: nnx.GraphDef, *, vocab_size: int, chunk_size: in
   ``trees`` (prefix-shared batches): outputs are [rows, trees], like the batch's tree slots."""
 
   def one(params, batch):
-    out = pair_logps(train.merge_model(graphdef, params), batch, vocab_size=vocab_size,
+    out = logps.pair_logps(train.merge_model(graphdef, params), batch, vocab_size=vocab_size,
                      chunk_size=chunk_size, trees=trees or 1)
     if trees is None:
       return out["chosen_logps"], out["rejected_logps"]
@@ -146,6 +76,9 @@ def fingerprint(params) -> str:
 def cache_key(cfg: StageConfig, tokenizer, params) -> str:
   data = {"sources": cfg.data.sources, "max_length": cfg.data.max_length, "pack": cfg.data.pack,
           "truncation": cfg.data.truncation, "tags": list(cfg.data.reasoning_tags),
+          # what tokenization keeps of a pair (its log-probs change with them)
+          "cut": [cfg.data.max_prompt_length, cfg.data.response_truncation,
+                  cfg.data.min_response_tokens],
           "tokenizer": [getattr(tokenizer, "name_or_path", ""), len(tokenizer)],
           "weights": fingerprint(params), "process_count": jax.process_count()}
   if cfg.dpo is not None and cfg.dpo.prefix_sharing:  # trees may be cut differently
@@ -154,7 +87,7 @@ def cache_key(cfg: StageConfig, tokenizer, params) -> str:
 
 
 def precompute(ref_fn: Callable, ref_params, batches: Iterable[Mapping[str, np.ndarray]],
-               mesh: Mesh, path: str, keys: tuple[str, ...] = PAIR_KEYS
+               mesh: Mesh, path: str, keys: tuple[str, ...] = logps.PAIR_KEYS
                ) -> dict[int, tuple[float, float]]:
   """One pass over ``batches`` (one epoch, this process's shard): example_id -> (chosen, rejected)."""
   if os.path.exists(path):

@@ -1,8 +1,9 @@
 """Safety-oriented Reasoning Process Optimization (SRPO): DPO on outcome- and process-level pairs.
 
 The policy starts from ``model.init_from`` (in the SaRO pipeline: the RW result) and the reference
-is ``dpo.reference_from`` or, by default, those same starting weights. See ``reference.py`` for the
-three reference modes; the step itself is one function for all of them.
+is ``dpo.reference_from`` or, by default, those same starting weights (with LoRA: the frozen base,
+i.e. the adapters off). See ``reference.py`` for the three reference modes; the step itself is one
+function for all of them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from saro_jax import engine, losses, models, sharding, train
+from saro_jax import engine, logps, losses, models, sharding, train
 from saro_jax.config import StageConfig
 from saro_jax.stages import reference
 
@@ -29,7 +30,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: StageConfig, *, vocab_size: int):
   reference_free = dpo.reference == "none"
 
   def loss_fn(params, batch, n_micro_batches):
-    out = reference.pair_logps(models.merge(graphdef, params), batch, vocab_size=vocab_size,
+    out = logps.pair_logps(models.merge(graphdef, params), batch, vocab_size=vocab_size,
                                chunk_size=cfg.train.logps_chunk, trees=dpo.pairs_per_row)
     loss, metrics = losses.dpo_loss(
         out["chosen_logps"], out["rejected_logps"],
@@ -45,7 +46,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: StageConfig, *, vocab_size: int):
 
 
 def batch_ndims(cfg: StageConfig) -> dict[str, int]:
-  ndims = {k: 2 for k in reference.input_keys(cfg.dpo.prefix_sharing)}
+  ndims = {k: 2 for k in logps.input_keys(cfg.dpo.prefix_sharing)}
   if cfg.dpo.reference != "none":  # prefix-shared: [rows, pairs_per_row]
     ndims.update({k: 2 if cfg.dpo.prefix_sharing else 1 for k in reference.REF_KEYS})
   return ndims
@@ -72,8 +73,11 @@ def one_epoch_batches(cfg: StageConfig, tokenizer) -> Iterator[dict]:
 
 
 def _reference_params(s: engine.Setup):
-  """The reference weights, sharded like the policy's."""
+  """The reference weights, sharded like the policy's. LoRA: the frozen base itself (the model
+  with its adapters off), no second copy of the weights."""
   dpo = s.cfg.dpo
+  if not dpo.reference_from and s.base is not None:
+    return s.base
   if not dpo.reference_from and not s.resumed:
     return jax.tree.map(jnp.copy, s.state.params)  # the start weights, before any update
   spec = dataclasses.replace(s.cfg.model, init_from=dpo.reference_from or s.cfg.model.init_from)
@@ -85,7 +89,7 @@ def _reference_params(s: engine.Setup):
 def to_device_fn(s: engine.Setup):
   """Host batch -> device batch with the reference log-probs the step expects."""
   cfg = s.cfg
-  keys = reference.input_keys(cfg.dpo.prefix_sharing)
+  keys = logps.input_keys(cfg.dpo.prefix_sharing)
   if cfg.dpo.reference == "none":
     return lambda host: train.put_batch({k: host[k] for k in keys}, s.mesh)
   ref_params = _reference_params(s)
