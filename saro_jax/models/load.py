@@ -42,7 +42,7 @@ from saro_jax.models.transformer import Transformer
 SMOLLM2_ALIASES = ("smollm2", "smollm2_gguf")
 BUNDLED_TOKENIZER = "bundled"
 # ModelConfig fields a spec may set on top of what the weights' own config says.
-_OVERRIDES = ("param_dtype", "compute_dtype", "remat", "attention_impl")
+_OVERRIDES = ("param_dtype", "compute_dtype", "remat", "attention_impl", "scan_layers")
 
 Spec = str | ModelSpec | Mapping[str, Any]
 
@@ -115,10 +115,14 @@ def load(spec: Spec, *, tokenizer=None, mesh: Mesh | None = None, rules=None, se
                        rules=rules)
   stage_dir = ckpt_lib.find_stage_checkpoint(spec.init_from)
   if stage_dir is not None:
-    config = ModelConfig.from_dict(ckpt_lib.read_model_meta(stage_dir)["model_config"])
-    config = config.replace(**changes)
+    saved = ModelConfig.from_dict(ckpt_lib.read_model_meta(stage_dir)["model_config"])
+    config = saved.replace(**changes)
     mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    params = ckpt_lib.restore_params(stage_dir, abstract_params(config, mesh, rules))
+    # Restored in the layout it was written in (scan_layers), then restacked if asked otherwise.
+    as_saved = config.replace(scan_layers=saved.scan_layers)
+    params = ckpt_lib.restore_params(stage_dir, abstract_params(as_saved, mesh, rules))
+    if config.scan_layers != saved.scan_layers:
+      params = relayout_params(params, config, mesh, rules)
     return merge(nnx.split(abstract_model(config), nnx.Param)[0], params)
   path = weights_path(spec.init_from)
   if path.endswith(".gguf"):
@@ -189,6 +193,17 @@ def init_random(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None,
     return nnx.state(Transformer(config, rngs=nnx.Rngs(seed)))
 
   return nnx.merge(graphdef, jax.jit(make_state, out_shardings=out_shardings)())
+
+
+def relayout_params(params: nnx.State, config: ModelConfig, mesh: Mesh, rules=None) -> nnx.State:
+  """Params of the other layer layout (per-layer <-> stacked) as the params of ``config``'s
+  layout (``config.scan_layers``), placed on ``mesh`` as that layout's shardings say."""
+  from saro_jax.models import transformer
+  params = (transformer.stack_layers(params, config.num_layers) if config.scan_layers
+            else transformer.unstack_layers(params))
+  target = abstract_params(config, mesh, rules)
+  return jax.tree.map(lambda v, t: v.replace(jax.device_put(v[...], t.sharding)), params, target,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
