@@ -30,7 +30,7 @@ from saro_jax.models.transformer import stack_layers, unstack_layers
 from saro_jax.optimizer import make_optimizer
 from saro_jax.stages import reference, srpo
 
-FAMILIES = ("qwen2", "qwen3", "gemma", "mistral")  # biases, qk-norm + tied, (1+w) norms, window
+FAMILIES = ("qwen2", "qwen3", "gemma")  # biases; qk-norm + tied; (1+w) norms + gelu
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +147,7 @@ def _assert_same_params(plain_run, scanned_state, grad_depth, what):
   assert worst <= 1.0, f"{what}: parameters differ beyond the Adam error model ({worst:.2f}x)"
 
 
+@pytest.mark.heavy
 def test_rw_steps_equal():
   """Two RW steps (AdamW) on a 1x2x4 mesh, scanned + remat=block vs per-layer: same losses and
   parameters within tests/test_train.py's derived bounds."""
@@ -188,6 +189,7 @@ def _srpo_steps(config, cfg, tokenizer, host_batches, mesh):
   return state, metrics_, sqrt_v
 
 
+@pytest.mark.heavy
 def test_srpo_steps_equal(tmp_path):
   """Two SRPO (DPO, live reference) steps, scanned vs per-layer, on a 1x2x4 mesh."""
   import test_stages_srpo
@@ -263,6 +265,7 @@ def test_checkpoint_round_trip_and_load_in_either_layout(tmp_path):
                    em.model_depth(config, 24), what="checkpoint loaded per-layer vs scanned")
 
 
+@pytest.mark.heavy
 def test_greedy_generation_matches():
   tokenizer = transformers.AutoTokenizer.from_pretrained(bundled.path("tokenizer"))
   config = test_train.tiny_config(tokenizer)
