@@ -311,3 +311,28 @@ def test_lora_adapters_stack_per_layer():
 def test_scan_layers_must_be_a_bool():
   with pytest.raises(ConfigError, match=r"config\.model\.scan_layers='yes'"):
     ModelSpec(scan_layers="yes").validate()
+
+
+@pytest.mark.parametrize("remat", ("block", "dots"))
+def test_remat_policy_applies_inside_the_scan_body(remat):
+  """The scan body is wrapped in jax.checkpoint with the configured policy (one remat per layer),
+  and the unrematerialised config has none."""
+  tokenizer = models.load_tokenizer(bundled.path("tokenizer"))
+  config = test_train.tiny_config(tokenizer).replace(scan_layers=True)
+  tokens = np.zeros((1, 8), np.int32)
+  positions, segments = np.arange(8, dtype=np.int32)[None], np.ones((1, 8), np.int32)
+
+  def jaxpr_text(c):
+    graphdef, params = nnx.split(models.abstract_model(c), nnx.Param)
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params)
+    loss = lambda p: nnx.merge(graphdef, p)(tokens, positions, segments).sum()
+    return str(jax.make_jaxpr(loss)(params))  # the forward: checkpoint is still one primitive
+
+  with_remat, without = jaxpr_text(config.replace(remat=remat)), jaxpr_text(config)
+  body = with_remat[with_remat.index("scan["):]
+  assert "remat2[" in body  # jax.checkpoint's primitive, inside the scan: per layer
+  assert with_remat.count("remat2[") == 1  # once, in the body (not around the whole stack)
+  assert "scan[" in without and "remat2[" not in without
+  policy = body[body.index("policy="):].split("\n")[0]
+  assert ("DotsSaveable(only_if_no_batch_dims=True)" in policy if remat == "dots"
+          else "policy=None" in policy), policy
