@@ -61,6 +61,9 @@ class ModelSpec:
   compute_dtype: str = "float32"
   remat: str = "none"
   attention_impl: str = "xla"
+  # Decoder layers as stacked weights run by one lax.scan: compile time stays flat in depth (use it
+  # for 7-8B models); same logits. Checkpoints hold the layout they were written in.
+  scan_layers: bool = False
   arch: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields (random init)
 
   def validate(self) -> None:
@@ -68,6 +71,8 @@ class ModelSpec:
     _check_choice("model.compute_dtype", self.compute_dtype, DTYPES)
     _check_choice("model.remat", self.remat, REMAT)
     _check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    if not isinstance(self.scan_layers, bool):
+      raise ConfigError(f"config.model.scan_layers={self.scan_layers!r} must be True or False")
     if not self.init_from:
       raise ConfigError('config.model.init_from is empty; use "random", an HF dir/hub id, a .gguf'
                         " file or a checkpoint dir")

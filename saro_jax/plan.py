@@ -345,6 +345,7 @@ def plan_stage(stage: str, cfg, mc, devices: Sequence) -> StagePlan:
   weights = device_bytes(state_like.params)
   mesh_shape = dict(mesh.shape)
   settings = dict(mesh=mesh_shape, batch_size=B, grad_accum=A, max_length=L, remat=mc.remat,
+                  scan_layers=mc.scan_layers,
                   param_dtype=mc.param_dtype, compute_dtype=mc.compute_dtype,
                   logps_chunk=cfg.train.logps_chunk)
   if stage == "srpo":
@@ -432,7 +433,8 @@ def format_stage(p: StagePlan, hbm_bytes: int) -> str:
   m = s["mesh"]
   head = (f"stage {p.stage}: {p.params / 1e9:.3f}B params; mesh data={m['data']} fsdp={m['fsdp']}"
           f" tensor={m['tensor']}; batch {s['batch_size']} x {s['max_length']} tokens, grad_accum"
-          f" {s['grad_accum']}; remat {s['remat']}; params {s['param_dtype']}, compute"
+          f" {s['grad_accum']}; remat {s['remat']}"
+          + ("; scanned layers" if s.get("scan_layers") else "") + f"; params {s['param_dtype']}, compute"
           f" {s['compute_dtype']}" + (f"; reference {s['reference']}" if "reference" in s else ""))
   h = p.hand
   unit = unit_for(p.peak)

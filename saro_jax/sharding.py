@@ -37,6 +37,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_vocab", "tensor"),
     ("cache_length", None),
     ("norm", None),
+    ("layers", None),  # the leading axis of scanned (stacked) layer weights and caches
 )
 
 LogicalNames = Sequence[str | None]

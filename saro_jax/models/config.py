@@ -49,6 +49,9 @@ class ModelConfig:
   compute_dtype: str = "float32"
   remat: str = "none"
   attention_impl: str = "xla"
+  # True: the decoder layers are one Block of stacked weights [num_layers, ...] run by lax.scan
+  # (compile time flat in depth); False: a list of Blocks, unrolled. Same numbers either way.
+  scan_layers: bool = False
   # Embedding / output rows are padded to a multiple of this (speed, even sharding); the padding is
   # zero, logits are sliced back to vocab_size and export strips it.
   vocab_padding_multiple: int = 1
@@ -77,6 +80,8 @@ class ModelConfig:
       bad("remat", f"must be one of {REMAT_MODES}")
     if self.attention_impl not in ATTENTION_IMPLS:
       bad("attention_impl", f"must be one of {ATTENTION_IMPLS}")
+    if not isinstance(self.scan_layers, bool):
+      bad("scan_layers", "must be true or false")
     for field in ("param_dtype", "compute_dtype"):
       if getattr(self, field) not in DTYPES:
         bad(field, f"must be one of {DTYPES}")

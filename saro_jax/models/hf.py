@@ -103,16 +103,28 @@ def _sizes(config: ModelConfig, *, padded: bool) -> dict[str, int]:
           "F": config.intermediate_size}
 
 
-def _expand(config: ModelConfig) -> dict[str, tuple[str, Layout]]:
-  """model path -> (HF key, layout) for every weight of a model with this config."""
+def _expand(config: ModelConfig) -> dict[str, tuple[str | tuple[str, ...], Layout]]:
+  """model path -> (HF key, layout) for every weight of a model with this config.
+
+  Scanned models (``scan_layers``) hold one stacked weight ``layers.<rest>`` [Y, ...] per per-layer
+  rule: its HF key is then the tuple of the Y per-layer keys, slice i <-> layer i's key."""
   out = {}
   for rule in MAPPINGS[config.family]:
     if rule.hf_key == "lm_head.weight" and config.tie_embeddings:
       continue
-    layers = range(config.num_layers) if "{i}" in rule.hf_key else [None]
-    for i in layers:
-      out[rule.model_path.format(i=i)] = (rule.hf_key.format(i=i), rule.layout)
+    if "{i}" not in rule.hf_key:
+      out[rule.model_path] = (rule.hf_key, rule.layout)
+    elif config.scan_layers:
+      out[rule.model_path.replace("{i}.", "")] = (
+          tuple(rule.hf_key.format(i=i) for i in range(config.num_layers)), rule.layout)
+    else:
+      for i in range(config.num_layers):
+        out[rule.model_path.format(i=i)] = (rule.hf_key.format(i=i), rule.layout)
   return out
+
+
+def _hf_keys(hf_key: str | tuple[str, ...]) -> tuple[str, ...]:
+  return hf_key if isinstance(hf_key, tuple) else (hf_key,)
 
 
 def _path_str(path) -> str:
@@ -212,7 +224,7 @@ def load_from_tensors(hf_config: Mapping[str, Any], tensors: Mapping[str, Any], 
   expected = _expand(config)
 
   present = set(tensors.keys())
-  wanted = {hf_key for hf_key, _ in expected.values()}
+  wanted = {k for hf_key, _ in expected.values() for k in _hf_keys(hf_key)}
   missing = sorted(wanted - present)
   if missing:
     raise ValueError(f"{source}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}"
@@ -229,13 +241,20 @@ def load_from_tensors(hf_config: Mapping[str, Any], tensors: Mapping[str, Any], 
   for path, variable in nnx.to_flat_state(abstract_state):
     name = _path_str(path)
     hf_key, layout = expected[name]
-    tensor = tensors[hf_key]
     want_shape = tuple(math.prod(hf_sizes[s] for s in g) for g in layout.hf_dims)
-    if _shape_of(tensor) != want_shape:
-      raise ValueError(f"{source}: tensor {hf_key!r} has shape {_shape_of(tensor)} but the config "
-                       f"implies {want_shape} (for {name})")
+    for key in _hf_keys(hf_key):
+      if _shape_of(tensors[key]) != want_shape:
+        raise ValueError(f"{source}: tensor {key!r} has shape {_shape_of(tensors[key])} but the"
+                         f" config implies {want_shape} (for {name})")
     dtype = variable.dtype
-    read = lambda index, t=tensor, lay=layout, dt=dtype: _read_block(t, lay, config, index).astype(dt)
+    if isinstance(hf_key, tuple):  # stacked: block [layers, ...] = the listed layers' blocks
+      def read(index, keys=hf_key, lay=layout, dt=dtype):
+        layers = range(*index[0].indices(len(keys)))
+        return np.stack([_read_block(tensors[keys[i]], lay, config, index[1:]).astype(dt)
+                         for i in layers])
+    else:
+      read = lambda index, t=tensors[hf_key], lay=layout, dt=dtype: (
+          _read_block(t, lay, config, index).astype(dt))
     value = jax.make_array_from_callback(variable.shape, flat_shardings[path], read)
     flat.append((path, variable.replace(value=value)))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -371,15 +390,19 @@ def export_hf(model: Transformer, out_dir, *, tokenizer=None, max_shard_bytes: i
   sizes = [0]
   for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     hf_key, layout = expected[_path_str(path)]
-    value = _to_hf_layout(_host_value(variable[...]), layout, config).astype(np_dtype)
-    if not np.all(np.isfinite(value.astype(np.float32))):
-      raise ExportError(f"export to {out}: weight {hf_key} has non-finite values; refusing to"
-                        " write it (the checkpoints still hold the last good weights)")
-    if shards[-1] and sizes[-1] + value.nbytes > max_shard_bytes:
-      shards.append({})
-      sizes.append(0)
-    shards[-1][hf_key] = value
-    sizes[-1] += value.nbytes
+    host = _host_value(variable[...])
+    # A stacked weight [Y, ...] is written as its Y per-layer HF tensors, slice i -> layer i.
+    pieces = zip(hf_key, host) if isinstance(hf_key, tuple) else [(hf_key, host)]
+    for key, piece in pieces:
+      value = _to_hf_layout(piece, layout, config).astype(np_dtype)
+      if not np.all(np.isfinite(value.astype(np.float32))):
+        raise ExportError(f"export to {out}: weight {key} has non-finite values; refusing to"
+                          " write it (the checkpoints still hold the last good weights)")
+      if shards[-1] and sizes[-1] + value.nbytes > max_shard_bytes:
+        shards.append({})
+        sizes.append(0)
+      shards[-1][key] = value
+      sizes[-1] += value.nbytes
   if write:
     import shutil
     if tmp.exists():  # left by a crashed export
@@ -486,7 +509,7 @@ def verify_export(model: Transformer, directory, *, export_dtype=None, length: i
   mesh = _mesh_of(model)
   export_dtype = np.dtype(export_dtype or config.param_dtype)
   reloaded = load_hf(str(directory), mesh=mesh, param_dtype=config.param_dtype,
-                     compute_dtype="float32")
+                     compute_dtype="float32", scan_layers=config.scan_layers)
   params = nnx.state(model, nnx.Param)
   if export_dtype != np.dtype(config.param_dtype):
     params = jax.tree.map(lambda x: x.astype(export_dtype).astype(x.dtype), params)

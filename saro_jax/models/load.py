@@ -43,7 +43,7 @@ from saro_jax.models.transformer import Transformer
 SMOLLM2_ALIASES = ("smollm2", "smollm2_gguf")
 BUNDLED_TOKENIZER = "bundled"
 # ModelConfig fields a spec may set on top of what the weights' own config says.
-_OVERRIDES = ("param_dtype", "compute_dtype", "remat", "attention_impl")
+_OVERRIDES = ("param_dtype", "compute_dtype", "remat", "attention_impl", "scan_layers")
 
 Spec = str | ModelSpec | Mapping[str, Any]
 
@@ -117,18 +117,24 @@ def load(spec: Spec, *, tokenizer=None, mesh: Mesh | None = None, rules=None, se
   stage_dir = ckpt_lib.find_stage_checkpoint(spec.init_from)
   if stage_dir is not None:
     meta = ckpt_lib.read_model_meta(stage_dir)
-    config = ModelConfig.from_dict(meta["model_config"]).replace(**changes)
+    saved = ModelConfig.from_dict(meta["model_config"])
+    config = saved.replace(**changes)
     mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    graphdef = nnx.split(abstract_model(config), nnx.Param)[0]
+    # Restored in the layout it was written in (scan_layers), then restacked if asked otherwise.
+    as_saved = config.replace(scan_layers=saved.scan_layers)
     if "lora" not in meta:
-      return merge(graphdef, ckpt_lib.restore_params(stage_dir, abstract_params(config, mesh, rules)))
-    record = meta["lora"]
-    base = lora_base(record, ModelConfig.from_dict(meta["model_config"]), stage_dir=stage_dir,
-                     tokenizer=tokenizer, mesh=mesh, rules=rules)
-    adapters = ckpt_lib.restore_params(stage_dir, ckpt_lib.abstract(
-        lora.init_adapters(base, lora_config(record), record["seed"])))
-    merged = lora.merged_params(base, adapters, lora_config(record))
-    return merge(graphdef, jax.tree.map(lambda x: x.astype(config.param_dtype), merged))
+      params = ckpt_lib.restore_params(stage_dir, abstract_params(as_saved, mesh, rules))
+    else:
+      record = meta["lora"]
+      base = lora_base(record, saved, stage_dir=stage_dir, tokenizer=tokenizer, mesh=mesh,
+                       rules=rules)
+      adapters = ckpt_lib.restore_params(stage_dir, ckpt_lib.abstract(
+          lora.init_adapters(base, lora_config(record), record["seed"])))
+      merged = lora.merged_params(base, adapters, lora_config(record))
+      params = jax.tree.map(lambda x: x.astype(config.param_dtype), merged)
+    if config.scan_layers != saved.scan_layers:
+      params = relayout_params(params, config, mesh, rules)
+    return merge(nnx.split(abstract_model(config), nnx.Param)[0], params)
   path = weights_path(spec.init_from)
   if path.endswith(".gguf"):
     return gguf.load_gguf(path, mesh=mesh, rules=rules, **changes)
@@ -247,6 +253,17 @@ def init_random(config: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None,
     return nnx.state(Transformer(config, rngs=nnx.Rngs(seed)))
 
   return nnx.merge(graphdef, jax.jit(make_state, out_shardings=out_shardings)())
+
+
+def relayout_params(params: nnx.State, config: ModelConfig, mesh: Mesh, rules=None) -> nnx.State:
+  """Params of the other layer layout (per-layer <-> stacked) as the params of ``config``'s
+  layout (``config.scan_layers``), placed on ``mesh`` as that layout's shardings say."""
+  from saro_jax.models import transformer
+  params = (transformer.stack_layers(params, config.num_layers) if config.scan_layers
+            else transformer.unstack_layers(params))
+  target = abstract_params(config, mesh, rules)
+  return jax.tree.map(lambda v, t: v.replace(jax.device_put(v[...], t.sharding)), params, target,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:

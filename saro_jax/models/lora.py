@@ -84,14 +84,19 @@ def _key(path) -> str:
   return ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
 
 
-def _targets(params: nnx.State, cfg: LoraConfig) -> dict[str, tuple[tuple, int]]:
-  """{adapter key: (param path, input axes)} for every targeted weight in ``params``."""
+def _targets(params: nnx.State, cfg: LoraConfig) -> dict[str, tuple[tuple, int, int]]:
+  """{adapter key: (param path, input axes, leading layer axes)} for every targeted weight.
+
+  A scanned model (``scan_layers``) holds each target once, stacked [Y, ...] under ``layers.<rest>``
+  (no layer index in the path): its adapter is stacked too, A [Y, I, rank] and B [Y, rank, O],
+  slice i adapting layer i exactly as the unscanned layer i's adapter would."""
   wanted = {(TARGETS[t][0], TARGETS[t][1]): TARGETS[t][2] for t in cfg.targets}
   found = {}
   for path, _ in nnx.to_flat_state(params):
     names = tuple(str(p) for p in path)
     if len(names) >= 2 and names[-2:] in wanted:
-      found[".".join(names)] = (path, wanted[names[-2:]])
+      stacked = names[0] == "layers" and not names[1].isdigit()
+      found[".".join(names)] = (path, wanted[names[-2:]], int(stacked))
   if not found:
     raise ValueError(f"lora.targets={list(cfg.targets)} match no weight of the model")
   return found
@@ -104,12 +109,14 @@ def init_adapters(params: nnx.State, cfg: LoraConfig, seed: int) -> Adapters:
   flat = dict(nnx.to_flat_state(params))
   out: Adapters = {}
   root = jax.random.key(seed)
-  for n, (key, (path, n_in)) in enumerate(sorted(_targets(params, cfg).items())):
+  for n, (key, (path, n_in, n_lead)) in enumerate(sorted(_targets(params, cfg).items())):
     w = flat[path][...]
-    fan_in, fan_out = math.prod(w.shape[:n_in]), math.prod(w.shape[n_in:])
-    a = jax.random.normal(jax.random.fold_in(root, n), (fan_in, cfg.rank), jnp.float32)
+    lead = w.shape[:n_lead]
+    fan_in = math.prod(w.shape[n_lead:n_lead + n_in])
+    fan_out = math.prod(w.shape[n_lead + n_in:])
+    a = jax.random.normal(jax.random.fold_in(root, n), lead + (fan_in, cfg.rank), jnp.float32)
     a = (a / math.sqrt(fan_in)).astype(w.dtype)
-    b = jnp.zeros((cfg.rank, fan_out), w.dtype)
+    b = jnp.zeros(lead + (cfg.rank, fan_out), w.dtype)
     mesh = getattr(w.sharding, "mesh", None)
     if mesh is not None and not getattr(mesh, "empty", False) and len(mesh.devices.flat) > 1:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -119,8 +126,9 @@ def init_adapters(params: nnx.State, cfg: LoraConfig, seed: int) -> Adapters:
 
 
 def _delta(adapter: Mapping[str, jax.Array], shape, dtype, scale: float) -> jax.Array:
-  a, b = adapter["a"], adapter["b"]
-  return (scale * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))).astype(dtype).reshape(shape)
+  a, b = adapter["a"], adapter["b"]  # [..., I, rank] and [..., rank, O]; "..." = stacked layers
+  product = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+  return (scale * product).astype(dtype).reshape(shape)
 
 
 def adapted_params(params: nnx.State, adapters: Adapters, cfg: LoraConfig) -> nnx.State:
@@ -134,7 +142,7 @@ def adapted_params(params: nnx.State, adapters: Adapters, cfg: LoraConfig) -> nn
   if missing or extra:
     raise ValueError(f"lora adapters do not fit the model and config: missing {missing[:3]},"
                      f" unexpected {extra[:3]} (rank/targets changed since they were made?)")
-  by_path = {path: key for key, (path, _) in targets.items()}
+  by_path = {path: key for key, (path, _, _) in targets.items()}
   flat = []
   for path, var in nnx.to_flat_state(params):
     if path in by_path:

@@ -33,8 +33,8 @@ class Cache(NamedTuple):
   dim), values [B, K, S, H] (p·v contracts S).
   """
 
-  keys: tuple[jax.Array, ...]  # per layer [B, K, H, S]
-  values: tuple[jax.Array, ...]  # per layer [B, K, S, H]
+  keys: tuple[jax.Array, ...] | jax.Array  # per layer [B, K, H, S]; scanned: one [Y, B, K, H, S]
+  values: tuple[jax.Array, ...] | jax.Array  # per layer [B, K, S, H]; scanned: one [Y, B, K, S, H]
   segment_ids_BxS: jax.Array  # int32
 
 
@@ -280,6 +280,28 @@ def _run_block(block: Block, x, cos, sin, mask):
   return block(x, cos, sin, mask)[0]
 
 
+def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """One Block whose every weight has a leading layer axis Y = num_layers (logical axis "layers"),
+  slice i = the weights the unscanned model's layer i gets from the same ``rngs``.
+
+  The Y blocks are drawn one by one, exactly as the unscanned model draws them, then stacked: a
+  random model is the same model in either layout (tests compare them step for step, and a run
+  may switch the flag). Only this init program grows with depth (Y x 7 random draws); the
+  forward and train steps, which dominate compile time, scan.
+  """
+  blocks = [Block(config, rngs=rngs) for _ in range(config.num_layers)]
+  graphdef, _ = nnx.split(blocks[0])
+  flat = [nnx.to_flat_state(nnx.state(b)) for b in blocks]
+  stacked = []
+  for n, (path, first) in enumerate(flat[0]):
+    var = first.replace(jnp.stack([f[n][1][...] for f in flat]))
+    names = first.get_metadata().get("out_sharding")
+    if names is not None:
+      var.set_metadata(out_sharding=("layers",) + tuple(names))
+    stacked.append((path, var))
+  return nnx.merge(graphdef, nnx.from_flat_state(stacked))
+
+
 _REMAT_POLICIES = {
     "block": None,  # save nothing inside a block: recompute it all on the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -298,7 +320,10 @@ class Transformer(nnx.Module):
     embed = _param(rngs, (Vp, D), c.param_dtype, ("vocab", "embed"))
     self.embed_VxD = nnx.Param(jnp.where(pad_rows, embed[...], 0).astype(c.param_dtype),
                                out_sharding=("vocab", "embed"))
-    self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+    if c.scan_layers:  # one Block of stacked weights [Y, ...], run by lax.scan (see _scan_layers)
+      self.layers = _stacked_blocks(c, rngs)
+    else:
+      self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
     self.final_norm = RMSNorm(D, c)
     if not c.tie_embeddings:
       head = _param(rngs, (D, Vp), c.param_dtype, ("embed", "vocab"))
@@ -338,6 +363,12 @@ class Transformer(nnx.Module):
     zeros = lambda shape, names: sharding.constrain(jnp.zeros(shape, dtype), names)
     k_names = ("batch", "act_kv_heads", "head_dim", "cache_length")
     v_names = ("batch", "act_kv_heads", "cache_length", "head_dim")
+    if c.scan_layers:  # one stacked buffer per kind, scanned alongside the stacked weights
+      Y = c.num_layers
+      return Cache(keys=zeros((Y, batch, K, H, max_len), ("layers",) + k_names),
+                   values=zeros((Y, batch, K, max_len, H), ("layers",) + v_names),
+                   segment_ids_BxS=sharding.constrain(jnp.zeros((batch, max_len), jnp.int32),
+                                                      ("batch", "cache_length")))
     return Cache(keys=tuple(zeros((batch, K, H, max_len), k_names) for _ in range(c.num_layers)),
                  values=tuple(zeros((batch, K, max_len, H), v_names) for _ in range(c.num_layers)),
                  segment_ids_BxS=sharding.constrain(jnp.zeros((batch, max_len), jnp.int32),
@@ -366,6 +397,9 @@ class Transformer(nnx.Module):
       mask = attention_mask(slots_BxL, segment_ids_BxL, segment_ids_BxL, c.sliding_window,
                             None if branch_ids_BxL is None else jnp.asarray(branch_ids_BxL, jnp.int32),
                             jnp.asarray(positions_BxL, jnp.int32))
+      if c.scan_layers:
+        x_BxLxD, _ = self._scan_layers(x_BxLxD, cos, sin, mask)
+        return self.final_norm(x_BxLxD), None
       run = _run_block
       if c.remat != "none":
         run = nnx.remat(_run_block, policy=_REMAT_POLICIES[c.remat])
@@ -385,9 +419,76 @@ class Transformer(nnx.Module):
     cache_segments_BxS = write_slots(cache.segment_ids_BxS, segment_ids_BxL, write_index_B)
     slots_BxL = write_index_B[:, None] + jnp.arange(L, dtype=jnp.int32)
     mask = attention_mask(slots_BxL, segment_ids_BxL, cache_segments_BxS, c.sliding_window)
+    if c.scan_layers:
+      x_BxLxD, (keys, values) = self._scan_layers(x_BxLxD, cos, sin, mask,
+                                                  (cache.keys, cache.values), write_index_B)
+      return self.final_norm(x_BxLxD), Cache(keys, values, cache_segments_BxS)
     keys, values = [], []
     for block, k, v in zip(self.layers, cache.keys, cache.values):
       x_BxLxD, (k, v) = block(x_BxLxD, cos, sin, mask, (k, v), write_index_B)
       keys.append(k)
       values.append(v)
     return self.final_norm(x_BxLxD), Cache(tuple(keys), tuple(values), cache_segments_BxS)
+
+  def _scan_layers(self, x_BxLxD, cos, sin, mask, kv_YxBx=None, write_index_B=None):
+    """The stacked blocks run by one ``jax.lax.scan`` over the layer axis: XLA compiles the body
+    once, so compile time does not grow with depth.
+
+    The layer weights (and, when decoding, the stacked cache) are the scan's ``xs``; the hidden
+    state is the carry. The body is a pure function of arrays (the Block is rebuilt from its
+    slice by ``nnx.merge``), so ``jax.checkpoint`` applies the remat policy to each layer exactly
+    as ``nnx.remat`` does unscanned. Returns (hidden, (keys, values) stacked, or None).
+    """
+    c = self.config
+    graphdef, state_Y = nnx.split(self.layers)  # Variables are pytrees: lax.scan slices them
+
+    def body(x_BxLxD, layer):
+      layer_state, kv = layer
+      return nnx.merge(graphdef, layer_state)(x_BxLxD, cos, sin, mask, kv, write_index_B)
+
+    if kv_YxBx is None and c.remat != "none":
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
+    return jax.lax.scan(body, x_BxLxD, (state_Y, kv_YxBx))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: per-layer params (layers.{i}.…) <-> stacked params (layers.… with a leading layer axis)
+
+
+def stack_layers(params: nnx.State, num_layers: int) -> nnx.State:
+  """Params of an unscanned model as the params of the same model with ``scan_layers=True``:
+  ``layers.{i}.<rest>`` [..] -> ``layers.<rest>`` [Y, ..], slice i = layer i."""
+  per_layer: dict[tuple, list] = {}
+  flat = []
+  for path, var in nnx.to_flat_state(params):
+    if path[0] == "layers":
+      per_layer.setdefault(tuple(path[2:]), [None] * num_layers)[int(path[1])] = var
+    else:
+      flat.append((path, var))
+  for rest, vars_ in per_layer.items():
+    if any(v is None for v in vars_):
+      raise ValueError(f"stack_layers: layers.*.{'.'.join(map(str, rest))} is missing for some of"
+                       f" the {num_layers} layers")
+    names = vars_[0].get_metadata().get("out_sharding")
+    stacked = vars_[0].replace(jnp.stack([v[...] for v in vars_]))
+    if names is not None:
+      stacked.set_metadata(out_sharding=("layers",) + tuple(names))
+    flat.append((("layers",) + rest, stacked))
+  return nnx.from_flat_state(flat)
+
+
+def unstack_layers(params: nnx.State) -> nnx.State:
+  """The inverse of ``stack_layers``: ``layers.<rest>`` [Y, ..] -> ``layers.{i}.<rest>``."""
+  flat = []
+  for path, var in nnx.to_flat_state(params):
+    if path[0] != "layers":
+      flat.append((path, var))
+      continue
+    names = var.get_metadata().get("out_sharding")
+    value_Y = var[...]
+    for i in range(value_Y.shape[0]):
+      one = var.replace(value_Y[i])
+      if names is not None:
+        one.set_metadata(out_sharding=tuple(names)[1:])
+      flat.append((("layers", i) + tuple(path[1:]), one))
+  return nnx.from_flat_state(flat)
