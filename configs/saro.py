@@ -14,6 +14,14 @@ Tiny preset (~2.5 min on 2 CPU cores): RW 300 steps, loss ~7.6 -> ~0.9; SRPO 40 
 rewards/accuracies ~1.0; the report shows the RW model refusing the harmful prompts and answering
 the benign ones (4 prompts per label: a smoke test, not a safety measurement).
 Re-running the same command resumes (finished stages are skipped).
+
+Optional steps (config.pipeline, off by default): synthesize=True runs config.synthesize into
+<workdir>/synthesize first (data specs may name synthesized:rw / synthesized:pairs /
+synthesized:trajectories); mine=True mines on-policy pairs with the RW model (config.mine) and SRPO
+reads them via srpo.data.sources=mined:pairs; rounds=k repeats mine -> SRPO k times, e.g.
+  python -m saro_jax.main --config configs/saro.py --config.pipeline.synthesize=true \
+      --config.pipeline.mine=true --config.pipeline.rounds=2 \
+      --config.srpo.data.sources=mined:pairs --config.mine.mix_with=synthesized:pairs
 """
 
 import ml_collections
@@ -31,4 +39,9 @@ def get_config(arg: str | None = None):
   config.eval = presets.eval_section(preset)
   if preset == "tiny":
     config.eval.limit = 4  # prompts per label: the tiny run checks the plumbing, not safety
+  # Optional steps (all off here): synthesize first, mine on-policy pairs, several mine -> SRPO
+  # rounds. Sections as in configs/synthesize.py and configs/mine.py; see stages/pipeline.py.
+  config.pipeline = presets.pipeline_section(preset)
+  config.synthesize = presets.synthesize_section(preset)
+  config.mine = presets.mine_section(preset)
   return config

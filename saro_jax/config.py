@@ -492,6 +492,88 @@ def synthesize_config(raw) -> tuple[SynthesizeConfig, SynthesizeHttpConfig, Synt
   return syn, http, sampler
 
 
+# ---- on-policy pair mining (the `mine` section) and the pipeline's steps --------------------------
+
+MINE_TEACHERS = ("template", "none")  # who writes a harmful prompt's chosen side when no trace has it
+
+
+@dataclasses.dataclass(frozen=True)
+class MineConfig:
+  """The mine stage (configs/mine.py; saro_jax/data/mining.py has the pair rules)."""
+  prompts: str = ""  # comma-separated evaluate/prompts specs; "" = the labelled prompts of `traces`
+  traces: str = ""  # RW traces (sources.py spec, kind rw): chosen answers looked up by prompt text
+  limit: int = 0  # prompts per label per spec; 0 = all
+  n: int = 2  # samples per prompt
+  teacher: str = "template"  # chosen of a harmful prompt that no trace covers; "none" = drop it
+  max_prefix_steps: int = 1  # process pairs at the sample's first k = 1..this steps; 0 = outcome only
+  format_pairs: bool = False  # also pair good answers that lack a reasoning block against a trace
+  use_truncated: bool = False  # pair samples cut at max_new_tokens too (their verdict is on a cut text)
+  pairs_per_prompt: int = 0  # at most this many distinct rejected samples per prompt; 0 = all n
+  chunk_size: int = 64  # prompts per generate call and per progress flush
+  mix_with: str = ""  # preference-pair specs appended to pairs.jsonl (e.g. synthesized pairs)
+  output: str = ""  # "" = the workdir
+  reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
+  generation: EvalGenerationConfig = EvalGenerationConfig(temperature=1.0)
+  judge: JudgeConfig = JudgeConfig()
+
+  def eval_view(self) -> EvalConfig:
+    """The eval-section shape that evaluation.generate_rows / make_judge read."""
+    return EvalConfig(prompt_sets=self.prompts or "jsonl:unused", reasoning_tags=self.reasoning_tags,
+                      generation=self.generation, judge=self.judge)
+
+  def validate(self) -> None:
+    if not self.prompts.strip() and not self.traces.strip():
+      raise ConfigError("config.mine: prompts and traces are both empty; give prompt specs (e.g."
+                        " 'jsonl:bundled:rw_train') or a traces file whose records carry a label")
+    _check_positive("mine.limit", self.limit, allow_zero=True)
+    _check_positive("mine.n", self.n)
+    _check_choice("mine.teacher", self.teacher, MINE_TEACHERS)
+    _check_positive("mine.max_prefix_steps", self.max_prefix_steps, allow_zero=True)
+    _check_positive("mine.pairs_per_prompt", self.pairs_per_prompt, allow_zero=True)
+    _check_positive("mine.chunk_size", self.chunk_size)
+    try:  # generation and judge: the eval section's checks, under this section's name
+      self.eval_view().validate()
+    except ConfigError as e:
+      raise ConfigError(str(e).replace("config.eval.", "config.mine.")) from None
+
+
+def mine_config(raw) -> MineConfig:
+  """The validated `mine` section (nested generation / judge sections as in `eval`)."""
+  raw = dict(_to_plain(raw) if raw is not None else {})
+  gen_raw = dict(raw.pop("generation", None) or {})
+  judge_raw = raw.pop("judge", None)
+  # The nested sections are the eval section's dataclasses, read and checked by eval_config (one
+  # check per field); only the mine default temperature (1.0, not greedy) differs.
+  gen_raw.setdefault("temperature", MineConfig().generation.temperature)
+  try:
+    ev = eval_config({"generation": gen_raw, "judge": judge_raw or {}})
+  except ConfigError as e:
+    raise ConfigError(str(e).replace("config.eval.", "config.mine.")) from None
+  mine = dataclasses.replace(section(MineConfig, raw, "mine"), generation=ev.generation, judge=ev.judge)
+  mine.validate()
+  return mine
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """The `pipeline` section of configs/saro.py: which optional steps run (stages/pipeline.py)."""
+  synthesize: bool = False  # run the `synthesize` section into <workdir>/synthesize first
+  mine: bool = False  # mine on-policy pairs (the `mine` section) with the RW / previous SRPO model
+  rounds: int = 1  # mine -> SRPO rounds; round k mines with (and SRPO k starts from) SRPO k-1
+
+  def validate(self) -> None:
+    _check_positive("pipeline.rounds", self.rounds)
+    if self.rounds > 1 and not self.mine:
+      raise ConfigError(f"config.pipeline.rounds={self.rounds} repeats mine -> SRPO; set"
+                        " pipeline.mine=True (or rounds=1)")
+
+
+def pipeline_config(raw) -> PipelineConfig:
+  p = section(PipelineConfig, raw, "pipeline")
+  p.validate()
+  return p
+
+
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
   """Everything one training stage (rw or srpo) needs, validated."""
@@ -552,14 +634,21 @@ def section(cls: type, raw: Mapping[str, Any] | None, where: str):
   return cls(**values)
 
 
+def _values(obj: Any) -> dict[str, Any]:
+  """A dataclass instance as nested plain dicts (a nested default may differ from its class's,
+  e.g. MineConfig's generation samples at temperature 1)."""
+  return {f.name: _values(v) if dataclasses.is_dataclass(v) else dict(v) if isinstance(v, Mapping) else v
+          for f in dataclasses.fields(obj) for v in (getattr(obj, f.name),)}
+
+
 def defaults(cls: type, **changes) -> ml_collections.ConfigDict:
   """A config section of ``cls``'s defaults with ``changes`` on top: every key exists (so a
   ``--config.x.y=v`` flag can set it) while each default is written once, on the dataclass."""
   values = {}
   for f in dataclasses.fields(cls):
     value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    if dataclasses.is_dataclass(value):  # a nested section: its own defaults, recursively
-      value = defaults(type(value)).to_dict()
+    if dataclasses.is_dataclass(value):  # a nested section: the default instance's values
+      value = _values(value)
     values[f.name] = dict(value) if isinstance(value, Mapping) else value
   unknown = sorted(set(changes) - set(values))
   if unknown:

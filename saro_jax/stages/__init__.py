@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from saro_jax.stages import evaluate, generate, pipeline, rw, srpo, synthesize
+from saro_jax.stages import evaluate, generate, mine, pipeline, rw, srpo, synthesize
 
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, str], object]] = {
     "rw": rw.run,  # Reasoning-style Warmup (SFT)
@@ -19,6 +19,7 @@ STAGES: dict[str, Callable[[ml_collections.ConfigDict, str], object]] = {
     "evaluate": evaluate.run,  # generate, judge, score; several models -> report.md
     "generate": generate.run,  # completions for a prompt set
     "synthesize": synthesize.run,  # SaRO data construction: RW traces, outcome + process pairs
+    "mine": mine.run,  # on-policy pairs: sample the policy, judge, pair its bad samples
 }
 
 
