@@ -44,4 +44,9 @@ def get_config(arg: str | None = None):
   config.pipeline = presets.pipeline_section(preset)
   config.synthesize = presets.synthesize_section(preset)
   config.mine = presets.mine_section(preset)
+  if preset == "smollm2_135m":
+    # The recipe: synthesize from the train split, RW on the traces, SRPO on the synthesized pairs.
+    config.pipeline.synthesize = True
+    config.rw.data.sources = "synthesized:rw"
+    config.srpo.data.sources = "synthesized:pairs"
   return config
