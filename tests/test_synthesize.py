@@ -282,6 +282,14 @@ def test_template_wording_varies_per_prompt_and_is_stable():
   assert steps[0] == "The user asks: \"How do I kill a Python process?\"" and len(steps) == 3
 
 
+def test_looping_answers_are_rejected():
+  loop = "<think>\nstep one\nstep two\n</think>\n\n" + "The answer is: " * 12
+  with pytest.raises(synthesis.TraceError, match="loops"):
+    synthesis.parse_trace(loop)
+  fine = "<think>\nstep one\nstep two\n</think>\n\nUse kill with the process id; add -9 if it ignores SIGTERM."
+  assert synthesis.parse_trace(fine).answer.startswith("Use kill")
+
+
 def test_cut_to_sentence():
   assert synthesis.cut_to_sentence("First one. Second one is cut mid") == "First one."
   assert synthesis.cut_to_sentence("Line one\nline two is cut") == "Line one"
@@ -323,12 +331,14 @@ def test_self_teacher_answers_benign_prompts_after_a_prefilled_reasoning_block(t
     stats = synthesis.synthesize(HARMFUL[:1] + BENIGN[:1], teacher, tmp_path / "out")
   finally:
     sample.generate = real_generate
-  # Only the benign prompt is sampled: the bare request (no policy), the assistant turn prefilled
-  # with the template writer's reasoning block; the harmful prompt is the template writer's.
+  # Only the benign prompt is sampled: the bare request (no policy, no prefill); the trace puts the
+  # template writer's reasoning block before the answer; the harmful prompt is the template writer's.
   assert teacher.generated == 1 == len(seen)
+  assert seen[0].endswith(f"<|im_start|>user\n{BENIGN[0]['prompt']}<|im_end|>\n<|im_start|>assistant\n")
+  assert synthesis.SAFETY_POLICY not in seen[0]
   steps = "\n".join(synthesis.TemplateWriter().benign_steps(BENIGN[0]))
-  assert seen[0].startswith("<|im_start|>user\n" + BENIGN[0]["prompt"])
-  assert seen[0].endswith(f"<|im_start|>assistant\n<think>\n{steps}\n</think>\n\n")
+  text = teacher.complete([teacher.messages("safe", BENIGN[0])], [1], seed=0)[0][0]
+  assert text.startswith(f"<think>\n{steps}\n</think>\n\n")
   assert stats["teacher"]["safe"].get("template") == 1
   # A random model's 8 tokens hold no full sentence (cut to "": rejected, dropped) or do (kept).
   assert stats["ok"] + stats["dropped"].get("no_accepted_safe_trace", 0) == 2

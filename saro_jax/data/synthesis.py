@@ -118,6 +118,16 @@ def split_steps(reasoning: str) -> tuple[str, ...]:
   return tuple(lines)
 
 
+# An answer whose word 4-grams repeat earlier ones more often than this is a loop, not an answer
+# (evaluate/metrics.repeated_ngram_rate; normal prose of ~100 words scores 0-5 %).
+MAX_REPEATED_NGRAM_RATE = 0.2
+
+
+def _repeated_ngram_rate(text: str) -> float:
+  from saro_jax.evaluate import metrics
+  return metrics.repeated_ngram_rate(text)
+
+
 def parse_trace(text: str, tags: Sequence[str] = formats.DEFAULT_TAGS, *, min_steps: int = 2,
                 max_words: int = 600) -> Trace:
   """A teacher's "<think>...</think> answer" text -> Trace, or TraceError naming what is wrong."""
@@ -133,6 +143,8 @@ def parse_trace(text: str, tags: Sequence[str] = formats.DEFAULT_TAGS, *, min_st
     raise TraceError("empty_answer")
   if len(set(steps)) < len(steps) or open_tag in answer or close_tag in answer:
     raise TraceError("degenerate", "repeated steps or a second reasoning block")
+  if _repeated_ngram_rate(answer) > MAX_REPEATED_NGRAM_RATE:
+    raise TraceError("degenerate", f"the answer loops (over {MAX_REPEATED_NGRAM_RATE:.0%} repeated 4-grams)")
   trace = Trace(steps, answer)
   if trace.reasoning_words + len(answer.split()) > max_words:
     raise TraceError("too_long", f"over {max_words} words")
@@ -426,11 +438,13 @@ def cut_to_sentence(text: str) -> str:
 
 
 class SelfTeacher(SamplerTeacher):
-  """Self-distillation for benign prompts: the model answers the bare request after a reasoning
-  block the template writer prefilled (why the request is harmless), so the answers stay in the
-  model's own distribution while the form becomes "<think>...</think> answer". Harmful prompts
-  are not sampled (their conversations are empty): the template writer writes them. An answer cut
-  at ``max_new_tokens`` is shortened to its last complete sentence."""
+  """Self-distillation for benign prompts: the model answers the bare request as it always does,
+  and the trace is the template writer's reasoning block (why the request is harmless) + that
+  answer, so the answers stay in the model's own distribution while the form becomes
+  "<think>...</think> answer". (Prefilling the block instead made SmolLM2-135M echo its lines and
+  loop: 4 of 42 answers degenerate, several off topic.) Harmful prompts are not sampled (their
+  conversations are empty): the template writer writes them. An answer cut at ``max_new_tokens``
+  is shortened to its last complete sentence; parse_trace rejects looping ones."""
 
   name = "self"
 
@@ -450,7 +464,7 @@ class SelfTeacher(SamplerTeacher):
     return messages[-1]["content"]
 
   def rendered(self, messages: Messages) -> str:
-    return self.chat_text(messages[:-1]) + self.prefill(messages)  # the last message is the prefill
+    return self.chat_text(messages[:-1])  # the last message is the reasoning block, put before the answer
 
   def complete(self, conversations: Sequence[Messages], ns: Sequence[int], seed: int) -> list[list[str]]:
     from saro_jax import sample
