@@ -109,8 +109,8 @@ def rw_recipe(preset: str) -> dict:
   if preset == "smollm2_135m":
     # The recipe of configs/saro.py:smollm2_135m (there its data are the synthesized traces; here
     # the bundled ones). Sized for 2 CPU cores: a step of 4 packed rows of 256 tokens (~8 traces).
-    return dict(data=data("bundled:rw_train", 256), opt=opt(1e-4, warmup_steps=2),
-                train=train(24, 4, log_every=1, logps_chunk=128))
+    return dict(data=data("bundled:rw_train", 256), opt=opt(1.5e-4, warmup_steps=2),
+                train=train(16, 4, log_every=1, logps_chunk=128))
   return dict(data=data("bundled:rw_train", 4096), opt=opt(1e-5, warmup_steps=50, weight_decay=0.0),
               train=train(1000, 128, grad_accum=4, log_every=10, logps_chunk=512))
 
@@ -122,7 +122,7 @@ def srpo_recipe(preset: str) -> dict:
                 train=train(40, 8, log_every=10), dpo=dpo(beta=0.1))
   if preset == "smollm2_135m":
     return dict(data=data("bundled:pairs_train", 192), opt=opt(1e-5, warmup_steps=1),
-                train=train(8, 2, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))
+                train=train(6, 2, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))
   return dict(data=data("bundled:pairs_train", 4096), opt=opt(5e-7, warmup_steps=20),
               train=train(500, 64, grad_accum=4, log_every=10, logps_chunk=512), dpo=dpo(beta=0.1))
 
@@ -150,16 +150,16 @@ def base(stage: str, name: str, preset: str) -> ml_collections.ConfigDict:
 def eval_section(preset: str) -> ml_collections.ConfigDict:
   """The `eval` section (defaults: config.EvalConfig); the SaRO pipeline reuses it for its final
   evaluation. Only what a preset changes is written here."""
-  section = defaults(EvalConfig, limit={"tiny": 8, "smollm2_135m": 6}.get(preset, 0))
+  section = defaults(EvalConfig, limit={"tiny": 8, "smollm2_135m": 5}.get(preset, 0))
   if preset == "smollm2_135m":
-    # The dev split (configs/splits.py), 6 prompts per label per set: 18 harmful (3 sets), 6
-    # jailbreak, 6 benign, 6 borderline per model, so start + RW + SRPO fit the 20-minute budget.
+    # The dev split (configs/splits.py), 5 prompts per label per set: 15 harmful (3 sets), 5
+    # jailbreak, 5 benign, 5 borderline per model, so start + RW + SRPO fit the 20-minute budget.
     section.prompt_sets = DEV
   # Room for a whole trace (bundled traces: ~140-190 tokens of the tiny tokenizer; the smollm2
   # recipe's ~60-token reasoning + a refusal or a short answer); a cut trace has no answer, which
   # the report counts (n_truncated, n_empty_answer).
   section.generation.max_new_tokens = {"tiny": 192, "smollm2_135m": 192}.get(preset, 1024)
-  section.generation.batch_size = {"tiny": 8, "smollm2_135m": 18}.get(preset, 64)
+  section.generation.batch_size = {"tiny": 8, "smollm2_135m": 15}.get(preset, 64)
   return section
 
 
