@@ -7,7 +7,8 @@ r"""Mine on-policy SRPO pairs: sample the policy on the training prompts, judge,
 The policy is config.model (any init_from: an RW/SRPO workdir, an HF dir, a .gguf). The prompts are
 mine.prompts (evaluate/prompts specs, e.g. presets.TRAIN) or, when empty, the labelled records of
 mine.traces (default: the bundled RW traces), which also give the chosen answers by prompt text;
-harmful prompts without a trace get the template teacher's safe trace (mine.teacher). The judge is
+prompts without a trace get mine.teacher's chosen side (template: harmful only; http: an
+OpenAI-compatible endpoint, mine.http.*; sampler: the policy under the written safety policy). The judge is
 mine.judge (the eval section's judges: refusal phrases by default). Writes <workdir>/pairs.jsonl
 (+ mine.mix_with pairs), samples.jsonl (progress: a rerun resumes) and stats.json. Rules:
 saro_jax/data/mining.py; the stage: saro_jax/stages/mine.py.

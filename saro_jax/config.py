@@ -494,7 +494,7 @@ def synthesize_config(raw) -> tuple[SynthesizeConfig, SynthesizeHttpConfig, Synt
 
 # ---- on-policy pair mining (the `mine` section) and the pipeline's steps --------------------------
 
-MINE_TEACHERS = ("template", "none")  # who writes a harmful prompt's chosen side when no trace has it
+MINE_TEACHERS = ("template", "http", "sampler", "none")  # who writes a chosen side no trace has
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,10 +504,15 @@ class MineConfig:
   traces: str = ""  # RW traces (sources.py spec, kind rw): chosen answers looked up by prompt text
   limit: int = 0  # prompts per label per spec; 0 = all
   n: int = 2  # samples per prompt
-  teacher: str = "template"  # chosen of a harmful prompt that no trace covers; "none" = drop it
+  # Chosen of a prompt no trace covers: "template" (harmful only), "http" / "sampler" (a teacher
+  # that can also answer benign prompts; sampler = the policy under synthesis.SAFETY_POLICY),
+  # "none" (drop). Teacher texts are validated as in synthesis; harmful ones fall back to the
+  # template with `fallback`.
+  teacher: str = "template"
+  fallback: bool = True
   max_prefix_steps: int = 1  # process pairs at the sample's first k = 1..this steps; 0 = outcome only
   format_pairs: bool = False  # also pair good answers that lack a reasoning block against a trace
-  use_truncated: bool = False  # pair samples cut at max_new_tokens too (their verdict is on a cut text)
+  use_truncated: bool = True  # judge samples cut at max_new_tokens that already have an answer
   pairs_per_prompt: int = 0  # at most this many distinct rejected samples per prompt; 0 = all n
   chunk_size: int = 64  # prompts per generate call and per progress flush
   mix_with: str = ""  # preference-pair specs appended to pairs.jsonl (e.g. synthesized pairs)
@@ -515,6 +520,8 @@ class MineConfig:
   reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
   generation: EvalGenerationConfig = EvalGenerationConfig(temperature=1.0)
   judge: JudgeConfig = JudgeConfig()
+  http: SynthesizeHttpConfig = SynthesizeHttpConfig()  # teacher="http"
+  sampler: SynthesizeSamplerConfig = SynthesizeSamplerConfig()  # teacher="sampler"
 
   def eval_view(self) -> EvalConfig:
     """The eval-section shape that evaluation.generate_rows / make_judge read."""
@@ -531,10 +538,11 @@ class MineConfig:
     _check_positive("mine.max_prefix_steps", self.max_prefix_steps, allow_zero=True)
     _check_positive("mine.pairs_per_prompt", self.pairs_per_prompt, allow_zero=True)
     _check_positive("mine.chunk_size", self.chunk_size)
-    try:  # generation and judge: the eval section's checks, under this section's name
+    try:  # prompt specs, generation and judge: the eval section's checks, under this section's names
       self.eval_view().validate()
     except ConfigError as e:
-      raise ConfigError(str(e).replace("config.eval.", "config.mine.")) from None
+      raise ConfigError(str(e).replace("config.eval.prompt_sets", "config.mine.prompts")
+                        .replace("config.eval.", "config.mine.")) from None
 
 
 def mine_config(raw) -> MineConfig:
@@ -549,8 +557,13 @@ def mine_config(raw) -> MineConfig:
     ev = eval_config({"generation": gen_raw, "judge": judge_raw or {}})
   except ConfigError as e:
     raise ConfigError(str(e).replace("config.eval.", "config.mine.")) from None
-  mine = dataclasses.replace(section(MineConfig, raw, "mine"), generation=ev.generation, judge=ev.judge)
+  http = section(SynthesizeHttpConfig, raw.pop("http", None), "mine.http")
+  sampler = section(SynthesizeSamplerConfig, raw.pop("sampler", None), "mine.sampler")
+  mine = dataclasses.replace(section(MineConfig, raw, "mine"), generation=ev.generation, judge=ev.judge,
+                             http=http, sampler=sampler)
   mine.validate()
+  if mine.teacher == "http":
+    http.validate("mine.http")
   return mine
 
 

@@ -7,10 +7,11 @@ are the bad cases the miner must turn into rejected sides. Nothing is stubbed: t
 from saro_jax.sample, the verdicts from evaluate/judges.RefusalPhraseJudge, the pairs are read
 back by sources.py and data/pipeline.dpo_batches, and SRPO trains on them."""
 
+import http.server
 import importlib.util
 import json
-import os
 import pathlib
+import threading
 
 import numpy as np
 import pytest
@@ -42,11 +43,11 @@ def _write_jsonl(path, rows):
   return str(path)
 
 
-def _saro_config(**changes):
+def _saro_config(preset="tiny", **changes):
   spec = importlib.util.spec_from_file_location("saro_config", ROOT / "configs" / "saro.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = module.get_config(preset)
   for key, value in changes.items():
     node = config
     *parents, leaf = key.split(".")
@@ -242,6 +243,142 @@ def test_mine_resumes_and_skips_when_done(run, monkeypatch):
   assert mining.record_key(run["prompts"][0], "a") != mining.record_key(run["prompts"][0], "b")
 
 
+@pytest.mark.heavy
+def test_pipeline_rerun_skips_finished_steps(run, monkeypatch):
+  """The same command again: no step trains or samples again; outputs are unchanged."""
+  from saro_jax.evaluate import evaluation
+  from saro_jax.stages import pipeline
+  w = run["workdir"]
+  watched = ["rw/metrics.jsonl", "srpo/metrics.jsonl", "srpo_r2/metrics.jsonl", "mine/samples.jsonl",
+             "mine_r2/samples.jsonl", "mine/pairs.jsonl", "mine_r2/pairs.jsonl", "synthesize/pairs.jsonl"]
+  before = {name: (w / name).read_text() for name in watched}
+  calls = []
+  real_load = evaluation.load_model
+  monkeypatch.setattr(evaluation, "load_model", lambda *a, **k: calls.append(1) or real_load(*a, **k))
+  summary = pipeline.run(run["config"], str(w))
+  assert calls == []  # the miner found every prompt sampled
+  assert {name: (w / name).read_text() for name in watched} == before
+  assert [r["mined"] for r in summary["rounds"]] == [r["mined"] for r in run["summary"]["rounds"]]
+
+
+class _Teacher(http.server.BaseHTTPRequestHandler):
+  """An OpenAI-compatible endpoint that answers the safe role: a helpful trace for benign prompts
+  (a needless refusal for BENIGN[1], which validation must reject), a refusal for harmful ones."""
+
+  def do_POST(self):  # noqa: N802
+    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    self.server.requests.append(body)
+    prompt = body["messages"][-1]["content"]
+    if prompt in BENIGN and prompt != BENIGN[1]:
+      text = TEACHER_HELPFUL
+    else:
+      text = "<think>\nThis asks for help with harm.\nI should decline.\n</think>\n\nI can't help with that."
+    data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+    self.send_response(200)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", str(len(data)))
+    self.end_headers()
+    self.wfile.write(data)
+
+  def log_message(self, *args):
+    pass
+
+
+TEACHER_HELPFUL = ("<think>\nThis is an everyday question.\nA direct answer helps.\n</think>\n\n"
+                   "Here is how to do it, step by step.")
+
+
+@pytest.mark.heavy
+def test_http_teacher_writes_missing_chosen_sides(run, tmp_path):
+  """Without traces, a model teacher (HTTP endpoint) writes the benign chosen answers; its texts are
+  validated (a refusal for a benign prompt is rejected -> no_chosen), kept in chosen.jsonl, and a
+  rerun asks nothing again."""
+  from saro_jax.stages import mine as mine_stage
+  from saro_jax.stages import pipeline
+  w = run["workdir"]
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Teacher)
+  server.requests = []
+  thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+  thread.start()
+  try:
+    table = {pipeline.MINED: str(w / "mine" / "pairs.jsonl")}
+    cfg = pipeline._resolved_config(run["config"], {**table, **{
+        f"synthesized:{n}": str(w / "synthesize" / f"{n}.jsonl") for n in pipeline.SYNTHESIZED}})
+    cfg.mine.traces, cfg.mine.mix_with, cfg.mine.teacher = "", "", "http"
+    cfg.mine.http.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    cfg.mine.http.model = "stub"
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "samples.jsonl").write_text((w / "mine" / "samples.jsonl").read_text())  # no resampling
+    stats = mine_stage.mine(cfg, out, policy=str(w / "rw" / "checkpoints"))
+    rows = {r["id"]: r for r in _jsonl(out / "samples.jsonl")}
+    opts = mining.Options(max_prefix_steps=2)
+    needing = {i for i, r in rows.items() if mining.needs_pair(run_prompt(run, i), r["samples"], opts)}
+    chosen = {r["id"]: r for r in _jsonl(out / "chosen.jsonl")}
+    assert set(chosen) == needing and len(server.requests) == len(needing)
+    assert server.requests[0]["messages"][0]["content"].startswith("Safety policy.")
+    pairs = _jsonl(out / "pairs.jsonl")
+    for p in pairs:
+      pid = p["id"].split(":")[1]
+      if p["label"] == "benign":
+        assert pid != "b1" and p["chosen"] == TEACHER_HELPFUL
+      elif p["kind"] == "outcome":
+        assert p["chosen"].endswith("I can't help with that.")
+    if "b1" in needing:
+      assert chosen["b1"]["text"] is None and chosen["b1"]["rejected"] == {"judge_rejected_safe": 1}
+      assert stats["by_label"]["benign"]["no_chosen"] > 0
+    assert stats["teacher"] == {"name": "http", "asked": len(needing),
+                                "accepted": sum(c["text"] is not None for c in chosen.values())}
+    n = len(server.requests)
+    assert mine_stage.mine(cfg, out, policy=str(w / "rw" / "checkpoints")) == stats
+    assert len(server.requests) == n  # resumed from chosen.jsonl
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.heavy
+def test_sampler_teacher_is_the_policy_under_the_safety_policy(run, tmp_path):
+  """mine.teacher=sampler: the policy itself writes the chosen sides with synthesis.SAFETY_POLICY in
+  context (real sampler); every text is validated, and what fails falls back (harmful: template)
+  or is counted (benign: no_chosen) - never used unvalidated."""
+  from saro_jax.stages import mine as mine_stage
+  from saro_jax.stages import pipeline
+  w = run["workdir"]
+  cfg = pipeline._resolved_config(run["config"], {pipeline.MINED: str(w / "mine" / "pairs.jsonl"), **{
+      f"synthesized:{n}": str(w / "synthesize" / f"{n}.jsonl") for n in pipeline.SYNTHESIZED}})
+  cfg.mine.traces, cfg.mine.mix_with, cfg.mine.teacher = "", "", "sampler"
+  cfg.mine.sampler.max_new_tokens = 48
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "samples.jsonl").write_text((w / "mine" / "samples.jsonl").read_text())
+  stats = mine_stage.mine(cfg, out, policy=str(w / "rw" / "checkpoints"))
+  chosen = {r["id"]: r for r in _jsonl(out / "chosen.jsonl")}
+  rows = {r["id"]: r for r in _jsonl(out / "samples.jsonl")}
+  opts = mining.Options(max_prefix_steps=2)
+  assert set(chosen) == {i for i, r in rows.items() if mining.needs_pair(run_prompt(run, i), r["samples"], opts)}
+  assert all(c["teacher"] == "sampler" for c in chosen.values())
+  judge = judges.RefusalPhraseJudge()
+  for pid, c in chosen.items():
+    if c["text"] is None:
+      assert sum(c["rejected"].values()) == 1  # one text asked, and it failed validation
+    else:  # accepted: a reasoning block, and the judge agrees with the label
+      trace = mining.trace_of(c["text"], formats.DEFAULT_TAGS)
+      refused = judge.verdict(judges.JudgeInput("", trace.answer)).refused
+      assert refused == (run_prompt(run, pid)["label"] == "harmful")
+  for p in _jsonl(out / "pairs.jsonl"):
+    c = chosen[p["id"].split(":")[1]]
+    if c["text"] is not None and p["kind"] == "outcome":
+      assert p["chosen"] == c["text"]
+    elif p["kind"] == "outcome":
+      assert p["label"] == "harmful" and p["chosen"].startswith("<think>\nThe user asks:")  # template
+  assert stats["teacher"]["asked"] == len(chosen)
+
+
+def run_prompt(run, pid):
+  return next(r for r in run["prompts"] if r["id"] == pid)
+
+
 def _jsonl_lenient(path):
   out = []
   for line in pathlib.Path(path).read_text().splitlines():
@@ -295,5 +432,79 @@ def test_step_cuts_and_outcomes():
   assert mining.outcome({**ok, "unsafe": True}, "jailbreak", opts) == "unsafe"
   assert mining.outcome({**ok, "refused": True}, "borderline", opts) == "refused"
   assert mining.outcome({**ok, "text": "Sure."}, "benign", opts) == "no_reasoning"
-  assert mining.outcome({**ok, "finish_reason": "length"}, "benign", opts) == "truncated"
+  assert mining.outcome({**ok, "finish_reason": "length"}, "benign", mining.Options(use_truncated=False)) == "truncated"
+  assert mining.outcome({**ok, "finish_reason": "length", "answer": ""}, "benign", opts) == "truncated"
   assert mining.outcome({**ok, "unsafe": None}, "harmful", opts) == "unjudged"
+
+
+def _judged(texts, finish_reason="eos"):
+  """Samples as the miner records them, with the real refusal-phrase judge's verdicts."""
+  from saro_jax import sample
+  judge = judges.RefusalPhraseJudge()
+  out = []
+  for text in texts:
+    _, answer = sample.split_reasoning(text)
+    v = judge.verdict(judges.JudgeInput("", answer))
+    out.append({"text": text, "answer": answer, "finish_reason": finish_reason, "unsafe": v.unsafe,
+                "refused": v.refused})
+  return out
+
+
+def test_pair_rules_on_judged_texts():
+  harmful = {"id": "h", "prompt": "How do I make a weapon at home?", "label": "harmful", "category": None}
+  benign = {"id": "b", "prompt": "How do I kill a Python process?", "label": "borderline", "category": None}
+  plain_comply, plain_refusal = "Sure, step 1: get the parts.", "I can't help with that."
+  samples = _judged([COMPLY, COMPLY, REFUSE, plain_comply, plain_refusal])
+  opts = mining.Options(max_prefix_steps=2)
+  chosen = mining.chosen_text(harmful, {}, opts)  # no trace: the template teacher's safe trace
+  assert chosen.startswith("<think>\nThe user asks:") and "I can't help" in chosen
+  assert mining.chosen_text(harmful, {}, mining.Options(teacher="none")) is None
+  pairs, counts = mining.pairs_for(harmful, samples, chosen, opts)
+  assert {k: counts[k] for k in ("unsafe", "fine", "no_reasoning", "duplicate", "invalid")} == {
+      "unsafe": 3, "fine": 1, "no_reasoning": 1, "duplicate": 1, "invalid": 0}
+  # COMPLY has 3 reasoning lines: outcome + process pairs at k = 1, 2; the plain one: outcome only.
+  assert [p["kind"] for p in pairs] == ["outcome", "process", "process", "outcome"]
+  assert [p["rejected"] for p in pairs if p["kind"] == "outcome"] == [COMPLY, plain_comply]
+  k1, k2 = pairs[1], pairs[2]
+  assert k1["prefix"] == "<think>\nThe user wants detailed steps.\n"
+  assert k2["prefix"] == "<think>\nThe user wants detailed steps.\nThey asked directly.\n"
+  for p in (k1, k2):
+    assert p["prefix"] + p["rejected"] == COMPLY and p["chosen"].startswith("Wait,")
+    assert p["chosen"].endswith("</think>\n\n" + mining.trace_of(chosen, formats.DEFAULT_TAGS).answer)
+  # format_pairs: the refusal without a reasoning block is paired too; pairs_per_prompt caps samples.
+  pairs, _ = mining.pairs_for(harmful, samples, chosen, mining.Options(max_prefix_steps=0, format_pairs=True))
+  assert [(p["outcome"], p["rejected"]) for p in pairs] == [
+      ("unsafe", COMPLY), ("unsafe", plain_comply), ("no_reasoning", plain_refusal)]
+  pairs, counts = mining.pairs_for(harmful, samples, chosen, mining.Options(max_prefix_steps=0, pairs_per_prompt=1))
+  assert [p["rejected"] for p in pairs] == [COMPLY] and counts["duplicate"] == 2
+  # Benign: the refusal is rejected against the trace; without a trace nothing is paired.
+  samples = _judged([REFUSE, HELPFUL])
+  pairs, counts = mining.pairs_for(benign, samples, None, opts)
+  assert pairs == [] and counts["refused"] == 1 and counts["fine"] == 1 and counts["no_chosen"] == 1
+  traces = mining.traces_by_prompt([{"messages": [{"role": "user", "content": "how do i KILL a python process"},
+                                                  {"role": "assistant", "content": HELPFUL}]}])
+  chosen = mining.chosen_text(benign, traces, opts)  # matched by normalised prompt text
+  assert chosen == HELPFUL
+  pairs, _ = mining.pairs_for(benign, samples, chosen, opts)
+  assert [(p["kind"], p["chosen"], p["rejected"]) for p in pairs] == [("outcome", HELPFUL, REFUSE)]
+  # Truncated: skipped, unless use_truncated and the cut text already has an answer.
+  cut = _judged([COMPLY, "<think>\nThe user wants detailed", plain_comply], finish_reason="length")
+  assert [mining.outcome(s, "harmful", opts) for s in cut] == ["unsafe", "truncated", "unsafe"]
+  skip = mining.Options(use_truncated=False)
+  assert [mining.outcome(s, "harmful", skip) for s in cut] == ["truncated"] * 3
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smollm2_135m", "qwen2_5_7b", "llama3_8b"])
+def test_every_preset_has_valid_mine_and_pipeline_sections(preset):
+  spec = importlib.util.spec_from_file_location("mine_config", ROOT / "configs" / "mine.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(preset)
+  assert config.stage == "mine" and config_lib.mine_config(config.mine).n >= 1
+  saro = _saro_config(preset)
+  pipeline_steps = config_lib.pipeline_config(saro.pipeline)
+  if preset == "tiny":  # the optional steps are off: the README's tiny run is unchanged
+    assert pipeline_steps == config_lib.PipelineConfig()
+  config_lib.synthesize_config(saro.synthesize)
+  # The mine section the pipeline uses is the stand-alone config's own.
+  assert config_lib.mine_config(saro.mine) == config_lib.mine_config(config.mine)

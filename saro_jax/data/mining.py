@@ -7,7 +7,10 @@ judges each sample's final answer (evaluate/judges.py). Each judged sample gets 
   refused       benign/borderline prompt, the refusal judge says the answer declines
   no_reasoning  a good answer (not unsafe / not refused) without a closed reasoning block
   fine          a good answer with its reasoning block
-  truncated     cut at max_new_tokens (its verdict is on a cut text; paired only with use_truncated)
+  truncated     cut at max_new_tokens inside its reasoning block (no answer to judge); with
+                ``use_truncated`` (default) a cut sample that already has an answer (cut after its
+                reasoning, or no block at all: a model that starts complying and runs out of tokens
+                complies) is judged like the others; without it every cut sample counts here
   unjudged      the judge gave no verdict
 
 and these become pairs (every pair is checked by formats.parse_preference; the id names the
@@ -20,8 +23,9 @@ prompt, the sample and the kind, so ``example_id`` stays unique):
                 chosen = the "Wait, ..." reflection + the safe trace's steps after the first k +
                 the safe answer, rejected = the rest of the sample. The prefix is the shared part,
                 so ``shared_len`` = prompt + those k steps and prefix sharing applies.
-  refused       rejected = the sample; chosen = the prompt's RW trace (a helpful answer; without one
-                the sample is counted ``no_chosen`` and dropped: the template cannot answer).
+  refused       rejected = the sample; chosen = the prompt's RW trace (a helpful answer), else a model
+                teacher's validated answer (http / sampler); without one the sample is counted
+                ``no_chosen`` and dropped (the template cannot answer a benign question).
   no_reasoning  (``format_pairs``) rejected = the sample; chosen = the trace (teaches the format).
 
 The rejected side is the policy's text, never a placeholder: SRPO learns from real negatives.
@@ -46,9 +50,10 @@ OUTCOMES = ("unsafe", "refused", "no_reasoning", "fine", "truncated", "unjudged"
 class Options:
   max_prefix_steps: int = 1
   format_pairs: bool = False
-  use_truncated: bool = False
+  use_truncated: bool = True
   pairs_per_prompt: int = 0  # 0 = every distinct bad sample
-  teacher: str = "template"  # "template" | "none": chosen of a harmful prompt without a trace
+  teacher: str = "template"  # chosen without a trace: "template" | "http" | "sampler" | "none"
+  fallback: bool = True  # a harmful prompt whose teacher text failed gets the template's
   reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
 
 
@@ -70,14 +75,23 @@ def has_reasoning(text: str, tags: Sequence[str]) -> bool:
 
 def outcome(sample: Mapping[str, Any], label: str, opts: Options) -> str:
   """One of OUTCOMES for a judged sample {"text", "finish_reason", "unsafe", "refused"}."""
-  if sample["finish_reason"] == "length" and not opts.use_truncated:
-    return "truncated"
+  if sample["finish_reason"] == "length" and not (opts.use_truncated and sample.get("answer", "").strip()):
+    return "truncated"  # a cut inside the reasoning has no answer to judge
   verdict = sample["unsafe"] if label in HARMFUL_LABELS else sample["refused"]
   if verdict is None:
     return "unjudged"
   if verdict:
     return "unsafe" if label in HARMFUL_LABELS else "refused"
   return "fine" if has_reasoning(sample["text"], opts.reasoning_tags) else "no_reasoning"
+
+
+def wanted(opts: Options) -> frozenset[str]:
+  """The outcomes that become pairs."""
+  return frozenset({"unsafe", "refused"} | ({"no_reasoning"} if opts.format_pairs else set()))
+
+
+def needs_pair(record: Mapping[str, Any], samples: Sequence[Mapping[str, Any]], opts: Options) -> bool:
+  return any(outcome(s, record["label"], opts) in wanted(opts) for s in samples)
 
 
 def trace_of(content: str, tags: Sequence[str]) -> synthesis.Trace | None:
@@ -121,14 +135,14 @@ def pairs_for(record: Mapping[str, Any], samples: Sequence[Mapping[str, Any]], c
   counts = dict.fromkeys(OUTCOMES, 0) | {"no_chosen": 0, "duplicate": 0, "invalid": 0}
   tags = opts.reasoning_tags
   harmful = record["label"] in HARMFUL_LABELS
-  wanted = {"unsafe", "refused"} | ({"no_reasoning"} if opts.format_pairs else set())
+  pairable = wanted(opts)
   safe = trace_of(chosen, tags) if chosen else None
   base = {"category": record.get("category"), "label": record["label"], "prompt": record["prompt"]}
   pairs, seen, used = [], set(), 0
   for sample in samples:
     kind = outcome(sample, record["label"], opts)
     counts[kind] += 1
-    if kind not in wanted:
+    if kind not in pairable:
       continue
     if chosen is None:
       counts["no_chosen"] += 1
@@ -161,13 +175,18 @@ def pairs_for(record: Mapping[str, Any], samples: Sequence[Mapping[str, Any]], c
   return pairs, counts
 
 
-def chosen_text(record: Mapping[str, Any], traces: Mapping[str, str], opts: Options) -> str | None:
-  """The chosen side for a prompt: its RW trace (by prompt text), else for a harmful prompt the
-  template teacher's safe trace (opts.teacher), else None."""
+def chosen_text(record: Mapping[str, Any], traces: Mapping[str, str], opts: Options,
+                teacher_text: str | None = None) -> str | None:
+  """The chosen side for a prompt: its RW trace (by prompt text), else the model teacher's
+  accepted text (``teacher_text``, http / sampler), else for a harmful prompt the template
+  teacher's safe trace (teacher "template", or a model teacher with ``fallback``), else None."""
   found = traces.get(prompt_key(record["prompt"]))
   if found is not None:
     return found
-  if record["label"] in HARMFUL_LABELS and opts.teacher == "template":
+  if teacher_text is not None:
+    return teacher_text
+  template = opts.teacher == "template" or (opts.teacher in ("http", "sampler") and opts.fallback)
+  if record["label"] in HARMFUL_LABELS and template:
     trace = synthesis.TemplateWriter().safe(record)
     return formats.render_reasoning(trace.reasoning, trace.answer, opts.reasoning_tags)
   return None

@@ -516,6 +516,14 @@ def _pick_safe(texts: Sequence[str], record: Mapping[str, Any], refuses: Refuses
   return min(accepted, key=lambda t: t.reasoning_words), accepted[0].reasoning_words
 
 
+def accepted_safe_trace(texts: Sequence[str], record: Mapping[str, Any], refuses: Refuses,
+                        opts: Options = Options()) -> tuple[Trace | None, dict[str, int]]:
+  """A teacher's safe-role texts -> the accepted trace (shortest reasoning) under the same
+  validation as synthesis, and the rejected texts per reason (the mine stage's teacher)."""
+  rejected: dict[str, int] = {}
+  return _pick_safe(texts, record, refuses, opts, rejected)[0], rejected
+
+
 def _pick_unsafe(texts: Sequence[str], record, refuses: Refuses, opts: Options,
                  rejected: dict[str, int]) -> Trace | None:
   for text in texts:
