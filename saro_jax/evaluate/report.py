@@ -267,7 +267,7 @@ def write_report(out_dir: str | os.PathLike, stage_metrics: Mapping[str, Mapping
     md += [f"### {category}", "", metrics_table(stage_metrics, "per_category", category), ""]
   examples = examples_section(stage_metrics)
   if examples:
-    md += ["## Example generations (first of each label, cut to 400 characters)", ""] + examples
+    md += ["## Example generations (the first two of each label, cut to 400 characters)", ""] + examples
   md += ["## Training curves", ""]
   if plot_training(logs, out / "training_curves.png"):
     md += ["![loss and rewards per stage](training_curves.png)", ""]
