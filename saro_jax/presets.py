@@ -108,8 +108,10 @@ def rw_recipe(preset: str) -> dict:
     return dict(data=data("bundled:rw_train", 256), opt=opt(3e-3, warmup_steps=5),
                 train=train(300, 8, log_every=25))
   if preset == "smollm2_135m":
-    return dict(data=data("bundled:rw_train", 256), opt=opt(2e-5, warmup_steps=2),
-                train=train(5, 8, log_every=1, logps_chunk=128))
+    # The recipe of configs/saro.py:smollm2_135m (there its data are the synthesized traces; here
+    # the bundled ones). Sized for 2 CPU cores: a step of 4 packed rows of 256 tokens (~8 traces).
+    return dict(data=data("bundled:rw_train", 256), opt=opt(1.5e-4, warmup_steps=2),
+                train=train(16, 4, log_every=1, logps_chunk=128))
   return dict(data=data("bundled:rw_train", 4096), opt=opt(1e-5, warmup_steps=50, weight_decay=0.0),
               train=train(1000, 128, grad_accum=4, log_every=10, logps_chunk=512))
 
@@ -120,8 +122,8 @@ def srpo_recipe(preset: str) -> dict:
     return dict(data=data("bundled:pairs_train", 256), opt=opt(5e-5, warmup_steps=2, schedule="constant"),
                 train=train(40, 8, log_every=10), dpo=dpo(beta=0.1))
   if preset == "smollm2_135m":
-    return dict(data=data("bundled:pairs_train", 256), opt=opt(5e-6, warmup_steps=1),
-                train=train(5, 8, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))
+    return dict(data=data("bundled:pairs_train", 192), opt=opt(1e-5, warmup_steps=1),
+                train=train(6, 2, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))
   return dict(data=data("bundled:pairs_train", 4096), opt=opt(5e-7, warmup_steps=20),
               train=train(500, 64, grad_accum=4, log_every=10, logps_chunk=512), dpo=dpo(beta=0.1))
 
@@ -151,11 +153,16 @@ def base(stage: str, name: str, preset: str) -> ml_collections.ConfigDict:
 def eval_section(preset: str) -> ml_collections.ConfigDict:
   """The `eval` section (defaults: config.EvalConfig); the SaRO pipeline reuses it for its final
   evaluation. Only what a preset changes is written here."""
-  section = defaults(EvalConfig, limit={"tiny": 8, "smollm2_135m": 8}.get(preset, 0))
-  # Room for a whole trace (bundled traces: ~140-190 tokens of the tiny tokenizer); a cut trace has
-  # no answer, which the report counts (n_truncated, n_empty_answer).
-  section.generation.max_new_tokens = {"tiny": 192, "smollm2_135m": 256}.get(preset, 1024)
-  section.generation.batch_size = {"tiny": 8, "smollm2_135m": 8}.get(preset, 64)
+  section = defaults(EvalConfig, limit={"tiny": 8, "smollm2_135m": 5}.get(preset, 0))
+  if preset == "smollm2_135m":
+    # The dev split (configs/splits.py), 5 prompts per label per set: 15 harmful (3 sets), 5
+    # jailbreak, 5 benign, 5 borderline per model, so start + RW + SRPO fit the 20-minute budget.
+    section.prompt_sets = DEV
+  # Room for a whole trace (bundled traces: ~140-190 tokens of the tiny tokenizer; the smollm2
+  # recipe's ~60-token reasoning + a refusal or a short answer); a cut trace has no answer, which
+  # the report counts (n_truncated, n_empty_answer).
+  section.generation.max_new_tokens = {"tiny": 192, "smollm2_135m": 192}.get(preset, 1024)
+  section.generation.batch_size = {"tiny": 8, "smollm2_135m": 15}.get(preset, 64)
   return section
 
 
@@ -171,6 +178,13 @@ def synthesize_section(preset: str) -> ml_collections.ConfigDict:
   section.http = defaults(SynthesizeHttpConfig)
   section.sampler = defaults(SynthesizeSamplerConfig, top_p=0.95,
                              max_new_tokens={"tiny": 32, "smollm2_135m": 192}.get(preset, 1024))
+  if preset == "smollm2_135m":
+    # The recipe: 30 harmful prompts per train set (Do-Not-Answer, HarmBench, both tenses) and 30
+    # jailbreak-wrapped ones, written by the template writer; all 126 train benign/borderline
+    # prompts answered by SmolLM2 itself after a prefilled reasoning block (teacher "self"), at most
+    # 96 new tokens cut to the last full sentence, so the RW model keeps its own (short) answers.
+    section.update(dict(limit=30, limit_benign=0, teacher="self", chunk_size=64))
+    section.sampler.update(dict(max_new_tokens=96, batch_size=32, temperature=0.5, top_p=0.9))
   return section
 
 

@@ -74,3 +74,35 @@ def test_bad_label_and_formatting():
   assert metrics.format_value("asr_harmful", 0.25) == "25.0%"
   assert metrics.format_value("mean_answer_tokens", 12.345) == "12.3"
   assert metrics.format_value("asr_harmful", None) == "–"
+
+
+def test_repeated_ngram_rate_exact():
+  # "a b c d a b c d": 4-grams abcd, bcda, cdab, dabc, abcd -> 5 grams, 1 repeats an earlier one.
+  assert metrics.repeated_ngram_rate("a b c d a b c d") == pytest.approx(1 / 5)
+  assert metrics.repeated_ngram_rate("A b c d a B c d") == pytest.approx(1 / 5)  # case-folded
+  assert metrics.repeated_ngram_rate("one two three four five") == 0.0
+  assert metrics.repeated_ngram_rate("too short") == 0.0 and metrics.repeated_ngram_rate("") == 0.0
+  # A loop: "x y" 10 times = 20 words, 17 4-grams, 2 distinct ("x y x y", "y x y x") -> 15/17.
+  assert metrics.repeated_ngram_rate("x y " * 10) == pytest.approx(15 / 17)
+
+
+def test_form_metrics_exact():
+  rows = [dict(_row("harmful", None, False, True, 10, 5), has_reasoning=True, repeated_ngram_rate=0.0),
+          dict(_row("harmful", None, False, True, 30, 5), has_reasoning=True, repeated_ngram_rate=0.6),
+          dict(_row("benign", None, False, False, 20, 40), has_reasoning=False, repeated_ngram_rate=0.1),
+          dict(_row("borderline", None, False, True, 0, 8), has_reasoning=True, repeated_ngram_rate=0.5),
+          _row("borderline", None, False, False, 100, 12)]  # no form fields: left out of those
+  out = metrics.compute_metrics(rows)
+  m = out["overall"]
+  assert m["reasoning_block_rate"] == pytest.approx(3 / 4)
+  assert m["median_reasoning_tokens"] == 20.0  # of 0, 10, 20, 30, 100
+  assert metrics.compute_metrics(rows[:4])["overall"]["median_reasoning_tokens"] == 15.0  # (10 + 20) / 2
+  assert m["mean_repeated_ngram_rate"] == pytest.approx((0.0 + 0.6 + 0.1 + 0.5) / 4)
+  assert m["n_degenerate"] == 2  # 0.6 and 0.5 (>= DEGENERATE_RATE)
+  assert m["answered_benign"] == 1.0 and m["answered_borderline"] == pytest.approx(1 / 2)
+  assert m["mean_answer_tokens_benign"] == pytest.approx((40 + 8 + 12) / 3)
+  assert out["per_label"]["harmful"]["n"] == 2 and out["per_label"]["borderline"]["answered_borderline"] == 0.5
+  assert out["per_label"]["harmful"]["answered_benign"] is None  # no benign rows: no rate
+  assert metrics.format_value("n_degenerate", 2) == "2"
+  assert metrics.format_value("mean_repeated_ngram_rate", 0.3) == "30.0%"
+  assert metrics.format_value("median_reasoning_tokens", 15.0) == "15.0"

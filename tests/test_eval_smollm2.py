@@ -20,6 +20,7 @@ def test_smollm2_eval_one_prompt_per_label(tmp_path):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   cfg = module.get_config("smollm2_135m")
+  cfg.eval.prompt_sets = "jsonl:bundled:eval_prompts"  # the preset's is the dev split; these four are known
   cfg.eval.limit = 1
   cfg.eval.generation.max_new_tokens = 32
   stages.run(cfg, str(tmp_path))

@@ -83,6 +83,9 @@ def test_stage_end_to_end_tiny_random_model(tmp_path):
   assert all(j["safety_judge"] == j["refusal_judge"] == "refusal_phrases" for j in judged)
   assert [j["finish_reason"] for j in judged] == [g["finish_reason"] for g in gens]
   saved = json.loads((tmp_path / "metrics.json").read_text())
+  examples = saved.pop("examples")  # the first two generations of each label, for the report
+  assert [e["id"] for e in examples] == [g["id"] for label in ("benign", "borderline", "harmful", "jailbreak")
+                                         for g in gens if g["label"] == label][:8]
   assert saved == json.loads(json.dumps(metrics.compute_metrics(judged)))
   assert saved["overall"]["n"] == 8 and saved["overall"]["n_unjudged"] == 0
 

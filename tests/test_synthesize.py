@@ -267,3 +267,78 @@ def test_stage_runs_from_the_config(tmp_path):
   stats = json.loads((tmp_path / "w" / "stats.json").read_text())
   assert stats["ok"] == 4 and stats["pairs"] == {"outcome": 4, "process": 8}
   assert formats.parse_rw(json.loads((tmp_path / "w" / "rw.jsonl").read_text().splitlines()[0]), where="x")
+
+
+# ---- self-distillation, template variants, evenly spread limits ---------------------------------------
+
+def test_template_wording_varies_per_prompt_and_is_stable():
+  writer = synthesis.TemplateWriter()
+  many = [{"id": f"h{i}", "prompt": "Explain how to pick a lock", "label": "harmful"} for i in range(30)]
+  answers = {writer.safe(r).answer for r in many}
+  assert len(answers) == 3  # three phrasings, all picked among 30 ids
+  assert all(synthesis.phrase_judge()("p", a) for a in answers)  # each is a recognised refusal
+  assert writer.safe(many[0]) == writer.safe(dict(many[0]))  # the same id, the same text
+  steps = writer.benign_steps({"id": "b0", "prompt": "How do I kill a Python process?", "label": "borderline"})
+  assert steps[0] == "The user asks: \"How do I kill a Python process?\"" and len(steps) == 3
+
+
+def test_looping_answers_are_rejected():
+  loop = "<think>\nstep one\nstep two\n</think>\n\n" + "The answer is: " * 12
+  with pytest.raises(synthesis.TraceError, match="loops"):
+    synthesis.parse_trace(loop)
+  fine = "<think>\nstep one\nstep two\n</think>\n\nUse kill with the process id; add -9 if it ignores SIGTERM."
+  assert synthesis.parse_trace(fine).answer.startswith("Use kill")
+
+
+def test_cut_to_sentence():
+  assert synthesis.cut_to_sentence("First one. Second one is cut mid") == "First one."
+  assert synthesis.cut_to_sentence("Line one\nline two is cut") == "Line one"
+  assert synthesis.cut_to_sentence("Done! Really?") == "Done! Really?"
+  assert synthesis.cut_to_sentence("no sentence end at all") == ""
+
+
+def test_limit_is_spread_evenly_per_label(tmp_path):
+  from saro_jax import config as config_lib
+  from saro_jax.stages import synthesize as stage
+  rows = ([{"id": f"h{i}", "prompt": f"harmful {i}", "label": "harmful"} for i in range(10)]
+          + [{"id": f"b{i}", "prompt": f"benign {i}", "label": "benign"} for i in range(4)])
+  path = tmp_path / "p.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  syn = config_lib.SynthesizeConfig(prompts=f"jsonl:{path}", limit=3)
+  assert [r["id"] for r in stage.read_records(syn)] == ["h0", "h3", "h6", "b0", "b1", "b2"]
+  syn = config_lib.SynthesizeConfig(prompts=f"jsonl:{path}", limit=5, limit_benign=0)
+  assert [r["id"] for r in stage.read_records(syn)] == ["h0", "h2", "h4", "h6", "h8", "b0", "b1", "b2", "b3"]
+
+
+@pytest.mark.heavy
+def test_self_teacher_answers_benign_prompts_after_a_prefilled_reasoning_block(tmp_path):
+  import tiny_hf
+
+  from saro_jax import sample
+  from saro_jax.evaluate import evaluation
+  path = tiny_hf.save_tiny_hf("llama", tmp_path / "tiny", max_position_embeddings=4096)
+  model, tokenizer = evaluation.load_model(str(path))
+  teacher = synthesis.SelfTeacher(model, tokenizer, max_new_tokens=8, temperature=1.0, batch_size=4)
+  seen = []
+  real_generate = sample.generate
+
+  def spy(model, tokenizer, prompts, **kw):
+    seen.extend(prompts)
+    return real_generate(model, tokenizer, prompts, **kw)
+
+  sample.generate = spy
+  try:
+    stats = synthesis.synthesize(HARMFUL[:1] + BENIGN[:1], teacher, tmp_path / "out")
+  finally:
+    sample.generate = real_generate
+  # Only the benign prompt is sampled: the bare request (no policy, no prefill); the trace puts the
+  # template writer's reasoning block before the answer; the harmful prompt is the template writer's.
+  assert teacher.generated == 1 == len(seen)
+  assert seen[0].endswith(f"<|im_start|>user\n{BENIGN[0]['prompt']}<|im_end|>\n<|im_start|>assistant\n")
+  assert synthesis.SAFETY_POLICY not in seen[0]
+  steps = "\n".join(synthesis.TemplateWriter().benign_steps(BENIGN[0]))
+  text = teacher.complete([teacher.messages("safe", BENIGN[0])], [1], seed=0)[0][0]
+  assert text.startswith(f"<think>\n{steps}\n</think>\n\n")
+  assert stats["teacher"]["safe"].get("template") == 1
+  # A random model's 8 tokens hold no full sentence (cut to "": rejected, dropped) or do (kept).
+  assert stats["ok"] + stats["dropped"].get("no_accepted_safe_trace", 0) == 2

@@ -11,7 +11,9 @@ Teachers: ``HttpTeacher`` (an OpenAI-compatible /chat/completions endpoint, as t
 GPT-4o: retries with backoff, a minimum interval between requests, an on-disk cache),
 ``SamplerTeacher`` (a local model through saro_jax.sample.generate; the policy sits in its context,
 so what it writes under the policy distils the policy: context distillation; its unsafe role is
-the same model without the policy), and the ``TemplateWriter`` fallback (fixed wording; it writes
+the same model without the policy), ``SelfTeacher`` (self-distillation: the model answers
+benign prompts after a prefilled template reasoning block; harmful prompts go to the template
+writer), and the ``TemplateWriter`` fallback (fixed wording; it writes
 refusals and compliance openings but cannot answer a benign question, so benign prompts need a
 model teacher). With ``shortest_of = n`` the safe role is sampled n times and the accepted sample
 with the shortest reasoning is kept (shortest rejection sampling).
@@ -116,6 +118,16 @@ def split_steps(reasoning: str) -> tuple[str, ...]:
   return tuple(lines)
 
 
+# An answer whose word 4-grams repeat earlier ones more often than this is a loop, not an answer
+# (evaluate/metrics.repeated_ngram_rate; normal prose of ~100 words scores 0-5 %).
+MAX_REPEATED_NGRAM_RATE = 0.2
+
+
+def _repeated_ngram_rate(text: str) -> float:
+  from saro_jax.evaluate import metrics
+  return metrics.repeated_ngram_rate(text)
+
+
 def parse_trace(text: str, tags: Sequence[str] = formats.DEFAULT_TAGS, *, min_steps: int = 2,
                 max_words: int = 600) -> Trace:
   """A teacher's "<think>...</think> answer" text -> Trace, or TraceError naming what is wrong."""
@@ -131,6 +143,8 @@ def parse_trace(text: str, tags: Sequence[str] = formats.DEFAULT_TAGS, *, min_st
     raise TraceError("empty_answer")
   if len(set(steps)) < len(steps) or open_tag in answer or close_tag in answer:
     raise TraceError("degenerate", "repeated steps or a second reasoning block")
+  if _repeated_ngram_rate(answer) > MAX_REPEATED_NGRAM_RATE:
+    raise TraceError("degenerate", f"the answer loops (over {MAX_REPEATED_NGRAM_RATE:.0%} repeated 4-grams)")
   trace = Trace(steps, answer)
   if trace.reasoning_words + len(answer.split()) > max_words:
     raise TraceError("too_long", f"over {max_words} words")
@@ -307,13 +321,17 @@ class SamplerTeacher:
       return ""
     return "Wait," if messages[0]["content"] == REFLECTION_INSTRUCTION else f"{self.open_tag}\n"
 
-  def rendered(self, messages: Messages) -> str:
-    """The chat-templated prompt + its prefill, as raw text for generate."""
+  def chat_text(self, messages: Messages) -> str:
+    """The chat-templated conversation up to the assistant turn, as raw text for generate."""
     text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     bos = getattr(self.tokenizer, "bos_token", None)
     if bos and text.startswith(bos) and self.tokenizer.encode("", add_special_tokens=True):
       text = text[len(bos):]  # raw-text encoding adds the BOS back: keep exactly one
-    return text + self.prefill(messages)
+    return text
+
+  def rendered(self, messages: Messages) -> str:
+    """The chat-templated prompt + its prefill, as raw text for generate."""
+    return self.chat_text(messages) + self.prefill(messages)
 
   def complete(self, conversations: Sequence[Messages], ns: Sequence[int], seed: int) -> list[list[str]]:
     from saro_jax import sample
@@ -337,9 +355,17 @@ def _request(prompt: str, limit: int = 160) -> str:
   return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
+def _variant(record: Mapping[str, Any], options: Sequence[str]) -> str:
+  """One of ``options``, fixed per prompt (a hash of its id), so reruns write the same text."""
+  digest = hashlib.sha256(str(record.get("id", record.get("prompt", ""))).encode()).digest()
+  return options[int.from_bytes(digest[:4], "big") % len(options)]
+
+
 class TemplateWriter:
   """Fixed wording: the fallback when no model is available (or a model's text fails validation).
-  It needs no model, so it cannot answer a benign question: ``safe`` is None for benign prompts."""
+  It needs no model, so it cannot answer a benign question: ``safe`` is None for benign prompts.
+  Each step and answer has a few phrasings, one picked per prompt (stable hash of its id), so a
+  model trained on them learns the reasoning, not one sentence."""
 
   name = "template"
 
@@ -347,15 +373,44 @@ class TemplateWriter:
     if record["label"] not in HARMFUL_LABELS:
       return None
     wrapped = record["label"] == "jailbreak"
+    v = lambda *options: _variant(record, options)  # noqa: E731
     steps = [f"The user asks: \"{_request(record['prompt'])}\"",
-             "Stripped of its framing, this is a request for real help with something that could hurt people."
-             if wrapped else "A full answer would give real help toward harming people or breaking the law.",
-             "The role-play or instructions around it do not change what the answer would enable."
-             if wrapped else "Being asked plainly does not make it safe to provide.",
-             "So I will decline briefly and point to a safe, related alternative."]
-    answer = ("I can't help with that. If you're interested in the topic, I'm happy to explain the "
-              "safety, legal or historical side of it, or point you to legitimate resources.")
+             v("Stripped of its framing, this is a request for real help with something that could hurt people.",
+               "Under the role-play, the actual request is for help with something harmful.",
+               "The framing is a wrapper; what it asks for could cause real harm.") if wrapped else
+             v("A full answer would give real help toward harming people or breaking the law.",
+               "Answering this would give meaningful help toward harm or a crime.",
+               "This asks for something that could hurt people or is illegal or abusive."),
+             v("The role-play or instructions around it do not change what the answer would enable.",
+               "Personas, rules or \"developer modes\" in the prompt do not change my answer.",
+               "However it is framed, the answer would enable the same harm.") if wrapped else
+             v("Being asked plainly does not make it safe to provide.",
+               "Framing it as past, future or hypothetical does not change that.",
+               "There is no safe way to give a full answer to this."),
+             v("So I will decline briefly and point to a safe, related alternative.",
+               "So I will refuse briefly and offer something safe instead.",
+               "So I should decline and suggest a safer direction.")]
+    answer = v("I can't help with that. If you're interested in the topic, I'm happy to explain the "
+               "safety, legal or historical side of it, or point you to legitimate resources.",
+               "I'm sorry, but I can't help with that. I can share general safety information or "
+               "point you to legitimate resources instead.",
+               "I can't help with that request. If it helps, I can talk about the topic's history, "
+               "risks or legal side instead.")
     return Trace(tuple(steps), answer)
+
+  def benign_steps(self, record: Mapping[str, Any]) -> tuple[str, ...]:
+    """The reasoning before a helpful answer: the request, why it is harmless, the decision."""
+    v = lambda *options: _variant(record, options)  # noqa: E731
+    return (f"The user asks: \"{_request(record['prompt'])}\"",
+            v("Some words may sound alarming, but in this context the request is harmless.",
+              "Read in context, this is an ordinary question with no real risk of harm.",
+              "Nothing here would help anyone cause harm; it is a normal request.")
+            if record["label"] == "borderline" else
+            v("This is an ordinary request with no risk of harm.",
+              "This is a harmless, everyday question.",
+              "Nothing about this request is unsafe."),
+            v("So I will answer it helpfully.", "So I will give a clear, helpful answer.",
+              "So I should simply answer it."))
 
   def unsafe(self, record: Mapping[str, Any]) -> Trace:
     request = _request(record["prompt"], 120).rstrip("?.!")
@@ -372,6 +427,60 @@ class TemplateWriter:
     steps = ("The request contains words that sound dangerous.",
              "I can't be sure how the answer would be used, so I'll play it safe.")
     return Trace(steps, "I'm sorry, but I can't help with that request.")
+
+
+def cut_to_sentence(text: str) -> str:
+  """A generation cut at its token budget, shortened to its last complete sentence or line
+  ("" if it has none), so a trace never teaches ending mid-word."""
+  text = text.rstrip()
+  ends = [m.end() for m in re.finditer(r"[.!?)`\]]\s|[.!?]$|\n", text + " ")]
+  return text[:ends[-1]].rstrip() if ends else ""
+
+
+class SelfTeacher(SamplerTeacher):
+  """Self-distillation for benign prompts: the model answers the bare request as it always does,
+  and the trace is the template writer's reasoning block (why the request is harmless) + that
+  answer, so the answers stay in the model's own distribution while the form becomes
+  "<think>...</think> answer". (Prefilling the block instead made SmolLM2-135M echo its lines and
+  loop: 4 of 42 answers degenerate, several off topic.) Harmful prompts are not sampled (their
+  conversations are empty): the template writer writes them. An answer cut at ``max_new_tokens``
+  is shortened to its last complete sentence; parse_trace rejects looping ones."""
+
+  name = "self"
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.writer = TemplateWriter()
+    self.close_tag = formats.DEFAULT_TAGS[1]
+
+  def messages(self, role: str, record: Mapping[str, Any]) -> Messages:
+    if role != "safe" or record["label"] in HARMFUL_LABELS:
+      return []
+    steps = "\n".join(self.writer.benign_steps(record))
+    return [{"role": "user", "content": record["prompt"]},
+            {"role": "prefill", "content": f"{self.open_tag}\n{steps}\n{self.close_tag}\n\n"}]
+
+  def prefill(self, messages: Messages) -> str:
+    return messages[-1]["content"]
+
+  def rendered(self, messages: Messages) -> str:
+    return self.chat_text(messages[:-1])  # the last message is the reasoning block, put before the answer
+
+  def complete(self, conversations: Sequence[Messages], ns: Sequence[int], seed: int) -> list[list[str]]:
+    from saro_jax import sample
+    rows = [j for j, c in enumerate(conversations) if c]
+    out: list[list[str]] = [[] for _ in conversations]
+    for i in range(max((ns[j] for j in rows), default=0)):
+      asked = [j for j in rows if ns[j] > i]
+      gens = sample.generate(self.model, self.tokenizer, [self.rendered(conversations[j]) for j in asked],
+                             max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                             top_p=self.top_p, seed=seed + i, batch_size=self.batch_size,
+                             mesh=self.mesh, eos_ids=self.eos_ids or None, chat_template=False)
+      for j, g in zip(asked, gens, strict=True):
+        answer = cut_to_sentence(g.text) if g.finish_reason == sample.FINISH_LENGTH else g.text.strip()
+        out[j].append(self.prefill(conversations[j]) + answer)
+      self.generated += len(gens)
+    return out
 
 
 # ------------------------------------------------------------------------------ the synthesis run

@@ -68,8 +68,22 @@ def generate_rows(model, tokenizer, prompts: Sequence[prompts_lib.EvalPrompt],
     rows.append(dict(id=p.id, source=p.source, label=p.label, category=p.category, prompt=p.prompt,
                      text=text, reasoning=reasoning, answer=answer, finish_reason=gen.finish_reason,
                      reasoning_tokens=count_tokens(tokenizer, reasoning),
-                     answer_tokens=count_tokens(tokenizer, answer)))
+                     answer_tokens=count_tokens(tokenizer, answer),
+                     has_reasoning=has_reasoning_block(text, tuple(ev.reasoning_tags)),
+                     repeated_ngram_rate=metrics_lib.repeated_ngram_rate(text)))
   return rows
+
+
+def has_reasoning_block(text: str, tags: tuple[str, str]) -> bool:
+  """A closed, non-empty reasoning block before the answer: the close tag is there (the chat
+  template may have opened the block) and something other than whitespace stands before it."""
+  open_tag, close_tag = tags
+  end = text.find(close_tag)
+  if end < 0:
+    return False
+  start = text.find(open_tag)
+  body = text[start + len(open_tag):end] if 0 <= start < end else text[:end]
+  return bool(body.strip())
 
 
 def _strip_special(tokenizer, text: str, keep: Sequence[str]) -> str:
@@ -95,7 +109,22 @@ def judge_rows(rows: Sequence[Mapping[str, Any]], safety: judges_lib.Judge,
                     safety_categories=list(s.categories), refusal_judge=refusal.name,
                     refusal_raw=f.raw, finish_reason=r.get("finish_reason"),
                     reasoning_tokens=r["reasoning_tokens"],
-                    answer_tokens=r["answer_tokens"]))
+                    answer_tokens=r["answer_tokens"], has_reasoning=r.get("has_reasoning"),
+                    repeated_ngram_rate=r.get("repeated_ngram_rate")))
+  return out
+
+
+def example_answers(rows: Sequence[Mapping[str, Any]], per_label: int = 2,
+                    labels: Sequence[str] = ("benign", "borderline", "harmful", "jailbreak"),
+                    max_chars: int = 400) -> list[dict[str, Any]]:
+  """A few generations for the report (the first ``per_label`` of each label, in prompt order),
+  prompt and answer cut to ``max_chars``, so a reader can see whether answers are on topic."""
+  out = []
+  for label in labels:
+    for r in [r for r in rows if r["label"] == label][:per_label]:
+      out.append({"label": label, "id": r["id"], "prompt": r["prompt"][-max_chars:],
+                  "reasoning": r["reasoning"][:max_chars], "answer": r["answer"][:max_chars],
+                  "finish_reason": r.get("finish_reason")})
   return out
 
 
@@ -112,7 +141,13 @@ def judge_note(ev: config_lib.EvalConfig) -> str:
               "classifier": f"classifier {j.classifier.init_from} ({j.classifier.parse})",
               "http": f"{j.http.model} at {j.http.base_url} ({j.http.parse})"}
   view = "answer + reasoning" if j.include_reasoning else "final answer only"
-  return f"unsafe <- {describe[j.safety]}; refused <- {describe[j.refusal]}; judges see the {view}"
+  note = f"unsafe <- {describe[j.safety]}; refused <- {describe[j.refusal]}; judges see the {view}"
+  if "refusal_phrases" in (j.safety, j.refusal):
+    note += (". The refusal-phrase matcher only looks for phrases such as \"I can't\" or \"I'm sorry\": "
+             "a refusal it does not recognise counts as compliance, and a harmful answer that "
+             "apologises counts as a refusal. For real runs use eval.judge.safety=classifier "
+             "(a Llama-Guard-style model) or http")
+  return note
 
 
 def _write_jsonl(path: pathlib.Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -142,6 +177,7 @@ def evaluate_model(model, tokenizer, prompts: Sequence[prompts_lib.EvalPrompt],
   judged = judge_rows(rows, *judges)
   _write_jsonl(out / "judgements.jsonl", judged)
   metrics = metrics_lib.compute_metrics(judged)
+  metrics["examples"] = example_answers(rows)
   (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
   logger.info("%s: %s", out, {k: metrics["overall"][k] for k, _ in metrics_lib.HEADLINE})
   return metrics

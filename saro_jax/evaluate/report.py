@@ -146,6 +146,74 @@ def metrics_table(stage_metrics: Mapping[str, Mapping[str, Any]], group: str = "
   return "\n".join(lines)
 
 
+def targets_table(stage_metrics: Mapping[str, Mapping[str, Any]]) -> str:
+  """Markdown table of metrics.TARGETS per stage, each cell marked when it meets its target."""
+  header = "| stage | " + " | ".join(f"{h} (≥ {t:.0%})" for _, h, t in metrics_lib.TARGETS) + " |"
+  lines = [header, "|" + "---|" * (1 + len(metrics_lib.TARGETS))]
+  for stage, m in stage_metrics.items():
+    g = m["overall"]
+    cells = []
+    for name, _, target in metrics_lib.TARGETS:
+      value = g.get(name)
+      mark = "" if value is None else (" ✓" if value >= target else " ✗")
+      cells.append(metrics_lib.format_value(name, value) + mark)
+    lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def form_table(stage_metrics: Mapping[str, Mapping[str, Any]]) -> str:
+  """Markdown table of metrics.FORM per stage: reasoning block, token counts, repetition."""
+  header = "| stage | " + " | ".join(h for _, h in metrics_lib.FORM) + " |"
+  lines = [header, "|" + "---|" * (1 + len(metrics_lib.FORM))]
+  for stage, m in stage_metrics.items():
+    g = m["overall"]
+    lines.append(f"| {stage} | " + " | ".join(metrics_lib.format_value(k, g.get(k))
+                                               for k, _ in metrics_lib.FORM) + " |")
+  return "\n".join(lines)
+
+
+def _quote(text: str) -> str:
+  return " ".join(text.split()) or "(empty)"
+
+
+def examples_section(stage_metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """The example generations each stage's metrics carry (evaluation.example_answers), if any."""
+  md = []
+  for stage, m in stage_metrics.items():
+    examples = m.get("examples") or []
+    if not examples:
+      continue
+    md += [f"### {stage}", ""]
+    for ex in examples:
+      md += [f"- **{ex['label']}** `{ex['id']}` ({ex.get('finish_reason')}): {_quote(ex['prompt'])}",
+             f"  - reasoning: {_quote(ex['reasoning'])}", f"  - answer: {_quote(ex['answer'])}"]
+    md.append("")
+  return md
+
+
+def plot_form(stage_metrics: Mapping[str, Mapping[str, Any]], out_path: pathlib.Path) -> None:
+  """Reasoning tokens (mean, median) and answer tokens per stage; reasoning-block and repeat rates."""
+  stages = list(stage_metrics)
+  fig, (ax_tok, ax_rate) = plt.subplots(1, 2, figsize=(11, 3.5))
+  keys = (("mean_reasoning_tokens", "reasoning (mean)"), ("median_reasoning_tokens", "reasoning (median)"),
+          ("mean_answer_tokens", "answer (mean)"))
+  width = 0.8 / len(keys)
+  for i, (key, label) in enumerate(keys):
+    ax_tok.bar([s + i * width for s in range(len(stages))],
+               [stage_metrics[st]["overall"].get(key) or 0.0 for st in stages], width, label=label)
+  ax_tok.set_xticks([s + 0.4 - width / 2 for s in range(len(stages))])
+  ax_tok.set_xticklabels(stages)
+  ax_tok.set_title("tokens per generation")
+  ax_tok.legend(fontsize=7)
+  groups = ["reasoning block", f"repeated {metrics_lib.NGRAM}-grams"]
+  series = {st: [stage_metrics[st]["overall"].get("reasoning_block_rate"),
+                 stage_metrics[st]["overall"].get("mean_repeated_ngram_rate")] for st in stages}
+  _bars(ax_rate, groups, series, "form")
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
+
+
 def write_report(out_dir: str | os.PathLike, stage_metrics: Mapping[str, Mapping[str, Any]], *,
                  training_logs: Mapping[str, str | os.PathLike] | None = None,
                  judge_note: str = "", title: str = "SaRO run report") -> pathlib.Path:
@@ -173,6 +241,20 @@ def write_report(out_dir: str | os.PathLike, stage_metrics: Mapping[str, Mapping
     counts = {s: m["overall"].get(key, 0) for s, m in stage_metrics.items()}
     if any(counts.values()):
       md += [f"Rows with {what}: {counts}", ""]
+  md += ["## Targets", "", "The recipe targets (issue 11) on these prompts, by the judge above:", "",
+         targets_table(stage_metrics), "",
+         "## Form of the outputs", "",
+         f"Reasoning block = a closed, non-empty reasoning block before the answer; repeated "
+         f"{metrics_lib.NGRAM}-grams = the share of a generation's word {metrics_lib.NGRAM}-grams "
+         "that repeat an earlier one (mean over rows); token counts by the evaluated model's "
+         "tokenizer.", "", form_table(stage_metrics), ""]
+  plot_form(stage_metrics, out / "form_by_stage.png")
+  md += ["![tokens and form per stage](form_by_stage.png)", ""]
+  if any("per_label" in m for m in stage_metrics.values()):
+    md += ["## Per label", ""]
+    for label in sorted({lb for m in stage_metrics.values() for lb in m.get("per_label", {})}):
+      md += [f"### {label}", "",
+             metrics_table({s: m for s, m in stage_metrics.items() if "per_label" in m}, "per_label", label), ""]
   plot_safety_by_stage(stage_metrics, out / "safety_by_stage.png")
   plot_by_category(stage_metrics, out / "safety_by_category.png")
   md += ["![refusal and over-refusal per stage](safety_by_stage.png)", "",
@@ -183,6 +265,9 @@ def write_report(out_dir: str | os.PathLike, stage_metrics: Mapping[str, Mapping
   md += ["## Per category", ""]
   for category in sorted({c for m in stage_metrics.values() for c in m["per_category"]}):
     md += [f"### {category}", "", metrics_table(stage_metrics, "per_category", category), ""]
+  examples = examples_section(stage_metrics)
+  if examples:
+    md += ["## Example generations (the first two of each label, cut to 400 characters)", ""] + examples
   md += ["## Training curves", ""]
   if plot_training(logs, out / "training_curves.png"):
     md += ["![loss and rewards per stage](training_curves.png)", ""]

@@ -6,6 +6,8 @@ r"""Synthesize: labelled prompt sets -> SaRO training data (RW traces, trajector
       --config.synthesize.http.model=gpt-4o --config.synthesize.http.api_key_env=OPENAI_API_KEY
   python -m saro_jax.main --config configs/synthesize.py:smollm2_135m \
       --config.synthesize.teacher=sampler                                # context distillation
+  python -m saro_jax.main --config configs/synthesize.py:smollm2_135m \
+      --config.synthesize.teacher=self      # benign answers by the model itself, harmful: template
 
 Writes <workdir>/{rw,trajectories,pairs}.jsonl, stats.json and records.jsonl (progress: a rerun
 with the same workdir resumes). The logic is saro_jax/data/synthesis.py.
@@ -25,16 +27,26 @@ from saro_jax import config as config_lib
 logger = logging.getLogger(__name__)
 
 def read_records(syn: config_lib.SynthesizeConfig) -> list[dict]:
+  """The prompts of ``syn.prompts``; with ``limit`` (``limit_benign`` for benign/borderline), that
+  many per label per spec, spread evenly over the set (sets are often ordered by category: the
+  first N would all share one)."""
   from saro_jax.evaluate import prompts as prompts_lib
   records = []
   for spec in (s.strip() for s in syn.prompts.split(",") if s.strip()):
-    for p in prompts_lib.read_prompts(spec, limit=syn.limit or None):
-      records.append({"id": p.id, "prompt": p.prompt, "label": p.label, "category": p.category,
-                      "source": p.source})
+    by_label: dict[str, list] = {}
+    for p in prompts_lib.read_prompts(spec):
+      by_label.setdefault(p.label, []).append(p)
+    for label, prompts in by_label.items():
+      limit = syn.limit if label in ("harmful", "jailbreak") or syn.limit_benign < 0 else syn.limit_benign
+      if limit and len(prompts) > limit:
+        prompts = [prompts[i * len(prompts) // limit] for i in range(limit)]
+      for p in prompts:
+        records.append({"id": p.id, "prompt": p.prompt, "label": p.label, "category": p.category,
+                        "source": p.source})
   return records
 
 
-def _sampler_teacher(config, sampler: config_lib.SynthesizeSamplerConfig):
+def _sampler_teacher(config, sampler: config_lib.SynthesizeSamplerConfig, kind: str = "sampler"):
   import jax
 
   from saro_jax import models, sample, sharding
@@ -48,7 +60,8 @@ def _sampler_teacher(config, sampler: config_lib.SynthesizeSamplerConfig):
   tokenizer = models.load_tokenizer(spec)
   model = models.load(spec, tokenizer=tokenizer, mesh=mesh, seed=config.get("seed", 0))
   eos = sample.eos_token_ids(tokenizer, model.config, generate.generation_config_eos(spec.init_from))
-  return synthesis.SamplerTeacher(model, tokenizer, eos_ids=eos, max_new_tokens=sampler.max_new_tokens,
+  cls = synthesis.SelfTeacher if kind == "self" else synthesis.SamplerTeacher
+  return cls(model, tokenizer, eos_ids=eos, max_new_tokens=sampler.max_new_tokens,
                                   temperature=sampler.temperature, top_p=sampler.top_p,
                                   batch_size=sampler.batch_size, mesh=mesh,
                                   prefill_reasoning=sampler.prefill_reasoning)
@@ -67,8 +80,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
         cache_path=str(out / "http_cache.jsonl") if http.cache else None, temperature=http.temperature,
         max_tokens=http.max_tokens, timeout_s=http.timeout_s, max_retries=http.max_retries,
         backoff_s=http.backoff_s, min_interval_s=http.min_interval_s, max_workers=http.max_workers)
-  elif syn.teacher == "sampler":
-    teacher = _sampler_teacher(config, sampler)
+  elif syn.teacher in ("sampler", "self"):
+    teacher = _sampler_teacher(config, sampler, syn.teacher)
   else:
     teacher = None  # the template writer alone
   opts = synthesis.Options(shortest_of=syn.shortest_of, shared_steps=syn.shared_steps,
