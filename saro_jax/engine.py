@@ -125,7 +125,7 @@ def setup(cfg: StageConfig, workdir: str) -> Setup:
                                        keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
   latest = checkpointer.latest_step()
   data_state = base = None
-  lora_cfg = cfg.lora if cfg.lora is not None and cfg.lora.enabled else None
+  lora_cfg = lora_of(cfg)
   optimizer, lr_fn = make_optimizer(cfg)
   with sharding.use(mesh):
     if latest is not None:
@@ -209,14 +209,29 @@ def log_stats(it: pipeline.BatchIterator, workdir: str) -> dict:
 
 # ---- the stage ----------------------------------------------------------------------------------
 
+def lora_of(cfg: StageConfig) -> lora.LoraConfig | None:
+  """The stage's LoRA config, or None for full fine-tuning."""
+  return cfg.lora if cfg.lora is not None and cfg.lora.enabled else None
+
+
+def make_step(cfg: StageConfig, loss_fn: train.LossFn, optimizer: optax.GradientTransformation, *,
+              normalizer_fn: Callable, mesh: Mesh, learning_rate_fn: Callable | None = None):
+  """The stage's pure train step (``train.make_train_step``); with LoRA it is
+  ``(state, batch, base)``: ``state.params`` are the adapters, the loss sees the base with them
+  applied. ``saro_jax.plan`` compiles this same step."""
+  lora_cfg = lora_of(cfg)
+  adapt = None if lora_cfg is None else (
+      lambda adapters, base: lora.adapted_params(base, adapters, lora_cfg))
+  return train.make_train_step(loss_fn, optimizer, grad_accum=cfg.train.grad_accum,
+                               normalizer_fn=normalizer_fn, mesh=mesh,
+                               learning_rate_fn=learning_rate_fn, adapt=adapt)
+
+
 def run_stage(cfg: StageConfig, workdir: str, stage: Stage) -> tuple[Setup, train.LoopResult]:
   """Runs (or resumes, or skips if finished) ``stage`` in ``workdir``."""
   s = setup(cfg, workdir)
-  adapt = None if s.base is None else (
-      lambda adapters, base: lora.adapted_params(base, adapters, cfg.lora))
-  step = train.make_train_step(stage.loss_fn(s), s.optimizer, grad_accum=cfg.train.grad_accum,
-                               normalizer_fn=stage.divisor(s), mesh=s.mesh,
-                               learning_rate_fn=s.learning_rate_fn, adapt=adapt)
+  step = make_step(cfg, stage.loss_fn(s), s.optimizer, normalizer_fn=stage.divisor(s), mesh=s.mesh,
+                   learning_rate_fn=s.learning_rate_fn)
   ndims = dict(stage.batch_ndims(cfg))
   done = int(jax.device_get(s.state.step)) >= cfg.train.steps
   if stage.to_device is not None and not done:  # e.g. SRPO's reference pass: not when finished

@@ -25,6 +25,10 @@ Targets (``--target``):
                   ``TPU_LIBRARY_PATH=/path/to/libtpu.so``), no TPU. The TPU compiler's own figures.
   local           the devices jax sees (a real GPU/TPU host).
 
+LoRA (``config.lora.rank > 0``): the engine's own LoRA step (``engine.make_step``): the state is
+the adapters (replicated) and their AdamW moments, the base weights a frozen, non-donated step
+argument, and the SRPO reference the base itself (adapters off: no second copy of the weights).
+
 Peak per device, per phase (the arrays that live across a phase count in it):
   RW                 the step: arguments + outputs - aliased + temporaries + code
   SRPO, live ref     max(step + reference weights, state + reference forward)
@@ -209,25 +213,33 @@ class StagePlan:
   """One stage's per-device memory: resident pieces from the shardings, programs from XLA."""
   stage: str
   settings: dict[str, Any]
-  params: int  # parameter count
-  weights: int  # per device
+  params: int  # parameter count (of the model; LoRA: of the frozen base)
+  weights: int  # per device (LoRA: the frozen base, a non-donated step argument)
   opt_state: int
-  ref_weights: int  # resident during the step (live reference), else 0
+  ref_weights: int  # a second resident copy during the step (full FT, live reference), else 0
   batch: int  # the step's batch arguments
   step: XlaMemory
   reference: XlaMemory | None  # the DPO reference forward (live or precomputed pass)
   reference_mode: str
   hand: dict[str, int]
+  lora_rank: int = 0  # 0 = full fine-tuning
+  adapters: int = 0  # LoRA: the trained adapters per device (replicated), else 0
+  adapter_params: int = 0
 
   @property
   def state(self) -> int:
+    """Resident between steps: the step's arguments but the batch (LoRA: adapters, their AdamW
+    and the frozen base)."""
     return self.step.argument - self.batch
 
   @property
   def phases(self) -> dict[str, int]:
     out = {"step": self.step.peak + self.ref_weights}
     if self.reference is not None:
-      out["reference forward"] = self.state + self.reference.peak
+      # The reference program's arguments hold its weights; with LoRA those are the frozen base,
+      # the same buffers as the state's, so they count once.
+      shared = self.weights if self.lora_rank else 0
+      out["reference forward"] = self.state - shared + self.reference.peak
     return out
 
   @property
@@ -236,9 +248,11 @@ class StagePlan:
 
 
 def hand_formula(mc, cfg, *, mesh_shape: Mapping[str, int], params: int, rows: int,
-                 reference_mode: str | None) -> dict[str, int]:
+                 reference_mode: str | None, adapter_params: int = 0) -> dict[str, int]:
   """Back-of-envelope bytes per device, to cross-check XLA (resident state exact up to padding;
-  activations rough). ``rows`` = sequences in one micro-batch (SRPO: 2 per pair)."""
+  activations rough). ``rows`` = sequences in one micro-batch (SRPO: 2 per pair).
+  ``adapter_params`` > 0: LoRA (replicated adapters are trained, the base is frozen and serves
+  as the reference)."""
   import numpy as np
   shards = mesh_shape["fsdp"] * mesh_shape["tensor"]
   tensor = mesh_shape["tensor"]
@@ -265,12 +279,16 @@ def hand_formula(mc, cfg, *, mesh_shape: Mapping[str, int], params: int, rows: i
   # A layer's weights gathered over fsdp (in the compute dtype) for its forward and backward.
   per_layer_params = (params - 2 * mc.padded_vocab_size * D) // max(mc.num_layers, 1)
   gathered = 2 * per_layer_params * cb // tensor + mc.padded_vocab_size * D * cb // tensor
+  adapters = adapter_params * pb  # replicated on every device
+  if adapter_params:
+    grads = adapters
   temp = grads + saved + block + logits + gathered
-  out = {"weights": weights, "opt_state": 2 * weights, "gradients": grads,
+  trained = adapters if adapter_params else weights
+  out = {"weights": weights, "opt_state": 2 * trained, "gradients": grads,
          "saved_activations": saved, "block_recompute": block, "logits_chunk": logits,
-         "gathered_weights": gathered, "temporaries": temp,
-         "ref_weights": weights if reference_mode == "live" else 0}
-  out["peak"] = weights + out["opt_state"] + temp + out["ref_weights"]
+         "gathered_weights": gathered, "temporaries": temp, "adapters": adapters,
+         "ref_weights": weights if reference_mode == "live" and not adapter_params else 0}
+  out["peak"] = weights + adapters + out["opt_state"] + temp + out["ref_weights"]
   return out
 
 
@@ -290,8 +308,25 @@ def _abstract_batch(keys_ndims: Mapping[str, int], rows: int, length: int, mesh)
   return out
 
 
+def abstract_adapters(params_like, lora_cfg, seed: int, mesh):
+  """The LoRA adapters ``lora.init_adapters`` makes for these weights, as ShapeDtypeStructs,
+  replicated as it places them."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from saro_jax.models import lora
+  shapes = jax.eval_shape(functools.partial(lora.init_adapters, cfg=lora_cfg, seed=seed),
+                          params_like)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+
+
 def plan_stage(stage: str, cfg, mc, devices: Sequence) -> StagePlan:
-  """Lowers and compiles the stage's real jitted step (and reference forward) on ``devices``."""
+  """Lowers and compiles the stage's real jitted step (and reference forward) on ``devices``.
+
+  With LoRA (``cfg.lora.rank > 0``) the step is the engine's (``engine.make_step``): the state
+  holds the adapters and their optimizer state, the base weights are its frozen third argument
+  and the DPO reference runs on that base (no second copy)."""
   import jax
   from flax import nnx
 
@@ -304,23 +339,27 @@ def plan_stage(stage: str, cfg, mc, devices: Sequence) -> StagePlan:
     params_like = models.abstract_params(mc, mesh)
     graphdef, _ = nnx.split(models.abstract_model(mc), nnx.Param)
     optimizer, lr_fn = engine.make_optimizer(cfg)
-    state_like = train.abstract_state(params_like, optimizer, cfg.seed)
+    lora_cfg = engine.lora_of(cfg)
+    # LoRA: the trained params are the adapters; the base is frozen (engine.setup's split).
+    base_like = None if lora_cfg is None else params_like
+    trainable_like = (params_like if lora_cfg is None
+                      else abstract_adapters(params_like, lora_cfg, cfg.seed, mesh))
+    state_like = train.abstract_state(trainable_like, optimizer, cfg.seed)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params_like))
     B, A, L = cfg.train.batch_size, cfg.train.grad_accum, cfg.data.max_length
     ref_mem, ref_mode = None, "none"
     if stage == "rw":
       loss_fn = rw.make_loss_fn(graphdef, vocab_size=mc.vocab_size, chunk_size=cfg.train.logps_chunk)
-      step = train.make_train_step(loss_fn, optimizer, grad_accum=A,
-                                   normalizer_fn=rw.target_token_count, mesh=mesh,
-                                   learning_rate_fn=lr_fn)
+      step = engine.make_step(cfg, loss_fn, optimizer, normalizer_fn=rw.target_token_count,
+                              mesh=mesh, learning_rate_fn=lr_fn)
       ndims = {k: 2 for k in rw.SFT_KEYS}
       rows = B // A
     else:
       ref_mode = cfg.dpo.reference
       loss_fn = srpo.make_loss_fn(graphdef, cfg, vocab_size=mc.vocab_size)
-      step = train.make_train_step(loss_fn, optimizer, grad_accum=A,
-                                   normalizer_fn=lambda _: jax.numpy.float32(A), mesh=mesh,
-                                   learning_rate_fn=lr_fn)
+      step = engine.make_step(cfg, loss_fn, optimizer,
+                              normalizer_fn=lambda _: jax.numpy.float32(A), mesh=mesh,
+                              learning_rate_fn=lr_fn)
       ndims = srpo.batch_ndims(cfg)
       rows = 2 * (B // A)
       if ref_mode != "none":
@@ -328,21 +367,25 @@ def plan_stage(stage: str, cfg, mc, devices: Sequence) -> StagePlan:
                                              chunk_size=cfg.train.logps_chunk, micro_batches=A,
                                              mesh=mesh)
         pairs = _abstract_batch({k: 2 for k in logps.PAIR_KEYS}, B, L, mesh)
-        ref_mem = XlaMemory.of(ref_fn.lower(state_like.params, pairs))
+        # The reference weights: the start weights (full FT), the frozen base (LoRA).
+        ref_mem = XlaMemory.of(ref_fn.lower(params_like, pairs))
     batch_like = _abstract_batch(ndims, B, L, mesh)
-    jitted = train.jit_step(step, state_like, ndims, mesh)
+    jitted = train.jit_step(step, state_like, ndims, mesh, frozen=base_like)
+    frozen_args = () if base_like is None else (base_like,)
     try:
-      step_mem = XlaMemory.of(jitted.lower(state_like, batch_like))
+      step_mem = XlaMemory.of(jitted.lower(state_like, batch_like, *frozen_args))
     except CompilerOOM as e:
       if e.used is None and e.temporaries is not None:  # at least: temporaries + arguments
-        resident = device_bytes(state_like) + device_bytes(batch_like)
-        e.used = e.temporaries + resident + (device_bytes(state_like.params)
-                                             if ref_mode == "live" else 0)
+        resident = device_bytes(state_like) + device_bytes(batch_like) + device_bytes(frozen_args)
+        e.used = e.temporaries + resident + (device_bytes(params_like)
+                                             if ref_mode == "live" and lora_cfg is None else 0)
         e.headline += (f" -> needs >= {e.used / GIB:.2f} GiB with the step's arguments"
                        f" ({resident / GIB:.2f} GiB)" + (" and the live reference weights"
                                                          if ref_mode == "live" else ""))
       raise
-  weights = device_bytes(state_like.params)
+  weights = device_bytes(params_like)
+  adapter_params = 0 if lora_cfg is None else sum(math.prod(x.shape)
+                                                  for x in jax.tree.leaves(trainable_like))
   mesh_shape = dict(mesh.shape)
   settings = dict(mesh=mesh_shape, batch_size=B, grad_accum=A, max_length=L, remat=mc.remat,
                   scan_layers=mc.scan_layers,
@@ -350,13 +393,19 @@ def plan_stage(stage: str, cfg, mc, devices: Sequence) -> StagePlan:
                   logps_chunk=cfg.train.logps_chunk)
   if stage == "srpo":
     settings["reference"] = ref_mode
+  if lora_cfg is not None:
+    settings["lora"] = dict(rank=lora_cfg.rank, targets=",".join(lora_cfg.targets))
   return StagePlan(
       stage=stage, settings=settings, params=n_params, weights=weights,
       opt_state=device_bytes(state_like.opt_state),
-      ref_weights=weights if ref_mode == "live" else 0, batch=device_bytes(batch_like),
-      step=step_mem, reference=ref_mem, reference_mode=ref_mode,
+      ref_weights=weights if ref_mode == "live" and lora_cfg is None else 0,
+      batch=device_bytes(batch_like), step=step_mem, reference=ref_mem, reference_mode=ref_mode,
       hand=hand_formula(mc, cfg, mesh_shape=mesh_shape, params=n_params, rows=rows,
-                        reference_mode=ref_mode if stage == "srpo" else None))
+                        reference_mode=ref_mode if stage == "srpo" else None,
+                        adapter_params=adapter_params),
+      lora_rank=0 if lora_cfg is None else lora_cfg.rank,
+      adapters=0 if lora_cfg is None else device_bytes(trainable_like),
+      adapter_params=adapter_params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,8 +455,8 @@ def knobs(stage: str) -> list[Knob]:
   return out
 
 
-LORA_NOTE = ("LoRA (config.lora.rank > 0): not planned here; these figures are full fine-tuning"
-             " (LoRA's optimizer state is adapter-sized)")
+LORA_NOTE = ("LoRA: re-run with --config.lora.rank=16 (say) to plan it: adapters + their AdamW"
+             " state + the frozen base, which is also the SRPO reference")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,14 +483,18 @@ def format_stage(p: StagePlan, hbm_bytes: int) -> str:
   head = (f"stage {p.stage}: {p.params / 1e9:.3f}B params; mesh data={m['data']} fsdp={m['fsdp']}"
           f" tensor={m['tensor']}; batch {s['batch_size']} x {s['max_length']} tokens, grad_accum"
           f" {s['grad_accum']}; remat {s['remat']}"
-          + ("; scanned layers" if s.get("scan_layers") else "") + f"; params {s['param_dtype']}, compute"
+          + ("; scanned layers" if s.get("scan_layers") else "")
+          + (f"; LoRA rank {s['lora']['rank']} on {s['lora']['targets']} ({p.adapter_params / 1e6:.2f}M"
+             " adapter params, base frozen)" if "lora" in s else "")
+          + f"; params {s['param_dtype']}, compute"
           f" {s['compute_dtype']}" + (f"; reference {s['reference']}" if "reference" in s else ""))
   h = p.hand
   unit = unit_for(p.peak)
   gib = functools.partial(fmt_bytes, unit=unit)  # small models print MiB
   scale = GIB if unit == "GiB" else 1 << 20
   rows = [
-      ("weights", gib(p.weights), gib(h["weights"])),
+      ("weights" + (" (frozen base)" if p.lora_rank else ""), gib(p.weights), gib(h["weights"])),
+      *([("LoRA adapters", gib(p.adapters), gib(h["adapters"]))] if p.lora_rank else []),
       ("optimizer state", gib(p.opt_state), gib(h["opt_state"])),
       ("reference weights", gib(p.ref_weights), gib(h["ref_weights"])),
       ("batch (step arguments)", gib(p.batch), ""),
@@ -574,7 +627,8 @@ def make_plan(config, *, devices: Sequence, hbm_gib: float, target: str = "cpu",
           continue
         tried.append((label, peak))
         echo(f"    {label:34s} peak {fmt_bytes(peak, unit_for(p.peak))}  {verdict(peak, hbm_bytes)}")
-      echo(f"    {LORA_NOTE}")
+      if cfg.lora is None or not cfg.lora.enabled:
+        echo(f"    {LORA_NOTE}")
       suggestions[stage] = tried
   return Plan(name=str(config.get("name", "")), target=target, devices=n, hbm_bytes=hbm_bytes,
               stages=plans, suggestions=suggestions, ooms=ooms)

@@ -145,3 +145,43 @@ def test_tpu_compiler_oom_is_a_verdict():
   assert p.summary().endswith("does not fit (the compiler ran out of memory)")
   p.ooms["srpo"] = used
   assert p.summary().endswith(f"does not fit by >= {20.53 - 16:.2f} GiB")
+
+
+def test_lora_plans_adapters_and_their_optimizer_only(tiny_plan):
+  """config.lora.rank > 0: the engine's LoRA step is compiled. The trained state is the adapters
+  (replicated) + AdamW over them, counted exactly from the adapter shapes; the base is a frozen,
+  non-donated argument and serves as the SRPO reference (no second copy)."""
+  full, _ = tiny_plan
+  rank = 4
+  config = _config()
+  config.lora.rank = rank
+  lines = []
+  p = plan.make_plan(config, devices=jax.devices()[:8], hbm_gib=1.0,
+                     mesh=dict(data=1, fsdp=4, tensor=2), try_knobs=False, echo=lines.append)
+  D, F, layers = ARCH["hidden_size"], ARCH["intermediate_size"], ARCH["num_layers"]
+  q, kv = ARCH["num_heads"] * ARCH["head_dim"], ARCH["num_kv_heads"] * ARCH["head_dim"]
+  # (in, out) of the seven default targets: q, k, v, o, gate, up, down; A [in, r] + B [r, out].
+  dims = [(D, q), (D, kv), (D, kv), (q, D), (D, F), (D, F), (F, D)]
+  adapter_bytes = layers * sum(rank * (i + o) for i, o in dims) * 4  # fp32, replicated
+  for stage, sp in p.stages.items():
+    ft = full.stages[stage]
+    assert sp.lora_rank == rank and sp.adapters == adapter_bytes, (stage, sp.adapters)
+    assert sp.weights == ft.weights  # the frozen base, sharded as the full model's weights
+    # AdamW mu and nu over the adapters, plus a few int32 counters; full FT's are 2x the weights.
+    assert 2 * adapter_bytes <= sp.opt_state <= 2 * adapter_bytes + 64, (stage, sp.opt_state)
+    # Smaller even here, where the replicated adapters (rank 4) meet a tiny model split 8 ways
+    # (at 7B, rank 16: ~40M adapter params vs 7.6B); an optimizer over base + adapters fails it.
+    assert sp.opt_state < ft.opt_state / 2
+    # XLA's arguments: base + adapters + opt state + batch (+ scalars); only the trained state is
+    # donated (aliased), never the base.
+    scalars = sp.step.argument - (sp.weights + sp.adapters + sp.opt_state + sp.batch)
+    assert 0 <= scalars <= 64, (stage, scalars)
+    assert sp.adapters + sp.opt_state <= sp.step.alias <= sp.adapters + sp.opt_state + 64
+    assert sp.hand["opt_state"] == 2 * adapter_bytes and sp.hand["adapters"] == adapter_bytes
+  srpo = p.stages["srpo"]
+  # The reference is the base: nothing extra resident during the step, and the reference
+  # forward's weights are the state's base (counted once).
+  assert srpo.ref_weights == 0 and srpo.phases["step"] == srpo.step.peak
+  assert srpo.phases["reference forward"] == srpo.state - srpo.weights + srpo.reference.peak
+  text = "\n".join(lines)
+  assert f"LoRA rank {rank}" in text and "frozen base" in text and plan.LORA_NOTE not in text

@@ -117,7 +117,9 @@ def init_adapters(params: nnx.State, cfg: LoraConfig, seed: int) -> Adapters:
     a = jax.random.normal(jax.random.fold_in(root, n), lead + (fan_in, cfg.rank), jnp.float32)
     a = (a / math.sqrt(fan_in)).astype(w.dtype)
     b = jnp.zeros(lead + (cfg.rank, fan_out), w.dtype)
-    mesh = getattr(w.sharding, "mesh", None)
+    # Traced (jax.eval_shape: saro_jax.plan's abstract adapters) -> no sharding to read; the
+    # caller places them replicated.
+    mesh = getattr(getattr(w, "sharding", None), "mesh", None)
     if mesh is not None and not getattr(mesh, "empty", False) and len(mesh.devices.flat) > 1:
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       a, b = jax.device_put(a, replicated), jax.device_put(b, replicated)
