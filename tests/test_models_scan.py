@@ -22,7 +22,7 @@ import error_model as em
 import test_train
 import tiny_hf
 from saro_jax import checkpoint as ckpt_lib
-from saro_jax import models, sample, sharding, train
+from saro_jax import logps, models, sample, sharding, train
 from saro_jax.config import ConfigError, ModelSpec
 from saro_jax.data import bundled, pipeline
 from saro_jax.models import hf, lora
@@ -181,7 +181,7 @@ def _srpo_steps(config, cfg, tokenizer, host_batches, mesh):
                                          micro_batches=1, mesh=mesh)
     metrics_, sqrt_v = [], []
     for host in host_batches:
-      device = train.put_batch({k: host[k] for k in reference.input_keys(False)}, mesh)
+      device = train.put_batch({k: host[k] for k in logps.input_keys(False)}, mesh)
       device["ref_chosen_logps"], device["ref_rejected_logps"] = ref_fn(ref_params, device)
       state, m = step(state, device)
       metrics_.append({k: float(m[k]) for k in ("loss", "logps/chosen", "logps/rejected")})
