@@ -318,3 +318,15 @@ def parse_trajectory(raw: Mapping[str, Any], *, where: str,
           "safe_continuation": _steps(raw, "safe_continuation", where, allow_empty_list=True,
                                       tags=tags),
           "safe_answer": safe_answer, "unsafe_answer": unsafe_answer}
+
+
+def has_reasoning_block(text: str, tags: Sequence[str]) -> bool:
+  """A closed, non-empty reasoning block: the close tag is there (the chat template may have
+  opened the block) and something other than whitespace stands before it."""
+  open_tag, close_tag = tags
+  end = text.find(close_tag)
+  if end < 0:
+    return False
+  start = text.find(open_tag)
+  body = text[start + len(open_tag):end] if 0 <= start < end else text[:end]
+  return bool(body.strip())

@@ -79,6 +79,21 @@ def read_jsonl(path: str | os.PathLike, *, max_line_bytes: int = DEFAULT_MAX_LIN
       yield where, value
 
 
+def read_progress(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+  """A resumable stage's progress file: {row["id"]: row} of its JSONL lines (missing file -> {}).
+  A line a crash cut short (bad JSON, no id) is skipped: that item is done again."""
+  done: dict[str, dict[str, Any]] = {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+          done[row["id"]] = row
+        except (json.JSONDecodeError, KeyError, TypeError):
+          continue
+  return done
+
+
 def read_json(path: str | os.PathLike) -> Any:
   """The JSON document in ``path`` (a leading byte order mark is accepted)."""
   path = os.fspath(path)

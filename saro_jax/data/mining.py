@@ -64,13 +64,8 @@ def prompt_key(text: str) -> str:
 
 def has_reasoning(text: str, tags: Sequence[str]) -> bool:
   """A closed, non-empty reasoning block before an answer (the open tag may be the template's)."""
-  open_tag, close_tag = tags
-  end = text.find(close_tag)
-  if end < 0:
-    return False
-  start = text.find(open_tag)
-  body = text[start + len(open_tag):end] if 0 <= start < end else text[:end]
-  return bool(body.strip()) and bool(text[end + len(close_tag):].strip())
+  return (formats.has_reasoning_block(text, tags)
+          and bool(text[text.find(tags[1]) + len(tags[1]):].strip()))
 
 
 def outcome(sample: Mapping[str, Any], label: str, opts: Options) -> str:

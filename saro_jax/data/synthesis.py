@@ -49,7 +49,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from saro_jax.data import build_pairs, formats
+from saro_jax.data import build_pairs, formats, jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -578,17 +578,6 @@ def _record_key(record: Mapping[str, Any]) -> str:
   return hashlib.sha256(json.dumps([record["prompt"], record["label"]]).encode()).hexdigest()[:16]
 
 
-def _read_done(path: pathlib.Path) -> dict[str, dict[str, Any]]:
-  done = {}
-  if path.exists():
-    for line in path.read_text(encoding="utf-8").splitlines():
-      try:
-        row = json.loads(line)
-        done[row["id"]] = row
-      except (json.JSONDecodeError, KeyError, TypeError):
-        continue  # the line a crash cut short: that prompt is done again
-  return done
-
 
 def synthesize(records: Sequence[Mapping[str, Any]], teacher: Teacher | None, out_dir: str | os.PathLike,
                opts: Options = Options(), refuses: Refuses | None = None) -> dict[str, Any]:
@@ -605,7 +594,7 @@ def synthesize(records: Sequence[Mapping[str, Any]], teacher: Teacher | None, ou
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   progress = out / "records.jsonl"
-  done = _read_done(progress)
+  done = jsonl.read_progress(progress)
   refuses = refuses or phrase_judge()
   writer = TemplateWriter()
   # A prompt counts as done only if its text and label are unchanged since it was written.

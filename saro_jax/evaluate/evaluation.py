@@ -30,6 +30,7 @@ import ml_collections
 
 from saro_jax import config as config_lib
 from saro_jax import models, sample, sharding
+from saro_jax.data import formats
 from saro_jax.evaluate import judges as judges_lib
 from saro_jax.evaluate import metrics as metrics_lib
 from saro_jax.evaluate import prompts as prompts_lib
@@ -69,21 +70,11 @@ def generate_rows(model, tokenizer, prompts: Sequence[prompts_lib.EvalPrompt],
                      text=text, reasoning=reasoning, answer=answer, finish_reason=gen.finish_reason,
                      reasoning_tokens=count_tokens(tokenizer, reasoning),
                      answer_tokens=count_tokens(tokenizer, answer),
-                     has_reasoning=has_reasoning_block(text, tuple(ev.reasoning_tags)),
+                     has_reasoning=formats.has_reasoning_block(text, tuple(ev.reasoning_tags)),
                      repeated_ngram_rate=metrics_lib.repeated_ngram_rate(text)))
   return rows
 
 
-def has_reasoning_block(text: str, tags: tuple[str, str]) -> bool:
-  """A closed, non-empty reasoning block before the answer: the close tag is there (the chat
-  template may have opened the block) and something other than whitespace stands before it."""
-  open_tag, close_tag = tags
-  end = text.find(close_tag)
-  if end < 0:
-    return False
-  start = text.find(open_tag)
-  body = text[start + len(open_tag):end] if 0 <= start < end else text[:end]
-  return bool(body.strip())
 
 
 def _strip_special(tokenizer, text: str, keep: Sequence[str]) -> str:

@@ -34,7 +34,7 @@ import ml_collections
 
 from saro_jax import config as config_lib
 from saro_jax import sharding
-from saro_jax.data import build_pairs, mining, sources
+from saro_jax.data import build_pairs, jsonl, mining, sources
 from saro_jax.evaluate import evaluation
 from saro_jax.evaluate import prompts as prompts_lib
 
@@ -64,17 +64,6 @@ def fingerprint(policy: str, m: config_lib.MineConfig) -> str:
                      list(m.reasoning_tags)], sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-
-def _read_progress(path: pathlib.Path) -> dict[str, dict[str, Any]]:
-  done = {}
-  if path.exists():
-    for line in path.read_text(encoding="utf-8").splitlines():
-      try:
-        row = json.loads(line)
-        done[row["id"]] = row
-      except (json.JSONDecodeError, KeyError, TypeError):
-        continue  # a line a crash cut short: that prompt is sampled again
-  return done
 
 
 def _sample_rows(model, tokenizer, chunk: Sequence[Mapping[str, Any]], m: config_lib.MineConfig,
@@ -176,7 +165,7 @@ def _chunks(items: Sequence[Any], size: int):
 
 def _done(path: pathlib.Path, records: Sequence[Mapping[str, Any]], fp: str) -> dict[str, dict[str, Any]]:
   """The progress rows of ``path`` still valid for these records and this fingerprint."""
-  done = _read_progress(path)
+  done = jsonl.read_progress(path)
   return {r["id"]: done[r["id"]] for r in records
           if r["id"] in done and done[r["id"]].get("key") == mining.record_key(r, fp)}
 
