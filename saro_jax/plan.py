@@ -48,6 +48,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import ml_collections
+
 GIB = 1 << 30
 
 # HF config.json of the presets' backbones (the published files, abridged to what ModelConfig
@@ -579,6 +581,19 @@ def stage_names(config) -> list[str]:
   return names
 
 
+def with_mesh(config, mesh: Mapping[str, int]):
+  """A copy of ``config`` whose mesh (top level and any stage section's) is ``mesh``; axes not
+  named take MeshConfig's defaults, as ``--mesh`` documents."""
+  from saro_jax.config import MeshConfig
+  full = dataclasses.asdict(MeshConfig(**mesh))
+  out = ml_collections.ConfigDict(config.copy_and_resolve_references().to_dict())
+  out.mesh = ml_collections.ConfigDict(full)
+  for key in ("rw", "srpo"):
+    if key in out and isinstance(out[key], ml_collections.ConfigDict) and "mesh" in out[key]:
+      out[key].mesh = ml_collections.ConfigDict(full)
+  return out
+
+
 def make_plan(config, *, devices: Sequence, hbm_gib: float, target: str = "cpu",
               mesh: Mapping[str, int] | None = None, try_knobs: bool = True,
               stages: Sequence[str] | None = None, echo: Callable[[str], None] = print) -> Plan:
@@ -587,13 +602,14 @@ def make_plan(config, *, devices: Sequence, hbm_gib: float, target: str = "cpu",
   n = len(devices)
   hbm_bytes = int(hbm_gib * GIB)
   names = list(stages or stage_names(config))
+  if mesh is not None:
+    config = with_mesh(config, mesh)
   plans, suggestions, ooms = {}, {}, {}
   for stage in names:
+    # The mesh is in the config before it is validated, so the batch-divisibility checks see
+    # the mesh that is planned.
     cfg = training_config(config, stage if config.stage == "saro" else None, device_count=n,
                           process_count=1, dpo=stage == "srpo")
-    if mesh is not None:
-      cfg = dataclasses.replace(cfg, mesh=MeshConfig(**mesh))
-      cfg.mesh.validate(n)
     # Concrete axes (no -1), so the knobs' divisibility checks see the real mesh.
     cfg = dataclasses.replace(cfg, mesh=MeshConfig(*cfg.mesh.resolved(n)))
     mc = model_config_for(cfg)
@@ -647,10 +663,13 @@ def parse_mesh(text: str) -> dict[str, int]:
 def main(argv: Sequence[str] | None = None) -> Plan:
   from absl import flags
   from ml_collections import config_flags
+  import sys
+  argv = list(argv) if argv is not None else sys.argv
   fv = flags.FlagValues()
+  # sys_argv: the --config.* overrides are read from the argv given, not always sys.argv.
   config_flag = config_flags.DEFINE_config_file(
       "config", None, "configs/*.py[:preset], as for saro_jax.main", flag_values=fv,
-      lock_config=True)
+      lock_config=True, sys_argv=argv)
   devices_f = flags.DEFINE_integer("devices", None, "device count (default: from --mesh or the"
                                    " target)", flag_values=fv)
   hbm_f = flags.DEFINE_float("hbm_gib", 16.0, "memory per device, GiB", flag_values=fv)
@@ -661,8 +680,7 @@ def main(argv: Sequence[str] | None = None) -> Plan:
                               flag_values=fv)
   stages_f = flags.DEFINE_list("stages", None, "subset of rw,srpo (default: the config's)",
                                flag_values=fv)
-  import sys
-  fv(list(argv) if argv is not None else sys.argv)
+  fv(argv)
   if fv["config"].value is None:
     raise SystemExit("plan: --config is required, e.g. --config configs/saro.py:qwen2_5_7b")
   mesh = parse_mesh(mesh_f.value) if mesh_f.value else None

@@ -185,3 +185,19 @@ def test_lora_plans_adapters_and_their_optimizer_only(tiny_plan):
   assert srpo.phases["reference forward"] == srpo.state - srpo.weights + srpo.reference.peak
   text = "\n".join(lines)
   assert f"LoRA rank {rank}" in text and "frozen base" in text and plan.LORA_NOTE not in text
+
+
+def test_mesh_flag_is_applied_before_the_config_is_validated():
+  """`--mesh` replaces config.mesh before the batch checks run. RW batch 4 does not divide the
+  preset's mesh (fsdp=-1: 8-way) but divides `--mesh fsdp=4`: it is planned on that mesh (the
+  planner used to refuse it, checking the preset's mesh). The reverse, a config mesh that divides
+  the batch and a `--mesh` that does not, is refused naming the field (it used to be planned)."""
+  from saro_jax.config import ConfigError
+  base = ["plan", "--config", os.path.join(ROOT, "configs", "saro.py") + ":tiny", "--hbm_gib", "1",
+          "--stages", "rw", "--noknobs", *OVERRIDES, "--config.rw.train.batch_size=4"]
+  p = plan.main(base + ["--mesh", "data=1,fsdp=4,tensor=2"])
+  rw = p.stages["rw"]
+  assert rw.settings["mesh"] == dict(data=1, fsdp=4, tensor=2) and rw.settings["batch_size"] == 4
+  with pytest.raises(ConfigError, match=r"rw\.train\.batch_size=4 is not divisible by mesh"):
+    plan.main(base + ["--config.mesh.fsdp=4", "--config.mesh.tensor=2",
+                      "--mesh", "data=1,fsdp=8,tensor=1"])
