@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # N JAX processes on this machine (jax.distributed over 127.0.0.1), e.g. to rehearse a multi-host
 # run on CPU before a pod. Each process gets DEVICES virtual CPU devices; logs go to
-# <workdir>/process_<i>.log and process 0 also prints to the terminal.
+# <workdir>/process_<i>.log and process 0 also prints to the terminal. EXTRA_XLA_FLAGS, if set, are
+# appended to each process's XLA_FLAGS.
 #
 #   NUM_PROCESSES=2 DEVICES=2 bash launch/local_multiprocess.sh \
 #       --config configs/saro.py --workdir runs/saro-tiny-2proc
@@ -16,7 +17,7 @@ mkdir -p "$LOGDIR"
 
 pids=()
 for ((i = 0; i < NUM_PROCESSES; i++)); do
-  env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES}" \
+  env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES} ${EXTRA_XLA_FLAGS:-}" \
       JAX_COORDINATOR_ADDRESS="127.0.0.1:${PORT}" JAX_NUM_PROCESSES="$NUM_PROCESSES" JAX_PROCESS_ID="$i" \
       "$PY" -m saro_jax.main --multihost "$@" > "$LOGDIR/process_$i.log" 2>&1 &
   pids+=($!)

@@ -1,9 +1,40 @@
-"""Every test process sees 8 virtual CPU devices, set before jax is imported anywhere."""
+"""Every test process sees 8 virtual CPU devices, set before jax is imported anywhere.
 
+One persistent XLA compilation cache per test session (JAX_COMPILATION_CACHE_DIR, a fresh
+temporary directory unless set already), shared by the xdist workers and every subprocess the
+tests start (they inherit the environment): the tiny models' steps are the same programs in many
+files and in every `python -m saro_jax.main` a test launches, and each launch used to compile
+them again. A cache hit loads the executable XLA built for the same program, devices and flags,
+so results are bit-identical to a fresh compile. The size limit turns on jax's file lock, so
+concurrent processes never read a half-written entry; an unreadable entry is only a warning and
+a recompile. The directory is removed when the process that made it exits.
+
+XLA's CPU code is compiled at LLVM optimisation level 0 (SARO_TEST_XLA_FLAGS, in XLA_FLAGS here
+and passed to every subprocess a test starts): the suite compiles hundreds of small programs and
+runs each on tiny inputs, so LLVM's optimisation passes were most of its CPU time
+(test_models_scan's RW-steps and greedy tests: 77 s of user CPU at the default level, 45 s at
+0). The level changes no HLO pass, no fusion and no buffer assignment (the planner's memory
+figures are the same), and matrix products run in XLA's precompiled runtime either way; every
+comparison in the suite is between programs compiled with the same flags or within a derived
+error bound. Runs outside the tests keep XLA's default level.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("SARO_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      + os.environ["SARO_TEST_XLA_FLAGS"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="saro_jax_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))

@@ -24,7 +24,7 @@ TINY = ["--config.model.arch.hidden_size=32", "--config.model.arch.intermediate_
         "--config.train.progress_bar=false", "--config.opt.warmup_steps=1",
         "--config.checkpoint.keep=2", "--config.export.enabled=false"]
 ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-           XLA_FLAGS="--xla_force_host_platform_device_count=1")
+           XLA_FLAGS="--xla_force_host_platform_device_count=1 " + os.environ["SARO_TEST_XLA_FLAGS"])
 
 
 def cli(workdir, *extra, config="configs/rw.py"):

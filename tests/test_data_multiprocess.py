@@ -71,7 +71,8 @@ def test_two_processes_read_disjoint_covering_shares(tmp_path):
   data = str(tmp_path / "pairs.jsonl")
   _records_file(data)
   coordinator = f"127.0.0.1:{_free_port()}"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+             + os.environ["SARO_TEST_XLA_FLAGS"], JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
                                          os.environ.get("PYTHONPATH", "")]))
   outs = [str(tmp_path / f"out{i}.json") for i in range(2)]

@@ -26,7 +26,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
   steps = 60
   procs, logs = [], []
   for i in range(2):
-    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+               + os.environ["SARO_TEST_XLA_FLAGS"],
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(i))
     cmd = [sys.executable, "-m", "saro_jax.main", "--multihost", "--config", "configs/rw.py",

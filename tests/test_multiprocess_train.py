@@ -18,6 +18,7 @@ def test_two_process_saro_run(tmp_path):
   env = dict(os.environ, NUM_PROCESSES="2", DEVICES="2", PY=sys.executable, LOGDIR=str(logs),
              PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)  # the launcher gives each process its own 2 devices
+  env["EXTRA_XLA_FLAGS"] = os.environ["SARO_TEST_XLA_FLAGS"]  # tests/conftest.py
   stage_flags = []
   for stage, steps in (("rw", 3), ("srpo", 3)):
     stage_flags += [f"--config.{stage}.data.max_length=64", f"--config.{stage}.train.steps={steps}",

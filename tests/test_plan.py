@@ -108,7 +108,7 @@ def test_cli_replans_knobs_when_it_does_not_fit(tmp_path):
   """The command line in a fresh process (4 CPU devices set by the planner itself): RW at an HBM
   it cannot fit, knobs re-planned, the last line the verdict."""
   env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = os.environ["SARO_TEST_XLA_FLAGS"]  # no device count: the planner sets it
   # 16 rows on 4 devices: 4 rows per device, 2 with grad_accum x2, 1 with x4; the logits chunk
   # (rows x 32 x vocab x fp32) dominates the activations, so each halving lowers the peak.
   cmd = [sys.executable, "-m", "saro_jax.plan", "--config", "configs/saro.py:tiny", "--devices", "4",

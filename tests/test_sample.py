@@ -288,6 +288,7 @@ def test_two_process_generate_matches_one_process(tmp_path):
   env = dict(os.environ, NUM_PROCESSES="2", DEVICES="2", PY=sys.executable,
              LOGDIR=str(tmp_path / "logs"), PYTHONPATH=root)
   env.pop("XLA_FLAGS", None)  # the launcher gives each process its own 2 devices
+  env["EXTRA_XLA_FLAGS"] = os.environ["SARO_TEST_XLA_FLAGS"]  # tests/conftest.py
   cmd = ["bash", "launch/local_multiprocess.sh", "--config", "configs/generate.py",
          f"--workdir={tmp_path / 'two'}"] + overrides
   out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
