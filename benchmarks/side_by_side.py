@@ -51,7 +51,7 @@ sequence log-probs) of every system must agree within an fp32 error-model bound 
 (``first_step_bounds``); the script prints the errors and exits 1 if any bound is broken.
 
 ``--memory``: each system also runs alone in a child process (its model(s) and state, its first
-step and one more); the figure is the child's peak RSS (``ru_maxrss``) minus its RSS right after
+step and one more); the figure is the child's peak RSS (``VmHWM``) minus its RSS right after
 importing jax, torch, transformers and trl: the peak the system adds on top of the libraries.
 
 Needs the ``bench`` extra for TRL (``pip install -e .[bench]``); without trl the TRL rows are
@@ -67,7 +67,6 @@ import importlib.util
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -97,13 +96,15 @@ def trl_available() -> bool:
   return importlib.util.find_spec("trl") is not None
 
 
-def rss_bytes() -> int:
-  """This process's resident set size now (Linux /proc)."""
+def rss_bytes(field: str = "VmRSS") -> int:
+  """This process's resident set size now (VmRSS) or its high-water mark (VmHWM), from Linux
+  /proc. VmHWM belongs to the process's own address space, so unlike ``ru_maxrss`` (which
+  keeps the parent's size across fork + exec) it starts from zero in a child."""
   with open("/proc/self/status") as f:
     for line in f:
-      if line.startswith("VmRSS:"):
+      if line.startswith(field + ":"):
         return int(line.split()[1]) * 1024
-  return 0
+  raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 # ---- the weights: one HF directory every system loads ----------------------------------------
@@ -666,7 +667,7 @@ def child_memory(args, directory: str) -> dict:
   (system,), _ = build(stage, [name], args, directory, ids)
   system.first()
   system.step()
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  peak = rss_bytes("VmHWM")
   return {"stage": stage, "system": name, "peak_above_imports_bytes": peak - base,
           "peak_rss_bytes": peak, "rss_after_imports_bytes": base}
 
