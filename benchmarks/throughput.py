@@ -3,6 +3,16 @@ r"""Throughput of the three hot paths: RW (SFT) step, SRPO (DPO) step with a liv
   python benchmarks/throughput.py --model tiny --batch 8 --length 256 --steps 5
   python benchmarks/throughput.py --model smollm2 --batch 2 --length 128 --steps 3 --new_tokens 16
   python benchmarks/throughput.py --model /path/to/hf_dir --peak_tflops 989
+  python benchmarks/throughput.py --arch llama_1b --compute_dtype bfloat16 --attention_impl auto \
+      --batch 8 --length 2048 --skip sample --peak_tflops 989       # a 1B-shaped random Llama
+
+``--arch`` (with ``--model tiny``, the random preset): ``llama_1b`` (Llama-3.2-1B's shape: 16
+layers, hidden 2048, 32 heads / 8 KV heads, MLP 8192, vocab 128256, tied embeddings) or a JSON
+dict of ModelConfig fields, drawn at random. ``--compute_dtype`` / ``--attention_impl`` /
+``--remat`` / ``--scan_layers`` override the preset's model settings (params stay fp32: the
+master weights). MFU: model FLOPs per step / step time / (``--peak_tflops`` x devices), with
+6 N per trained token (forward + backward) and, for SRPO, 2 N more per token for the live
+reference forward (N = params; attention's L^2 term is not counted).
 
 It only PRINTS figures (a table, then one JSON line); it asserts no speed target. Batches are
 synthetic random tokens in the "Data" contract's format (BUILD.md), so no data pipeline is timed.
@@ -32,10 +42,16 @@ from saro_jax.config import StageConfig, training_config
 from saro_jax.stages import reference, rw, srpo
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
+# Llama-3.2-1B's shape (random weights): ~1.24B params.
+ARCHS = {"llama_1b": dict(family="llama", hidden_size=2048, intermediate_size=8192, num_layers=16,
+                          num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+                          rms_norm_eps=1e-5, tie_embeddings=True, vocab_size=128256,
+                          max_position_embeddings=8192)}
 PROMPT = "Explain, step by step, why the sky looks blue during the day."
 
 
-def _stage_config(stage: str, model: str, batch: int, length: int, devices: int) -> StageConfig:
+def _stage_config(stage: str, model: str, batch: int, length: int, devices: int,
+                  args: argparse.Namespace | None = None) -> StageConfig:
   """The training config of ``stage`` for the preset matching ``model``, resized to the benchmark."""
   spec = importlib.util.spec_from_file_location(f"saro_bench_{stage}",
                                                 os.path.join(CONFIGS_DIR, f"{stage}.py"))
@@ -52,6 +68,14 @@ def _stage_config(stage: str, model: str, batch: int, length: int, devices: int)
   config.train.grad_accum = 1
   config.train.logps_chunk = min(config.train.logps_chunk, length)
   config.data.max_length = length
+  if args is not None:
+    if args.arch:
+      config.model.arch = ARCHS[args.arch] if args.arch in ARCHS else json.loads(args.arch)
+    for name in ("compute_dtype", "attention_impl", "remat"):
+      if getattr(args, name):
+        setattr(config.model, name, getattr(args, name))
+    if args.scan_layers:
+      config.model.scan_layers = True
   return training_config(config, stage, device_count=devices)
 
 
@@ -152,9 +176,14 @@ def bench_srpo(cfg: StageConfig, graphdef, params, optimizer, lr_fn, mesh, args)
     return holder[0].step, metrics["loss"]
 
   step_s = _timed(one, args.steps, args.warmup)
-  return {"srpo_compile_s": compile_s + ref_compile_s, "srpo_step_s": step_s,
-          "srpo_pairs_per_s": args.batch / step_s,
-          "srpo_tokens_per_s": 2 * args.batch * args.length / step_s}
+  tokens = 2 * args.batch * args.length
+  tflops = 8 * args.n_params * tokens / step_s / 1e12  # policy fwd+bwd (6N) + reference fwd (2N)
+  out = {"srpo_compile_s": compile_s + ref_compile_s, "srpo_step_s": step_s,
+         "srpo_pairs_per_s": args.batch / step_s, "srpo_tokens_per_s": tokens / step_s,
+         "srpo_tflops": tflops}
+  if args.peak_tflops:
+    out["srpo_mfu"] = tflops / (args.peak_tflops * args.devices)
+  return out
 
 
 def bench_sampler(model, tokenizer, mesh, args) -> dict[str, float]:
@@ -183,7 +212,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--new_tokens", type=int, default=32, help="greedy tokens generated per prompt")
   p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak; > 0 adds MFU")
   p.add_argument("--skip", default="", help="comma list of rw,srpo,sample to leave out")
+  p.add_argument("--arch", default="", help=f"with --model tiny: {list(ARCHS)} or a JSON dict of "
+                 "ModelConfig fields (random weights)")
+  p.add_argument("--compute_dtype", default="", help="override, e.g. bfloat16 (params stay fp32)")
+  p.add_argument("--attention_impl", default="", help="override: xla | cudnn | auto")
+  p.add_argument("--remat", default="", help="override: none | block | dots")
+  p.add_argument("--scan_layers", action="store_true", help="lax.scan over the layers")
   args = p.parse_args(argv)
+  if args.arch and args.model != "tiny":
+    p.error("--arch draws a random model: use it with --model tiny")
   for name in ("batch", "length", "steps", "new_tokens"):
     if getattr(args, name) < 1:
       p.error(f"--{name}={getattr(args, name)} must be >= 1")
@@ -199,8 +236,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | int | str]:
   args.devices = math.gcd(args.batch, jax.device_count())
   devices = jax.devices()[:args.devices]
   mesh = sharding.make_mesh(1, args.devices, 1, devices=devices)
-  cfg_rw = _stage_config("rw", args.model, args.batch, args.length, args.devices)
-  cfg_srpo = _stage_config("srpo", args.model, args.batch, args.length, args.devices)
+  cfg_rw = _stage_config("rw", args.model, args.batch, args.length, args.devices, args)
+  cfg_srpo = _stage_config("srpo", args.model, args.batch, args.length, args.devices, args)
   tokenizer = models.load_tokenizer(cfg_rw.model)
   with sharding.use(mesh):
     model = models.load(cfg_rw.model, tokenizer=tokenizer, mesh=mesh, seed=cfg_rw.seed)
@@ -208,7 +245,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | int | str]:
     args.vocab_size = model.config.vocab_size
     args.n_params = sum(x.size for x in jax.tree.leaves(params))
     figures: dict[str, float | int | str] = {
-        "model": args.model, "backend": jax.default_backend(), "devices": args.devices,
+        "model": (args.arch if args.arch in ARCHS else
+                  "arch" + json.dumps(json.loads(args.arch), separators=(",", ":"))
+                  if args.arch else args.model), "compute_dtype": str(model.config.compute_dtype),
+        "attention_impl": str(model.config.attention_impl), "remat": str(model.config.remat),
+        "backend": jax.default_backend(), "devices": args.devices,
         "params": args.n_params, "batch": args.batch, "length": args.length, "steps": args.steps}
     if "rw" not in skip:
       optimizer, lr_fn = engine.make_optimizer(cfg_rw)
@@ -225,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | int | str]:
 
 
 def print_table(f: dict) -> None:
-  print(f"model={f['model']} backend={f['backend']} devices={f['devices']} "
+  print(f"model={f['model']} compute={f['compute_dtype']} attention={f['attention_impl']} "
+        f"remat={f['remat']} backend={f['backend']} devices={f['devices']} "
         f"params={f['params'] / 1e6:.2f}M batch={f['batch']} length={f['length']} steps={f['steps']}")
   rows = []
   if "rw_step_s" in f:
@@ -234,8 +276,10 @@ def print_table(f: dict) -> None:
                  f"{f['rw_tokens_per_s']:.0f} tok/s ({f['rw_tokens_per_s_per_device']:.0f}/device),"
                  f" {f['rw_tflops']:.4f} TFLOP/s{mfu}"))
   if "srpo_step_s" in f:
+    mfu = f"  MFU {100 * f['srpo_mfu']:.1f}%" if "srpo_mfu" in f else ""
     rows.append(("SRPO step+ref", f["srpo_compile_s"], f["srpo_step_s"],
-                 f"{f['srpo_pairs_per_s']:.2f} pairs/s ({f['srpo_tokens_per_s']:.0f} tok/s)"))
+                 f"{f['srpo_pairs_per_s']:.2f} pairs/s ({f['srpo_tokens_per_s']:.0f} tok/s), "
+                 f"{f['srpo_tflops']:.4f} TFLOP/s{mfu}"))
   if "sample_s" in f:
     rows.append((f"sample {f['new_tokens']} new", f["sample_first_call_s"], f["sample_s"],
                  f"{f['sample_new_tokens_per_s']:.1f} new tok/s"))

@@ -11,6 +11,7 @@ to predict from the tokens before it, so the hidden state at ``t - 1`` scores to
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 
 import jax
@@ -85,14 +86,56 @@ def _chunk_logits(hidden_BxCxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
   return sharding.constrain(logits_BxCxV, ("batch", "length", "act_vocab"))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _full_vocab_stats(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size):
-  """(log p(target), mean logit) for one sequence chunk, all vocabulary columns at once."""
+  """(log p(target), mean logit) for one sequence chunk, all vocabulary columns at once.
+
+  Its own VJP (``_full_vocab_stats_bwd``): the backward recomputes the chunk's logits from the
+  saved hidden states and log-sum-exp (the [B, C, V] logits are never stored) and forms
+  d logits = g_logp * (onehot - softmax) + g_mean / V in ONE elementwise pass, where autodiff of
+  the forward made several [B, C, V] passes (the masks, the log-sum-exp's max and exp, the
+  target gather's scatter and the mean's broadcast)."""
+  stats, _ = _full_vocab_stats_fwd(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size)
+  return stats
+
+
+def _real_columns(logits_BxCxV: jax.Array, vocab_size: int, fill: float) -> jax.Array:
+  """``logits`` with the padding columns (>= vocab_size) set to ``fill``; no op (and no [B, C, V]
+  mask, which XLA would hoist out of the chunk loop as a buffer) when there are none."""
+  if vocab_size == logits_BxCxV.shape[-1]:
+    return logits_BxCxV
+  return jnp.where(jnp.arange(logits_BxCxV.shape[-1]) < vocab_size, logits_BxCxV, fill)
+
+
+def _full_vocab_stats_fwd(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size):
   logits_BxCxV = _chunk_logits(hidden_BxCxD, unembed_DxV)
-  real_V = jnp.arange(logits_BxCxV.shape[-1]) < vocab_size
-  lse_BxC = jax.nn.logsumexp(jnp.where(real_V, logits_BxCxV, -jnp.inf), axis=-1)
+  lse_BxC = jax.nn.logsumexp(_real_columns(logits_BxCxV, vocab_size, -jnp.inf), axis=-1)
   target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-  logit_sum_BxC = jnp.sum(jnp.where(real_V, logits_BxCxV, 0.0), axis=-1)
-  return target_logit_BxC - lse_BxC, logit_sum_BxC / vocab_size
+  logit_sum_BxC = jnp.sum(_real_columns(logits_BxCxV, vocab_size, 0.0), axis=-1)
+  stats = (target_logit_BxC - lse_BxC, logit_sum_BxC / vocab_size)
+  return stats, (hidden_BxCxD, unembed_DxV, targets_BxC, lse_BxC)
+
+
+def _full_vocab_stats_bwd(vocab_size, residuals, cotangents):
+  hidden_BxCxD, unembed_DxV, targets_BxC, lse_BxC = residuals
+  g_logp_BxC, g_mean_BxC = cotangents
+  logits_BxCxV = _chunk_logits(hidden_BxCxD, unembed_DxV)
+  # d logp / d logits = onehot(target) - softmax; d mean / d logits = 1/V; both 0 on the padding
+  # columns (their logits set to -inf give softmax 0; the select drops the mean's share).
+  probs_BxCxV = jnp.exp(_real_columns(logits_BxCxV, vocab_size, -jnp.inf) - lse_BxC[..., None])
+  onehot_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
+  d_logits_BxCxV = _real_columns(
+      g_logp_BxC[..., None] * (onehot_BxCxV.astype(jnp.float32) - probs_BxCxV)
+      + g_mean_BxC[..., None] / vocab_size, vocab_size, 0.0)
+  d_logits_BxCxV = sharding.constrain(d_logits_BxCxV, ("batch", "length", "act_vocab"))
+  d_hidden_BxCxD = jnp.einsum("bcv,dv->bcd", d_logits_BxCxV, unembed_DxV,
+                              preferred_element_type=jnp.float32).astype(hidden_BxCxD.dtype)
+  d_unembed_DxV = jnp.einsum("bcd,bcv->dv", hidden_BxCxD, d_logits_BxCxV,
+                             preferred_element_type=jnp.float32).astype(unembed_DxV.dtype)
+  return d_hidden_BxCxD, d_unembed_DxV, None
+
+
+_full_vocab_stats.defvjp(_full_vocab_stats_fwd, _full_vocab_stats_bwd)
 
 
 def _vocab_chunked_stats(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size, vocab_chunk):
@@ -170,13 +213,13 @@ def token_logps_and_mean_logits(
   targets_NxBxC = jnp.pad(targets_BxL.astype(jnp.int32), ((0, 0), (0, pad))).reshape(
       b, n_chunks, chunk).transpose(1, 0, 2)
 
-  @jax.checkpoint  # backward recomputes each chunk's logits instead of storing them
+  # Either way the backward recomputes each chunk's logits instead of storing them.
   def chunk_stats(xs):
     hidden_BxCxD, targets_BxC = xs
     if vocab_chunk_size is None or vocab_chunk_size >= unembed_DxV.shape[1]:
       return _full_vocab_stats(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size)
-    return _vocab_chunked_stats(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size,
-                                vocab_chunk_size)
+    return jax.checkpoint(_vocab_chunked_stats, static_argnums=(3, 4))(
+        hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size, vocab_chunk_size)
 
   logps_NxBxC, mean_logits_NxBxC = jax.lax.map(chunk_stats, (hidden_NxBxCxD, targets_NxBxC))
   unchunk = lambda x_NxBxC: x_NxBxC.transpose(1, 0, 2).reshape(b, n_chunks * chunk)[:, :l]

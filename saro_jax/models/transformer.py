@@ -149,6 +149,56 @@ def cached_attention(q_BxTxNxH: jax.Array, k_BxKxHxS: jax.Array, v_BxKxSxH: jax.
   return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def query_block(length: int) -> int:
+  """Query rows per block of ``causal_attention``: at most 8 blocks (each block is its own pair of
+  matmuls in the program), at least 64 rows (smaller products lose more to overhead than the
+  skipped keys save)."""
+  return max(64, -(-length // 8))
+
+
+def causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
+                     mask_Bx1xLxL: jax.Array, scale: float) -> jax.Array:
+  """Grouped-query attention of a whole sequence (no cache) whose mask is causal by slot, with
+  the keys above the diagonal never computed -> [B, L, N, H].
+
+  Same arithmetic as ``cached_attention`` (fp32 logits, scale after the product, masked to a large
+  negative, fp32 softmax) in blocks of ``query_block(L)`` query rows; block i scores only the keys
+  0 .. end of block i. Every key it drops lies after the query (``attention_mask`` always
+  includes causality), where the full softmax gives exactly 0: exp(-0.7 * f32 max - row max)
+  underflows. Each row keeps its own slot (the diagonal is always visible), so no row is fully
+  masked and the row max is a real logit. Work and the fp32 scores held for the backward shrink
+  to (n + 1) / 2n of the full L x L for n blocks.
+
+  Layouts are the cache's: queries [B, K, G*T, H] (the G query heads sharing a kv head stacked
+  along the rows, so GQA needs no repeated keys and each product is one larger matmul), keys and
+  values [B, K, S, H]; both products are batched over the leading (B, K), as CPU gemms want them.
+  """
+  B, L, N, H = q_BxLxNxH.shape
+  K = k_BxLxKxH.shape[2]
+  G = N // K
+  q_BxKxGxLxH = q_BxLxNxH.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4)
+  k_BxKxLxH = k_BxLxKxH.transpose(0, 2, 1, 3)
+  v_BxKxLxH = v_BxLxKxH.transpose(0, 2, 1, 3)
+  big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
+  block = query_block(L)
+  outs = []
+  for start in range(0, L, block):
+    end = min(start + block, L)
+    T = end - start
+    q_BxKxMxH = q_BxKxGxLxH[:, :, :, start:end].reshape(B, K, G * T, H)
+    logits_BxKxMxS = jnp.einsum("bkmh,bksh->bkms", q_BxKxMxH, k_BxKxLxH[:, :, :end],
+                                preferred_element_type=jnp.float32)
+    logits_BxKxGxTxS = logits_BxKxMxS.reshape(B, K, G, T, end) * jnp.float32(scale)
+    logits_BxKxGxTxS = jnp.where(mask_Bx1xLxL[:, :, None, start:end, :end], logits_BxKxGxTxS,
+                                 big_negative)
+    probs_BxKxMxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxLxKxH.dtype).reshape(
+        B, K, G * T, end)
+    out_BxKxMxH = jnp.einsum("bkms,bksh->bkmh", probs_BxKxMxS, v_BxKxLxH[:, :, :end])
+    outs.append(out_BxKxMxH.reshape(B, K, G, T, H))
+  out_BxKxGxLxH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+  return out_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
+
+
 def write_slots(buffer_BxS: jax.Array, new_BxT: jax.Array, index_B: jax.Array) -> jax.Array:
   """Row b of ``new`` written into row b of ``buffer`` at slots index_B[b] .. index_B[b] + T - 1
   (trailing dims ride along)."""
@@ -232,10 +282,14 @@ class Attention(nnx.Module):
       wo_MxD = self.wo_NxHxD[...].astype(dt).reshape(N * H, -1)
       return jnp.einsum("btm,md->btd", out_BxTxNxH.reshape(B, T, N * H), wo_MxD), new_cache
 
-    impl = None if c.attention_impl == "auto" else c.attention_impl
-    out_BxTxNxH = jax.nn.dot_product_attention(
-        q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xTxS, scale=c.head_dim ** -0.5,
-        implementation=impl)
+    if c.attention_impl == "xla":
+      out_BxTxNxH = causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xTxS,
+                                     c.head_dim ** -0.5)
+    else:
+      impl = None if c.attention_impl == "auto" else c.attention_impl
+      out_BxTxNxH = jax.nn.dot_product_attention(
+          q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xTxS, scale=c.head_dim ** -0.5,
+          implementation=impl)
     out_BxLxD = jnp.einsum("blnh,nhd->bld", out_BxTxNxH, self.wo_NxHxD[...].astype(dt))
     return out_BxLxD, new_cache
 
