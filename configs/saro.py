@@ -40,11 +40,17 @@ mining, to stay in the session's time, the run was stopped before its first SRPO
 (RW and mine restored from disk) with 8 steps at 3e-5, no dev result having been seen. The start and
 RW models were evaluated by configs/eval.py:smollm2_135m (the same eval section) in a separate
 process while mining and SRPO ran. Dev split, refusal-phrase judge (n per label: 30 harmful, 10
-jailbreak, 10 benign, 10 borderline): NOT MEASURED. At 06:37 UTC, the end of this session's
-time, SRPO had done 5 of its 8 steps (~130-270 s/step; loss 0.693, 0.693, 0.658, 0.684, 0.315:
-on-policy pairs are not separated at once, unlike the synthesized ones) and the separate
-evaluation of the start model (started 05:58, 2 batches of 30 x 192 tokens) had not finished. So
-no target is shown met or missed by this setting; the dev figures below are the first setting's.
+jailbreak, 10 benign, 10 borderline): only the start model was measured in the session's time.
+SRPO finished at 06:41 UTC (8 steps, ~130-270 s/step; loss 0.693, 0.693, 0.658, 0.684, 0.315,
+0.438, 0.114, 0.513: on-policy pairs are not separated at once, unlike the synthesized ones) and
+was exported; the RW and SRPO models' dev evaluations had not finished by the deadline (the start
+model's took 43 min at load 10-39).
+
+  stage  harmful   jailbreak  benign    borderline  reasoning  repeated  degenerate  cut at
+         refused   refused    answered  answered    block      4-grams   rows        192 tok
+  start  0/30      1/10       10/10     9/10        0 %        33.5 %    16          53/60
+
+So no target is shown met or missed by this setting; the dev figures below are the first setting's.
 This is the second setting run (its dev evaluation unfinished). The first (RW 16 steps, SRPO 6 steps at 1e-5 on the
 synthesized pairs, no mining, eval 5 prompts per label per set; 46.7 min + 17.0 min at load
 4.2-10.9) gave for the SRPO model: harmful 10/15 refused (past/future tense rephrasings 3/5,
