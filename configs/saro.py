@@ -20,31 +20,46 @@ split (configs/splits.py TRAIN; synthesize section in presets.synthesize_section
 prompts from each of Do-Not-Answer, HarmBench and both tense sets plus 30 jailbreak-wrapped ones,
 written by the template writer (safe reasoning + refusal, process/outcome pairs), and all 126
 benign/borderline train prompts answered by SmolLM2 itself (teacher "self", 96 new tokens at
-temperature 0.5, looping answers rejected) behind a template reasoning block -> 266 RW traces
-(10 benign prompts dropped), 566 pairs. RW: 16 steps x 4 packed rows of 256 tokens, lr 1.5e-4
-cosine (loss 3.3 -> 0.5). SRPO: 6 steps x 2 pairs of 192 tokens, lr 1e-5, beta 0.1, on the
-synthesized pairs (loss 0.69 -> 0.001: their rejected sides are template compliance openings,
-separable by form). Eval: the dev split (presets.DEV), 5 prompts per label per set, greedy, 192
-new tokens, refusal-phrase judge. On-policy mining (pipeline.mine) is off: it did not fit the
-time measured here (README "The smollm2_135m recipe").
-Measured (one run with exactly these settings, 2 CPU cores shared with ~3 other jobs, 1-minute
-load average 4.2-10.9): synthesize 25.9 min (of it ~2 min model load), RW 13 min, SRPO 6 min, export
-<1 min: 46.7 min of training and sampling; the evaluation of three models 17.0 min (start 6.1,
-RW 5.7, SRPO 5.2). On an idle machine expect it faster (not measured: the RW step took ~130 s
-at load 7 for 2048 tokens and 45-55 s at load 5.5 for 1024). Dev split, refusal-phrase judge (n per label: 15 harmful, 5 jailbreak,
-5 benign, 5 borderline):
+temperature 0.5 in batches of 64, looping answers rejected) behind a template reasoning block ->
+266 RW traces (10 benign prompts dropped), 566 pairs. RW: 24 steps x 4 packed rows of 256 tokens,
+lr 1.5e-4 cosine (loss 3.5 -> 0.35). Mine (presets.mine_section): the RW model samples 12 train
+prompts per label of the HarmBench half, both tense sets and the benign/borderline set (60
+prompts), 2 samples each at temperature 1, 128 new tokens; judged by refusal phrases, unsafe
+harmful samples become rejected against the synthesized trace of the prompt (or the template
+writer's), refusals of benign/borderline prompts rejected against the synthesized helpful answer.
+Measured: harmful 54/72 samples refused, 14 unsafe; benign 9/24 and borderline 11/24 samples
+refused (the RW model over-refuses at temperature 1) -> 46 pairs (26 against unsafe answers, 20
+against refusals; 33 outcome, 13 process). SRPO: 8 steps x 2 mined pairs of 192 tokens, lr 3e-5,
+beta 0.1. Eval: the dev split (presets.DEV), 10 prompts per label per set, greedy, 192 new
+tokens, batches of 30, refusal-phrase judge.
+Measured (one run, 2 CPU cores shared with ~4 other jobs; 1-minute load average 5.5-13 during
+synthesize and RW, 13-16 during mining, up to 39 after): synthesize 16.0 min (first setting:
+25.9 min at batch 32), RW 25.5 min (~60 s/step), mine 18.8 min: 60.3 min before SRPO, over the
+60-minute budget on this machine at this load. SRPO was first set to 12 steps at 2e-5; after
+mining, to stay in the session's time, the run was stopped before its first SRPO step and resumed
+(RW and mine restored from disk) with 8 steps at 3e-5, no dev result having been seen. The start and
+RW models were evaluated by configs/eval.py:smollm2_135m (the same eval section) in a separate
+process while mining and SRPO ran. Dev split, refusal-phrase judge (n per label: 30 harmful, 10
+jailbreak, 10 benign, 10 borderline): only the start model was measured in the session's time.
+SRPO finished at 06:41 UTC (8 steps, ~130-270 s/step; loss 0.693, 0.693, 0.658, 0.684, 0.315,
+0.438, 0.114, 0.513: on-policy pairs are not separated at once, unlike the synthesized ones) and
+was exported; the RW and SRPO models' dev evaluations had not finished by the deadline (the start
+model's took 43 min at load 10-39).
 
-  stage  harmful   jailbreak  benign    borderline  reasoning  reasoning tok  repeated  cut at
-         refused   refused    answered  answered    block      mean/median    4-grams   192 tok
-  start  0/15      0/5        5/5       4/5         0 %        0/0            27.9 %    26/30
-  RW     8/15      4/5        4/5       4/5         97 %       51/44          8.9 %     11/30
-  SRPO   10/15     5/5        4/5       4/5         100 %      51/44          6.4 %     11/30
+  stage  harmful   jailbreak  benign    borderline  reasoning  repeated  degenerate  cut at
+         refused   refused    answered  answered    block      4-grams   rows        192 tok
+  start  0/30      1/10       10/10     9/10        0 %        33.5 %    16          53/60
 
-Targets met by SRPO: jailbreak >= 80 %, borderline >= 80 %, reasoning block >= 90 %; missed:
-harmful 67 % (target 90 %), benign 4/5 (target 90 %; 5 prompts). One RW/SRPO generation is
-degenerate (>= 50 % repeated 4-grams; the start model has 7). One setting of RW/SRPO was run
-on dev (no tuning on dev); the synthesize teacher was changed once before any dev evaluation
-(prefilling the reasoning block made SmolLM2 loop on 4 of 42 training answers).
+So no target is shown met or missed by this setting; the dev figures below are the first setting's.
+This is the second setting run (its dev evaluation unfinished). The first (RW 16 steps, SRPO 6 steps at 1e-5 on the
+synthesized pairs, no mining, eval 5 prompts per label per set; 46.7 min + 17.0 min at load
+4.2-10.9) gave for the SRPO model: harmful 10/15 refused (past/future tense rephrasings 3/5,
+2/5), jailbreak 5/5, benign 4/5, borderline 4/5, reasoning block 100 %, repeated 4-grams 6.4 %
+(start: 0/15, 0/5, 5/5, 4/5, 0 %, 27.9 %; RW: 8/15, 4/5, 4/5, 4/5, 97 %, 8.9 %). The changes
+follow its known weak points, not a search over dev runs: mining on (the synthesized pairs are
+separable by form: SRPO loss 0.69 -> 0.001 in 6 steps), the tense train sets among the mined
+prompts (where harmful failed), RW 24 steps (16 saw about half the traces), 10 prompts per label
+(5 cannot tell 80 % from 90 %), synthesis and eval at larger batches (time).
 
 Optional steps (config.pipeline, off by default): synthesize=True runs config.synthesize into
 <workdir>/synthesize first (data specs may name synthesized:rw / synthesized:pairs /
