@@ -1,26 +1,15 @@
 """benchmarks/throughput.py runs end to end at a tiny size and reports every figure, positive."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import jax
 import pytest
 
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
-
-
-def _throughput_module():
-  spec = importlib.util.spec_from_file_location(
-      "saro_benchmarks_throughput", os.path.join(ROOT, "benchmarks", "throughput.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+import benchmark_scripts
 
 
 def test_throughput_tiny_reports_positive_figures(capsys):
-  figures = _throughput_module().main(
+  figures = benchmark_scripts.load("throughput").main(
       ["--model", "tiny", "--batch", "2", "--length", "32", "--steps", "2", "--new_tokens", "4",
        "--peak_tflops", "1.0"])
   # batch 2 on the 8 virtual CPU devices: the mesh takes the 2 devices that hold whole rows.
@@ -43,11 +32,7 @@ def test_throughput_tiny_reports_positive_figures(capsys):
 @pytest.mark.heavy  # tokenizes the 1114 bundled pairs and compiles three SRPO steps
 def test_prefix_dpo_benchmark_tiny_reports_every_mode():
   """benchmarks/prefix_dpo.py end to end at a small size: every mode reports positive figures."""
-  spec = importlib.util.spec_from_file_location(
-      "saro_benchmarks_prefix_dpo", os.path.join(ROOT, "benchmarks", "prefix_dpo.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # its dataclasses look their module up by name
-  spec.loader.exec_module(module)
+  module = benchmark_scripts.load("prefix_dpo")
   out = module.main(["--model", "tiny", "--pairs", "2", "--rows", "1", "--row_length", "512",
                      "--pairs_per_row", "4", "--batches", "1", "--steps", "1", "--rounds", "1",
                      "--modes", "unshared,prefix,packed+cached"])

@@ -80,12 +80,8 @@ def test_decode_step_copies_no_cache_or_weights():
 @pytest.mark.heavy
 def test_benchmark_runs_and_tokens_match_transformers(tmp_path, capsys):
   """benchmarks/sampler.py asserts token identity with transformers.generate before timing."""
-  import importlib.util
-  import os
-  path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sampler.py")
-  spec = importlib.util.spec_from_file_location("bench_sampler", path)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  import benchmark_scripts
+  bench = benchmark_scripts.load("sampler")
   results = bench.main(["--model", "tiny", "--batches", "4", "--new_tokens", "8", "--repeats", "1",
                         "--workdir", str(tmp_path)])
   assert results[4]["new_tokens"] > 0 and results[4]["ratio"] > 0

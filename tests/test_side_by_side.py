@@ -2,25 +2,16 @@
 losses (and DPO log-probs) of saro_jax, the plain PyTorch loop and, when installed, TRL agree
 within the script's fp32 error-model bound; a perturbed weight in one system breaks that bound."""
 
-import importlib.util
-import os
-import sys
-
 import pytest
 
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+import benchmark_scripts
 SIZES = ["--pairs", "2", "--prompt_len", "24", "--completion_len", "40", "--rows", "2",
          "--row_length", "64", "--loss_tokens", "48", "--rounds", "1"]
 
 
 @pytest.fixture(scope="module")
 def sbs():
-  spec = importlib.util.spec_from_file_location(
-      "saro_benchmarks_side_by_side", os.path.join(ROOT, "benchmarks", "side_by_side.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # its dataclasses look their module up by name
-  spec.loader.exec_module(module)
-  return module
+  return benchmark_scripts.load("side_by_side")
 
 
 def _run(sbs, tmp_path, systems, *extra):
