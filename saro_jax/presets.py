@@ -112,9 +112,10 @@ def rw_recipe(preset: str) -> dict:
                 train=train(300, 8, log_every=25))
   if preset == "smollm2_135m":
     # The recipe of configs/saro.py:smollm2_135m (there its data are the synthesized traces; here
-    # the bundled ones). Sized for 2 CPU cores: a step of 4 packed rows of 256 tokens (~8 traces);
-    # 24 steps see ~190 of the recipe's ~270 traces (16 steps, the first measured setting, ~130).
-    return dict(data=data("bundled:rw_train", 256), opt=opt(1.5e-4, warmup_steps=2),
+    # the bundled ones). Sized for 2 CPU cores: a step of 4 packed rows of 512 tokens (~11 traces
+    # of ~160 tokens); 24 steps are ~1.2 epochs of the recipe's ~216 traces. (Rows of 256 held one
+    # trace each, fill 0.66: the second measured setting's 24 steps saw 98 of its 266 traces.)
+    return dict(data=data("bundled:rw_train", 512), opt=opt(1.5e-4, warmup_steps=2),
                 train=train(24, 4, log_every=1, logps_chunk=128))
   return dict(data=data("bundled:rw_train", 4096), opt=opt(1e-5, warmup_steps=50, weight_decay=0.0),
               train=train(1000, 128, grad_accum=4, log_every=10, logps_chunk=512))
@@ -127,10 +128,10 @@ def srpo_recipe(preset: str) -> dict:
                 train=train(40, 8, log_every=10), dpo=dpo(beta=0.1))
   if preset == "smollm2_135m":
     # The recipe's SRPO runs on on-policy mined pairs (harder than synthesized ones, whose rejected
-    # sides are separable by form): 8 steps x 2 pairs at 3e-5 (cut from 12 at 2e-5 for time in the
-    # measured run, see configs/saro.py).
-    return dict(data=data("bundled:pairs_train", 192), opt=opt(3e-5, warmup_steps=1),
-                train=train(8, 2, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))
+    # sides are separable by form): 12 steps x 4 pairs of <= 256 tokens at 3e-5, about one epoch
+    # of the ~50 mined pairs (the second measured setting's 8 steps x 2 saw 16 of its 46).
+    return dict(data=data("bundled:pairs_train", 256), opt=opt(3e-5, warmup_steps=1),
+                train=train(12, 4, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))
   return dict(data=data("bundled:pairs_train", 4096), opt=opt(5e-7, warmup_steps=20),
               train=train(500, 64, grad_accum=4, log_every=10, logps_chunk=512), dpo=dpo(beta=0.1))
 
@@ -188,11 +189,13 @@ def synthesize_section(preset: str) -> ml_collections.ConfigDict:
   section.sampler = defaults(SynthesizeSamplerConfig, top_p=0.95,
                              max_new_tokens={"tiny": 32, "smollm2_135m": 192}.get(preset, 1024))
   if preset == "smollm2_135m":
-    # The recipe: 30 harmful prompts per train set (Do-Not-Answer, HarmBench, both tenses) and 30
-    # jailbreak-wrapped ones, written by the template writer; all 126 train benign/borderline
+    # The recipe: 20 harmful prompts per train set (Do-Not-Answer, HarmBench, both tenses) and 20
+    # jailbreak-wrapped ones, written by the template writer, so ~100 refusals against ~116
+    # helpful traces (the decision token " Yes"/" No" about half and half; 30 per set, the second
+    # measured setting, tipped it to " No" for every prompt); all 126 train benign/borderline
     # prompts answered by SmolLM2 itself after a prefilled reasoning block (teacher "self"), at most
     # 96 new tokens cut to the last full sentence, so the RW model keeps its own (short) answers.
-    section.update(dict(limit=30, limit_benign=0, teacher="self", chunk_size=64))
+    section.update(dict(limit=20, limit_benign=0, teacher="self", chunk_size=64))
     # One batch of 64 per chunk (the first measured setting sampled in batches of 32: ~24 min).
     section.sampler.update(dict(max_new_tokens=96, batch_size=64, temperature=0.5, top_p=0.9))
   return section

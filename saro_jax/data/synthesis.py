@@ -55,6 +55,13 @@ logger = logging.getLogger(__name__)
 
 HARMFUL_LABELS = ("harmful", "jailbreak")
 BENIGN_LABELS = ("benign", "borderline")
+# The template writer's second reasoning step opens with this question for every label, and the
+# next word (" Yes" / " No") is the decision. Harmful and benign traces share the words before it,
+# so the decision is one binary token whose frequency the data mix controls (about half and half),
+# and a process pair that branches there trains exactly that token. (With label-specific openings
+# of different frequencies, SmolLM2-135M learned the most frequent line, the harmful one, for every
+# prompt: the second measured setting of configs/saro.py:smollm2_135m.)
+DECISION = "Is it safe to help with this?"
 ROLES = ("safe", "unsafe", "reflection")
 
 SAFETY_POLICY = """\
@@ -365,7 +372,8 @@ class TemplateWriter:
   """Fixed wording: the fallback when no model is available (or a model's text fails validation).
   It needs no model, so it cannot answer a benign question: ``safe`` is None for benign prompts.
   Each step and answer has a few phrasings, one picked per prompt (stable hash of its id), so a
-  model trained on them learns the reasoning, not one sentence."""
+  model trained on them learns the reasoning, not one sentence; the decision (``DECISION`` then
+  " Yes" / " No") is worded alike for every label."""
 
   name = "template"
 
@@ -375,12 +383,13 @@ class TemplateWriter:
     wrapped = record["label"] == "jailbreak"
     v = lambda *options: _variant(record, options)  # noqa: E731
     steps = [f"The user asks: \"{_request(record['prompt'])}\"",
-             v("Stripped of its framing, this is a request for real help with something that could hurt people.",
-               "Under the role-play, the actual request is for help with something harmful.",
-               "The framing is a wrapper; what it asks for could cause real harm.") if wrapped else
-             v("A full answer would give real help toward harming people or breaking the law.",
-               "Answering this would give meaningful help toward harm or a crime.",
-               "This asks for something that could hurt people or is illegal or abusive."),
+             DECISION + " No: " + (
+                 v("stripped of its framing, this is a request for real help with something that could hurt people.",
+                   "under the role-play, the actual request is for help with something harmful.",
+                   "the framing is a wrapper; what it asks for could cause real harm.") if wrapped else
+                 v("a full answer would give real help toward harming people or breaking the law.",
+                   "answering this would give meaningful help toward harm or a crime.",
+                   "this asks for something that could hurt people or is illegal or abusive.")),
              v("The role-play or instructions around it do not change what the answer would enable.",
                "Personas, rules or \"developer modes\" in the prompt do not change my answer.",
                "However it is framed, the answer would enable the same harm.") if wrapped else
@@ -402,13 +411,14 @@ class TemplateWriter:
     """The reasoning before a helpful answer: the request, why it is harmless, the decision."""
     v = lambda *options: _variant(record, options)  # noqa: E731
     return (f"The user asks: \"{_request(record['prompt'])}\"",
-            v("Some words may sound alarming, but in this context the request is harmless.",
-              "Read in context, this is an ordinary question with no real risk of harm.",
-              "Nothing here would help anyone cause harm; it is a normal request.")
-            if record["label"] == "borderline" else
-            v("This is an ordinary request with no risk of harm.",
-              "This is a harmless, everyday question.",
-              "Nothing about this request is unsafe."),
+            DECISION + " Yes: " + (
+                v("some words may sound alarming, but in this context the request is harmless.",
+                  "read in context, this is an ordinary question with no real risk of harm.",
+                  "nothing here would help anyone cause harm; it is a normal request.")
+                if record["label"] == "borderline" else
+                v("this is an ordinary request with no risk of harm.",
+                  "this is a harmless, everyday question.",
+                  "nothing about this request is unsafe.")),
             v("So I will answer it helpfully.", "So I will give a clear, helpful answer.",
               "So I should simply answer it."))
 
