@@ -128,9 +128,12 @@ def srpo_recipe(preset: str) -> dict:
                 train=train(40, 8, log_every=10), dpo=dpo(beta=0.1))
   if preset == "smollm2_135m":
     # The recipe's SRPO runs on on-policy mined pairs (harder than synthesized ones, whose rejected
-    # sides are separable by form): 12 steps x 4 pairs of <= 256 tokens at 3e-5, about one epoch
-    # of the ~50 mined pairs (the second measured setting's 8 steps x 2 saw 16 of its 46).
-    return dict(data=data("bundled:pairs_train", 256), opt=opt(3e-5, warmup_steps=1),
+    # sides are separable by form): 12 steps x 4 pairs of <= 256 tokens, about one epoch of the
+    # ~35-50 mined pairs, at 1e-5. (At 3e-5, the third measured setting, SRPO overshot: most mined
+    # pairs push the decision token " Yes" over " No" (benign prompts the RW model refused; the
+    # unsafe harmful samples mostly said " No" and complied anyway), and the dev harmful refusal
+    # fell from 30/30 after RW to 6/30.)
+    return dict(data=data("bundled:pairs_train", 256), opt=opt(1e-5, warmup_steps=1),
                 train=train(12, 4, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))
   return dict(data=data("bundled:pairs_train", 4096), opt=opt(5e-7, warmup_steps=20),
               train=train(500, 64, grad_accum=4, log_every=10, logps_chunk=512), dpo=dpo(beta=0.1))
