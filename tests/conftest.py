@@ -17,6 +17,14 @@ runs each on tiny inputs, so LLVM's optimisation passes were most of its CPU tim
 figures are the same), and matrix products run in XLA's precompiled runtime either way; every
 comparison in the suite is between programs compiled with the same flags or within a derived
 error bound. Runs outside the tests keep XLA's default level.
+
+PyTorch (the reference side of the parity tests) runs one intra-op thread (OMP_NUM_THREADS=1,
+read when torch is imported, inherited by subprocesses): the suite runs two xdist workers on two
+cores, so each worker has about one core, and torch's OpenMP team of two threads spins at every
+barrier waiting for a thread the other worker has descheduled. Measured on this machine under
+load (SmolLM2-135M greedy generate, 40-token prompt + 32 new tokens): 2 threads 39-45 s, 1 thread
+10-12 s. It changes no result a test compares beyond fp32 reduction order, which every torch
+comparison already bounds (tests/error_model.py). XLA's CPU thread pool does not read it.
 """
 
 import atexit
@@ -31,6 +39,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="saro_jax_test_xla_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
