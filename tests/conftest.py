@@ -47,3 +47,26 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+
+
+import pytest  # noqa: E402  (after the environment above, which must precede any jax import)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(tmp_path_factory):
+  """SmolLM2-135M-Instruct's GGUF dequantized into an HF directory (`gguf_to_hf_dir`), written
+  once per test run: the xdist workers of one run share it (their base temp dirs have one
+  parent), a file lock makes the others wait for the first, and a marker file written last
+  means a half-written directory is never used. Conversion costs ~45 s of one core."""
+  import filelock
+  from saro_jax.models import gguf
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  out, done = root / "smollm2_hf", root / "smollm2_hf.done"
+  with filelock.FileLock(str(root / "smollm2_hf.lock")):
+    if not done.exists():
+      shutil.rmtree(out, ignore_errors=True)
+      gguf.gguf_to_hf_dir(gguf.smollm2_gguf_path(), out)
+      done.write_text("ok\n")
+  return out

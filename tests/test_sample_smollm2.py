@@ -24,8 +24,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-  return gguf.gguf_to_hf_dir(gguf.smollm2_gguf_path(), tmp_path_factory.mktemp("smollm2") / "hf")
+def hf_dir(smollm2_hf_dir):  # tests/conftest.py: one conversion per run, shared by the workers
+  return smollm2_hf_dir
 
 
 @pytest.fixture(scope="module")
