@@ -105,7 +105,7 @@ def test_gguf_tokenizer_has_chat_template(smollm2_path, smollm2_hf_dir, prompt_i
   assert tokenizer.eos_token_id == 2
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # freed with the file: ~540 MB of float32
 def smollm2_tensors(smollm2_path) -> tuple[dict, dict[str, np.ndarray]]:
   """read_gguf's (HF config, tensors), every tensor dequantized once for the whole file: the
   1-device model and both planted bugs build from these (a dequantization pass over SmolLM2 is
@@ -114,7 +114,7 @@ def smollm2_tensors(smollm2_path) -> tuple[dict, dict[str, np.ndarray]]:
   return config, {name: tensors[name] for name in tensors}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def jax_model(smollm2_path, smollm2_tensors):
   """What load_gguf(path) builds: hf.load_from_tensors of read_gguf's config and tensors."""
   from saro_jax.models import hf
