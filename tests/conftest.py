@@ -17,6 +17,14 @@ runs each on tiny inputs, so LLVM's optimisation passes were most of its CPU tim
 figures are the same), and matrix products run in XLA's precompiled runtime either way; every
 comparison in the suite is between programs compiled with the same flags or within a derived
 error bound. Runs outside the tests keep XLA's default level.
+
+PyTorch (the reference side of the parity tests) runs one intra-op thread (OMP_NUM_THREADS=1,
+read when torch is imported, inherited by subprocesses): the suite runs two xdist workers on two
+cores, so each worker has about one core, and torch's OpenMP team of two threads spins at every
+barrier waiting for a thread the other worker has descheduled. Measured on this machine under
+load (SmolLM2-135M greedy generate, 40-token prompt + 32 new tokens): 2 threads 39-45 s, 1 thread
+10-12 s. It changes no result a test compares beyond fp32 reduction order, which every torch
+comparison already bounds (tests/error_model.py). XLA's CPU thread pool does not read it.
 """
 
 import atexit
@@ -31,6 +39,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="saro_jax_test_xla_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
@@ -38,3 +47,26 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+
+
+import pytest  # noqa: E402  (after the environment above, which must precede any jax import)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(tmp_path_factory):
+  """SmolLM2-135M-Instruct's GGUF dequantized into an HF directory (`gguf_to_hf_dir`), written
+  once per test run: the xdist workers of one run share it (their base temp dirs have one
+  parent), a file lock makes the others wait for the first, and a marker file written last
+  means a half-written directory is never used. Conversion costs ~45 s of one core."""
+  import filelock
+  from saro_jax.models import gguf
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  out, done = root / "smollm2_hf", root / "smollm2_hf.done"
+  with filelock.FileLock(str(root / "smollm2_hf.lock")):
+    if not done.exists():
+      shutil.rmtree(out, ignore_errors=True)
+      gguf.gguf_to_hf_dir(gguf.smollm2_gguf_path(), out)
+      done.write_text("ok\n")
+  return out

@@ -35,15 +35,6 @@ def smollm2_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def smollm2_hf_dir(tmp_path_factory, smollm2_path):
-  """The dequantized HF directory, written once per test session."""
-  start = time.perf_counter()
-  out = gg.gguf_to_hf_dir(smollm2_path, tmp_path_factory.mktemp("smollm2") / "hf")
-  print(f"\ngguf_to_hf_dir: {time.perf_counter() - start:.1f} s")
-  return out
-
-
-@pytest.fixture(scope="session")
 def torch_reference(smollm2_path):
   transformers = pytest.importorskip("transformers")
   start = time.perf_counter()
@@ -114,12 +105,24 @@ def test_gguf_tokenizer_has_chat_template(smollm2_path, smollm2_hf_dir, prompt_i
   assert tokenizer.eos_token_id == 2
 
 
-@pytest.fixture(scope="session")
-def jax_model(smollm2_path):
+@pytest.fixture(scope="module")  # freed with the file: ~540 MB of float32
+def smollm2_tensors(smollm2_path) -> tuple[dict, dict[str, np.ndarray]]:
+  """read_gguf's (HF config, tensors), every tensor dequantized once for the whole file: the
+  1-device model and both planted bugs build from these (a dequantization pass over SmolLM2 is
+  ~17-40 s here); the 2x2x2 test goes through load_gguf itself."""
+  config, tensors = gg.read_gguf(smollm2_path)
+  return config, {name: tensors[name] for name in tensors}
+
+
+@pytest.fixture(scope="module")
+def jax_model(smollm2_path, smollm2_tensors):
+  """What load_gguf(path) builds: hf.load_from_tensors of read_gguf's config and tensors."""
+  from saro_jax.models import hf
   start = time.perf_counter()
-  model = gg.load_gguf(smollm2_path, param_dtype="float32", compute_dtype="float32")
+  model = hf.load_from_tensors(*smollm2_tensors, param_dtype="float32", compute_dtype="float32",
+                               source=smollm2_path)
   jax.block_until_ready(jax.tree.leaves(model))
-  print(f"\nload_gguf (1 device): {time.perf_counter() - start:.1f} s")
+  print(f"\nload_from_tensors (1 device): {time.perf_counter() - start:.1f} s")
   return model
 
 
@@ -178,11 +181,11 @@ def _rope_theta_1e4(config, tensors):
 
 @pytest.mark.parametrize("bug", [_rope_theta_1e4, _final_norm_element_up_10_percent],
                          ids=["rope_theta_1e4", "one_final_norm_weight_+10%"])
-def test_planted_bug_is_caught(bug, smollm2_path, prompt_ids, torch_logits):
+def test_planted_bug_is_caught(bug, smollm2_tensors, prompt_ids, torch_logits):
   """Negative control: the bound of test_logits_match_pytorch fails by >= 10x on a real bug.
   (rms_norm_eps 1e-6 instead of 1e-5 also fails it, by 1.7x only: see BUILD.md.)"""
   from saro_jax.models import hf
-  config, tensors = bug(*gg.read_gguf(smollm2_path))
+  config, tensors = bug(*smollm2_tensors)
   model = hf.load_from_tensors(config, tensors, param_dtype="float32", compute_dtype="float32")
   logits_parity(model(*right_padded(prompt_ids)), prompt_ids, torch_logits,
                 check=em.assert_caught, what=bug.__name__)

@@ -46,7 +46,8 @@ def test_forward_mask_matches_explicit_positions():
   # with reductions over D=32 and L<=6, so 1e-5 (~100 ulp at that scale) bounds it with room.
   np.testing.assert_allclose(left, alone, rtol=0, atol=1e-5)
   # The bug this guards against: a mask that is not applied (the real tokens attend to the pads).
-  wrong = np.asarray(model(padded, np.arange(6)[None], np.ones_like(mask)))[:, 2:]
+  # No mask = every position real: positions 0..5 and one segment, so the row attends to the pads.
+  wrong = np.asarray(models.forward(model, padded))[:, 2:]
   assert np.max(np.abs(wrong - alone)) > 1e-3  # measured 0.19: far outside the bound
   positions, segments = models.positions_and_segments(mask)
   assert np.asarray(positions).tolist() == [[0, 0, 0, 1, 2, 3]]

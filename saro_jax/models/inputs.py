@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from saro_jax.models.transformer import Transformer
 
@@ -22,9 +23,18 @@ def positions_and_segments(attention_mask_BxL) -> tuple[jax.Array, jax.Array]:
 
 
 def forward(model: Transformer, tokens_BxL, *, attention_mask=None) -> jax.Array:
-  """Logits [B, L, vocab_size] (float32); ``attention_mask`` None = no padding."""
+  """Logits [B, L, vocab_size] (float32); ``attention_mask`` None = no padding.
+
+  One compiled program per (model graph, batch shape): run eagerly, a forward dispatches and
+  compiles each of its ~100 operations on its own (seconds even for a tiny model).
+  """
   tokens_BxL = jnp.asarray(tokens_BxL, jnp.int32)
   if attention_mask is None:
     attention_mask = jnp.ones_like(tokens_BxL)
-  positions_BxL, segment_ids_BxL = positions_and_segments(attention_mask)
+  return _masked_forward(model, tokens_BxL, jnp.asarray(attention_mask, jnp.int32))
+
+
+@nnx.jit
+def _masked_forward(model: Transformer, tokens_BxL, attention_mask_BxL) -> jax.Array:
+  positions_BxL, segment_ids_BxL = positions_and_segments(attention_mask_BxL)
   return model(tokens_BxL, positions_BxL, segment_ids_BxL)
