@@ -153,10 +153,11 @@ def query_block(length: int) -> int:
   """Query rows per block of ``causal_attention``: at most 4 blocks, at least 64 rows.
 
   Every block is its own pair of matmuls with its own key width, so each block adds distinct
-  kernels to compile, in every unrolled layer. Measured on the whole SmolLM2 RW step at L = 512
-  (benchmarks/attention_blocks.py): 8 blocks of 64 rows compiled ~1.9x as long as 1 block for no
-  faster step than 4 blocks of 128; 4 blocks keep (n + 1) / 2n = 62.5 % of the full score work
-  (8 would keep 56 %). Below 64 rows the products lose more to overhead than the skipped keys save.
+  kernels to compile, in every unrolled layer. Measured at L = 512 with SmolLM2's widths
+  (benchmarks/attention_blocks.py; benchmarks/README.md): the RW step compiled in 28 / 20 / 15.5
+  CPU s (8 layers) with 8 / 4 / 1 blocks, and the whole 30-layer step ran no slower with 4 blocks
+  than with 8 (CPU time 0.94x); 4 blocks keep (n + 1) / 2n = 62.5 % of the full score work (8
+  would keep 56 %). Below 64 rows the products lose more to overhead than the skipped keys save.
   """
   return max(64, -(-length // 4))
 
