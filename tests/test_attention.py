@@ -57,13 +57,19 @@ FORWARD_DEPTH = H + 3 * L + error_model.ELEMENTWISE_ULPS
 GRAD_DEPTH = 2 * FORWARD_DEPTH
 
 
+# Query blocks: the shipped rule (4 blocks of 64 rows at L = 200, the last one 8 rows), 2 equal
+# blocks (L a multiple of the block), one block (nothing skipped: the plain computation).
+BLOCKS = [None, 100, L]
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"block{b or 'default'}")
 @pytest.mark.parametrize("kind", ["packed", "tree", "window"])
-def test_causal_attention_equals_dot_product_attention(kind):
+def test_causal_attention_equals_dot_product_attention(kind, block):
   assert transformer.query_block(L) == 64 and L % 64 != 0  # several blocks, the last partial
   mask = _masks()[kind]
   q, k, v, cotangent = _inputs()
   scale = H ** -0.5
-  ours = lambda q, k, v: transformer.causal_attention(q, k, v, mask, scale)
+  ours = lambda q, k, v: transformer.causal_attention(q, k, v, mask, scale, block)
   ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                                      implementation="xla")
   got, got_grads = jax.jit(lambda *a: _value_and_grads(ours, *a))(q, k, v, cotangent)
@@ -72,8 +78,17 @@ def test_causal_attention_equals_dot_product_attention(kind):
   for name, g, w in zip("qkv", got_grads, want_grads):
     error_model.assert_parity(g, w, GRAD_DEPTH, what=f"{kind} d{name}")
 
+
+@pytest.mark.parametrize("kind", ["packed", "tree", "window"])
+def test_parity_bounds_catch_a_leaked_key(kind):
   # Negative control: a key the mask hides made visible (the diagonal shifted by one slot, what
-  # an off-by-one block boundary would do) breaks the same bounds.
+  # an off-by-one block boundary would do) breaks the bounds of the parity test above.
+  mask = _masks()[kind]
+  q, k, v, cotangent = _inputs()
+  scale = H ** -0.5
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                                     implementation="xla")
+  want, want_grads = jax.jit(lambda *a: _value_and_grads(ref, *a))(q, k, v, cotangent)
   leaky = mask | jnp.eye(L, k=1, dtype=bool)[None, None]
   bug = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=leaky, scale=scale,
                                                      implementation="xla")
@@ -83,7 +98,10 @@ def test_causal_attention_equals_dot_product_attention(kind):
 
 
 def test_query_block_sizes():
-  # At most 8 blocks, at least 64 rows: a short sequence is one block (the plain computation).
+  # At most 4 blocks, at least 64 rows: a short sequence is one block (the plain computation).
   assert transformer.query_block(32) == 64
-  assert transformer.query_block(512) == 64
-  assert transformer.query_block(4096) == 512
+  assert transformer.query_block(256) == 64
+  assert transformer.query_block(512) == 128
+  assert transformer.query_block(4096) == 1024
+  with pytest.raises(ValueError, match="block=0"):
+    transformer.causal_attention(*_inputs()[:3], _masks()["packed"], 1.0, block=0)

@@ -150,19 +150,26 @@ def cached_attention(q_BxTxNxH: jax.Array, k_BxKxHxS: jax.Array, v_BxKxSxH: jax.
 
 
 def query_block(length: int) -> int:
-  """Query rows per block of ``causal_attention``: at most 8 blocks (each block is its own pair of
-  matmuls in the program), at least 64 rows (smaller products lose more to overhead than the
-  skipped keys save)."""
-  return max(64, -(-length // 8))
+  """Query rows per block of ``causal_attention``: at most 4 blocks, at least 64 rows.
+
+  Every block is its own pair of matmuls with its own key width, so each block adds distinct
+  kernels to compile, in every unrolled layer. Measured at L = 512 with SmolLM2's widths
+  (benchmarks/attention_blocks.py; benchmarks/README.md): the RW step compiled in 28 / 20 / 15.5
+  CPU s (8 layers) with 8 / 4 / 1 blocks, and the whole 30-layer step ran no slower with 4 blocks
+  than with 8 (CPU time 0.94x); 4 blocks keep (n + 1) / 2n = 62.5 % of the full score work (8
+  would keep 56 %). Below 64 rows the products lose more to overhead than the skipped keys save.
+  """
+  return max(64, -(-length // 4))
 
 
 def causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
-                     mask_Bx1xLxL: jax.Array, scale: float) -> jax.Array:
+                     mask_Bx1xLxL: jax.Array, scale: float, block: int | None = None) -> jax.Array:
   """Grouped-query attention of a whole sequence (no cache) whose mask is causal by slot, with
   the keys above the diagonal never computed -> [B, L, N, H].
 
   Same arithmetic as ``cached_attention`` (fp32 logits, scale after the product, masked to a large
-  negative, fp32 softmax) in blocks of ``query_block(L)`` query rows; block i scores only the keys
+  negative, fp32 softmax) in blocks of ``block`` query rows (default ``query_block(L)``; the last
+  block may be shorter); block i scores only the keys
   0 .. end of block i. Every key it drops lies after the query (``attention_mask`` always
   includes causality), where the full softmax gives exactly 0: exp(-0.7 * f32 max - row max)
   underflows. Each row keeps its own slot (the diagonal is always visible), so no row is fully
@@ -180,7 +187,9 @@ def causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.
   k_BxKxLxH = k_BxLxKxH.transpose(0, 2, 1, 3)
   v_BxKxLxH = v_BxLxKxH.transpose(0, 2, 1, 3)
   big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
-  block = query_block(L)
+  block = query_block(L) if block is None else block
+  if block < 1:
+    raise ValueError(f"causal_attention: block={block} query rows must be >= 1")
   outs = []
   for start in range(0, L, block):
     end = min(start + block, L)
