@@ -97,8 +97,9 @@ def sample_token(logits_BxV: jax.Array, keys_B: jax.Array, step: jax.Array, samp
 
 
 def _forward(model, cache, tokens_BxT, positions_BxT, segment_ids_BxT, cache_index):
+  """Logits of the last column [B, 1, V] and the updated cache."""
   logits_BxTxV, cache = model(tokens_BxT, positions_BxT, segment_ids_BxT, cache=cache,
-                              cache_index=cache_index)
+                              cache_index=cache_index, last_only=True)
   return logits_BxTxV[..., :model.config.vocab_size], cache
 
 
@@ -111,13 +112,10 @@ def _prefill(graphdef, state, tokens_BxP, positions_BxP, segment_ids_BxP, prompt
     model = nnx.merge(graphdef, state)
     batch = tokens_BxP.shape[0]
     cache = model.init_cache(batch, cache_len)
-    # All but the last column fill the cache (their logits are unused, so XLA drops the unembed:
-    # no B x P x V tensor); the last column, where every row's prompt ends, gives the logits.
+    # One pass over the weights fills the cache with every column; only the last column, where
+    # every row's prompt ends, is unembedded (no B x P x V tensor).
     plen = tokens_BxP.shape[1]
-    _, cache = _forward(model, cache, tokens_BxP[:, :-1], positions_BxP[:, :-1],
-                        segment_ids_BxP[:, :-1], 0)
-    logits_Bx1xV, cache = _forward(model, cache, tokens_BxP[:, -1:], positions_BxP[:, -1:],
-                                   segment_ids_BxP[:, -1:], plen - 1)
+    logits_Bx1xV, cache = _forward(model, cache, tokens_BxP, positions_BxP, segment_ids_BxP, 0)
     first_B = sample_token(logits_Bx1xV[:, 0], keys_B, jnp.int32(0), sampling)
     out_BxN = jnp.zeros((batch, cache_len - plen), jnp.int32).at[:, 0].set(first_B)
     done_B = done_B | jnp.isin(first_B, eos_E)

@@ -122,6 +122,16 @@ def test_kv_cache_decode_equals_full_recompute(family, tiny_dirs):
   logits, cache = step(model, tokens[:, :prefill], positions[:, :prefill], segments[:, :prefill],
                        cache, 0)
   decoded = [logits]
+  # last_only (the sampler's prefill): the same pass, only the last column unembedded.
+  last, _ = nnx.jit(lambda m, t, p, s, c: m(t, p, s, cache=c, cache_index=0, last_only=True))(
+      model, tokens[:, :prefill], positions[:, :prefill], segments[:, :prefill],
+      model.init_cache(3, 16))
+  assert last.shape == (3, 1, logits.shape[2])
+  depth16 = em.model_depth(model.config, 16)
+  em.assert_parity(last, full[:, prefill - 1:prefill], depth16,
+                   mask=segments[:, prefill - 1:prefill] > 0, what=f"{family} last_only prefill")
+  em.assert_caught(last, full[:, prefill - 2:prefill - 1], depth16,
+                   what=f"{family} last_only vs the column before")
   for i in range(prefill, tokens.shape[1]):
     logits, cache = step(model, tokens[:, i:i + 1], positions[:, i:i + 1], segments[:, i:i + 1],
                          cache, jnp.int32(i))

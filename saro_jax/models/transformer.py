@@ -396,10 +396,15 @@ class Transformer(nnx.Module):
   # -- public API ------------------------------------------------------------------------------
 
   def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, *, cache: Cache | None = None,
-               cache_index=None):
-    """Logits [B, L, vocab_size] float32; with ``cache``, returns (logits, updated cache)."""
+               cache_index=None, last_only: bool = False):
+    """Logits [B, L, vocab_size] float32; with ``cache``, returns (logits, updated cache).
+
+    ``last_only``: logits of the last column only, [B, 1, vocab_size] (a prefill needs no others;
+    the unembedding of the other columns is never computed)."""
     hidden_BxLxD, new_cache = self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, cache,
                                             cache_index)
+    if last_only:
+      hidden_BxLxD = hidden_BxLxD[:, -1:]
     logits_BxLxV = jnp.einsum("bld,dv->blv", hidden_BxLxD,
                               self.unembed_DxV().astype(hidden_BxLxD.dtype),
                               preferred_element_type=jnp.float32)
