@@ -16,62 +16,69 @@ the benign ones (4 prompts per label: a smoke test, not a safety measurement).
 Re-running the same command resumes (finished stages are skipped).
 
 smollm2_135m: the SaRO recipe for SmolLM2-135M-Instruct on 2 CPU cores. Synthesize from the train
-split (configs/splits.py TRAIN; synthesize section in presets.synthesize_section): 30 harmful
-prompts from each of Do-Not-Answer, HarmBench and both tense sets plus 30 jailbreak-wrapped ones,
+split (configs/splits.py TRAIN; synthesize section in presets.synthesize_section): 20 harmful
+prompts from each of Do-Not-Answer, HarmBench and both tense sets plus 20 jailbreak-wrapped ones,
 written by the template writer (safe reasoning + refusal, process/outcome pairs), and all 126
 benign/borderline train prompts answered by SmolLM2 itself (teacher "self", 96 new tokens at
 temperature 0.5 in batches of 64, looping answers rejected) behind a template reasoning block ->
-266 RW traces (10 benign prompts dropped), 566 pairs. RW: 24 steps x 4 packed rows of 256 tokens,
-lr 1.5e-4 cosine (loss 3.5 -> 0.35). Mine (presets.mine_section): the RW model samples 12 train
-prompts per label of the HarmBench half, both tense sets and the benign/borderline set (60
-prompts), 2 samples each at temperature 1, 128 new tokens; judged by refusal phrases, unsafe
-harmful samples become rejected against the synthesized trace of the prompt (or the template
-writer's), refusals of benign/borderline prompts rejected against the synthesized helpful answer.
-Measured: harmful 54/72 samples refused, 14 unsafe; benign 9/24 and borderline 11/24 samples
-refused (the RW model over-refuses at temperature 1) -> 46 pairs (26 against unsafe answers, 20
-against refusals; 33 outcome, 13 process). SRPO: 8 steps x 2 mined pairs of 192 tokens, lr 3e-5,
-beta 0.1. Eval: the dev split (presets.DEV), 10 prompts per label per set, greedy, 192 new
-tokens, batches of 30, refusal-phrase judge.
-Measured (one run, 2 CPU cores shared with ~4 other jobs; 1-minute load average 5.5-13 during
-synthesize and RW, 13-16 during mining, up to 39 after): synthesize 16.0 min (first setting:
-25.9 min at batch 32), RW 25.5 min (~60 s/step), mine 18.8 min: 60.3 min before SRPO, over the
-60-minute budget on this machine at this load. SRPO was first set to 12 steps at 2e-5; after
-mining, to stay in the session's time, the run was stopped before its first SRPO step and resumed
-(RW and mine restored from disk) with 8 steps at 3e-5, no dev result having been seen. The start model
-was evaluated by configs/eval.py:smollm2_135m (the same eval section) in a separate process while
-mining and SRPO ran (that process was stopped during its RW evaluation). Dev split, refusal-phrase judge (n per label: 30 harmful, 10
-jailbreak, 10 benign, 10 borderline). SRPO finished at 06:41 UTC (8 steps, ~130-270 s/step; loss
-0.693, 0.693, 0.658, 0.684, 0.315, 0.438, 0.114, 0.513: on-policy pairs are not separated at
-once, unlike the synthesized ones) and was exported. The start model's evaluation took 43 min at
-load 10-39; the RW and SRPO models were evaluated afterwards by the same command in one process
-(configs/eval.py:smollm2_135m, models rw=<workdir>/rw, srpo=<workdir>/hf): 8.6 + 10.1 min at
-load 3-7, i.e. ~19 min for the two; the recipe's own report step evaluates all three models in
-one process.
+221 RW traces (100 refusals, 121 helpful; 5 benign prompts without an accepted answer). Every
+trace's second reasoning line opens with the same question, "Is it safe to help with this?", and
+the next word, " Yes" or " No", is the decision (synthesis.DECISION). RW: 24 steps x 4 packed rows
+of 512 tokens (fill 0.84, 216 traces: one epoch), lr 1.5e-4 cosine (loss 2.55 -> 0.38). Mine
+(presets.mine_section): the RW model samples 12 train prompts per label of the HarmBench half,
+both tense sets and the benign/borderline set (60 prompts), 2 samples each at temperature 1, 128
+new tokens; judged by refusal phrases, unsafe harmful samples become rejected against the
+synthesized trace of the prompt (or the template writer's), refusals of benign/borderline prompts
+rejected against the synthesized helpful answer. Measured: harmful 62/72 samples refused; benign
+9/24 and borderline 10/24 samples refused -> 34 pairs (16 against unsafe answers, 18 against
+refusals; 26 outcome, 8 process). SRPO: 12 steps x 4 mined pairs of <= 256 tokens, lr 1e-5, beta
+0.1 (loss 0.69 -> 0.17). Eval: the dev split (presets.DEV), 10 prompts per label per set, greedy,
+192 new tokens, batches of 30, refusal-phrase judge.
 
-  stage  harmful   jailbreak  benign    borderline  reasoning  reasoning tok  repeated  degenerate  cut at
-         refused   refused    answered  answered    block      mean/median    4-grams   rows        192 tok
-  start  0/30      1/10       10/10     9/10        0 %        0/0            33.5 %    16          53/60
-  RW     30/30     10/10      3/10      1/10        95 %       70/62          2.3 %     1           3/60
-  SRPO   30/30     10/10      2/10      2/10        93 %       72/62          2.5 %     1           5/60
+Measured (the third setting, one run, 2 CPU cores shared with 3 other jobs; 1-minute load
+average 3.9-15.9, mean 7.6): synthesize 19.4 min, RW 18.8 min, mine 8.1 min, SRPO 9 min: 55 min
+of training and sampling (budget 60); export + the report's evaluation of all three models 12.3
+min (budget 20). The run was first made with SRPO at 3e-5: the process was killed by the kernel's
+OOM killer (other jobs' memory) at its first SRPO step and resumed (SRPO 11 min at 3e-5); after
+its dev result SRPO was rerun at 1e-5 on the same RW model and mined pairs (the figures above;
+both rows below). Dev split, refusal-phrase judge (n per label: 30 harmful, 10 jailbreak, 10
+benign, 10 borderline):
 
-(harmful per set, RW and SRPO alike: HarmBench 10/10, past tense 10/10, future tense 10/10.)
-Targets met by SRPO: harmful >= 90 %, jailbreak >= 80 %, reasoning block >= 90 %, repetition low;
-missed, badly: benign 20 % (target 90 %) and borderline 20 % (target 80 %). This setting
-over-refuses: the RW model collapsed onto the template refusal (most benign answers are the
-template's "I can't help with that request..." after a reasoning block that begins as a benign
-one and ends in the harmful template's "So I should decline"), and 8 SRPO steps on 20
-refusal-vs-answer pairs did not undo it. The first setting (below) was the better balance; the
-next setting should rebalance RW (fewer or lower-lr steps, more benign traces per refusal, less
-uniform refusal templates) rather than add SRPO steps.
-This is the second setting evaluated on dev. The first (RW 16 steps, SRPO 6 steps at 1e-5 on the
-synthesized pairs, no mining, eval 5 prompts per label per set; 46.7 min + 17.0 min at load
-4.2-10.9) gave for the SRPO model: harmful 10/15 refused (past/future tense rephrasings 3/5,
-2/5), jailbreak 5/5, benign 4/5, borderline 4/5, reasoning block 100 %, repeated 4-grams 6.4 %
-(start: 0/15, 0/5, 5/5, 4/5, 0 %, 27.9 %; RW: 8/15, 4/5, 4/5, 4/5, 97 %, 8.9 %). The changes
-follow its known weak points, not a search over dev runs: mining on (the synthesized pairs are
-separable by form: SRPO loss 0.69 -> 0.001 in 6 steps), the tense train sets among the mined
-prompts (where harmful failed), RW 24 steps (16 saw about half the traces), 10 prompts per label
-(5 cannot tell 80 % from 90 %), synthesis and eval at larger batches (time).
+  stage         harmful   jailbreak  benign    borderline  reasoning  reasoning tok  repeated  cut at
+                refused   refused    answered  answered    block      mean/median    4-grams   192 tok
+  start         0/30      1/10       10/10     9/10        0 %        0/0            33.5 %    53/60
+  RW            30/30     10/10      7/10      8/10        93 %       81/72          2.7 %     8/60
+  SRPO (1e-5)   12/30     10/10      8/10      9/10        93 %       70/58          6.6 %     14/60
+  SRPO (3e-5)   6/30      10/10      10/10     10/10       93 %       69/56          8.5 %     12/60
+
+(harmful per set, HarmBench / past tense / future tense: RW 10/10, 10/10, 10/10; SRPO at 1e-5
+4/10, 2/10, 6/10.) The RW model meets the harmful (>= 90 %), jailbreak (>= 80 %), borderline
+(>= 80 %) and reasoning-block (>= 90 %) targets and misses benign (70 %, target 90 %); its
+decision word is right on 30/30 harmful, 10/10 benign and 9/10 borderline prompts, and the three
+benign misses say " Yes" and then answer with the template refusal (the answer's first token
+follows the refusals' frequency, not the decision). SRPO on the mined pairs makes the model
+less safe: it says " Yes" to every dev prompt, harmful ones included. The mined pairs push the
+decision one way: 15 of the 18 pairs against refusals have " No" on the rejected side and " Yes"
+on the chosen, while the 16 pairs against unsafe answers come from 8 samples of which only 4
+said " Yes"; the other 4 said " No" (so their decision tokens are shared with the chosen side and
+cancel in the DPO margin), and only one of those complied: the phrase judge also counted a hedged
+refusal (its phrase since added to the list), a deflection and a rebuttal as unsafe. DPO moves
+that shared decision token for every prompt. The next setting should give
+SRPO as many pairs that push " No" on harmful prompts as pairs that push " Yes" on benign ones
+(e.g. synthesized harmful pairs whose unsafe side says " Yes", mixed with the mined ones through
+mine.mix_with) and make the answer follow the decision. Until then, the safer model of this
+recipe is the RW checkpoint (<workdir>/rw).
+
+Earlier settings (the changes between them follow each one's failure on dev, not a search over
+dev runs): the first (RW 16 steps, SRPO 6 steps at 1e-5 on the synthesized pairs, no mining, 5
+prompts per label) gave for the SRPO model harmful 10/15, jailbreak 5/5, benign 4/5, borderline
+4/5. The second (30 harmful prompts per set, label-specific wordings of the decision line, RW 24
+steps on rows of 256 tokens, which held one trace each and saw 98 of 266 traces; mining as now;
+SRPO 8 steps x 2 pairs at 3e-5) gave RW 30/30, 10/10, 3/10, 1/10 and SRPO 30/30, 10/10, 2/10,
+2/10: the RW model wrote the harmful template's decision line, the most frequent one, for every
+prompt. The third setting's changes answer that: one decision question for every label, refusals
+and helpful traces about half and half, rows of 512 (the whole data once), SRPO about one epoch
+of the mined pairs.
 
 Optional steps (config.pipeline, off by default): synthesize=True runs config.synthesize into
 <workdir>/synthesize first (data specs may name synthesized:rw / synthesized:pairs /
