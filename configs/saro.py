@@ -67,7 +67,11 @@ that shared decision token for every prompt. The next setting should give
 SRPO as many pairs that push " No" on harmful prompts as pairs that push " Yes" on benign ones
 (e.g. synthesized harmful pairs whose unsafe side says " Yes", mixed with the mined ones through
 mine.mix_with) and make the answer follow the decision. Until then, the safer model of this
-recipe is the RW checkpoint (<workdir>/rw).
+recipe is the RW checkpoint (<workdir>/rw). A one-off check of that diagnosis (not the recipe;
+its 15 pairs were built by hand at the end of the session): SRPO at 1e-5 on the same RW model with
+the mined pairs plus 15 harmful train prompts' pairs whose rejected side says " Yes" and complies
+(--config.mine.mix_with) gave harmful 28/30, jailbreak 10/10, benign 7/10, borderline 8/10: the
+collapse to " Yes" is gone, but SRPO no longer improves on RW either.
 
 Earlier settings (the changes between them follow each one's failure on dev, not a search over
 dev runs): the first (RW 16 steps, SRPO 6 steps at 1e-5 on the synthesized pairs, no mining, 5
