@@ -112,8 +112,8 @@ def rw_recipe(preset: str) -> dict:
                 train=train(300, 8, log_every=25))
   if preset == "smollm2_135m":
     # The recipe of configs/saro.py:smollm2_135m (there its data are the synthesized traces; here
-    # the bundled ones). Sized for 2 CPU cores: a step of 4 packed rows of 512 tokens (~11 traces
-    # of ~160 tokens); 24 steps are ~1.2 epochs of the recipe's ~216 traces. (Rows of 256 held one
+    # the bundled ones). Sized for 2 CPU cores: a step of 4 packed rows of 512 tokens (~9 traces
+    # of ~160 tokens, fill 0.84); 24 steps are one epoch of the recipe's 216 traces. (Rows of 256 held one
     # trace each, fill 0.66: the second measured setting's 24 steps saw 98 of its 266 traces.)
     return dict(data=data("bundled:rw_train", 512), opt=opt(1.5e-4, warmup_steps=2),
                 train=train(24, 4, log_every=1, logps_chunk=128))
