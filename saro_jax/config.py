@@ -545,6 +545,12 @@ class MineConfig:
   use_truncated: bool = True  # judge samples cut at max_new_tokens that already have an answer
   pairs_per_prompt: int = 0  # at most this many distinct rejected samples per prompt; 0 = all n
   chunk_size: int = 64  # prompts per generate call and per progress flush
+  # Branch pairs (data/mining.py): the traces' decision question (e.g. synthesis.DECISION); a sample
+  # that asks it is paired at its wrong decision word, or after its reasoning if only the answer is
+  # wrong. "" = whole-sample pairs only.
+  decision: str = ""
+  decision_probes: int = 0  # per prompt: samples forced to the wrong decision word (needs decision)
+  answer_probes: int = 0  # per prompt: samples forced through the chosen reasoning block (idem)
   mix_with: str = ""  # preference-pair specs appended to pairs.jsonl (e.g. synthesized pairs)
   output: str = ""  # "" = the workdir
   reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
@@ -568,6 +574,11 @@ class MineConfig:
     _check_positive("mine.max_prefix_steps", self.max_prefix_steps, allow_zero=True)
     _check_positive("mine.pairs_per_prompt", self.pairs_per_prompt, allow_zero=True)
     _check_positive("mine.chunk_size", self.chunk_size)
+    _check_positive("mine.decision_probes", self.decision_probes, allow_zero=True)
+    _check_positive("mine.answer_probes", self.answer_probes, allow_zero=True)
+    if (self.decision_probes or self.answer_probes) and not self.decision.strip():
+      raise ConfigError("config.mine.decision_probes / answer_probes need config.mine.decision (the"
+                        " traces' decision question, e.g. 'Is it safe to help with this?')")
     try:  # prompt specs, generation and judge: the eval section's checks, under this section's names
       self.eval_view().validate()
     except ConfigError as e:

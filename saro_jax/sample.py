@@ -180,6 +180,17 @@ def render_prompt(tokenizer, prompt: Prompt, *, chat_template: bool = True) -> t
   return text, list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def chat_text(tokenizer, messages: Sequence[Message]) -> str:
+  """The chat-templated conversation up to the assistant turn, as raw text for
+  ``generate(..., chat_template=False)``: text appended to it continues the assistant turn (a
+  prefill). A leading BOS is dropped when raw-text encoding adds it back, so there is one."""
+  text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+  bos = getattr(tokenizer, "bos_token", None)
+  if bos and text.startswith(bos) and tokenizer.encode("", add_special_tokens=True):
+    text = text[len(bos):]
+  return text
+
+
 def bucket(n: int, minimum: int) -> int:
   """Smallest power of two >= max(n, minimum): few distinct shapes, at most 2x padding."""
   return max(minimum, 1 << max(0, (n - 1).bit_length()))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from saro_jax import config as config_lib
-from saro_jax.data import batching, formats, mining, sources
+from saro_jax.data import batching, formats, mining, sources, synthesis
 from saro_jax.evaluate import judges
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -516,3 +516,104 @@ def test_every_preset_has_valid_mine_and_pipeline_sections(preset):
     assert saro.srpo.data.sources == "mined:pairs"
     pipeline_mine = dataclasses.replace(pipeline_mine, traces=config.mine.traces)
   assert pipeline_mine == config_lib.mine_config(config.mine)
+
+
+def test_branch_pairs_and_probe_prefixes():
+  """With ``decision`` a sample is paired where it went wrong: at its decision word (whatever its
+  answer says), or after its reasoning block when only the answer is wrong; probes force the
+  wrong word / the chosen reasoning block."""
+  tags, q = formats.DEFAULT_TAGS, synthesis.DECISION
+  writer = synthesis.TemplateWriter()
+  harmful = {"id": "h", "prompt": "How do I make a weapon at home?", "label": "harmful", "category": None}
+  benign = {"id": "b", "prompt": "How do I kill a Python process?", "label": "borderline", "category": None}
+  opts = mining.Options(decision=q)
+  safe = mining.chosen_text(harmful, {}, opts)
+  helpful = formats.render_reasoning("\n".join(writer.benign_steps(benign)), "Run `kill <pid>`.", tags)
+  yes_line = f"<think>\nThe user asks: \"{harmful['prompt']}\"\n{q} Yes: it is harmless.\n</think>\n\n"
+  no_line = f"<think>\nThe user asks: \"{harmful['prompt']}\"\n{q} No: it is harmful.\n</think>\n\n"
+  yes_comply, yes_refuse = yes_line + "Sure, step 1: get the parts.", yes_line + "I can't help with that."
+  no_comply, no_refuse = no_line + "Sure, step 1: get the parts.", no_line + "I can't help with that."
+  samples = _judged([yes_comply, yes_refuse, no_comply, no_refuse])
+  assert [mining.outcome(s, "harmful", opts) for s in samples] == [
+      "wrong_decision", "wrong_decision", "unsafe", "fine"]
+  # Without ``decision`` the same samples are judged by their answers only (the old rules).
+  assert [mining.outcome(s, "harmful", mining.Options()) for s in samples] == [
+      "unsafe", "fine", "unsafe", "fine"]
+  pairs, counts = mining.pairs_for(harmful, samples, safe, opts)
+  assert counts["invalid"] == 0 and [p["branch"] for p in pairs] == ["decision", "decision", "answer"]
+  cut = safe.find(q) + len(q)
+  for p, text in zip(pairs[:2], [yes_comply, yes_refuse]):
+    assert p["kind"] == "process" and p["prefix"] + p["rejected"] == text
+    assert p["prefix"].endswith(q) and p["chosen"] == safe[cut:] and p["chosen"].startswith(" No:")
+    assert p["rejected"].startswith(" Yes:")
+  answer = pairs[2]
+  assert answer["prefix"] == no_line and answer["rejected"] == "Sure, step 1: get the parts."
+  assert answer["chosen"] == mining.trace_of(safe, tags).answer
+  # Benign: " No" is the wrong word; " Yes" then a refusal is an answer pair.
+  b_no = _judged([helpful.replace(f"{q} Yes", f"{q} No"), helpful.replace("Run `kill <pid>`.", "I can't help with that.")])
+  assert [mining.outcome(s, "borderline", opts) for s in b_no] == ["wrong_decision", "refused"]
+  pairs, _ = mining.pairs_for(benign, b_no, helpful, opts)
+  assert [(p["branch"], p["chosen"]) for p in pairs] == [
+      ("decision", helpful[helpful.find(q) + len(q):]), ("answer", "Run `kill <pid>`.")]
+  # A sample without the question keeps the whole-sample rules.
+  pairs, _ = mining.pairs_for(harmful, _judged([COMPLY]), safe, dataclasses.replace(opts, max_prefix_steps=1))
+  assert [p["kind"] for p in pairs] == ["outcome", "process"] and "branch" not in pairs[0]
+  # Probes: the chosen text through the question + the wrong word; through its reasoning block.
+  probes = mining.probe_prefixes(safe, "harmful", opts)
+  assert probes["decision"] == safe[:cut] + " Yes:"
+  assert probes["answer"] == safe[:safe.find("</think>")] + "</think>\n\n"
+  assert mining.probe_prefixes(helpful, "benign", opts)["decision"].endswith(f"{q} No:")
+  assert mining.probe_prefixes(safe, "benign", opts) == {}  # a refusal is not a benign prompt's chosen
+  assert mining.probe_prefixes(HELPFUL, "benign", opts) == {}  # no question to branch at
+  with pytest.raises(config_lib.ConfigError, match="decision_probes / answer_probes need"):
+    config_lib.mine_config({"prompts": "jsonl:x", "decision_probes": 1})
+
+
+@pytest.mark.heavy
+def test_probes_continue_forced_prefixes_and_pair_at_the_branch(run, tmp_path):
+  """mine.decision_probes / answer_probes: the real sampler continues each prompt's chosen text
+  forced to the wrong decision word / through its reasoning block; every decision probe becomes a
+  pair at its decision (the label's wrong word rejected), recorded in samples.jsonl."""
+  from saro_jax.stages import mine as mine_stage
+  from saro_jax.stages import pipeline
+  w, q = run["workdir"], synthesis.DECISION
+  writer = synthesis.TemplateWriter()
+  traces = _write_jsonl(tmp_path / "decision_traces.jsonl", [
+      {"id": r["id"], "label": r["label"], "messages": [
+          {"role": "user", "content": r["prompt"]},
+          {"role": "assistant", "content": formats.render_reasoning(
+              "\n".join(writer.benign_steps(r)), "Here is a clear answer.")}]}
+      for r in run["prompts"] if r["label"] == "benign"])
+  cfg = pipeline._resolved_config(run["config"], {pipeline.MINED: str(w / "mine" / "pairs.jsonl"), **{
+      f"synthesized:{n}": str(w / "synthesize" / f"{n}.jsonl") for n in pipeline.SYNTHESIZED}})
+  cfg.mine.traces = f"{w / 'synthesize' / 'rw.jsonl'},{traces}"
+  cfg.mine.mix_with, cfg.mine.n, cfg.mine.decision = "", 1, q
+  cfg.mine.decision_probes, cfg.mine.answer_probes = 1, 1
+  cfg.mine.generation.max_new_tokens = 24
+  stats = mine_stage.mine(cfg, tmp_path / "mine", policy=str(w / "rw" / "checkpoints"))
+  rows = {r["id"]: r for r in _jsonl(tmp_path / "mine" / "samples.jsonl")}
+  pairs = _jsonl(tmp_path / "mine" / "pairs.jsonl")
+  opts = mining.Options(decision=q)
+  assert len(rows) == len(run["prompts"])
+  for pid, row in rows.items():
+    record = run_prompt(run, pid)
+    wrong = " Yes" if record["label"] == "harmful" else " No"
+    probes = {s["probe"]: s for s in row["samples"] if "probe" in s}
+    assert len(row["samples"]) == 3 and set(probes) == {"decision", "answer"}
+    assert mining.decision_of(probes["decision"]["text"], q) == wrong.strip().lower()
+    assert probes["answer"]["text"].split("</think>")[0].count(q) == 1
+    assert mining.outcome(probes["answer"], record["label"], opts) != "wrong_decision"
+    # The probe's one pair is written, unless the tiny random policy's text fails validation
+    # (e.g. a second <think> block): then it is counted invalid, never written.
+    chosen = mining.chosen_text(record, mining.traces_by_prompt(
+        sources.load_records(cfg.mine.traces.split(","), kind="rw")[0]), opts)
+    own, counts = mining.pairs_for(record, [probes["decision"]], chosen, opts)
+    assert len(own) + counts["invalid"] == 1
+    written = {p["id"]: p for p in pairs}
+    for p in own:
+      assert written[p["id"]] == p and p["branch"] == "decision"
+      assert p["prefix"] + p["rejected"] == probes["decision"]["text"]
+      assert p["prefix"].endswith(q) and p["rejected"].startswith(wrong)
+      assert p["chosen"].startswith(" No:" if record["label"] == "harmful" else " Yes:")
+  assert stats["pairs"]["mined_by_branch"]["decision"] >= 1
+  assert sum(v["probe_samples"] for v in stats["by_label"].values()) == 2 * len(rows)

@@ -28,6 +28,26 @@ prompt, the sample and the kind, so ``example_id`` stays unique):
                 ``no_chosen`` and dropped (the template cannot answer a benign question).
   no_reasoning  (``format_pairs``) rejected = the sample; chosen = the trace (teaches the format).
 
+Branch pairs (``decision``: the traces' decision question, synthesis.DECISION, whose next word
+" Yes" / " No" is the decision; the smollm2_135m recipe sets it). A sample that asks the question
+is paired where it went wrong, and only there (no outcome or k-step pairs for it):
+
+  wrong_decision  " Yes" on a harmful prompt or " No" on a benign one, whatever its answer says:
+                  prefix = the sample through the question, chosen = the chosen text after its
+                  question (the right word, the rest of that reasoning, its answer), rejected = the
+                  sample after the question. The two sides differ from the decision token on.
+  unsafe/refused  the right word, a bad answer: prefix = the sample through its reasoning block,
+  (right word)    chosen = the chosen text's answer, rejected = the sample's answer (the answer
+                  must follow the decision).
+
+Probes: the mine stage can also sample the policy from forced prefixes (``probe_prefixes``): the
+chosen text through the question + the WRONG word (a "decision" probe: what the policy writes after
+that word, always a wrong_decision pair), and the chosen text's whole reasoning block (an "answer"
+probe: whether the policy's answer follows the right decision). Decision probes give every prompt
+a pair at its decision, so the pairs that push " No" on harmful prompts and " Yes" on benign ones
+come in the proportion of the prompts' labels, not of the policy's mistakes (with the free samples
+only, the decision word drifts toward the label the policy errs on most).
+
 The rejected side is the policy's text, never a placeholder: SRPO learns from real negatives.
 """
 
@@ -36,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,7 +64,8 @@ from saro_jax.data import formats, public_sets, synthesis
 
 HARMFUL_LABELS = synthesis.HARMFUL_LABELS
 BENIGN_LABELS = synthesis.BENIGN_LABELS
-OUTCOMES = ("unsafe", "refused", "no_reasoning", "fine", "truncated", "unjudged")
+OUTCOMES = ("wrong_decision", "unsafe", "refused", "no_reasoning", "fine", "truncated", "unjudged")
+PROBES = ("decision", "answer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +77,7 @@ class Options:
   teacher: str = "template"  # chosen without a trace: "template" | "http" | "sampler" | "none"
   fallback: bool = True  # a harmful prompt whose teacher text failed gets the template's
   reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
+  decision: str = ""  # the decision question (synthesis.DECISION): branch pairs; "" = off
 
 
 def prompt_key(text: str) -> str:
@@ -68,8 +91,29 @@ def has_reasoning(text: str, tags: Sequence[str]) -> bool:
           and bool(text[text.find(tags[1]) + len(tags[1]):].strip()))
 
 
+def decision_cut(text: str, question: str) -> int:
+  """The offset just after ``question`` in ``text`` (-1 if it is absent or ``question`` is "")."""
+  at = text.find(question) if question else -1
+  return at + len(question) if at >= 0 else -1
+
+
+def decision_of(text: str, question: str) -> str | None:
+  """The decision word after the question, lower case ("yes" / "no"), or None (no question, or
+  another word)."""
+  cut = decision_cut(text, question)
+  word = re.match(r"\s*([A-Za-z]+)", text[cut:]) if cut >= 0 else None
+  return word.group(1).lower() if word and word.group(1).lower() in ("yes", "no") else None
+
+
+def right_decision(label: str) -> str:
+  return "no" if label in HARMFUL_LABELS else "yes"
+
+
 def outcome(sample: Mapping[str, Any], label: str, opts: Options) -> str:
   """One of OUTCOMES for a judged sample {"text", "finish_reason", "unsafe", "refused"}."""
+  said = decision_of(sample["text"], opts.decision)
+  if said is not None and said != right_decision(label):
+    return "wrong_decision"  # the word is the decision, cut or not, whatever the answer says
   if sample["finish_reason"] == "length" and not (opts.use_truncated and sample.get("answer", "").strip()):
     return "truncated"  # a cut inside the reasoning has no answer to judge
   verdict = sample["unsafe"] if label in HARMFUL_LABELS else sample["refused"]
@@ -82,7 +126,8 @@ def outcome(sample: Mapping[str, Any], label: str, opts: Options) -> str:
 
 def wanted(opts: Options) -> frozenset[str]:
   """The outcomes that become pairs."""
-  return frozenset({"unsafe", "refused"} | ({"no_reasoning"} if opts.format_pairs else set()))
+  return frozenset({"wrong_decision", "unsafe", "refused"}
+                   | ({"no_reasoning"} if opts.format_pairs else set()))
 
 
 def needs_pair(record: Mapping[str, Any], samples: Sequence[Mapping[str, Any]], opts: Options) -> bool:
@@ -95,6 +140,31 @@ def trace_of(content: str, tags: Sequence[str]) -> synthesis.Trace | None:
     return synthesis.parse_trace(content, tags, min_steps=1, max_words=10**6)
   except synthesis.TraceError:
     return None
+
+
+def answer_cut(text: str, tags: Sequence[str]) -> int:
+  """The offset where the answer starts (after the close tag and the blank line), or -1."""
+  end = text.find(tags[1])
+  if end < 0:
+    return -1
+  end += len(tags[1])
+  return end + len(text[end:]) - len(text[end:].lstrip())
+
+
+def probe_prefixes(chosen: str, label: str, opts: Options) -> dict[str, str]:
+  """The forced assistant prefixes of the probes (``PROBES``) for a prompt whose chosen text is
+  ``chosen``: "decision" = the chosen text through the question + the wrong word (and the mark
+  after it, e.g. " Yes:"), "answer" = the
+  chosen text through its reasoning block. Empty if ``chosen`` does not ask the question or has no
+  closed block."""
+  cut, start = decision_cut(chosen, opts.decision), answer_cut(chosen, opts.reasoning_tags)
+  if cut < 0 or start < 0 or decision_of(chosen, opts.decision) != right_decision(label):
+    return {}
+  # The wrong word with the chosen text's own spacing and the mark after its word (" No:" ->
+  # " Yes:"): a bare word would let the model glue a token onto it ("Yes" + "lary").
+  said = re.match(r"(\s*)[A-Za-z]+(\W?)", chosen[cut:])
+  wrong = "Yes" if right_decision(label) == "no" else "No"
+  return {"decision": chosen[:cut] + said.group(1) + wrong + said.group(2).strip(), "answer": chosen[:start]}
 
 
 def step_cuts(text: str, tags: Sequence[str]) -> list[int]:
@@ -148,9 +218,11 @@ def pairs_for(record: Mapping[str, Any], samples: Sequence[Mapping[str, Any]], c
       continue
     seen.add(text)
     sid = f"mined:{record['id']}:{_sample_id(text)}"
-    mine = [{"id": f"{sid}:outcome", "kind": "outcome", **base, "prefix": "", "chosen": chosen,
-             "rejected": text, "outcome": kind}]
-    if harmful and kind == "unsafe" and safe is not None:
+    mine = _branch_pairs(sid, base, text, kind, chosen, safe, opts)
+    if mine is None:
+      mine = [{"id": f"{sid}:outcome", "kind": "outcome", **base, "prefix": "", "chosen": chosen,
+               "rejected": text, "outcome": kind}]
+    if mine[0]["kind"] == "outcome" and harmful and kind == "unsafe" and safe is not None:
       cuts = step_cuts(text, tags)
       reflection = synthesis.TemplateWriter().reflection(record)
       for k in range(1, min(opts.max_prefix_steps, len(cuts) - 1) + 1):
@@ -168,6 +240,27 @@ def pairs_for(record: Mapping[str, Any], samples: Sequence[Mapping[str, Any]], c
     used += bool(ok)
     pairs += ok
   return pairs, counts
+
+
+def _branch_pairs(sid: str, base: Mapping[str, Any], text: str, kind: str, chosen: str,
+                  safe: synthesis.Trace | None, opts: Options) -> list[dict[str, Any]] | None:
+  """The one branch pair of a sample (module docstring), or None where the branch rules do not
+  apply (no ``decision``; the sample or the chosen text lacks the question or the block)."""
+  tags, cut = opts.reasoning_tags, decision_cut(text, opts.decision)
+  if cut < 0:
+    return None
+  if kind == "wrong_decision":
+    chosen_cut = decision_cut(chosen, opts.decision)
+    if chosen_cut < 0:
+      return None
+    return [{"id": f"{sid}:decision", "kind": "process", **base, "prefix": text[:cut],
+             "chosen": chosen[chosen_cut:], "rejected": text[cut:], "outcome": kind,
+             "branch": "decision"}]
+  start = answer_cut(text, tags)
+  if start < 0 or safe is None:
+    return None
+  return [{"id": f"{sid}:answer", "kind": "process", **base, "prefix": text[:start],
+           "chosen": safe.answer, "rejected": text[start:], "outcome": kind, "branch": "answer"}]
 
 
 def chosen_text(record: Mapping[str, Any], traces: Mapping[str, str], opts: Options,

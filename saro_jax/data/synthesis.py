@@ -330,11 +330,8 @@ class SamplerTeacher:
 
   def chat_text(self, messages: Messages) -> str:
     """The chat-templated conversation up to the assistant turn, as raw text for generate."""
-    text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    bos = getattr(self.tokenizer, "bos_token", None)
-    if bos and text.startswith(bos) and self.tokenizer.encode("", add_special_tokens=True):
-      text = text[len(bos):]  # raw-text encoding adds the BOS back: keep exactly one
-    return text
+    from saro_jax import sample
+    return sample.chat_text(self.tokenizer, messages)
 
   def rendered(self, messages: Messages) -> str:
     """The chat-templated prompt + its prefill, as raw text for generate."""

@@ -55,16 +55,25 @@ def count_tokens(tokenizer, text: str) -> int:
 
 
 def generate_rows(model, tokenizer, prompts: Sequence[prompts_lib.EvalPrompt],
-                  ev: config_lib.EvalConfig, *, mesh=None) -> list[dict[str, Any]]:
-  """One generation row per prompt (the answer split from the reasoning by the tags)."""
+                  ev: config_lib.EvalConfig, *, mesh=None,
+                  prefills: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  """One generation row per prompt (the answer split from the reasoning by the tags). With
+  ``prefills`` the assistant turn of prompt i starts with prefills[i] (forced text the model
+  continues); the row's text is that prefill + the continuation."""
   g = ev.generation
+  if prefills is None:
+    inputs, starts = [p.prompt for p in prompts], [""] * len(prompts)
+  else:
+    starts = list(prefills)
+    inputs = [sample.chat_text(tokenizer, [{"role": "user", "content": p.prompt}]) + f
+              for p, f in zip(prompts, starts, strict=True)]
   generations = sample.generate(
-      model, tokenizer, [p.prompt for p in prompts], max_new_tokens=g.max_new_tokens,
+      model, tokenizer, inputs, max_new_tokens=g.max_new_tokens,
       temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed, batch_size=g.batch_size,
-      mesh=mesh, skip_special_tokens=g.skip_special_tokens)
+      mesh=mesh, skip_special_tokens=g.skip_special_tokens, chat_template=prefills is None)
   rows = []
-  for p, gen in zip(prompts, generations, strict=True):
-    text = _strip_special(tokenizer, gen.text, keep=ev.reasoning_tags)
+  for p, gen, start in zip(prompts, generations, starts, strict=True):
+    text = start + _strip_special(tokenizer, gen.text, keep=ev.reasoning_tags)
     reasoning, answer = sample.split_reasoning(text, tuple(ev.reasoning_tags))
     rows.append(dict(id=p.id, source=p.source, label=p.label, category=p.category, prompt=p.prompt,
                      text=text, reasoning=reasoning, answer=answer, finish_reason=gen.finish_reason,

@@ -4,7 +4,9 @@ r"""Mine: on-policy SRPO pairs from the policy's own judged samples.
   python -m saro_jax.main --config configs/mine.py:smollm2_135m --config.mine.n=4
 
 Samples ``mine.n`` completions per training prompt with saro_jax.sample (batched, through
-evaluate/evaluation.generate_rows), judges each with ``mine.judge`` (the eval section's judges:
+evaluate/evaluation.generate_rows), plus ``mine.decision_probes`` / ``mine.answer_probes`` samples
+continued from forced prefixes (the prompt's chosen text through its decision question + the wrong
+word / through its reasoning block; mining.probe_prefixes), judges each with ``mine.judge`` (the eval section's judges:
 refusal phrases by default, a classifier model or an HTTP endpoint), and turns the bad ones into
 preference pairs by the rules of saro_jax/data/mining.py. Writes <workdir> (or ``mine.output``):
   samples.jsonl  progress: one row per prompt (its samples, verdicts and outcomes); a rerun skips
@@ -62,13 +64,17 @@ def fingerprint(policy: str, m: config_lib.MineConfig) -> str:
   """What makes a prompt's samples reusable: the policy and every sampling / judging setting."""
   blob = json.dumps([policy, m.n, dataclasses.asdict(m.generation), dataclasses.asdict(m.judge),
                      list(m.reasoning_tags)], sort_keys=True, default=str)
+  if m.decision_probes or m.answer_probes:  # (kept out when off: older progress files stay valid)
+    blob += json.dumps([m.decision, m.decision_probes, m.answer_probes])
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 
 def _sample_rows(model, tokenizer, chunk: Sequence[Mapping[str, Any]], m: config_lib.MineConfig,
-                 judges, seed: int, mesh) -> list[list[dict[str, Any]]]:
-  """n judged samples per prompt of ``chunk``: one batched generate call for all of them."""
+                 judges, seed: int, mesh, forced: Mapping[str, Mapping[str, str]]
+                 ) -> list[list[dict[str, Any]]]:
+  """n judged samples per prompt of ``chunk`` (one batched generate call for all of them), then
+  its probes: ``forced`` {prompt id: {probe kind: forced prefix}}."""
   ev = m.eval_view()
   ev = dataclasses.replace(ev, generation=dataclasses.replace(ev.generation, seed=seed))
   asks = [prompts_lib.EvalPrompt(f"{r['id']}#{i}", r["prompt"], r["label"], r.get("category"), "mine")
@@ -77,13 +83,28 @@ def _sample_rows(model, tokenizer, chunk: Sequence[Mapping[str, Any]], m: config
   judged = evaluation.judge_rows(rows, *judges)
   out: list[list[dict[str, Any]]] = [[] for _ in chunk]
   for j, (row, verdict) in enumerate(zip(rows, judged, strict=True)):
-    out[j // m.n].append({"text": row["text"], "answer": row["answer"],
-                          "finish_reason": row["finish_reason"], "unsafe": verdict["unsafe"],
-                          "refused": verdict["refused"], "safety_raw": verdict["safety_raw"],
-                          "refusal_raw": verdict["refusal_raw"],
-                          "reasoning_tokens": row["reasoning_tokens"],
-                          "answer_tokens": row["answer_tokens"]})
+    out[j // m.n].append(_sample(row, verdict))
+  # Probes: the policy continues forced prefixes (mining.probe_prefixes), a seed of their own.
+  probes = [(j, kind, prefix) for j, r in enumerate(chunk)
+            for kind, prefix in forced.get(r["id"], {}).items()
+            for _ in range(m.decision_probes if kind == "decision" else m.answer_probes)]
+  if probes:
+    ev = dataclasses.replace(ev, generation=dataclasses.replace(ev.generation, seed=seed + 100_003))
+    asks = [prompts_lib.EvalPrompt(f"{chunk[j]['id']}#{kind}{i}", chunk[j]["prompt"], chunk[j]["label"],
+                                   chunk[j].get("category"), "mine") for i, (j, kind, _) in enumerate(probes)]
+    rows = evaluation.generate_rows(model, tokenizer, asks, ev, mesh=mesh,
+                                    prefills=[prefix for _, _, prefix in probes])
+    judged = evaluation.judge_rows(rows, *judges)
+    for (j, kind, _), row, verdict in zip(probes, rows, judged, strict=True):
+      out[j].append(_sample(row, verdict) | {"probe": kind})
   return out
+
+
+def _sample(row: Mapping[str, Any], verdict: Mapping[str, Any]) -> dict[str, Any]:
+  return {"text": row["text"], "answer": row["answer"], "finish_reason": row["finish_reason"],
+          "unsafe": verdict["unsafe"], "refused": verdict["refused"],
+          "safety_raw": verdict["safety_raw"], "refusal_raw": verdict["refusal_raw"],
+          "reasoning_tokens": row["reasoning_tokens"], "answer_tokens": row["answer_tokens"]}
 
 
 def mine(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, policy: str | None = None,
@@ -97,7 +118,8 @@ def mine(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, polic
   spec.validate()
   opts = mining.Options(max_prefix_steps=m.max_prefix_steps, format_pairs=m.format_pairs,
                         use_truncated=m.use_truncated, pairs_per_prompt=m.pairs_per_prompt,
-                        teacher=m.teacher, fallback=m.fallback, reasoning_tags=tuple(m.reasoning_tags))
+                        teacher=m.teacher, fallback=m.fallback, reasoning_tags=tuple(m.reasoning_tags),
+                        decision=m.decision)
   # Everything read from files is read (and fails) before a model loads.
   records = read_records(m)
   traces: dict[str, str] = {}
@@ -108,6 +130,7 @@ def mine(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, polic
   if m.mix_with.strip():
     mixed, _ = sources.load_records(_specs(m.mix_with), kind="preference",
                                     reasoning_tags=opts.reasoning_tags)
+  forced = probes_of(records, traces, m, opts)
   out = pathlib.Path(m.output or workdir)
   out.mkdir(parents=True, exist_ok=True)
   fp = fingerprint(spec.init_from, m)
@@ -129,7 +152,7 @@ def mine(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, polic
     for c, chunk in enumerate(_chunks(todo, m.chunk_size)):
       model, tokenizer, judges = policy_model()
       # A seed per chunk: sampling noise depends on (seed, index in the call), so chunks differ.
-      samples = _sample_rows(model, tokenizer, chunk, m, judges, m.generation.seed + c, mesh)
+      samples = _sample_rows(model, tokenizer, chunk, m, judges, m.generation.seed + c, mesh, forced)
       rows = [{"id": r["id"], "key": mining.record_key(r, fp), "policy": spec.init_from,
                "label": r["label"], "samples": s} for r, s in zip(chunk, samples, strict=True)]
       _append(progress, rows)
@@ -156,6 +179,21 @@ def mine(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, polic
                         teacher_texts=teacher_texts)
   logger.info("mine: %s", json.dumps(stats))
   return stats
+
+
+def probes_of(records: Sequence[Mapping[str, Any]], traces: Mapping[str, str],
+              m: config_lib.MineConfig, opts: mining.Options) -> dict[str, dict[str, str]]:
+  """{prompt id: {probe kind: forced prefix}} for the probes the config asks for, from each
+  prompt's chosen text (its trace, or the template's for a harmful prompt without one)."""
+  counts = {"decision": m.decision_probes, "answer": m.answer_probes}
+  if not any(counts.values()):
+    return {}
+  out = {}
+  for r in records:
+    chosen = mining.chosen_text(r, traces, opts)
+    prefixes = mining.probe_prefixes(chosen, r["label"], opts) if chosen else {}
+    out[r["id"]] = {k: v for k, v in prefixes.items() if counts[k]}
+  return out
 
 
 def _chunks(items: Sequence[Any], size: int):
@@ -253,6 +291,7 @@ def write_outputs(records: Sequence[Mapping[str, Any]], done: Mapping[str, Mappi
     samples = done[r["id"]]["samples"]
     label["prompts"] += 1
     label["samples"] += len(samples)
+    label["probe_samples"] = label.get("probe_samples", 0) + sum("probe" in s for s in samples)
     label["judged_unsafe"] += sum(s["unsafe"] is True for s in samples)
     label["judged_refused"] += sum(s["refused"] is True for s in samples)
     label["prompts_with_pairs"] += bool(got)
@@ -270,7 +309,8 @@ def write_outputs(records: Sequence[Mapping[str, Any]], done: Mapping[str, Mappi
       "by_label": dict(sorted(per_label.items())),
       "pairs": {"mined": len(pairs), "mixed": len(mixed), "total": len(pairs) + len(mixed),
                 "mined_by_kind": _count(p["kind"] for p in pairs),
-                "mined_by_outcome": _count(p["outcome"] for p in pairs)},
+                "mined_by_outcome": _count(p["outcome"] for p in pairs),
+                "mined_by_branch": _count(p.get("branch", "whole") for p in pairs)},
       "traces": len(traces),
       "teacher": {"name": opts.teacher, "asked": len(teacher_texts),
                   "accepted": sum(t is not None for t in teacher_texts.values())},
