@@ -551,6 +551,7 @@ class MineConfig:
   decision: str = ""
   decision_probes: int = 0  # per prompt: samples forced to the wrong decision word (needs decision)
   answer_probes: int = 0  # per prompt: samples forced through the chosen reasoning block (idem)
+  branches: tuple[str, ...] = ("decision", "answer")  # the branch pairs written (data/mining.py)
   mix_with: str = ""  # preference-pair specs appended to pairs.jsonl (e.g. synthesized pairs)
   output: str = ""  # "" = the workdir
   reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
@@ -576,6 +577,10 @@ class MineConfig:
     _check_positive("mine.chunk_size", self.chunk_size)
     _check_positive("mine.decision_probes", self.decision_probes, allow_zero=True)
     _check_positive("mine.answer_probes", self.answer_probes, allow_zero=True)
+    for b in self.branches:
+      _check_choice("mine.branches", b, ("decision", "answer"))
+    if not self.branches:
+      raise ConfigError("config.mine.branches is empty; name 'decision', 'answer' or both")
     if (self.decision_probes or self.answer_probes) and not self.decision.strip():
       raise ConfigError("config.mine.decision_probes / answer_probes need config.mine.decision (the"
                         " traces' decision question, e.g. 'Is it safe to help with this?')")
@@ -598,6 +603,10 @@ def mine_config(raw) -> MineConfig:
     ev = eval_config({"generation": gen_raw, "judge": judge_raw or {}})
   except ConfigError as e:
     raise ConfigError(str(e).replace("config.eval.", "config.mine.")) from None
+  if isinstance(raw.get("branches"), str):  # --config.mine.branches=answer (or "decision,answer")
+    raw["branches"] = tuple(b.strip() for b in raw["branches"].split(",") if b.strip())
+  elif raw.get("branches") is not None:
+    raw["branches"] = tuple(raw["branches"])
   http = section(SynthesizeHttpConfig, raw.pop("http", None), "mine.http")
   sampler = section(SynthesizeSamplerConfig, raw.pop("sampler", None), "mine.sampler")
   mine = dataclasses.replace(section(MineConfig, raw, "mine"), generation=ev.generation, judge=ev.judge,

@@ -555,6 +555,12 @@ def test_branch_pairs_and_probe_prefixes():
   pairs, _ = mining.pairs_for(benign, b_no, helpful, opts)
   assert [(p["branch"], p["chosen"]) for p in pairs] == [
       ("decision", helpful[helpful.find(q) + len(q):]), ("answer", "Run `kill <pid>`.")]
+  # branches: only the named kinds are written; the others' samples are counted, not paired.
+  pairs, counts = mining.pairs_for(harmful, samples, safe, dataclasses.replace(opts, branches=("answer",)))
+  assert [p["branch"] for p in pairs] == ["answer"] and counts["branch_off"] == 2
+  assert config_lib.mine_config({"prompts": "jsonl:x", "branches": "answer"}).branches == ("answer",)
+  with pytest.raises(config_lib.ConfigError, match="mine.branches"):
+    config_lib.mine_config({"prompts": "jsonl:x", "branches": ("answers",)})
   # A sample without the question keeps the whole-sample rules.
   pairs, _ = mining.pairs_for(harmful, _judged([COMPLY]), safe, dataclasses.replace(opts, max_prefix_steps=1))
   assert [p["kind"] for p in pairs] == ["outcome", "process"] and "branch" not in pairs[0]

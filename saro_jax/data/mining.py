@@ -32,6 +32,7 @@ Branch pairs (``decision``: the traces' decision question, synthesis.DECISION, w
 " Yes" / " No" is the decision; the smollm2_135m recipe sets it). A sample that asks the question
 is paired where it went wrong, and only there (no outcome or k-step pairs for it):
 
+  (``branches`` names the kinds written; a sample whose pair is of another kind is not paired.)
   wrong_decision  " Yes" on a harmful prompt or " No" on a benign one, whatever its answer says:
                   prefix = the sample through the question, chosen = the chosen text after its
                   question (the right word, the rest of that reasoning, its answer), rejected = the
@@ -65,7 +66,8 @@ from saro_jax.data import formats, public_sets, synthesis
 HARMFUL_LABELS = synthesis.HARMFUL_LABELS
 BENIGN_LABELS = synthesis.BENIGN_LABELS
 OUTCOMES = ("wrong_decision", "unsafe", "refused", "no_reasoning", "fine", "truncated", "unjudged")
-PROBES = ("decision", "answer")
+BRANCHES = ("decision", "answer")  # where a branch pair branches; also the probe kinds
+PROBES = BRANCHES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,7 @@ class Options:
   fallback: bool = True  # a harmful prompt whose teacher text failed gets the template's
   reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
   decision: str = ""  # the decision question (synthesis.DECISION): branch pairs; "" = off
+  branches: tuple[str, ...] = BRANCHES  # the branch pairs written (the others' samples: "branch_off")
 
 
 def prompt_key(text: str) -> str:
@@ -195,9 +198,9 @@ def _sample_id(text: str) -> str:
 def pairs_for(record: Mapping[str, Any], samples: Sequence[Mapping[str, Any]], chosen: str | None,
               opts: Options) -> tuple[list[dict[str, Any]], dict[str, int]]:
   """Raw preference pairs (parse_preference input) from one prompt's judged samples, and counts
-  {outcome: n, "no_chosen": n, "duplicate": n, "invalid": n}. ``chosen``: the safe / helpful
+  {outcome: n, "no_chosen": n, "duplicate": n, "invalid": n, "branch_off": n}. ``chosen``: the safe / helpful
   rendered assistant text for this prompt (trace or teacher), None if there is none."""
-  counts = dict.fromkeys(OUTCOMES, 0) | {"no_chosen": 0, "duplicate": 0, "invalid": 0}
+  counts = dict.fromkeys(OUTCOMES, 0) | {"no_chosen": 0, "duplicate": 0, "invalid": 0, "branch_off": 0}
   tags = opts.reasoning_tags
   harmful = record["label"] in HARMFUL_LABELS
   pairable = wanted(opts)
@@ -219,6 +222,9 @@ def pairs_for(record: Mapping[str, Any], samples: Sequence[Mapping[str, Any]], c
     seen.add(text)
     sid = f"mined:{record['id']}:{_sample_id(text)}"
     mine = _branch_pairs(sid, base, text, kind, chosen, safe, opts)
+    if mine is not None and mine[0]["branch"] not in opts.branches:
+      counts["branch_off"] += 1
+      continue
     if mine is None:
       mine = [{"id": f"{sid}:outcome", "kind": "outcome", **base, "prefix": "", "chosen": chosen,
                "rejected": text, "outcome": kind}]

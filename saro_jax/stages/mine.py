@@ -119,7 +119,7 @@ def mine(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, polic
   opts = mining.Options(max_prefix_steps=m.max_prefix_steps, format_pairs=m.format_pairs,
                         use_truncated=m.use_truncated, pairs_per_prompt=m.pairs_per_prompt,
                         teacher=m.teacher, fallback=m.fallback, reasoning_tags=tuple(m.reasoning_tags),
-                        decision=m.decision)
+                        decision=m.decision, branches=tuple(m.branches))
   # Everything read from files is read (and fails) before a model loads.
   records = read_records(m)
   traces: dict[str, str] = {}
