@@ -5,12 +5,12 @@ On a shared, loaded machine wall time measures the neighbours; the CPU time of t
 its threads, ``time.process_time``) measures the work. Both layouts run the REAL ``sample._prefill``
 and ``sample._decode`` jits on the same left-padded batch of the bundled eval prompts, EOS off (every
 row decodes every step), alternating A, B per round after one compiling round each; every round
-asserts that both layouts produced the same tokens.
+asserts that both layouts produced the same tokens. Rounds alternate the order (A, B / B, A).
 
     .venv/bin/python benchmarks/decode_layout.py --model smollm2 --batch 32 --steps 16 --rounds 2
 
 ``--model tiny``: a tiny random Llama with the bundled tokenizer (seconds; used by a test).
-``--buckets``: also compare prompt-length buckets (powers of two vs multiples of 16), prefill only.
+Round 0 (both layouts) includes the compiles: its excess over the timed rounds is the compile cost.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def main(argv=None) -> dict:
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--steps", type=int, default=16, help="decode steps timed per round")
   p.add_argument("--rounds", type=int, default=2, help="timed A, B rounds (after one compiling round)")
-  p.add_argument("--buckets", action="store_true",
-                 help="also time the prefill at the power-of-two bucket vs the multiple of 16")
+  p.add_argument("--decodes", type=int, default=2,
+                 help="decode runs per prefill and round (each from a copy of the prefill's carry)")
   args = p.parse_args(argv)
   model, tokenizer = load(args.model)
   ids = prompt_ids(tokenizer, args.batch)
@@ -107,16 +107,21 @@ def main(argv=None) -> dict:
   times = {name: {"prefill": [], "step": []} for name in layouts}
   out_tokens = {}
   for round_ in range(args.rounds + 1):  # round 0 compiles
-    for name in layouts:
-      carry, t_prefill = cpu_s(lambda: prefill(name, tokens, positions, segments, plen))
-      carry, t_decode = cpu_s(lambda: decode(name, carry, plen))
-      assert int(carry["step"]) == args.steps + 1
-      out_tokens[name] = np.asarray(carry["out"])[:, :args.steps + 1]
+    # A, B then B, A: neither layout always runs first (after the other's cache traffic).
+    for name in (list(layouts) if round_ % 2 == 0 else list(layouts)[::-1]):
+      first, t_prefill = cpu_s(lambda: prefill(name, tokens, positions, segments, plen))
+      t_decodes = []
+      for _ in range(args.decodes):
+        carry = jax.block_until_ready(jax.tree.map(jnp.copy, first))  # _decode donates it
+        carry, t_decode = cpu_s(lambda: decode(name, carry, plen))
+        assert int(carry["step"]) == args.steps + 1
+        out_tokens[name] = np.asarray(carry["out"])[:, :args.steps + 1]
+        t_decodes.append(t_decode / args.steps)
       if round_:
         times[name]["prefill"].append(t_prefill)
-        times[name]["step"].append(t_decode / args.steps)
+        times[name]["step"].extend(t_decodes)
       print(f"round {round_} {name}: prefill {t_prefill:.2f} CPU s, decode"
-            f" {1000 * t_decode / args.steps:.1f} CPU ms/step", flush=True)
+            f" {', '.join(f'{1000 * t:.1f}' for t in t_decodes)} CPU ms/step", flush=True)
     same = (out_tokens["in_out"] == out_tokens["out_in"]).all()
     assert same, f"round {round_}: the two layouts decoded different tokens"
   results = dict(convert_cpu_s=convert_cpu_s, batch=args.batch, prompt_bucket=plen,
@@ -133,15 +138,6 @@ def main(argv=None) -> dict:
     print(f"| {name} | {med['prefill']:.2f} | {1000 * med['step']:.1f} |"
           f" {med['prefill'] / base['prefill']:.3f} | {med['step'] / base['step']:.3f} |", flush=True)
 
-  if args.buckets:
-    fine = sample.bucket(longest, 32, multiple=16)
-    print(f"prefill (out_in) at bucket {plen} vs {fine}:")
-    results["buckets"] = {}
-    for b in dict.fromkeys((plen, fine)):
-      t, p_, s_ = sample._left_padded(ids, args.batch, b)
-      runs = [cpu_s(lambda: prefill("out_in", t, p_, s_, b))[1] for _ in range(args.rounds + 1)][1:]
-      results["buckets"][b] = statistics.median(runs)
-      print(f"| bucket {b} | {statistics.median(runs):.2f} CPU s | {runs} |", flush=True)
   return results
 
 

@@ -17,6 +17,7 @@ from flax import nnx
 
 from saro_jax import models, sample, sharding
 from saro_jax.data import bundled
+from saro_jax.models import transformer
 from saro_jax.stages import generate as generate_stage
 
 NEVER = (-1,)  # an EOS id no token has: rows run to max_new_tokens
@@ -147,6 +148,10 @@ def test_out_in_weights_decode_the_same_tokens_and_do_not_outlive_the_call(model
   own = sample.generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER,
                         weights_out_in=False)
   assert [g.tokens for g in own] == [g.tokens for g in greedy]
+  # A model that already is the copy is used as is, for prefill and decode alike.
+  held = sample.generate(transformer.to_out_in(model), tokenizer, PROMPTS, max_new_tokens=12,
+                         eos_ids=NEVER)
+  assert [g.tokens for g in held] == [g.tokens for g in greedy]
   kw = dict(max_new_tokens=12, eos_ids=NEVER, temperature=1.0, seed=5)
   drawn = {layout: sample.generate(model, tokenizer, PROMPTS, weights_out_in=layout, **kw)
            for layout in (True, False)}

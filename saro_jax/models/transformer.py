@@ -213,9 +213,10 @@ def out_in_dot(x_BxLxI: jax.Array, w_OxI: jax.Array, n_in: int) -> jax.Array:
   [B, L, *out], as one 2-D product that contracts the weight's minor dim.
 
   The sampler's decode layout (``to_out_in``): for a decode step's few rows (M = batch) XLA CPU
-  runs ``einsum("md,fd->mf")`` on [out, in] weights in ~25 % less CPU than ``x @ W[in, out]``
-  (benchmarks/README.md "Where a decode step's time goes"). The reshapes merge contiguous dims:
-  bitcasts, no copies.
+  runs ``einsum("md,fd->mf")`` on [out, in] weights in ~25 % less CPU than ``x @ W[in, out]`` in
+  a matmul-only microbenchmark; in the real decode jit (SmolLM2, batch 32) the step took 4-14 %
+  less CPU (benchmarks/README.md, ``benchmarks/decode_layout.py``). The reshapes merge
+  contiguous dims: bitcasts, no copies.
   """
   B, L = x_BxLxI.shape[:2]
   out_dims = w_OxI.shape[:w_OxI.ndim - n_in]
@@ -576,7 +577,10 @@ OUT_IN_WEIGHTS: dict[str, tuple[str, int, int]] = {
 
 def to_out_in(model: Transformer) -> Transformer:
   """A copy of ``model`` whose projection, MLP and untied lm-head weights are stored [out, in]
-  (``OUT_IN_WEIGHTS``; ``out_in_dot`` says why), for the sampler's decode.
+  (``OUT_IN_WEIGHTS``; ``out_in_dot`` says why), for the sampler's decode. ``model`` itself if it
+  already is one: a caller that only samples can convert once and pass the copy to every
+  ``sample.generate`` call (no per-call copy). Concrete arrays only (not under ``eval_shape``'s
+  abstract leaves: wrap the whole construction in ``nnx.eval_shape`` for shapes).
 
   Same products, same fp32 accumulation; only the weights' memory layout differs. The transposed
   weights are new arrays (for SmolLM2-135M +425 MB while the copy lives); every other array
