@@ -9,6 +9,10 @@ step budget is spent; stop strings are matched on the host between decode chunks
 span token boundaries, so only detokenized text can say whether it appeared).
 
 Sampling noise depends only on (seed, prompt index, step), never on which batch a prompt landed in.
+
+On CPU the decode steps read a copy of the weights stored [out, in] (``transformer.to_out_in``),
+made once per ``generate`` call and dropped when it returns; the prefill (many rows per product,
+where that layout measured slower) reads the model's own weights.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from jax.sharding import Mesh
 
 from saro_jax import sharding
 from saro_jax.data.formats import DEFAULT_TAGS as REASONING_TAGS
+from saro_jax.models import transformer
 
 logger = logging.getLogger(__name__)
 
@@ -243,12 +248,15 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
              stop: Sequence[str] = (), batch_size: int = 8, mesh: Mesh | None = None,
              eos_ids: Sequence[int] | None = None, chat_template: bool = True,
              skip_special_tokens: bool = True, min_prompt_bucket: int = 32,
-             stop_check_every: int = 32) -> list[Generation]:
+             stop_check_every: int = 32, weights_out_in: bool | None = None) -> list[Generation]:
   """Generates one completion per prompt (in the order given).
 
   ``batch_size`` rows decode together (rounded up to a multiple of the mesh's data x fsdp size);
   with ``stop`` strings the host checks the text every ``stop_check_every`` tokens and retires
-  rows that hit one.
+  rows that hit one. ``weights_out_in`` (default: on when JAX's backend is the CPU): decode from
+  a copy of the weights stored [out, in] (``transformer.to_out_in``; less CPU per decode step,
+  benchmarks/README.md) that lives for this call only, at the cost of one more copy of the
+  projection weights in memory meanwhile; False decodes from the model's own weights.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -267,10 +275,15 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
       logger.warning("prompt %d: %d tokens + max_new_tokens=%d exceed the model's"
                      " max_position_embeddings=%d; positions beyond it are untrained", i, len(ids),
                      max_new_tokens, limit)
-  graphdef, state = nnx.split(model)
+  if weights_out_in is None:
+    weights_out_in = jax.default_backend() == "cpu"
+  # The decode copy is local to this call: no second set of weights outlives it.
+  prefill_model = nnx.split(model)
+  decode_model = nnx.split(transformer.to_out_in(model)) if weights_out_in else prefill_model
   row_div = _batch_axis_size(mesh)
   max_rows = -(-batch_size // row_div) * row_div
-  run = functools.partial(_generate_batch, graphdef, state, tokenizer, sampling=sampling, seed=seed,
+  run = functools.partial(_generate_batch, prefill_model, decode_model, tokenizer,
+                          sampling=sampling, seed=seed,
                           eos=eos, stop=stop, max_new_tokens=max_new_tokens, mesh=mesh,
                           skip_special=skip_special_tokens, stop_check_every=stop_check_every)
   # Longest first: batches of similar lengths waste less padding.
@@ -318,26 +331,27 @@ def _left_padded(prompts_ids: Sequence[list[int]], rows: int, plen: int):
   return tokens, positions, segments
 
 
-def _generate_batch(graphdef, state, tokenizer, prompts_ids: Sequence[list[int]],
+def _generate_batch(prefill_model, decode_model, tokenizer, prompts_ids: Sequence[list[int]],
                     prompt_index: Sequence[int], rows: int, plen: int, *, sampling: Sampling,
                     seed: int, eos: tuple[int, ...], stop: tuple[str, ...], max_new_tokens: int,
                     mesh: Mesh | None, skip_special: bool,
                     stop_check_every: int) -> list[tuple[str, list[int], str]]:
-  """(text, tokens, finish_reason) for each prompt of one batch."""
+  """(text, tokens, finish_reason) for each prompt of one batch. ``prefill_model`` and
+  ``decode_model``: (graphdef, state) of the same weights, possibly in two layouts."""
   n = len(prompts_ids)
   tokens, positions, segments = _left_padded(prompts_ids, rows, plen)
   done = np.arange(rows) >= n  # filler rows start finished: they never hold the loop open
   index = np.asarray([prompt_index[r] if r < n else 0 for r in range(rows)], np.uint32)
   put = functools.partial(_to_device, mesh=mesh)
   eos_E = jnp.asarray(eos, jnp.int32)
-  carry = _prefill(graphdef, state, put(tokens), put(positions), put(segments), put(index),
+  carry = _prefill(*prefill_model, put(tokens), put(positions), put(segments), put(index),
                    put(done), jnp.uint32(seed % 2**32), eos_E, sampling,
                    cache_len=plen + max_new_tokens, mesh=mesh)
   step = 1
   every = stop_check_every if stop else max_new_tokens
   while step < max_new_tokens:
     until = min(max_new_tokens, step + every)
-    carry = _decode(graphdef, state, carry, jnp.int32(until), eos_E, sampling, prompt_len=plen,
+    carry = _decode(*decode_model, carry, jnp.int32(until), eos_E, sampling, prompt_len=plen,
                     mesh=mesh)
     step = int(_to_host(carry["step"]))
     done_now = _to_host(carry["done"]).copy()

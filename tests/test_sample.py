@@ -2,6 +2,7 @@
 seeding, sharding, compile caching, and the generate stage end to end (tiny random Llama + the
 bundled BPE tokenizer)."""
 
+import gc
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ from flax import nnx
 
 from saro_jax import models, sample, sharding
 from saro_jax.data import bundled
+from saro_jax.models import transformer
 from saro_jax.stages import generate as generate_stage
 
 NEVER = (-1,)  # an EOS id no token has: rows run to max_new_tokens
@@ -136,6 +138,35 @@ def test_stop_string_cuts_text_and_tokens(model, tokenizer, greedy, check_every)
   decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)
   assert stop in decode(g.tokens) and stop not in decode(g.tokens[:-1])
   assert g.tokens == greedy[1].tokens[:len(g.tokens)]
+
+
+def test_out_in_weights_decode_the_same_tokens_and_do_not_outlive_the_call(model, tokenizer, greedy):
+  """On CPU generate decodes from a copy of the weights stored [out, in] (transformer.to_out_in):
+  the model's own layout must give the same tokens, greedy and seeded sampling alike, and the copy
+  must be gone when generate returns (one set of weights between calls)."""
+  assert jax.default_backend() == "cpu"  # the greedy fixture ran on the copy
+  own = sample.generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER,
+                        weights_out_in=False)
+  assert [g.tokens for g in own] == [g.tokens for g in greedy]
+  # A model that already is the copy is used as is, for prefill and decode alike.
+  held = sample.generate(transformer.to_out_in(model), tokenizer, PROMPTS, max_new_tokens=12,
+                         eos_ids=NEVER)
+  assert [g.tokens for g in held] == [g.tokens for g in greedy]
+  kw = dict(max_new_tokens=12, eos_ids=NEVER, temperature=1.0, seed=5)
+  drawn = {layout: sample.generate(model, tokenizer, PROMPTS, weights_out_in=layout, **kw)
+           for layout in (True, False)}
+  assert [g.tokens for g in drawn[True]] == [g.tokens for g in drawn[False]]
+  assert [g.tokens for g in drawn[True]] != [g.tokens for g in greedy]
+
+  D, F = model.config.hidden_size, model.config.intermediate_size
+  assert D != F
+  gc.collect()
+  before = {id(a) for a in jax.live_arrays()}
+  sample.generate(model, tokenizer, PROMPTS[:1], max_new_tokens=2, eos_ids=NEVER,
+                  weights_out_in=True)
+  gc.collect()
+  kept = [a.shape for a in jax.live_arrays() if id(a) not in before and a.shape == (F, D)]
+  assert not kept, f"transposed MLP weights [F, D] outlived generate: {kept}"
 
 
 def test_top_k_1_equals_greedy(model, tokenizer, greedy):

@@ -1,6 +1,8 @@
-"""The sampler's fast paths: cache-layout attention == the generic attention, the compiled decode
-step moves no cache- or weight-sized data besides the matmuls' own reads, and the side-by-side
-benchmark (which asserts saro_jax's greedy tokens == transformers' generate) runs at a tiny size."""
+"""The sampler's fast paths: cache-layout attention == the generic attention, the decode copy of
+the weights stored [out, in] (``transformer.to_out_in``) computes the model's logits, the compiled
+decode step moves no cache- or weight-sized data besides the matmuls' own reads (in either
+layout), and the side-by-side benchmarks (which assert token identity: with transformers'
+generate, and between the two layouts) run at a tiny size."""
 
 import re
 
@@ -10,8 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from saro_jax import models, sample
-from saro_jax.models import transformer
+import error_model as em
+import tiny_hf
+from saro_jax import models, sample, sharding
+from saro_jax.models import hf, transformer
 
 
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
@@ -43,11 +47,84 @@ def test_cached_attention_equals_dot_product_attention(num_kv_heads):
     assert np.abs(np.asarray(wrong_group) - np.asarray(want)).max() > 1e-2
 
 
-def _decode_hlo(batch: int, plen: int, new: int) -> str:
+# (family, scan_layers): biases (qwen2), qk-norm + tied head (qwen3), (1+w) norms + gelu + tied
+# (gemma), the untied lm head (llama), and the stacked [Y, ...] weights of a scanned model.
+OUT_IN_CASES = [("llama", False), ("qwen2", True), ("qwen3", False), ("gemma", True)]
+
+
+def _owner(model, weight_name: str, scan: bool):
+  """The module that holds ``weight_name`` (layer 0's, or the stacked layers' when scanned)."""
+  if weight_name.startswith("lm_head"):
+    return model
+  layer = model.layers if scan else model.layers[0]
+  return layer.mlp if weight_name.startswith("w_") else layer.attn
+
+
+@pytest.mark.parametrize("family,scan", OUT_IN_CASES)
+def test_out_in_copy_computes_the_same_logits(family, scan, tmp_path):
+  model = hf.load_hf(str(tiny_hf.save_tiny_hf(family, tmp_path / family)), scan_layers=scan)
+  copy = transformer.to_out_in(model)
+  assert copy.out_in and not model.out_in and transformer.to_out_in(copy) is copy
+  moved = 0
+  for name, (new_name, n_in, _) in transformer.OUT_IN_WEIGHTS.items():
+    old, new = _owner(model, name, scan), _owner(copy, name, scan)
+    if not hasattr(old, name):  # a tied head
+      continue
+    w = np.asarray(getattr(old, name)[...])
+    lead = 1 if scan and old is not model else 0  # stacked layers: [Y, ...]
+    # A pure permutation: out dims first, then the in dims in their order (bit for bit).
+    dims = list(range(w.ndim))
+    perm = dims[:lead] + dims[lead + n_in:] + dims[lead:lead + n_in]
+    assert np.array_equal(np.asarray(getattr(new, new_name)[...]), w.transpose(perm)), name
+    assert not hasattr(new, name) and hasattr(old, name)
+    moved += 1
+  assert moved == (8 if family in ("llama", "qwen2") else 7)  # the untied heads move too
+  # Every array that is not transposed is shared with the model, not copied.
+  assert copy.embed_VxD[...] is model.embed_VxD[...]
+
+  tokens, positions, segments = tiny_hf.padded_batch()
+  forward = jax.jit(lambda m, t, p, s: m(t, p, s))
+  want = np.asarray(forward(model, tokens, positions, segments))
+  # Same products over the same terms; XLA may sum them in another order: two fp32 programs of
+  # one function (tests/error_model.py), logits within max/mean_bound at the model's depth.
+  depth = em.model_depth(model.config, tokens.shape[1])
+  mask = segments > 0
+  em.assert_parity(np.asarray(forward(copy, tokens, positions, segments)), want, depth, mask=mask,
+                   what=f"{family} out_in vs in_out")
+  # Planted bug against the same bound: wo's two input dims (N, H) flipped, as a blanket ``.T``
+  # of [N, H, D] would leave them ([D, H, N], read as [D, N, H]).
+  attn = _owner(copy, "wo", scan)
+  value = attn.wo_DxNxH[...]
+  attn.wo_DxNxH = attn.wo_DxNxH.replace(jnp.swapaxes(value, -1, -2).reshape(value.shape))
+  em.assert_caught(np.asarray(forward(copy, tokens, positions, segments)), want, depth, mask=mask,
+                   what=f"{family} wo in dims flipped")
+
+
+def test_out_in_copy_keeps_the_weights_sharding():
+  """On a mesh the transposes carry each weight's placement along: every weight of the copy sits
+  where its (permuted) logical names say, and the sharded dims really are sharded."""
+  mesh = sharding.make_mesh(2, 2, 2)
   config = models.ModelConfig(family="llama", vocab_size=300, hidden_size=48, intermediate_size=96,
-                              num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8)
+                              num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8,
+                              tie_embeddings=False)
+  model = models.init_random(config, seed=0, mesh=mesh)
+  copy = transformer.to_out_in(model)
+  state = nnx.state(copy)
+  want = sharding.state_shardings(state, mesh)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  for var, placement in zip(jax.tree.leaves(state, is_leaf=is_var),
+                            jax.tree.leaves(want, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))):
+    assert var[...].sharding.is_equivalent_to(placement, var[...].ndim), var.get_metadata()
+  up_FxD = copy.layers[0].mlp.w_up_FxD[...]
+  assert up_FxD.sharding.shard_shape(up_FxD.shape) != up_FxD.shape  # not merely replicated
+
+
+def _decode_hlo(batch: int, plen: int, new: int, out_in: bool) -> str:
+  config = models.ModelConfig(family="llama", vocab_size=300, hidden_size=48, intermediate_size=96,
+                              num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8,
+                              tie_embeddings=False)
   model = models.init_random(config, seed=0)
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(transformer.to_out_in(model) if out_in else model)
   sampling = sample.Sampling.of()
   eos = jnp.asarray([-1], jnp.int32)
   zeros = jnp.zeros((batch, plen), jnp.int32)
@@ -58,18 +135,21 @@ def _decode_hlo(batch: int, plen: int, new: int) -> str:
                               prompt_len=plen, mesh=None).compile().as_text()
 
 
-def test_decode_step_copies_no_cache_or_weights():
+@pytest.mark.parametrize("out_in", [False, True], ids=["in_out", "out_in"])
+def test_decode_step_copies_no_cache_or_weights(out_in):
   """Decoding is memory-bound: each step must read the weights and the cache once, in place.
 
   Before the cache layouts were chosen for it, XLA transposed every layer's K and V cache and a
-  transposed copy of wo on every step (a quarter of the step time for SmolLM2 at batch 16).
+  transposed copy of wo on every step (a quarter of the step time for SmolLM2 at batch 16). The
+  out_in copy (what the sampler decodes with on CPU) must not bring such a copy back either.
   """
   batch, plen, new = 4, 8, 8
-  hlo = _decode_hlo(batch, plen, new)
+  hlo = _decode_hlo(batch, plen, new, out_in)
   S = plen + new
   big = {f"f32[{batch},2,8,{S}]", f"f32[{batch},2,{S},8]", f"f32[{batch},{S},2,8]",
          f"f32[{batch},2,{S}]", "f32[6,8,48]", "f32[8,6,48]", "f32[48,48]", "f32[48,6,8]",
-         "f32[48,96]", "f32[96,48]", "f32[48,300]", "f32[300,48]"}
+         "f32[48,96]", "f32[96,48]", "f32[48,300]", "f32[300,48]", "f32[48,16]", "f32[16,48]",
+         "f32[2,8,48]", "f32[48,2,8]"}
   moved = []
   for shape, op in re.findall(r"= (f32\[[0-9,]+\])\{[0-9,]*\} (copy|transpose|scatter)\(", hlo):
     if shape in big:
@@ -86,3 +166,16 @@ def test_benchmark_runs_and_tokens_match_transformers(tmp_path, capsys):
                         "--workdir", str(tmp_path)])
   assert results[4]["new_tokens"] > 0 and results[4]["ratio"] > 0
   assert "| 4 |" in capsys.readouterr().out
+
+
+@pytest.mark.heavy
+def test_decode_layout_benchmark_runs_and_layouts_agree(capsys):
+  """benchmarks/decode_layout.py asserts both layouts decode the same tokens before timing."""
+  import benchmark_scripts
+  bench = benchmark_scripts.load("decode_layout")
+  results = bench.main(["--model", "tiny", "--batch", "4", "--steps", "4", "--rounds", "1"])
+  assert set(results["layouts"]) == {"in_out", "out_in"}
+  for figures in results["layouts"].values():
+    assert figures["prefill_cpu_s"] > 0 and figures["step_cpu_s"] > 0
+  assert results["layouts"]["in_out"]["step_ratio"] == 1.0
+  assert "| out_in |" in capsys.readouterr().out

@@ -208,6 +208,23 @@ def causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.
   return out_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
 
 
+def out_in_dot(x_BxLxI: jax.Array, w_OxI: jax.Array, n_in: int) -> jax.Array:
+  """x [B, L, *in] times a weight stored [*out, *in] (its last ``n_in`` dims are the input) ->
+  [B, L, *out], as one 2-D product that contracts the weight's minor dim.
+
+  The sampler's decode layout (``to_out_in``): for a decode step's few rows (M = batch) XLA CPU
+  runs ``einsum("md,fd->mf")`` on [out, in] weights in ~25 % less CPU than ``x @ W[in, out]`` in
+  a matmul-only microbenchmark; in the real decode jit (SmolLM2, batch 32) the step took 4-14 %
+  less CPU (benchmarks/README.md, ``benchmarks/decode_layout.py``). The reshapes merge
+  contiguous dims: bitcasts, no copies.
+  """
+  B, L = x_BxLxI.shape[:2]
+  out_dims = w_OxI.shape[:w_OxI.ndim - n_in]
+  O, I = math.prod(out_dims), math.prod(w_OxI.shape[w_OxI.ndim - n_in:])
+  y_BxLxO = jnp.einsum("bli,oi->blo", x_BxLxI.reshape(B, L, I), w_OxI.reshape(O, I))
+  return y_BxLxO.reshape(B, L, *out_dims)
+
+
 def write_slots(buffer_BxS: jax.Array, new_BxT: jax.Array, index_B: jax.Array) -> jax.Array:
   """Row b of ``new`` written into row b of ``buffer`` at slots index_B[b] .. index_B[b] + T - 1
   (trailing dims ride along)."""
@@ -244,6 +261,7 @@ class Attention(nnx.Module):
     D, N, K, H = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     pd = c.param_dtype
     self.config = c
+    self.out_in = False  # True in the sampler's decode copy (``to_out_in``): weights [out, in]
     self.wq_DxNxH = _param(rngs, (D, N, H), pd, ("embed", "heads", "head_dim"))
     self.wk_DxKxH = _param(rngs, (D, K, H), pd, ("embed", "kv_heads", "head_dim"))
     self.wv_DxKxH = _param(rngs, (D, K, H), pd, ("embed", "kv_heads", "head_dim"))
@@ -259,9 +277,14 @@ class Attention(nnx.Module):
   def __call__(self, x_BxLxD, cos_BxLxH, sin_BxLxH, mask_Bx1xTxS, kv_cache=None, write_index_B=None):
     c = self.config
     dt = x_BxLxD.dtype
-    q = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.wq_DxNxH[...].astype(dt))
-    k = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wk_DxKxH[...].astype(dt))
-    v = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wv_DxKxH[...].astype(dt))
+    if self.out_in:
+      q = out_in_dot(x_BxLxD, self.wq_NxHxD[...].astype(dt), 1)
+      k = out_in_dot(x_BxLxD, self.wk_KxHxD[...].astype(dt), 1)
+      v = out_in_dot(x_BxLxD, self.wv_KxHxD[...].astype(dt), 1)
+    else:
+      q = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.wq_DxNxH[...].astype(dt))
+      k = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wk_DxKxH[...].astype(dt))
+      v = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wv_DxKxH[...].astype(dt))
     if c.attention_bias:
       q, k, v = q + self.bq_NxH[...].astype(dt), k + self.bk_KxH[...].astype(dt), v + self.bv_KxH[...].astype(dt)
     if c.qk_norm:  # Qwen3: per-head RMSNorm before RoPE.
@@ -285,6 +308,8 @@ class Attention(nnx.Module):
       new_cache = (cache_k_BxKxHxS, cache_v_BxKxSxH)
       out_BxTxNxH = cached_attention(q_BxLxNxH, cache_k_BxKxHxS.astype(dt),
                                      cache_v_BxKxSxH.astype(dt), mask_Bx1xTxS, c.head_dim ** -0.5)
+      if self.out_in:
+        return out_in_dot(out_BxTxNxH, self.wo_DxNxH[...].astype(dt), 2), new_cache
       # One flat (N*H) contraction: as a two-axis contraction XLA CPU chose to copy a transposed
       # wo on every decode step.
       B, T, N, H = out_BxTxNxH.shape
@@ -299,6 +324,8 @@ class Attention(nnx.Module):
       out_BxTxNxH = jax.nn.dot_product_attention(
           q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xTxS, scale=c.head_dim ** -0.5,
           implementation=impl)
+    if self.out_in:
+      return out_in_dot(out_BxTxNxH, self.wo_DxNxH[...].astype(dt), 2), new_cache
     out_BxLxD = jnp.einsum("blnh,nhd->bld", out_BxTxNxH, self.wo_NxHxD[...].astype(dt))
     return out_BxLxD, new_cache
 
@@ -308,19 +335,26 @@ class MLP(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     D, F, pd = config.hidden_size, config.intermediate_size, config.param_dtype
     self.hidden_act = config.hidden_act
+    self.out_in = False  # see Attention
     self.w_gate_DxF = _param(rngs, (D, F), pd, ("embed", "mlp"))
     self.w_up_DxF = _param(rngs, (D, F), pd, ("embed", "mlp"))
     self.w_down_FxD = _param(rngs, (F, D), pd, ("mlp", "embed"))
 
   def __call__(self, x_BxLxD):
     dt = x_BxLxD.dtype
-    gate = jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate_DxF[...].astype(dt))
-    up = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up_DxF[...].astype(dt))
+    if self.out_in:
+      gate = out_in_dot(x_BxLxD, self.w_gate_FxD[...].astype(dt), 1)
+      up = out_in_dot(x_BxLxD, self.w_up_FxD[...].astype(dt), 1)
+    else:
+      gate = jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate_DxF[...].astype(dt))
+      up = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up_DxF[...].astype(dt))
     if self.hidden_act == "silu":
       act = jax.nn.silu(gate)
     else:  # Gemma's gelu_pytorch_tanh is the tanh approximation; plain "gelu" is exact erf.
       act = jax.nn.gelu(gate, approximate=self.hidden_act == "gelu_tanh")
     h_BxLxF = sharding.constrain(act * up, ("batch", "length", "act_mlp"))
+    if self.out_in:
+      return out_in_dot(h_BxLxF, self.w_down_DxF[...].astype(dt), 1)
     return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down_FxD[...].astype(dt))
 
 
@@ -378,6 +412,7 @@ class Transformer(nnx.Module):
     rngs = nnx.Rngs(0) if rngs is None else rngs
     c = config
     self.config = c
+    self.out_in = False  # see Attention; the untied head is then lm_head_VxD
     V, Vp, D = c.vocab_size, c.padded_vocab_size, c.hidden_size
     pad_rows = jnp.arange(Vp)[:, None] < V  # padding rows start (and stay, on load) at zero
     embed = _param(rngs, (Vp, D), c.param_dtype, ("vocab", "embed"))
@@ -405,9 +440,14 @@ class Transformer(nnx.Module):
                                             cache_index)
     if last_only:
       hidden_BxLxD = hidden_BxLxD[:, -1:]
-    logits_BxLxV = jnp.einsum("bld,dv->blv", hidden_BxLxD,
-                              self.unembed_DxV().astype(hidden_BxLxD.dtype),
-                              preferred_element_type=jnp.float32)
+    if self.out_in:
+      head_VxD = self.embed_VxD[...] if self.config.tie_embeddings else self.lm_head_VxD[...]
+      logits_BxLxV = jnp.einsum("bld,vd->blv", hidden_BxLxD, head_VxD.astype(hidden_BxLxD.dtype),
+                                preferred_element_type=jnp.float32)
+    else:
+      logits_BxLxV = jnp.einsum("bld,dv->blv", hidden_BxLxD,
+                                self.unembed_DxV().astype(hidden_BxLxD.dtype),
+                                preferred_element_type=jnp.float32)
     logits_BxLxV = sharding.constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
     logits_BxLxV = logits_BxLxV[..., :self.config.vocab_size]
     return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
@@ -422,7 +462,7 @@ class Transformer(nnx.Module):
     """Output projection [D, padded_vocab_size]; columns >= config.vocab_size are padding."""
     if self.config.tie_embeddings:
       return self.embed_VxD[...].T
-    return self.lm_head_DxV[...]
+    return self.lm_head_VxD[...].T if self.out_in else self.lm_head_DxV[...]
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
     c = self.config
@@ -517,6 +557,58 @@ class Transformer(nnx.Module):
     if kv_YxBx is None and c.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat], prevent_cse=False)
     return jax.lax.scan(body, x_BxLxD, (state_Y, kv_YxBx))
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler's decode layout: projection, MLP and untied lm-head weights stored [out, in]
+
+# Training-layout name -> (decode-layout name, number of leading INPUT dims, rank per layer).
+OUT_IN_WEIGHTS: dict[str, tuple[str, int, int]] = {
+    "wq_DxNxH": ("wq_NxHxD", 1, 3),
+    "wk_DxKxH": ("wk_KxHxD", 1, 3),
+    "wv_DxKxH": ("wv_KxHxD", 1, 3),
+    "wo_NxHxD": ("wo_DxNxH", 2, 3),
+    "w_gate_DxF": ("w_gate_FxD", 1, 2),
+    "w_up_DxF": ("w_up_FxD", 1, 2),
+    "w_down_FxD": ("w_down_DxF", 1, 2),
+    "lm_head_DxV": ("lm_head_VxD", 1, 2),
+}
+
+
+def to_out_in(model: Transformer) -> Transformer:
+  """A copy of ``model`` whose projection, MLP and untied lm-head weights are stored [out, in]
+  (``OUT_IN_WEIGHTS``; ``out_in_dot`` says why), for the sampler's decode. ``model`` itself if it
+  already is one: a caller that only samples can convert once and pass the copy to every
+  ``sample.generate`` call (no per-call copy). Concrete arrays only (not under ``eval_shape``'s
+  abstract leaves: wrap the whole construction in ``nnx.eval_shape`` for shapes).
+
+  Same products, same fp32 accumulation; only the weights' memory layout differs. The transposed
+  weights are new arrays (for SmolLM2-135M +425 MB while the copy lives); every other array
+  (embedding, norms, biases) is shared with ``model``, not copied. ``model`` is unchanged.
+  Scanned models keep their leading layer axis. Transposes keep each weight's logical sharding
+  names (permuted alike); the caller places the copy (``sharding.state_shardings``).
+  """
+  if model.out_in:
+    return model
+  graphdef, state = nnx.split(model)
+  copy = nnx.merge(graphdef, state)  # new Modules and Variables over the same arrays
+  modules = [m for _, m in nnx.iter_graph(copy) if isinstance(m, (Attention, MLP, Transformer))]
+  for module in modules:
+    for name, (new_name, n_in, rank) in OUT_IN_WEIGHTS.items():
+      var = getattr(module, name, None)
+      if var is None:
+        continue
+      lead = var[...].ndim - rank  # 1 for a scanned model's stacked [Y, ...] weights
+      dims = list(range(var[...].ndim))
+      perm = dims[:lead] + dims[lead + n_in:] + dims[lead:lead + n_in]
+      moved = var.replace(jnp.transpose(var[...], perm))
+      names = var.get_metadata().get("out_sharding")
+      if names is not None:
+        moved.set_metadata(out_sharding=tuple(names[i] for i in perm))
+      delattr(module, name)
+      setattr(module, new_name, moved)
+    module.out_in = True
+  return copy
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,145 @@
+r"""The sampler's prefill and decode step in process CPU seconds: the model's own weight layout
+([in, out]) vs the decode copy stored [out, in] (``transformer.to_out_in``), side by side.
+
+On a shared, loaded machine wall time measures the neighbours; the CPU time of this process (all
+its threads, ``time.process_time``) measures the work. Both layouts run the REAL ``sample._prefill``
+and ``sample._decode`` jits on the same left-padded batch of the bundled eval prompts, EOS off (every
+row decodes every step), alternating A, B per round after one compiling round each; every round
+asserts that both layouts produced the same tokens. Rounds alternate the order (A, B / B, A).
+
+    .venv/bin/python benchmarks/decode_layout.py --model smollm2 --batch 32 --steps 16 --rounds 2
+
+``--model tiny``: a tiny random Llama with the bundled tokenizer (seconds; used by a test).
+Round 0 (both layouts) includes the compiles: its excess over the timed rounds is the compile cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from saro_jax import models, sample  # noqa: E402
+from saro_jax.data import bundled  # noqa: E402
+from saro_jax.models import gguf, transformer  # noqa: E402
+
+NEVER = jnp.asarray([-1], jnp.int32)  # an EOS id no token has: every row decodes every step
+
+
+def load(model_name: str):
+  if model_name == "smollm2":
+    path = gguf.smollm2_gguf_path()
+    return (gguf.load_gguf(path, param_dtype="float32", compute_dtype="float32"),
+            gguf.gguf_tokenizer(path))
+  if model_name == "tiny":
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bundled.path("tokenizer"))
+    config = models.ModelConfig(family="llama", vocab_size=len(tokenizer), hidden_size=64,
+                                intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                                head_dim=16, eos_token_id=tokenizer.eos_token_id)
+    model = models.init_random(config, seed=0)
+    # 10x the init scale: varied greedy continuations, so the token check discriminates.
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x * 10 if x.ndim >= 2 else x, state)), tokenizer
+  raise ValueError(f"--model {model_name!r}: smollm2 | tiny")
+
+
+def prompt_ids(tokenizer, n: int) -> list[list[int]]:
+  with open(bundled.path("eval_prompts")) as f:
+    rows = [json.loads(line)["prompt"] for line in f]
+  return [sample.render_prompt(tokenizer, rows[i % len(rows)])[1] for i in range(n)]
+
+
+def cpu_s(fn):
+  """(result, process CPU seconds) of fn(), waiting for its arrays."""
+  start = time.process_time()
+  out = jax.block_until_ready(fn())
+  return out, time.process_time() - start
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="smollm2", help="smollm2 | tiny")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--steps", type=int, default=16, help="decode steps timed per round")
+  p.add_argument("--rounds", type=int, default=2, help="timed A, B rounds (after one compiling round)")
+  p.add_argument("--decodes", type=int, default=2,
+                 help="decode runs per prefill and round (each from a copy of the prefill's carry)")
+  args = p.parse_args(argv)
+  model, tokenizer = load(args.model)
+  ids = prompt_ids(tokenizer, args.batch)
+  longest = max(len(x) for x in ids)
+  plen = sample.bucket(longest, 32)
+  cache_len = plen + args.steps + 1
+  tokens, positions, segments = sample._left_padded(ids, args.batch, plen)
+  index = jnp.arange(args.batch, dtype=jnp.uint32)
+  done = jnp.zeros(args.batch, bool)
+  greedy = sample.Sampling.of()
+
+  start = time.process_time()
+  out_in_model = jax.block_until_ready(transformer.to_out_in(model))
+  convert_cpu_s = time.process_time() - start
+  layouts = {"in_out": nnx.split(model), "out_in": nnx.split(out_in_model)}
+
+  def prefill(layout, tokens, positions, segments, plen):
+    graphdef, state = layouts[layout]
+    return sample._prefill(graphdef, state, tokens, positions, segments, index, done, jnp.uint32(0),
+                           NEVER, greedy, cache_len=plen + args.steps + 1, mesh=None)
+
+  def decode(layout, carry, plen):
+    graphdef, state = layouts[layout]
+    return sample._decode(graphdef, state, carry, jnp.int32(args.steps + 1), NEVER, greedy,
+                          prompt_len=plen, mesh=None)
+
+  print(f"model {args.model}; batch {args.batch}, prompts {min(len(x) for x in ids)}-{longest}"
+        f" tokens (bucket {plen}), cache {cache_len}, {args.steps} decode steps per round;"
+        f" to_out_in copy: {convert_cpu_s:.2f} CPU s", flush=True)
+  times = {name: {"prefill": [], "step": []} for name in layouts}
+  out_tokens = {}
+  for round_ in range(args.rounds + 1):  # round 0 compiles
+    # A, B then B, A: neither layout always runs first (after the other's cache traffic).
+    for name in (list(layouts) if round_ % 2 == 0 else list(layouts)[::-1]):
+      first, t_prefill = cpu_s(lambda: prefill(name, tokens, positions, segments, plen))
+      t_decodes = []
+      for _ in range(args.decodes):
+        carry = jax.block_until_ready(jax.tree.map(jnp.copy, first))  # _decode donates it
+        carry, t_decode = cpu_s(lambda: decode(name, carry, plen))
+        assert int(carry["step"]) == args.steps + 1
+        out_tokens[name] = np.asarray(carry["out"])[:, :args.steps + 1]
+        t_decodes.append(t_decode / args.steps)
+      if round_:
+        times[name]["prefill"].append(t_prefill)
+        times[name]["step"].extend(t_decodes)
+      print(f"round {round_} {name}: prefill {t_prefill:.2f} CPU s, decode"
+            f" {', '.join(f'{1000 * t:.1f}' for t in t_decodes)} CPU ms/step", flush=True)
+    same = (out_tokens["in_out"] == out_tokens["out_in"]).all()
+    assert same, f"round {round_}: the two layouts decoded different tokens"
+  results = dict(convert_cpu_s=convert_cpu_s, batch=args.batch, prompt_bucket=plen,
+                 steps=args.steps, layouts={})
+  base = {k: statistics.median(v) for k, v in times["in_out"].items()}
+  print("| layout | prefill CPU s | decode CPU ms/step | prefill / in_out | step / in_out |")
+  print("|---|---|---|---|---|")
+  for name, t in times.items():
+    med = {k: statistics.median(v) for k, v in t.items()}
+    results["layouts"][name] = dict(prefill_cpu_s=med["prefill"], step_cpu_s=med["step"],
+                                    prefill_ratio=med["prefill"] / base["prefill"],
+                                    step_ratio=med["step"] / base["step"],
+                                    prefill_all=t["prefill"], step_all=t["step"])
+    print(f"| {name} | {med['prefill']:.2f} | {1000 * med['step']:.1f} |"
+          f" {med['prefill'] / base['prefill']:.3f} | {med['step'] / base['step']:.3f} |", flush=True)
+
+  return results
+
+
+if __name__ == "__main__":
+  main()
