@@ -15,74 +15,74 @@ rewards/accuracies ~1.0; the report shows the RW model refusing the harmful prom
 the benign ones (4 prompts per label: a smoke test, not a safety measurement).
 Re-running the same command resumes (finished stages are skipped).
 
-smollm2_135m: the SaRO recipe for SmolLM2-135M-Instruct on 2 CPU cores. Synthesize from the train
-split (configs/splits.py TRAIN; synthesize section in presets.synthesize_section): 20 harmful
+smollm2_135m: the SaRO recipe for SmolLM2-135M-Instruct on 2 CPU cores (the fourth setting).
+Synthesize from the train split (configs/splits.py TRAIN; presets.synthesize_section): 20 harmful
 prompts from each of Do-Not-Answer, HarmBench and both tense sets plus 20 jailbreak-wrapped ones,
-written by the template writer (safe reasoning + refusal, process/outcome pairs), and all 126
-benign/borderline train prompts answered by SmolLM2 itself (teacher "self", 96 new tokens at
-temperature 0.5 in batches of 64, looping answers rejected) behind a template reasoning block ->
-221 RW traces (100 refusals, 121 helpful; 5 benign prompts without an accepted answer). Every
-trace's second reasoning line opens with the same question, "Is it safe to help with this?", and
-the next word, " Yes" or " No", is the decision (synthesis.DECISION). RW: 24 steps x 4 packed rows
-of 512 tokens (fill 0.84, 216 traces: one epoch), lr 1.5e-4 cosine (loss 2.55 -> 0.38). Mine
-(presets.mine_section): the RW model samples 12 train prompts per label of the HarmBench half,
-both tense sets and the benign/borderline set (60 prompts), 2 samples each at temperature 1, 128
-new tokens; judged by refusal phrases, unsafe harmful samples become rejected against the
-synthesized trace of the prompt (or the template writer's), refusals of benign/borderline prompts
-rejected against the synthesized helpful answer. Measured: harmful 62/72 samples refused; benign
-9/24 and borderline 10/24 samples refused -> 34 pairs (16 against unsafe answers, 18 against
-refusals; 26 outcome, 8 process). SRPO: 12 steps x 4 mined pairs of <= 256 tokens, lr 1e-5, beta
-0.1 (loss 0.69 -> 0.17). Eval: the dev split (presets.DEV), 10 prompts per label per set, greedy,
-192 new tokens, batches of 30, refusal-phrase judge.
+written by the template writer (safe reasoning + refusal), and all 126 benign/borderline train
+prompts answered by SmolLM2 itself (teacher "self", 96 new tokens at temperature 0.5, looping
+answers rejected) behind a template reasoning block -> 221 RW traces (100 refusals, 121 helpful).
+Every trace's second reasoning line asks "Is it safe to help with this?" and the next word, " Yes"
+or " No", is the decision (synthesis.DECISION). RW: 24 steps x 4 packed rows of 512 tokens (fill
+0.84: the 216 traces once), lr 1.5e-4 cosine (loss 2.55 -> 0.38). Mine (presets.mine_section): the
+RW model samples 12 train prompts per label of the HarmBench half, both tense sets and the
+benign/borderline set (60 prompts), 2 samples each at temperature 1 plus one answer probe (the
+prompt's trace forced through its reasoning block, the policy writes the answer), 128 new tokens,
+judged by refusal phrases; answer pairs only (mine.branches=answer): a sample whose decision word
+is right but whose answer is not (a harmful prompt's " No" then compliance, a benign prompt's
+" Yes" then a refusal) becomes the rejected side of a pair that shares the prompt and the sample's
+reasoning block, chosen = the trace's answer. SRPO: 16 steps x 4 of those pairs (<= 256 tokens,
+prefix-shared), lr 1e-5, beta 0.1. Eval: the dev split (presets.DEV), 10 prompts per label per
+set, greedy, 192 new tokens, refusal-phrase judge.
 
-Measured (the third setting, one run, 2 CPU cores shared with 3 other jobs; 1-minute load
-average 3.9-15.9, mean 7.6): synthesize 19.4 min, RW 18.8 min, mine 8.1 min, SRPO 9 min: 55 min
-of training and sampling (budget 60); export + the report's evaluation of all three models 12.3
-min (budget 20). The run was first made with SRPO at 3e-5: the process was killed by the kernel's
-OOM killer (other jobs' memory) at its first SRPO step and resumed (SRPO 11 min at 3e-5); after
-its dev result SRPO was rerun at 1e-5 on the same RW model and mined pairs (the figures above;
-both rows below). Dev split, refusal-phrase judge (n per label: 30 harmful, 10 jailbreak, 10
-benign, 10 borderline):
+Measured, the recipe as configured here, one run: its synthesize and RW outputs are those of the
+third setting's run (the synthesize and RW sections have not changed since, so this run resumed
+after RW; their times below are from that run, at load 3.9-15.9); mine, SRPO, export and the
+report then ran on a quiet machine (load ~2): synthesize 19.4 min, RW 18.8 min, mine 11.5 min, SRPO
+5.3 min: 55 min of training and sampling (budget 60); export + evaluating the three
+models 11.1 min (budget 20). Mining: 179 samples (120 free, 59 answer probes; one benign prompt has no trace), 11 answer
+pairs: 4 harmful (" No", then compliance), 7 benign/borderline (" Yes", then a refusal); SRPO
+loss 0.69 -> 0.07 (12 of its 64 prefix-shared rows cut at 256 tokens). Dev split, refusal-phrase judge (n per label:
+30 harmful, 10 jailbreak, 10 benign, 10 borderline):
 
   stage         harmful   jailbreak  benign    borderline  reasoning  reasoning tok  repeated  cut at
-                refused   refused    answered  answered    block      mean/median    4-grams   192 tok
+                refused   refused*   answered  answered    block      mean/median    4-grams   192 tok
   start         0/30      1/10       10/10     9/10        0 %        0/0            33.5 %    53/60
   RW            30/30     10/10      7/10      8/10        93 %       81/72          2.7 %     8/60
-  SRPO (1e-5)   12/30     10/10      8/10      9/10        93 %       70/58          6.6 %     14/60
-  SRPO (3e-5)   6/30      10/10      10/10     10/10       93 %       69/56          8.5 %     12/60
+  SRPO          30/30     10/10      9/10      9/10        95 %       80/74          2.3 %     8/60
 
-(harmful per set, HarmBench / past tense / future tense: RW 10/10, 10/10, 10/10; SRPO at 1e-5
-4/10, 2/10, 6/10.) The RW model meets the harmful (>= 90 %), jailbreak (>= 80 %), borderline
-(>= 80 %) and reasoning-block (>= 90 %) targets and misses benign (70 %, target 90 %); its
-decision word is right on 30/30 harmful, 10/10 benign and 9/10 borderline prompts, and the three
-benign misses say " Yes" and then answer with the template refusal (the answer's first token
-follows the refusals' frequency, not the decision). SRPO on the mined pairs makes the model
-less safe: it says " Yes" to every dev prompt, harmful ones included. The mined pairs push the
-decision one way: 15 of the 18 pairs against refusals have " No" on the rejected side and " Yes"
-on the chosen, while the 16 pairs against unsafe answers come from 8 samples of which only 4
-said " Yes"; the other 4 said " No" (so their decision tokens are shared with the chosen side and
-cancel in the DPO margin), and only one of those complied: the phrase judge also counted a hedged
-refusal (its phrase since added to the list), a deflection and a rebuttal as unsafe. DPO moves
-that shared decision token for every prompt. The next setting should give
-SRPO as many pairs that push " No" on harmful prompts as pairs that push " Yes" on benign ones
-(e.g. synthesized harmful pairs whose unsafe side says " Yes", mixed with the mined ones through
-mine.mix_with) and make the answer follow the decision. Until then, the safer model of this
-recipe is the RW checkpoint (<workdir>/rw). A one-off check of that diagnosis (not the recipe;
-its 15 pairs were built by hand at the end of the session): SRPO at 1e-5 on the same RW model with
-the mined pairs plus 15 harmful train prompts' pairs whose rejected side says " Yes" and complies
-(--config.mine.mix_with) gave harmful 28/30, jailbreak 10/10, benign 7/10, borderline 8/10: the
-collapse to " Yes" is gone, but SRPO no longer improves on RW either.
+* the judge counts an answer it cannot see as not complying: 4 (RW) and 3 (SRPO) of the 10
+jailbreak outputs are cut at 192 tokens inside their reasoning, because the model copies the long
+jailbreak text into its first reasoning line; counting only explicit refusals, jailbreak is RW 6/10,
+SRPO 7/10 (target 80 %).
 
-Earlier settings (the changes between them follow each one's failure on dev, not a search over
-dev runs): the first (RW 16 steps, SRPO 6 steps at 1e-5 on the synthesized pairs, no mining, 5
-prompts per label) gave for the SRPO model harmful 10/15, jailbreak 5/5, benign 4/5, borderline
-4/5. The second (30 harmful prompts per set, label-specific wordings of the decision line, RW 24
-steps on rows of 256 tokens, which held one trace each and saw 98 of 266 traces; mining as now;
-SRPO 8 steps x 2 pairs at 3e-5) gave RW 30/30, 10/10, 3/10, 1/10 and SRPO 30/30, 10/10, 2/10,
-2/10: the RW model wrote the harmful template's decision line, the most frequent one, for every
-prompt. The third setting's changes answer that: one decision question for every label, refusals
-and helpful traces about half and half, rows of 512 (the whole data once), SRPO about one epoch
-of the mined pairs.
+SRPO on the same RW model with other mined pairs (one run each; mining with two samples, one
+decision probe and one answer probe per prompt, 240 samples, 16.5 min; SRPO 16 steps x 4 at 1e-5):
+
+  pairs (mine.branches, probes)                        harmful  jailbreak*  benign  borderline
+  decision + answer, with decision probes: 98 pairs     30/30    10/10      5/10    4/10
+    (46 push " No" on harmful prompts, 40 push " Yes")
+  decision + answer, free samples only: 39 pairs        19/30    10/10      10/10   10/10
+    (10 push " No", 17 push " Yes")
+  answer only: 12 pairs (6 harmful, 6 benign)           30/30    10/10      9/10    8/10
+
+A pair at the decision word moves that one shared word for every prompt: with 46:40 pairs the
+SRPO model says " No" to 9 of 10 benign dev prompts, with 10:17 it says " Yes" to 11 of 30 harmful
+ones (the third setting's whole-sample pairs, 4:15, gave 12/30). The RW model's decision is already
+right on 30/30 harmful, 10/10 benign and 9/10 borderline dev prompts; what it gets wrong is the
+answer after a right " Yes" (three benign answers were the template refusal). Answer pairs hold
+the decision in the shared prefix and train only the answer; SRPO on them fixed two of those three
+and kept every harmful refusal.
+
+Earlier settings (each change answers the previous one's failure on dev, not a search over dev
+runs): the first (RW 16 steps, SRPO 6 steps at 1e-5 on the synthesized pairs, no mining, 5 prompts
+per label) gave for the SRPO model harmful 10/15, jailbreak 5/5, benign 4/5, borderline 4/5. The
+second (30 harmful prompts per set, label-specific wordings of the decision line, RW 24 steps on
+rows of 256 tokens, which held one trace each and saw 98 of 266 traces; SRPO 8 steps x 2 at 3e-5)
+gave RW 30/30, 10/10, 3/10, 1/10 and SRPO 30/30, 10/10, 2/10, 2/10: the RW model wrote the harmful
+template's decision line, the most frequent one, for every prompt. The third (the RW above; SRPO
+12 steps x 4 whole-sample mined pairs: 34, 18 against over-refusals, 16 against unsafe answers)
+gave SRPO 12/30, 10/10, 8/10, 9/10 at 1e-5 and 6/30, 10/10, 10/10, 10/10 at 3e-5: 15 of the 18
+pairs against over-refusals pushed " Yes" over " No", against 4 pushing " No".
 
 Optional steps (config.pipeline, off by default): synthesize=True runs config.synthesize into
 <workdir>/synthesize first (data specs may name synthesized:rw / synthesized:pairs /

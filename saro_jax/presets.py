@@ -212,7 +212,7 @@ def mine_section(preset: str) -> ml_collections.ConfigDict:
     # The recipe's on-policy step (configs/saro.py:smollm2_135m): 12 prompts per label of the train
     # HarmBench half, both train tense sets (where the first measured setting failed on dev) and the
     # train benign/borderline set, 2 samples each at temperature 1, 128 new tokens (a refusal or a
-    # compliance shows well before), in batches of 40: 60 prompts, 120 samples, 3 batches.
+    # compliance shows well before), in batches of 40: 60 prompts, 120 samples + 59 probes.
     # Answer pairs only (the fourth setting, configs/saro.py): a sample whose answer does not
     # follow its (right) decision word is paired after its reasoning block, against the trace's
     # answer; one more sample per prompt is forced through the trace's reasoning block (an answer
