@@ -28,8 +28,9 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from saro_jax import models, sample  # noqa: E402
+from saro_jax import sample  # noqa: E402
 from saro_jax.data import bundled  # noqa: E402
 from saro_jax.models import gguf, transformer  # noqa: E402
 
@@ -43,14 +44,9 @@ def load(model_name: str):
             gguf.gguf_tokenizer(path))
   if model_name == "tiny":
     import transformers
+    from sampler import tiny_model  # benchmarks/sampler.py: the same tiny model
     tokenizer = transformers.AutoTokenizer.from_pretrained(bundled.path("tokenizer"))
-    config = models.ModelConfig(family="llama", vocab_size=len(tokenizer), hidden_size=64,
-                                intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                                head_dim=16, eos_token_id=tokenizer.eos_token_id)
-    model = models.init_random(config, seed=0)
-    # 10x the init scale: varied greedy continuations, so the token check discriminates.
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(lambda x: x * 10 if x.ndim >= 2 else x, state)), tokenizer
+    return tiny_model(tokenizer), tokenizer
   raise ValueError(f"--model {model_name!r}: smollm2 | tiny")
 
 

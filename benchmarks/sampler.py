@@ -37,6 +37,16 @@ def prompts(n: int) -> list[str]:
   return [rows[i % len(rows)] for i in range(n)]
 
 
+def tiny_model(tokenizer):
+  """A tiny random Llama for the bundled tokenizer. HF's std-0.02 init repeats one token forever;
+  10x larger weights give varied greedy continuations, so token-identity assertions discriminate."""
+  config = models.ModelConfig(family="llama", vocab_size=len(tokenizer), hidden_size=64,
+                              intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                              head_dim=16, eos_token_id=tokenizer.eos_token_id)
+  graphdef, state = nnx.split(models.init_random(config, seed=0))
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x * 10 if x.ndim >= 2 else x, state))
+
+
 def load(model_name: str, workdir: str):
   """(saro_jax model, transformers model, tokenizer) with identical fp32 weights."""
   import torch
@@ -50,15 +60,7 @@ def load(model_name: str, workdir: str):
     hf_dir = os.path.join(workdir, "tiny_hf")
     if not os.path.exists(os.path.join(hf_dir, "config.json")):
       tokenizer = transformers.AutoTokenizer.from_pretrained(bundled.path("tokenizer"))
-      config = models.ModelConfig(family="llama", vocab_size=len(tokenizer), hidden_size=64,
-                                  intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                                  head_dim=16, eos_token_id=tokenizer.eos_token_id)
-      model = models.init_random(config, seed=0)
-      # HF's std-0.02 init repeats one token forever; 10x larger weights give varied greedy
-      # continuations, so the token-identity assertion discriminates.
-      graphdef, state = nnx.split(model)
-      state = jax.tree.map(lambda x: x * 10 if x.ndim >= 2 else x, state)
-      hf.export_hf(nnx.merge(graphdef, state), hf_dir)
+      hf.export_hf(tiny_model(tokenizer), hf_dir)
       tokenizer.save_pretrained(hf_dir)
   else:
     hf_dir = model_name
