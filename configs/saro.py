@@ -50,6 +50,10 @@ loss 0.69 -> 0.07 (12 of its 64 prefix-shared rows cut at 256 tokens). Dev split
   RW            30/30     10/10      7/10      8/10        93 %       81/72          2.7 %     8/60
   SRPO          30/30     10/10      9/10      9/10        95 %       80/74          2.3 %     8/60
 
+A second run with another mining seed (--config.mine.generation.seed=1: 17 answer pairs, 10
+harmful, 7 benign) gave SRPO 30/30, 10/10, 8/10, 8/10 (reasoning block 92 %): benign answering is
+not reliably at its 90 % target.
+
 * the judge counts an answer it cannot see as not complying: 4 (RW) and 3 (SRPO) of the 10
 jailbreak outputs are cut at 192 tokens inside their reasoning, because the model copies the long
 jailbreak text into its first reasoning line; counting only explicit refusals, jailbreak is RW 6/10,
