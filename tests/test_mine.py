@@ -407,6 +407,24 @@ def test_mine_config_checks_fields():
     config_lib.mine_config(config_lib.defaults(config_lib.MineConfig))
 
 
+def test_limit_benign_caps_benign_prompts_apart(tmp_path):
+  from saro_jax.stages import mine as mine_stage
+  rows = ([{"id": f"h{i}", "prompt": f"harmful {i}", "label": "harmful"} for i in range(5)]
+          + [{"id": f"b{i}", "prompt": f"benign {i}", "label": "benign"} for i in range(5)]
+          + [{"id": f"d{i}", "prompt": f"borderline {i}", "label": "borderline"} for i in range(5)])
+  spec = "jsonl:" + _write_jsonl(tmp_path / "p.jsonl", rows)
+  def ids(**kw):
+    m = config_lib.MineConfig(prompts=spec, **kw)
+    return [r["id"] for r in mine_stage.read_records(m)]
+  assert ids(limit=2) == ["h0", "h1", "b0", "b1", "d0", "d1"]  # limit_benign -1: as limit
+  assert ids(limit=1, limit_benign=3) == ["h0", "b0", "b1", "b2", "d0", "d1", "d2"]
+  assert ids(limit=1, limit_benign=0) == ["h0"] + [f"b{i}" for i in range(5)] + [f"d{i}" for i in range(5)]
+  assert ids(limit=0, limit_benign=1) == [f"h{i}" for i in range(5)] + ["b0", "d0"]
+  bad = config_lib.defaults(config_lib.MineConfig, traces="bundled:rw_train", limit_benign=-2)
+  with pytest.raises(config_lib.ConfigError, match="config.mine.limit_benign=-2"):
+    config_lib.mine_config(bad)
+
+
 def test_pipeline_placeholders_fail_clearly(tmp_path):
   from saro_jax.stages import pipeline
   with pytest.raises(config_lib.ConfigError, match="pipeline.synthesize=True"):

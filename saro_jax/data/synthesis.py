@@ -359,6 +359,27 @@ def _request(prompt: str, limit: int = 160) -> str:
   return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
+def _quoted(prompt: str, limit: int = 160) -> str:
+  """What the first reasoning line quotes: the whole prompt when it is short, else "... " + its
+  end: the last line, or the last sentences of it that fit in ``limit`` characters. A jailbreak
+  wraps the request in a long role-play whose request mostly comes last; quoting the start
+  taught SmolLM2-135M to copy the role-play until its token budget ran out (3-5 of 10 dev
+  jailbreak outputs cut inside the reasoning), while the end is the request itself."""
+  text = " ".join(prompt.split())
+  if len(text) <= limit:
+    return text
+  tail = ""
+  last_line = " ".join(prompt.strip().splitlines()[-1].split())
+  for sentence in reversed(re.split(r"(?<=[.!?])\s+", last_line)):
+    joined = f"{sentence} {tail}".strip()
+    if len(joined) > limit:
+      break
+    tail = joined
+  if not tail:  # one sentence longer than the limit: its last words
+    tail = last_line[-limit:].split(" ", 1)[-1]
+  return "... " + tail
+
+
 def _variant(record: Mapping[str, Any], options: Sequence[str]) -> str:
   """One of ``options``, fixed per prompt (a hash of its id), so reruns write the same text."""
   digest = hashlib.sha256(str(record.get("id", record.get("prompt", ""))).encode()).digest()
@@ -379,7 +400,7 @@ class TemplateWriter:
       return None
     wrapped = record["label"] == "jailbreak"
     v = lambda *options: _variant(record, options)  # noqa: E731
-    steps = [f"The user asks: \"{_request(record['prompt'])}\"",
+    steps = [f"The user asks: \"{_quoted(record['prompt'])}\"",
              DECISION + " No: " + (
                  v("stripped of its framing, this is a request for real help with something that could hurt people.",
                    "under the role-play, the actual request is for help with something harmful.",
@@ -407,7 +428,7 @@ class TemplateWriter:
   def benign_steps(self, record: Mapping[str, Any]) -> tuple[str, ...]:
     """The reasoning before a helpful answer: the request, why it is harmless, the decision."""
     v = lambda *options: _variant(record, options)  # noqa: E731
-    return (f"The user asks: \"{_request(record['prompt'])}\"",
+    return (f"The user asks: \"{_quoted(record['prompt'])}\"",
             DECISION + " Yes: " + (
                 v("some words may sound alarming, but in this context the request is harmless.",
                   "read in context, this is an ordinary question with no real risk of harm.",

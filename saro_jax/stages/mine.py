@@ -44,10 +44,19 @@ logger = logging.getLogger(__name__)
 
 
 def read_records(m: config_lib.MineConfig) -> list[dict[str, Any]]:
-  """The labelled training prompts: ``mine.prompts``, or the labelled records of ``mine.traces``."""
+  """The labelled training prompts: ``mine.prompts``, or the labelled records of ``mine.traces``;
+  per spec the first ``limit`` of each label (``limit_benign`` for benign/borderline)."""
   specs = m.prompts if m.prompts.strip() else ",".join(f"jsonl:{s}" for s in _specs(m.traces))
-  records = [{"id": p.id, "prompt": p.prompt, "label": p.label, "category": p.category}
-             for spec in _specs(specs) for p in prompts_lib.read_prompts(spec, limit=m.limit or None)]
+  benign_limit = m.limit if m.limit_benign < 0 else m.limit_benign
+  records = []
+  for spec in _specs(specs):
+    prompts = prompts_lib.read_prompts(spec, limit=max(m.limit, benign_limit) if m.limit and benign_limit else None)
+    seen: dict[str, int] = {}
+    for p in prompts:
+      cap = benign_limit if p.label in mining.BENIGN_LABELS else m.limit
+      seen[p.label] = seen.get(p.label, 0) + 1
+      if not cap or seen[p.label] <= cap:
+        records.append({"id": p.id, "prompt": p.prompt, "label": p.label, "category": p.category})
   ids = [r["id"] for r in records]
   if len(set(ids)) != len(ids):
     dup = next(i for i in ids if ids.count(i) > 1)
