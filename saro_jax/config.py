@@ -580,8 +580,9 @@ class MineConfig:
     _check_positive("mine.chunk_size", self.chunk_size)
     _check_positive("mine.decision_probes", self.decision_probes, allow_zero=True)
     _check_positive("mine.answer_probes", self.answer_probes, allow_zero=True)
+    from saro_jax.data import mining  # lazy: the config module stays free of the data rules
     for b in self.branches:
-      _check_choice("mine.branches", b, ("decision", "answer"))
+      _check_choice("mine.branches", b, mining.BRANCHES)
     if not self.branches:
       raise ConfigError("config.mine.branches is empty; name 'decision', 'answer' or both")
     if (self.decision_probes or self.answer_probes) and not self.decision.strip():
@@ -606,10 +607,6 @@ def mine_config(raw) -> MineConfig:
     ev = eval_config({"generation": gen_raw, "judge": judge_raw or {}})
   except ConfigError as e:
     raise ConfigError(str(e).replace("config.eval.", "config.mine.")) from None
-  if isinstance(raw.get("branches"), str):  # --config.mine.branches=answer (or "decision,answer")
-    raw["branches"] = tuple(b.strip() for b in raw["branches"].split(",") if b.strip())
-  elif raw.get("branches") is not None:
-    raw["branches"] = tuple(raw["branches"])
   http = section(SynthesizeHttpConfig, raw.pop("http", None), "mine.http")
   sampler = section(SynthesizeSamplerConfig, raw.pop("sampler", None), "mine.sampler")
   mine = dataclasses.replace(section(MineConfig, raw, "mine"), generation=ev.generation, judge=ev.judge,
@@ -664,8 +661,9 @@ def _to_plain(value: Any) -> Any:
   return value
 
 
-def _coerce(where: str, value: Any, default: Any) -> Any:
-  """Type-checks one field against its dataclass default's type (annotations are strings)."""
+def _coerce(where: str, value: Any, default: Any, annotation: str = "") -> Any:
+  """Type-checks one field against its dataclass default's type (``annotation``: the field's
+  annotation, a string under ``from __future__ import annotations``)."""
   if isinstance(default, bool):
     if not isinstance(value, bool):
       raise ConfigError(f"config.{where}={value!r} must be true/false")
@@ -682,6 +680,13 @@ def _coerce(where: str, value: Any, default: Any) -> Any:
     if not isinstance(value, str):
       raise ConfigError(f"config.{where}={value!r} must be a string")
     return value
+  if isinstance(default, tuple):  # a config file gives a list or tuple; a flag "a,b" for strings
+    strings = str(annotation).replace(" ", "").startswith("tuple[str")
+    items = tuple(v.strip() for v in value.split(",") if v.strip()) if strings and isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or (strings and not all(isinstance(v, str) for v in items)):
+      kind = "a comma-separated string or a list of strings" if strings else "a list"
+      raise ConfigError(f"config.{where}={value!r} must be {kind}")
+    return tuple(items)
   return value
 
 
@@ -696,7 +701,7 @@ def section(cls: type, raw: Mapping[str, Any] | None, where: str):
   for name, value in raw.items():
     f = fields[name]
     default = f.default if f.default is not dataclasses.MISSING else None
-    values[name] = _coerce(f"{where}.{name}", value, default)
+    values[name] = _coerce(f"{where}.{name}", value, default, f.type)
   return cls(**values)
 
 

@@ -91,6 +91,19 @@ def test_wrong_type_and_unknown_key_in_a_section():
     training_config(saro, "rw", device_count=1)
 
 
+def test_tuple_fields_take_lists_or_comma_strings():
+  from saro_jax import config as config_lib
+  gen = config_lib.section(config_lib.GenerateConfig, {"stop": "</answer>, END"}, "generate")
+  assert gen.stop == ("</answer>", "END")  # a flag's string, split at commas
+  assert config_lib.section(config_lib.GenerateConfig, {"stop": ["a,b"]}, "g").stop == ("a,b",)
+  with pytest.raises(ConfigError, match=r"config.g.stop=5 must be a comma-separated string or a list"):
+    config_lib.section(config_lib.GenerateConfig, {"stop": 5}, "g")
+  data = config_lib.section(config_lib.DataConfig, {"length_buckets": [128, 256]}, "rw.data")
+  assert data.length_buckets == (128, 256)  # int tuples: lists only, checked by validate
+  with pytest.raises(ConfigError, match=r"config.rw.data.length_buckets='128' must be a list"):
+    config_lib.section(config_lib.DataConfig, {"length_buckets": "128"}, "rw.data")
+
+
 def test_unknown_stage_lists_the_stages():
   from saro_jax import stages
   config = ml_collections.ConfigDict({"stage": "train_everything"})
