@@ -74,11 +74,12 @@ def smollm2_hf_dir(tmp_path_factory):
 
 # Heaviest files first under `--dist loadfile`. xdist's default queue puts files with many tests
 # first, so the files of ONE slow test (the two-process SaRO run, the SmolLM2 eval and greedy
-# runs) came last, and a worker holds up to two queued files at a time: the run ended with one
-# worker on a few minutes of them while the other had nothing left. Giving out the longest
-# remaining file first (longest-processing-time scheduling) leaves the many short files to even
-# out the two workers at the end. Seconds per file: the whole suite's `--durations` on 2 workers
-# (setup + call, quiet machine, BUILD.md "Build and test here"), rounded; a file not listed
+# runs) came last, and a worker takes another file whenever it has 2 tests or fewer left: the run
+# could end with one worker on a few minutes of them while the other had nothing left. Giving out
+# the longest remaining file first (longest-processing-time scheduling) leaves the many short
+# files to even out the two workers at the end. Rough seconds per file on a quiet 2-core run: its
+# slowest tests' setup + call from the whole suite's `--durations` (BUILD.md "Build and test
+# here") plus an estimate for the rest of the file; only their ranking matters. A file not listed
 # counts 0 and keeps xdist's order after the listed ones. Only the order changes: every test runs.
 FILE_SECONDS = {
     "test_multiprocess_train.py": 140, "test_faults.py": 140, "test_mine.py": 120,
