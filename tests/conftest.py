@@ -87,6 +87,8 @@ FILE_SECONDS = {
     "test_eval_smollm2.py": 85, "test_plan.py": 70, "test_sample_smollm2.py": 60,
     "test_benchmarks.py": 60, "test_faults_multihost.py": 50, "test_faults_nonfinite.py": 45,
     "test_faults_export.py": 40, "test_readme_api.py": 50, "test_models_scan.py": 45,
+    "test_side_by_side.py": 35, "test_models_sharded.py": 25, "test_data_multiprocess.py": 20,
+    "test_checkpoint.py": 15,
 }
 
 
