@@ -70,3 +70,39 @@ def smollm2_hf_dir(tmp_path_factory):
       gguf.gguf_to_hf_dir(gguf.smollm2_gguf_path(), out)
       done.write_text("ok\n")
   return out
+
+
+# Heaviest files first under `--dist loadfile`. xdist's default queue puts files with many tests
+# first, so the files of ONE slow test (the two-process SaRO run, the SmolLM2 eval and greedy
+# runs) came last, and a worker takes another file whenever it has 2 tests or fewer left: the run
+# could end with one worker on a few minutes of them while the other had nothing left. Giving out
+# the longest remaining file first (longest-processing-time scheduling) leaves the many short
+# files to even out the two workers at the end. Rough seconds per file on a quiet 2-core run: its
+# slowest tests' setup + call from the whole suite's `--durations` (BUILD.md "Build and test
+# here") plus an estimate for the rest of the file; only their ranking matters. A file not listed
+# counts 0 and keeps xdist's order after the listed ones. Only the order changes: every test runs.
+FILE_SECONDS = {
+    "test_multiprocess_train.py": 140, "test_faults.py": 140, "test_mine.py": 120,
+    "test_models_smollm2.py": 120, "test_main_e2e.py": 90, "test_sample.py": 90,
+    "test_eval_smollm2.py": 85, "test_plan.py": 70, "test_sample_smollm2.py": 60,
+    "test_benchmarks.py": 60, "test_faults_multihost.py": 50, "test_faults_nonfinite.py": 45,
+    "test_faults_export.py": 40, "test_readme_api.py": 50, "test_models_scan.py": 45,
+    "test_side_by_side.py": 35, "test_models_sharded.py": 25, "test_data_multiprocess.py": 20,
+    "test_checkpoint.py": 15,
+}
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown (and unused) without xdist
+def pytest_xdist_make_scheduler(config, log):
+  if config.getvalue("dist") != "loadfile":
+    return None  # xdist's own scheduler for the other modes
+  from xdist.scheduler import LoadFileScheduling
+
+  class LongestFileFirst(LoadFileScheduling):
+    def _assign_work_unit(self, node):
+      # The work queue is keyed by file path; max keeps the first of equal costs (xdist's order).
+      scope = max(self.workqueue, key=lambda s: FILE_SECONDS.get(os.path.basename(s), 0))
+      self.workqueue.move_to_end(scope, last=False)
+      super()._assign_work_unit(node)
+
+  return LongestFileFirst(config, log)
