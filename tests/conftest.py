@@ -101,8 +101,11 @@ def pytest_xdist_make_scheduler(config, log):
   class LongestFileFirst(LoadFileScheduling):
     def _assign_work_unit(self, node):
       # The work queue is keyed by file path; max keeps the first of equal costs (xdist's order).
-      scope = max(self.workqueue, key=lambda s: FILE_SECONDS.get(os.path.basename(s), 0))
-      self.workqueue.move_to_end(scope, last=False)
+      # xdist internals: if a later version changes them, fall back to its own order.
+      queue = getattr(self, "workqueue", None)
+      if queue and hasattr(queue, "move_to_end"):
+        scope = max(queue, key=lambda s: FILE_SECONDS.get(os.path.basename(str(s)), 0))
+        queue.move_to_end(scope, last=False)
       super()._assign_work_unit(node)
 
   return LongestFileFirst(config, log)
