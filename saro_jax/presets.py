@@ -114,10 +114,13 @@ def rw_recipe(preset: str) -> dict:
   if preset == "smollm2_135m":
     # The recipe of configs/saro.py:smollm2_135m (there its data are the synthesized traces; here
     # the bundled ones). Sized for 2 CPU cores: a step of 4 packed rows of 512 tokens (~9 traces
-    # of ~160 tokens, fill 0.84); 24 steps are one epoch of the recipe's 216 traces. (Rows of 256 held one
-    # trace each, fill 0.66: the second measured setting's 24 steps saw 98 of its 266 traces.)
+    # of ~160 tokens, fill 0.84); 24 steps are one epoch of the recipe's 216 traces, and the recipe
+    # runs two (48 steps, the sixth setting): after one epoch every refusal starts with the token
+    # "I" while benign answers spread over many first tokens, and greedy decoding put "I can't
+    # help" after a right " Yes" on 3 of 10 benign dev prompts; after two, 0 of 10. (Rows of 256
+    # held one trace each, fill 0.66: the second measured setting's 24 steps saw 98 of 266 traces.)
     return dict(data=data("bundled:rw_train", 512), opt=opt(1.5e-4, warmup_steps=2),
-                train=train(24, 4, log_every=1, logps_chunk=128))
+                train=train(48, 4, log_every=1, logps_chunk=128))
   return dict(data=data("bundled:rw_train", 4096), opt=opt(1e-5, warmup_steps=50, weight_decay=0.0),
               train=train(1000, 128, grad_accum=4, log_every=10, logps_chunk=512))
 
