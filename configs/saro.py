@@ -15,57 +15,66 @@ rewards/accuracies ~1.0; the report shows the RW model refusing the harmful prom
 the benign ones (4 prompts per label: a smoke test, not a safety measurement).
 Re-running the same command resumes (finished stages are skipped).
 
-smollm2_135m: the SaRO recipe for SmolLM2-135M-Instruct on 2 CPU cores (the fifth setting: the
-fourth, measured below, plus two changes whose run is reported in README's recipe section: a
-long prompt's first reasoning line quotes its end, i.e. a jailbreak's request, not its
-role-play; mining takes 8 prompts per harmful set and 24 per benign/borderline label).
+smollm2_135m: the SaRO recipe for SmolLM2-135M-Instruct on 2 CPU cores (the sixth setting).
 Synthesize from the train split (configs/splits.py TRAIN; presets.synthesize_section): 20 harmful
 prompts from each of Do-Not-Answer, HarmBench and both tense sets plus 20 jailbreak-wrapped ones,
 written by the template writer (safe reasoning + refusal), and all 126 benign/borderline train
 prompts answered by SmolLM2 itself (teacher "self", 96 new tokens at temperature 0.5, looping
 answers rejected) behind a template reasoning block -> 221 RW traces (100 refusals, 121 helpful).
-Every trace's second reasoning line asks "Is it safe to help with this?" and the next word, " Yes"
-or " No", is the decision (synthesis.DECISION). RW: 24 steps x 4 packed rows of 512 tokens (fill
-0.84: the 216 traces once), lr 1.5e-4 cosine (loss 2.55 -> 0.38). Mine (presets.mine_section): the
-RW model samples train prompts of the HarmBench half, both tense sets and the
-benign/borderline set (fourth setting: 12 per label, 60 prompts), 2 samples each at temperature 1 plus one answer probe (the
-prompt's trace forced through its reasoning block, the policy writes the answer), 128 new tokens,
-judged by refusal phrases; answer pairs only (mine.branches=answer): a sample whose decision word
-is right but whose answer is not (a harmful prompt's " No" then compliance, a benign prompt's
-" Yes" then a refusal) becomes the rejected side of a pair that shares the prompt and the sample's
-reasoning block, chosen = the trace's answer. SRPO: 16 steps x 4 of those pairs (<= 256 tokens,
-prefix-shared), lr 1e-5, beta 0.1. Eval: the dev split (presets.DEV), 10 prompts per label per
-set, greedy, 192 new tokens, refusal-phrase judge.
+Every trace's first reasoning line quotes the prompt (a long one by its end: a jailbreak's request,
+not its role-play); its second asks "Is it safe to help with this?" and the next word, " Yes" or
+" No", is the decision (synthesis.DECISION). RW: 48 steps x 4 packed rows of 512 tokens (fill
+0.84: the 216 traces twice), lr 1.5e-4 cosine (loss 2.6 -> 0.13). Mine (presets.mine_section): the
+RW model samples 8 train prompts of the HarmBench half and of each tense set and 24 per
+benign/borderline label (70 prompts; the train set has 22 benign), 2 samples each at temperature
+1 plus one answer probe (the prompt's trace forced through its reasoning block, the policy writes
+the answer), 128 new tokens, judged by refusal phrases; answer pairs only (mine.branches=answer):
+a sample whose decision word is right but whose answer is not (a harmful prompt's " No" then
+compliance, a benign prompt's " Yes" then a refusal) becomes the rejected side of a pair that
+shares the prompt and the sample's reasoning block, chosen = the trace's answer. SRPO: 16 steps x
+4 of those pairs (<= 256 tokens, prefix-shared), lr 1e-5, beta 0.1. Eval: the dev split
+(presets.DEV), 10 prompts per label per set, greedy, 192 new tokens, refusal-phrase judge.
 
-Measured, the recipe as configured here, one run: its synthesize and RW outputs are those of the
-third setting's run (the synthesize and RW sections have not changed since, so this run resumed
-after RW; their times below are from that run, at load 3.9-15.9); mine, SRPO, export and the
-report then ran on a quiet machine (load ~2): synthesize 19.4 min, RW 18.8 min, mine 11.5 min, SRPO
-5.3 min: 55 min of training and sampling (budget 60); export + evaluating the three
-models 11.1 min (budget 20). Mining: 179 samples (120 free, 59 answer probes; one benign prompt has no trace), 11 answer
-pairs: 4 harmful (" No", then compliance), 7 benign/borderline (" Yes", then a refusal); SRPO
-loss 0.69 -> 0.07 (12 of its 64 prefix-shared rows cut at 256 tokens). Dev split, refusal-phrase judge (n per label:
-30 harmful, 10 jailbreak, 10 benign, 10 borderline):
+Measured, the sixth setting, one run (its synthesize outputs are the fifth setting's run's below:
+that section and its code are unchanged, so this run resumed after it), quiet machine except low-
+priority helper jobs: synthesize 7.3 min, RW 23.4 min, mine 13.9 min, SRPO 5.0 min: 49.6 min of
+training and sampling (budget 60); export + evaluating the three models 9.0 min (budget 20).
+Mining: 206 samples; the RW model's answers went wrong after a right decision in only 6 benign/
+borderline samples and 2 harmful ones (fifth setting: 13 and 3), so 5 answer pairs (3 against a
+refusal, 2 against compliance); SRPO loss 0.69 -> 0.04. Dev split, refusal-phrase judge (n per
+label: 30 harmful, 10 jailbreak, 10 benign, 10 borderline):
 
-  stage         harmful   jailbreak  benign    borderline  reasoning  reasoning tok  repeated  cut at
-                refused   refused*   answered  answered    block      mean/median    4-grams   192 tok
-  start         0/30      1/10       10/10     9/10        0 %        0/0            33.5 %    53/60
-  RW            30/30     10/10      7/10      8/10        93 %       81/72          2.7 %     8/60
-  SRPO          30/30     10/10      9/10      9/10        95 %       80/74          2.3 %     8/60
+  stage   harmful   jailbreak  jailbreak   benign    borderline  reasoning  reasoning tok  repeated  cut at
+          refused   refused    explicit*   answered  answered    block      mean/median    4-grams   192 tok
+  start   0/30      1/10       1/10        10/10     9/10        0 %        0/0            33.5 %    53/60
+  RW      30/30     10/10      8/10        10/10     10/10       97 %       67/72          2.2 %     1/60
+  SRPO    30/30     10/10      9/10        10/10     10/10       98 %       68/72          2.5 %     2/60
 
-A second run with another mining seed (--config.mine.generation.seed=1: 17 answer pairs, 10
-harmful, 7 benign) gave SRPO 30/30, 10/10, 8/10, 8/10 (reasoning block 92 %): benign answering is
-not reliably at its 90 % target.
+* explicit: judged a refusal and with an answer shown. The jailbreak outputs that are not (RW 2,
+SRPO 1) stop right after 'The user asks: "...' (end of sequence, no answer); none complies.
 
-* the judge counts an answer it cannot see as not complying: 4 (RW) and 3 (SRPO) of the 10
-jailbreak outputs are cut at 192 tokens inside their reasoning, because the model copies the long
-jailbreak text into its first reasoning line; counting only explicit refusals, jailbreak is RW 6/10,
-SRPO 7/10 (target 80 %).
+The fifth setting (RW 24 steps, one epoch; otherwise as above), measured end to end from a fresh
+clone, one run: synthesize 7.3, RW 12.9, mine 14.0, SRPO 6.2 min (40.5 min), report 12.5 min.
+15 answer pairs. RW 30/30, 10/10 (10/10 explicit), 7/10, 6/10; SRPO 30/30, 10/10 (10/10
+explicit), 7/10, 7/10; reasoning block 100 %. The quote change fixed the jailbreak outputs (0 of
+10 cut inside the reasoning, from 3-5), but benign answering fell short: the failures were " Yes"
+then the template refusal ("I can't help with that...") on three benign prompts, and " No" on
+two borderline ones. After one epoch every RW refusal starts with the token "I" (100 of 221
+traces) while benign answers spread over many first tokens ("The" 32, "To" 23, ...), and greedy
+decoding picked "I" after a right " Yes". Two epochs (the sixth setting) sharpen that
+conditional: on the train prompts, the mining stats above show the RW model's answer mistakes
+fall from 16 samples to 8; on dev, 0 of 10 benign prompts are refused.
 
-SRPO on the same RW model with other mined pairs (one run each; mining with two samples, one
+The fourth setting (one RW epoch, the start of the prompt quoted, mining 12 prompts per label;
+synthesize and RW resumed from the third setting's run): SRPO 30/30, 10/10 (7/10 explicit: 3
+jailbreak outputs cut inside their reasoning, copying the role-play), 9/10, 9/10; RW 30/30, 10/10
+(6/10 explicit), 7/10, 8/10. Mining: 11 answer pairs. A second run with another mining seed
+(--config.mine.generation.seed=1: 17 answer pairs) gave SRPO 30/30, 10/10, 8/10, 8/10.
+
+Variants of the fourth setting's SRPO on its RW model, with other mined pairs (one run each; mining with two samples, one
 decision probe and one answer probe per prompt, 240 samples, 16.5 min; SRPO 16 steps x 4 at 1e-5):
 
-  pairs (mine.branches, probes)                        harmful  jailbreak*  benign  borderline
+  pairs (mine.branches, probes)                        harmful  jailbreak   benign  borderline
   decision + answer, with decision probes: 98 pairs     30/30    10/10      5/10    4/10
     (46 push " No" on harmful prompts, 40 push " Yes")
   decision + answer, free samples only: 39 pairs        19/30    10/10      10/10   10/10
