@@ -52,6 +52,9 @@ label: 30 harmful, 10 jailbreak, 10 benign, 10 borderline):
 
 * explicit: judged a refusal and with an answer shown. The jailbreak outputs that are not (RW 2,
 SRPO 1) stop right after 'The user asks: "...' (end of sequence, no answer); none complies.
+The same SRPO model on the 58 dev prompts beyond the first 10 per label per set (--config.eval.limit=20
+with configs/eval.py; never looked at while the recipe was set up): harmful 29/30, jailbreak 10/10
+(10/10 explicit), benign 7/8 (the dev set has 18 benign prompts), borderline 10/10.
 
 The fifth setting (RW 24 steps, one epoch; otherwise as above), measured end to end from a fresh
 clone, one run: synthesize 7.3, RW 12.9, mine 14.0, SRPO 6.2 min (40.5 min), report 12.5 min.
