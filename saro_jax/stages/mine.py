@@ -50,9 +50,8 @@ def read_records(m: config_lib.MineConfig) -> list[dict[str, Any]]:
   benign_limit = m.limit if m.limit_benign < 0 else m.limit_benign
   records = []
   for spec in _specs(specs):
-    prompts = prompts_lib.read_prompts(spec, limit=max(m.limit, benign_limit) if m.limit and benign_limit else None)
     seen: dict[str, int] = {}
-    for p in prompts:
+    for p in prompts_lib.read_prompts(spec):  # every row is parsed (and checked) with a limit too
       cap = benign_limit if p.label in mining.BENIGN_LABELS else m.limit
       seen[p.label] = seen.get(p.label, 0) + 1
       if not cap or seen[p.label] <= cap:
