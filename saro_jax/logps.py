@@ -45,7 +45,7 @@ def pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_size:
                                                  both["segment_ids"])
   logps_2BxL, mean_logits_2BxL = losses.token_logps_and_mean_logits(
       hidden_2BxLxD, model.unembed_DxV(), targets_2BxL, vocab_size=vocab_size,
-      chunk_size=chunk_size)
+      chunk_size=chunk_size, mask_BxL=mask_2BxL)
   logps_2B, lengths_2B = losses.sequence_sums(logps_2BxL, mask_2BxL)
   logit_sums_2B, _ = losses.sequence_sums(mean_logits_2BxL, mask_2BxL)
   b = batch["chosen_tokens"].shape[0]
@@ -75,7 +75,7 @@ def tree_pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_
   source_hidden_RxLxD = jnp.take_along_axis(hidden_RxLxD, source_RxL[..., None], axis=1)
   logps_RxL, mean_logits_RxL = losses.token_logps_and_mean_logits(
       source_hidden_RxLxD, model.unembed_DxV(), batch["tokens"], vocab_size=vocab_size,
-      chunk_size=chunk_size)
+      chunk_size=chunk_size, mask_BxL=mask_RxL)
   out = {}
   for branch, side in ((1, "chosen"), (2, "rejected")):
     sums = lambda values_RxL: losses.tree_sums(values_RxL, mask_RxL, batch["segment_ids"],

@@ -86,16 +86,19 @@ def _chunk_logits(hidden_BxCxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
   return sharding.constrain(logits_BxCxV, ("batch", "length", "act_vocab"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _full_vocab_stats(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _full_vocab_stats(hidden_BxCxD, unembed_DxV, targets_BxC, active, vocab_size):
   """(log p(target), mean logit) for one sequence chunk, all vocabulary columns at once.
 
   Its own VJP (``_full_vocab_stats_bwd``): the backward recomputes the chunk's logits from the
   saved hidden states and log-sum-exp (the [B, C, V] logits are never stored) and forms
   d logits = g_logp * (onehot - softmax) + g_mean / V in ONE elementwise pass, where autodiff of
   the forward made several [B, C, V] passes (the masks, the log-sum-exp's max and exp, the
-  target gather's scatter and the mean's broadcast)."""
-  stats, _ = _full_vocab_stats_fwd(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size)
+  target gather's scatter and the mean's broadcast).
+
+  ``active`` (a bool scalar, or None for always): a False chunk holds no scored position, and
+  forward and backward skip its logits (``lax.cond``: zeros out, zero cotangents)."""
+  stats, _ = _full_vocab_stats_fwd(hidden_BxCxD, unembed_DxV, targets_BxC, active, vocab_size)
   return stats
 
 
@@ -107,32 +110,49 @@ def _real_columns(logits_BxCxV: jax.Array, vocab_size: int, fill: float) -> jax.
   return jnp.where(jnp.arange(logits_BxCxV.shape[-1]) < vocab_size, logits_BxCxV, fill)
 
 
-def _full_vocab_stats_fwd(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size):
-  logits_BxCxV = _chunk_logits(hidden_BxCxD, unembed_DxV)
-  lse_BxC = jax.nn.logsumexp(_real_columns(logits_BxCxV, vocab_size, -jnp.inf), axis=-1)
-  target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-  logit_sum_BxC = jnp.sum(_real_columns(logits_BxCxV, vocab_size, 0.0), axis=-1)
-  stats = (target_logit_BxC - lse_BxC, logit_sum_BxC / vocab_size)
-  return stats, (hidden_BxCxD, unembed_DxV, targets_BxC, lse_BxC)
+def _when(active, compute, skipped_like):
+  """``compute()``, or zeros shaped like its result where ``active`` is False (None: always)."""
+  if active is None:
+    return compute()
+  return jax.lax.cond(active, compute,
+                      lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), skipped_like))
+
+
+def _full_vocab_stats_fwd(hidden_BxCxD, unembed_DxV, targets_BxC, active, vocab_size):
+  def compute():
+    logits_BxCxV = _chunk_logits(hidden_BxCxD, unembed_DxV)
+    lse_BxC = jax.nn.logsumexp(_real_columns(logits_BxCxV, vocab_size, -jnp.inf), axis=-1)
+    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    logit_sum_BxC = jnp.sum(_real_columns(logits_BxCxV, vocab_size, 0.0), axis=-1)
+    return target_logit_BxC - lse_BxC, logit_sum_BxC / vocab_size, lse_BxC
+
+  zeros_BxC = jax.ShapeDtypeStruct(targets_BxC.shape, jnp.float32)
+  logp_BxC, mean_BxC, lse_BxC = _when(active, compute, (zeros_BxC,) * 3)
+  return (logp_BxC, mean_BxC), (hidden_BxCxD, unembed_DxV, targets_BxC, active, lse_BxC)
 
 
 def _full_vocab_stats_bwd(vocab_size, residuals, cotangents):
-  hidden_BxCxD, unembed_DxV, targets_BxC, lse_BxC = residuals
+  hidden_BxCxD, unembed_DxV, targets_BxC, active, lse_BxC = residuals
   g_logp_BxC, g_mean_BxC = cotangents
-  logits_BxCxV = _chunk_logits(hidden_BxCxD, unembed_DxV)
-  # d logp / d logits = onehot(target) - softmax; d mean / d logits = 1/V; both 0 on the padding
-  # columns (their logits set to -inf give softmax 0; the select drops the mean's share).
-  probs_BxCxV = jnp.exp(_real_columns(logits_BxCxV, vocab_size, -jnp.inf) - lse_BxC[..., None])
-  onehot_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
-  d_logits_BxCxV = _real_columns(
-      g_logp_BxC[..., None] * (onehot_BxCxV.astype(jnp.float32) - probs_BxCxV)
-      + g_mean_BxC[..., None] / vocab_size, vocab_size, 0.0)
-  d_logits_BxCxV = sharding.constrain(d_logits_BxCxV, ("batch", "length", "act_vocab"))
-  d_hidden_BxCxD = jnp.einsum("bcv,dv->bcd", d_logits_BxCxV, unembed_DxV,
-                              preferred_element_type=jnp.float32).astype(hidden_BxCxD.dtype)
-  d_unembed_DxV = jnp.einsum("bcd,bcv->dv", hidden_BxCxD, d_logits_BxCxV,
-                             preferred_element_type=jnp.float32).astype(unembed_DxV.dtype)
-  return d_hidden_BxCxD, d_unembed_DxV, None
+
+  def compute():
+    logits_BxCxV = _chunk_logits(hidden_BxCxD, unembed_DxV)
+    # d logp / d logits = onehot(target) - softmax; d mean / d logits = 1/V; both 0 on the
+    # padding columns (their logits set to -inf give softmax 0; the select drops the mean's share).
+    probs_BxCxV = jnp.exp(_real_columns(logits_BxCxV, vocab_size, -jnp.inf) - lse_BxC[..., None])
+    onehot_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
+    d_logits_BxCxV = _real_columns(
+        g_logp_BxC[..., None] * (onehot_BxCxV.astype(jnp.float32) - probs_BxCxV)
+        + g_mean_BxC[..., None] / vocab_size, vocab_size, 0.0)
+    d_logits_BxCxV = sharding.constrain(d_logits_BxCxV, ("batch", "length", "act_vocab"))
+    d_hidden_BxCxD = jnp.einsum("bcv,dv->bcd", d_logits_BxCxV, unembed_DxV,
+                                preferred_element_type=jnp.float32).astype(hidden_BxCxD.dtype)
+    d_unembed_DxV = jnp.einsum("bcd,bcv->dv", hidden_BxCxD, d_logits_BxCxV,
+                               preferred_element_type=jnp.float32).astype(unembed_DxV.dtype)
+    return d_hidden_BxCxD, d_unembed_DxV
+
+  d_hidden_BxCxD, d_unembed_DxV = _when(active, compute, (hidden_BxCxD, unembed_DxV))
+  return d_hidden_BxCxD, d_unembed_DxV, None, None
 
 
 _full_vocab_stats.defvjp(_full_vocab_stats_fwd, _full_vocab_stats_bwd)
@@ -175,6 +195,7 @@ def _vocab_chunked_stats(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size, voc
 def token_logps_and_mean_logits(
     hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: jax.Array, *,
     vocab_size: int, chunk_size: int, vocab_chunk_size: int | None = None,
+    mask_BxL: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """``log p(targets[b, t] | hidden[b, t])`` and the mean logit over the vocabulary, both [B, L].
 
@@ -186,6 +207,14 @@ def token_logps_and_mean_logits(
   Columns ``>= vocab_size`` of ``unembed_DxV`` (padding rows added for speed) are excluded from the
   softmax and the mean. Targets must lie in ``[0, vocab_size)``; give 0 at masked positions.
   The mean logit is TRL's ``logits/chosen`` ingredient (logging only).
+
+  ``mask_BxL`` (the scored positions): only those are computed; every other position returns 0.
+  Each row's scored positions move to the row's front (a stable per-row sort and a [B, L, D]
+  gather: the batch axis, and with it the batch sharding, stays put), and with the full-vocabulary
+  path the chunks past the longest row's count are skipped in the forward and the backward
+  (``lax.cond``), so the unembedding's matmuls and [B, C, V] passes cost the scored tokens (rounded
+  up to a chunk) instead of every prompt and padding slot. Each scored position's result is the
+  same computation as without the mask.
   """
   if hidden_BxLxD.ndim != 3 or unembed_DxV.ndim != 2 or targets_BxL.ndim != 2:
     raise ValueError(
@@ -204,34 +233,55 @@ def token_logps_and_mean_logits(
     raise ValueError(f"token_logps: chunk_size={chunk_size} and vocab_chunk_size="
                      f"{vocab_chunk_size} must be positive")
 
+  full_vocab = vocab_chunk_size is None or vocab_chunk_size >= unembed_DxV.shape[1]
+  targets_BxL = targets_BxL.astype(jnp.int32)
+  if mask_BxL is not None:
+    scored_BxL = mask_BxL != 0
+    # Scored positions first, each row in its own order; ``order`` is a permutation of the row.
+    order_BxL = jnp.argsort(~scored_BxL, axis=1, stable=True)
+    hidden_BxLxD = jnp.take_along_axis(hidden_BxLxD, order_BxL[..., None], axis=1)
+    targets_BxL = jnp.take_along_axis(targets_BxL, order_BxL, axis=1)
+    n_scored = jnp.max(jnp.sum(scored_BxL, axis=1))
+
   chunk = min(chunk_size, l)
   n_chunks = -(-l // chunk)
   pad = n_chunks * chunk - l
   # Padding to whole chunks copies hidden (D wide), never logits (V wide).
   hidden_NxBxCxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(
       b, n_chunks, chunk, d).transpose(1, 0, 2, 3)
-  targets_NxBxC = jnp.pad(targets_BxL.astype(jnp.int32), ((0, 0), (0, pad))).reshape(
+  targets_NxBxC = jnp.pad(targets_BxL, ((0, 0), (0, pad))).reshape(
       b, n_chunks, chunk).transpose(1, 0, 2)
+  skip = mask_BxL is not None and full_vocab
+  active_N = jnp.arange(n_chunks) * chunk < n_scored if skip else jnp.ones(n_chunks, bool)
 
   # Either way the backward recomputes each chunk's logits instead of storing them.
   def chunk_stats(xs):
-    hidden_BxCxD, targets_BxC = xs
-    if vocab_chunk_size is None or vocab_chunk_size >= unembed_DxV.shape[1]:
-      return _full_vocab_stats(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size)
+    hidden_BxCxD, targets_BxC, active = xs
+    if full_vocab:
+      return _full_vocab_stats(hidden_BxCxD, unembed_DxV, targets_BxC, active if skip else None,
+                               vocab_size)
     return jax.checkpoint(_vocab_chunked_stats, static_argnums=(3, 4))(
         hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size, vocab_chunk_size)
 
-  logps_NxBxC, mean_logits_NxBxC = jax.lax.map(chunk_stats, (hidden_NxBxCxD, targets_NxBxC))
+  logps_NxBxC, mean_logits_NxBxC = jax.lax.map(chunk_stats,
+                                               (hidden_NxBxCxD, targets_NxBxC, active_N))
   unchunk = lambda x_NxBxC: x_NxBxC.transpose(1, 0, 2).reshape(b, n_chunks * chunk)[:, :l]
-  return unchunk(logps_NxBxC), unchunk(mean_logits_NxBxC)
+  logps_BxL, mean_logits_BxL = unchunk(logps_NxBxC), unchunk(mean_logits_NxBxC)
+  if mask_BxL is None:
+    return logps_BxL, mean_logits_BxL
+  # Back to the row's own order (the inverse permutation); unscored positions give 0.
+  back = lambda x_BxL: jnp.where(
+      scored_BxL, jnp.take_along_axis(x_BxL, jnp.argsort(order_BxL, axis=1), axis=1), 0.0)
+  return back(logps_BxL), back(mean_logits_BxL)
 
 
 def token_logps(hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: jax.Array, *,
-                vocab_size: int, chunk_size: int, vocab_chunk_size: int | None = None) -> jax.Array:
+                vocab_size: int, chunk_size: int, vocab_chunk_size: int | None = None,
+                mask_BxL: jax.Array | None = None) -> jax.Array:
   """``log p(targets[b, t] | hidden[b, t])`` [B, L], chunked (``token_logps_and_mean_logits``)."""
   logps_BxL, _ = token_logps_and_mean_logits(
       hidden_BxLxD, unembed_DxV, targets_BxL, vocab_size=vocab_size, chunk_size=chunk_size,
-      vocab_chunk_size=vocab_chunk_size)
+      vocab_chunk_size=vocab_chunk_size, mask_BxL=mask_BxL)
   return logps_BxL
 
 

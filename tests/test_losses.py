@@ -129,6 +129,64 @@ def test_token_logps_match_numpy_with_padded_vocab(chunk, vocab_chunk):
   assert_within(mean_logits, want_mean, bound, "mean logits")
 
 
+@pytest.mark.parametrize("vocab_chunk", [None, 16])
+def test_masked_token_logps_compute_only_scored_positions(vocab_chunk):
+  """``mask_BxL``: scored positions equal the float64 reference (the same fp32 bound as without the
+  mask), the others are exactly 0, and the gradients equal the unmasked path's on a masked loss."""
+  b, l, d, v_pad, vocab = 3, 23, 16, 48, 41
+  hidden, unembed = rand(40, b, l, d), rand(41, d, v_pad)
+  targets = np.random.default_rng(42).integers(0, vocab, (b, l))
+  rng = np.random.default_rng(43)
+  mask = rng.random((b, l)) < np.array([[0.3], [0.7], [0.0]])  # an empty row too
+  run = lambda h, w, m: losses.token_logps_and_mean_logits(
+      h, w, jnp.asarray(targets), vocab_size=vocab, chunk_size=5, vocab_chunk_size=vocab_chunk,
+      mask_BxL=m)
+  logps, mean_logits = run(jnp.asarray(hidden), jnp.asarray(unembed), jnp.asarray(mask))
+  want_logps, want_mean, logits = np_token_stats(hidden, unembed, targets, vocab)
+  bound = em.max_bound(np.abs(logits).max(), token_stats_depth(d, vocab, vocab_chunk), programs=1)
+  assert_within(np.where(mask, logps, 0.0), np.where(mask, want_logps, 0.0), bound, "logps")
+  assert_within(np.where(mask, mean_logits, 0.0), np.where(mask, want_mean, 0.0), bound, "mean")
+  assert not np.any(np.asarray(logps)[~mask]) and not np.any(np.asarray(mean_logits)[~mask])
+
+  weights = jnp.asarray(rng.normal(size=(b, l)), jnp.float32)
+  def loss(h, w, m):
+    lp, ml = run(h, w, m)
+    return jnp.sum(jnp.where(jnp.asarray(mask), weights * (lp + ml), 0.0))
+  args = (jnp.asarray(hidden), jnp.asarray(unembed))
+  got = jax.grad(loss, (0, 1))(*args, jnp.asarray(mask))
+  want = jax.grad(loss, (0, 1))(*args, None)
+  # d hidden: each position's own chunk computation, the same arithmetic. d unembed: a sum over
+  # the scored positions in another chunk order (b * l terms of |w| * |h| * |d logits| <= |w| |h|
+  # each, d logits summing to <= 2 per position).
+  assert_within(got[0], want[0], em.max_bound(np.abs(np.asarray(want[0])).max(),
+                                              token_stats_depth(d, vocab, vocab_chunk)), "d hidden")
+  scale = 2 * np.abs(weights).max() * np.abs(hidden).max() * b * l
+  assert_within(got[1], want[1], em.max_bound(scale, b * l + token_stats_depth(d, vocab)), "d unembed")
+
+
+def test_masked_token_logps_skip_chunks_past_the_longest_row_forward_and_backward():
+  """Rows of 8 scored positions in chunks of 4: chunks 2.. hold only unscored positions, whose
+  hidden states are NaN. Were those chunks computed, the NaN would reach d unembed (NaN * 0 is
+  NaN); skipped, everything stays finite. Without the mask the same inputs do give NaN."""
+  b, l, d, v = 2, 20, 8, 30
+  hidden, unembed = rand(50, b, l, d), rand(51, d, v)
+  mask = np.zeros((b, l), bool)
+  mask[0, [1, 2, 4, 6, 9, 11, 12, 19]] = True
+  mask[1, :8] = True
+  hidden[~mask] = np.nan
+  targets = jnp.asarray(np.random.default_rng(52).integers(0, v, (b, l)))
+
+  def loss(h, w, m):
+    lp = losses.token_logps(h, w, targets, vocab_size=v, chunk_size=4, mask_BxL=m)
+    return jnp.sum(jnp.where(jnp.asarray(mask), lp, 0.0))
+
+  args = (jnp.asarray(hidden), jnp.asarray(unembed))
+  value, (d_hidden, d_unembed) = jax.value_and_grad(loss, (0, 1))(*args, jnp.asarray(mask))
+  assert np.isfinite(float(value)) and np.all(np.isfinite(d_unembed))
+  assert np.all(np.isfinite(np.asarray(d_hidden)[mask])) and not np.any(np.asarray(d_hidden)[~mask])
+  assert not np.all(np.isfinite(jax.grad(loss, 1)(*args, None)))
+
+
 def test_token_logps_bf16_inputs_accumulate_in_float32():
   hidden, unembed = rand(30, 2, 9, 64), rand(31, 64, 40)
   targets = np.random.default_rng(32).integers(0, 40, (2, 9))
