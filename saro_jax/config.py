@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -661,9 +662,9 @@ def _to_plain(value: Any) -> Any:
   return value
 
 
-def _coerce(where: str, value: Any, default: Any, annotation: str = "") -> Any:
+def _coerce(where: str, value: Any, default: Any, annotation: Any = None) -> Any:
   """Type-checks one field against its dataclass default's type (``annotation``: the field's
-  annotation, a string under ``from __future__ import annotations``)."""
+  resolved type, e.g. ``tuple[str, ...]``)."""
   if isinstance(default, bool):
     if not isinstance(value, bool):
       raise ConfigError(f"config.{where}={value!r} must be true/false")
@@ -681,7 +682,7 @@ def _coerce(where: str, value: Any, default: Any, annotation: str = "") -> Any:
       raise ConfigError(f"config.{where}={value!r} must be a string")
     return value
   if isinstance(default, tuple):  # a config file gives a list or tuple; a flag "a,b" for strings
-    strings = str(annotation).replace(" ", "").startswith("tuple[str")
+    strings = typing.get_origin(annotation) is tuple and typing.get_args(annotation)[:1] == (str,)
     items = tuple(v.strip() for v in value.split(",") if v.strip()) if strings and isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or (strings and not all(isinstance(v, str) for v in items)):
       kind = "a comma-separated string or a list of strings" if strings else "a list"
@@ -694,6 +695,7 @@ def section(cls: type, raw: Mapping[str, Any] | None, where: str):
   """Builds dataclass ``cls`` from a config section; unknown keys and wrong types raise."""
   raw = _to_plain(raw) if raw is not None else {}
   fields = {f.name: f for f in dataclasses.fields(cls)}
+  types = typing.get_type_hints(cls)  # real types: the annotations are strings in this module
   unknown = sorted(set(raw) - set(fields))
   if unknown:
     raise ConfigError(f"config.{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
@@ -701,7 +703,7 @@ def section(cls: type, raw: Mapping[str, Any] | None, where: str):
   for name, value in raw.items():
     f = fields[name]
     default = f.default if f.default is not dataclasses.MISSING else None
-    values[name] = _coerce(f"{where}.{name}", value, default, f.type)
+    values[name] = _coerce(f"{where}.{name}", value, default, types[name])
   return cls(**values)
 
 
