@@ -52,6 +52,14 @@ label: 30 harmful, 10 jailbreak, 10 benign, 10 borderline):
 
 * explicit: judged a refusal and with an answer shown. The jailbreak outputs that are not (RW 2,
 SRPO 1) stop right after 'The user asks: "...' (end of sequence, no answer); none complies.
+Reproduced end to end from a fresh clone (d26af5e, synthesize included): bitwise the same RW
+losses and grad norms, the same 5 mined pairs and the same table (its wall time, 90 min, was
+shared with the run below on the same 2 cores, so the quiet timing above stands). A second seed
+(--config.seed=1 --config.mine.generation.seed=1, synthesize outputs reused), one run: 11 answer
+pairs; RW 30/30, 10/10 (10/10 explicit), 10/10, 7/10 borderline, reasoning block 100 %; SRPO
+29/30 (one past-tense request answered), 10/10 (10/10 explicit), 10/10, 9/10, reasoning block
+100 %, repeated 4-grams 3.2 %, cut 5/60. Every target holds on both seeds; on seed 1 SRPO lifts
+borderline from 7/10 to 9/10.
 The same SRPO model on the 58 dev prompts beyond the first 10 per label per set (--config.eval.limit=20
 with configs/eval.py; never looked at while the recipe was set up): harmful 29/30, jailbreak 10/10
 (10/10 explicit), benign 7/8 (the dev set has 18 benign prompts), borderline 10/10.
