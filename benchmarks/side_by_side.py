@@ -19,6 +19,11 @@ Systems (``--systems``; a name means its DPO and its SFT variant):
                   the live reference forward ``reference.make_reference_fn`` before it, as
                   ``srpo.to_device_fn`` does) or ``rw.make_loss_fn``; remat none, attention xla
   saro_jax_remat  the same with ``model.remat=block`` (the like-for-like partner of trl_gc)
+  saro_jax@N      either of the two with ``train.logps_chunk`` N instead of ``--logps_chunk``, so
+                  chunk sizes compare in one run (e.g. ``saro_jax@128,saro_jax@64,trl``). The
+                  log-prob path computes only the scored positions, skipping whole chunks past
+                  the longest row's scored count: 160 of 256 positions skip nothing at N=128
+                  (2 chunks of 2), one chunk in four at 64, three in eight at 32.
   trl             TRL's DPOTrainer / SFTTrainer step with gradient checkpointing OFF (like for like
                   with saro_jax's remat none)
   trl_gc          the same trainer with gradient checkpointing ON (TRL's default config)
@@ -217,7 +222,12 @@ class System:
   ids_sha: str = ""  # sha256 of the token ids and target mask this system actually feeds
 
 
-def _stage_config(stage: str, args, directory: str, remat: str):
+def system_chunk(name: str, args) -> int:
+  """The ``train.logps_chunk`` a saro_jax system runs with: its ``@N`` suffix, else the flag."""
+  return int(name.split("@")[1]) if "@" in name else args.logps_chunk
+
+
+def _stage_config(stage: str, args, directory: str, remat: str, logps_chunk: int):
   spec = importlib.util.spec_from_file_location(f"saro_sbs_{stage}", os.path.join(CONFIGS_DIR, f"{stage}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -234,8 +244,8 @@ def _stage_config(stage: str, args, directory: str, remat: str):
   length = args.prompt_len + args.completion_len if stage == "srpo" else args.row_length
   config.train.batch_size = args.pairs if stage == "srpo" else args.rows
   config.data.max_length = length
-  if args.logps_chunk:
-    config.train.logps_chunk = args.logps_chunk
+  if logps_chunk:
+    config.train.logps_chunk = logps_chunk
   config.train.logps_chunk = min(config.train.logps_chunk, length)
   o = config.opt
   o.learning_rate, o.warmup_steps, o.schedule, o.min_lr_ratio = args.lr, 0, "constant", 0.0
@@ -246,8 +256,9 @@ def _stage_config(stage: str, args, directory: str, remat: str):
 
 
 def jax_system(name: str, stage: str, args, directory: str, ids) -> System:
-  remat = "block" if name == "saro_jax_remat" else "none"
-  cfg = _stage_config("srpo" if stage == "dpo" else "rw", args, directory, remat)
+  remat = "block" if name.split("@")[0] == "saro_jax_remat" else "none"
+  cfg = _stage_config("srpo" if stage == "dpo" else "rw", args, directory, remat,
+                      system_chunk(name, args))
   mesh = args.mesh
   with sharding.use(mesh):
     model = models.load(cfg.model, mesh=mesh)
@@ -303,7 +314,8 @@ def jax_system(name: str, stage: str, args, directory: str, ids) -> System:
     return {k: float(m[k]) for k in keys}
 
   mem = compiled.memory_analysis()
-  note = (f"XLA step temp {mem.temp_size_in_bytes / 2**30:.2f} GiB" if mem is not None else "")
+  note = (f"logps_chunk {cfg.train.logps_chunk}"
+          + (f", XLA step temp {mem.temp_size_in_bytes / 2**30:.2f} GiB" if mem is not None else ""))
   if stage == "dpo":
     sha = ids_sha(np.concatenate([host["chosen_tokens"], host["rejected_tokens"]]),
                   np.concatenate([host["chosen_loss_mask"], host["rejected_loss_mask"]]))
@@ -469,7 +481,7 @@ def run_stage(stage: str, args, directory: str) -> dict:
     s.first_s = time.perf_counter() - t0
     figs = "  ".join(f"{k} {v:.6g}" for k, v in s.first_figures.items())
     print(f"{s.name:15s} setup/compile {s.setup_s:6.1f} s  first step {s.first_s:6.1f} s  {figs}"
-          f"  ids {s.ids_sha}", flush=True)
+          f"  ids {s.ids_sha}" + (f"  ({s.note})" if s.note else ""), flush=True)
   result = {"stage": stage, "systems": {}, "load": [os.getloadavg()[0]]}
   if side is not None:
     input_ids = dpo_tensors(side.torch, ids) if stage == "dpo" else sft_labels(side.torch, ids, 0)[0]
@@ -496,7 +508,7 @@ def run_stage(stage: str, args, directory: str) -> dict:
   for s in timed:
     rounds = [sum(s.times[i:i + args.steps]) / args.steps for i in range(0, len(s.times), args.steps)]
     result["systems"][s.name] = {
-        "recompute": RECOMPUTE[s.name], "setup_s": s.setup_s, "first_step_s": s.first_s,
+        "recompute": RECOMPUTE[s.name.split("@")[0]], "setup_s": s.setup_s, "first_step_s": s.first_s,
         "step_s": statistics.median(s.times) if s.times else float("nan"),
         "rounds_s": rounds, "first": s.first_figures, "note": s.note, "ids_sha": s.ids_sha}
     res = result["systems"][s.name]
@@ -599,9 +611,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--only", default="", help=argparse.SUPPRESS)  # stage:system, a memory child
   args = p.parse_args(argv)
   args.names = [n for n in args.systems.split(",") if n]
-  bad = sorted(set(args.names) - set(SYSTEMS))
+  bad = sorted(n for n in args.names if n.split("@")[0] not in SYSTEMS or (
+      "@" in n and (not n.startswith("saro_jax") or not n.split("@")[1].isdigit()
+                    or int(n.split("@")[1]) < 1)))
   if bad:
-    p.error(f"--systems: unknown {bad}; known: {list(SYSTEMS)}")
+    p.error(f"--systems: unknown {bad}; known: {list(SYSTEMS)}, and saro_jax@N / "
+            "saro_jax_remat@N with a logps_chunk N >= 1")
+  if len(set(args.names)) != len(args.names):
+    p.error(f"--systems: {args.systems!r} names a system twice")
   for name in ("rounds", "steps", "pairs", "prompt_len", "completion_len", "rows", "row_length",
                "loss_tokens"):
     if getattr(args, name) < 1:

@@ -64,3 +64,16 @@ def test_trl_gets_the_same_ids_and_agrees_with_plain_torch(sbs, tmp_path):
   pytest.importorskip("trl")
   out = _run(sbs, tmp_path, "torch,trl,trl_gc")
   _assert_agree(out, ["torch", "trl", "trl_gc"])
+
+
+def test_a_system_name_sets_its_logps_chunk(sbs, tmp_path):
+  """saro_jax@N runs with train.logps_chunk N (so chunk sizes compare in one run) and agrees with
+  plain torch; malformed or repeated names are refused before anything is built."""
+  out = _run(sbs, tmp_path, "saro_jax@8,torch", "--stages", "dpo")
+  res = out["stages"]["dpo"]
+  assert list(res["systems"]) == ["saro_jax@8", "torch"] and res["check_ok"]
+  assert res["systems"]["saro_jax@8"]["note"].startswith("logps_chunk 8,")
+  assert res["systems"]["saro_jax@8"]["recompute"] == "remat none"
+  for bad in ("saro_jax@0", "saro_jax@x", "trl@8", "saro_jax@8,saro_jax@8"):
+    with pytest.raises(SystemExit):
+      sbs.parse_args(["--systems", bad])
