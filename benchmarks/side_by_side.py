@@ -252,6 +252,9 @@ def _stage_config(stage: str, args, directory: str, remat: str, logps_chunk: int
   o.weight_decay, o.b1, o.b2, o.eps, o.max_grad_norm = 0.0, 0.9, 0.999, 1e-8, 1.0
   if stage == "srpo":
     config.dpo.beta, config.dpo.loss_type, config.dpo.reference = args.beta, "sigmoid", "live"
+    # TRL's layout: every pair as two whole rows (the smollm2_135m preset shares the prefix; the
+    # shared and packed layouts have their own benchmark, prefix_dpo.py)
+    config.dpo.prefix_sharing, config.dpo.pairs_per_row = False, 1
   return training_config(config, stage, device_count=1)
 
 
