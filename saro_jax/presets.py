@@ -119,8 +119,10 @@ def rw_recipe(preset: str) -> dict:
     # "I" while benign answers spread over many first tokens, and greedy decoding put "I can't
     # help" after a right " Yes" on 3 of 10 benign dev prompts; after two, 0 of 10. (Rows of 256
     # held one trace each, fill 0.66: the second measured setting's 24 steps saw 98 of 266 traces.)
+    # logps_chunk 64: on 2 CPU cores the RW step of 4 x 512 tokens (384 scored per row) takes
+    # 10.1 s at 64 against 13.0 s at 128, side by side in one run (benchmarks/README.md).
     return dict(data=data("bundled:rw_train", 512), opt=opt(1.5e-4, warmup_steps=2),
-                train=train(48, 4, log_every=1, logps_chunk=128))
+                train=train(48, 4, log_every=1, logps_chunk=64))
   return dict(data=data("bundled:rw_train", 4096), opt=opt(1e-5, warmup_steps=50, weight_decay=0.0),
               train=train(1000, 128, grad_accum=4, log_every=10, logps_chunk=512))
 
@@ -134,8 +136,9 @@ def srpo_recipe(preset: str) -> dict:
     # The recipe's SRPO runs on on-policy mined answer pairs (~12): 16 steps x 4 pairs of <= 256
     # tokens at 1e-5, prefix-shared (an answer pair shares the prompt and the whole reasoning
     # block, so a row holds that once). Earlier settings, and why they changed: configs/saro.py.
+    # logps_chunk 64: the DPO step of 4 pairs x 256 tokens takes 11.7 s at 64, 16.1 s at 128.
     return dict(data=data("bundled:pairs_train", 256), opt=opt(1e-5, warmup_steps=1),
-                train=train(16, 4, log_every=1, logps_chunk=128), dpo=dpo(beta=0.1, prefix_sharing=True))
+                train=train(16, 4, log_every=1, logps_chunk=64), dpo=dpo(beta=0.1, prefix_sharing=True))
   return dict(data=data("bundled:pairs_train", 4096), opt=opt(5e-7, warmup_steps=20),
               train=train(500, 64, grad_accum=4, log_every=10, logps_chunk=512), dpo=dpo(beta=0.1))
 
