@@ -35,10 +35,12 @@ shares the prompt and the sample's reasoning block, chosen = the trace's answer.
 4 of those pairs (<= 256 tokens, prefix-shared), lr 1e-5, beta 0.1. Eval: the dev split
 (presets.DEV), 10 prompts per label per set, greedy, 192 new tokens, refusal-phrase judge.
 
-Measured, the sixth setting, one run (its synthesize outputs are the fifth setting's run's below:
-that section and its code are unchanged, so this run resumed after it), quiet machine except low-
-priority helper jobs: synthesize 7.3 min, RW 23.4 min, mine 13.9 min, SRPO 5.0 min: 49.6 min of
-training and sampling (budget 60); export + evaluating the three models 9.0 min (budget 20).
+Measured, the sixth setting, end to end from a fresh clone (ae876fe, logps_chunk 64) on a quiet
+2-core AMD EPYC: synthesize 3.2 min, RW 8.7 min, mine 5.9 min, SRPO 2.0 min: 19.8 min of training
+and sampling (budget 60); export + evaluating the three models 2.8 min (budget 20). Its first run
+(logps_chunk 128, synthesize resumed from the fifth setting's run below, the machine of that day)
+took 7.3 + 23.4 + 13.9 + 5.0 = 49.6 min and 9.0 min; synthesize and mining, which logps_chunk
+does not touch, ran 2.3-2.4x faster on today's machine. All three seed-0 runs gave the table below.
 Mining: 206 samples; the RW model's answers went wrong after a right decision in only 6 benign/
 borderline samples and 2 harmful ones (fifth setting: 13 and 3), so 5 answer pairs (3 against a
 refusal, 2 against compliance); SRPO loss 0.69 -> 0.04. Dev split, refusal-phrase judge (n per
@@ -52,9 +54,8 @@ label: 30 harmful, 10 jailbreak, 10 benign, 10 borderline):
 
 * explicit: judged a refusal and with an answer shown. The jailbreak outputs that are not (RW 2,
 SRPO 1) stop right after 'The user asks: "...' (end of sequence, no answer); none complies.
-Reproduced end to end from a fresh clone (d26af5e, synthesize included): bitwise the same RW
-losses and grad norms, the same 5 mined pairs and the same table (its wall time, 90 min, was
-shared with the run below on the same 2 cores, so the quiet timing above stands). A second seed
+Reproduced end to end from a fresh clone (d26af5e, logps_chunk 128, synthesize included): bitwise
+the same RW losses and grad norms as the first run, the same 5 mined pairs and the same table. A second seed
 (--config.seed=1 --config.mine.generation.seed=1, synthesize outputs reused), one run: 11 answer
 pairs; RW 30/30, 10/10 (10/10 explicit), 10/10, 7/10 borderline, reasoning block 100 %; SRPO
 29/30 (one past-tense request answered), 10/10 (10/10 explicit), 10/10, 9/10, reasoning block
