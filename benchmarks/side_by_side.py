@@ -222,9 +222,15 @@ class System:
   ids_sha: str = ""  # sha256 of the token ids and target mask this system actually feeds
 
 
-def system_chunk(name: str, args) -> int:
-  """The ``train.logps_chunk`` a saro_jax system runs with: its ``@N`` suffix, else the flag."""
-  return int(name.split("@")[1]) if "@" in name else args.logps_chunk
+def split_system(name: str) -> tuple[str, int]:
+  """``saro_jax@64`` -> ("saro_jax", 64); a name without ``@N`` -> (name, 0: the ``--logps_chunk``
+  flag's). A malformed suffix -> ValueError (parse_args names it)."""
+  base, at, chunk = name.partition("@")
+  if not at:
+    return name, 0
+  if not base.startswith("saro_jax") or not chunk.isdigit() or int(chunk) < 1:
+    raise ValueError(name)
+  return base, int(chunk)
 
 
 def _stage_config(stage: str, args, directory: str, remat: str, logps_chunk: int):
@@ -259,9 +265,10 @@ def _stage_config(stage: str, args, directory: str, remat: str, logps_chunk: int
 
 
 def jax_system(name: str, stage: str, args, directory: str, ids) -> System:
-  remat = "block" if name.split("@")[0] == "saro_jax_remat" else "none"
+  base, chunk = split_system(name)
+  remat = "block" if base == "saro_jax_remat" else "none"
   cfg = _stage_config("srpo" if stage == "dpo" else "rw", args, directory, remat,
-                      system_chunk(name, args))
+                      chunk or args.logps_chunk)
   mesh = args.mesh
   with sharding.use(mesh):
     model = models.load(cfg.model, mesh=mesh)
@@ -511,7 +518,7 @@ def run_stage(stage: str, args, directory: str) -> dict:
   for s in timed:
     rounds = [sum(s.times[i:i + args.steps]) / args.steps for i in range(0, len(s.times), args.steps)]
     result["systems"][s.name] = {
-        "recompute": RECOMPUTE[s.name.split("@")[0]], "setup_s": s.setup_s, "first_step_s": s.first_s,
+        "recompute": RECOMPUTE[split_system(s.name)[0]], "setup_s": s.setup_s, "first_step_s": s.first_s,
         "step_s": statistics.median(s.times) if s.times else float("nan"),
         "rounds_s": rounds, "first": s.first_figures, "note": s.note, "ids_sha": s.ids_sha}
     res = result["systems"][s.name]
@@ -604,7 +611,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--loss_tokens", type=int, default=384)
   p.add_argument("--lr", type=float, default=1e-5)
   p.add_argument("--beta", type=float, default=0.1)
-  p.add_argument("--logps_chunk", type=int, default=0, help="0 = the preset's (128 on SmolLM2)")
+  p.add_argument("--logps_chunk", type=int, default=0, help="0 = the preset's (64 on SmolLM2)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(), "saro_side_by_side"))
   p.add_argument("--memory", action="store_true", help="also peak RSS per system (child processes)")
@@ -614,9 +621,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--only", default="", help=argparse.SUPPRESS)  # stage:system, a memory child
   args = p.parse_args(argv)
   args.names = [n for n in args.systems.split(",") if n]
-  bad = sorted(n for n in args.names if n.split("@")[0] not in SYSTEMS or (
-      "@" in n and (not n.startswith("saro_jax") or not n.split("@")[1].isdigit()
-                    or int(n.split("@")[1]) < 1)))
+  bad = []
+  for name in args.names:
+    try:
+      if split_system(name)[0] not in SYSTEMS:
+        bad.append(name)
+    except ValueError:
+      bad.append(name)
   if bad:
     p.error(f"--systems: unknown {bad}; known: {list(SYSTEMS)}, and saro_jax@N / "
             "saro_jax_remat@N with a logps_chunk N >= 1")
