@@ -1,14 +1,16 @@
-"""The training attention (``transformer.causal_attention``: query blocks that skip the keys above
-the diagonal, grouped-query layouts) == ``jax.nn.dot_product_attention``'s plain XLA path, in
-values and gradients, for every mask the training rows produce: packed segments with padding,
-prefix-shared branches with restarting positions, and a sliding window."""
+"""The training attentions == ``jax.nn.dot_product_attention``'s plain XLA path, in values and
+gradients, for every mask the training rows produce: packed segments with padding, prefix-shared
+branches with restarting positions, and a sliding window. Two implementations:
+``transformer.causal_attention`` (query blocks that skip the keys above the diagonal; rows under
+256 slots) and ``tiled_attention`` (square tiles, only the key tiles some query sees, online
+softmax with a custom gradient; longer rows)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saro_jax.models import transformer
+from saro_jax.models import tiled_attention, transformer
 import error_model
 
 B, L, N, K, H = 2, 200, 6, 2, 16  # L = 200: 4 query blocks of 64 rows, the last one partial
@@ -48,8 +50,9 @@ def _value_and_grads(attend, q, k, v, cotangent):
 
 
 # Error model (tests/error_model.py): both sides evaluate the same fp32 sums in other orders
-# (other matmul shapes; a softmax over the causal prefix instead of the whole row, the dropped
-# terms being exact zeros). On the path to one output: the q.k scores (H terms), the softmax
+# (other matmul shapes; a softmax over the causal prefix or the visited tiles instead of the
+# whole row, the dropped terms being exact zeros; the tiled softmax's running sum rescaled once
+# per key tile, at most L / tile <= L more roundings, inside the 3 L below). On the path to one output: the q.k scores (H terms), the softmax
 # denominator and the probability-weighted sum of values (L terms each; L again for the
 # gradients' sums over queries), and a few ulp of exp. The gradients run the same reductions
 # transposed: twice the depth.
@@ -105,3 +108,71 @@ def test_query_block_sizes():
   assert transformer.query_block(4096) == 1024
   with pytest.raises(ValueError, match="block=0"):
     transformer.causal_attention(*_inputs()[:3], _masks()["packed"], 1.0, block=0)
+
+
+# Tiles: 16 (L = 200 is 12.5 tiles: the row is padded), 50 (4 tiles, no padding), 64 (the
+# shipped small tile; the last tile mostly padding).
+TILES = [16, 50, 64]
+
+
+def _tiled(mask, tile, scale):
+  return lambda q, k, v: tiled_attention.tiled_attention(q, k, v, mask, scale, tile)
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: f"tile{t}")
+@pytest.mark.parametrize("kind", ["packed", "tree", "window"])
+def test_tiled_attention_equals_dot_product_attention(kind, tile):
+  mask = _masks()[kind]
+  q, k, v, cotangent = _inputs()
+  scale = H ** -0.5
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                                     implementation="xla")
+  got, got_grads = jax.jit(lambda *a: _value_and_grads(_tiled(mask, tile, scale), *a))(
+      q, k, v, cotangent)
+  want, want_grads = jax.jit(lambda *a: _value_and_grads(ref, *a))(q, k, v, cotangent)
+  error_model.assert_parity(got, want, FORWARD_DEPTH, what=f"{kind} out")
+  for name, g, w in zip("qkv", got_grads, want_grads):
+    error_model.assert_parity(g, w, GRAD_DEPTH, what=f"{kind} d{name}")
+
+
+def test_tile_ranges_visit_only_what_some_query_sees():
+  # The packed mask (row 0: segments [0, 120), [120, 190), padding [190, 200); row 1: one
+  # segment [0, 180), padding): with tiles of 50, query tile 3 (slots 150..199) sees keys from
+  # slot 0 (row 1's long segment) -> key tiles 0..3; the window mask (37 positions) starts each
+  # query tile's keys at most 36 positions back. Tiles above the diagonal are never visited.
+  lo, hi = jax.jit(tiled_attention.tile_ranges, static_argnums=1)(_masks()["packed"][:, 0], 50)
+  assert lo.tolist() == [0, 0, 0, 0] and hi.tolist() == [0, 1, 2, 3]
+  row0 = _masks()["packed"][:1, 0]  # row 0 alone: query tile 3 sees [120, 200) -> key tiles 2..3
+  lo, hi = tiled_attention.tile_ranges(row0, 50)
+  assert lo.tolist() == [0, 0, 0, 2] and hi.tolist() == [0, 1, 2, 3]
+  # Sliding window of 37 on row 0 alone: tile 2 (slots 100..149) needs keys from slot 64 (tile 1).
+  # The window counts positions, which restart only in row 1, so row 0 alone is plain slots.
+  window0 = _masks()["window"][:1, 0]
+  lo, hi = tiled_attention.tile_ranges(window0, 50)
+  assert lo.tolist() == [0, 0, 1, 2] and hi.tolist() == [0, 1, 2, 3]
+
+
+def test_parity_bounds_catch_a_skipped_visible_tile(monkeypatch):
+  # Negative control for the tiled path: a range that starts one key tile too late (what an
+  # off-by-one in ``tile_ranges`` would do) drops visible keys and breaks the bounds above.
+  mask = _masks()["packed"][:1]  # row 0 alone: query tile 3 needs key tile 2
+  q, k, v, cotangent = (x[:1] for x in _inputs())
+  scale = H ** -0.5
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                                     implementation="xla")
+  want, want_grads = jax.jit(lambda *a: _value_and_grads(ref, *a))(q, k, v, cotangent)
+  ranges = tiled_attention.tile_ranges
+  late = lambda m, tile: (lambda lo, hi: (jnp.minimum(lo + 1, hi), hi))(*ranges(m, tile))
+  monkeypatch.setattr(tiled_attention, "tile_ranges", late)
+  bug_out, bug_grads = jax.jit(lambda *a: _value_and_grads(_tiled(mask, 50, scale), *a))(
+      q, k, v, cotangent)
+  error_model.assert_caught(bug_out, want, FORWARD_DEPTH, what="late tile out")
+  error_model.assert_caught(bug_grads[0], want_grads[0], GRAD_DEPTH, what="late tile dq")
+
+
+def test_training_attention_picks_tiles_from_256_slots():
+  assert [transformer.attention_tile(n) for n in (64, 200, 255)] == [0, 0, 0]
+  assert [transformer.attention_tile(n) for n in (256, 320, 448, 576)] == [64, 64, 64, 64]
+  assert [transformer.attention_tile(n) for n in (512, 640, 1024, 4096)] == [128, 128, 128, 128]
+  with pytest.raises(ValueError, match="tile=0"):
+    tiled_attention.tiled_attention(*_inputs()[:3], _masks()["packed"], 1.0, tile=0)

@@ -197,3 +197,24 @@ def test_hidden_states_and_unembed_give_the_logits(tiny_dirs):
   logits = jnp.einsum("bld,dv->blv", hidden, unembed)[..., :100]
   em.assert_parity(logits, forward(model, tokens, positions, segments), depth(model, tokens),
                    what="hidden_states @ unembed vs forward")
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3"])
+def test_long_rows_match_transformers(family, tiny_dirs):
+  # Rows of 300 slots run ``tiled_attention`` (transformer.attention_tile: 64-slot tiles, the row
+  # padded to 320), the path every training row from 256 slots takes; mistral's sliding window
+  # (5) leaves most key tiles unvisited, qwen3 adds q/k norms. Same error model at L = 300.
+  from saro_jax.models import transformer
+  assert transformer.attention_tile(300) == 64
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs[family])
+  model = load(family, tiny_dirs)
+  tokens, positions, segments = tiny_hf.padded_batch(seed=6, lengths=(300, 201),
+                                                     left_pad=(False, True))
+  ref = tiny_hf.torch_logits(torch_model, tokens, positions, segments)
+  ours = forward(model, tokens, positions, segments)
+  real = segments > 0
+  em.assert_parity(ours, ref, depth(model, tokens), mask=real,
+                   what=f"{family} L=300 vs transformers")
+  bugged = forward(_final_norm_weight_off_by_a_tenth(model), tokens, positions, segments)
+  em.assert_caught(bugged, ref, depth(model, tokens), mask=real,
+                   what=f"{family} L=300 one weight off")

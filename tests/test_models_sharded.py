@@ -110,3 +110,19 @@ def test_init_random_sharded_equals_unsharded_and_tolerates_uneven_heads(mesh):
   assert full_8.shape == (4, 10, 100)
   em.assert_parity(full_8, full_1, em.model_depth(config, 10), mask=segments > 0,
                    what="init_random, 8 devices vs 1")
+
+
+def test_long_rows_take_the_tiled_attention_and_match_one_device(qwen2_dir, mesh):
+  # Rows of 300 slots take ``tiled_attention`` (64-slot tiles, the row padded to 320): its tile
+  # ranges reduce the mask over the batch, which the mesh splits over data x fsdp.
+  from saro_jax.models import transformer
+  assert transformer.attention_tile(300) == 64
+  single = hf.load_hf(str(qwen2_dir), vocab_padding_multiple=64)
+  sharded = hf.load_hf(str(qwen2_dir), vocab_padding_multiple=64, mesh=mesh)
+  tokens, positions, segments = tiny_hf.padded_batch(seed=5, lengths=(300, 171, 256, 290),
+                                                     left_pad=(False, True, False, False))
+  full_1, _ = _forward_and_decode(single, None, tokens, positions, segments, decode=False)
+  full_8, _ = _forward_and_decode(sharded, mesh, tokens, positions, segments, decode=False)
+  # Error model as above, at the row length (300).
+  em.assert_parity(full_8, full_1, em.model_depth(single.config, 300), mask=segments > 0,
+                   what="8 devices vs 1, tiled attention")

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from saro_jax import sharding
+from saro_jax.models import tiled_attention
 from saro_jax.models.config import ModelConfig
 
 _INIT_STD = 0.02  # HF's default initializer_range: random models look like HF's random models.
@@ -208,6 +209,31 @@ def causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.
   return out_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
 
 
+def attention_tile(length: int) -> int:
+  """Tile of ``tiled_attention`` for training rows of ``length`` slots; 0 = rows this short take
+  ``causal_attention`` (its query blocks) instead.
+
+  Measured (fwd + bwd of one SmolLM2 layer's attention, 2-core CPU; benchmarks/README.md
+  "Tiled attention"): below 256 slots the tile loops cost more than they skip; 128-slot tiles
+  are fastest on causal rows of 512 and 1024, 64-slot tiles where a row is not a multiple of 128
+  (no padded tile) or is packed with short segments.
+  """
+  if length < 256:
+    return 0
+  return 128 if length % 128 == 0 and length >= 512 else 64
+
+
+def training_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
+                       mask_Bx1xLxL: jax.Array, scale: float) -> jax.Array:
+  """The ``xla`` attention of whole rows (no cache): ``tiled_attention`` (only the key tiles
+  some query sees) from 256 slots up, ``causal_attention`` below (``attention_tile``)."""
+  tile = attention_tile(q_BxLxNxH.shape[1])
+  if tile:
+    return tiled_attention.tiled_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, scale,
+                                           tile)
+  return causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, scale)
+
+
 def out_in_dot(x_BxLxI: jax.Array, w_OxI: jax.Array, n_in: int) -> jax.Array:
   """x [B, L, *in] times a weight stored [*out, *in] (its last ``n_in`` dims are the input) ->
   [B, L, *out], as one 2-D product that contracts the weight's minor dim.
@@ -317,8 +343,8 @@ class Attention(nnx.Module):
       return jnp.einsum("btm,md->btd", out_BxTxNxH.reshape(B, T, N * H), wo_MxD), new_cache
 
     if c.attention_impl == "xla":
-      out_BxTxNxH = causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xTxS,
-                                     c.head_dim ** -0.5)
+      out_BxTxNxH = training_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xTxS,
+                                       c.head_dim ** -0.5)
     else:
       impl = None if c.attention_impl == "auto" else c.attention_impl
       out_BxTxNxH = jax.nn.dot_product_attention(

@@ -1,0 +1,185 @@
+"""Training attention in square tiles that visits only the key tiles some query can see: packed
+rows (several sequences or DPO trees per row) stop paying for the scores between segments that
+never see each other, and causal rows for the tiles above the diagonal.
+
+The row is cut into tiles of ``tile`` slots. For query tile i, the key tiles lo[i] .. hi[i] are
+the first and last that hold a key visible to ANY query of the tile in ANY row of the batch
+(read off the boolean mask, so every mask ``transformer.attention_mask`` builds works: causal,
+segments, prefix-shared branches, sliding windows). Keys outside that range are masked for every
+query of the tile, so skipping them drops only exact zeros of the softmax. A tile pair inside the
+range but partly masked is computed and masked as usual.
+
+The loops run over data-dependent ranges (``lax.fori_loop`` with traced bounds: while loops), so
+the gradient is a ``jax.custom_vjp``, the flash-attention recipe: the forward keeps a running max
+and sum per query (online softmax) and saves only the outputs and each query's log-sum-exp; the
+backward recomputes each visited tile's probabilities from them. Nothing L x L in fp32 is ever
+held: the residuals are q, k, v, the output, the log-sum-exp and the boolean mask.
+
+Arithmetic: scores in fp32 (``preferred_element_type``), the scale applied after the product,
+masked scores set to -0.7 * f32 max, probabilities cast to the values' dtype before the weighted
+sum, accumulation in fp32; the same as ``transformer.causal_attention`` up to the order of the
+sums (the running sum is rescaled once per key tile: at most L / tile more roundings per output).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_BIG_NEGATIVE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def tile_ranges(mask_BxLxS: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:
+  """(lo, hi) int32 [L / tile]: the first and last key tile any query of each query tile sees in
+  any row (a tile whose queries see nothing, only possible in padding added here, gets lo = hi =
+  its own index)."""
+  B, L, S = mask_BxLxS.shape
+  n = L // tile
+  slot_S = jnp.arange(S, dtype=jnp.int32)
+  first_L = jnp.min(jnp.where(mask_BxLxS, slot_S, S), axis=(0, 2))
+  last_L = jnp.max(jnp.where(mask_BxLxS, slot_S, -1), axis=(0, 2))
+  own = jnp.arange(n, dtype=jnp.int32)
+  first_n, last_n = first_L.reshape(n, tile).min(1), last_L.reshape(n, tile).max(1)
+  seen = last_n >= 0
+  lo = jnp.where(seen, first_n // tile, own)
+  hi = jnp.where(seen, last_n // tile, own)
+  return lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def _scores(q_BxKxMxH, k_BxKxTxH, mask_BxTxT, G: int, scale: float) -> jax.Array:
+  """Masked fp32 scores [B, K, M = G*T, T] of one tile pair (queries of G heads stacked)."""
+  B, K, M, _ = q_BxKxMxH.shape
+  T = k_BxKxTxH.shape[2]
+  s_BxKxMxT = jnp.einsum("bkmh,bksh->bkms", q_BxKxMxH, k_BxKxTxH,
+                         preferred_element_type=jnp.float32) * jnp.float32(scale)
+  s_BxKxGxTxT = jnp.where(mask_BxTxT[:, None, None], s_BxKxMxT.reshape(B, K, G, M // G, T),
+                          _BIG_NEGATIVE)
+  return s_BxKxGxTxT.reshape(B, K, M, T)
+
+
+def _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile):
+  B, K, G, L, H = q_BxKxGxLxH.shape
+  M = G * tile
+  lo, hi = tile_ranges(mask_BxLxL, tile)
+
+  def query_tile(i, carry):
+    out_BxKxGxLxH, lse_BxKxGxL = carry
+    q_BxKxMxH = lax.dynamic_slice_in_dim(q_BxKxGxLxH, i * tile, tile, 3).reshape(B, K, M, H)
+
+    def key_tile(j, state):
+      max_BxKxM, sum_BxKxM, acc_BxKxMxH = state
+      k_BxKxTxH = lax.dynamic_slice_in_dim(k_BxKxLxH, j * tile, tile, 2)
+      v_BxKxTxH = lax.dynamic_slice_in_dim(v_BxKxLxH, j * tile, tile, 2)
+      mask_BxTxT = lax.dynamic_slice(mask_BxLxL, (0, i * tile, j * tile), (B, tile, tile))
+      s_BxKxMxT = _scores(q_BxKxMxH, k_BxKxTxH, mask_BxTxT, G, scale)
+      new_max = jnp.maximum(max_BxKxM, s_BxKxMxT.max(-1))
+      p_BxKxMxT = jnp.exp(s_BxKxMxT - new_max[..., None])
+      rescale = jnp.exp(max_BxKxM - new_max)
+      pv_BxKxMxH = jnp.einsum("bkms,bksh->bkmh", p_BxKxMxT.astype(v_BxKxTxH.dtype), v_BxKxTxH,
+                              preferred_element_type=jnp.float32)
+      return (new_max, sum_BxKxM * rescale + p_BxKxMxT.sum(-1),
+              acc_BxKxMxH * rescale[..., None] + pv_BxKxMxH)
+
+    start = (jnp.full((B, K, M), _BIG_NEGATIVE, jnp.float32), jnp.zeros((B, K, M), jnp.float32),
+             jnp.zeros((B, K, M, H), jnp.float32))
+    max_BxKxM, sum_BxKxM, acc_BxKxMxH = lax.fori_loop(lo[i], hi[i] + 1, key_tile, start)
+    o_BxKxGxTxH = (acc_BxKxMxH / sum_BxKxM[..., None]).astype(q_BxKxGxLxH.dtype).reshape(
+        B, K, G, tile, H)
+    lse_BxKxGxT = (max_BxKxM + jnp.log(sum_BxKxM)).reshape(B, K, G, tile)
+    return (lax.dynamic_update_slice_in_dim(out_BxKxGxLxH, o_BxKxGxTxH, i * tile, 3),
+            lax.dynamic_update_slice_in_dim(lse_BxKxGxL, lse_BxKxGxT, i * tile, 3))
+
+  carry = (jnp.zeros_like(q_BxKxGxLxH), jnp.zeros((B, K, G, L), jnp.float32))
+  out_BxKxGxLxH, lse_BxKxGxL = lax.fori_loop(0, L // tile, query_tile, carry)
+  return out_BxKxGxLxH, (lse_BxKxGxL, lo, hi)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile):
+  return _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile)[0]
+
+
+def _attend_fwd(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile):
+  out, (lse, lo, hi) = _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile)
+  return out, (q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, out, lse, lo, hi)
+
+
+def _attend_bwd(scale, tile, residuals, d_out_BxKxGxLxH):
+  q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, out_BxKxGxLxH, lse_BxKxGxL, lo, hi = residuals
+  B, K, G, L, H = q_BxKxGxLxH.shape
+  M = G * tile
+  # D_i = sum_h dO_ih O_ih = sum_j P_ij dP_ij: the softmax's backward without the full P.
+  delta_BxKxGxL = jnp.sum(d_out_BxKxGxLxH.astype(jnp.float32) * out_BxKxGxLxH.astype(jnp.float32),
+                          axis=-1)
+
+  def query_tile(i, carry):
+    dq_BxKxGxLxH, dk_BxKxLxH, dv_BxKxLxH = carry
+    rows = lambda x: lax.dynamic_slice_in_dim(x, i * tile, tile, 3)
+    q_BxKxMxH = rows(q_BxKxGxLxH).reshape(B, K, M, H)
+    d_out_BxKxMxH = rows(d_out_BxKxGxLxH).reshape(B, K, M, H)
+    lse_BxKxM = rows(lse_BxKxGxL).reshape(B, K, M)
+    delta_BxKxM = rows(delta_BxKxGxL).reshape(B, K, M)
+
+    def key_tile(j, state):
+      dq_BxKxMxH, dk_BxKxLxH, dv_BxKxLxH = state
+      keys = lambda x: lax.dynamic_slice_in_dim(x, j * tile, tile, 2)
+      k_BxKxTxH, v_BxKxTxH = keys(k_BxKxLxH), keys(v_BxKxLxH)
+      mask_BxTxT = lax.dynamic_slice(mask_BxLxL, (0, i * tile, j * tile), (B, tile, tile))
+      p_BxKxMxT = jnp.exp(_scores(q_BxKxMxH, k_BxKxTxH, mask_BxTxT, G, scale)
+                          - lse_BxKxM[..., None])
+      dv_BxKxTxH = jnp.einsum("bkms,bkmh->bksh", p_BxKxMxT.astype(d_out_BxKxMxH.dtype),
+                              d_out_BxKxMxH, preferred_element_type=jnp.float32)
+      dp_BxKxMxT = jnp.einsum("bkmh,bksh->bkms", d_out_BxKxMxH, v_BxKxTxH,
+                              preferred_element_type=jnp.float32)
+      ds_BxKxMxT = p_BxKxMxT * (dp_BxKxMxT - delta_BxKxM[..., None]) * jnp.float32(scale)
+      dq_BxKxMxH = dq_BxKxMxH + jnp.einsum("bkms,bksh->bkmh", ds_BxKxMxT.astype(k_BxKxTxH.dtype),
+                                           k_BxKxTxH, preferred_element_type=jnp.float32)
+      dk_BxKxTxH = jnp.einsum("bkms,bkmh->bksh", ds_BxKxMxT.astype(q_BxKxMxH.dtype), q_BxKxMxH,
+                              preferred_element_type=jnp.float32)
+      add = lambda total, part: lax.dynamic_update_slice_in_dim(total, keys(total) + part,
+                                                                j * tile, 2)
+      return dq_BxKxMxH, add(dk_BxKxLxH, dk_BxKxTxH), add(dv_BxKxLxH, dv_BxKxTxH)
+
+    start = (jnp.zeros((B, K, M, H), jnp.float32), dk_BxKxLxH, dv_BxKxLxH)
+    dq_BxKxMxH, dk_BxKxLxH, dv_BxKxLxH = lax.fori_loop(lo[i], hi[i] + 1, key_tile, start)
+    dq_BxKxGxLxH = lax.dynamic_update_slice_in_dim(
+        dq_BxKxGxLxH, dq_BxKxMxH.reshape(B, K, G, tile, H), i * tile, 3)
+    return dq_BxKxGxLxH, dk_BxKxLxH, dv_BxKxLxH
+
+  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+  dq, dk, dv = lax.fori_loop(0, L // tile, query_tile,
+                             (zeros(q_BxKxGxLxH), zeros(k_BxKxLxH), zeros(v_BxKxLxH)))
+  return (dq.astype(q_BxKxGxLxH.dtype), dk.astype(k_BxKxLxH.dtype), dv.astype(v_BxKxLxH.dtype),
+          None)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def tiled_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
+                    mask_Bx1xLxL: jax.Array, scale: float, tile: int) -> jax.Array:
+  """Grouped-query attention of whole sequences (no cache) -> [B, L, N, H]; see the module
+  docstring. ``mask_Bx1xLxL`` must let every real query see at least one key (every
+  ``attention_mask`` does: the diagonal). L need not be a multiple of ``tile``: the row is
+  padded to one, each added slot seeing only itself, and cut back."""
+  if tile < 1:
+    raise ValueError(f"tiled_attention: tile={tile} must be >= 1")
+  B, L, N, H = q_BxLxNxH.shape
+  K = k_BxLxKxH.shape[2]
+  G = N // K
+  q_BxKxGxLxH = q_BxLxNxH.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4)
+  k_BxKxLxH = k_BxLxKxH.transpose(0, 2, 1, 3)
+  v_BxKxLxH = v_BxLxKxH.transpose(0, 2, 1, 3)
+  mask_BxLxL = mask_Bx1xLxL[:, 0]
+  pad = -L % tile
+  if pad:
+    widen = lambda x, axis: jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
+    q_BxKxGxLxH = widen(q_BxKxGxLxH, 3)
+    k_BxKxLxH, v_BxKxLxH = widen(k_BxKxLxH, 2), widen(v_BxKxLxH, 2)
+    added_diagonal = jnp.eye(L + pad, dtype=bool) & (jnp.arange(L + pad) >= L)
+    mask_BxLxL = widen(widen(mask_BxLxL, 1), 2) | added_diagonal[None]
+  out_BxKxGxLxH = _attend(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile)
+  return out_BxKxGxLxH[:, :, :, :L].transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
