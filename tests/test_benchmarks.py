@@ -48,13 +48,15 @@ def test_prefix_dpo_benchmark_tiny_reports_every_mode():
 def test_attention_blocks_benchmark_tiny_reports_each_variant(capsys):
   """benchmarks/attention_blocks.py end to end at a tiny size: one row of figures per variant."""
   out = benchmark_scripts.load("attention_blocks").main(
-      ["--model", "tiny", "--batch", "2", "--length", "64", "--blocks", "2,default",
+      ["--model", "tiny", "--batch", "2", "--length", "64", "--blocks", "2,default,t32",
        "--rounds", "1"])
-  assert set(out["variants"]) == {"2", "default"}
-  assert out["variants"]["2"]["blocks"] == 2 and out["variants"]["default"]["blocks"] == 1
+  assert set(out["variants"]) == {"2", "default", "t32"}
+  layouts = {v: f["layout"] for v, f in out["variants"].items()}
+  assert layouts == {"2": "2 blocks", "default": "1 blocks", "t32": "tile 32"}
   for figures in out["variants"].values():
     for key in ("compile_s", "compile_cpu_s", "step_s", "step_cpu_s"):
       assert figures[key] > 0, key
   assert out["variants"]["2"]["step_ratio"] == 1.0
   printed = capsys.readouterr().out
   assert "compiled 2 (2 blocks)" in printed and "compiled default (1 blocks)" in printed
+  assert "compiled t32 (tile 32)" in printed
