@@ -60,3 +60,17 @@ def test_attention_blocks_benchmark_tiny_reports_each_variant(capsys):
   printed = capsys.readouterr().out
   assert "compiled 2 (2 blocks)" in printed and "compiled default (1 blocks)" in printed
   assert "compiled t32 (tile 32)" in printed
+
+
+def test_attention_tiles_benchmark_reports_every_layout(capsys):
+  """benchmarks/attention_tiles.py at a small size: every layout's times, and its output and
+  gradients agree with the blocks' to fp32 roundoff (error model of tests/test_attention.py:
+  depth H + 3 L + 16 at L = 256 -> 2 gamma(848) ~ 1e-4 relative)."""
+  out = benchmark_scripts.load("attention_tiles").main(
+      ["--shapes", "1x256:trees", "--tiles", "64,128", "--repeats", "1"])
+  row = out["1x256:trees"]
+  assert set(row) == {"blocks", "tile64", "tile128"}
+  for figures in row.values():
+    assert figures["fwd_ms"] > 0 and figures["fwd_bwd_ms"] > 0
+    assert figures["max_rel_diff"] < 1e-4
+  assert "shipped tile 64" in capsys.readouterr().out
