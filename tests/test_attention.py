@@ -176,3 +176,24 @@ def test_training_attention_picks_tiles_from_256_slots():
   assert [transformer.attention_tile(n) for n in (512, 640, 1024, 4096)] == [128, 128, 128, 128]
   with pytest.raises(ValueError, match="tile=0"):
     tiled_attention.tiled_attention(*_inputs()[:3], _masks()["packed"], 1.0, tile=0)
+
+
+def test_tiled_attention_in_bfloat16_tracks_the_blocks():
+  # bf16 inputs (the GPU/TPU compute dtype): both implementations score and sum in fp32 but round
+  # the probabilities and the output to bf16 (unit roundoff 2^-8). Each output is a convex
+  # combination of values, so each side is within 2^-8 max|v| (rounded probabilities) +
+  # 2^-8 max|out| (the rounded output) <= 2 * 2^-8 max|v| of the exact result: the two within
+  # 4 * 2^-8 max|v|. (Gradients: their fp32 parity is the test above; here they must run and keep
+  # the dtype.)
+  mask = _masks()["tree"]
+  q, k, v, cotangent = (x.astype(jnp.bfloat16) for x in _inputs())
+  scale = H ** -0.5
+  ours = _tiled(mask, 64, scale)
+  blocks = lambda q, k, v: transformer.causal_attention(q, k, v, mask, scale)
+  got, got_grads = jax.jit(lambda *a: _value_and_grads(ours, *a))(q, k, v, cotangent)
+  want, want_grads = jax.jit(lambda *a: _value_and_grads(blocks, *a))(q, k, v, cotangent)
+  assert got.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in got_grads)
+  f32 = lambda x: np.asarray(x, np.float32)
+  bound = 4 * 2.0 ** -8 * np.abs(f32(v)).max()
+  assert np.abs(f32(got) - f32(want)).max() <= bound
+  assert all(np.isfinite(f32(g)).all() for g in got_grads)
