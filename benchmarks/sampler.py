@@ -138,6 +138,7 @@ def main(argv=None) -> dict:
                       first_call_s=first_s, ours_s=ours_s, theirs_s=theirs_s)
     print(f"| {b} | {a:.1f} | {c:.1f} | {a / c:.2f}x | yes ({n_new} tokens) | {first_s:.1f} |",
           flush=True)
+  print(json.dumps({"results": {str(b): r for b, r in results.items()}}))
   return results
 
 

@@ -74,3 +74,20 @@ def test_attention_tiles_benchmark_reports_every_layout(capsys):
     assert figures["fwd_ms"] > 0 and figures["fwd_bwd_ms"] > 0
     assert figures["max_rel_diff"] < 1e-4
   assert "shipped tile 64" in capsys.readouterr().out
+
+
+@pytest.mark.heavy  # three child processes: side_by_side, prefix_dpo and sampler on the tiny model
+def test_goals_runner_reads_every_child_and_tabulates_each_goal(capsys):
+  """benchmarks/goals.py --quick: every child runs and ends with the JSON line the runner reads;
+  each goal's row carries a figure (the TRL rows stay empty: --quick runs no TRL)."""
+  out = benchmark_scripts.load("goals").main(["--model", "tiny", "--quick"])
+  assert out["failed"] == []
+  rows = {r["key"]: r for r in out["rows"]}
+  assert rows["sft_vs_torch"]["value"] > 0
+  assert rows["prefix_vs_unshared"]["value"] > 0
+  assert rows["fill"]["value"] >= 0.9  # as tests/test_packed_dpo.py's fill test
+  assert rows["sampler_batch16"]["value"] > 0
+  for key in ("dpo_vs_trl", "sft_vs_trl", "packed_cached_vs_trl", "packed_cached_epoch_vs_trl"):
+    assert rows[key]["value"] is None and rows[key]["text"] == "–"  # --quick runs no TRL
+  printed = capsys.readouterr().out
+  assert "| goal | figure | measured | target | met |" in printed

@@ -145,9 +145,15 @@ def test_kv_cache_decode_equals_full_recompute(family, tiny_dirs):
     model(tokens[:, :2], positions[:, :2], segments[:, :2], cache=cache, cache_index=15)
 
 
-def test_remat_matches_no_remat_values_and_grads(tiny_dirs):
+@pytest.mark.parametrize("rows", ["short", "long"])
+def test_remat_matches_no_remat_values_and_grads(rows, tiny_dirs):
+  # "long": rows of 300 slots take tiled_attention, whose custom gradient remat then recomputes.
   model = load("llama", tiny_dirs)
-  tokens, positions, segments = batch(3)
+  if rows == "short":
+    tokens, positions, segments = batch(3)
+  else:
+    tokens, positions, segments = tiny_hf.padded_batch(seed=3, lengths=(300, 201),
+                                                       left_pad=(False, True))
 
   def loss(m):
     return jnp.mean(m(tokens, positions, segments) ** 2)
