@@ -2,8 +2,8 @@ r"""Issue 10's measurable goals (1, 2, 3, 4, 6) from one run: each benchmark in 
 process, one after the other (their memory never adds up), then one table of every goal's figure
 beside its target.
 
-  .venv/bin/python benchmarks/goals.py            # SmolLM2, the sizes of benchmarks/README.md
-                                                  # (~35 min on 2 quiet cores; needs the bench extra)
+  .venv/bin/python benchmarks/goals.py      # SmolLM2, the sizes of benchmarks/README.md
+                                            # (~35 min on 2 quiet cores; needs the bench extra)
   .venv/bin/python benchmarks/goals.py --model tiny --quick    # a smoke run of the machinery
 
 Children (their own output is passed through; each ends with one JSON line this script reads):
@@ -104,7 +104,8 @@ def table(results: dict) -> list[dict]:
 
   def add(goal, key, what, value, target, fmt="{:.2f}x"):
     met = None if value is None else value >= target
-    rows.append({"goal": goal, "key": key, "what": what, "value": value, "target": target, "met": met,
+    rows.append({"goal": goal, "key": key, "what": what, "value": value, "target": target,
+                 "met": met,
                  "text": "–" if value is None else fmt.format(value),
                  "target_text": ">= " + fmt.format(target)})
 
