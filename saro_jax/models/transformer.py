@@ -166,7 +166,8 @@ def query_block(length: int) -> int:
 def causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
                      mask_Bx1xLxL: jax.Array, scale: float, block: int | None = None) -> jax.Array:
   """Grouped-query attention of a whole sequence (no cache) whose mask is causal by slot, with
-  the keys above the diagonal never computed -> [B, L, N, H].
+  the keys above the diagonal never computed -> [B, L, N, H]. ``training_attention`` uses it for
+  rows under 256 slots (``tiled_attention`` for longer ones).
 
   Same arithmetic as ``cached_attention`` (fp32 logits, scale after the product, masked to a large
   negative, fp32 softmax) in blocks of ``block`` query rows (default ``query_block(L)``; the last
