@@ -102,7 +102,7 @@ def table(results: dict) -> list[dict]:
   """One row per goal figure: goal, key, what, value (None: not measured), target, met."""
   rows = []
 
-  def add(goal, key, what, value, target, fmt="{:.2f}x"):
+  def add(goal, key, what, value, target, fmt="{:.3f}x"):
     met = None if value is None else value >= target
     rows.append({"goal": goal, "key": key, "what": what, "value": value, "target": target,
                  "met": met,
