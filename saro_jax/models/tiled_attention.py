@@ -32,6 +32,16 @@ from jax import lax
 _BIG_NEGATIVE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+def grouped_layouts(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array):
+  """The training attentions' GQA layouts: queries [B, K, G, L, H] (the G query heads of each kv
+  head grouped under it, no repeated keys), keys and values [B, K, L, H] (products batched over
+  the leading B, K, as CPU gemms want them)."""
+  B, L, N, H = q_BxLxNxH.shape
+  K = k_BxLxKxH.shape[2]
+  q_BxKxGxLxH = q_BxLxNxH.reshape(B, L, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  return q_BxKxGxLxH, k_BxLxKxH.transpose(0, 2, 1, 3), v_BxLxKxH.transpose(0, 2, 1, 3)
+
+
 def tile_ranges(mask_BxLxS: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:
   """(lo, hi) int32 [L / tile]: the first and last key tile any query of each query tile sees in
   any row (a tile whose queries see nothing, only possible in padding added here, gets lo = hi =
@@ -168,11 +178,7 @@ def tiled_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.A
   if tile < 1:
     raise ValueError(f"tiled_attention: tile={tile} must be >= 1")
   B, L, N, H = q_BxLxNxH.shape
-  K = k_BxLxKxH.shape[2]
-  G = N // K
-  q_BxKxGxLxH = q_BxLxNxH.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4)
-  k_BxKxLxH = k_BxLxKxH.transpose(0, 2, 1, 3)
-  v_BxKxLxH = v_BxLxKxH.transpose(0, 2, 1, 3)
+  q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH = grouped_layouts(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)
   mask_BxLxL = mask_Bx1xLxL[:, 0]
   pad = -L % tile
   if pad:

@@ -185,9 +185,8 @@ def causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.
   B, L, N, H = q_BxLxNxH.shape
   K = k_BxLxKxH.shape[2]
   G = N // K
-  q_BxKxGxLxH = q_BxLxNxH.reshape(B, L, K, G, H).transpose(0, 2, 3, 1, 4)
-  k_BxKxLxH = k_BxLxKxH.transpose(0, 2, 1, 3)
-  v_BxKxLxH = v_BxLxKxH.transpose(0, 2, 1, 3)
+  q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH = tiled_attention.grouped_layouts(q_BxLxNxH, k_BxLxKxH,
+                                                                     v_BxLxKxH)
   big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
   block = query_block(L) if block is None else block
   if block < 1:
