@@ -3,6 +3,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 import benchmark_scripts
@@ -74,6 +75,19 @@ def test_attention_tiles_benchmark_reports_every_layout(capsys):
     assert figures["fwd_ms"] > 0 and figures["fwd_bwd_ms"] > 0
     assert figures["max_rel_diff"] < 1e-4
   assert "shipped tile 64" in capsys.readouterr().out
+
+
+def test_attention_tiles_benchmark_bound_catches_a_skipped_visible_tile(monkeypatch):
+  """Negative control for the 1e-4 bound above: tile ranges that start one key tile late (the
+  off-by-one tests/test_attention.py plants) drop visible keys and the reported difference
+  exceeds the bound."""
+  from saro_jax.models import tiled_attention
+  ranges = tiled_attention.tile_ranges
+  late = lambda m, tile: (lambda lo, hi: (jnp.minimum(lo + 1, hi), hi))(*ranges(m, tile))
+  monkeypatch.setattr(tiled_attention, "tile_ranges", late)
+  out = benchmark_scripts.load("attention_tiles").main(
+      ["--shapes", "1x256:trees", "--tiles", "64", "--repeats", "1"])
+  assert out["1x256:trees"]["tile64"]["max_rel_diff"] > 1e-4
 
 
 @pytest.mark.heavy  # three child processes: side_by_side, prefix_dpo and sampler on the tiny model

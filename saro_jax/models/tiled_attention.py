@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-_BIG_NEGATIVE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Masked scores: far below any real score, yet x - max stays finite (exp underflows to exactly 0).
+BIG_NEGATIVE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def grouped_layouts(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array):
@@ -66,7 +67,7 @@ def _scores(q_BxKxMxH, k_BxKxTxH, mask_BxTxT, G: int, scale: float) -> jax.Array
   s_BxKxMxT = jnp.einsum("bkmh,bksh->bkms", q_BxKxMxH, k_BxKxTxH,
                          preferred_element_type=jnp.float32) * jnp.float32(scale)
   s_BxKxGxTxT = jnp.where(mask_BxTxT[:, None, None], s_BxKxMxT.reshape(B, K, G, M // G, T),
-                          _BIG_NEGATIVE)
+                          BIG_NEGATIVE)
   return s_BxKxGxTxT.reshape(B, K, M, T)
 
 
@@ -93,7 +94,7 @@ def _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile):
       return (new_max, sum_BxKxM * rescale + p_BxKxMxT.sum(-1),
               acc_BxKxMxH * rescale[..., None] + pv_BxKxMxH)
 
-    start = (jnp.full((B, K, M), _BIG_NEGATIVE, jnp.float32), jnp.zeros((B, K, M), jnp.float32),
+    start = (jnp.full((B, K, M), BIG_NEGATIVE, jnp.float32), jnp.zeros((B, K, M), jnp.float32),
              jnp.zeros((B, K, M, H), jnp.float32))
     max_BxKxM, sum_BxKxM, acc_BxKxMxH = lax.fori_loop(lo[i], hi[i] + 1, key_tile, start)
     o_BxKxGxTxH = (acc_BxKxMxH / sum_BxKxM[..., None]).astype(q_BxKxGxLxH.dtype).reshape(

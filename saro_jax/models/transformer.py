@@ -143,8 +143,8 @@ def cached_attention(q_BxTxNxH: jax.Array, k_BxKxHxS: jax.Array, v_BxKxSxH: jax.
   logits_BxKxGxTxS = jnp.einsum("bkgth,bkhs->bkgts", q_BxKxGxTxH, k_BxKxHxS,
                                 preferred_element_type=jnp.float32)
   logits_BxKxGxTxS = logits_BxKxGxTxS * jnp.float32(scale)
-  big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
-  logits_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], logits_BxKxGxTxS, big_negative)
+  logits_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], logits_BxKxGxTxS,
+                               tiled_attention.BIG_NEGATIVE)
   probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxKxSxH.dtype)
   out_BxKxGxTxH = jnp.einsum("bkgts,bksh->bkgth", probs, v_BxKxSxH)
   return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
@@ -187,7 +187,6 @@ def causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.
   G = N // K
   q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH = tiled_attention.grouped_layouts(q_BxLxNxH, k_BxLxKxH,
                                                                      v_BxLxKxH)
-  big_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
   block = query_block(L) if block is None else block
   if block < 1:
     raise ValueError(f"causal_attention: block={block} query rows must be >= 1")
@@ -200,7 +199,7 @@ def causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.
                                 preferred_element_type=jnp.float32)
     logits_BxKxGxTxS = logits_BxKxMxS.reshape(B, K, G, T, end) * jnp.float32(scale)
     logits_BxKxGxTxS = jnp.where(mask_Bx1xLxL[:, :, None, start:end, :end], logits_BxKxGxTxS,
-                                 big_negative)
+                                 tiled_attention.BIG_NEGATIVE)
     probs_BxKxMxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxLxKxH.dtype).reshape(
         B, K, G * T, end)
     out_BxKxMxH = jnp.einsum("bkms,bksh->bkmh", probs_BxKxMxS, v_BxKxLxH[:, :, :end])
