@@ -197,3 +197,8 @@ def test_tiled_attention_in_bfloat16_tracks_the_blocks():
   bound = 4 * 2.0 ** -8 * np.abs(f32(v)).max()
   assert np.abs(f32(got) - f32(want)).max() <= bound
   assert all(np.isfinite(f32(g)).all() for g in got_grads)
+  # Negative control: one key the mask hides made visible (the diagonal shifted by one slot)
+  # breaks the same bound.
+  leaky = mask | jnp.eye(L, k=1, dtype=bool)[None, None]
+  bug = jax.jit(_tiled(leaky, 64, scale))(q, k, v)
+  assert np.abs(f32(bug) - f32(want)).max() > bound
