@@ -128,6 +128,7 @@ class DataConfig:
   response_truncation: str = _PIPELINE.response_truncation  # a completion past max_length
   min_response_tokens: int = _PIPELINE.min_response_tokens
   length_buckets: tuple[int, ...] = tuple(_PIPELINE.length_buckets)  # () = all rows max_length
+  pack_window: float = _PIPELINE.pack_window  # packed rows' lookahead, in batches (0 = greedy)
   drop_remainder: bool = _PIPELINE.drop_remainder
   read_threads: int = _PIPELINE.read_threads
   prefetch_workers: int = _PIPELINE.prefetch_workers
@@ -152,6 +153,10 @@ class DataConfig:
                     or max(buckets) != self.max_length):
       raise ConfigError(f"config.{where}.length_buckets={buckets!r} must be positive integers, the"
                         f" largest equal to {where}.max_length={self.max_length} (or () for none)")
+    if not (isinstance(self.pack_window, (int, float)) and not isinstance(self.pack_window, bool)
+            and 0 <= self.pack_window <= 64):
+      raise ConfigError(f"config.{where}.pack_window={self.pack_window!r} must be a number of"
+                        " batches from 0 (greedy packing) to 64")
     _check_positive(f"{where}.read_threads", self.read_threads, allow_zero=True)
     _check_positive(f"{where}.prefetch_workers", self.prefetch_workers, allow_zero=True)
 

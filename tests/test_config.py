@@ -167,7 +167,7 @@ def _command_line_config(*overrides: str) -> ml_collections.ConfigDict:
 
 DATA_OVERRIDES = {"max_prompt_length": 48, "truncation": "drop", "response_truncation": "drop",
                   "min_response_tokens": 3, "length_buckets": (64, 256), "drop_remainder": True,
-                  "read_threads": 2, "prefetch_workers": 1}
+                  "read_threads": 2, "prefetch_workers": 1, "pack_window": 0.5}
 
 
 def test_data_options_set_on_the_command_line_reach_the_pipeline(monkeypatch):
@@ -230,6 +230,8 @@ def test_data_options_change_the_batches():
     ("drop_remainder", "yes", r"config.rw.data.drop_remainder='yes' must be true/false"),
     ("read_threads", -1, r"config.rw.data.read_threads=-1 must be >= 0"),
     ("prefetch_workers", -2, r"config.rw.data.prefetch_workers=-2 must be >= 0"),
+    ("pack_window", -1.0, r"config.rw.data.pack_window=-1.0 must be a number of batches from 0"),
+    ("pack_window", 100.0, r"config.rw.data.pack_window=100.0 must be .* to 64"),
 ])
 def test_bad_data_option_names_its_key(key, value, message):
   raw = load_config("saro").to_dict()

@@ -1,7 +1,8 @@
 """Tokenized examples -> fixed-shape batch dicts (BUILD.md "Data" contract).
 
-SFT rows hold one example (padded) or several (packed: greedy first fit over the batch's rows,
-segment ids 1..k, positions restarting at 0 in each segment). DPO rows hold one pair, chosen and
+SFT rows hold one example (padded) or several (packed: first fit over the batch's rows, largest
+first from a lookahead pool (``pack_window``; see ``_BatchIterator``), segment ids 1..k, positions
+restarting at 0 in each segment). DPO rows hold one pair, chosen and
 rejected padded to the same length. Padding is segment 0, position 0, token ``pad_id``, mask 0.
 The last batch of a finite pass is padded with empty rows (DPO: ``example_id`` -1) unless
 ``drop_remainder``.
@@ -10,9 +11,9 @@ If every example of a full pass over the data is dropped (too long, ...), no bat
 the iterator then raises :class:`NoBatchError` with the drop counts by reason instead of reading
 an endless stream forever (it knows the pass size ``records_per_pass`` from the pipeline).
 
-The batching iterators are grain ``DatasetIterator``s whose state is the parent's state at the
-first example not yet in an emitted batch, so a restored iterator re-reads exactly what the
-interrupted one still held. Each element is ``(batch, counts)``: ``counts`` are the events of the
+The batching iterators are grain ``DatasetIterator``s whose state is the parent's state plus,
+for each example read but not yet in an emitted batch (the packer's pool), the parent's state
+before it, so a restored iterator re-reads exactly what the interrupted one still held. Each element is ``(batch, counts)``: ``counts`` are the events of the
 examples this batch consumed (used, dropped/<why>, truncated/<what>, real and padding tokens). They
 travel with the batch because with multiprocess prefetch the batching runs in worker processes.
 """
@@ -107,13 +108,29 @@ def _first_fit(free: Sequence[int], n: int) -> int:
   return -1
 
 
+# An example the packer has passed over this many batches goes first (before the largest-first
+# order), so the lookahead reorders examples by a bounded distance and starves none.
+MAX_WAIT = 2
+
+
+# Packed rows choose from examples worth this many batches of tokens (``pack_window``).
+PACK_WINDOW = 2.0
+
+
 class _BatchIterator(grain.DatasetIterator):
-  """Shared loop: read examples, place them in rows, emit when the next one does not fit."""
+  """Shared loop: read examples into a pool, place them in rows, emit when no more fit.
+
+  Greedy (no lookahead: unpacked rows, or ``pack_window`` 0): examples are placed in the order
+  read and the batch closes at the first one that fits no row, which waits for the next batch.
+  With a lookahead (packed rows): the pool is topped up with examples worth ``pack_window``
+  batches of tokens, and is placed largest first (best fit decreasing), after those that have
+  waited ``MAX_WAIT`` batches; what fits no row stays in the pool for the next batch."""
 
   def __init__(self, parent: grain.DatasetIterator, ds: "_BatchDataset"):
     super().__init__(parent)
     self._ds = ds
-    self._carry: tuple[Any, dict] | None = None  # (parent state before it, example)
+    # [parent state before it, example, batches it has waited]: read, not yet in a batch.
+    self._pool: list[list] = []
     # Dropped examples read since the last kept one: distinct record ids and counts by reason.
     # Drops depend only on the record, so once every record of a pass is in here, none ever fits.
     self._drop_ids: set[str] = set()
@@ -135,44 +152,71 @@ class _BatchIterator(grain.DatasetIterator):
           f"example was dropped ({reasons}; e.g. record ids {examples}). Raise data.max_length / "
           "data.max_prompt_length, choose another data.truncation, or fix the data")
 
-  def _read(self):
-    if self._carry is not None:
-      item, self._carry = self._carry, None
-      return item
-    state = self._parent.get_state()
-    return state, next(self._parent)
+  def _prepare(self, ex):
+    """A kept example as the rows take it (the tree iterator fits trees to the row length)."""
+    return ex
 
   def _place(self, rows, free, ex) -> bool:
     raise NotImplementedError
+
+  def _top_up(self, pool, counts) -> bool:
+    """Reads into ``pool`` until it holds the lookahead's tokens (one example without lookahead);
+    returns False once the parent is exhausted."""
+    ds = self._ds
+    budget = ds.lookahead_tokens
+    held = sum(ds.size(ex) for _, ex, _ in pool) if budget else 0
+    while not pool or held < budget:
+      state = self._parent.get_state()
+      try:
+        ex = next(self._parent)
+      except StopIteration:
+        return False
+      if "dropped" in ex:
+        counts[ex["dropped"]] += 1
+        self._note_drop(ex)
+        continue
+      ex = self._prepare(ex)
+      if "dropped" in ex:  # the row cannot take it either (a tree too long to cut)
+        counts[ex["dropped"]] += 1
+        self._note_drop(ex)
+        continue
+      self._drop_ids.clear()
+      self._drop_counts.clear()
+      pool.append([state, ex, 0])
+      held += ds.size(ex) if budget else 0
+    return True
 
   def __next__(self):
     ds = self._ds
     rows: list[list[dict]] = [[] for _ in range(ds.batch_size)]
     free = [ds.max_length] * ds.batch_size
     counts: collections.Counter = collections.Counter()
-    while True:
-      if ds.is_full(rows):
+    pool, self._pool = self._pool, []
+    more = True
+    while not ds.is_full(rows):
+      more = more and self._top_up(pool, counts)
+      if ds.lookahead_tokens:
+        # The long-waiting oldest first, then the rest largest first; stable (reading order breaks
+        # ties).
+        pool.sort(key=lambda e: (0, -e[2]) if e[2] >= MAX_WAIT else (1, -ds.size(e[1])))
+      left, placed = [], False
+      for entry in pool:  # greedy: the pool holds one example
+        if not ds.is_full(rows) and self._place(rows, free, entry[1]):
+          placed = True
+          counts["examples"] += 1
+          counts.update(entry[1].get("events", ()))
+        else:
+          left.append(entry)
+      pool = left
+      if not placed or not more:
         break
-      try:
-        state, ex = self._read()
-      except StopIteration:
-        break
-      if "dropped" in ex:
-        counts[ex["dropped"]] += 1
-        self._note_drop(ex)
-        continue
-      if not self._place(rows, free, ex):
-        self._carry = (state, ex)
-        break
-      self._drop_ids.clear()
-      self._drop_counts.clear()
-      counts["examples"] += 1
-      counts.update(ex.get("events", ()))
     used = sum(1 for r in rows if r)
     if used == 0 or (used < ds.batch_size and ds.drop_remainder):
       if used:
         counts["dropped/remainder"] += sum(len(r) for r in rows)
+      self._pool = pool
       raise StopIteration
+    self._pool = [[state, ex, wait + 1] for state, ex, wait in pool]
     batch = ds.assemble(rows)
     counts["rows"] += ds.batch_size
     for prefix in ds.sides:
@@ -182,10 +226,15 @@ class _BatchIterator(grain.DatasetIterator):
     return batch, dict(counts)
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._carry[0] if self._carry is not None else self._parent.get_state()}
+    # The pool's examples are re-read from their parent states on restore.
+    return {"parent": self._parent.get_state(),
+            "pool": [[state, wait] for state, _, wait in self._pool]}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._carry = None
+    self._pool = []
+    for before, wait in state.get("pool", ()):
+      self._parent.set_state(before)
+      self._pool.append([before, self._prepare(next(self._parent)), wait])
     self._parent.set_state(state["parent"])
 
 
@@ -222,16 +271,33 @@ class _BatchDataset(grain.IterDataset):
   def __init__(self, parent: grain.IterDataset, *, batch_size: int, max_length: int,
                pad_id: int = 0, length_buckets: Sequence[int] | None = None,
                drop_remainder: bool = False, records_per_pass: int | None = None,
-               source_name: str = ""):
+               source_name: str = "", pack_window: float = PACK_WINDOW):
     """``records_per_pass``: distinct records in one pass of ``parent`` (None = unknown: an
-    all-dropped stream is then not detected); ``source_name`` names the data in that error."""
+    all-dropped stream is then not detected); ``source_name`` names the data in that error.
+    ``pack_window``: the lookahead of packed rows, in batches of tokens (0 = greedy)."""
     super().__init__(parent)
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not pack_window >= 0:
+      raise ValueError(f"pack_window must be >= 0, got {pack_window}")
     self.batch_size, self.max_length, self.pad_id = batch_size, max_length, pad_id
     self.buckets = check_buckets(length_buckets, max_length)
     self.drop_remainder = drop_remainder
     self.records_per_pass, self.source_name = records_per_pass, source_name
+    self.pack_window = pack_window
+
+  @property
+  def packs(self) -> bool:
+    """Several examples per row (the lookahead applies)."""
+    return False
+
+  @property
+  def lookahead_tokens(self) -> int:
+    return int(self.pack_window * self.batch_size * self.max_length) if self.packs else 0
+
+  def size(self, ex) -> int:
+    """The slots an example takes in a row."""
+    return len(ex["tokens"])
 
   def is_full(self, rows) -> bool:
     return all(rows)
@@ -243,6 +309,10 @@ class SftBatchDataset(_BatchDataset):
   def __init__(self, parent: grain.IterDataset, *, pack: bool = True, **kw):
     super().__init__(parent, **kw)
     self.pack = pack
+
+  @property
+  def packs(self) -> bool:
+    return self.pack
 
   def is_full(self, rows) -> bool:
     # A packed batch closes only when an example fits no row (the iterator carries it over).
@@ -360,14 +430,11 @@ def tree_rows(rows: Sequence[Sequence[Mapping[str, Any]]], length: int, trees: i
 
 class _DpoTreeIterator(_BatchIterator):
 
-  def _read(self):
-    state, ex = super()._read()
-    if "dropped" not in ex:
-      ex = fit_tree(ex, self._ds.max_length, self._ds.truncation)
-    return state, ex
+  def _prepare(self, ex):
+    return fit_tree(ex, self._ds.max_length, self._ds.truncation)
 
   def _place(self, rows, free, ex) -> bool:
-    n = tree_length(ex)
+    n = self._ds.size(ex)
     trees = self._ds.trees
     # Best fit (the fullest row that still holds the tree) keeps large holes open for later trees.
     fits = [j for j, r in enumerate(rows) if len(r) < trees and free[j] >= n]
@@ -381,14 +448,22 @@ class _DpoTreeIterator(_BatchIterator):
 
 class DpoTreeBatchDataset(_BatchDataset):
   """Prefix-shared DPO rows (``tree_rows``): one pair per row, or with ``trees > 1`` up to that
-  many pairs packed per row (first fit; the batch closes when a pair fits no row), so a batch of
-  ``batch_size`` rows holds a varying number of pairs."""
+  many pairs packed per row (best fit, largest first from the lookahead pool; the batch closes
+  when no pooled pair fits a row), so a batch of ``batch_size`` rows holds a varying number of
+  pairs."""
 
   def __init__(self, parent: grain.IterDataset, *, trees: int = 1, truncation: str = "cut", **kw):
     super().__init__(parent, **kw)
     if trees < 1:
       raise ValueError(f"trees (pairs per row) must be >= 1, got {trees}")
     self.trees, self.truncation = trees, truncation
+
+  @property
+  def packs(self) -> bool:
+    return self.trees > 1
+
+  def size(self, ex) -> int:
+    return tree_length(ex)
 
   def is_full(self, rows) -> bool:
     return all(len(r) >= self.trees for r in rows)

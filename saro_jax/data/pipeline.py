@@ -192,6 +192,9 @@ class PipelineOptions:
   response_truncation: str = tokenize.TokenizeOptions.response_truncation
   min_response_tokens: int = tokenize.TokenizeOptions.min_response_tokens
   length_buckets: Sequence[int] = ()  # () = every batch is max_length long; else ends at it
+  # Packed rows (packed RW, pairs_per_row > 1) choose from examples worth this many batches of
+  # tokens, largest first; 0 = greedy in reading order (batching._BatchIterator).
+  pack_window: float = batching.PACK_WINDOW
   process_index: int | None = None  # None = this JAX process
   process_count: int | None = None
   drop_remainder: bool = False  # a last partial batch: dropped, or padded with empty rows
@@ -218,7 +221,7 @@ def _examples(kind: str, sources_spec, tokenizer, o: PipelineOptions):
   common = dict(batch_size=_host_batch(o.batch_size, process_count), max_length=o.max_length,
                 pad_id=_pad_id(tokenizer), length_buckets=o.length_buckets,
                 drop_remainder=o.drop_remainder, records_per_pass=len(records),
-                source_name=_name(sources_spec))
+                source_name=_name(sources_spec), pack_window=o.pack_window)
   return examples, stats, common
 
 
