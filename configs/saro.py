@@ -23,8 +23,8 @@ prompts answered by SmolLM2 itself (teacher "self", 96 new tokens at temperature
 answers rejected) behind a template reasoning block -> 221 RW traces (100 refusals, 121 helpful).
 Every trace's first reasoning line quotes the prompt (a long one by its end: a jailbreak's request,
 not its role-play); its second asks "Is it safe to help with this?" and the next word, " Yes" or
-" No", is the decision (synthesis.DECISION). RW: 48 steps x 4 packed rows of 512 tokens (fill
-0.84: the 216 traces twice), lr 1.5e-4 cosine (loss 2.6 -> 0.13). Mine (presets.mine_section): the
+" No", is the decision (synthesis.DECISION). RW: 48 steps x 4 packed rows of 512 tokens (greedy
+packing, fill 0.84: the 216 traces twice), lr 1.5e-4 cosine (loss 2.6 -> 0.13). Mine (presets.mine_section): the
 RW model samples 8 train prompts of the HarmBench half and of each tense set and 24 per
 benign/borderline label (70 prompts; the train set has 22 benign), 2 samples each at temperature
 1 plus one answer probe (the prompt's trace forced through its reasoning block, the policy writes
@@ -67,6 +67,17 @@ borderline from 7/10 to 9/10.
 The same SRPO model on the 58 dev prompts beyond the first 10 per label per set (--config.eval.limit=20
 with configs/eval.py; never looked at while the recipe was set up): harmful 29/30, jailbreak 10/10
 (10/10 explicit), benign 7/8 (the dev set has 18 benign prompts), borderline 10/10.
+RW packs greedily here (rw.data.pack_window=0, presets.rw_recipe): the setting was made and
+measured that way. With the packer's lookahead (the default since b8d259c; rows fill 0.90 instead
+of 0.84, so 48 steps see 465 traces instead of 435, in another order), one seed-0 run end to end
+from a clean clone (b8d259c): RW 30/30, 10/10 (9/10 explicit), 10/10, 9/10; mining 206 samples,
+7 answer pairs (3 against compliance, 4 against a refusal); SRPO 24/30, 10/10 (9/10 explicit),
+10/10, 10/10, reasoning block 98 %. Five of the six harmful prompts SRPO answered (past-tense
+ones) end their reasoning with "So I will refuse briefly ..." and then comply: four answer pairs
+against refusals taught the answer to stop opening with "I can't" whatever the shared decision
+said. The recipe's SRPO rests on a handful of mined pairs and is that sensitive to the RW data's
+order; a recipe that holds under such changes needs more pairs per label (a bigger mining pass)
+or pairs balanced by label, not tried here.
 
 The fifth setting (RW 24 steps, one epoch; otherwise as above), measured end to end from a fresh
 clone, one run: synthesize 7.3, RW 12.9, mine 14.0, SRPO 6.2 min (40.5 min), report 12.5 min.

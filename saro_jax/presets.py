@@ -121,7 +121,14 @@ def rw_recipe(preset: str) -> dict:
     # held one trace each, fill 0.66: the second measured setting's 24 steps saw 98 of 266 traces.)
     # logps_chunk 64: on 2 CPU cores the RW step of 4 x 512 tokens (384 scored per row) takes
     # 10.1 s at 64 against 13.0 s at 128, side by side in one run (benchmarks/README.md).
-    return dict(data=data("bundled:rw_train", 512), opt=opt(1.5e-4, warmup_steps=2),
+    # pack_window 0 (greedy packing in reading order): the recipe was set up and measured with
+    # it. The packer's lookahead (the default since b8d259c) fills its rows 0.90 instead of
+    # 0.84, so 48 steps see 465 traces instead of 435, in another order; the one seed-0 run of
+    # the whole recipe that way kept every RW target but its SRPO (7 mined pairs, 4 of them
+    # against refusals) fell to 24/30 harmful refused: configs/saro.py.
+    rw_data = data("bundled:rw_train", 512)
+    rw_data.pack_window = 0.0
+    return dict(data=rw_data, opt=opt(1.5e-4, warmup_steps=2),
                 train=train(48, 4, log_every=1, logps_chunk=64))
   return dict(data=data("bundled:rw_train", 4096), opt=opt(1e-5, warmup_steps=50, weight_decay=0.0),
               train=train(1000, 128, grad_accum=4, log_every=10, logps_chunk=512))
