@@ -2,8 +2,8 @@
 
 SFT rows hold one example (padded) or several (packed: first fit over the batch's rows, largest
 first from a lookahead pool (``pack_window``; see ``_BatchIterator``), segment ids 1..k, positions
-restarting at 0 in each segment). DPO rows hold one pair, chosen and
-rejected padded to the same length. Padding is segment 0, position 0, token ``pad_id``, mask 0.
+restarting at 0 in each segment). DPO rows hold one pair, chosen and rejected padded to the same
+length. Padding is segment 0, position 0, token ``pad_id``, mask 0.
 The last batch of a finite pass is padded with empty rows (DPO: ``example_id`` -1) unless
 ``drop_remainder``.
 
@@ -13,9 +13,10 @@ an endless stream forever (it knows the pass size ``records_per_pass`` from the 
 
 The batching iterators are grain ``DatasetIterator``s whose state is the parent's state plus,
 for each example read but not yet in an emitted batch (the packer's pool), the parent's state
-before it, so a restored iterator re-reads exactly what the interrupted one still held. Each element is ``(batch, counts)``: ``counts`` are the events of the
-examples this batch consumed (used, dropped/<why>, truncated/<what>, real and padding tokens). They
-travel with the batch because with multiprocess prefetch the batching runs in worker processes.
+before it, so a restored iterator re-reads exactly what the interrupted one still held. Each
+element is ``(batch, counts)``: ``counts`` are the events of the examples this batch consumed
+(used, dropped/<why>, truncated/<what>, real and padding tokens). They travel with the batch
+because with multiprocess prefetch the batching runs in worker processes.
 """
 
 from __future__ import annotations
@@ -171,12 +172,9 @@ class _BatchIterator(grain.DatasetIterator):
         ex = next(self._parent)
       except StopIteration:
         return False
+      if "dropped" not in ex:
+        ex = self._prepare(ex)  # may drop it too (a tree too long to cut)
       if "dropped" in ex:
-        counts[ex["dropped"]] += 1
-        self._note_drop(ex)
-        continue
-      ex = self._prepare(ex)
-      if "dropped" in ex:  # the row cannot take it either (a tree too long to cut)
         counts[ex["dropped"]] += 1
         self._note_drop(ex)
         continue
