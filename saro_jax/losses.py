@@ -81,8 +81,10 @@ def tree_sums(values_BxL: jax.Array, mask_BxL: jax.Array, segment_ids_BxL: jax.A
 def _chunk_logits(hidden_BxCxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
   # fp32 accumulation whatever the compute dtype: a log-softmax over 1e5 classes in bf16 is too
   # coarse.
-  logits_BxCxV = jnp.einsum("bcd,dv->bcv", hidden_BxCxD, unembed_DxV,
-                            preferred_element_type=jnp.float32)
+  B, C, D = hidden_BxCxD.shape
+  # Rows flattened to one 2-D product (``transformer.dense`` says why).
+  logits_BxCxV = jnp.dot(hidden_BxCxD.reshape(B * C, D), unembed_DxV,
+                         preferred_element_type=jnp.float32).reshape(B, C, -1)
   return sharding.constrain(logits_BxCxV, ("batch", "length", "act_vocab"))
 
 
@@ -145,9 +147,14 @@ def _full_vocab_stats_bwd(vocab_size, residuals, cotangents):
         g_logp_BxC[..., None] * (onehot_BxCxV.astype(jnp.float32) - probs_BxCxV)
         + g_mean_BxC[..., None] / vocab_size, vocab_size, 0.0)
     d_logits_BxCxV = sharding.constrain(d_logits_BxCxV, ("batch", "length", "act_vocab"))
-    d_hidden_BxCxD = jnp.einsum("bcv,dv->bcd", d_logits_BxCxV, unembed_DxV,
-                                preferred_element_type=jnp.float32).astype(hidden_BxCxD.dtype)
-    d_unembed_DxV = jnp.einsum("bcd,bcv->dv", hidden_BxCxD, d_logits_BxCxV,
+    # As [B*C, .] 2-D products: contracting (b, c) of a 3-D einsum makes XLA CPU copy a
+    # transposed operand first (``transformer.dense``).
+    B, C, D = hidden_BxCxD.shape
+    d_logits_MxV = d_logits_BxCxV.reshape(B * C, -1)
+    d_hidden_BxCxD = jnp.einsum("mv,dv->md", d_logits_MxV, unembed_DxV,
+                                preferred_element_type=jnp.float32).reshape(B, C, D)
+    d_hidden_BxCxD = d_hidden_BxCxD.astype(hidden_BxCxD.dtype)
+    d_unembed_DxV = jnp.einsum("md,mv->dv", hidden_BxCxD.reshape(B * C, D), d_logits_MxV,
                                preferred_element_type=jnp.float32).astype(unembed_DxV.dtype)
     return d_hidden_BxCxD, d_unembed_DxV
 

@@ -233,9 +233,30 @@ def training_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: ja
   return causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, scale)
 
 
-def out_in_dot(x_BxLxI: jax.Array, w_OxI: jax.Array, n_in: int) -> jax.Array:
-  """x [B, L, *in] times a weight stored [*out, *in] (its last ``n_in`` dims are the input) ->
-  [B, L, *out], as one 2-D product that contracts the weight's minor dim.
+def dense(x: jax.Array, w_IxO: jax.Array, n_in: int = 1, preferred_element_type=None) -> jax.Array:
+  """x [*rows, *in] times a weight stored [*in, *out] (its first ``n_in`` dims are the input) ->
+  [*rows, *out], as one 2-D product [rows, in] x [in, out] (rows, input and output dims each
+  flattened into one): the product and both of its gradients contract exactly one dim.
+
+  Why: written as a 3-D einsum (``"bld,df->blf"``), the weight's gradient contracts two dims
+  (b, l), and XLA CPU then materialises a transposed copy of the activation gradient (fused into
+  its elementwise producer) before every weight-gradient dot. In a 6-layer SmolLM2-shaped MLP
+  fwd + bwd those copies took ~0.4 s of ~1.6 s on an Intel Xeon; with the rows flattened every
+  gradient is one plain GEMM and the same fwd + bwd took ~1.1 s, with bit-identical gradients
+  (benchmarks/README.md, "Flattened rows"). The reshapes merge contiguous dims: bitcasts.
+  """
+  rows, out_dims = x.shape[:x.ndim - n_in], w_IxO.shape[n_in:]
+  I, O = math.prod(w_IxO.shape[:n_in]), math.prod(out_dims)
+  # Sharding survives the merges: a weight's sharded dim (heads, mlp) is the major one of those
+  # it merges with, and so is the batch among the rows.
+  y_MxO = jnp.dot(x.reshape(-1, I), w_IxO.reshape(I, O),
+                  preferred_element_type=preferred_element_type)
+  return y_MxO.reshape(*rows, *out_dims)
+
+
+def out_in_dot(x: jax.Array, w_OxI: jax.Array, n_in: int, preferred_element_type=None) -> jax.Array:
+  """x [*rows, *in] times a weight stored [*out, *in] (its last ``n_in`` dims are the input) ->
+  [*rows, *out], as one 2-D product that contracts the weight's minor dim.
 
   The sampler's decode layout (``to_out_in``): for a decode step's few rows (M = batch) XLA CPU
   runs ``einsum("md,fd->mf")`` on [out, in] weights in ~25 % less CPU than ``x @ W[in, out]`` in
@@ -243,11 +264,11 @@ def out_in_dot(x_BxLxI: jax.Array, w_OxI: jax.Array, n_in: int) -> jax.Array:
   less CPU (benchmarks/README.md, ``benchmarks/decode_layout.py``). The reshapes merge
   contiguous dims: bitcasts, no copies.
   """
-  B, L = x_BxLxI.shape[:2]
-  out_dims = w_OxI.shape[:w_OxI.ndim - n_in]
+  rows, out_dims = x.shape[:x.ndim - n_in], w_OxI.shape[:w_OxI.ndim - n_in]
   O, I = math.prod(out_dims), math.prod(w_OxI.shape[w_OxI.ndim - n_in:])
-  y_BxLxO = jnp.einsum("bli,oi->blo", x_BxLxI.reshape(B, L, I), w_OxI.reshape(O, I))
-  return y_BxLxO.reshape(B, L, *out_dims)
+  y_MxO = jnp.einsum("mi,oi->mo", x.reshape(-1, I), w_OxI.reshape(O, I),
+                     preferred_element_type=preferred_element_type)
+  return y_MxO.reshape(*rows, *out_dims)
 
 
 def write_slots(buffer_BxS: jax.Array, new_BxT: jax.Array, index_B: jax.Array) -> jax.Array:
@@ -307,9 +328,9 @@ class Attention(nnx.Module):
       k = out_in_dot(x_BxLxD, self.wk_KxHxD[...].astype(dt), 1)
       v = out_in_dot(x_BxLxD, self.wv_KxHxD[...].astype(dt), 1)
     else:
-      q = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.wq_DxNxH[...].astype(dt))
-      k = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wk_DxKxH[...].astype(dt))
-      v = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wv_DxKxH[...].astype(dt))
+      q = dense(x_BxLxD, self.wq_DxNxH[...].astype(dt))
+      k = dense(x_BxLxD, self.wk_DxKxH[...].astype(dt))
+      v = dense(x_BxLxD, self.wv_DxKxH[...].astype(dt))
     if c.attention_bias:
       q, k, v = q + self.bq_NxH[...].astype(dt), k + self.bk_KxH[...].astype(dt), v + self.bv_KxH[...].astype(dt)
     if c.qk_norm:  # Qwen3: per-head RMSNorm before RoPE.
@@ -337,9 +358,7 @@ class Attention(nnx.Module):
         return out_in_dot(out_BxTxNxH, self.wo_DxNxH[...].astype(dt), 2), new_cache
       # One flat (N*H) contraction: as a two-axis contraction XLA CPU chose to copy a transposed
       # wo on every decode step.
-      B, T, N, H = out_BxTxNxH.shape
-      wo_MxD = self.wo_NxHxD[...].astype(dt).reshape(N * H, -1)
-      return jnp.einsum("btm,md->btd", out_BxTxNxH.reshape(B, T, N * H), wo_MxD), new_cache
+      return dense(out_BxTxNxH, self.wo_NxHxD[...].astype(dt), 2), new_cache
 
     if c.attention_impl == "xla":
       out_BxTxNxH = training_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xTxS,
@@ -351,7 +370,7 @@ class Attention(nnx.Module):
           implementation=impl)
     if self.out_in:
       return out_in_dot(out_BxTxNxH, self.wo_DxNxH[...].astype(dt), 2), new_cache
-    out_BxLxD = jnp.einsum("blnh,nhd->bld", out_BxTxNxH, self.wo_NxHxD[...].astype(dt))
+    out_BxLxD = dense(out_BxTxNxH, self.wo_NxHxD[...].astype(dt), 2)
     return out_BxLxD, new_cache
 
 
@@ -371,8 +390,8 @@ class MLP(nnx.Module):
       gate = out_in_dot(x_BxLxD, self.w_gate_FxD[...].astype(dt), 1)
       up = out_in_dot(x_BxLxD, self.w_up_FxD[...].astype(dt), 1)
     else:
-      gate = jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate_DxF[...].astype(dt))
-      up = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up_DxF[...].astype(dt))
+      gate = dense(x_BxLxD, self.w_gate_DxF[...].astype(dt))
+      up = dense(x_BxLxD, self.w_up_DxF[...].astype(dt))
     if self.hidden_act == "silu":
       act = jax.nn.silu(gate)
     else:  # Gemma's gelu_pytorch_tanh is the tanh approximation; plain "gelu" is exact erf.
@@ -380,7 +399,7 @@ class MLP(nnx.Module):
     h_BxLxF = sharding.constrain(act * up, ("batch", "length", "act_mlp"))
     if self.out_in:
       return out_in_dot(h_BxLxF, self.w_down_DxF[...].astype(dt), 1)
-    return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down_FxD[...].astype(dt))
+    return dense(h_BxLxF, self.w_down_FxD[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -467,12 +486,11 @@ class Transformer(nnx.Module):
       hidden_BxLxD = hidden_BxLxD[:, -1:]
     if self.out_in:
       head_VxD = self.embed_VxD[...] if self.config.tie_embeddings else self.lm_head_VxD[...]
-      logits_BxLxV = jnp.einsum("bld,vd->blv", hidden_BxLxD, head_VxD.astype(hidden_BxLxD.dtype),
+      logits_BxLxV = out_in_dot(hidden_BxLxD, head_VxD.astype(hidden_BxLxD.dtype), 1,
                                 preferred_element_type=jnp.float32)
     else:
-      logits_BxLxV = jnp.einsum("bld,dv->blv", hidden_BxLxD,
-                                self.unembed_DxV().astype(hidden_BxLxD.dtype),
-                                preferred_element_type=jnp.float32)
+      logits_BxLxV = dense(hidden_BxLxD, self.unembed_DxV().astype(hidden_BxLxD.dtype),
+                           preferred_element_type=jnp.float32)
     logits_BxLxV = sharding.constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
     logits_BxLxV = logits_BxLxV[..., :self.config.vocab_size]
     return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
