@@ -105,3 +105,17 @@ def test_goals_runner_reads_every_child_and_tabulates_each_goal(capsys):
     assert rows[key]["value"] is None and rows[key]["text"] == "–"  # --quick runs no TRL
   printed = capsys.readouterr().out
   assert "| goal | figure | measured | target | met |" in printed
+
+
+def test_matmul_benchmark_quick_reports_figures_and_flattened_rows_copy_nothing(capsys):
+  """benchmarks/matmul.py at small shapes: every figure positive; the MLP written with flattened
+  rows (``transformer.dense``) has the same gradients, bit for bit, as the 3-D einsums, and its
+  compiled fwd + bwd holds no transposing copy fusion (what flattening removed)."""
+  out = benchmark_scripts.load("matmul").main(["--quick"])
+  assert len(out["products"]) == 2 * 3
+  assert all(r["xla_gflops"] > 0 and r["torch_gflops"] > 0 for r in out["products"])
+  mlp = out["mlp"]
+  assert mlp["grads_bit_identical"]
+  assert mlp["copy_fusions"]["dense"] == 0
+  assert mlp["dense_s"] > 0 and mlp["torch_s"] > 0
+  assert "MLP blocks fwd + bwd" in capsys.readouterr().out

@@ -1,0 +1,156 @@
+r"""The products of a projection's forward and backward, XLA (jitted) against torch, GFLOP/s.
+
+For each [rows, in] x [in, out] shape of a SmolLM2 train step (rows = 4 x 512), three forms:
+``fwd`` x @ W, ``dx`` g @ W^T (contracts W's minor dim), ``dw`` x^T @ g (contracts the rows, the
+major dim of both operands). Then one MLP block's fwd + bwd (gate, up, silu, down; 6 layers),
+written as the model used to (3-D einsums ``"bld,df->blf"``) and as it does now (rows flattened,
+``transformer.dense``), with torch's autograd on the same shapes as the yardstick. Each figure
+is the median of ``--repeats`` calls after two warm-ups; systems alternate per shape, so a noisy
+neighbour hits both alike. Read the ratios, not the absolute rates.
+
+    .venv/bin/python benchmarks/matmul.py [--rows 2048] [--repeats 15]
+
+``--quick``: small shapes (a test runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from saro_jax.models import transformer  # noqa: E402
+
+SMOLLM2 = ((576, 1536), (1536, 576), (576, 576), (576, 192))  # (in, out): mlp, down, q/o, k/v
+
+
+def _median_s(fn: Callable[[], object], repeats: int) -> float:
+  fn(), fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def products(rows: int, shapes: Sequence[tuple[int, int]], repeats: int) -> list[dict]:
+  import torch
+
+  rng = np.random.default_rng(0)
+  forms = {"fwd": (jax.jit(lambda x, w, g: x @ w), lambda x, w, g: x @ w),
+           "dx": (jax.jit(lambda x, w, g: g @ w.T), lambda x, w, g: g @ w.T),
+           "dw": (jax.jit(lambda x, w, g: x.T @ g), lambda x, w, g: x.T @ g)}
+  out = []
+  for n_in, n_out in shapes:
+    arrays = [rng.standard_normal(s, dtype=np.float32)
+              for s in ((rows, n_in), (n_in, n_out), (rows, n_out))]
+    ours, theirs = [jnp.asarray(a) for a in arrays], [torch.from_numpy(a) for a in arrays]
+    flops = 2 * rows * n_in * n_out
+    for form, (xla_fn, torch_fn) in forms.items():
+      xla_s = _median_s(lambda: xla_fn(*ours).block_until_ready(), repeats)
+      torch_s = _median_s(lambda: torch_fn(*theirs), repeats)
+      out.append({"shape": f"{rows}x{n_in}x{n_out}", "form": form, "xla_gflops": flops / xla_s / 1e9,
+                  "torch_gflops": flops / torch_s / 1e9, "xla_vs_torch": torch_s / xla_s})
+  return out
+
+
+def mlp_blocks(rows: int, hidden: int, width: int, layers: int, repeats: int) -> dict:
+  """fwd + bwd of ``layers`` residual MLP blocks: 3-D einsums vs flattened rows vs torch."""
+  import torch
+
+  batch = 4
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((batch, rows // batch, hidden), dtype=np.float32)
+  ws = [0.02 * rng.standard_normal(s, dtype=np.float32)
+        for s in ((hidden, width), (hidden, width), (width, hidden))]
+
+  def einsum_mlp(x, wg, wu, wd):
+    gate, up = jnp.einsum("bld,df->blf", x, wg), jnp.einsum("bld,df->blf", x, wu)
+    return jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, wd)
+
+  def dense_mlp(x, wg, wu, wd):
+    d = transformer.dense
+    return d(jax.nn.silu(d(x, wg)) * d(x, wu), wd)
+
+  def grad_fn(mlp):
+    def loss(ws, x):
+      for _ in range(layers):
+        x = x + mlp(x, *ws)
+      return jnp.sum(x * x)
+    return jax.jit(jax.grad(loss))
+
+  jx, jws = jnp.asarray(x), [jnp.asarray(w) for w in ws]
+  tx = torch.from_numpy(x)
+  tws = [torch.from_numpy(w.copy()).requires_grad_() for w in ws]
+
+  def torch_step():
+    h = tx
+    for _ in range(layers):
+      h = h + (torch.nn.functional.silu(h @ tws[0]) * (h @ tws[1])) @ tws[2]
+    (h * h).sum().backward()
+    for w in tws:
+      w.grad = None
+
+  einsum_g, dense_g = grad_fn(einsum_mlp), grad_fn(dense_mlp)
+  same = all(np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(einsum_g(jws, jx), dense_g(jws, jx)))
+  hlo = {name: g.lower(jws, jx).compile().as_text() for name, g in
+         (("einsum", einsum_g), ("dense", dense_g))}
+  flops = layers * 3 * 3 * 2 * rows * hidden * width  # 3 products x (fwd, dx, dw)
+  times = {"einsum": [], "dense": [], "torch": []}
+  for _ in range(3):  # alternate the three, so load hits them alike
+    times["einsum"].append(_median_s(lambda: jax.block_until_ready(einsum_g(jws, jx)), repeats // 3 or 1))
+    times["dense"].append(_median_s(lambda: jax.block_until_ready(dense_g(jws, jx)), repeats // 3 or 1))
+    times["torch"].append(_median_s(torch_step, repeats // 3 or 1))
+  s = {k: statistics.median(v) for k, v in times.items()}
+  return {"layers": layers, "rows": rows, "grads_bit_identical": same,
+          "copy_fusions": {k: v.count("copy_bitcast_fusion") for k, v in hlo.items()},
+          **{f"{k}_s": v for k, v in s.items()},
+          **{f"{k}_gflops": flops / v / 1e9 for k, v in s.items()},
+          "dense_vs_einsum": s["einsum"] / s["dense"], "dense_vs_torch": s["torch"] / s["dense"]}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--rows", type=int, default=2048, help="rows of every product (batch x length)")
+  p.add_argument("--repeats", type=int, default=15)
+  p.add_argument("--layers", type=int, default=6, help="MLP blocks in the fwd + bwd check")
+  p.add_argument("--quick", action="store_true", help="small shapes: checks the machinery")
+  args = p.parse_args(argv)
+  shapes, hidden, width = SMOLLM2, 576, 1536
+  if args.quick:
+    args.rows, args.repeats, args.layers = 64, 3, 2
+    shapes, hidden, width = ((32, 48), (48, 32)), 32, 48
+  rows = products(args.rows, shapes, args.repeats)
+  print(f"single products, {args.rows} rows, GFLOP/s (median of {args.repeats}); torch threads "
+        f"{__import__('torch').get_num_threads()}")
+  print("| shape (rows x in x out) | form | XLA | torch | XLA / torch |\n|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['shape']} | {r['form']} | {r['xla_gflops']:.0f} | {r['torch_gflops']:.0f} | "
+          f"{r['xla_vs_torch']:.2f}x |")
+  mlp = mlp_blocks(args.rows, hidden, width, args.layers, args.repeats)
+  print(f"\n{mlp['layers']} MLP blocks fwd + bwd, {mlp['rows']} rows: 3-D einsums "
+        f"{mlp['einsum_s']:.3f} s ({mlp['einsum_gflops']:.0f} GFLOP/s, "
+        f"{mlp['copy_fusions']['einsum']} copy fusions), flattened rows {mlp['dense_s']:.3f} s "
+        f"({mlp['dense_gflops']:.0f}, {mlp['copy_fusions']['dense']} copy fusions), torch "
+        f"{mlp['torch_s']:.3f} s ({mlp['torch_gflops']:.0f}); flattened vs einsum "
+        f"{mlp['dense_vs_einsum']:.2f}x, vs torch {mlp['dense_vs_torch']:.2f}x; gradients "
+        f"bit-identical: {mlp['grads_bit_identical']}")
+  result = {"products": rows, "mlp": mlp}
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
