@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from saro_jax import sharding
+from saro_jax.models import transformer
 
 # --------------------------------------------------------------------------------------------
 # Token log-probs without a B x L x V tensor
@@ -81,10 +82,7 @@ def tree_sums(values_BxL: jax.Array, mask_BxL: jax.Array, segment_ids_BxL: jax.A
 def _chunk_logits(hidden_BxCxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
   # fp32 accumulation whatever the compute dtype: a log-softmax over 1e5 classes in bf16 is too
   # coarse.
-  B, C, D = hidden_BxCxD.shape
-  # Rows flattened to one 2-D product (``transformer.dense`` says why).
-  logits_BxCxV = jnp.dot(hidden_BxCxD.reshape(B * C, D), unembed_DxV,
-                         preferred_element_type=jnp.float32).reshape(B, C, -1)
+  logits_BxCxV = transformer.dense(hidden_BxCxD, unembed_DxV, preferred_element_type=jnp.float32)
   return sharding.constrain(logits_BxCxV, ("batch", "length", "act_vocab"))
 
 
@@ -147,14 +145,14 @@ def _full_vocab_stats_bwd(vocab_size, residuals, cotangents):
         g_logp_BxC[..., None] * (onehot_BxCxV.astype(jnp.float32) - probs_BxCxV)
         + g_mean_BxC[..., None] / vocab_size, vocab_size, 0.0)
     d_logits_BxCxV = sharding.constrain(d_logits_BxCxV, ("batch", "length", "act_vocab"))
-    # As [B*C, .] 2-D products: contracting (b, c) of a 3-D einsum makes XLA CPU copy a
-    # transposed operand first (``transformer.dense``).
-    B, C, D = hidden_BxCxD.shape
-    d_logits_MxV = d_logits_BxCxV.reshape(B * C, -1)
-    d_hidden_BxCxD = jnp.einsum("mv,dv->md", d_logits_MxV, unembed_DxV,
-                                preferred_element_type=jnp.float32).reshape(B, C, D)
+    # Over flattened [B*C] rows: contracting (b, c) of a 3-D einsum makes XLA CPU copy a
+    # transposed operand first (``transformer.dense``). unembed_DxV read as [out, in] for d_hidden.
+    d_hidden_BxCxD = transformer.out_in_dot(d_logits_BxCxV, unembed_DxV, 1,
+                                            preferred_element_type=jnp.float32)
     d_hidden_BxCxD = d_hidden_BxCxD.astype(hidden_BxCxD.dtype)
-    d_unembed_DxV = jnp.einsum("md,mv->dv", hidden_BxCxD.reshape(B * C, D), d_logits_MxV,
+    D, V = unembed_DxV.shape
+    d_unembed_DxV = jnp.einsum("md,mv->dv", hidden_BxCxD.reshape(-1, D),
+                               d_logits_BxCxV.reshape(-1, V),
                                preferred_element_type=jnp.float32).astype(unembed_DxV.dtype)
     return d_hidden_BxCxD, d_unembed_DxV
 

@@ -354,13 +354,7 @@ class Attention(nnx.Module):
       new_cache = (cache_k_BxKxHxS, cache_v_BxKxSxH)
       out_BxTxNxH = cached_attention(q_BxLxNxH, cache_k_BxKxHxS.astype(dt),
                                      cache_v_BxKxSxH.astype(dt), mask_Bx1xTxS, c.head_dim ** -0.5)
-      if self.out_in:
-        return out_in_dot(out_BxTxNxH, self.wo_DxNxH[...].astype(dt), 2), new_cache
-      # One flat (N*H) contraction: as a two-axis contraction XLA CPU chose to copy a transposed
-      # wo on every decode step.
-      return dense(out_BxTxNxH, self.wo_NxHxD[...].astype(dt), 2), new_cache
-
-    if c.attention_impl == "xla":
+    elif c.attention_impl == "xla":
       out_BxTxNxH = training_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xTxS,
                                        c.head_dim ** -0.5)
     else:
@@ -368,10 +362,11 @@ class Attention(nnx.Module):
       out_BxTxNxH = jax.nn.dot_product_attention(
           q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xTxS, scale=c.head_dim ** -0.5,
           implementation=impl)
+    # wo contracts (N, H) as ONE flat dim (``dense``): as a two-axis contraction XLA CPU copied a
+    # transposed wo on every decode step.
     if self.out_in:
       return out_in_dot(out_BxTxNxH, self.wo_DxNxH[...].astype(dt), 2), new_cache
-    out_BxLxD = dense(out_BxTxNxH, self.wo_NxHxD[...].astype(dt), 2)
-    return out_BxLxD, new_cache
+    return dense(out_BxTxNxH, self.wo_NxHxD[...].astype(dt), 2), new_cache
 
 
 class MLP(nnx.Module):
