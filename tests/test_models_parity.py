@@ -224,3 +224,19 @@ def test_long_rows_match_transformers(family, tiny_dirs):
   bugged = forward(_final_norm_weight_off_by_a_tenth(model), tokens, positions, segments)
   em.assert_caught(bugged, ref, depth(model, tokens), mask=real,
                    what=f"{family} L=300 one weight off")
+
+
+def test_rope_tables_are_computed_once_per_step(tiny_dirs):
+  # transformer.computed_once: XLA would otherwise fuse cos and sin into every layer's q and k
+  # rotations (forward and backward) and evaluate them again per head. The compiled value-and-grad
+  # of a 2-layer model must hold one cos and one sin, whichever layers and passes read them.
+  import re
+  model = load("llama", tiny_dirs)
+  tokens, positions, segments = batch(7)
+
+  def loss(m):
+    return jnp.mean(m(tokens, positions, segments) ** 2)
+
+  hlo = nnx.jit(nnx.value_and_grad(loss)).lower(model).compile().as_text()
+  ops = {op: len(re.findall(rf"\s{op}\(", hlo)) for op in ("cosine", "sine")}
+  assert ops == {"cosine": 1, "sine": 1}, ops
