@@ -68,6 +68,10 @@ def _stage_config(stage: str, model: str, batch: int, length: int, devices: int,
   config.train.grad_accum = 1
   config.train.logps_chunk = min(config.train.logps_chunk, length)
   config.data.max_length = length
+  if stage == "srpo":
+    # dpo_batch's layout: every pair as two whole rows (the smollm2_135m preset shares the
+    # prefix; the shared and packed layouts have their own benchmark, prefix_dpo.py)
+    config.dpo.prefix_sharing, config.dpo.pairs_per_row = False, 1
   if args is not None:
     if args.arch:
       config.model.arch = ARCHS[args.arch] if args.arch in ARCHS else json.loads(args.arch)

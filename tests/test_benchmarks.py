@@ -30,6 +30,19 @@ def test_throughput_tiny_reports_positive_figures(capsys):
   assert json.loads(out[-1]) == figures
 
 
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_throughput_srpo_config_reads_the_rows_it_is_given(model):
+  """The smollm2_135m preset shares the prefix; throughput.py times the unshared layout that
+  its dpo_batch builds, so its SRPO config must ask for exactly those keys (a shared-prefix config
+  once made ``--model smollm2`` fail on a missing ``tokens``)."""
+  import numpy as np
+  from saro_jax import logps
+  module = benchmark_scripts.load("throughput")
+  cfg = module._stage_config("srpo", model, 2, 64, 1)
+  rows = module.dpo_batch(np.random.default_rng(0), 2, 64, 100)
+  assert set(logps.input_keys(cfg.dpo.prefix_sharing)) <= set(rows)
+
 @pytest.mark.heavy  # tokenizes the 1114 bundled pairs and compiles three SRPO steps
 def test_prefix_dpo_benchmark_tiny_reports_every_mode():
   """benchmarks/prefix_dpo.py end to end at a small size: every mode reports positive figures."""
