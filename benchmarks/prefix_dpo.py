@@ -126,19 +126,24 @@ def model_and_tokenizer(args, cfg: StageConfig):
   return models.init_random(config, seed=0), tokenizer
 
 
-def data_lengths(tokenizer) -> tuple[int, int, int]:
-  """(longest side, longest tree, pairs) over the bundled pairs, as this tokenizer splits them."""
+def data_lengths(tokenizer) -> dict[str, int]:
+  """Over the bundled pairs, as this tokenizer splits them: the longest side and tree, the pair
+  count, and the real tokens of every pair laid out unshared (chosen + rejected) and shared
+  (chosen + rejected - shared_len)."""
   it = pipeline.dpo_batches(SOURCE, tokenizer, batch_size=64, max_length=4096, shuffle=False,
                             num_epochs=1, process_index=0, process_count=1)
-  side = tree = n = 0
+  out = dict(side=0, tree=0, pairs=0, unshared_tokens=0, shared_tokens=0)
   for b in it:
     real = b["example_id"] >= 0
-    c = (b["chosen_segment_ids"] > 0).sum(1)
-    r = (b["rejected_segment_ids"] > 0).sum(1)
-    side = max(side, int(np.maximum(c, r)[real].max()))
-    tree = max(tree, int((c + r - b["shared_len"])[real].max()))
-    n += int(real.sum())
-  return side, tree, n
+    c = (b["chosen_segment_ids"] > 0).sum(1)[real]
+    r = (b["rejected_segment_ids"] > 0).sum(1)[real]
+    t = c + r - b["shared_len"][real]
+    out["side"] = max(out["side"], int(np.maximum(c, r).max()))
+    out["tree"] = max(out["tree"], int(t.max()))
+    out["pairs"] += int(real.sum())
+    out["unshared_tokens"] += int((c + r).sum())
+    out["shared_tokens"] += int(t.sum())
+  return out
 
 
 def round_up(n: int, m: int = 32) -> int:
@@ -427,10 +432,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
   model, tokenizer = model_and_tokenizer(args, base)
   graphdef, params = train.split_model(model)
   vocab = model.config.vocab_size
-  side, tree, n_pairs = data_lengths(tokenizer)
+  data = data_lengths(tokenizer)
+  side, tree = data["side"], data["tree"]
+  # What sharing can save at most: the pairs' real tokens unshared over shared. Work that is
+  # linear in tokens (every matmul but attention's) shrinks by this much without any padding;
+  # a measured ratio above it comes from the two layouts' different padding.
+  token_ratio = data["unshared_tokens"] / data["shared_tokens"]
   print(f"model {args.model} layers={model.config.num_layers} vocab={vocab}; bundled pairs: "
-        f"{n_pairs}, longest side {side}, longest tree {tree} tokens; load average "
-        f"{os.getloadavg()[0]:.1f}")
+        f"{data['pairs']}, longest side {side}, longest tree {tree} tokens; real tokens "
+        f"unshared {data['unshared_tokens']}, shared {data['shared_tokens']} (ratio "
+        f"{token_ratio:.3f}); load average {os.getloadavg()[0]:.1f}")
   specs = {
       "unshared": dict(prefix=False, trees=1, rows=args.pairs, length=round_up(side)),
       "prefix": dict(prefix=True, trees=1, rows=args.pairs, length=round_up(tree)),
@@ -512,8 +523,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not m.live:
       print("\n".join(amortised(results[m.name], m, results.get("trl"))))
   print(f"load average over the rounds: {', '.join(f'{x:.1f}' for x in loads)}")
+  print(f"prefix sharing removes {1 - 1 / token_ratio:.1%} of the bundled pairs' real tokens "
+        f"(token ratio {token_ratio:.3f}x)")
   summary = {"model": args.model, "layers": model.config.num_layers, "modes": results,
-             "load": loads}
+             "load": loads, "data": data, "token_ratio": token_ratio}
   if check is not None:
     summary["check"] = check
     summary["check_ok"] = check["ok"]

@@ -56,6 +56,10 @@ def test_prefix_dpo_benchmark_tiny_reports_every_mode():
   for figures in modes.values():
     assert figures["step_s"] > 0 and figures["pairs_per_s"] > 0 and 0 < figures["fill"] <= 1
   assert modes["packed+cached"]["pairs_per_step"] > 1  # several trees in the one row
+  # The ceiling sharing sets: every pair shares at least its prompt, and never a whole side.
+  data = out["data"]
+  assert data["pairs"] == 1114 and 0 < data["shared_tokens"] < data["unshared_tokens"]
+  assert out["token_ratio"] == data["unshared_tokens"] / data["shared_tokens"] < 2
 
 
 @pytest.mark.heavy  # compiles the tiny RW step twice
@@ -112,6 +116,7 @@ def test_goals_runner_reads_every_child_and_tabulates_each_goal(capsys):
   rows = {r["key"]: r for r in out["rows"]}
   assert rows["sft_vs_torch"]["value"] > 0
   assert rows["prefix_vs_unshared"]["value"] > 0
+  assert "of the pairs' real tokens" in rows["prefix_vs_unshared"]["what"]
   assert rows["fill"]["value"] >= 0.9  # as tests/test_packed_dpo.py's fill test
   assert rows["sampler_batch16"]["value"] > 0
   for key in ("dpo_vs_trl", "sft_vs_trl", "packed_cached_vs_trl", "packed_cached_epoch_vs_trl"):
