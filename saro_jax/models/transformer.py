@@ -102,8 +102,8 @@ def computed_once(x: jax.Array) -> jax.Array:
   ``lax.optimization_barrier`` does not stop that (XLA expands it before fusing); a reduction
   does, since XLA never fuses one into its consumers. So ``x`` is summed with zeros over a new
   axis of two, which is exact (x + 0 = x; a -0.0 would become +0.0, which no consumer of the
-  rope tables tells apart). ``tests/test_models.py`` checks the compiled step holds one cos and
-  one sin.
+  rope tables tells apart). ``tests/test_models_parity.py`` checks that the compiled step holds
+  one cos and one sin.
   """
   return jnp.stack([x, jnp.zeros_like(x)], axis=-1).sum(axis=-1)
 
