@@ -144,8 +144,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     # decides from the flags whether to stop (train.nonfinite="raise") or go on ("skip").
     # A ``lax.cond``, not a select of new against old: with a select XLA fuses each moment's
     # update into the weight's fusion as well, reads the old moments after they are overwritten
-    # in place, and so copies both moment buffers first and passes over every parameter ~15
-    # times; the cond's update branch makes one pass per buffer.
+    # in place, and so copies both moment buffers first (SmolLM2's RW step: 0.28 GiB more temp
+    # memory, ~0.8 s); the cond's branches copy nothing (tests/test_train.py checks it).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(params, opt_state):
