@@ -440,8 +440,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   token_ratio = data["unshared_tokens"] / data["shared_tokens"]
   print(f"model {args.model} layers={model.config.num_layers} vocab={vocab}; bundled pairs: "
         f"{data['pairs']}, longest side {side}, longest tree {tree} tokens; real tokens "
-        f"unshared {data['unshared_tokens']}, shared {data['shared_tokens']} (ratio "
-        f"{token_ratio:.3f}); load average {os.getloadavg()[0]:.1f}")
+        f"unshared {data['unshared_tokens']}, shared {data['shared_tokens']}; load average "
+        f"{os.getloadavg()[0]:.1f}")
   specs = {
       "unshared": dict(prefix=False, trees=1, rows=args.pairs, length=round_up(side)),
       "prefix": dict(prefix=True, trees=1, rows=args.pairs, length=round_up(tree)),

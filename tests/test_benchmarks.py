@@ -30,7 +30,6 @@ def test_throughput_tiny_reports_positive_figures(capsys):
   assert json.loads(out[-1]) == figures
 
 
-
 @pytest.mark.parametrize("model", ["tiny", "smollm2"])
 def test_throughput_srpo_config_reads_the_rows_it_is_given(model):
   """The smollm2_135m preset shares the prefix; throughput.py times the unshared layout that
@@ -42,6 +41,7 @@ def test_throughput_srpo_config_reads_the_rows_it_is_given(model):
   cfg = module._stage_config("srpo", model, 2, 64, 1)
   rows = module.dpo_batch(np.random.default_rng(0), 2, 64, 100)
   assert set(logps.input_keys(cfg.dpo.prefix_sharing)) <= set(rows)
+
 
 @pytest.mark.heavy  # tokenizes the 1114 bundled pairs and compiles three SRPO steps
 def test_prefix_dpo_benchmark_tiny_reports_every_mode():

@@ -36,18 +36,24 @@ def tiny_config(tokenizer) -> ModelConfig:
                      rope_theta=5000.0, rms_norm_eps=1e-5, tie_embeddings=False)
 
 
+def make_step(config, mesh, grad_accum=1, jit=True):
+  """(the RW train step, its start state) for ``config`` on ``mesh``; call under sharding.use."""
+  model = models.init_random(config, seed=0, mesh=mesh)
+  graphdef, params = train.split_model(model)
+  tx = make_optimizer(learning_rate=LR, warmup_steps=0, total_steps=STEPS, schedule="constant",
+                      eps=EPS)
+  state = train.init_state(params, tx, seed=0)
+  loss_fn = rw.make_loss_fn(graphdef, vocab_size=config.vocab_size, chunk_size=16)
+  step = train.make_train_step(loss_fn, tx, grad_accum=grad_accum,
+                               normalizer_fn=rw.target_token_count, mesh=mesh)
+  if jit:
+    step = train.jit_step(step, state, {k: 2 for k in rw.SFT_KEYS}, mesh)
+  return step, state
+
+
 def run_steps(config, mesh, batches, grad_accum=1, jit=True):
   with sharding.use(mesh):
-    model = models.init_random(config, seed=0, mesh=mesh)
-    graphdef, params = train.split_model(model)
-    tx = make_optimizer(learning_rate=LR, warmup_steps=0, total_steps=STEPS, schedule="constant",
-                        eps=EPS)
-    state = train.init_state(params, tx, seed=0)
-    loss_fn = rw.make_loss_fn(graphdef, vocab_size=config.vocab_size, chunk_size=16)
-    step = train.make_train_step(loss_fn, tx, grad_accum=grad_accum,
-                                 normalizer_fn=rw.target_token_count, mesh=mesh)
-    if jit:
-      step = train.jit_step(step, state, {k: 2 for k in rw.SFT_KEYS}, mesh)
+    step, state = make_step(config, mesh, grad_accum, jit)
     losses, sqrt_v_hats = [], []
     for batch in batches:
       state, metrics = step(state, train.put_batch(batch, mesh))
@@ -183,21 +189,14 @@ def test_the_step_never_copies_a_moment_buffer(tokenizer, host_batches):
   """The update skipped on a non-finite step is a ``lax.cond`` (train.make_train_step): with a
   select of new against old XLA fused each moment's update into the weight's fusion too, read the
   old moments after overwriting them in place, and so copied every moment buffer first (on
-  SmolLM2's RW step: 0.28 GiB more temp memory and ~15 passes over the parameters). The compiled
-  step must hold no copy shaped like a weight."""
+  SmolLM2's RW step: 0.28 GiB more temp memory). The compiled step must hold no copy shaped like
+  a weight."""
   import re
-  config = tiny_config(tokenizer)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   with sharding.use(mesh):
-    graphdef, params = train.split_model(models.init_random(config, seed=0, mesh=mesh))
-    tx = make_optimizer(learning_rate=LR, warmup_steps=0, total_steps=STEPS, schedule="constant")
-    state = train.init_state(params, tx, seed=0)
-    loss_fn = rw.make_loss_fn(graphdef, vocab_size=config.vocab_size, chunk_size=16)
-    step = train.make_train_step(loss_fn, tx, grad_accum=1, normalizer_fn=rw.target_token_count,
-                                 mesh=mesh)
-    hlo = train.jit_step(step, state, {k: 2 for k in rw.SFT_KEYS}, mesh).lower(
-        state, train.put_batch(host_batches[0], mesh)).compile().as_text()
-  weight_shapes = {"f32[" + ",".join(map(str, x.shape)) + "]" for x in jax.tree.leaves(params)
-                   if x.ndim >= 2}
+    step, state = make_step(tiny_config(tokenizer), mesh)
+    hlo = step.lower(state, train.put_batch(host_batches[0], mesh)).compile().as_text()
+  weight_shapes = {"f32[" + ",".join(map(str, x.shape)) + "]"
+                   for x in jax.tree.leaves(state.params) if x.ndim >= 2}
   copied = set(re.findall(r"= (f32\[[\d,]+\])\S* copy\(", hlo)) & weight_shapes
   assert not copied, f"the compiled step copies buffers shaped like weights: {sorted(copied)}"
