@@ -153,4 +153,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+  from saro_jax import host_memory  # as saro_jax.main does, before the backend starts
+  print(host_memory.reuse_freed_memory(), flush=True)
   main()

@@ -293,4 +293,6 @@ def print_table(f: dict) -> None:
 
 
 if __name__ == "__main__":
+  from saro_jax import host_memory  # as saro_jax.main does, before the backend starts
+  print(host_memory.reuse_freed_memory(), flush=True)
   main()

@@ -35,6 +35,8 @@ def main(argv: list[str]) -> None:
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / grain chatter
   import jax  # after flags: --jax_* flags and XLA_FLAGS are in place
 
+  from saro_jax import host_memory  # before the backend starts its threads (host_memory.py)
+  logging.info(host_memory.reuse_freed_memory())
   if _MULTIHOST.value:
     _init_distributed(jax)
   from saro_jax import config as config_lib

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from saro_jax import sharding
+from saro_jax import host_memory, sharding
 from saro_jax.data.formats import DEFAULT_TAGS as REASONING_TAGS
 from saro_jax.models import transformer
 
@@ -297,6 +297,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
       results[i] = Generation(prompt=prompts[i], prompt_text=rendered[i][0], text=text,
                               tokens=tokens, finish_reason=reason,
                               num_prompt_tokens=len(rendered[i][1]))
+    host_memory.release_if_grown()
   return [results[i] for i in range(len(prompts))]
 
 

@@ -25,7 +25,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from saro_jax import models, sharding
+from saro_jax import host_memory, models, sharding
 from saro_jax.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -443,6 +443,7 @@ def run_loop(*, step_fn, state: TrainState, batches: Iterator[Mapping[str, np.nd
         writer.write(step, last)
         history.append({"step": step, **last})
         bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        host_memory.release_if_grown()  # a host sync: the steps so far have finished
       bar.update(1)
       stop = preempted(step)
       if checkpointer is not None and (checkpointer.should_save(step) or step == last_step or stop):

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from saro_jax import logps, sharding, train
+from saro_jax import host_memory, logps, sharding, train
 from saro_jax.config import StageConfig
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ def precompute(ref_fn: Callable, ref_params, batches: Iterable[Mapping[str, np.n
     # Padding rows of a last batch (and empty tree slots) have example_id -1.
     for i in np.flatnonzero(ids >= 0).tolist():
       table[int(ids[i])] = (float(chosen[i]), float(rejected[i]))
+    host_memory.release_if_grown()
   os.makedirs(os.path.dirname(path), exist_ok=True)
   ids = np.asarray(list(table), np.int64)
   np.savez(path + ".tmp.npz", example_id=ids, chosen=np.asarray([table[i][0] for i in ids.tolist()]),
