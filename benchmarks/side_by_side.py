@@ -56,6 +56,13 @@ Like-for-like check: the first step's loss (and for DPO the policy's mean chosen
 sequence log-probs) of every system must agree within an fp32 error-model bound derived below
 (``first_step_bounds``); the script prints the errors and exits 1 if any bound is broken.
 
+``--split_processes``: the saro_jax systems run in one child process and the torch systems
+(trl, trl_gc, torch) in another, each with its own defaults: the saro_jax child with the
+allocator policy ``saro_jax.main`` sets (``host_memory.reuse_freed_memory``), the torch child
+with glibc's (``SARO_JAX_HOST_MALLOC=system``). Without it every system shares this process and
+its allocator: the policy is then the same for all, and the ratio compares the programs alone.
+The parent sends each step to its child over a pipe and times it (a few ms of the 10-20 s step).
+
 ``--memory``: each system also runs alone in a child process (its model(s) and state, its first
 step and one more); the figure is the child's peak RSS (``VmHWM``) minus its RSS right after
 importing jax, torch, transformers and trl: the peak the system adds on top of the libraries.
@@ -481,7 +488,11 @@ def run_stage(stage: str, args, directory: str) -> dict:
   hf_config = transformers.AutoConfig.from_pretrained(directory)
   vocab = hf_config.vocab_size
   ids = dpo_ids(args, vocab) if stage == "dpo" else sft_ids(args, vocab)
-  systems, side = build(stage, args.names, args, directory, ids)
+  children = []
+  if args.split_processes:
+    systems, side, children = build_split(stage, args.names, args)
+  else:
+    systems, side = build(stage, args.names, args, directory, ids)
   work = (f"{args.pairs} pairs x 2 x ({args.prompt_len}+{args.completion_len}) tokens" if stage == "dpo"
           else f"{args.rows} rows x {args.row_length} tokens, loss on the last {args.loss_tokens}")
   print(f"\n== {stage.upper()}: {work}; load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -494,8 +505,11 @@ def run_stage(stage: str, args, directory: str) -> dict:
           f"  ids {s.ids_sha}" + (f"  ({s.note})" if s.note else ""), flush=True)
   result = {"stage": stage, "systems": {}, "load": [os.getloadavg()[0]]}
   if side is not None:
-    input_ids = dpo_tensors(side.torch, ids) if stage == "dpo" else sft_labels(side.torch, ids, 0)[0]
-    scale = side.max_logit(input_ids)
+    if isinstance(side, ChildSide):
+      scale = side.max_logit()
+    else:
+      input_ids = dpo_tensors(side.torch, ids) if stage == "dpo" else sft_labels(side.torch, ids, 0)[0]
+      scale = side.max_logit(input_ids)
     bounds = first_step_bounds(hf_config, args, stage, scale)
     typical = first_step_bounds(hf_config, args, stage, scale, growth=typical_growth)
     ok, lines = check_first_steps(systems, bounds, typical) if len(systems) > 1 else (True, [])
@@ -534,6 +548,9 @@ def run_stage(stage: str, args, directory: str) -> dict:
         res[f"vs_{base}"] = b["step_s"] / res["step_s"]
         res[f"vs_{base}_range"] = (min(ratios), max(ratios)) if ratios else None
   print_table(result, unit)
+  for child in children:
+    child.close()
+  result["split_processes"] = bool(children)
   del systems, side
   gc.collect()
   return result
@@ -556,6 +573,110 @@ def print_table(result: dict, unit: str) -> None:
     print(f"| {name} | {r['recompute']} | {r['first']['loss']:.6f} | {r['step_s']:.2f} | {tp} | "
           f"{r['tokens_per_s']:.0f} | " + " | ".join(cells) + " |")
   print(f"load average over the rounds: {', '.join(f'{x:.1f}' for x in result['load'])}")
+
+
+# ---- --split_processes: the saro_jax systems and the torch systems in two child processes -----
+
+def _torch_side(name: str) -> bool:
+  return not name.startswith("saro_jax")
+
+
+def serve(args, directory: str) -> None:
+  """A child (``--serve stage:jax|torch``): builds that side's systems of the stage, then answers
+  one JSON command per stdin line on its own stdout (the libraries' prints go to stderr)."""
+  out = os.fdopen(os.dup(1), "w")
+  os.dup2(2, 1)
+  stage, which = args.serve.split(":")
+  import transformers
+  vocab = transformers.AutoConfig.from_pretrained(directory).vocab_size
+  ids = dpo_ids(args, vocab) if stage == "dpo" else sft_ids(args, vocab)
+  args.check = which == "torch"
+  names = [n for n in args.names if _torch_side(n) == (which == "torch")]
+  systems, side = build(stage, names, args, directory, ids)
+  by_name = {s.name: s for s in systems}
+
+  def answer(value) -> None:
+    out.write(json.dumps(value) + "\n")
+    out.flush()
+
+  from saro_jax import host_memory
+  malloc = "host malloc " + ("reuse" if host_memory.reusing() else "system")
+  answer([{"name": s.name, "setup_s": s.setup_s, "note": f"{s.note}; {malloc}".lstrip("; "),
+           "ids_sha": s.ids_sha} for s in systems])
+  for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["cmd"] == "first":
+      answer(by_name[cmd["name"]].first())
+    elif cmd["cmd"] == "step":
+      by_name[cmd["name"]].step()
+      answer(None)
+    elif cmd["cmd"] == "max_logit":
+      input_ids = dpo_tensors(side.torch, ids) if stage == "dpo" else sft_labels(side.torch, ids, 0)[0]
+      answer(side.max_logit(input_ids))
+    else:
+      return
+
+
+class Child:
+  """One ``--serve`` child process and its pipe."""
+
+  def __init__(self, args, stage: str, which: str, env: dict):
+    cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--cache_dir",
+           args.cache_dir, "--systems", ",".join(args.names), "--serve", f"{stage}:{which}",
+           *args.size_argv] + (["--perturb", str(args.perturb)] if args.perturb else [])
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env=env)
+    self.which = which
+    self.systems = self._read()
+
+  def _read(self):
+    line = self.proc.stdout.readline()
+    if not line:
+      raise SystemExit(f"the {self.which} child process died (exit {self.proc.wait()}); its "
+                       "stderr is above")
+    return json.loads(line)
+
+  def ask(self, **cmd):
+    self.proc.stdin.write(json.dumps(cmd) + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+      self.proc.stdin.close()
+      self.proc.wait(timeout=120)
+
+
+class ChildSide:
+  """The parent's stand-in for the torch side's ``TorchSide`` (only ``max_logit`` is used)."""
+
+  def __init__(self, child: Child):
+    self.child = child
+
+  def max_logit(self) -> float:
+    return self.child.ask(cmd="max_logit")
+
+
+def build_split(stage: str, names: Sequence[str], args):
+  """``build``'s result with every system in a child process: saro_jax under the allocator
+  policy its entry points set, torch and TRL under glibc's."""
+  children = []
+  for which in ("jax", "torch"):
+    if any(_torch_side(n) == (which == "torch") for n in names) or (which == "torch" and args.check):
+      env = dict(os.environ, SARO_JAX_HOST_MALLOC="auto" if which == "jax" else "system")
+      children.append(Child(args, stage, which, env))
+  systems, side = {}, None
+  for child in children:
+    for info in child.systems:
+      name = info["name"]
+      systems[name] = System(
+          name, stage, lambda c=child, n=name: c.ask(cmd="first", name=n),
+          lambda c=child, n=name: c.ask(cmd="step", name=n), setup_s=info["setup_s"],
+          note=info["note"], ids_sha=info["ids_sha"])
+    if child.which == "torch":
+      side = ChildSide(child)
+  return [systems[n] for n in names], side, children
 
 
 # ---- peak memory: one child process per system --------------------------------------------------
@@ -615,6 +736,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(), "saro_side_by_side"))
   p.add_argument("--memory", action="store_true", help="also peak RSS per system (child processes)")
+  p.add_argument("--split_processes", action="store_true",
+                 help="saro_jax and the torch systems in two child processes, each with its own "
+                      "allocator defaults (see the docstring)")
+  p.add_argument("--serve", default="", help=argparse.SUPPRESS)  # stage:jax|torch, a split child
   p.add_argument("--perturb", type=float, default=0.0,
                  help="scale the torch policy's final norm by 1 + x (shows the check catches it)")
   p.add_argument("--no_assert", action="store_true", help="report a broken check, do not exit 1")
@@ -657,6 +782,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args.mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   os.makedirs(args.cache_dir, exist_ok=True)
   directory = hf_dir(args.model, args.cache_dir)
+  if args.serve:
+    serve(args, directory)
+    return {}
   if args.only:
     figures = child_memory(args, directory)
     print(json.dumps(figures))
@@ -684,4 +812,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+  from saro_jax import host_memory  # as saro_jax.main does, before the backend starts
+  print(host_memory.reuse_freed_memory(), file=sys.stderr, flush=True)  # stdout: a --serve pipe
   main()

@@ -2,6 +2,8 @@
 losses (and DPO log-probs) of saro_jax, the plain PyTorch loop and, when installed, TRL agree
 within the script's fp32 error-model bound; a perturbed weight in one system breaks that bound."""
 
+import ctypes
+
 import pytest
 
 import benchmark_scripts
@@ -77,3 +79,19 @@ def test_a_system_name_sets_its_logps_chunk(sbs, tmp_path):
   for bad in ("saro_jax@0", "saro_jax@x", "trl@8", "saro_jax@8,saro_jax@8"):
     with pytest.raises(SystemExit):
       sbs.parse_args(["--systems", bad])
+
+
+@pytest.mark.heavy  # two child processes, each importing jax and torch and compiling its side
+def test_split_processes_run_each_side_in_its_own_process_with_its_allocator(sbs, tmp_path):
+  """--split_processes: saro_jax in one child under host_memory's policy, torch in another under
+  glibc's; the same ids and the same first-step agreement as in one process."""
+  out = _run(sbs, tmp_path, "saro_jax,torch", "--split_processes")
+  _assert_agree(out, ["saro_jax", "torch"])
+  glibc = hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+  for res in out["stages"].values():
+    assert res["split_processes"]
+    for s in res["systems"].values():
+      assert s["step_s"] > 0 and s["throughput"] > 0
+    assert res["systems"]["torch"]["note"].endswith("host malloc system")
+    assert res["systems"]["saro_jax"]["note"].endswith(
+        "host malloc reuse" if glibc else "host malloc system")
