@@ -115,7 +115,7 @@ def release_if_grown(warmup: int = 2) -> bool:
   old hole stays resident. A program that does this on most calls would grow without bound.
   Each growth is seen here (the heap's end, ``sbrk(0)``, moved up) and answered with
   ``malloc_trim(0)``, which hands every free page back: the next step faults its temp in again,
-  as glibc's default policy would on every step, and resident memory stays at the peak.
+  as glibc's default policy would on every step, and the old holes stop counting as resident.
   Returns whether it released. A no-op unless ``reuse_freed_memory`` applied its policy.
   """
   libc = _heap["libc"]
