@@ -505,11 +505,7 @@ def run_stage(stage: str, args, directory: str) -> dict:
           f"  ids {s.ids_sha}" + (f"  ({s.note})" if s.note else ""), flush=True)
   result = {"stage": stage, "systems": {}, "load": [os.getloadavg()[0]]}
   if side is not None:
-    if isinstance(side, ChildSide):
-      scale = side.max_logit()
-    else:
-      input_ids = dpo_tensors(side.torch, ids) if stage == "dpo" else sft_labels(side.torch, ids, 0)[0]
-      scale = side.max_logit(input_ids)
+    scale = logit_scale(side, stage, ids)
     bounds = first_step_bounds(hf_config, args, stage, scale)
     typical = first_step_bounds(hf_config, args, stage, scale, growth=typical_growth)
     ok, lines = check_first_steps(systems, bounds, typical) if len(systems) > 1 else (True, [])
@@ -611,8 +607,7 @@ def serve(args, directory: str) -> None:
       by_name[cmd["name"]].step()
       answer(None)
     elif cmd["cmd"] == "max_logit":
-      input_ids = dpo_tensors(side.torch, ids) if stage == "dpo" else sft_labels(side.torch, ids, 0)[0]
-      answer(side.max_logit(input_ids))
+      answer(logit_scale(side, stage, ids))
     else:
       return
 
@@ -649,13 +644,19 @@ class Child:
 
 
 class ChildSide:
-  """The parent's stand-in for the torch side's ``TorchSide`` (only ``max_logit`` is used)."""
+  """The parent's stand-in for the torch side's ``TorchSide``: ``logit_scale`` asks the child."""
 
   def __init__(self, child: Child):
     self.child = child
 
-  def max_logit(self) -> float:
-    return self.child.ask(cmd="max_logit")
+
+def logit_scale(side, stage: str, ids) -> float:
+  """The error model's logit scale (``TorchSide.max_logit``) on the stage's ids; a ChildSide's
+  comes from the torch child, which computes it the same way."""
+  if isinstance(side, ChildSide):
+    return side.child.ask(cmd="max_logit")
+  input_ids = dpo_tensors(side.torch, ids) if stage == "dpo" else sft_labels(side.torch, ids, 0)[0]
+  return side.max_logit(input_ids)
 
 
 def build_split(stage: str, names: Sequence[str], args):
