@@ -16,6 +16,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output dir (default: config.wor
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize: from JAX_COORDINATOR_ADDRESS /"
     " JAX_NUM_PROCESSES / JAX_PROCESS_ID if set, else auto-detected (TPU pod, SLURM).")
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compile_cache", None, "Directory of JAX's persistent compilation cache (saro_jax/compile_cache.py;"
+    " default ~/.cache/saro_jax/xla; '' or 'off' turns it off; JAX_COMPILATION_CACHE_DIR wins).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -37,6 +40,8 @@ def main(argv: list[str]) -> None:
 
   from saro_jax import host_memory  # before the backend starts its threads (host_memory.py)
   logging.info(host_memory.reuse_freed_memory())
+  from saro_jax import compile_cache  # before the first compile
+  logging.info(compile_cache.enable(_COMPILE_CACHE.value))
   if _MULTIHOST.value:
     _init_distributed(jax)
   from saro_jax import config as config_lib
@@ -48,6 +53,7 @@ def main(argv: list[str]) -> None:
                jax.process_count(), jax.device_count(), jax.devices()[0].platform,
                os.path.abspath(workdir))
   stages.run(config, workdir)
+  logging.info(compile_cache.summary())
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ FILE_SECONDS = {
     "test_benchmarks.py": 60, "test_faults_multihost.py": 50, "test_faults_nonfinite.py": 45,
     "test_faults_export.py": 40, "test_readme_api.py": 50, "test_models_scan.py": 45,
     "test_side_by_side.py": 35, "test_models_sharded.py": 25, "test_data_multiprocess.py": 20,
-    "test_checkpoint.py": 15,
+    "test_checkpoint.py": 15, "test_compile_cache.py": 30,
 }
 
 
