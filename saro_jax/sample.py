@@ -72,10 +72,23 @@ class Generation:
   num_prompt_tokens: int
 
 
+# top-k alone (top_p = 1) with k at most this many: the k-th largest logit comes from a top-k of
+# this width instead of a sort of the whole vocabulary.
+TOP_K_SHORTLIST = 256
+
+
 def sample_token(logits_BxV: jax.Array, keys_B: jax.Array, step: jax.Array, sampling: Sampling) -> jax.Array:
   """Picks one token per row. keys_B: one typed PRNG key per row, folded with ``step``.
 
   Sampling follows HF's order: temperature, then top-k, then top-p over the top-k survivors.
+  Each filter is a cut: logits below the row's cut value are dropped, and the categorical draw's
+  noise depends only on the key and the shape, so the drawn token depends on the cut and the kept
+  logits alone. Only top-p needs the whole vocabulary in order (the mass before each token). The
+  other settings find the same cut without the sort that XLA:CPU takes ~0.9 s for at 40 x 49152
+  (against ~0.15 s for the SmolLM2 decode step itself):
+  no filter cuts at -inf (nothing dropped, as the sort's cut at the smallest logit dropped
+  nothing), and top-k alone (k <= TOP_K_SHORTLIST) cuts at the k-th value of a short top-k. The
+  tokens are bit-identical to the sorted path's (tests/test_sample.py).
   """
 
   def greedy():
@@ -84,16 +97,29 @@ def sample_token(logits_BxV: jax.Array, keys_B: jax.Array, step: jax.Array, samp
   def draw():
     vocab = logits_BxV.shape[-1]
     logits = logits_BxV.astype(jnp.float32) / jnp.maximum(sampling.temperature, 1e-6)
-    sorted_BxV = -jnp.sort(-logits, axis=-1)
     k = jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, vocab), vocab)
-    in_top_k_V = jnp.arange(vocab) < k
-    probs_BxV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BxV, -jnp.inf), axis=-1)
-    # Nucleus: keep the smallest prefix whose mass reaches top_p (a token is kept while the mass
-    # strictly before it is below top_p); top_p = 1 keeps all k (no float-rounding losses).
-    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    n_keep_B = jnp.clip(jnp.sum((before_BxV < sampling.top_p) & in_top_k_V, axis=-1), 1, k)
-    n_keep_B = jnp.where(sampling.top_p >= 1.0, k, n_keep_B)
-    cut_Bx1 = jnp.take_along_axis(sorted_BxV, n_keep_B[:, None] - 1, axis=-1)
+
+    def nucleus_cut():
+      sorted_BxV = jax.lax.top_k(logits, vocab)[0]  # descending: the values of a full sort
+      in_top_k_V = jnp.arange(vocab) < k
+      probs_BxV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BxV, -jnp.inf), axis=-1)
+      # Nucleus: keep the smallest prefix whose mass reaches top_p (a token is kept while the mass
+      # strictly before it is below top_p); top_p = 1 keeps all k (no float-rounding losses).
+      before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+      n_keep_B = jnp.clip(jnp.sum((before_BxV < sampling.top_p) & in_top_k_V, axis=-1), 1, k)
+      n_keep_B = jnp.where(sampling.top_p >= 1.0, k, n_keep_B)
+      return jnp.take_along_axis(sorted_BxV, n_keep_B[:, None] - 1, axis=-1)
+
+    def top_k_cut():
+      top_BxC = jax.lax.top_k(logits, min(TOP_K_SHORTLIST, vocab))[0]
+      return jax.lax.dynamic_slice_in_dim(top_BxC, jnp.minimum(k, top_BxC.shape[-1]) - 1, 1, axis=-1)
+
+    def no_cut():
+      return jnp.full((logits.shape[0], 1), -jnp.inf, logits.dtype)
+
+    which = jnp.where(sampling.top_p < 1.0, 0, jnp.where(k >= vocab, 2,
+                                                         jnp.where(k <= TOP_K_SHORTLIST, 1, 0)))
+    cut_Bx1 = jax.lax.switch(which, (nucleus_cut, top_k_cut, no_cut))
     logits = jnp.where(logits < cut_Bx1, -jnp.inf, logits)
     step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
     return jax.vmap(jax.random.categorical)(step_keys_B, logits).astype(jnp.int32)

@@ -137,3 +137,13 @@ def test_matmul_benchmark_quick_reports_figures_and_flattened_rows_copy_nothing(
   assert mlp["copy_fusions"]["dense"] == 0
   assert mlp["dense_s"] > 0 and mlp["torch_s"] > 0
   assert "MLP blocks fwd + bwd" in capsys.readouterr().out
+
+
+def test_sample_token_benchmark_reports_every_setting(capsys):
+  """benchmarks/sample_token.py at a small size: a figure per setting, and its assertion that the
+  shortcuts draw the sorted path's tokens held (it raises otherwise)."""
+  out = benchmark_scripts.load("sample_token").main(["--batch", "4", "--vocab", "600",
+                                                     "--rounds", "1"])
+  assert set(out) == {"greedy", "temperature 1", "top_k 50", "top_p 0.9"}
+  assert all(r["ours_ms"] > 0 and r["sorted_ms"] > 0 for r in out.values())
+  assert "| top_k 50 |" in capsys.readouterr().out

@@ -15,6 +15,7 @@ import pytest
 import transformers
 from flax import nnx
 
+import benchmark_scripts
 from saro_jax import models, sample, sharding
 from saro_jax.data import bundled
 from saro_jax.models import transformer
@@ -214,6 +215,34 @@ def test_sample_token_filters_match_their_definition():
   assert (freq(temperature=0.0) == [1, 0, 0, 0]).all()
   with pytest.raises(ValueError, match="top_p"):
     sample.Sampling.of(temperature=1.0, top_p=0.0)
+
+
+def test_sample_token_shortcuts_draw_the_sorted_paths_tokens():
+  """No filter and top-k alone skip the vocabulary sort; the tokens must be the sorted path's
+  (benchmarks/sample_token.py: the definition as the sampler computed it before the shortcuts),
+  bit for bit (same seed, same draws): both only choose a cut value, and a cut that drops the
+  same logits leaves the same draw. Logits with ties at the cut, -inf entries and a spread
+  wide enough that every k matters; k on both sides of TOP_K_SHORTLIST and beyond the vocab."""
+  B, V = 64, 1000
+  assert sample.TOP_K_SHORTLIST < V
+  logits = jax.random.normal(jax.random.key(0), (B, V)) * 4
+  logits = jnp.round(logits * 4) / 4  # many exact ties
+  logits = logits.at[:, :5].set(-jnp.inf)
+  keys = jax.random.split(jax.random.key(1), B)
+  sorted_path_token = benchmark_scripts.load("sample_token").sorted_path_token
+  ours, theirs = jax.jit(sample.sample_token), jax.jit(sorted_path_token)
+  settings = [dict(temperature=1.0), dict(temperature=0.3), dict(temperature=2.0, top_k=1)]
+  settings += [dict(temperature=1.0, top_k=k) for k in (2, 50, 255, 256, 257, 999, 1000, 5000)]
+  settings += [dict(temperature=0.7, top_p=p, top_k=k) for p in (0.5, 0.95) for k in (0, 50)]
+  for kw in settings:
+    for step in range(3):
+      a = ours(logits, keys, jnp.int32(step), sample.Sampling.of(**kw))
+      b = theirs(logits, keys, jnp.int32(step), sample.Sampling.of(**kw))
+      assert (np.asarray(a) == np.asarray(b)).all(), (kw, step)
+  # The shortcuts are not a no-op: without any cut the top-k draws differ.
+  free = ours(logits, keys, jnp.int32(0), sample.Sampling.of(temperature=1.0))
+  top = ours(logits, keys, jnp.int32(0), sample.Sampling.of(temperature=1.0, top_k=2))
+  assert (np.asarray(free) != np.asarray(top)).any()
 
 
 def test_split_reasoning():
