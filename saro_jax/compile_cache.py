@@ -2,9 +2,11 @@ r"""JAX's persistent compilation cache for ``python -m saro_jax.main``: a run lo
 earlier run compiled (train steps, the reference pass, the sampler's prefill and decode per
 bucket) from disk instead of compiling them again.
 
-Every run of the same command compiles the same programs: a resume after preemption, the next
-seed or learning rate of a sweep (the optimizer's hyper-parameters are traced, not baked in),
-evaluating another checkpoint of the same model. On a 2-core CPU the README's tiny pipeline took
+Every run of the same command compiles the same programs: a resume after preemption, a pipeline
+re-run whose finished stages are skipped, the evaluation of another checkpoint of the same model.
+Some settings are baked into a program: another learning rate or step count compiles the train
+step anew (its schedule is a constant), another seed the initialisation (tiny RW runs: each loaded
+the other of their 2 programs). On a 2-core CPU the README's tiny pipeline took
 80 s cold and 48 s with the cache warm (RW loss bit-identical); a SmolLM2 SRPO step alone compiles
 for ~20 s, the sampler's prefill and decode ~9 s per prompt bucket, and an 8B model's steps take
 minutes on an accelerator host.
@@ -25,8 +27,8 @@ Choices (``--compile_cache`` in main.py):
     runs) never read a half-written entry.
   * only programs that took >= 1 s to compile are written (JAX's default threshold): the small
     ones cost less to compile than to read back.
-  * a directory that cannot be created or written leaves the cache off with a warning: a cache
-    never stops a run.
+  * a directory that cannot be created or written leaves the cache off and says so in the log:
+    a cache never stops a run.
 On a multi-host run JAX writes entries from process 0 only; point the flag at a filesystem every
 host sees (``gs://...`` needs ``etils``) for the other hosts to hit too.
 """
