@@ -8,9 +8,12 @@ written as the model used to (3-D einsums ``"bld,df->blf"``) and as it does now 
 is the median of ``--repeats`` calls after two warm-ups; systems alternate per shape, so a noisy
 neighbour hits both alike. Read the ratios, not the absolute rates.
 
-    .venv/bin/python benchmarks/matmul.py [--rows 2048] [--repeats 15]
+    .venv/bin/python benchmarks/matmul.py [--rows 2048] [--repeats 15] [--dtype bfloat16]
 
-``--quick``: small shapes (a test runs it).
+``--quick``: small shapes (a test runs it). ``--dtype bfloat16``: bf16 operands on both sides
+(torch's ``bfloat16`` tensors); the XLA products are timed twice, as a plain bf16 dot (a bf16
+result) and asked for an fp32 result (``preferred_element_type``, what ``transformer.dense``
+does on a CPU), and the MLP blocks' flattened rows then run ``dense``'s bf16 path.
 """
 
 from __future__ import annotations
@@ -44,28 +47,42 @@ def _median_s(fn: Callable[[], object], repeats: int) -> float:
   return statistics.median(times)
 
 
-def products(rows: int, shapes: Sequence[tuple[int, int]], repeats: int) -> list[dict]:
+def products(rows: int, shapes: Sequence[tuple[int, int]], repeats: int,
+             dtype: str = "float32") -> list[dict]:
   import torch
 
   rng = np.random.default_rng(0)
-  forms = {"fwd": (jax.jit(lambda x, w, g: x @ w), lambda x, w, g: x @ w),
-           "dx": (jax.jit(lambda x, w, g: g @ w.T), lambda x, w, g: g @ w.T),
-           "dw": (jax.jit(lambda x, w, g: x.T @ g), lambda x, w, g: x.T @ g)}
+  f32 = jnp.float32
+  dims = {"fwd": (((1,), (0,)), ((), ())), "dx": (((1,), (1,)), ((), ())),
+          "dw": (((0,), (0,)), ((), ()))}
+  operands = {"fwd": lambda x, w, g: (x, w), "dx": lambda x, w, g: (g, w),
+              "dw": lambda x, w, g: (x, g)}
+  torch_forms = {"fwd": lambda x, w, g: x @ w, "dx": lambda x, w, g: g @ w.T,
+                 "dw": lambda x, w, g: x.T @ g}
   out = []
   for n_in, n_out in shapes:
     arrays = [rng.standard_normal(s, dtype=np.float32)
               for s in ((rows, n_in), (n_in, n_out), (rows, n_out))]
-    ours, theirs = [jnp.asarray(a) for a in arrays], [torch.from_numpy(a) for a in arrays]
+    ours = [jnp.asarray(a, dtype) for a in arrays]
+    theirs = [torch.from_numpy(a).to(getattr(torch, dtype)) for a in arrays]
     flops = 2 * rows * n_in * n_out
-    for form, (xla_fn, torch_fn) in forms.items():
-      xla_s = _median_s(lambda: xla_fn(*ours).block_until_ready(), repeats)
+    for form, torch_fn in torch_forms.items():
+      plain = jax.jit(lambda x, w, g, f=form: jax.lax.dot_general(*operands[f](x, w, g), dims[f]))
+      xla_s = _median_s(lambda: plain(*ours).block_until_ready(), repeats)
       torch_s = _median_s(lambda: torch_fn(*theirs), repeats)
-      out.append({"shape": f"{rows}x{n_in}x{n_out}", "form": form, "xla_gflops": flops / xla_s / 1e9,
-                  "torch_gflops": flops / torch_s / 1e9, "xla_vs_torch": torch_s / xla_s})
+      row = {"shape": f"{rows}x{n_in}x{n_out}", "form": form, "xla_gflops": flops / xla_s / 1e9,
+             "torch_gflops": flops / torch_s / 1e9, "xla_vs_torch": torch_s / xla_s}
+      if dtype != "float32":  # the same product asked for an fp32 result
+        wide = jax.jit(lambda x, w, g, f=form: jax.lax.dot_general(
+            *operands[f](x, w, g), dims[f], preferred_element_type=f32))
+        wide_s = _median_s(lambda: wide(*ours).block_until_ready(), repeats)
+        row.update(xla_f32_out_gflops=flops / wide_s / 1e9, xla_f32_out_vs_torch=torch_s / wide_s)
+      out.append(row)
   return out
 
 
-def mlp_blocks(rows: int, hidden: int, width: int, layers: int, repeats: int) -> dict:
+def mlp_blocks(rows: int, hidden: int, width: int, layers: int, repeats: int,
+               dtype: str = "float32") -> dict:
   """fwd + bwd of ``layers`` residual MLP blocks: 3-D einsums vs flattened rows vs torch."""
   import torch
 
@@ -74,6 +91,9 @@ def mlp_blocks(rows: int, hidden: int, width: int, layers: int, repeats: int) ->
   x = rng.standard_normal((batch, rows // batch, hidden), dtype=np.float32)
   ws = [0.02 * rng.standard_normal(s, dtype=np.float32)
         for s in ((hidden, width), (hidden, width), (width, hidden))]
+  if dtype != "float32":  # the values both sides get: rounded to the dtype once
+    rounded = lambda a: np.array(jnp.asarray(a, dtype).astype(jnp.float32))
+    x, ws = rounded(x), [rounded(w) for w in ws]
 
   def einsum_mlp(x, wg, wu, wd):
     gate, up = jnp.einsum("bld,df->blf", x, wg), jnp.einsum("bld,df->blf", x, wu)
@@ -87,18 +107,18 @@ def mlp_blocks(rows: int, hidden: int, width: int, layers: int, repeats: int) ->
     def loss(ws, x):
       for _ in range(layers):
         x = x + mlp(x, *ws)
-      return jnp.sum(x * x)
+      return jnp.sum(x.astype(jnp.float32) ** 2)
     return jax.jit(jax.grad(loss))
 
-  jx, jws = jnp.asarray(x), [jnp.asarray(w) for w in ws]
-  tx = torch.from_numpy(x)
-  tws = [torch.from_numpy(w.copy()).requires_grad_() for w in ws]
+  jx, jws = jnp.asarray(x, dtype), [jnp.asarray(w, dtype) for w in ws]
+  tx = torch.from_numpy(x).to(getattr(torch, dtype))
+  tws = [torch.from_numpy(w.copy()).to(getattr(torch, dtype)).requires_grad_() for w in ws]
 
   def torch_step():
     h = tx
     for _ in range(layers):
       h = h + (torch.nn.functional.silu(h @ tws[0]) * (h @ tws[1])) @ tws[2]
-    (h * h).sum().backward()
+    (h.float() ** 2).sum().backward()
     for w in tws:
       w.grad = None
 
@@ -127,19 +147,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--repeats", type=int, default=15)
   p.add_argument("--layers", type=int, default=6, help="MLP blocks in the fwd + bwd check")
   p.add_argument("--quick", action="store_true", help="small shapes: checks the machinery")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   args = p.parse_args(argv)
   shapes, hidden, width = SMOLLM2, 576, 1536
   if args.quick:
     args.rows, args.repeats, args.layers = 64, 3, 2
     shapes, hidden, width = ((32, 48), (48, 32)), 32, 48
-  rows = products(args.rows, shapes, args.repeats)
-  print(f"single products, {args.rows} rows, GFLOP/s (median of {args.repeats}); torch threads "
-        f"{__import__('torch').get_num_threads()}")
-  print("| shape (rows x in x out) | form | XLA | torch | XLA / torch |\n|---|---|---|---|---|")
+  rows = products(args.rows, shapes, args.repeats, args.dtype)
+  wide = args.dtype != "float32"
+  print(f"single products, {args.rows} rows, {args.dtype}, GFLOP/s (median of {args.repeats}); "
+        f"torch threads {__import__('torch').get_num_threads()}")
+  print("| shape (rows x in x out) | form | XLA | " + ("XLA, fp32 result | " if wide else "")
+        + "torch | XLA / torch |" + (" XLA fp32 result / torch |" if wide else "")
+        + "\n|---|---|---|---|---|" + ("---|---|" if wide else ""))
   for r in rows:
-    print(f"| {r['shape']} | {r['form']} | {r['xla_gflops']:.0f} | {r['torch_gflops']:.0f} | "
-          f"{r['xla_vs_torch']:.2f}x |")
-  mlp = mlp_blocks(args.rows, hidden, width, args.layers, args.repeats)
+    print(f"| {r['shape']} | {r['form']} | {r['xla_gflops']:.0f} | "
+          + (f"{r['xla_f32_out_gflops']:.0f} | " if wide else "")
+          + f"{r['torch_gflops']:.0f} | {r['xla_vs_torch']:.2f}x |"
+          + (f" {r['xla_f32_out_vs_torch']:.2f}x |" if wide else ""))
+  mlp = mlp_blocks(args.rows, hidden, width, args.layers, args.repeats, args.dtype)
   print(f"\n{mlp['layers']} MLP blocks fwd + bwd, {mlp['rows']} rows: 3-D einsums "
         f"{mlp['einsum_s']:.3f} s ({mlp['einsum_gflops']:.0f} GFLOP/s, "
         f"{mlp['copy_fusions']['einsum']} copy fusions), flattened rows {mlp['dense_s']:.3f} s "
@@ -147,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{mlp['torch_s']:.3f} s ({mlp['torch_gflops']:.0f}); flattened vs einsum "
         f"{mlp['dense_vs_einsum']:.2f}x, vs torch {mlp['dense_vs_torch']:.2f}x; gradients "
         f"bit-identical: {mlp['grads_bit_identical']}")
-  result = {"products": rows, "mlp": mlp}
+  result = {"dtype": args.dtype, "products": rows, "mlp": mlp}
   print(json.dumps(result))
   return result
 

@@ -80,9 +80,13 @@ def tree_sums(values_BxL: jax.Array, mask_BxL: jax.Array, segment_ids_BxL: jax.A
 
 
 def _chunk_logits(hidden_BxCxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
-  # fp32 accumulation whatever the compute dtype: a log-softmax over 1e5 classes in bf16 is too
-  # coarse.
-  logits_BxCxV = transformer.dense(hidden_BxCxD, unembed_DxV, preferred_element_type=jnp.float32)
+  # The weights in the compute dtype (as the model's own unembedding reads them), fp32
+  # accumulation whatever the compute dtype: a log-softmax over 1e5 classes in bf16 is too coarse.
+  # With fp32 compute the cast is the identity. With bf16 compute the product is a bf16 x bf16
+  # GEMM (an fp32 [D, V] operand made it an fp32 GEMM: TF32 at half the bf16 rate on a GPU, and
+  # no AMX on a CPU), for a head that is ~20 % of a 1B model's FLOPs at a 128k vocabulary.
+  logits_BxCxV = transformer.dense(hidden_BxCxD, unembed_DxV.astype(hidden_BxCxD.dtype),
+                                   preferred_element_type=jnp.float32)
   return sharding.constrain(logits_BxCxV, ("batch", "length", "act_vocab"))
 
 
@@ -145,11 +149,17 @@ def _full_vocab_stats_bwd(vocab_size, residuals, cotangents):
         g_logp_BxC[..., None] * (onehot_BxCxV.astype(jnp.float32) - probs_BxCxV)
         + g_mean_BxC[..., None] / vocab_size, vocab_size, 0.0)
     d_logits_BxCxV = sharding.constrain(d_logits_BxCxV, ("batch", "length", "act_vocab"))
+    # Both products in the compute dtype with fp32 accumulation, as the forward's: d logits is
+    # rounded to it once (as autodiff of a bf16 model rounds every cotangent), the weight's
+    # gradient stays fp32 (the master weight's dtype; autodiff would round it to bf16 first).
+    # Identities with fp32 compute.
+    dt = hidden_BxCxD.dtype
+    d_logits_BxCxV = d_logits_BxCxV.astype(dt)
     # Over flattened [B*C] rows: contracting (b, c) of a 3-D einsum makes XLA CPU copy a
     # transposed operand first (``transformer.dense``). unembed_DxV read as [out, in] for d_hidden.
-    d_hidden_BxCxD = transformer.out_in_dot(d_logits_BxCxV, unembed_DxV, 1,
+    d_hidden_BxCxD = transformer.out_in_dot(d_logits_BxCxV, unembed_DxV.astype(dt), 1,
                                             preferred_element_type=jnp.float32)
-    d_hidden_BxCxD = d_hidden_BxCxD.astype(hidden_BxCxD.dtype)
+    d_hidden_BxCxD = d_hidden_BxCxD.astype(dt)
     D, V = unembed_DxV.shape
     d_unembed_DxV = jnp.einsum("md,mv->dv", hidden_BxCxD.reshape(-1, D),
                                d_logits_BxCxV.reshape(-1, V),

@@ -139,6 +139,17 @@ def test_matmul_benchmark_quick_reports_figures_and_flattened_rows_copy_nothing(
   assert "MLP blocks fwd + bwd" in capsys.readouterr().out
 
 
+def test_matmul_benchmark_bf16_times_both_result_types(capsys):
+  """``--dtype bfloat16``: each product timed as a plain bf16 dot and with an fp32 result (the
+  form ``transformer.dense`` takes on a CPU), and the MLP blocks in bf16."""
+  out = benchmark_scripts.load("matmul").main(["--quick", "--dtype", "bfloat16"])
+  assert out["dtype"] == "bfloat16"
+  assert all(r["xla_gflops"] > 0 and r["xla_f32_out_gflops"] > 0 and r["torch_gflops"] > 0
+             for r in out["products"])
+  assert out["mlp"]["dense_s"] > 0 and out["mlp"]["torch_s"] > 0
+  assert "| XLA, fp32 result |" in capsys.readouterr().out
+
+
 def test_sample_token_benchmark_reports_every_setting(capsys):
   """benchmarks/sample_token.py at a small size: a figure per setting, and its assertion that the
   shortcuts draw the sorted path's tokens held (it raises otherwise)."""

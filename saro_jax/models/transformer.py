@@ -265,9 +265,51 @@ def dense(x: jax.Array, w_IxO: jax.Array, n_in: int = 1, preferred_element_type=
   I, O = math.prod(w_IxO.shape[:n_in]), math.prod(out_dims)
   # Sharding survives the merges: a weight's sharded dim (heads, mlp) is the major one of those
   # it merges with, and so is the batch among the rows.
-  y_MxO = jnp.dot(x.reshape(-1, I), w_IxO.reshape(I, O),
-                  preferred_element_type=preferred_element_type)
+  x_MxI, w_IxO = x.reshape(-1, I), w_IxO.reshape(I, O)
+  if preferred_element_type is None and _cpu_low_precision(x_MxI, w_IxO):
+    y_MxO = _cpu_low_precision_matmul(x_MxI, w_IxO)
+  else:
+    y_MxO = jnp.dot(x_MxI, w_IxO, preferred_element_type=preferred_element_type)
   return y_MxO.reshape(*rows, *out_dims)
+
+
+def _cpu_low_precision(x: jax.Array, w: jax.Array) -> bool:
+  """A bf16 x bf16 product traced for XLA:CPU (the default backend is the CPU)."""
+  return (x.dtype == w.dtype == jnp.bfloat16) and jax.default_backend() == "cpu"
+
+
+@jax.custom_vjp
+def _cpu_low_precision_matmul(x_MxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
+  """``x @ w`` for bf16 operands on XLA:CPU: the same numbers as ``jnp.dot`` (bf16 products are
+  exact in fp32, accumulated in fp32, rounded to bf16 once), run as a bf16 GEMM.
+
+  Why: XLA:CPU runs a bf16 x bf16 -> bf16 dot as an fp32 GEMM (it converts both operands to fp32
+  first), so bf16 compute was no faster than fp32 on a CPU (a SmolLM2 RW step: 15.8 s against
+  16.0 s on an Intel Xeon with AMX). Asked for an fp32 result it keeps the bf16 operands and its
+  GEMM library uses the CPU's bf16 units (AMX): [2048, 576] x [576, 1536] ran at 530-800 GFLOP/s
+  against 150-180. The backward keeps that form: d x is the same kind of product (its weight
+  operand contracting its minor dim, which the GEMM library also takes); d w contracts the rows,
+  which XLA:CPU runs as an fp32 product either way. The RW step: 10.9-11.5 s against 14.8-15.8 s
+  (benchmarks/README.md, "bf16 compute on a CPU"). Other backends never take this path.
+  """
+  return jnp.dot(x_MxI, w_IxO, preferred_element_type=jnp.float32).astype(x_MxI.dtype)
+
+
+def _cpu_low_precision_matmul_fwd(x_MxI, w_IxO):
+  return _cpu_low_precision_matmul(x_MxI, w_IxO), (x_MxI, w_IxO)
+
+
+def _cpu_low_precision_matmul_bwd(residuals, d_y_MxO):
+  x_MxI, w_IxO = residuals
+  d_y_MxO = d_y_MxO.astype(x_MxI.dtype)
+  d_x_MxI = jax.lax.dot_general(d_y_MxO, w_IxO, (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32).astype(x_MxI.dtype)
+  d_w_IxO = jax.lax.dot_general(x_MxI, d_y_MxO, (((0,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32).astype(w_IxO.dtype)
+  return d_x_MxI, d_w_IxO
+
+
+_cpu_low_precision_matmul.defvjp(_cpu_low_precision_matmul_fwd, _cpu_low_precision_matmul_bwd)
 
 
 def out_in_dot(x: jax.Array, w_OxI: jax.Array, n_in: int, preferred_element_type=None) -> jax.Array:
@@ -282,9 +324,13 @@ def out_in_dot(x: jax.Array, w_OxI: jax.Array, n_in: int, preferred_element_type
   """
   rows, out_dims = x.shape[:x.ndim - n_in], w_OxI.shape[:w_OxI.ndim - n_in]
   O, I = math.prod(out_dims), math.prod(w_OxI.shape[w_OxI.ndim - n_in:])
-  y_MxO = jnp.einsum("mi,oi->mo", x.reshape(-1, I), w_OxI.reshape(O, I),
-                     preferred_element_type=preferred_element_type)
-  return y_MxO.reshape(*rows, *out_dims)
+  x_MxI, w_OxI = x.reshape(-1, I), w_OxI.reshape(O, I)
+  # bf16 on XLA:CPU: an fp32 result keeps the GEMM in bf16 (``_cpu_low_precision_matmul``), then
+  # one rounding to bf16, as the bf16 dot would round it. Forward only (the decode copy).
+  low = preferred_element_type is None and _cpu_low_precision(x_MxI, w_OxI)
+  y_MxO = jnp.einsum("mi,oi->mo", x_MxI, w_OxI,
+                     preferred_element_type=jnp.float32 if low else preferred_element_type)
+  return (y_MxO.astype(x.dtype) if low else y_MxO).reshape(*rows, *out_dims)
 
 
 def write_slots(buffer_BxS: jax.Array, new_BxT: jax.Array, index_B: jax.Array) -> jax.Array:
