@@ -280,8 +280,9 @@ def _cpu_low_precision(x: jax.Array, w: jax.Array) -> bool:
 
 @jax.custom_vjp
 def _cpu_low_precision_matmul(x_MxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
-  """``x @ w`` for bf16 operands on XLA:CPU: the same numbers as ``jnp.dot`` (bf16 products are
-  exact in fp32, accumulated in fp32, rounded to bf16 once), run as a bf16 GEMM.
+  """``x @ w`` for bf16 operands on XLA:CPU, with the numbers a bf16 dot defines (bf16 products
+  are exact in fp32, accumulated in fp32 in the GEMM library's order, rounded to bf16 once), run
+  as a bf16 GEMM.
 
   Why: XLA:CPU runs a bf16 x bf16 -> bf16 dot as an fp32 GEMM (it converts both operands to fp32
   first), so bf16 compute was no faster than fp32 on a CPU (a SmolLM2 RW step: 15.8 s against
