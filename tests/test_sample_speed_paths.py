@@ -179,3 +179,25 @@ def test_decode_layout_benchmark_runs_and_layouts_agree(capsys):
     assert figures["prefill_cpu_s"] > 0 and figures["step_cpu_s"] > 0
   assert results["layouts"]["in_out"]["step_ratio"] == 1.0
   assert "| out_in |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family,scan", [("llama", False), ("gemma", True)])
+def test_out_in_copy_in_the_compute_dtype_computes_the_same_logits(family, scan, tmp_path):
+  """bf16 compute over fp32 weights: the decode copy stores its moved weights and the embedding in
+  bf16 (every product casts them to bf16 at use anyway), so its logits are the logits of the copy
+  that keeps them fp32, bit for bit, and the copy holds half the bytes."""
+  model = hf.load_hf(str(tiny_hf.save_tiny_hf(family, tmp_path / family)), scan_layers=scan,
+                     compute_dtype="bfloat16")
+  narrow, wide = transformer.to_out_in(model), transformer.to_out_in(model, in_compute_dtype=False)
+  assert narrow.embed_VxD[...].dtype == jnp.bfloat16 and wide.embed_VxD[...].dtype == jnp.float32
+  attn, wide_attn = _owner(narrow, "wq", scan), _owner(wide, "wq", scan)
+  assert attn.wq_NxHxD[...].dtype == jnp.bfloat16 and wide_attn.wq_NxHxD[...].dtype == jnp.float32
+  # Norm scales are read in fp32 (RMSNorm normalises in fp32): never narrowed.
+  assert narrow.final_norm.scale_D[...].dtype == jnp.float32
+  tokens, positions, segments = tiny_hf.padded_batch()
+  forward = jax.jit(lambda m, t, p, s: m(t, p, s))
+  np.testing.assert_array_equal(np.asarray(forward(narrow, tokens, positions, segments)),
+                                np.asarray(forward(wide, tokens, positions, segments)))
+  # fp32 compute: nothing is narrowed (the copy shares the embedding with the model).
+  fp32 = hf.load_hf(str(tmp_path / family), scan_layers=scan)
+  assert transformer.to_out_in(fp32).embed_VxD[...] is fp32.embed_VxD[...]
