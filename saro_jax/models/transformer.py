@@ -303,10 +303,14 @@ def _cpu_low_precision_matmul_fwd(x_MxI, w_IxO):
 def _cpu_low_precision_matmul_bwd(residuals, d_y_MxO):
   x_MxI, w_IxO = residuals
   d_y_MxO = d_y_MxO.astype(x_MxI.dtype)
+  # Each gradient sharded as its primal (what autodiff's transpose of a dot asks for too; a mesh
+  # with explicit axes requires it when the contracted dim is sharded).
   d_x_MxI = jax.lax.dot_general(d_y_MxO, w_IxO, (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32).astype(x_MxI.dtype)
+                                preferred_element_type=jnp.float32,
+                                out_sharding=jax.typeof(x_MxI).sharding).astype(x_MxI.dtype)
   d_w_IxO = jax.lax.dot_general(x_MxI, d_y_MxO, (((0,), (0,)), ((), ())),
-                                preferred_element_type=jnp.float32).astype(w_IxO.dtype)
+                                preferred_element_type=jnp.float32,
+                                out_sharding=jax.typeof(w_IxO).sharding).astype(w_IxO.dtype)
   return d_x_MxI, d_w_IxO
 
 
