@@ -90,9 +90,15 @@ def _chunk_logits(hidden_BxCxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
   return sharding.constrain(logits_BxCxV, ("batch", "length", "act_vocab"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _full_vocab_stats(hidden_BxCxD, unembed_DxV, targets_BxC, active, vocab_size):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _full_vocab_stats(hidden_BxCxD, unembed_DxV, read_DxV, targets_BxC, active, vocab_size):
   """(log p(target), mean logit) for one sequence chunk, all vocabulary columns at once.
+
+  ``read_DxV``: ``unembed_DxV`` in the compute dtype, the operand both products read, cast once
+  by the caller outside the chunk loop (XLA does not hoist the cast out of the loop's ``lax.cond``:
+  30 ms per chunk and pass for SmolLM2's [576, 49152] in bf16). The gradient goes to
+  ``unembed_DxV`` in its own dtype, so the chunks' contributions add up in fp32 for fp32 master
+  weights; ``read_DxV`` gets none (it is the same array with fp32 compute).
 
   Its own VJP (``_full_vocab_stats_bwd``): the backward recomputes the chunk's logits from the
   saved hidden states and log-sum-exp (the [B, C, V] logits are never stored) and forms
@@ -102,7 +108,8 @@ def _full_vocab_stats(hidden_BxCxD, unembed_DxV, targets_BxC, active, vocab_size
 
   ``active`` (a bool scalar, or None for always): a False chunk holds no scored position, and
   forward and backward skip its logits (``lax.cond``: zeros out, zero cotangents)."""
-  stats, _ = _full_vocab_stats_fwd(hidden_BxCxD, unembed_DxV, targets_BxC, active, vocab_size)
+  stats, _ = _full_vocab_stats_fwd(hidden_BxCxD, unembed_DxV, read_DxV, targets_BxC, active,
+                                   vocab_size)
   return stats
 
 
@@ -122,9 +129,9 @@ def _when(active, compute, skipped_like):
                       lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), skipped_like))
 
 
-def _full_vocab_stats_fwd(hidden_BxCxD, unembed_DxV, targets_BxC, active, vocab_size):
+def _full_vocab_stats_fwd(hidden_BxCxD, unembed_DxV, read_DxV, targets_BxC, active, vocab_size):
   def compute():
-    logits_BxCxV = _chunk_logits(hidden_BxCxD, unembed_DxV)
+    logits_BxCxV = _chunk_logits(hidden_BxCxD, read_DxV)
     lse_BxC = jax.nn.logsumexp(_real_columns(logits_BxCxV, vocab_size, -jnp.inf), axis=-1)
     target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
     logit_sum_BxC = jnp.sum(_real_columns(logits_BxCxV, vocab_size, 0.0), axis=-1)
@@ -132,15 +139,15 @@ def _full_vocab_stats_fwd(hidden_BxCxD, unembed_DxV, targets_BxC, active, vocab_
 
   zeros_BxC = jax.ShapeDtypeStruct(targets_BxC.shape, jnp.float32)
   logp_BxC, mean_BxC, lse_BxC = _when(active, compute, (zeros_BxC,) * 3)
-  return (logp_BxC, mean_BxC), (hidden_BxCxD, unembed_DxV, targets_BxC, active, lse_BxC)
+  return (logp_BxC, mean_BxC), (hidden_BxCxD, unembed_DxV, read_DxV, targets_BxC, active, lse_BxC)
 
 
 def _full_vocab_stats_bwd(vocab_size, residuals, cotangents):
-  hidden_BxCxD, unembed_DxV, targets_BxC, active, lse_BxC = residuals
+  hidden_BxCxD, unembed_DxV, read_DxV, targets_BxC, active, lse_BxC = residuals
   g_logp_BxC, g_mean_BxC = cotangents
 
   def compute():
-    logits_BxCxV = _chunk_logits(hidden_BxCxD, unembed_DxV)
+    logits_BxCxV = _chunk_logits(hidden_BxCxD, read_DxV)
     # d logp / d logits = onehot(target) - softmax; d mean / d logits = 1/V; both 0 on the
     # padding columns (their logits set to -inf give softmax 0; the select drops the mean's share).
     probs_BxCxV = jnp.exp(_real_columns(logits_BxCxV, vocab_size, -jnp.inf) - lse_BxC[..., None])
@@ -157,7 +164,7 @@ def _full_vocab_stats_bwd(vocab_size, residuals, cotangents):
     d_logits_BxCxV = d_logits_BxCxV.astype(dt)
     # Over flattened [B*C] rows: contracting (b, c) of a 3-D einsum makes XLA CPU copy a
     # transposed operand first (``transformer.dense``). unembed_DxV read as [out, in] for d_hidden.
-    d_hidden_BxCxD = transformer.out_in_dot(d_logits_BxCxV, unembed_DxV.astype(dt), 1,
+    d_hidden_BxCxD = transformer.out_in_dot(d_logits_BxCxV, read_DxV, 1,
                                             preferred_element_type=jnp.float32)
     d_hidden_BxCxD = d_hidden_BxCxD.astype(dt)
     D, V = unembed_DxV.shape
@@ -167,7 +174,7 @@ def _full_vocab_stats_bwd(vocab_size, residuals, cotangents):
     return d_hidden_BxCxD, d_unembed_DxV
 
   d_hidden_BxCxD, d_unembed_DxV = _when(active, compute, (hidden_BxCxD, unembed_DxV))
-  return d_hidden_BxCxD, d_unembed_DxV, None, None
+  return d_hidden_BxCxD, d_unembed_DxV, None, None, None
 
 
 _full_vocab_stats.defvjp(_full_vocab_stats_fwd, _full_vocab_stats_bwd)
@@ -269,12 +276,15 @@ def token_logps_and_mean_logits(
   skip = mask_BxL is not None and full_vocab
   active_N = jnp.arange(n_chunks) * chunk < n_scored if skip else jnp.ones(n_chunks, bool)
 
+  # The full-vocabulary products' operand, cast to the compute dtype once (``_full_vocab_stats``).
+  read_DxV = unembed_DxV.astype(hidden_BxLxD.dtype)
+
   # Either way the backward recomputes each chunk's logits instead of storing them.
   def chunk_stats(xs):
     hidden_BxCxD, targets_BxC, active = xs
     if full_vocab:
-      return _full_vocab_stats(hidden_BxCxD, unembed_DxV, targets_BxC, active if skip else None,
-                               vocab_size)
+      return _full_vocab_stats(hidden_BxCxD, unembed_DxV, read_DxV, targets_BxC,
+                               active if skip else None, vocab_size)
     return jax.checkpoint(_vocab_chunked_stats, static_argnums=(3, 4))(
         hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size, vocab_chunk_size)
 
