@@ -4,7 +4,7 @@ trainer driven step by step, the fingerprint of the ids a system feeds, and the 
 bound on the first step's figures.
 
 How TRL is driven (``TrlStep``): the trainer is built as a user builds it (DPOConfig / SFTConfig
-with fp32, ``bf16=False``, AdamW with the given learning rate, betas 0.9 / 0.999, eps 1e-8, no
+with fp32, ``bf16=False``, or with ``bf16=True``, its mixed precision, when asked; AdamW with the given learning rate, betas 0.9 / 0.999, eps 1e-8, no
 weight decay, a constant schedule, clipping at norm 1); each step is exactly what ``Trainer``'s
 inner loop does per optimizer step: ``trainer.training_step`` (TRL's ``compute_loss`` +
 backward), the trainer's ``_clip_grad_norm``, ``optimizer.step()`` (TRL's default
@@ -174,7 +174,7 @@ class TrlStep:
   inner loop steps it (module docstring)."""
 
   def __init__(self, stage: str, side: TorchSide, *, batch_size: int, lr: float, seed: int,
-               beta: float = 0.1, train_dataset=None):
+               beta: float = 0.1, train_dataset=None, bf16: bool = False):
     import datasets
     import trl
 
@@ -182,7 +182,7 @@ class TrlStep:
     common = dict(output_dir=tempfile.mkdtemp(prefix="saro_trl_"),
                   per_device_train_batch_size=batch_size, learning_rate=lr,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
-                  adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, bf16=False, fp16=False,
+                  adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, bf16=bf16, fp16=False,
                   use_cpu=True, report_to=[], save_strategy="no", logging_steps=10_000, seed=seed,
                   gradient_checkpointing=False, disable_tqdm=True)
     if stage == "dpo":
@@ -203,7 +203,7 @@ class TrlStep:
     trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
     trainer.current_gradient_accumulation_steps = 1
     self.trainer, self.model, self.config = trainer, trainer.model, config
-    self.note = f"TRL {trl.__version__}, {config.optim}"
+    self.note = f"TRL {trl.__version__}, {config.optim}" + (", bf16 autocast" if bf16 else "")
     self._gc_kwargs = dict(config.activation_checkpointing_kwargs or {})
 
   def collate(self, examples: list[dict]) -> dict:

@@ -13,7 +13,8 @@ neighbour hits both alike. Read the ratios, not the absolute rates.
 ``--quick``: small shapes (a test runs it). ``--dtype bfloat16``: bf16 operands on both sides
 (torch's ``bfloat16`` tensors); the XLA products are timed twice, as a plain bf16 dot (a bf16
 result) and asked for an fp32 result (``preferred_element_type``, what ``transformer.dense``
-does on a CPU), and the MLP blocks' flattened rows then run ``dense``'s bf16 path.
+does on a CPU; its ``dw`` goes through ``transformer.rows_contracted_dot``, a bf16 GEMM on a
+row-major copy of x^T), and the MLP blocks' flattened rows then run ``dense``'s bf16 path.
 """
 
 from __future__ import annotations
@@ -73,8 +74,10 @@ def products(rows: int, shapes: Sequence[tuple[int, int]], repeats: int,
       row = {"shape": f"{rows}x{n_in}x{n_out}", "form": form, "xla_gflops": flops / xla_s / 1e9,
              "torch_gflops": flops / torch_s / 1e9, "xla_vs_torch": torch_s / xla_s}
       if dtype != "float32":  # the same product asked for an fp32 result
-        wide = jax.jit(lambda x, w, g, f=form: jax.lax.dot_general(
-            *operands[f](x, w, g), dims[f], preferred_element_type=f32))
+        wide = jax.jit(
+            (lambda x, w, g: transformer.rows_contracted_dot(x, g)) if form == "dw" else
+            (lambda x, w, g, f=form: jax.lax.dot_general(*operands[f](x, w, g), dims[f],
+                                                         preferred_element_type=f32)))
         wide_s = _median_s(lambda: wide(*ours).block_until_ready(), repeats)
         row.update(xla_f32_out_gflops=flops / wide_s / 1e9, xla_f32_out_vs_torch=torch_s / wide_s)
       out.append(row)

@@ -4,6 +4,8 @@ accumulation, and give the numbers the bf16 model defines.
 XLA:CPU runs a bf16 x bf16 -> bf16 dot as an fp32 GEMM; ``transformer.dense`` asks for an fp32
 result on the CPU (``_cpu_low_precision_matmul``) so the GEMM library keeps the bf16 operands
 (AMX on Intel Xeons), and the loss's lm head reads its fp32 master weights in the compute dtype.
+Weight gradients (the rows contracted) go through ``transformer.rows_contracted_dot``, a bf16
+GEMM on a row-major copy of the activations' transpose.
 
 Error model (bf16 unit roundoff u16 = 2^-8: 8 significand bits with the implicit one; fp32's
 Higham gamma(n) for an n-term fp32 sum, tests/error_model.py): bf16 x bf16 products are exact in
@@ -34,12 +36,12 @@ def bf16(seed, *shape):
   return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
 
 
-def bf16_dots(fn, *args) -> int:
-  """How many dots of ``fn``'s optimized program read two bf16 operands."""
+def bf16_dots(fn, *args) -> tuple[int, int]:
+  """How many dots of ``fn``'s optimized program read two bf16 operands, and how many in all."""
   hlo = jax.jit(fn).lower(*args).compile().as_text()
   types = dict(re.findall(r"(%[\w.\-]+) = (\w+)\[", hlo))
-  return sum(types.get(a) == types.get(b) == "bf16"
-             for a, b in re.findall(r"dot\((%[\w.\-]+), (%[\w.\-]+)\)", hlo))
+  operands = re.findall(r"dot\((%[\w.\-]+), (%[\w.\-]+)\)", hlo)
+  return sum(types.get(a) == types.get(b) == "bf16" for a, b in operands), len(operands)
 
 
 def within(got, want, bound, what):
@@ -109,11 +111,11 @@ def test_dense_bound_catches_a_perturbed_weight():
 def test_dense_bf16_products_are_bf16_gemms_on_cpu():
   x, w = jnp.asarray(bf16(3, 128, 64), jnp.bfloat16), jnp.asarray(bf16(4, 64, 96), jnp.bfloat16)
   grad = jax.grad(lambda x, w: jnp.sum(transformer.dense(x, w).astype(jnp.float32) ** 2), (0, 1))
-  # The forward and d x read bf16 operands (d w contracts the rows; XLA:CPU runs that one in fp32
-  # whatever it is given). A plain bf16 jnp.dot compiles to fp32 dots here.
-  assert bf16_dots(grad, x, w) >= 2
+  # The forward, d x and d w all read bf16 operands (d w contracts the rows: without the
+  # row-major copy of x^T, XLA:CPU runs it in fp32). A plain bf16 jnp.dot compiles to fp32 dots.
+  assert bf16_dots(grad, x, w) == (3, 3)
   # fp32 compute is untouched: no bf16 anywhere.
-  assert bf16_dots(grad, x.astype(jnp.float32), w.astype(jnp.float32)) == 0
+  assert bf16_dots(grad, x.astype(jnp.float32), w.astype(jnp.float32)) == (0, 3)
 
 
 def test_loss_unembedding_reads_the_weights_in_the_compute_dtype():
@@ -126,7 +128,9 @@ def test_loss_unembedding_reads_the_weights_in_the_compute_dtype():
   np.testing.assert_array_equal(np.asarray(logps(jnp.asarray(unembed))),
                                 np.asarray(logps(jnp.asarray(unembed, jnp.bfloat16))))
   objective = lambda w: jnp.sum(logps(w))
-  assert bf16_dots(jax.grad(objective), jnp.asarray(unembed)) >= 2  # forward (twice), d hidden
+  # Every product reads bf16: the forward (and its recomputation), d hidden and d unembed.
+  n_bf16, n_dots = bf16_dots(jax.grad(objective), jnp.asarray(unembed))
+  assert n_bf16 == n_dots >= 3
   g_unembed = jax.jit(jax.grad(objective))(jnp.asarray(unembed))
   assert g_unembed.dtype == jnp.float32  # the master weight's gradient is not rounded to bf16
   # d unembed = hidden^T @ (onehot - softmax) over the 32 tokens, d logits rounded to bf16 once.
@@ -154,7 +158,7 @@ def test_dense_bf16_under_remat_gives_the_same_gradients(remat):
   checkpointed = jax.checkpoint(transformer.dense, policy=transformer._REMAT_POLICIES[remat])
   plain = jax.jit(jax.grad(objective(transformer.dense), (0, 1)))(x, w)
   remat_grads = jax.jit(jax.grad(objective(checkpointed), (0, 1)))(x, w)
-  # d x still a bf16 GEMM under remat (a linear objective needs no forward product; d w is fp32).
-  assert bf16_dots(jax.grad(objective(checkpointed), (0, 1)), x, w) >= 1
+  # d x and d w still bf16 GEMMs under remat (a linear objective needs no forward product).
+  assert bf16_dots(jax.grad(objective(checkpointed), (0, 1)), x, w) == (2, 2)
   for a, b in zip(plain, remat_grads):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

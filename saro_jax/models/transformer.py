@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import layout
 import numpy as np
 from flax import nnx
 
@@ -266,14 +267,14 @@ def dense(x: jax.Array, w_IxO: jax.Array, n_in: int = 1, preferred_element_type=
   # Sharding survives the merges: a weight's sharded dim (heads, mlp) is the major one of those
   # it merges with, and so is the batch among the rows.
   x_MxI, w_IxO = x.reshape(-1, I), w_IxO.reshape(I, O)
-  if preferred_element_type is None and _cpu_low_precision(x_MxI, w_IxO):
+  if preferred_element_type is None and cpu_low_precision(x_MxI, w_IxO):
     y_MxO = _cpu_low_precision_matmul(x_MxI, w_IxO)
   else:
     y_MxO = jnp.dot(x_MxI, w_IxO, preferred_element_type=preferred_element_type)
   return y_MxO.reshape(*rows, *out_dims)
 
 
-def _cpu_low_precision(x: jax.Array, w: jax.Array) -> bool:
+def cpu_low_precision(x: jax.Array, w: jax.Array) -> bool:
   """A bf16 x bf16 product traced for XLA:CPU (the default backend is the CPU)."""
   return (x.dtype == w.dtype == jnp.bfloat16) and jax.default_backend() == "cpu"
 
@@ -290,8 +291,9 @@ def _cpu_low_precision_matmul(x_MxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
   GEMM library uses the CPU's bf16 units (AMX): [2048, 576] x [576, 1536] ran at 530-800 GFLOP/s
   against 150-180. The backward keeps that form: d x is the same kind of product (its weight
   operand contracting its minor dim, which the GEMM library also takes); d w contracts the rows,
-  which XLA:CPU runs as an fp32 product either way. The RW step: 10.9-11.5 s against 14.8-15.8 s
-  (benchmarks/README.md, "bf16 compute on a CPU"). Other backends never take this path.
+  which XLA:CPU would run as an fp32 product, and goes through ``rows_contracted_dot``. The RW
+  step: 10.9-11.5 s against 14.8-15.8 s, and 8.6 s with d w in bf16 too (benchmarks/README.md,
+  "bf16 compute on a CPU"). Other backends never take this path.
   """
   return jnp.dot(x_MxI, w_IxO, preferred_element_type=jnp.float32).astype(x_MxI.dtype)
 
@@ -308,13 +310,30 @@ def _cpu_low_precision_matmul_bwd(residuals, d_y_MxO):
   d_x_MxI = jax.lax.dot_general(d_y_MxO, w_IxO, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32,
                                 out_sharding=jax.typeof(x_MxI).sharding).astype(x_MxI.dtype)
-  d_w_IxO = jax.lax.dot_general(x_MxI, d_y_MxO, (((0,), (0,)), ((), ())),
-                                preferred_element_type=jnp.float32,
+  d_w_IxO = rows_contracted_dot(x_MxI, d_y_MxO,
                                 out_sharding=jax.typeof(w_IxO).sharding).astype(w_IxO.dtype)
   return d_x_MxI, d_w_IxO
 
 
 _cpu_low_precision_matmul.defvjp(_cpu_low_precision_matmul_fwd, _cpu_low_precision_matmul_bwd)
+
+
+def rows_contracted_dot(a_MxI: jax.Array, b_MxO: jax.Array, out_sharding=None) -> jax.Array:
+  """a^T b in fp32 for bf16 a, b on XLA:CPU (a weight's gradient: the rows contracted), run as a
+  bf16 GEMM on a row-major copy of a^T.
+
+  Why: XLA:CPU hands its GEMM library (YNNPACK, which uses AMX for bf16) no dot whose left
+  operand contracts its major dim, and a^T b is exactly that, so it converted both operands to
+  fp32 and ran an fp32 GEMM (110-145 GFLOP/s for SmolLM2's shapes on an Intel Xeon with AMX).
+  A transposed copy alone does not help: XLA gives a transpose a layout that makes it free, and
+  the simplifier folds it into the dot. ``with_layout_constraint`` asks layout assignment for
+  a^T in row-major order, which makes it a real copy ([M, I] bf16, read once), and the product
+  then contracts the copy's minor dim: a bf16 GEMM with an fp32 result, the same numbers (bf16
+  products are exact in fp32, fp32 accumulation).
+  """
+  a_IxM = layout.with_layout_constraint(a_MxI.T, layout.Layout(major_to_minor=(0, 1)))
+  return jax.lax.dot_general(a_IxM, b_MxO, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32, out_sharding=out_sharding)
 
 
 def out_in_dot(x: jax.Array, w_OxI: jax.Array, n_in: int, preferred_element_type=None) -> jax.Array:
@@ -332,7 +351,7 @@ def out_in_dot(x: jax.Array, w_OxI: jax.Array, n_in: int, preferred_element_type
   x_MxI, w_OxI = x.reshape(-1, I), w_OxI.reshape(O, I)
   # bf16 on XLA:CPU: an fp32 result keeps the GEMM in bf16 (``_cpu_low_precision_matmul``), then
   # one rounding to bf16, as the bf16 dot would round it. Forward only (the decode copy).
-  low = preferred_element_type is None and _cpu_low_precision(x_MxI, w_OxI)
+  low = preferred_element_type is None and cpu_low_precision(x_MxI, w_OxI)
   y_MxO = jnp.einsum("mi,oi->mo", x_MxI, w_OxI,
                      preferred_element_type=jnp.float32 if low else preferred_element_type)
   return (y_MxO.astype(x.dtype) if low else y_MxO).reshape(*rows, *out_dims)
