@@ -342,7 +342,8 @@ def jax_system(name: str, stage: str, args, directory: str, ids) -> System:
 
   mem = compiled.memory_analysis()
   note = (f"logps_chunk {cfg.train.logps_chunk}"
-          + (f", XLA step temp {mem.temp_size_in_bytes / 2**30:.2f} GiB" if mem is not None else ""))
+          + (f", XLA step temp {mem.temp_size_in_bytes / 2**30:.2f} GiB" if mem is not None else "")
+          + (f", {cfg.model.compute_dtype} compute" if args.bf16 else ""))
   if stage == "dpo":
     sha = ids_sha(np.concatenate([host["chosen_tokens"], host["rejected_tokens"]]),
                   np.concatenate([host["chosen_loss_mask"], host["rejected_loss_mask"]]))
@@ -416,7 +417,8 @@ def torch_system(stage: str, args, side: TorchSide, ids) -> System:
     sha = ids_sha(input_ids.numpy(), targets)
 
     def seq_logps(m, x):  # summed log-probs of the completion tokens (targets p..L-1)
-      logits = m(input_ids=x, use_cache=False).logits[:, p - 1:-1]
+      # fp32 log-softmax and sums (a no-op in fp32; under bf16 autocast as TRL does it)
+      logits = m(input_ids=x, use_cache=False).logits[:, p - 1:-1].float()
       return torch.gather(F.log_softmax(logits, -1), 2, x[:, p:, None])[..., 0].sum(-1)
 
     def loss_and_figures():

@@ -95,3 +95,21 @@ def test_split_processes_run_each_side_in_its_own_process_with_its_allocator(sbs
     assert res["systems"]["torch"]["note"].endswith("host malloc system")
     assert res["systems"]["saro_jax"]["note"].endswith(
         "host malloc reuse" if glibc else "host malloc system")
+
+
+@pytest.mark.heavy  # compiles the SRPO step, its reference and the RW step in bf16
+def test_bf16_mode_runs_every_system_in_its_mixed_precision_on_the_same_ids(sbs, tmp_path):
+  """--compute_dtype bfloat16: saro_jax computes in bf16 over fp32 master weights, the plain loop
+  under torch.autocast; the ids and targets are still checked equal, the figures are real (the
+  first steps' figures are not bounded in bf16: see the script's docstring)."""
+  out = _run(sbs, tmp_path, "saro_jax,torch", "--compute_dtype", "bfloat16")
+  assert out["check_ok"]
+  for stage, res in out["stages"].items():
+    systems = res["systems"]
+    assert len({s["ids_sha"] for s in systems.values()}) == 1, stage
+    assert systems["saro_jax"]["note"].endswith("bfloat16 compute"), stage
+    assert systems["torch"]["note"].endswith("bf16 autocast"), stage
+    assert all(s["step_s"] > 0 for s in systems.values())
+  assert all(s["first"]["target_tokens"] == 2 * 48
+             for s in out["stages"]["sft"]["systems"].values())
+  assert all(s["first"]["logps/chosen"] < -40 for s in out["stages"]["dpo"]["systems"].values())
