@@ -43,6 +43,9 @@ extra; without trl installed they are skipped with a message):
 * the same optimizer: AdamW lr 1e-5, betas 0.9 / 0.999, eps 1e-8, no weight decay, a constant
   schedule, clipping at norm 1 (set here for every mode; the preset's schedule would not change
   the speed); the sigmoid loss with the preset's beta;
+* ``--compute_dtype bfloat16``: saro_jax computes in bf16 over fp32 master weights and TRL runs
+  with ``bf16=True``; the ids are still checked, the first-step figures printed, not checked
+  (no useful hard bf16 bound at this depth; side_by_side.py's docstring);
 * first-step agreement: TRL's first step (start weights, batch 0) against the unshared mode's:
   loss and the policy's mean chosen / rejected sequence log-probs within the fp32 error-model
   bound ``like_for_like.dpo_bounds`` (the one side_by_side.py uses), at the unshared row length
@@ -121,7 +124,7 @@ def model_and_tokenizer(args, cfg: StageConfig):
     config = families.config_from_hf(gguf.gguf_hf_config(path), source=path)
   if args.layers:
     config = config.replace(num_layers=args.layers)
-  config = config.replace(remat="none", attention_impl="xla", compute_dtype="float32",
+  config = config.replace(remat="none", attention_impl="xla", compute_dtype=args.compute_dtype,
                           param_dtype="float32")
   return models.init_random(config, seed=0), tokenizer
 
@@ -291,7 +294,8 @@ def build_trl(model, tokenizer, unshared: Mode, base: StageConfig, args) -> TrlS
   t0 = time.perf_counter()
   side = like_for_like.TorchSide(directory, reference=True, perturb=args.perturb)
   trl_step = like_for_like.TrlStep("dpo", side, batch_size=args.pairs, lr=LR,
-                                   beta=base.dpo.beta, seed=base.seed)
+                                   beta=base.dpo.beta, seed=base.seed,
+                                   bf16=args.compute_dtype == "bfloat16")
   inputs = [trl_step.collate([{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
                               for p, c, r in unshared_pairs(h)]) for h in unshared.hosts]
   return TrlSide(trl_step, inputs, directory, trl_step.dpo_pairs(inputs[0]),
@@ -307,14 +311,25 @@ def trl_mode(name: str, trl: TrlSide, unshared: Mode) -> Mode:
   mode.ids_sha = like_for_like.pairs_sha(itertools.chain.from_iterable(
       trl.trl_step.dpo_pairs(x) for x in inputs))
   mode.step = lambda i: {"loss": trl.trl_step.step(inputs[i % len(inputs)], checkpointing=on)}
-  mode.info = {"setup_s": trl.construct_s}
+  mode.info = {"setup_s": trl.construct_s,
+               "mixed_precision": trl.trl_step.trainer.accelerator.mixed_precision}
   mode.first_fn = lambda: trl.trl_step.first(inputs[0], checkpointing=on)
   return mode
 
 
-def check_against_unshared(trl: TrlSide, trl_modes: list[Mode], unshared: Mode, beta: float
-                           ) -> tuple[bool, dict, list[str]]:
-  """TRL's first steps against the unshared mode's: the ids and the first-step figures."""
+def check_against_unshared(trl: TrlSide, trl_modes: list[Mode], unshared: Mode, beta: float,
+                           bf16: bool = False) -> tuple[bool, dict, list[str]]:
+  """TRL's first steps against the unshared mode's: the ids and the first-step figures (bf16:
+  the ids only, the figures printed; side_by_side.py's docstring says why)."""
+  if bf16:
+    ok, lines = True, []
+    for m in trl_modes:
+      if m.ids_sha != unshared.ids_sha:
+        ok = False
+        lines.append(f"  ids {m.name} ({m.ids_sha}) != unshared ({unshared.ids_sha}): BROKEN")
+      lines += [f"  {k:15s} {m.name} vs unshared: {m.first[k]:.6g} vs {v:.6g} (not checked)"
+                for k, v in unshared.first.items()]
+    return ok, {"bounds": None, "logit_scale": float("nan")}, lines
   import transformers
   hf_config = transformers.AutoConfig.from_pretrained(trl.directory)
   sequences = [p + c for p, c, _ in trl.pairs] + [p + r for p, _, r in trl.pairs]
@@ -364,6 +379,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--perturb", type=float, default=0.0,
                  help="scale TRL's policy's final norm by 1 + x (shows the check catches it)")
   p.add_argument("--no_assert", action="store_true", help="report a broken check, do not exit 1")
+  p.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="bfloat16: saro_jax computes in bf16 over fp32 master weights, TRL runs "
+                      "with bf16=True (its autocast)")
   args = p.parse_args(argv)
   args.names = [n for n in args.modes.split(",") if n]
   for name in args.names:
@@ -438,7 +456,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   # linear in tokens (every matmul but attention's) shrinks by this much without any padding;
   # a measured ratio above it comes from the two layouts' different padding.
   token_ratio = data["unshared_tokens"] / data["shared_tokens"]
-  print(f"model {args.model} layers={model.config.num_layers} vocab={vocab}; bundled pairs: "
+  print(f"model {args.model} layers={model.config.num_layers} vocab={vocab} compute "
+        f"{args.compute_dtype}; bundled pairs: "
         f"{data['pairs']}, longest side {side}, longest tree {tree} tokens; real tokens "
         f"unshared {data['unshared_tokens']}, shared {data['shared_tokens']}; load average "
         f"{os.getloadavg()[0]:.1f}")
@@ -482,10 +501,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
           modes[name] = mode
       check = None
       if trl_names:
+        bf16 = args.compute_dtype == "bfloat16"
         ok, check, lines = check_against_unshared(trl, [modes[n] for n in trl_names],
-                                                  modes["unshared"], base.dpo.beta)
+                                                  modes["unshared"], base.dpo.beta, bf16)
         check["ok"] = ok
-        print(f"first-step agreement with unshared (max |logit| {check['logit_scale']:.2f}; fp32 "
+        print((f"bf16: the same ids {'OK' if ok else 'BROKEN'}; first-step figures not checked "
+               "(the fp32 run of the same code is the numerical check)") if bf16 else
+              f"first-step agreement with unshared (max |logit| {check['logit_scale']:.2f}; fp32 "
               f"error-model bounds, like_for_like.dpo_bounds): {'OK' if ok else 'BROKEN'}")
         print("\n".join(lines), flush=True)
       order = [modes[n] for n in args.names]
@@ -526,6 +548,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   print(f"prefix sharing removes {1 - 1 / token_ratio:.1%} of the bundled pairs' real tokens "
         f"(token ratio {token_ratio:.3f}x)")
   summary = {"model": args.model, "layers": model.config.num_layers, "modes": results,
+             "compute_dtype": args.compute_dtype,
              "load": loads, "data": data, "token_ratio": token_ratio}
   if check is not None:
     summary["check"] = check

@@ -25,6 +25,7 @@ def test_trl_mode_gets_the_unshared_pairs_and_agrees_then_a_perturbed_weight_bre
   modes, check = out["modes"], out["check"]
   assert list(modes) == ["unshared", "trl"]
   assert modes["trl"]["ids_sha"] == modes["unshared"]["ids_sha"] != ""
+  assert modes["trl"]["mixed_precision"] == "no"  # fp32, like saro_jax here
   assert out["check_ok"] and check["ok"]
   for key, bound in check["bounds"].items():
     assert abs(modes["trl"]["first"][key] - modes["unshared"]["first"][key]) <= bound, key
@@ -50,3 +51,15 @@ def test_trl_mode_gets_the_unshared_pairs_and_agrees_then_a_perturbed_weight_bre
   for key in ("logps/chosen", "logps/rejected"):
     err = abs(bad["modes"]["trl"]["first"][key] - bad["modes"]["unshared"]["first"][key])
     assert err > bad["check"]["bounds"][key], (key, err)
+
+
+@pytest.mark.heavy  # tokenizes the bundled pairs, compiles the tiny SRPO step in bf16, builds TRL
+def test_bf16_mode_runs_trl_with_its_autocast_on_the_same_pairs(prefix_dpo, tmp_path):
+  """--compute_dtype bfloat16: saro_jax in bf16 over fp32 master weights, TRL with bf16=True; the
+  ids are still checked equal (the figures are printed, not bounded: side_by_side.py says why)."""
+  out = prefix_dpo.main([*SIZES, "--cache_dir", str(tmp_path), "--compute_dtype", "bfloat16"])
+  modes = out["modes"]
+  assert out["compute_dtype"] == "bfloat16" and out["check_ok"]
+  assert modes["trl"]["ids_sha"] == modes["unshared"]["ids_sha"] != ""
+  assert modes["trl"]["mixed_precision"] == "bf16"  # TRL's trainer autocasts
+  assert modes["unshared"]["first"]["logps/chosen"] < -100 and modes["trl"]["pairs_per_s"] > 0
