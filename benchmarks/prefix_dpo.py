@@ -320,35 +320,33 @@ def trl_mode(name: str, trl: TrlSide, unshared: Mode) -> Mode:
 def check_against_unshared(trl: TrlSide, trl_modes: list[Mode], unshared: Mode, beta: float,
                            bf16: bool = False) -> tuple[bool, dict, list[str]]:
   """TRL's first steps against the unshared mode's: the ids and the first-step figures (bf16:
-  the ids only, the figures printed; side_by_side.py's docstring says why)."""
-  if bf16:
-    ok, lines = True, []
-    for m in trl_modes:
-      if m.ids_sha != unshared.ids_sha:
-        ok = False
-        lines.append(f"  ids {m.name} ({m.ids_sha}) != unshared ({unshared.ids_sha}): BROKEN")
-      lines += [f"  {k:15s} {m.name} vs unshared: {m.first[k]:.6g} vs {v:.6g} (not checked)"
-                for k, v in unshared.first.items()]
-    return ok, {"bounds": None, "logit_scale": float("nan")}, lines
-  import transformers
-  hf_config = transformers.AutoConfig.from_pretrained(trl.directory)
-  sequences = [p + c for p, c, _ in trl.pairs] + [p + r for p, _, r in trl.pairs]
-  scale = trl.trl_step.side.max_logit(sequences)
-  longest = max(len(c) for _, c, _ in trl.pairs) if trl.pairs else 0
-  longest = max([longest] + [len(r) for _, _, r in trl.pairs])
-  kw = dict(seq_len=unshared.length, completion_tokens=longest, beta=beta, logit_scale=scale)
-  bounds = like_for_like.dpo_bounds(hf_config, **kw)
-  typical = like_for_like.dpo_bounds(hf_config, **kw, growth=like_for_like.typical_growth)
+  the figures printed, not checked; side_by_side.py's docstring says why)."""
+  check, bounds, typical = {"bounds": None, "logit_scale": float("nan")}, None, None
+  if not bf16:
+    import transformers
+    hf_config = transformers.AutoConfig.from_pretrained(trl.directory)
+    sequences = [p + c for p, c, _ in trl.pairs] + [p + r for p, _, r in trl.pairs]
+    scale = trl.trl_step.side.max_logit(sequences)
+    longest = max(len(c) for _, c, _ in trl.pairs) if trl.pairs else 0
+    longest = max([longest] + [len(r) for _, _, r in trl.pairs])
+    kw = dict(seq_len=unshared.length, completion_tokens=longest, beta=beta, logit_scale=scale)
+    bounds = like_for_like.dpo_bounds(hf_config, **kw)
+    typical = like_for_like.dpo_bounds(hf_config, **kw, growth=like_for_like.typical_growth)
+    check = {"bounds": bounds, "typical": typical, "logit_scale": scale}
   ok, lines = True, []
   for m in trl_modes:
     if m.ids_sha != unshared.ids_sha:
       ok = False
       lines.append(f"  ids {m.name} ({m.ids_sha}) != unshared ({unshared.ids_sha}): BROKEN")
-    good, more = like_for_like.check_figures(m.name, m.first, "unshared", unshared.first, bounds,
-                                             typical)
-    ok &= good
-    lines += more
-  return ok, {"bounds": bounds, "typical": typical, "logit_scale": scale}, lines
+    if bf16:
+      lines += [f"  {k:15s} {m.name} vs unshared: {m.first[k]:.6g} vs {v:.6g} (not checked)"
+                for k, v in unshared.first.items()]
+    else:
+      good, more = like_for_like.check_figures(m.name, m.first, "unshared", unshared.first,
+                                               bounds, typical)
+      ok &= good
+      lines += more
+  return ok, check, lines
 
 
 # ---- running ----------------------------------------------------------------------------------
