@@ -4,16 +4,16 @@ trainer driven step by step, the fingerprint of the ids a system feeds, and the 
 bound on the first step's figures.
 
 How TRL is driven (``TrlStep``): the trainer is built as a user builds it (DPOConfig / SFTConfig
-with fp32, ``bf16=False``, or with ``bf16=True``, its mixed precision, when asked; AdamW with the given learning rate, betas 0.9 / 0.999, eps 1e-8, no
-weight decay, a constant schedule, clipping at norm 1); each step is exactly what ``Trainer``'s
-inner loop does per optimizer step: ``trainer.training_step`` (TRL's ``compute_loss`` +
-backward), the trainer's ``_clip_grad_norm``, ``optimizer.step()`` (TRL's default
-``adamw_torch_fused``), ``lr_scheduler.step()``, ``zero_grad()``. Batches are made by the
-trainer's own collator (``TrlStep.collate``) from ids the caller gives, so TRL neither
-re-tokenizes, truncates nor adds tokens; the callers check the collated ids. Left out of the
-timing: the dataloader and Trainer's logging/callback bookkeeping (both small; this favours TRL).
-Gradient checkpointing is switched per step (``checkpointing=``), so one trainer serves both the
-like-for-like row (off) and TRL's default (on).
+with fp32, ``bf16=False``, or with ``bf16=True``, its mixed precision, when asked; AdamW with the
+given learning rate, betas 0.9 / 0.999, eps 1e-8, no weight decay, a constant schedule, clipping
+at norm 1); each step is exactly what ``Trainer``'s inner loop does per optimizer step:
+``trainer.training_step`` (TRL's ``compute_loss`` + backward), the trainer's ``_clip_grad_norm``,
+``optimizer.step()`` (TRL's default ``adamw_torch_fused``), ``lr_scheduler.step()``,
+``zero_grad()``. Batches are made by the trainer's own collator (``TrlStep.collate``) from ids the
+caller gives, so TRL neither re-tokenizes, truncates nor adds tokens; the callers check the
+collated ids. Left out of the timing: the dataloader and Trainer's logging/callback bookkeeping
+(both small; this favours TRL). Gradient checkpointing is switched per step (``checkpointing=``),
+so one trainer serves both the like-for-like row (off) and TRL's default (on).
 """
 
 from __future__ import annotations

@@ -490,9 +490,11 @@ def check_first_steps(systems: list[System], bounds: dict[str, float] | None,
       ok = False
       lines.append(f"  ids {s.name} ({s.ids_sha}) != {ref.name} ({ref.ids_sha}): BROKEN")
     if bounds is None:
-      lines += [f"  {key:15s} {s.name:15s} vs {ref.name}: {s.first_figures[key]:.6g} vs "
-                f"{want:.6g}, relative {abs(s.first_figures[key] - want) / max(abs(want), 1e-30):.2e}"
-                for key, want in ref.first_figures.items() if key != "target_tokens"]
+      for key, want in ref.first_figures.items():
+        got = s.first_figures[key]
+        if key != "target_tokens":
+          lines.append(f"  {key:15s} {s.name:15s} vs {ref.name}: {got:.6g} vs {want:.6g}, "
+                       f"relative {abs(got - want) / max(abs(want), 1e-30):.2e}")
     else:
       good, more = like_for_like.check_figures(s.name, s.first_figures, ref.name,
                                                ref.first_figures, bounds, typical)

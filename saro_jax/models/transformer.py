@@ -292,7 +292,7 @@ def _cpu_low_precision_matmul(x_MxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
   against 150-180. The backward keeps that form: d x is the same kind of product (its weight
   operand contracting its minor dim, which the GEMM library also takes); d w contracts the rows,
   which XLA:CPU would run as an fp32 product, and goes through ``rows_contracted_dot``. The RW
-  step: 10.9-11.5 s against 14.8-15.8 s, and 8.6 s with d w in bf16 too (benchmarks/README.md,
+  step: 10.9-11.5 s against 14.8-15.8 s, and 7.7-8.6 s with d w in bf16 too (benchmarks/README.md,
   "bf16 compute on a CPU"). Other backends never take this path.
   """
   return jnp.dot(x_MxI, w_IxO, preferred_element_type=jnp.float32).astype(x_MxI.dtype)
@@ -311,7 +311,7 @@ def _cpu_low_precision_matmul_bwd(residuals, d_y_MxO):
                                 preferred_element_type=jnp.float32,
                                 out_sharding=jax.typeof(x_MxI).sharding).astype(x_MxI.dtype)
   d_w_IxO = rows_contracted_dot(x_MxI, d_y_MxO,
-                                out_sharding=jax.typeof(w_IxO).sharding).astype(w_IxO.dtype)
+                                 out_sharding=jax.typeof(w_IxO).sharding).astype(w_IxO.dtype)
   return d_x_MxI, d_w_IxO
 
 
