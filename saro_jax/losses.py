@@ -168,13 +168,8 @@ def _full_vocab_stats_bwd(vocab_size, residuals, cotangents):
                                             preferred_element_type=jnp.float32)
     d_hidden_BxCxD = d_hidden_BxCxD.astype(dt)
     D, V = unembed_DxV.shape
-    hidden_MxD, d_logits_MxV = hidden_BxCxD.reshape(-1, D), d_logits_BxCxV.reshape(-1, V)
-    if transformer.cpu_low_precision(hidden_MxD, d_logits_MxV):
-      d_unembed_DxV = transformer.rows_contracted_dot(hidden_MxD, d_logits_MxV)
-    else:
-      d_unembed_DxV = jnp.einsum("md,mv->dv", hidden_MxD, d_logits_MxV,
-                                 preferred_element_type=jnp.float32)
-    d_unembed_DxV = d_unembed_DxV.astype(unembed_DxV.dtype)
+    d_unembed_DxV = transformer.rows_contracted_dot(
+        hidden_BxCxD.reshape(-1, D), d_logits_BxCxV.reshape(-1, V)).astype(unembed_DxV.dtype)
     return d_hidden_BxCxD, d_unembed_DxV
 
   d_hidden_BxCxD, d_unembed_DxV = _when(active, compute, (hidden_BxCxD, unembed_DxV))

@@ -267,14 +267,14 @@ def dense(x: jax.Array, w_IxO: jax.Array, n_in: int = 1, preferred_element_type=
   # Sharding survives the merges: a weight's sharded dim (heads, mlp) is the major one of those
   # it merges with, and so is the batch among the rows.
   x_MxI, w_IxO = x.reshape(-1, I), w_IxO.reshape(I, O)
-  if preferred_element_type is None and cpu_low_precision(x_MxI, w_IxO):
+  if preferred_element_type is None and _cpu_low_precision(x_MxI, w_IxO):
     y_MxO = _cpu_low_precision_matmul(x_MxI, w_IxO)
   else:
     y_MxO = jnp.dot(x_MxI, w_IxO, preferred_element_type=preferred_element_type)
   return y_MxO.reshape(*rows, *out_dims)
 
 
-def cpu_low_precision(x: jax.Array, w: jax.Array) -> bool:
+def _cpu_low_precision(x: jax.Array, w: jax.Array) -> bool:
   """A bf16 x bf16 product traced for XLA:CPU (the default backend is the CPU)."""
   return (x.dtype == w.dtype == jnp.bfloat16) and jax.default_backend() == "cpu"
 
@@ -319,8 +319,8 @@ _cpu_low_precision_matmul.defvjp(_cpu_low_precision_matmul_fwd, _cpu_low_precisi
 
 
 def rows_contracted_dot(a_MxI: jax.Array, b_MxO: jax.Array, out_sharding=None) -> jax.Array:
-  """a^T b in fp32 for bf16 a, b on XLA:CPU (a weight's gradient: the rows contracted), run as a
-  bf16 GEMM on a row-major copy of a^T.
+  """a^T b with an fp32 result (a weight's gradient: the rows contracted); for bf16 a, b on
+  XLA:CPU, run as a bf16 GEMM on a row-major copy of a^T.
 
   Why: XLA:CPU hands its GEMM library (YNNPACK, which uses AMX for bf16) no dot whose left
   operand contracts its major dim, and a^T b is exactly that, so it converted both operands to
@@ -329,10 +329,13 @@ def rows_contracted_dot(a_MxI: jax.Array, b_MxO: jax.Array, out_sharding=None) -
   the simplifier folds it into the dot. ``with_layout_constraint`` asks layout assignment for
   a^T in row-major order, which makes it a real copy ([M, I] bf16, read once), and the product
   then contracts the copy's minor dim: a bf16 GEMM with an fp32 result, the same numbers (bf16
-  products are exact in fp32, fp32 accumulation).
+  products are exact in fp32, fp32 accumulation). Any other dtype or backend: the plain product.
   """
-  a_IxM = layout.with_layout_constraint(a_MxI.T, layout.Layout(major_to_minor=(0, 1)))
-  return jax.lax.dot_general(a_IxM, b_MxO, (((1,), (0,)), ((), ())),
+  if _cpu_low_precision(a_MxI, b_MxO):
+    a_IxM = layout.with_layout_constraint(a_MxI.T, layout.Layout(major_to_minor=(0, 1)))
+    return jax.lax.dot_general(a_IxM, b_MxO, (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32, out_sharding=out_sharding)
+  return jax.lax.dot_general(a_MxI, b_MxO, (((0,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32, out_sharding=out_sharding)
 
 
@@ -351,7 +354,7 @@ def out_in_dot(x: jax.Array, w_OxI: jax.Array, n_in: int, preferred_element_type
   x_MxI, w_OxI = x.reshape(-1, I), w_OxI.reshape(O, I)
   # bf16 on XLA:CPU: an fp32 result keeps the GEMM in bf16 (``_cpu_low_precision_matmul``), then
   # one rounding to bf16, as the bf16 dot would round it. Forward only (the decode copy).
-  low = preferred_element_type is None and cpu_low_precision(x_MxI, w_OxI)
+  low = preferred_element_type is None and _cpu_low_precision(x_MxI, w_OxI)
   y_MxO = jnp.einsum("mi,oi->mo", x_MxI, w_OxI,
                      preferred_element_type=jnp.float32 if low else preferred_element_type)
   return (y_MxO.astype(x.dtype) if low else y_MxO).reshape(*rows, *out_dims)
