@@ -119,9 +119,17 @@ def _tiled(mask, tile, scale):
   return lambda q, k, v: tiled_attention.tiled_attention(q, k, v, mask, scale, tile)
 
 
+def _backward_layout(monkeypatch, layout):
+  """The tiled backward in the rows' layout or from transposed tiles (which bf16 takes on a CPU,
+  ``tiled_attention.transposed_backward``), here in fp32 so the fp32 error model holds for both."""
+  monkeypatch.setattr(tiled_attention, "transposed_backward", lambda dtype: layout == "transposed")
+
+
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: f"tile{t}")
 @pytest.mark.parametrize("kind", ["packed", "tree", "window"])
-def test_tiled_attention_equals_dot_product_attention(kind, tile):
+def test_tiled_attention_equals_dot_product_attention(kind, tile, layout, monkeypatch):
+  _backward_layout(monkeypatch, layout)
   mask = _masks()[kind]
   q, k, v, cotangent = _inputs()
   scale = H ** -0.5
@@ -152,9 +160,11 @@ def test_tile_ranges_visit_only_what_some_query_sees():
   assert lo.tolist() == [0, 0, 1, 2] and hi.tolist() == [0, 1, 2, 3]
 
 
-def test_parity_bounds_catch_a_skipped_visible_tile(monkeypatch):
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+def test_parity_bounds_catch_a_skipped_visible_tile(layout, monkeypatch):
   # Negative control for the tiled path: a range that starts one key tile too late (what an
   # off-by-one in ``tile_ranges`` would do) drops visible keys and breaks the bounds above.
+  _backward_layout(monkeypatch, layout)
   mask = _masks()["packed"][:1]  # row 0 alone: query tile 3 needs key tile 2
   q, k, v, cotangent = (x[:1] for x in _inputs())
   scale = H ** -0.5

@@ -24,7 +24,7 @@ import pytest
 import error_model as em
 from jax.sharding import NamedSharding, PartitionSpec as P
 from saro_jax import losses
-from saro_jax.models import transformer
+from saro_jax.models import tiled_attention, transformer
 
 U16 = 2.0 ** -8
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's bf16 dots")
@@ -116,6 +116,27 @@ def test_dense_bf16_products_are_bf16_gemms_on_cpu():
   assert bf16_dots(grad, x, w) == (3, 3)
   # fp32 compute is untouched: no bf16 anywhere.
   assert bf16_dots(grad, x.astype(jnp.float32), w.astype(jnp.float32)) == (0, 3)
+
+
+def test_tiled_attention_bf16_products_are_bf16_gemms_on_cpu(monkeypatch):
+  # Every product of the tiled attention's forward (Q K^T, P V) and backward (the recomputed
+  # scores, d P, d V, d K, d Q) reads bf16 operands: the bf16 backward works on transposed tiles
+  # (``tiled_attention.transposed_backward``). In the rows' layout d V and d K contract the rows
+  # of P and dS, which XLA:CPU runs as fp32 dots: the control below (5 of 7). Its numbers are
+  # the fp32 parity tests of both layouts (tests/test_attention.py).
+  q, k, v = (jnp.asarray(bf16(seed, 2, 96, heads, 16), jnp.bfloat16)
+             for seed, heads in ((8, 4), (9, 2), (10, 2)))
+  mask = jnp.tril(jnp.ones((96, 96), bool))[None, None].repeat(2, 0)
+
+  def grad():  # a new function per call: a traced one would be reused from JAX's cache
+    attend = lambda q, k, v: tiled_attention.tiled_attention(q, k, v, mask, 0.25, tile=32)
+    return jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2), (0, 1, 2))
+
+  assert tiled_attention.transposed_backward(jnp.bfloat16)
+  assert not tiled_attention.transposed_backward(jnp.float32)
+  assert bf16_dots(grad(), q, k, v) == (7, 7)
+  monkeypatch.setattr(tiled_attention, "transposed_backward", lambda dtype: False)
+  assert bf16_dots(grad(), q, k, v) == (5, 7)
 
 
 def test_loss_unembedding_reads_the_weights_in_the_compute_dtype():

@@ -118,6 +118,67 @@ def _attend_fwd(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile):
   return out, (q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, out, lse, lo, hi)
 
 
+def _scores_t(k_BxKxTxH, q_BxKxMxH, visible_BxTxM, scale: float) -> jax.Array:
+  """``_scores`` transposed, computed as such: [B, K, T, M] (keys along the rows).
+  ``visible_BxTxM``: key s is visible to stacked query m = g * T + t (the tile pair's mask,
+  transposed and repeated over the G heads)."""
+  s_BxKxTxM = jnp.einsum("bksh,bkmh->bksm", k_BxKxTxH, q_BxKxMxH,
+                         preferred_element_type=jnp.float32) * jnp.float32(scale)
+  return jnp.where(visible_BxTxM[:, None], s_BxKxTxM, BIG_NEGATIVE)
+
+
+def _pair_grads(q_BxKxMxH, k_BxKxTxH, v_BxKxTxH, d_out_BxKxMxH, lse_BxKxM, delta_BxKxM,
+                mask_BxTxT, G: int, scale: float):
+  """(d Q [B, K, M, H], d K, d V [B, K, T, H]) of one tile pair, queries along the rows."""
+  p_BxKxMxT = jnp.exp(_scores(q_BxKxMxH, k_BxKxTxH, mask_BxTxT, G, scale) - lse_BxKxM[..., None])
+  dv_BxKxTxH = jnp.einsum("bkms,bkmh->bksh", p_BxKxMxT.astype(d_out_BxKxMxH.dtype), d_out_BxKxMxH,
+                          preferred_element_type=jnp.float32)
+  dp_BxKxMxT = jnp.einsum("bkmh,bksh->bkms", d_out_BxKxMxH, v_BxKxTxH,
+                          preferred_element_type=jnp.float32)
+  ds_BxKxMxT = p_BxKxMxT * (dp_BxKxMxT - delta_BxKxM[..., None]) * jnp.float32(scale)
+  dq_BxKxMxH = jnp.einsum("bkms,bksh->bkmh", ds_BxKxMxT.astype(k_BxKxTxH.dtype), k_BxKxTxH,
+                          preferred_element_type=jnp.float32)
+  dk_BxKxTxH = jnp.einsum("bkms,bkmh->bksh", ds_BxKxMxT.astype(q_BxKxMxH.dtype), q_BxKxMxH,
+                          preferred_element_type=jnp.float32)
+  return dq_BxKxMxH, dk_BxKxTxH, dv_BxKxTxH
+
+
+def _pair_grads_t(q_BxKxMxH, k_BxKxTxH, kt_BxKxHxT, v_BxKxTxH, d_out_BxKxMxH, lse_BxKxM,
+                  delta_BxKxM, visible_BxTxM, scale: float):
+  """``_pair_grads`` from transposed tiles, d Q returned transposed: (d Q^T [B, K, H, M], d K,
+  d V). Every product contracts the minor dim of its left operand: P^T and dS^T [keys, queries]
+  come straight out of the scores' product, d V = P^T dO and d K = dS^T Q read them as they
+  lie, and d Q^T = K^T dS^T reads K^T (``kt``, stored once per call)."""
+  pt_BxKxTxM = jnp.exp(_scores_t(k_BxKxTxH, q_BxKxMxH, visible_BxTxM, scale)
+                       - lse_BxKxM[:, :, None])
+  dv_BxKxTxH = jnp.einsum("bksm,bkmh->bksh", pt_BxKxTxM.astype(d_out_BxKxMxH.dtype),
+                          d_out_BxKxMxH, preferred_element_type=jnp.float32)
+  dpt_BxKxTxM = jnp.einsum("bksh,bkmh->bksm", v_BxKxTxH, d_out_BxKxMxH,
+                           preferred_element_type=jnp.float32)
+  dst_BxKxTxM = pt_BxKxTxM * (dpt_BxKxTxM - delta_BxKxM[:, :, None]) * jnp.float32(scale)
+  dqt_BxKxHxM = jnp.einsum("bkhs,bksm->bkhm", kt_BxKxHxT, dst_BxKxTxM.astype(kt_BxKxHxT.dtype),
+                           preferred_element_type=jnp.float32)
+  dk_BxKxTxH = jnp.einsum("bksm,bkmh->bksh", dst_BxKxTxM.astype(q_BxKxMxH.dtype), q_BxKxMxH,
+                          preferred_element_type=jnp.float32)
+  return dqt_BxKxHxM, dk_BxKxTxH, dv_BxKxTxH
+
+
+def transposed_backward(dtype) -> bool:
+  """Whether the backward works on transposed tiles (``_pair_grads_t``): bf16 on XLA:CPU.
+
+  XLA:CPU hands its GEMM library (YNNPACK) only products whose left operand contracts its minor
+  dim. In the rows' layout d V = P^T dO and d K = dS^T Q contract the rows of P and dS, so they
+  ran as plain (Eigen) dots, in bf16 compute as fp32 ones (``transformer.rows_contracted_dot``
+  says why): 600 such dots took 0.66 s of a 7.7 s bf16 SmolLM2 RW step's thunk time, against
+  0.19 s for as many P V and d Q products. From transposed tiles every product is a bf16 GEMM:
+  the attention's forward and backward (SmolLM2 widths, 4 x 512, tiles of 128) take 46 ms per
+  layer against 60, and the RW step 1.14x less time (benchmarks/README.md). In fp32 YNNPACK runs
+  those shapes slower than Eigen (97 ms against 81 per layer), and other backends transpose
+  operands for free, so everything else keeps the rows' layout.
+  """
+  return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
+
+
 def _attend_bwd(scale, tile, residuals, d_out_BxKxGxLxH):
   q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, out_BxKxGxLxH, lse_BxKxGxL, lo, hi = residuals
   B, K, G, L, H = q_BxKxGxLxH.shape
@@ -125,6 +186,10 @@ def _attend_bwd(scale, tile, residuals, d_out_BxKxGxLxH):
   # D_i = sum_h dO_ih O_ih = sum_j P_ij dP_ij: the softmax's backward without the full P.
   delta_BxKxGxL = jnp.sum(d_out_BxKxGxLxH.astype(jnp.float32) * out_BxKxGxLxH.astype(jnp.float32),
                           axis=-1)
+  transposed = transposed_backward(q_BxKxGxLxH.dtype)
+  if transposed:  # K^T and the mask's transpose, each written once, read in place by the pairs
+    kt_BxKxHxL = jnp.swapaxes(k_BxKxLxH, 2, 3)
+    mask_t_BxLxL = jnp.swapaxes(mask_BxLxL, 1, 2)
 
   def query_tile(i, carry):
     dq_BxKxGxLxH, dk_BxKxLxH, dv_BxKxLxH = carry
@@ -133,29 +198,36 @@ def _attend_bwd(scale, tile, residuals, d_out_BxKxGxLxH):
     d_out_BxKxMxH = rows(d_out_BxKxGxLxH).reshape(B, K, M, H)
     lse_BxKxM = rows(lse_BxKxGxL).reshape(B, K, M)
     delta_BxKxM = rows(delta_BxKxGxL).reshape(B, K, M)
+    if transposed:
+      # Every key's visibility to this tile's stacked queries, written once per query tile: the
+      # same mask broadcast over G inside each pair's fusion ran ~8x slower on XLA:CPU.
+      visible_BxLxM = jnp.tile(lax.dynamic_slice_in_dim(mask_t_BxLxL, i * tile, tile, 2),
+                               (1, 1, G))
 
     def key_tile(j, state):
-      dq_BxKxMxH, dk_BxKxLxH, dv_BxKxLxH = state
+      dq_acc, dk_BxKxLxH, dv_BxKxLxH = state
       keys = lambda x: lax.dynamic_slice_in_dim(x, j * tile, tile, 2)
       k_BxKxTxH, v_BxKxTxH = keys(k_BxKxLxH), keys(v_BxKxLxH)
-      mask_BxTxT = lax.dynamic_slice(mask_BxLxL, (0, i * tile, j * tile), (B, tile, tile))
-      p_BxKxMxT = jnp.exp(_scores(q_BxKxMxH, k_BxKxTxH, mask_BxTxT, G, scale)
-                          - lse_BxKxM[..., None])
-      dv_BxKxTxH = jnp.einsum("bkms,bkmh->bksh", p_BxKxMxT.astype(d_out_BxKxMxH.dtype),
-                              d_out_BxKxMxH, preferred_element_type=jnp.float32)
-      dp_BxKxMxT = jnp.einsum("bkmh,bksh->bkms", d_out_BxKxMxH, v_BxKxTxH,
-                              preferred_element_type=jnp.float32)
-      ds_BxKxMxT = p_BxKxMxT * (dp_BxKxMxT - delta_BxKxM[..., None]) * jnp.float32(scale)
-      dq_BxKxMxH = dq_BxKxMxH + jnp.einsum("bkms,bksh->bkmh", ds_BxKxMxT.astype(k_BxKxTxH.dtype),
-                                           k_BxKxTxH, preferred_element_type=jnp.float32)
-      dk_BxKxTxH = jnp.einsum("bkms,bkmh->bksh", ds_BxKxMxT.astype(q_BxKxMxH.dtype), q_BxKxMxH,
-                              preferred_element_type=jnp.float32)
+      if transposed:
+        kt_BxKxHxT = lax.dynamic_slice_in_dim(kt_BxKxHxL, j * tile, tile, 3)
+        visible_BxTxM = lax.dynamic_slice_in_dim(visible_BxLxM, j * tile, tile, 1)
+        dq_part, dk_BxKxTxH, dv_BxKxTxH = _pair_grads_t(
+            q_BxKxMxH, k_BxKxTxH, kt_BxKxHxT, v_BxKxTxH, d_out_BxKxMxH, lse_BxKxM, delta_BxKxM,
+            visible_BxTxM, scale)
+      else:
+        mask_BxTxT = lax.dynamic_slice(mask_BxLxL, (0, i * tile, j * tile), (B, tile, tile))
+        dq_part, dk_BxKxTxH, dv_BxKxTxH = _pair_grads(
+            q_BxKxMxH, k_BxKxTxH, v_BxKxTxH, d_out_BxKxMxH, lse_BxKxM, delta_BxKxM, mask_BxTxT,
+            G, scale)
       add = lambda total, part: lax.dynamic_update_slice_in_dim(total, keys(total) + part,
                                                                 j * tile, 2)
-      return dq_BxKxMxH, add(dk_BxKxLxH, dk_BxKxTxH), add(dv_BxKxLxH, dv_BxKxTxH)
+      return dq_acc + dq_part, add(dk_BxKxLxH, dk_BxKxTxH), add(dv_BxKxLxH, dv_BxKxTxH)
 
-    start = (jnp.zeros((B, K, M, H), jnp.float32), dk_BxKxLxH, dv_BxKxLxH)
-    dq_BxKxMxH, dk_BxKxLxH, dv_BxKxLxH = lax.fori_loop(lo[i], hi[i] + 1, key_tile, start)
+    # d Q of this query tile, summed over its key tiles (transposed: [B, K, H, M]).
+    start = (jnp.zeros((B, K, H, M) if transposed else (B, K, M, H), jnp.float32), dk_BxKxLxH,
+             dv_BxKxLxH)
+    dq_acc, dk_BxKxLxH, dv_BxKxLxH = lax.fori_loop(lo[i], hi[i] + 1, key_tile, start)
+    dq_BxKxMxH = jnp.swapaxes(dq_acc, 2, 3) if transposed else dq_acc
     dq_BxKxGxLxH = lax.dynamic_update_slice_in_dim(
         dq_BxKxGxLxH, dq_BxKxMxH.reshape(B, K, G, tile, H), i * tile, 3)
     return dq_BxKxGxLxH, dk_BxKxLxH, dv_BxKxLxH
