@@ -5,14 +5,19 @@ rows packed with several segments (DPO trees), SmolLM2's heads (9 query, 3 kv, h
   python benchmarks/attention_tiles.py
   python benchmarks/attention_tiles.py --shapes 2x1024:trees,4x512:causal --tiles 64,128
   python benchmarks/attention_tiles.py --shapes 2x64:causal --tiles 32 --repeats 1   # a smoke run
+  python benchmarks/attention_tiles.py --dtype bfloat16 --shapes 4x512:causal --tiles 128 \
+      --backward rows,transposed     # the tiled backward's two layouts side by side
 
 A shape is ``BxL:kind``: ``causal`` rows are one segment each; ``trees`` rows are packed with
 segments of 200..420 slots (the bundled DPO trees' range under SmolLM2's tokenizer) and the last
 15 % padding, drawn from a fixed seed. Every layout runs the same q, k, v and mask. The gradient
 is of sum(out * q) (any cotangent costs the same). Each figure is the median of ``--repeats``
-calls after one untimed call; layouts alternate within a repeat. Also printed: the largest
-relative difference of each layout's output and gradients from the blocks' (fp32 roundoff,
-~1e-7..1e-6). Speed figures only; it asserts nothing.
+calls after one untimed call; layouts alternate within a repeat. ``--dtype bfloat16`` runs q, k, v
+in bf16; ``--backward`` lists the tiled gradient's layouts to run (``tiled_attention``'s
+``transposed_backward``: ``rows``, ``transposed``, or ``auto``, the default for the dtype and
+backend). Also printed: the largest relative difference of each layout's output and gradients
+from the blocks' (fp32 roundoff, ~1e-7..1e-6; bf16 roundings, ~1e-2). Speed figures only; it
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -51,24 +56,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  "8x256:causal,4x200:causal")
   p.add_argument("--tiles", default="32,64,128")
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--backward", default="auto", help="comma list of auto | rows | transposed")
   args = p.parse_args(argv)
   tiles = [int(t) for t in args.tiles.split(",") if t]
+  backwards = [b for b in args.backward.split(",") if b]
+  if not backwards or set(backwards) - {"auto", "rows", "transposed"}:
+    p.error(f"--backward {args.backward!r}: a comma list of auto, rows, transposed")
+  dtype = jnp.dtype(args.dtype)
   results = {}
   for shape in args.shapes.split(","):
     dims, kind = shape.split(":")
     B, L = (int(x) for x in dims.split("x"))
     rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.standard_normal((B, L, N, H)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((B, L, K, H)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((B, L, N, H)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((B, L, K, H)), dtype) for _ in range(2))
     seg = jnp.asarray(segments(B, L, kind, rng))
     slots = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
     mask = transformer.attention_mask(slots, seg, seg, None)
     layouts = {"blocks": lambda q, k, v, m: transformer.causal_attention(q, k, v, m, H ** -0.5)}
     for t in tiles:
-      layouts[f"tile{t}"] = (lambda t: lambda q, k, v, m: tiled_attention.tiled_attention(
-          q, k, v, m, H ** -0.5, t))(t)
+      for backward in backwards:
+        name = f"tile{t}" if backward == "auto" else f"tile{t}:{backward}"
+        transposed = None if backward == "auto" else backward == "transposed"
+        layouts[name] = (lambda t, transposed: lambda q, k, v, m: tiled_attention.tiled_attention(
+            q, k, v, m, H ** -0.5, t, transposed))(t, transposed)
     fwd = {name: jax.jit(f) for name, f in layouts.items()}
-    both = {name: jax.jit(jax.value_and_grad(lambda q, k, v, m, f=f: jnp.sum(f(q, k, v, m) * q),
+    objective = lambda q, k, v, m, f: jnp.sum((f(q, k, v, m) * q).astype(jnp.float32))
+    both = {name: jax.jit(jax.value_and_grad(lambda q, k, v, m, f=f: objective(q, k, v, m, f),
                                              argnums=(0, 1, 2)))
             for name, f in layouts.items()}
     first = {name: (jax.block_until_ready(fwd[name](q, k, v, mask)),
@@ -87,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     line = f"{shape:<16}"
     for name in layouts:
       out, grads = first[name]
-      diff = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+      f32 = lambda x: x.astype(jnp.float32)
+      diff = max(float(jnp.max(jnp.abs(f32(a) - f32(b))) / jnp.max(jnp.abs(f32(b))))
                  for a, b in zip((out,) + tuple(grads), (ref_out,) + tuple(ref_grads)))
       f_ms, b_ms = (1e3 * float(np.median(t)) for t in times[name])
       row[name] = {"fwd_ms": f_ms, "fwd_bwd_ms": b_ms, "max_rel_diff": diff}

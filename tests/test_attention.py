@@ -115,27 +115,24 @@ def test_query_block_sizes():
 TILES = [16, 50, 64]
 
 
-def _tiled(mask, tile, scale):
-  return lambda q, k, v: tiled_attention.tiled_attention(q, k, v, mask, scale, tile)
-
-
-def _backward_layout(monkeypatch, layout):
-  """The tiled backward in the rows' layout or from transposed tiles (which bf16 takes on a CPU,
-  ``tiled_attention.transposed_backward``), here in fp32 so the fp32 error model holds for both."""
-  monkeypatch.setattr(tiled_attention, "transposed_backward", lambda dtype: layout == "transposed")
+def _tiled(mask, tile, scale, layout=None):
+  """``layout``: the backward's, "rows" or "transposed" (bf16's on a CPU,
+  ``tiled_attention.prefers_transposed_backward``); both run in fp32 here, under the fp32 error
+  model; None: the default for the dtype."""
+  transposed = None if layout is None else layout == "transposed"
+  return lambda q, k, v: tiled_attention.tiled_attention(q, k, v, mask, scale, tile, transposed)
 
 
 @pytest.mark.parametrize("layout", ["rows", "transposed"])
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: f"tile{t}")
 @pytest.mark.parametrize("kind", ["packed", "tree", "window"])
-def test_tiled_attention_equals_dot_product_attention(kind, tile, layout, monkeypatch):
-  _backward_layout(monkeypatch, layout)
+def test_tiled_attention_equals_dot_product_attention(kind, tile, layout):
   mask = _masks()[kind]
   q, k, v, cotangent = _inputs()
   scale = H ** -0.5
   ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                                      implementation="xla")
-  got, got_grads = jax.jit(lambda *a: _value_and_grads(_tiled(mask, tile, scale), *a))(
+  got, got_grads = jax.jit(lambda *a: _value_and_grads(_tiled(mask, tile, scale, layout), *a))(
       q, k, v, cotangent)
   want, want_grads = jax.jit(lambda *a: _value_and_grads(ref, *a))(q, k, v, cotangent)
   error_model.assert_parity(got, want, FORWARD_DEPTH, what=f"{kind} out")
@@ -164,7 +161,6 @@ def test_tile_ranges_visit_only_what_some_query_sees():
 def test_parity_bounds_catch_a_skipped_visible_tile(layout, monkeypatch):
   # Negative control for the tiled path: a range that starts one key tile too late (what an
   # off-by-one in ``tile_ranges`` would do) drops visible keys and breaks the bounds above.
-  _backward_layout(monkeypatch, layout)
   mask = _masks()["packed"][:1]  # row 0 alone: query tile 3 needs key tile 2
   q, k, v, cotangent = (x[:1] for x in _inputs())
   scale = H ** -0.5
@@ -174,7 +170,7 @@ def test_parity_bounds_catch_a_skipped_visible_tile(layout, monkeypatch):
   ranges = tiled_attention.tile_ranges
   late = lambda m, tile: (lambda lo, hi: (jnp.minimum(lo + 1, hi), hi))(*ranges(m, tile))
   monkeypatch.setattr(tiled_attention, "tile_ranges", late)
-  bug_out, bug_grads = jax.jit(lambda *a: _value_and_grads(_tiled(mask, 50, scale), *a))(
+  bug_out, bug_grads = jax.jit(lambda *a: _value_and_grads(_tiled(mask, 50, scale, layout), *a))(
       q, k, v, cotangent)
   error_model.assert_caught(bug_out, want, FORWARD_DEPTH, what="late tile out")
   error_model.assert_caught(bug_grads[0], want_grads[0], GRAD_DEPTH, what="late tile dq")

@@ -81,13 +81,16 @@ def test_attention_blocks_benchmark_tiny_reports_each_variant(capsys):
 
 
 def test_attention_tiles_benchmark_reports_every_layout(capsys):
-  """benchmarks/attention_tiles.py at a small size: every layout's times, and its output and
-  gradients agree with the blocks' to fp32 roundoff (error model of tests/test_attention.py:
-  depth H + 3 L + 16 at L = 256 -> 2 gamma(848) ~ 1e-4 relative)."""
+  """benchmarks/attention_tiles.py at a small size: every layout's times (the tiled gradient in
+  both of its layouts too), and its output and gradients agree with the blocks' to fp32 roundoff
+  (error model of tests/test_attention.py: depth H + 3 L + 16 at L = 256 -> 2 gamma(848) ~ 1e-4
+  relative)."""
   out = benchmark_scripts.load("attention_tiles").main(
-      ["--shapes", "1x256:trees", "--tiles", "64,128", "--repeats", "1"])
+      ["--shapes", "1x256:trees", "--tiles", "64,128", "--repeats", "1",
+       "--backward", "auto,rows,transposed"])
   row = out["1x256:trees"]
-  assert set(row) == {"blocks", "tile64", "tile128"}
+  assert set(row) == {"blocks", "tile64", "tile128", "tile64:rows", "tile128:rows",
+                      "tile64:transposed", "tile128:transposed"}
   for figures in row.values():
     assert figures["fwd_ms"] > 0 and figures["fwd_bwd_ms"] > 0
     assert figures["max_rel_diff"] < 1e-4

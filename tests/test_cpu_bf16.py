@@ -118,25 +118,24 @@ def test_dense_bf16_products_are_bf16_gemms_on_cpu():
   assert bf16_dots(grad, x.astype(jnp.float32), w.astype(jnp.float32)) == (0, 3)
 
 
-def test_tiled_attention_bf16_products_are_bf16_gemms_on_cpu(monkeypatch):
+def test_tiled_attention_bf16_products_are_bf16_gemms_on_cpu():
   # Every product of the tiled attention's forward (Q K^T, P V) and backward (the recomputed
   # scores, d P, d V, d K, d Q) reads bf16 operands: the bf16 backward works on transposed tiles
-  # (``tiled_attention.transposed_backward``). In the rows' layout d V and d K contract the rows
-  # of P and dS, which XLA:CPU runs as fp32 dots: the control below (5 of 7). Its numbers are
-  # the fp32 parity tests of both layouts (tests/test_attention.py).
+  # by default on a CPU. In the rows' layout d V and d K contract the rows of P and dS, which
+  # XLA:CPU runs as fp32 dots: the control below (5 of 7). Their numbers: the fp32 parity tests
+  # of both layouts (tests/test_attention.py).
   q, k, v = (jnp.asarray(bf16(seed, 2, 96, heads, 16), jnp.bfloat16)
              for seed, heads in ((8, 4), (9, 2), (10, 2)))
   mask = jnp.tril(jnp.ones((96, 96), bool))[None, None].repeat(2, 0)
 
-  def grad():  # a new function per call: a traced one would be reused from JAX's cache
-    attend = lambda q, k, v: tiled_attention.tiled_attention(q, k, v, mask, 0.25, tile=32)
+  def grad(transposed):
+    attend = lambda q, k, v: tiled_attention.tiled_attention(q, k, v, mask, 0.25, 32, transposed)
     return jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2), (0, 1, 2))
 
-  assert tiled_attention.transposed_backward(jnp.bfloat16)
-  assert not tiled_attention.transposed_backward(jnp.float32)
-  assert bf16_dots(grad(), q, k, v) == (7, 7)
-  monkeypatch.setattr(tiled_attention, "transposed_backward", lambda dtype: False)
-  assert bf16_dots(grad(), q, k, v) == (5, 7)
+  assert tiled_attention.prefers_transposed_backward(jnp.bfloat16)
+  assert not tiled_attention.prefers_transposed_backward(jnp.float32)
+  assert bf16_dots(grad(None), q, k, v) == (7, 7)
+  assert bf16_dots(grad(False), q, k, v) == (5, 7)
 
 
 def test_loss_unembedding_reads_the_weights_in_the_compute_dtype():

@@ -108,12 +108,12 @@ def _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile):
   return out_BxKxGxLxH, (lse_BxKxGxL, lo, hi)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attend(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile, transposed):
   return _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile)[0]
 
 
-def _attend_fwd(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile):
+def _attend_fwd(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile, transposed):
   out, (lse, lo, hi) = _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile)
   return out, (q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, out, lse, lo, hi)
 
@@ -163,30 +163,32 @@ def _pair_grads_t(q_BxKxMxH, k_BxKxTxH, kt_BxKxHxT, v_BxKxTxH, d_out_BxKxMxH, ls
   return dqt_BxKxHxM, dk_BxKxTxH, dv_BxKxTxH
 
 
-def transposed_backward(dtype) -> bool:
-  """Whether the backward works on transposed tiles (``_pair_grads_t``): bf16 on XLA:CPU.
+def prefers_transposed_backward(dtype) -> bool:
+  """Whether the backward works on transposed tiles (``_pair_grads_t``) by default: bf16 on
+  XLA:CPU.
 
   XLA:CPU hands its GEMM library (YNNPACK) only products whose left operand contracts its minor
   dim. In the rows' layout d V = P^T dO and d K = dS^T Q contract the rows of P and dS, so they
-  ran as plain (Eigen) dots, in bf16 compute as fp32 ones (``transformer.rows_contracted_dot``
-  says why): 600 such dots took 0.66 s of a 7.7 s bf16 SmolLM2 RW step's thunk time, against
-  0.19 s for as many P V and d Q products. From transposed tiles every product is a bf16 GEMM:
-  the attention's forward and backward (SmolLM2 widths, 4 x 512, tiles of 128) take 46 ms per
-  layer against 60, and the RW step 1.14x less time (benchmarks/README.md). In fp32 YNNPACK runs
-  those shapes slower than Eigen (97 ms against 81 per layer), and other backends transpose
-  operands for free, so everything else keeps the rows' layout.
+  run as plain (Eigen) dots, in bf16 compute as fp32 ones (``transformer.rows_contracted_dot``
+  says why): in a bf16 SmolLM2 RW step (4 x 512) 600 such dots took 0.66 s of 7.7 s of thunk
+  time, against 0.19 s for as many P V and d Q products. From transposed tiles every product is
+  a bf16 GEMM. Measured on an Intel Xeon (benchmarks/README.md, "bf16 attention backward"): one
+  layer's attention fwd + bwd in bf16 84.5 -> 64.0 ms (4 x 512 causal, tiles of 128), 94.1 ->
+  80.6 ms (2 x 1024 packed trees); the bf16 RW step 1.13x and the SRPO policy step (8 x 320)
+  1.07x faster in in-process A/Bs. In fp32, YNNPACK runs the transposed products slower than
+  Eigen runs the rows' (88.2 against 102.9 ms at 4 x 512), and other backends transpose operands
+  for free, so everything else keeps the rows' layout.
   """
   return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
 
 
-def _attend_bwd(scale, tile, residuals, d_out_BxKxGxLxH):
+def _attend_bwd(scale, tile, transposed, residuals, d_out_BxKxGxLxH):
   q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, out_BxKxGxLxH, lse_BxKxGxL, lo, hi = residuals
   B, K, G, L, H = q_BxKxGxLxH.shape
   M = G * tile
   # D_i = sum_h dO_ih O_ih = sum_j P_ij dP_ij: the softmax's backward without the full P.
   delta_BxKxGxL = jnp.sum(d_out_BxKxGxLxH.astype(jnp.float32) * out_BxKxGxLxH.astype(jnp.float32),
                           axis=-1)
-  transposed = transposed_backward(q_BxKxGxLxH.dtype)
   if transposed:  # K^T and the mask's transpose, each written once, read in place by the pairs
     kt_BxKxHxL = jnp.swapaxes(k_BxKxLxH, 2, 3)
     mask_t_BxLxL = jnp.swapaxes(mask_BxLxL, 1, 2)
@@ -243,11 +245,14 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def tiled_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
-                    mask_Bx1xLxL: jax.Array, scale: float, tile: int) -> jax.Array:
+                    mask_Bx1xLxL: jax.Array, scale: float, tile: int,
+                    transposed_backward: bool | None = None) -> jax.Array:
   """Grouped-query attention of whole sequences (no cache) -> [B, L, N, H]; see the module
   docstring. ``mask_Bx1xLxL`` must let every real query see at least one key (every
   ``attention_mask`` does: the diagonal). L need not be a multiple of ``tile``: the row is
-  padded to one, each added slot seeing only itself, and cut back."""
+  padded to one, each added slot seeing only itself, and cut back. ``transposed_backward``: the
+  gradient's tile layout (the same numbers up to the order of fp32 sums); None picks
+  ``prefers_transposed_backward(q.dtype)``."""
   if tile < 1:
     raise ValueError(f"tiled_attention: tile={tile} must be >= 1")
   B, L, N, H = q_BxLxNxH.shape
@@ -260,5 +265,8 @@ def tiled_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.A
     k_BxKxLxH, v_BxKxLxH = widen(k_BxKxLxH, 2), widen(v_BxKxLxH, 2)
     added_diagonal = jnp.eye(L + pad, dtype=bool) & (jnp.arange(L + pad) >= L)
     mask_BxLxL = widen(widen(mask_BxLxL, 1), 2) | added_diagonal[None]
-  out_BxKxGxLxH = _attend(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile)
+  if transposed_backward is None:
+    transposed_backward = prefers_transposed_backward(q_BxLxNxH.dtype)
+  out_BxKxGxLxH = _attend(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile,
+                          bool(transposed_backward))
   return out_BxKxGxLxH[:, :, :, :L].transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
