@@ -14,6 +14,8 @@ the gradient is a ``jax.custom_vjp``, the flash-attention recipe: the forward ke
 and sum per query (online softmax) and saves only the outputs and each query's log-sum-exp; the
 backward recomputes each visited tile's probabilities from them. Nothing L x L in fp32 is ever
 held: the residuals are q, k, v, the output, the log-sum-exp and the boolean mask.
+The backward has two tile layouts with the same sums: queries along the rows, or transposed
+tiles (keys along the rows), which bf16 takes on XLA:CPU (``prefers_transposed_backward``).
 
 Arithmetic: scores in fp32 (``preferred_element_type``), the scale applied after the product,
 masked scores set to -0.7 * f32 max, probabilities cast to the values' dtype before the weighted
@@ -202,7 +204,7 @@ def _attend_bwd(scale, tile, transposed, residuals, d_out_BxKxGxLxH):
     delta_BxKxM = rows(delta_BxKxGxL).reshape(B, K, M)
     if transposed:
       # Every key's visibility to this tile's stacked queries, written once per query tile: the
-      # same mask broadcast over G inside each pair's fusion ran ~8x slower on XLA:CPU.
+      # same mask broadcast over G inside each pair's fusion ran ~7x slower on XLA:CPU.
       visible_BxLxM = jnp.tile(lax.dynamic_slice_in_dim(mask_t_BxLxL, i * tile, tile, 2),
                                (1, 1, G))
 
