@@ -489,17 +489,10 @@ def check_first_steps(systems: list[System], bounds: dict[str, float] | None,
     if s.ids_sha != ref.ids_sha:
       ok = False
       lines.append(f"  ids {s.name} ({s.ids_sha}) != {ref.name} ({ref.ids_sha}): BROKEN")
-    if bounds is None:
-      for key, want in ref.first_figures.items():
-        got = s.first_figures[key]
-        if key != "target_tokens":
-          lines.append(f"  {key:15s} {s.name:15s} vs {ref.name}: {got:.6g} vs {want:.6g}, "
-                       f"relative {abs(got - want) / max(abs(want), 1e-30):.2e}")
-    else:
-      good, more = like_for_like.check_figures(s.name, s.first_figures, ref.name,
-                                               ref.first_figures, bounds, typical)
-      ok &= good
-      lines += more
+    good, more = like_for_like.check_figures(s.name, s.first_figures, ref.name,
+                                             ref.first_figures, bounds, typical)
+    ok &= good
+    lines += more
     for key in ("target_tokens",):
       if key in s.first_figures and s.first_figures[key] != ref.first_figures[key]:
         ok = False
