@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from saro_jax.models import cpu_bf16
+
 # Masked scores: far below any real score, yet x - max stays finite (exp underflows to exactly 0).
 BIG_NEGATIVE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -181,7 +183,7 @@ def prefers_transposed_backward(dtype) -> bool:
   Eigen runs the rows' (88.2 against 102.9 ms at 4 x 512), and other backends transpose operands
   for free, so everything else keeps the rows' layout.
   """
-  return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
+  return cpu_bf16.applies(dtype)
 
 
 def _attend_bwd(scale, tile, transposed, residuals, d_out_BxKxGxLxH):

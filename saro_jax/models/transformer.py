@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from saro_jax import sharding
+from saro_jax.models import cpu_bf16
 from saro_jax.models import tiled_attention
 from saro_jax.models.config import ModelConfig
 
@@ -275,8 +276,8 @@ def dense(x: jax.Array, w_IxO: jax.Array, n_in: int = 1, preferred_element_type=
 
 
 def _cpu_low_precision(x: jax.Array, w: jax.Array) -> bool:
-  """A bf16 x bf16 product traced for XLA:CPU (the default backend is the CPU)."""
-  return (x.dtype == w.dtype == jnp.bfloat16) and jax.default_backend() == "cpu"
+  """A bf16 x bf16 product traced for XLA:CPU (``cpu_bf16.applies``)."""
+  return cpu_bf16.applies(x.dtype, w.dtype)
 
 
 @jax.custom_vjp
