@@ -71,6 +71,11 @@ allocator policy ``saro_jax.main`` sets (``host_memory.reuse_freed_memory``), th
 with glibc's (``SARO_JAX_HOST_MALLOC=system``). Without it every system shares this process and
 its allocator: the policy is then the same for all, and the ratio compares the programs alone.
 The parent sends each step to its child over a pipe and times it (a few ms of the 10-20 s step).
+``--torch_malloc reuse`` gives the torch child the saro_jax policy too: one allocator policy for
+all, as in one process, but no system shares its heap with another. In one process the heap
+carries every system's buffers, and on a 2-core AMD EPYC (Zen 3) the saro_jax RW step took
+14.2-17.4 s beside the plain loop and 17.6-18.0 s beside TRL and the loop, against 13.5-13.8 s
+alone (benchmarks/README.md, "One process, separate heaps").
 
 ``--memory``: each system also runs alone in a child process (its model(s) and state, its first
 step and one more); the figure is the child's peak RSS (``VmHWM``) minus its RSS right after
@@ -682,13 +687,18 @@ def logit_scale(side, stage: str, ids) -> float:
   return side.max_logit(input_ids)
 
 
+def child_malloc(which: str, args) -> str:
+  """The ``SARO_JAX_HOST_MALLOC`` a split child starts with (``which``: "jax" or "torch")."""
+  return "auto" if which == "jax" else args.torch_malloc
+
+
 def build_split(stage: str, names: Sequence[str], args):
   """``build``'s result with every system in a child process: saro_jax under the allocator
-  policy its entry points set, torch and TRL under glibc's."""
+  policy its entry points set, torch and TRL under ``--torch_malloc`` (glibc's by default)."""
   children = []
   for which in ("jax", "torch"):
     if any(_torch_side(n) == (which == "torch") for n in names) or (which == "torch" and args.check):
-      env = dict(os.environ, SARO_JAX_HOST_MALLOC="auto" if which == "jax" else "system")
+      env = dict(os.environ, SARO_JAX_HOST_MALLOC=child_malloc(which, args))
       children.append(Child(args, stage, which, env))
   systems, side = {}, None
   for child in children:
@@ -763,6 +773,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--split_processes", action="store_true",
                  help="saro_jax and the torch systems in two child processes, each with its own "
                       "allocator defaults (see the docstring)")
+  p.add_argument("--torch_malloc", default="system", choices=("system", "reuse"),
+                 help="--split_processes: the torch child's allocator (system: glibc's defaults, "
+                      "as TRL ships; reuse: the saro_jax policy, one policy for all)")
   p.add_argument("--serve", default="", help=argparse.SUPPRESS)  # stage:jax|torch, a split child
   p.add_argument("--perturb", type=float, default=0.0,
                  help="scale the torch policy's final norm by 1 + x (shows the check catches it)")
@@ -790,6 +803,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       p.error(f"--{name}={getattr(args, name)} must be >= 1")
   if args.loss_tokens >= args.row_length:
     p.error(f"--loss_tokens={args.loss_tokens} must be < --row_length={args.row_length}")
+  if args.torch_malloc != "system" and not args.split_processes:
+    p.error("--torch_malloc sets the torch child's allocator: it needs --split_processes (in one "
+            "process every system shares the saro_jax policy)")
   args.check = True
   args.bf16 = args.compute_dtype == "bfloat16"
   args.size_argv = [f"--{k}={getattr(args, k)}" for k in (

@@ -81,6 +81,20 @@ def test_a_system_name_sets_its_logps_chunk(sbs, tmp_path):
       sbs.parse_args(["--systems", bad])
 
 
+def test_torch_malloc_sets_only_the_torch_childs_allocator_and_needs_split_processes(sbs):
+  """--torch_malloc: glibc's defaults for the torch child unless asked (TRL as it ships); reuse
+  gives it the saro_jax policy; the saro_jax child always takes host_memory's own choice. Without
+  --split_processes the flag would mean nothing, so it is refused."""
+  default = sbs.parse_args(["--split_processes"])
+  reuse = sbs.parse_args(["--split_processes", "--torch_malloc", "reuse"])
+  assert [sbs.child_malloc(w, default) for w in ("jax", "torch")] == ["auto", "system"]
+  assert [sbs.child_malloc(w, reuse) for w in ("jax", "torch")] == ["auto", "reuse"]
+  with pytest.raises(SystemExit):
+    sbs.parse_args(["--torch_malloc", "reuse"])
+  with pytest.raises(SystemExit):
+    sbs.parse_args(["--split_processes", "--torch_malloc", "tcmalloc"])
+
+
 @pytest.mark.heavy  # two child processes, each importing jax and torch and compiling its side
 def test_split_processes_run_each_side_in_its_own_process_with_its_allocator(sbs, tmp_path):
   """--split_processes: saro_jax in one child under host_memory's policy, torch in another under
