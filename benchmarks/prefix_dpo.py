@@ -295,7 +295,7 @@ def build_trl(model, tokenizer, unshared: Mode, base: StageConfig, args) -> TrlS
   side = like_for_like.TorchSide(directory, reference=True, perturb=args.perturb)
   trl_step = like_for_like.TrlStep("dpo", side, batch_size=args.pairs, lr=LR,
                                    beta=base.dpo.beta, seed=base.seed,
-                                   bf16=args.compute_dtype == "bfloat16")
+                                   bf16=args.bf16)
   inputs = [trl_step.collate([{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
                               for p, c, r in unshared_pairs(h)]) for h in unshared.hosts]
   return TrlSide(trl_step, inputs, directory, trl_step.dpo_pairs(inputs[0]),
@@ -391,6 +391,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   for name in ("pairs", "rows", "row_length", "pairs_per_row", "batches", "steps", "rounds"):
     if getattr(args, name) < 1:
       p.error(f"--{name}={getattr(args, name)} must be >= 1")
+  args.bf16 = args.compute_dtype == "bfloat16"
   return args
 
 
@@ -495,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
           modes[name] = mode
       check = None
       if trl_names:
-        bf16 = args.compute_dtype == "bfloat16"
+        bf16 = args.bf16
         ok, check, lines = check_against_unshared(trl, [modes[n] for n in trl_names],
                                                   modes["unshared"], base.dpo.beta, bf16)
         check["ok"] = ok
