@@ -75,7 +75,7 @@ The parent sends each step to its child over a pipe and times it (a few ms of th
 all, as in one process, but no system shares its heap with another. In one process the heap
 carries every system's buffers, and on a 2-core AMD EPYC (Zen 3) the saro_jax RW step took
 14.2-17.4 s beside the plain loop and 17.6-18.0 s beside TRL and the loop, against 13.5-13.8 s
-alone (benchmarks/README.md, "One process, separate heaps").
+alone (benchmarks/README.md, "AMD EPYC Zen 3").
 
 ``--memory``: each system also runs alone in a child process (its model(s) and state, its first
 step and one more); the figure is the child's peak RSS (``VmHWM``) minus its RSS right after
