@@ -496,12 +496,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
           modes[name] = mode
       check = None
       if trl_names:
-        bf16 = args.bf16
         ok, check, lines = check_against_unshared(trl, [modes[n] for n in trl_names],
-                                                  modes["unshared"], base.dpo.beta, bf16)
+                                                  modes["unshared"], base.dpo.beta, args.bf16)
         check["ok"] = ok
         print((f"bf16: the same ids {'OK' if ok else 'BROKEN'}; first-step figures not checked "
-               "(the fp32 run of the same code is the numerical check)") if bf16 else
+               "(the fp32 run of the same code is the numerical check)") if args.bf16 else
               f"first-step agreement with unshared (max |logit| {check['logit_scale']:.2f}; fp32 "
               f"error-model bounds, like_for_like.dpo_bounds): {'OK' if ok else 'BROKEN'}")
         print("\n".join(lines), flush=True)

@@ -772,7 +772,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--memory", action="store_true", help="also peak RSS per system (child processes)")
   p.add_argument("--split_processes", action="store_true",
                  help="saro_jax and the torch systems in two child processes, each with its own "
-                      "allocator defaults (see the docstring)")
+                      "heap (allocators: --torch_malloc and the docstring)")
   p.add_argument("--torch_malloc", default="system", choices=("system", "reuse"),
                  help="--split_processes: the torch child's allocator (system: glibc's defaults, "
                       "as TRL ships; reuse: the saro_jax policy, one policy for all)")

@@ -268,16 +268,11 @@ def dense(x: jax.Array, w_IxO: jax.Array, n_in: int = 1, preferred_element_type=
   # Sharding survives the merges: a weight's sharded dim (heads, mlp) is the major one of those
   # it merges with, and so is the batch among the rows.
   x_MxI, w_IxO = x.reshape(-1, I), w_IxO.reshape(I, O)
-  if preferred_element_type is None and _cpu_low_precision(x_MxI, w_IxO):
+  if preferred_element_type is None and cpu_bf16.applies(x_MxI.dtype, w_IxO.dtype):
     y_MxO = _cpu_low_precision_matmul(x_MxI, w_IxO)
   else:
     y_MxO = jnp.dot(x_MxI, w_IxO, preferred_element_type=preferred_element_type)
   return y_MxO.reshape(*rows, *out_dims)
-
-
-def _cpu_low_precision(x: jax.Array, w: jax.Array) -> bool:
-  """A bf16 x bf16 product traced for XLA:CPU (``cpu_bf16.applies``)."""
-  return cpu_bf16.applies(x.dtype, w.dtype)
 
 
 @jax.custom_vjp
@@ -332,7 +327,7 @@ def rows_contracted_dot(a_MxI: jax.Array, b_MxO: jax.Array, out_sharding=None) -
   then contracts the copy's minor dim: a bf16 GEMM with an fp32 result, the same numbers (bf16
   products are exact in fp32, fp32 accumulation). Any other dtype or backend: the plain product.
   """
-  if _cpu_low_precision(a_MxI, b_MxO):
+  if cpu_bf16.applies(a_MxI.dtype, b_MxO.dtype):
     a_IxM = layout.with_layout_constraint(a_MxI.T, layout.Layout(major_to_minor=(0, 1)))
     return jax.lax.dot_general(a_IxM, b_MxO, (((1,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32, out_sharding=out_sharding)
@@ -355,7 +350,7 @@ def out_in_dot(x: jax.Array, w_OxI: jax.Array, n_in: int, preferred_element_type
   x_MxI, w_OxI = x.reshape(-1, I), w_OxI.reshape(O, I)
   # bf16 on XLA:CPU: an fp32 result keeps the GEMM in bf16 (``_cpu_low_precision_matmul``), then
   # one rounding to bf16, as the bf16 dot would round it. Forward only (the decode copy).
-  low = preferred_element_type is None and _cpu_low_precision(x_MxI, w_OxI)
+  low = preferred_element_type is None and cpu_bf16.applies(x_MxI.dtype, w_OxI.dtype)
   y_MxO = jnp.einsum("mi,oi->mo", x_MxI, w_OxI,
                      preferred_element_type=jnp.float32 if low else preferred_element_type)
   return (y_MxO.astype(x.dtype) if low else y_MxO).reshape(*rows, *out_dims)
