@@ -117,8 +117,20 @@ def table(results: dict) -> list[dict]:
   stages = (results.get("side_by_side") or {}).get("stages", {})
   dpo = stages.get("dpo", {}).get("systems", {}).get("saro_jax", {})
   sft = stages.get("sft", {}).get("systems", {}).get("saro_jax", {})
-  add(1, "dpo_vs_trl", "SRPO (DPO) step vs TRL, pairs/s", dpo.get("vs_trl"), 1.2)
-  add(1, "sft_vs_trl", "RW (SFT) step vs TRL, tokens/s", sft.get("vs_trl"), 1.2)
+  def efficiency(stage: str) -> str:  # the machine-independent reading of the same step
+    res = stages.get(stage, {})
+    mine = res.get("systems", {}).get("saro_jax", {})
+    if "of_sgemm" not in mine:
+      return ""
+    others = ", ".join(f"{name} {100 * s['of_sgemm']:.0f} %" for name, s in res["systems"].items()
+                       if name != "saro_jax")
+    return (f" (model FLOP/s at {100 * mine['of_sgemm']:.0f} % of this machine's"
+            f" {res['sgemm_gflops']:.0f} GFLOP/s fp32 sgemm; {others})")
+
+  add(1, "dpo_vs_trl", "SRPO (DPO) step vs TRL, pairs/s" + efficiency("dpo"), dpo.get("vs_trl"),
+      1.2)
+  add(1, "sft_vs_trl", "RW (SFT) step vs TRL, tokens/s" + efficiency("sft"), sft.get("vs_trl"),
+      1.2)
   add(1, "sft_vs_torch", "RW (SFT) step vs the plain PyTorch loop", sft.get("vs_torch"), 1.0)
   modes = (results.get("prefix_dpo") or {}).get("modes", {})
   prefix, packed = modes.get("prefix", {}), modes.get("packed+cached", {})

@@ -52,6 +52,14 @@ B, C, ...) so that other jobs' load hits all alike. Printed per system: median s
 (DPO) or target tokens/s and tokens/s (SFT), and the throughput ratio against each baseline
 (trl, trl_gc, torch) with the per-round min..max of the ratio, plus the load average.
 
+Efficiency (the issue's "achieved" and "% of sgemm" columns): model FLOPs per step are
+``6 N T`` for the policy's forward + backward plus ``2 N T`` for DPO's reference forward (N the
+HF checkpoint's parameter count, T the tokens per step: every position of every row), the same
+numerator for every system, so it ranks them exactly as their times do. The denominator that
+makes a figure comparable across machines is this machine's fp32 GEMM rate at the moment:
+``torch.mm`` of two 2048 x 2048 fp32 matrices at torch's thread count, measured at the start of
+each stage in this process (``sgemm_gflops``). The table prints both.
+
 Like-for-like check: the first step's loss (and for DPO the policy's mean chosen / rejected
 sequence log-probs) of every system must agree within an fp32 error-model bound derived below
 (``first_step_bounds``); the script prints the errors and exits 1 if any bound is broken.
@@ -92,6 +100,7 @@ import dataclasses
 import gc
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -241,6 +250,41 @@ class System:
   first_figures: dict = dataclasses.field(default_factory=dict)
   note: str = ""
   ids_sha: str = ""  # sha256 of the token ids and target mask this system actually feeds
+
+
+def parameter_count(directory: str) -> int:
+  """Parameters of the HF checkpoint in ``directory`` (its safetensors headers; tied weights are
+  stored once)."""
+  from safetensors import safe_open
+  total = 0
+  for name in sorted(os.listdir(directory)):
+    if name.endswith(".safetensors"):
+      with safe_open(os.path.join(directory, name), "np") as f:
+        total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+  if not total:
+    raise SystemExit(f"{directory}: no *.safetensors weights to count")
+  return total
+
+
+def model_flops(stage: str, params: int, args) -> float:
+  """Model FLOPs of one step: 6 N T (policy forward + backward), + 2 N T for DPO's reference."""
+  if stage == "dpo":
+    return 8 * params * 2 * args.pairs * (args.prompt_len + args.completion_len)
+  return 6 * params * args.rows * args.row_length
+
+
+def sgemm_gflops(n: int = 2048, repeats: int = 10) -> float:
+  """This machine's fp32 GEMM rate now: the median ``torch.mm`` of two n x n fp32 matrices at
+  torch's thread count, after one untimed call."""
+  import torch
+  a, b = torch.randn(n, n), torch.randn(n, n)
+  torch.mm(a, b)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    torch.mm(a, b)
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
 def split_system(name: str) -> tuple[str, int]:
@@ -517,7 +561,10 @@ def run_stage(stage: str, args, directory: str) -> dict:
     systems, side = build(stage, args.names, args, directory, ids)
   work = (f"{args.pairs} pairs x 2 x ({args.prompt_len}+{args.completion_len}) tokens" if stage == "dpo"
           else f"{args.rows} rows x {args.row_length} tokens, loss on the last {args.loss_tokens}")
-  print(f"\n== {stage.upper()}: {work}; load average {os.getloadavg()[0]:.1f}", flush=True)
+  sgemm = sgemm_gflops()
+  flops = model_flops(stage, parameter_count(directory), args)
+  print(f"\n== {stage.upper()}: {work}; load average {os.getloadavg()[0]:.1f}; model"
+        f" {flops / 1e12:.3f} TFLOP/step; fp32 sgemm here now {sgemm:.0f} GFLOP/s", flush=True)
   for s in systems:
     t0 = time.perf_counter()
     s.first_figures = s.first()
@@ -525,7 +572,8 @@ def run_stage(stage: str, args, directory: str) -> dict:
     figs = "  ".join(f"{k} {v:.6g}" for k, v in s.first_figures.items())
     print(f"{s.name:15s} setup/compile {s.setup_s:6.1f} s  first step {s.first_s:6.1f} s  {figs}"
           f"  ids {s.ids_sha}" + (f"  ({s.note})" if s.note else ""), flush=True)
-  result = {"stage": stage, "systems": {}, "load": [os.getloadavg()[0]]}
+  result = {"stage": stage, "systems": {}, "load": [os.getloadavg()[0]], "model_flops": flops,
+            "sgemm_gflops": sgemm}
   if side is not None and args.bf16:
     ok, lines = check_first_steps(systems, None, None) if len(systems) > 1 else (True, [])
     print(f"first steps in bf16: same ids and targets {'OK' if ok else 'BROKEN'}; figures "
@@ -563,6 +611,8 @@ def run_stage(stage: str, args, directory: str) -> dict:
     res["throughput"] = per_step / res["step_s"]
     res["tokens_per_s"] = (2 * args.pairs * (args.prompt_len + args.completion_len) if stage == "dpo"
                            else args.rows * args.row_length) / res["step_s"]
+    res["gflops"] = flops / res["step_s"] / 1e9
+    res["of_sgemm"] = res["gflops"] / sgemm
   for s in timed:
     res = result["systems"][s.name]
     for base in BASELINES:
@@ -583,8 +633,9 @@ def run_stage(stage: str, args, directory: str) -> dict:
 def print_table(result: dict, unit: str) -> None:
   bases = [b for b in BASELINES if b in result["systems"]]
   head = " | ".join(f"vs {b} (per-round)" for b in bases)
-  print(f"\n| system | recompute | first-step loss | median s/step | {unit} | tokens/s | {head} |")
-  print("|---|---|---|---|---|---|" + "---|" * len(bases))
+  print(f"\n| system | recompute | first-step loss | median s/step | {unit} | tokens/s | model"
+        f" GFLOP/s | % of sgemm ({result['sgemm_gflops']:.0f}) | {head} |")
+  print("|---|---|---|---|---|---|---|---|" + "---|" * len(bases))
   for name, r in result["systems"].items():
     cells = []
     for b in bases:
@@ -595,7 +646,8 @@ def print_table(result: dict, unit: str) -> None:
         cells.append(f"{r[f'vs_{b}']:.2f}x ({lo:.2f}..{hi:.2f})")
     tp = f"{r['throughput']:.3f}" if unit == "pairs/s" else f"{r['throughput']:.0f}"
     print(f"| {name} | {r['recompute']} | {r['first']['loss']:.6f} | {r['step_s']:.2f} | {tp} | "
-          f"{r['tokens_per_s']:.0f} | " + " | ".join(cells) + " |")
+          f"{r['tokens_per_s']:.0f} | {r['gflops']:.1f} | {100 * r['of_sgemm']:.0f} % | "
+          + " | ".join(cells) + " |")
   print(f"load average over the rounds: {', '.join(f'{x:.1f}' for x in result['load'])}")
 
 

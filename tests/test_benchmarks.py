@@ -119,6 +119,9 @@ def test_goals_runner_reads_every_child_and_tabulates_each_goal(capsys):
   rows = {r["key"]: r for r in out["rows"]}
   assert rows["sft_vs_torch"]["value"] > 0
   assert rows["prefix_vs_unshared"]["value"] > 0
+  # goal 1's rows name the machine-independent reading too: saro_jax's and the torch loop's
+  for key in ("dpo_vs_trl", "sft_vs_trl"):
+    assert "% of this machine's" in rows[key]["what"] and "torch " in rows[key]["what"], key
   assert "of the pairs' real tokens" in rows["prefix_vs_unshared"]["what"]
   assert rows["fill"]["value"] >= 0.9  # as tests/test_packed_dpo.py's fill test
   assert rows["sampler_batch16"]["value"] > 0

@@ -46,9 +46,20 @@ def test_saro_jax_and_torch_agree_and_a_perturbed_weight_breaks_the_bound(sbs, t
   out = _run(sbs, tmp_path, "saro_jax,torch")
   _assert_agree(out, ["saro_jax", "torch"])
   assert out["check_ok"]
-  for res in out["stages"].values():
+  import transformers
+  directory = str(tmp_path / "tiny_llama_hf")
+  params = sbs.parameter_count(directory)
+  assert params == transformers.AutoModelForCausalLM.from_pretrained(directory).num_parameters()
+  for stage, res in out["stages"].items():
+    # model FLOPs: 6 N T for the policy, + 2 N T for DPO's reference (SIZES: 2 pairs x 2 x 64
+    # tokens; 2 rows x 64), the same numerator for every system
+    tokens = 2 * 2 * (24 + 40) if stage == "dpo" else 2 * 64
+    assert res["model_flops"] == (8 if stage == "dpo" else 6) * params * tokens, stage
+    assert res["sgemm_gflops"] > 0, stage
     for s in res["systems"].values():
       assert s["step_s"] > 0 and s["throughput"] > 0
+      assert s["gflops"] * 1e9 * s["step_s"] == pytest.approx(res["model_flops"])
+      assert s["of_sgemm"] == pytest.approx(s["gflops"] / res["sgemm_gflops"])
   # the torch policy's final norm scaled by 1.05 (the reference stays exact): every figure that
   # depends on the policy's logits must leave the bound, in both stages
   bad = _run(sbs, tmp_path, "saro_jax,torch", "--perturb", "0.05", "--no_assert")
