@@ -266,11 +266,16 @@ def parameter_count(directory: str) -> int:
   return total
 
 
-def model_flops(stage: str, params: int, args) -> float:
-  """Model FLOPs of one step: 6 N T (policy forward + backward), + 2 N T for DPO's reference."""
+def tokens_per_step(stage: str, args) -> int:
+  """Every position of every row one step feeds the policy (DPO: chosen and rejected)."""
   if stage == "dpo":
-    return 8 * params * 2 * args.pairs * (args.prompt_len + args.completion_len)
-  return 6 * params * args.rows * args.row_length
+    return 2 * args.pairs * (args.prompt_len + args.completion_len)
+  return args.rows * args.row_length
+
+
+def model_flops(stage: str, params: int, tokens: int) -> float:
+  """Model FLOPs of one step: 6 N T (policy forward + backward), + 2 N T for DPO's reference."""
+  return (8 if stage == "dpo" else 6) * params * tokens
 
 
 def sgemm_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -562,7 +567,8 @@ def run_stage(stage: str, args, directory: str) -> dict:
   work = (f"{args.pairs} pairs x 2 x ({args.prompt_len}+{args.completion_len}) tokens" if stage == "dpo"
           else f"{args.rows} rows x {args.row_length} tokens, loss on the last {args.loss_tokens}")
   sgemm = sgemm_gflops()
-  flops = model_flops(stage, parameter_count(directory), args)
+  tokens = tokens_per_step(stage, args)
+  flops = model_flops(stage, parameter_count(directory), tokens)
   print(f"\n== {stage.upper()}: {work}; load average {os.getloadavg()[0]:.1f}; model"
         f" {flops / 1e12:.3f} TFLOP/step; fp32 sgemm here now {sgemm:.0f} GFLOP/s", flush=True)
   for s in systems:
@@ -609,8 +615,7 @@ def run_stage(stage: str, args, directory: str) -> dict:
         "rounds_s": rounds, "first": s.first_figures, "note": s.note, "ids_sha": s.ids_sha}
     res = result["systems"][s.name]
     res["throughput"] = per_step / res["step_s"]
-    res["tokens_per_s"] = (2 * args.pairs * (args.prompt_len + args.completion_len) if stage == "dpo"
-                           else args.rows * args.row_length) / res["step_s"]
+    res["tokens_per_s"] = tokens / res["step_s"]
     res["gflops"] = flops / res["step_s"] / 1e9
     res["of_sgemm"] = res["gflops"] / sgemm
   for s in timed:
