@@ -17,20 +17,26 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-from saro_jax.evaluate import metrics as metrics_lib  # noqa: E402
+from saro_jax.evaluate import metrics as metrics_lib
 
 logger = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss", "train/loss", "train_loss")
+
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 BAR_METRICS = (("refusal_harmful", "refusal harmful"), ("refusal_jailbreak", "refusal jailbreak"),
                ("over_refusal_benign", "over-refusal benign"),
                ("over_refusal_borderline", "over-refusal borderline"))
+
+
+def _pyplot():
+  """matplotlib's pyplot on the file-only Agg backend (no display on servers and CI), imported
+  when a plot is drawn: importing it costs ~0.6 s, and every process that imports the stages
+  (each ``python -m saro_jax.main``, each test subprocess) would pay that at start-up."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
 
 
 def read_training_log(path: str | os.PathLike) -> tuple[list[dict[str, float]], list[str]]:
@@ -66,6 +72,7 @@ def plot_training(logs: Mapping[str, Sequence[Mapping[str, float]]], out_path: p
   stages = [s for s, rows in logs.items() if any(k in r for r in rows for k in LOSS_KEYS + REWARD_KEYS)]
   if not stages:
     return False
+  plt = _pyplot()
   fig, axes = plt.subplots(len(stages), 2, figsize=(10, 3 * len(stages)), squeeze=False)
   for (ax_loss, ax_reward), stage in zip(axes, stages):
     rows = logs[stage]
@@ -107,6 +114,7 @@ def _bars(ax, groups: Sequence[str], series: Mapping[str, Sequence[float | None]
 
 
 def plot_safety_by_stage(stage_metrics: Mapping[str, Mapping[str, Any]], out_path: pathlib.Path) -> None:
+  plt = _pyplot()
   fig, ax = plt.subplots(figsize=(8, 4))
   groups = [label for _, label in BAR_METRICS]
   series = {stage: [m["overall"][key] for key, _ in BAR_METRICS] for stage, m in stage_metrics.items()}
@@ -120,6 +128,7 @@ def plot_by_category(stage_metrics: Mapping[str, Mapping[str, Any]], out_path: p
   """Refusal of harmful+jailbreak prompts and over-refusal of benign ones, per category."""
   panels = (("refusal_harmful_and_jailbreak", "refusal on harmful + jailbreak, per category"),
             ("over_refusal", "over-refusal on benign + borderline, per category"))
+  plt = _pyplot()
   fig, axes = plt.subplots(2, 1, figsize=(10, 8))
   for ax, (key, title) in zip(axes, panels):
     categories = sorted({c for m in stage_metrics.values() for c, g in m["per_category"].items()
@@ -194,6 +203,7 @@ def examples_section(stage_metrics: Mapping[str, Mapping[str, Any]]) -> list[str
 def plot_form(stage_metrics: Mapping[str, Mapping[str, Any]], out_path: pathlib.Path) -> None:
   """Reasoning tokens (mean, median) and answer tokens per stage; reasoning-block and repeat rates."""
   stages = list(stage_metrics)
+  plt = _pyplot()
   fig, (ax_tok, ax_rate) = plt.subplots(1, 2, figsize=(11, 3.5))
   keys = (("mean_reasoning_tokens", "reasoning (mean)"), ("median_reasoning_tokens", "reasoning (median)"),
           ("mean_answer_tokens", "answer (mean)"))
