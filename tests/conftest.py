@@ -7,7 +7,9 @@ files and in every `python -m saro_jax.main` a test launches, and each launch us
 them again. A cache hit loads the executable XLA built for the same program, devices and flags,
 so results are bit-identical to a fresh compile. The size limit turns on jax's file lock, so
 concurrent processes never read a half-written entry; an unreadable entry is only a warning and
-a recompile. The directory is removed when the process that made it exits.
+a recompile. The directory is removed when the process that made it exits. Likewise one
+directory for the tokenizers converted from GGUF files (SARO_JAX_GGUF_TOKENIZER_CACHE,
+saro_jax/models/gguf.py), so the suite never writes to ~/.cache.
 
 XLA's CPU code is compiled at LLVM optimisation level 0 (SARO_TEST_XLA_FLAGS, in XLA_FLAGS here
 and passed to every subprocess a test starts): the suite compiles hundreds of small programs and
@@ -44,6 +46,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="saro_jax_test_xla_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+if "SARO_JAX_GGUF_TOKENIZER_CACHE" not in os.environ:  # saro_jax/models/gguf.py; not ~/.cache
+  _tokenizers = tempfile.mkdtemp(prefix="saro_jax_test_gguf_tokenizers_")
+  os.environ["SARO_JAX_GGUF_TOKENIZER_CACHE"] = _tokenizers
+  atexit.register(shutil.rmtree, _tokenizers, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))

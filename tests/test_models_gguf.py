@@ -13,6 +13,7 @@ import pytest
 
 import error_model as em
 from saro_jax.models import gguf as gg
+from saro_jax.models import gguf_index
 
 Q = gguf.GGMLQuantizationType
 # The coarsest storage type here is Q4_0: 16 levels, step d = amax / 8 per block of 32 (amax: the
@@ -223,6 +224,69 @@ def test_errors_name_file_and_field(tmp_path):
   path = write_gguf(tmp_path / "rope.gguf", hf_tensors(3, tied=True), extra_tensors=extra)
   with pytest.raises(gg.GGUFError, match="rope.gguf.*rope_freqs"):
     gg.read_gguf(path)
+
+
+def assert_index_equals_gguf_reader(path):
+  """Every tensor (name, type, dims, the bytes dequantize reads) and every metadata value of
+  ``gguf_index`` equal gguf's own reader's; string arrays by their length."""
+  index, reader = gguf_index.GGUFIndex(path), gguf.GGUFReader(path)
+  assert [t.name for t in index.tensors] == [t.name for t in reader.tensors]
+  for ours, theirs in zip(index.tensors, reader.tensors):
+    assert ours.tensor_type == theirs.tensor_type, ours.name
+    assert ours.shape == tuple(int(d) for d in theirs.shape), ours.name
+    assert ours.data.dtype == theirs.data.dtype and ours.data.shape == theirs.data.shape, ours.name
+    assert np.array_equal(ours.data, theirs.data), ours.name
+  fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}  # its pseudo-keys
+  assert set(index.metadata) == set(fields)
+  for key, field in fields.items():
+    value = index.metadata[key]
+    if isinstance(value, gguf_index.StringArray):
+      assert len(value) == len(field.data), key
+    else:
+      assert value == field.contents(), key
+  return index
+
+
+def test_index_reads_what_gguf_reads(tiny_gguf, tmp_path):
+  """The header index the loader uses instead of gguf.GGUFReader (which builds a view per array
+  element: seconds for a real tokenizer): the tiny file holds every storage type in QTYPES plus
+  F32; SmolLM2's holds its Q4_1 / Q8_0 weights and the tokenizer's 49152-string arrays."""
+  path, _ = tiny_gguf
+  index = assert_index_equals_gguf_reader(path)
+  assert {t.tensor_type for t in index.tensors} >= set(QTYPES.values()) | {Q.F32}
+  smollm2 = assert_index_equals_gguf_reader(gg.smollm2_gguf_path())
+  assert len(smollm2.metadata["tokenizer.ggml.tokens"]) == 49152
+  # A file cut short anywhere is an error naming the file, never a short read.
+  data = open(path, "rb").read()
+  for cut in (3, 40, len(data) // 3, len(data) - 1):
+    short = tmp_path / f"cut{cut}.gguf"
+    short.write_bytes(data[:cut])
+    with pytest.raises(gg.GGUFError, match=f"cut{cut}.gguf: not a readable GGUF file"):
+      gg.read_gguf(short)
+
+
+def test_tokenizer_cache_gives_the_converted_tokenizer(tmp_path, monkeypatch):
+  """The GGUF tokenizer is converted once and read back from the cache: the same vocabulary,
+  special tokens, chat template and ids as transformers' own conversion; 'off' writes nothing."""
+  path = gg.smollm2_gguf_path()
+  monkeypatch.setenv(gg.TOKENIZER_CACHE_ENV, str(tmp_path / "cache"))
+  converted = gg.gguf_tokenizer(path)  # converts and writes the cache
+  cache = gg.tokenizer_cache_dir(path)
+  assert (cache / "saro_jax.done").is_file() and (cache / "tokenizer.json").is_file()
+  assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache.name]  # no temporary left
+  cached = gg.gguf_tokenizer(path)
+  assert cached.get_vocab() == converted.get_vocab()
+  assert cached.chat_template == converted.chat_template and cached.chat_template
+  for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+    assert getattr(cached, attr) == getattr(converted, attr), attr
+  messages = [{"role": "user", "content": "How do I kill a Python process? <|im_end|> ünïcode 12"}]
+  text = converted.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  assert cached.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
+  ids = converted(text, add_special_tokens=False)["input_ids"]
+  assert cached(text, add_special_tokens=False)["input_ids"] == ids and len(ids) > 20
+  assert cached.decode(ids) == converted.decode(ids) == text
+  monkeypatch.setenv(gg.TOKENIZER_CACHE_ENV, "off")
+  assert gg.tokenizer_cache_dir(path) is None
 
 
 def test_smollm2_path_and_missing_package_message(monkeypatch):

@@ -12,18 +12,21 @@ gguf_file=...)` builds.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 import re
+import shutil
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import gguf
 import numpy as np
 
-from saro_jax.models import hf
+from saro_jax.models import gguf_index, hf
 
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -83,40 +86,40 @@ def smollm2_gguf_path() -> str:
   return path
 
 
-def _open(path: str | os.PathLike) -> gguf.GGUFReader:
+def _open(path: str | os.PathLike) -> gguf_index.GGUFIndex:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"GGUF file not found: {path}")
   stat = os.stat(path)
-  return _cached_reader(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+  return _cached_index(os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
 
 
-# Parsing the metadata (~100k tokenizer strings for SmolLM2) takes seconds; the reader only
-# memory-maps the file read-only, so loads of the same unchanged file share one.
+# The index memory-maps the file read-only, so loads of the same unchanged file share one.
 @functools.lru_cache(maxsize=4)
-def _cached_reader(path: str, mtime_ns: int, size: int) -> gguf.GGUFReader:
+def _cached_index(path: str, mtime_ns: int, size: int) -> gguf_index.GGUFIndex:
   del mtime_ns, size  # cache key only: a rewritten file is read again
   try:
-    return gguf.GGUFReader(path)
-  except Exception as e:  # the reader raises bare ValueError/struct errors on corrupt input
+    return gguf_index.GGUFIndex(path)
+  except (gguf_index.FormatError, ValueError, OSError) as e:
     raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: Any = None, *, required: bool = False) -> Any:
-  field = reader.fields.get(key)
-  if field is None:
+def _field(reader: gguf_index.GGUFIndex, key: str, default: Any = None, *,
+           required: bool = False) -> Any:
+  value = reader.metadata.get(key)
+  if value is None:
     if required:
-      raise GGUFError(f"{reader.data.filename}: metadata field '{key}' is missing")
+      raise GGUFError(f"{reader.path}: metadata field '{key}' is missing")
     return default
-  return field.contents()
+  return value
 
 
-def _model_type(reader: gguf.GGUFReader) -> tuple[str, str]:
+def _model_type(reader: gguf_index.GGUFIndex) -> tuple[str, str]:
   """(GGUF architecture, HF model_type), or a clear error for what we cannot import."""
   arch = _field(reader, "general.architecture", required=True)
   if arch not in _MODEL_TYPES:
     raise GGUFError(
-      f"{reader.data.filename}: general.architecture = '{arch}' is not supported "
+      f"{reader.path}: general.architecture = '{arch}' is not supported "
       f"(supported: {sorted(_MODEL_TYPES)})")
   name = str(_field(reader, "general.name", "") or "")
   if arch == "llama" and "mistral" in name.lower():
@@ -129,9 +132,9 @@ def gguf_hf_config(path: str | os.PathLike) -> dict[str, Any]:
   return _hf_config(_open(path))
 
 
-def _hf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
+def _hf_config(reader: gguf_index.GGUFIndex) -> dict[str, Any]:
   arch, model_type = _model_type(reader)
-  where = reader.data.filename
+  where = reader.path
 
   def get(key: str, default: Any = None, *, required: bool = False) -> Any:
     value = _field(reader, f"{arch}.{key}", default, required=required)
@@ -155,10 +158,10 @@ def _hf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
   head_dim = int(head_dim) if head_dim else hidden // heads
   vocab = get("vocab_size")
   if vocab is None:
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    tokens = reader.metadata.get("tokenizer.ggml.tokens")
     if tokens is None:
       raise GGUFError(f"{where}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is present")
-    vocab = len(tokens.data)
+    vocab = len(tokens)
 
   kw: dict[str, Any] = {
     "vocab_size": int(vocab),
@@ -218,9 +221,9 @@ class GGUFTensors(Mapping[str, np.ndarray]):
   used to dequantize each tensor once for the check plus once per shard).
   """
 
-  def __init__(self, reader: gguf.GGUFReader, hf_config: Mapping[str, Any]):
+  def __init__(self, reader: gguf_index.GGUFIndex, hf_config: Mapping[str, Any]):
     self._reader = reader
-    self._where = reader.data.filename
+    self._where = reader.path
     arch, model_type = _model_type(reader)
     self._permute = model_type in _PERMUTED_QK
     self._heads = int(hf_config["num_attention_heads"])
@@ -295,14 +298,61 @@ def load_gguf(path: str | os.PathLike, *, mesh=None, rules=None, param_dtype=Non
                               **config_overrides)
 
 
+TOKENIZER_CACHE_ENV = "SARO_JAX_GGUF_TOKENIZER_CACHE"
+_CACHE_DONE = "saro_jax.done"
+
+
+def tokenizer_cache_dir(path: str | os.PathLike) -> pathlib.Path | None:
+  """Where the tokenizer converted from this GGUF file is kept, or None (caching off).
+
+  ``$SARO_JAX_GGUF_TOKENIZER_CACHE`` ('' or 'off': no cache), else
+  ``$XDG_CACHE_HOME/saro_jax/gguf_tokenizers`` (``~/.cache/...``); one subdirectory per file
+  (its real path, size and mtime) and transformers version, so a changed file or converter
+  converts again."""
+  import transformers
+
+  root = os.environ.get(TOKENIZER_CACHE_ENV)
+  if root is None:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = os.path.join(base, "saro_jax", "gguf_tokenizers")
+  if root.strip().lower() in ("", "off"):
+    return None
+  real = os.path.realpath(path)
+  stat = os.stat(real)
+  key = f"{real}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}"
+  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+  return pathlib.Path(root).expanduser() / f"{pathlib.Path(real).stem}-{digest}"
+
+
 def gguf_tokenizer(path: str | os.PathLike):
-  """The file's tokenizer (with its chat template) through transformers' GGUF tokenizer path."""
+  """The file's tokenizer (with its chat template) through transformers' GGUF tokenizer path.
+
+  transformers parses the whole file and converts its vocabulary each time (~15 s of one core
+  for SmolLM2, with the torch import its GGUF module brings), so the converted tokenizer is saved
+  once (``tokenizer_cache_dir``) and later loads read those files (~0.3 s): what
+  ``save_pretrained`` writes is what ``gguf_to_hf_dir`` has always shipped. The directory is
+  written under a temporary name and renamed, with a marker file last, so a half-written one is
+  never read; when the cache cannot be written the tokenizer is still returned."""
   import transformers
 
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"GGUF file not found: {path}")
-  return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  cache = tokenizer_cache_dir(path)
+  if cache is not None and (cache / _CACHE_DONE).is_file():
+    return transformers.AutoTokenizer.from_pretrained(str(cache))
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  if cache is not None:
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+    try:
+      tokenizer.save_pretrained(str(tmp))
+      (tmp / _CACHE_DONE).write_text(f"{path}\n")
+      os.replace(tmp, cache)  # fails if another process got there first: theirs is as good
+    except OSError as e:
+      logging.getLogger(__name__).info("GGUF tokenizer cache %s not written (%s)", cache, e)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  return tokenizer
 
 
 def gguf_to_hf_dir(path: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
