@@ -100,7 +100,7 @@ def _cached_index(path: str, mtime_ns: int, size: int) -> gguf_index.GGUFIndex:
   del mtime_ns, size  # cache key only: a rewritten file is read again
   try:
     return gguf_index.GGUFIndex(path)
-  except (gguf_index.FormatError, ValueError, OSError) as e:
+  except (ValueError, OSError) as e:  # gguf_index.FormatError is a ValueError
     raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 

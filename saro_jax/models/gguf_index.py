@@ -146,6 +146,8 @@ class GGUFIndex:
       dtype = np.dtype(_PLAIN[ggml_type.name]).newbyteorder("<")
       nbytes = n * dtype.itemsize
     else:
+      if ggml_type not in gguf_constants.GGML_QUANT_SIZES:
+        raise FormatError(f"tensor '{name}' has ggml type {ggml_type.name}, of unknown block size")
       block, block_bytes = gguf_constants.GGML_QUANT_SIZES[ggml_type]
       dtype, nbytes = np.dtype(np.uint8), n // block * block_bytes
       shape = gguf_quants.quant_shape_to_byte_shape(shape, ggml_type)
