@@ -1,6 +1,8 @@
 """The report: files exist, hold the numbers the metrics computed, and survive bad training logs."""
 
 import json
+import subprocess
+import sys
 
 from saro_jax.evaluate import metrics, report
 
@@ -88,3 +90,12 @@ def test_report_has_targets_form_per_label_and_examples(tmp_path):
   assert "| srpo | 50.0% | 7.5 | 0.0 | 12.5 | 20.0 | 25.0% | 0 | 0 |" in text
   assert "### benign" in text and "### harmful" in text  # per-label tables
   assert "Use kill -9 <pid>." in text and _is_png(tmp_path / "form_by_stage.png")
+
+
+def test_importing_the_stages_leaves_pyplot_unimported():
+  """The report imports matplotlib's pyplot when it draws (~0.6 s of every process's start-up
+  otherwise, BUILD.md "Start-up"): a fresh interpreter that imports every stage has not loaded it."""
+  code = "import sys, saro_jax.stages; print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip() == "[]", out.stdout

@@ -22,7 +22,6 @@ from saro_jax.evaluate import metrics as metrics_lib
 logger = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss", "train/loss", "train_loss")
-
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 BAR_METRICS = (("refusal_harmful", "refusal harmful"), ("refusal_jailbreak", "refusal jailbreak"),
                ("over_refusal_benign", "over-refusal benign"),
