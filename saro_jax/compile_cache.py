@@ -42,9 +42,14 @@ MAX_BYTES = 4 << 30
 OFF = ("", "off", "none")
 
 
-def default_dir() -> str:
+def cache_home() -> str:
+  """Where saro_jax keeps its caches: ``$XDG_CACHE_HOME/saro_jax`` (``~/.cache/saro_jax``)."""
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "saro_jax", "xla")
+  return os.path.join(base, "saro_jax")
+
+
+def default_dir() -> str:
+  return os.path.join(cache_home(), "xla")
 
 
 def choose(requested: str, jax_dir: str | None) -> tuple[str | None, str]:

@@ -26,6 +26,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from saro_jax import compile_cache
 from saro_jax.models import gguf_index, hf
 
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -305,17 +306,16 @@ _CACHE_DONE = "saro_jax.done"
 def tokenizer_cache_dir(path: str | os.PathLike) -> pathlib.Path | None:
   """Where the tokenizer converted from this GGUF file is kept, or None (caching off).
 
-  ``$SARO_JAX_GGUF_TOKENIZER_CACHE`` ('' or 'off': no cache), else
-  ``$XDG_CACHE_HOME/saro_jax/gguf_tokenizers`` (``~/.cache/...``); one subdirectory per file
+  ``$SARO_JAX_GGUF_TOKENIZER_CACHE`` ('', 'off' or 'none': no cache, as ``--compile_cache``),
+  else ``gguf_tokenizers`` under ``compile_cache.cache_home()`` (``~/.cache/saro_jax``); one subdirectory per file
   (its real path, size and mtime) and transformers version, so a changed file or converter
   converts again."""
   import transformers
 
   root = os.environ.get(TOKENIZER_CACHE_ENV)
   if root is None:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    root = os.path.join(base, "saro_jax", "gguf_tokenizers")
-  if root.strip().lower() in ("", "off"):
+    root = os.path.join(compile_cache.cache_home(), "gguf_tokenizers")
+  if root.strip().lower() in compile_cache.OFF:
     return None
   real = os.path.realpath(path)
   stat = os.stat(real)
