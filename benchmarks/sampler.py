@@ -6,7 +6,10 @@ same batch size and the same ``max_new_tokens``; both stop a row at EOS. Runs al
 after one warm-up call of saro_jax (it compiles), and every round ASSERTS that the two produce
 the same tokens for every prompt. New tokens/s counts each row's tokens up to its EOS.
 
-    .venv/bin/python benchmarks/sampler.py --batches 16,32 --new_tokens 64 --repeats 2
+    .venv/bin/python benchmarks/sampler.py --batches 16,32 --new_tokens 64 --repeats 2 [--unshared]
+
+``--unshared`` adds saro_jax with ``share_prefix=False`` (the prompts' common start, e.g. the
+chat template's system turn, run once per row instead of once per batch) to the same rotation.
 
 ``--model tiny`` runs a tiny random Llama with the bundled tokenizer (seconds; used by a test).
 """
@@ -70,9 +73,10 @@ def load(model_name: str, workdir: str):
   return ours, theirs, tokenizer
 
 
-def run_ours(model, tokenizer, batch: list[str], new_tokens: int, eos: tuple[int, ...]):
+def run_ours(model, tokenizer, batch: list[str], new_tokens: int, eos: tuple[int, ...],
+             share_prefix: bool = True):
   gens = sample.generate(model, tokenizer, batch, max_new_tokens=new_tokens, batch_size=len(batch),
-                         eos_ids=eos)
+                         eos_ids=eos, share_prefix=share_prefix)
   return [g.tokens for g in gens]
 
 
@@ -102,6 +106,9 @@ def main(argv=None) -> dict:
   p.add_argument("--repeats", type=int, default=2, help="timed A,B rounds per batch size")
   p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "saro_jax_bench"))
   p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+  p.add_argument("--unshared", action="store_true",
+                 help="also time saro_jax with share_prefix=False (every row's whole prompt in the"
+                      " prefill) in the same rotation, and print shared / unshared")
   args = p.parse_args(argv)
   import torch
 
@@ -113,20 +120,27 @@ def main(argv=None) -> dict:
   results = {}
   print(f"model {args.model}; greedy, {args.new_tokens} max new tokens, EOS {eos}; torch threads"
         f" {torch.get_num_threads()}")
+  extra = " unshared new tok/s | shared / unshared |" if args.unshared else ""
   print("| batch | saro_jax new tok/s | transformers new tok/s | ratio | tokens equal | saro_jax"
-        " first call s |")
-  print("|---|---|---|---|---|---|")
+        " first call s |" + extra)
+  print("|---|---|---|---|---|---|" + ("---|---|" if args.unshared else ""))
   for b in [int(x) for x in args.batches.split(",")]:
     batch = prompts(b)
     start = time.perf_counter()
     ours_tokens = run_ours(ours, tokenizer, batch, args.new_tokens, eos)  # compiles
     first_s = time.perf_counter() - start
     n_new = sum(len(t) for t in ours_tokens)
-    ours_s, theirs_s = [], []
+    if args.unshared:  # compiles the unshared prefill
+      assert run_ours(ours, tokenizer, batch, args.new_tokens, eos, share_prefix=False) == ours_tokens
+    ours_s, theirs_s, unshared_s = [], [], []
     for _ in range(args.repeats):  # alternating A, B, A, B: both see the same machine load
       start = time.perf_counter()
       assert run_ours(ours, tokenizer, batch, args.new_tokens, eos) == ours_tokens
       ours_s.append(time.perf_counter() - start)
+      if args.unshared:
+        start = time.perf_counter()
+        assert run_ours(ours, tokenizer, batch, args.new_tokens, eos, share_prefix=False) == ours_tokens
+        unshared_s.append(time.perf_counter() - start)
       start = time.perf_counter()
       theirs_tokens = run_theirs(theirs, tokenizer, batch, args.new_tokens, eos)
       theirs_s.append(time.perf_counter() - start)
@@ -136,8 +150,13 @@ def main(argv=None) -> dict:
     a, c = n_new / statistics.median(ours_s), n_new / statistics.median(theirs_s)
     results[b] = dict(ours_tok_s=a, theirs_tok_s=c, ratio=a / c, new_tokens=n_new,
                       first_call_s=first_s, ours_s=ours_s, theirs_s=theirs_s)
-    print(f"| {b} | {a:.1f} | {c:.1f} | {a / c:.2f}x | yes ({n_new} tokens) | {first_s:.1f} |",
-          flush=True)
+    extra = ""
+    if args.unshared:
+      u = n_new / statistics.median(unshared_s)
+      results[b].update(unshared_tok_s=u, unshared_s=unshared_s, shared_over_unshared=a / u)
+      extra = f" {u:.1f} | {a / u:.2f}x |"
+    print(f"| {b} | {a:.1f} | {c:.1f} | {a / c:.2f}x | yes ({n_new} tokens) | {first_s:.1f} |"
+          + extra, flush=True)
   print(json.dumps({"results": {str(b): r for b, r in results.items()}}))
   return results
 

@@ -38,6 +38,7 @@ Message = Mapping[str, str]
 Prompt = str | Sequence[Message]
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
+PREFIX_ALIGN = 8  # a batch's shared prompt prefix is rounded down to a multiple of this
 
 
 @jax.tree_util.register_dataclass
@@ -135,22 +136,35 @@ def _forward(model, cache, tokens_BxT, positions_BxT, segment_ids_BxT, cache_ind
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "mesh"))
-def _prefill(graphdef, state, tokens_BxP, positions_BxP, segment_ids_BxP, prompt_index_B, done_B,
-             seed, eos_E, sampling: Sampling, *, cache_len: int, mesh: Mesh | None):
-  """Runs the prompts through the model into a fresh cache and samples the first new token."""
+def _prefill(graphdef, state, tokens_BxW, positions_BxW, segment_ids_BxW, prompt_index_B, done_B,
+             seed, eos_E, sampling: Sampling, prefix_nxP=None, prefix_start_B=None, *,
+             cache_len: int, mesh: Mesh | None):
+  """Runs the prompts through the model into a fresh cache and samples the first new token.
+
+  Without ``prefix_nxP`` the W columns are the whole left-padded prompts. With it, the prompts'
+  first P columns are the P tokens every prompt starts with (``shared_prefix``): one pass over
+  them on n rows (the batch axis's device count) fills P cache slots, grafted into each row at
+  ``prefix_start_B`` (where its prompt starts), and the W columns are the prompts' last W."""
   keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), prompt_index_B)
   with sharding.use(mesh):
     model = nnx.merge(graphdef, state)
-    batch = tokens_BxP.shape[0]
+    batch = tokens_BxW.shape[0]
     cache = model.init_cache(batch, cache_len)
+    shared = 0 if prefix_nxP is None else prefix_nxP.shape[1]
+    if shared:
+      n = prefix_nxP.shape[0]
+      positions_nxP = jnp.broadcast_to(jnp.arange(shared, dtype=jnp.int32), (n, shared))
+      _, prefix_cache = _forward(model, model.init_cache(n, shared), prefix_nxP, positions_nxP,
+                                 jnp.ones((n, shared), jnp.int32), 0)  # its logits are dropped
+      cache = transformer.graft_prefix(cache, prefix_cache, prefix_start_B)
     # One pass over the weights fills the cache with every column; only the last column, where
-    # every row's prompt ends, is unembedded (no B x P x V tensor).
-    plen = tokens_BxP.shape[1]
-    logits_Bx1xV, cache = _forward(model, cache, tokens_BxP, positions_BxP, segment_ids_BxP, 0)
+    # every row's prompt ends, is unembedded (no B x W x V tensor).
+    plen = shared + tokens_BxW.shape[1]
+    logits_Bx1xV, cache = _forward(model, cache, tokens_BxW, positions_BxW, segment_ids_BxW, shared)
     first_B = sample_token(logits_Bx1xV[:, 0], keys_B, jnp.int32(0), sampling)
     out_BxN = jnp.zeros((batch, cache_len - plen), jnp.int32).at[:, 0].set(first_B)
     done_B = done_B | jnp.isin(first_B, eos_E)
-    next_pos_B = positions_BxP[:, -1] + 1
+    next_pos_B = positions_BxW[:, -1] + 1
     return dict(cache=cache, out=out_BxN, done=done_B, pos=next_pos_B, keys=keys_B, step=jnp.int32(1))
 
 
@@ -227,6 +241,18 @@ def bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << max(0, (n - 1).bit_length()))
 
 
+def shared_prefix(prompts_ids: Sequence[Sequence[int]], align: int = PREFIX_ALIGN) -> int:
+  """How many leading tokens the prefill computes once for a whole batch: the tokens every prompt
+  starts with (a chat template's system turn; all of it for n samples of one prompt), rounded
+  down to a multiple of ``align`` so that batches share compiled shapes; 0 for a single prompt."""
+  if len(prompts_ids) < 2:
+    return 0
+  first, common = prompts_ids[0], min(len(ids) for ids in prompts_ids)
+  for ids in prompts_ids[1:]:
+    common = next((i for i in range(common) if ids[i] != first[i]), common)
+  return common // align * align
+
+
 def _batch_axis_size(mesh: Mesh | None) -> int:
   if mesh is None:
     return 1
@@ -274,7 +300,8 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
              stop: Sequence[str] = (), batch_size: int = 8, mesh: Mesh | None = None,
              eos_ids: Sequence[int] | None = None, chat_template: bool = True,
              skip_special_tokens: bool = True, min_prompt_bucket: int = 32,
-             stop_check_every: int = 32, weights_out_in: bool | None = None) -> list[Generation]:
+             stop_check_every: int = 32, weights_out_in: bool | None = None,
+             share_prefix: bool = True) -> list[Generation]:
   """Generates one completion per prompt (in the order given).
 
   ``batch_size`` rows decode together (rounded up to a multiple of the mesh's data x fsdp size);
@@ -283,6 +310,10 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
   a copy of the weights stored [out, in] (``transformer.to_out_in``; less CPU per decode step,
   benchmarks/README.md) that lives for this call only, at the cost of one more copy of the
   projection weights in memory meanwhile; False decodes from the model's own weights.
+  ``share_prefix`` (default on): the prompt tokens every prompt of a batch starts with (the chat
+  template's system turn, or all of a prompt sampled several times; ``shared_prefix``) are run
+  through the model once per batch, not once per row, and the prompt bucket covers only the rest
+  (SmolLM2's template: 24 shared tokens, benchmarks/README.md).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -318,8 +349,10 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
   for start in range(0, len(order), max_rows):
     idx = order[start:start + max_rows]
     rows = min(max_rows, -(-bucket(len(idx), 1) // row_div) * row_div)
-    plen = bucket(max(len(rendered[i][1]) for i in idx), min_prompt_bucket)
-    for i, (text, tokens, reason) in zip(idx, run([rendered[i][1] for i in idx], idx, rows, plen)):
+    ids = [rendered[i][1] for i in idx]
+    prefix = shared_prefix(ids) if share_prefix else 0
+    plen = prefix + bucket(max(len(x) for x in ids) - prefix, min_prompt_bucket)
+    for i, (text, tokens, reason) in zip(idx, run(ids, idx, rows, plen, prefix)):
       results[i] = Generation(prompt=prompts[i], prompt_text=rendered[i][0], text=text,
                               tokens=tokens, finish_reason=reason,
                               num_prompt_tokens=len(rendered[i][1]))
@@ -358,21 +391,37 @@ def _left_padded(prompts_ids: Sequence[list[int]], rows: int, plen: int):
   return tokens, positions, segments
 
 
+def _prefill_inputs(prompts_ids: Sequence[list[int]], rows: int, plen: int, prefix: int,
+                    prefix_rows: int):
+  """``_prefill``'s host arrays: ((tokens, positions, segment ids) [rows, plen - prefix], and with
+  a shared prefix (prefix tokens [prefix_rows, prefix], each row's prompt start [rows]) or ())."""
+  tokens, positions, segments = _left_padded(prompts_ids, rows, plen)
+  if not prefix:
+    return (tokens, positions, segments), ()
+  prefix_nxP = np.tile(np.asarray(prompts_ids[0][:prefix], np.int32), (prefix_rows, 1))
+  n = len(prompts_ids)
+  lengths = np.asarray([len(prompts_ids[r if r < n else 0]) for r in range(rows)])  # as _left_padded
+  columns = (tokens[:, prefix:], positions[:, prefix:], segments[:, prefix:])
+  return columns, (prefix_nxP, (plen - lengths).astype(np.int32))
+
+
 def _generate_batch(prefill_model, decode_model, tokenizer, prompts_ids: Sequence[list[int]],
-                    prompt_index: Sequence[int], rows: int, plen: int, *, sampling: Sampling,
+                    prompt_index: Sequence[int], rows: int, plen: int, prefix: int, *,
+                    sampling: Sampling,
                     seed: int, eos: tuple[int, ...], stop: tuple[str, ...], max_new_tokens: int,
                     mesh: Mesh | None, skip_special: bool,
                     stop_check_every: int) -> list[tuple[str, list[int], str]]:
   """(text, tokens, finish_reason) for each prompt of one batch. ``prefill_model`` and
-  ``decode_model``: (graphdef, state) of the same weights, possibly in two layouts."""
+  ``decode_model``: (graphdef, state) of the same weights, possibly in two layouts. ``prefix``:
+  how many leading tokens all prompts share (``shared_prefix``; 0: none computed once)."""
   n = len(prompts_ids)
-  tokens, positions, segments = _left_padded(prompts_ids, rows, plen)
   done = np.arange(rows) >= n  # filler rows start finished: they never hold the loop open
   index = np.asarray([prompt_index[r] if r < n else 0 for r in range(rows)], np.uint32)
   put = functools.partial(_to_device, mesh=mesh)
   eos_E = jnp.asarray(eos, jnp.int32)
-  carry = _prefill(*prefill_model, put(tokens), put(positions), put(segments), put(index),
-                   put(done), jnp.uint32(seed % 2**32), eos_E, sampling,
+  columns, shared = _prefill_inputs(prompts_ids, rows, plen, prefix, _batch_axis_size(mesh))
+  carry = _prefill(*prefill_model, *map(put, columns), put(index), put(done),
+                   jnp.uint32(seed % 2**32), eos_E, sampling, *map(put, shared),
                    cache_len=plen + max_new_tokens, mesh=mesh)
   step = 1
   every = stop_check_every if stop else max_new_tokens

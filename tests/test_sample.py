@@ -27,6 +27,12 @@ PROMPTS = [
     "How do I kill a Python process that hangs on exit?",
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}],
 ]
+# A system turn every prompt starts with, and one prompt twice (n samples of a prompt): the
+# sampler runs their common start once per batch (``share_prefix``, ``sample.shared_prefix``).
+SYSTEM = "You are a careful assistant: think about safety first, then answer briefly."
+WITH_SYSTEM = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": u}]
+               for u in ("hi there", "How do I kill a Python process that hangs on exit?",
+                         "Why is the sky blue?", "hi there")]
 LONG = "Tell me, in detail and with care, " * 8 + "how a safe reasoning model should answer requests."
 
 
@@ -63,6 +69,13 @@ def model(tokenizer):
 @pytest.fixture(scope="module")
 def greedy(model, tokenizer):
   return sample.generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER)
+
+
+@pytest.fixture(scope="module")
+def greedy_unshared(model, tokenizer):
+  """WITH_SYSTEM decoded with every row's whole prompt in the prefill (no prefix computed once)."""
+  return sample.generate(model, tokenizer, WITH_SYSTEM, max_new_tokens=12, eos_ids=NEVER,
+                         share_prefix=False)
 
 
 def full_recompute_greedy(model, prompts_ids: list[list[int]], n: int) -> list[list[int]]:
@@ -286,6 +299,25 @@ def test_sharded_generation_matches_single_device(tokenizer, greedy):
   assert len(sharded.layers[0].mlp.w_up_DxF[...].sharding.device_set) == 8
   gens = sample.generate(sharded, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER, mesh=mesh)
   assert [g.tokens for g in gens] == [g.tokens for g in greedy]
+
+
+def test_shared_prefix_generation_matches_the_unshared(model, tokenizer, greedy_unshared):
+  ids = [sample.render_prompt(tokenizer, p)[1] for p in WITH_SYSTEM]
+  assert sample.shared_prefix(ids) >= 16  # the path under test is taken (the system turn)
+  gens = sample.generate(model, tokenizer, WITH_SYSTEM, max_new_tokens=12, eos_ids=NEVER)
+  assert [g.tokens for g in gens] == [g.tokens for g in greedy_unshared]
+  assert len({tuple(g.tokens) for g in gens}) == 3 and gens[0].tokens == gens[3].tokens
+  assert [g.num_prompt_tokens for g in gens] == [len(x) for x in ids]
+
+
+def test_sharded_shared_prefix_generation_matches_single_device(tokenizer, greedy_unshared):
+  """On a 2x2x2 mesh the prefix runs on one row per batch shard (4), each grafted into its own
+  shard's rows."""
+  mesh = sharding.make_mesh(2, 2, 2)
+  sharded = tiny_model(len(tokenizer), mesh=mesh)
+  gens = sample.generate(sharded, tokenizer, WITH_SYSTEM, max_new_tokens=12, eos_ids=NEVER,
+                         mesh=mesh)
+  assert [g.tokens for g in gens] == [g.tokens for g in greedy_unshared]
 
 
 def test_generate_stage_writes_jsonl(tmp_path, capsys):

@@ -163,8 +163,9 @@ def test_benchmark_runs_and_tokens_match_transformers(tmp_path, capsys):
   import benchmark_scripts
   bench = benchmark_scripts.load("sampler")
   results = bench.main(["--model", "tiny", "--batches", "4", "--new_tokens", "8", "--repeats", "1",
-                        "--workdir", str(tmp_path)])
+                        "--workdir", str(tmp_path), "--unshared"])
   assert results[4]["new_tokens"] > 0 and results[4]["ratio"] > 0
+  assert results[4]["shared_over_unshared"] > 0  # the unshared rotation ran (and asserted tokens)
   assert "| 4 |" in capsys.readouterr().out
 
 
@@ -201,3 +202,64 @@ def test_out_in_copy_in_the_compute_dtype_computes_the_same_logits(family, scan,
   # fp32 compute: nothing is narrowed (the copy shares the embedding with the model).
   fp32 = hf.load_hf(str(tmp_path / family), scan_layers=scan)
   assert transformer.to_out_in(fp32).embed_VxD[...] is fp32.embed_VxD[...]
+
+
+def test_shared_prefix_is_the_common_start_rounded_down():
+  p = list(range(1, 22))  # 21 tokens
+  assert sample.shared_prefix([p]) == 0  # one prompt: nothing to share
+  assert sample.shared_prefix([p + [5], p + [6, 7], p]) == 16  # 21 in common -> 16
+  assert sample.shared_prefix([p, p]) == 16  # n samples of one prompt: all of it, rounded down
+  assert sample.shared_prefix([p[:7] + [1], p[:7] + [2]]) == 0  # 7 < PREFIX_ALIGN
+  assert sample.shared_prefix([[9] + p, p]) == 0
+
+
+@pytest.mark.parametrize("family,scan", [("llama", False), ("qwen3", True)])
+def test_shared_prefix_prefill_fills_the_cache_as_the_full_prefill(family, scan, tmp_path):
+  """One pass over the prompts' common start, grafted into every row at its own left-padded slot,
+  then the rest: the same cache (keys, values, segment ids) and first tokens as one pass over the
+  whole prompts. Rows: suffixes of 9, 0 (the prompt IS the prefix), 14 and 3 tokens, and two
+  filler rows (they repeat row 0)."""
+  model = hf.load_hf(str(tiny_hf.save_tiny_hf(family, tmp_path / family)), scan_layers=scan)
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(0)
+  V = model.config.vocab_size
+  start = rng.integers(1, V, 21).tolist()
+  prompts = [start + rng.integers(1, V, n).tolist() for n in (9, 0, 14, 3)]
+  rows, plen, P = 6, 40, sample.shared_prefix(prompts)
+  assert P == 16
+
+  def prefill(prefix, start_shift=0):
+    columns, shared = sample._prefill_inputs(prompts, rows, plen, prefix, prefix_rows=1)
+    if shared:
+      shared = (shared[0], shared[1] + start_shift)
+    done = np.arange(rows) >= len(prompts)
+    carry = sample._prefill(graphdef, state, *columns, jnp.arange(rows, dtype=jnp.uint32), done,
+                            jnp.uint32(0), jnp.asarray([-1]), sample.Sampling.of(), *shared,
+                            cache_len=plen + 4, mesh=None)
+    del carry["keys"]  # PRNG keys (the same on both sides: they depend on the prompt index only)
+    return jax.tree.map(np.asarray, carry)
+
+  want, got = prefill(0), prefill(P)
+  np.testing.assert_array_equal(got["cache"].segment_ids_BxS, want["cache"].segment_ids_BxS)
+  np.testing.assert_array_equal(got["out"][:, 0], want["out"][:, 0])
+  np.testing.assert_array_equal(got["pos"], want["pos"])
+  real_S = want["cache"].segment_ids_BxS > 0
+  masks = (real_S[:, None, None, :], real_S[:, None, :, None])  # keys [B, K, H, S], values [B, K, S, H]
+
+  def stacked(cache):  # [Y, B, ...] per kind, whether the cache is scanned or per layer
+    return [np.asarray(x) for x in ((cache.keys, cache.values) if scan else
+                                    (np.stack(cache.keys), np.stack(cache.values)))]
+
+  # Two fp32 programs of one function (tests/error_model.py): the prefix's keys and values come
+  # from products over 1 row instead of 6, summed in possibly another order. Bound at the
+  # model's depth over the prompt length, relative to the largest |key| / |value|.
+  depth = em.model_depth(model.config, plen)
+  for name, ours, ref, mask in zip(("keys", "values"), stacked(got["cache"]),
+                                   stacked(want["cache"]), masks):
+    mask = np.broadcast_to(mask[None], ref.shape)
+    em.assert_parity(ours, ref, depth, mask=mask, what=f"{family} shared-prefix {name}")
+  # Planted bug against the same bound: the prefix grafted one slot late in every row.
+  late = prefill(P, start_shift=1)
+  mask = np.broadcast_to(masks[0][None], stacked(want["cache"])[0].shape)
+  em.assert_caught(stacked(late["cache"])[0], stacked(want["cache"])[0], depth, mask=mask,
+                   what=f"{family} prefix grafted one slot late")

@@ -363,6 +363,31 @@ def write_slots(buffer_BxS: jax.Array, new_BxT: jax.Array, index_B: jax.Array) -
   return jax.vmap(write_row)(buffer_BxS, new_BxT, index_B)
 
 
+def graft_prefix(cache: Cache, prefix: Cache, start_B: jax.Array) -> Cache:
+  """``cache`` with a prompt prefix that every row shares written in: row b's slots
+  start_B[b] .. start_B[b] + P - 1 take the keys, values and segment ids of ``prefix``, a cache of
+  P slots filled by one pass over the shared tokens on n rows (n divides B; row b takes prefix
+  row b // (B // n), so a batch sharded n ways reads its own device's copy).
+
+  Keys and values depend only on the tokens and positions before them (causal attention), so a
+  row's prefix slots hold the same values whether computed in the row or once for all rows.
+  """
+
+  def graft(buffer, new, batch_axis, slot_axis):
+    new = jnp.repeat(new, buffer.shape[batch_axis] // new.shape[batch_axis], axis=batch_axis)
+    inner = slot_axis - 1 if slot_axis > batch_axis else slot_axis
+    write = lambda buf, rows, i: jax.lax.dynamic_update_slice_in_dim(buf, rows, i, axis=inner)
+    return jax.vmap(write, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(
+        buffer, new.astype(buffer.dtype), start_B)
+
+  if isinstance(cache.keys, tuple):  # per layer: keys [B, K, H, S], values [B, K, S, H]
+    keys = tuple(graft(c, p, 0, 3) for c, p in zip(cache.keys, prefix.keys))
+    values = tuple(graft(c, p, 0, 2) for c, p in zip(cache.values, prefix.values))
+  else:  # scanned: [Y, B, K, H, S] and [Y, B, K, S, H]
+    keys, values = graft(cache.keys, prefix.keys, 1, 4), graft(cache.values, prefix.values, 1, 3)
+  return Cache(keys, values, graft(cache.segment_ids_BxS, prefix.segment_ids_BxS, 0, 1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Modules
 
