@@ -1,11 +1,14 @@
-r"""The sampler's prefill and decode step in process CPU seconds: the model's own weight layout
-([in, out]) vs the decode copy stored [out, in] (``transformer.to_out_in``), side by side.
+r"""The sampler's prefill and decode step in process CPU seconds (and wall seconds): the model's
+own weight layout ([in, out]) vs the decode copy stored [out, in] (``transformer.to_out_in``) vs
+the model's own layout decoded with XLA's own dots (``sample.CPU_DECODE_OPTIONS``, the fp32 CPU
+default since session 33), side by side.
 
 On a shared, loaded machine wall time measures the neighbours; the CPU time of this process (all
-its threads, ``time.process_time``) measures the work. Both layouts run the REAL ``sample._prefill``
-and ``sample._decode`` jits on the same left-padded batch of the bundled eval prompts, EOS off (every
-row decodes every step), alternating A, B per round after one compiling round each; every round
-asserts that both layouts produced the same tokens. Rounds alternate the order (A, B / B, A).
+its threads, ``time.process_time``) measures the work; on a quiet machine the wall time is what a
+user waits. All three run the REAL ``sample._prefill`` and ``sample._decode`` jits on the same
+left-padded batch of the bundled eval prompts, EOS off (every row decodes every step), in turn per
+round after one compiling round each; every round asserts that all produced the same tokens.
+Rounds alternate the order (A, B, C / C, B, A).
 
     .venv/bin/python benchmarks/decode_layout.py --model smollm2 --batch 32 --steps 16 --rounds 2
 
@@ -57,10 +60,10 @@ def prompt_ids(tokenizer, n: int) -> list[list[int]]:
 
 
 def cpu_s(fn):
-  """(result, process CPU seconds) of fn(), waiting for its arrays."""
-  start = time.process_time()
+  """(result, process CPU seconds, wall seconds) of fn(), waiting for its arrays."""
+  start, wall = time.process_time(), time.perf_counter()
   out = jax.block_until_ready(fn())
-  return out, time.process_time() - start
+  return out, time.process_time() - start, time.perf_counter() - wall
 
 
 def main(argv=None) -> dict:
@@ -85,54 +88,64 @@ def main(argv=None) -> dict:
   start = time.process_time()
   out_in_model = jax.block_until_ready(transformer.to_out_in(model))
   convert_cpu_s = time.process_time() - start
-  layouts = {"in_out": nnx.split(model), "out_in": nnx.split(out_in_model)}
+  layouts = {"in_out": nnx.split(model), "out_in": nnx.split(out_in_model),
+             "in_out_cpu_dots": nnx.split(model)}  # XLA's own dots (sample.CPU_DECODE_OPTIONS)
 
   def prefill(layout, tokens, positions, segments, plen):
-    graphdef, state = layouts[layout]
+    graphdef, state = layouts["in_out" if layout == "in_out_cpu_dots" else layout]
     return sample._prefill(graphdef, state, tokens, positions, segments, index, done, jnp.uint32(0),
                            NEVER, greedy, cache_len=plen + args.steps + 1, mesh=None)
 
   def decode(layout, carry, plen):
     graphdef, state = layouts[layout]
-    return sample._decode(graphdef, state, carry, jnp.int32(args.steps + 1), NEVER, greedy,
-                          prompt_len=plen, mesh=None)
+    decoder = sample._decode_cpu_dots() if layout == "in_out_cpu_dots" else sample._decode
+    return decoder(graphdef, state, carry, jnp.int32(args.steps + 1), NEVER, greedy,
+                   prompt_len=plen, mesh=None)
 
   print(f"model {args.model}; batch {args.batch}, prompts {min(len(x) for x in ids)}-{longest}"
         f" tokens (bucket {plen}), cache {cache_len}, {args.steps} decode steps per round;"
         f" to_out_in copy: {convert_cpu_s:.2f} CPU s", flush=True)
-  times = {name: {"prefill": [], "step": []} for name in layouts}
+  times = {name: {"prefill": [], "step": [], "wall_step": []} for name in layouts}
   out_tokens = {}
   for round_ in range(args.rounds + 1):  # round 0 compiles
-    # A, B then B, A: neither layout always runs first (after the other's cache traffic).
+    # A, B, C then C, B, A: none always runs first (after the others' cache traffic).
     for name in (list(layouts) if round_ % 2 == 0 else list(layouts)[::-1]):
-      first, t_prefill = cpu_s(lambda: prefill(name, tokens, positions, segments, plen))
-      t_decodes = []
+      first, t_prefill, _ = cpu_s(lambda: prefill(name, tokens, positions, segments, plen))
+      t_decodes, wall_decodes = [], []
       for _ in range(args.decodes):
         carry = jax.block_until_ready(jax.tree.map(jnp.copy, first))  # _decode donates it
-        carry, t_decode = cpu_s(lambda: decode(name, carry, plen))
+        carry, t_decode, wall = cpu_s(lambda: decode(name, carry, plen))
         assert int(carry["step"]) == args.steps + 1
         out_tokens[name] = np.asarray(carry["out"])[:, :args.steps + 1]
         t_decodes.append(t_decode / args.steps)
+        wall_decodes.append(wall / args.steps)
       if round_:
         times[name]["prefill"].append(t_prefill)
         times[name]["step"].extend(t_decodes)
+        times[name]["wall_step"].extend(wall_decodes)
       print(f"round {round_} {name}: prefill {t_prefill:.2f} CPU s, decode"
-            f" {', '.join(f'{1000 * t:.1f}' for t in t_decodes)} CPU ms/step", flush=True)
-    same = (out_tokens["in_out"] == out_tokens["out_in"]).all()
-    assert same, f"round {round_}: the two layouts decoded different tokens"
+            f" {', '.join(f'{1000 * t:.1f}' for t in t_decodes)} CPU ms/step"
+            f" ({', '.join(f'{1000 * t:.1f}' for t in wall_decodes)} wall)", flush=True)
+    for name in out_tokens:
+      same = (out_tokens[name] == out_tokens["in_out"]).all()
+      assert same, f"round {round_}: {name} and in_out decoded different tokens"
   results = dict(convert_cpu_s=convert_cpu_s, batch=args.batch, prompt_bucket=plen,
                  steps=args.steps, layouts={})
   base = {k: statistics.median(v) for k, v in times["in_out"].items()}
-  print("| layout | prefill CPU s | decode CPU ms/step | prefill / in_out | step / in_out |")
-  print("|---|---|---|---|---|")
+  print("| layout | prefill CPU s | decode CPU ms/step | prefill / in_out | step / in_out |"
+        " decode wall ms/step | wall step / in_out |")
+  print("|---|---|---|---|---|---|---|")
   for name, t in times.items():
     med = {k: statistics.median(v) for k, v in t.items()}
     results["layouts"][name] = dict(prefill_cpu_s=med["prefill"], step_cpu_s=med["step"],
                                     prefill_ratio=med["prefill"] / base["prefill"],
                                     step_ratio=med["step"] / base["step"],
+                                    wall_step_s=med["wall_step"],
+                                    wall_step_ratio=med["wall_step"] / base["wall_step"],
                                     prefill_all=t["prefill"], step_all=t["step"])
     print(f"| {name} | {med['prefill']:.2f} | {1000 * med['step']:.1f} |"
-          f" {med['prefill'] / base['prefill']:.3f} | {med['step'] / base['step']:.3f} |", flush=True)
+          f" {med['prefill'] / base['prefill']:.3f} | {med['step'] / base['step']:.3f} |"
+          f" {1000 * med['wall_step']:.1f} | {med['wall_step'] / base['wall_step']:.3f} |", flush=True)
 
   return results
 

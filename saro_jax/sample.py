@@ -10,9 +10,11 @@ span token boundaries, so only detokenized text can say whether it appeared).
 
 Sampling noise depends only on (seed, prompt index, step), never on which batch a prompt landed in.
 
-On CPU the decode steps read a copy of the weights stored [out, in] (``transformer.to_out_in``),
-made once per ``generate`` call and dropped when it returns; the prefill (many rows per product,
-where that layout measured slower) reads the model's own weights.
+On CPU in fp32 the decode steps read the model's own weights through XLA's own dots
+(``CPU_DECODE_OPTIONS``: faster than YNNPACK's for a decode step's few rows); with bf16 compute
+they read a copy of the weights stored [out, in] (``transformer.to_out_in``), made once per
+``generate`` call and dropped when it returns (``decode_plan``). The prefill (many rows per
+product) always reads the model's own weights with the backend's default dots.
 """
 
 from __future__ import annotations
@@ -168,10 +170,8 @@ def _prefill(graphdef, state, tokens_BxW, positions_BxW, segment_ids_BxW, prompt
     return dict(cache=cache, out=out_BxN, done=done_B, pos=next_pos_B, keys=keys_B, step=jnp.int32(1))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "mesh"),
-                   donate_argnames=("carry",))
-def _decode(graphdef, state, carry: dict, until, eos_E, sampling: Sampling, *, prompt_len: int,
-            mesh: Mesh | None):
+def _decode_loop(graphdef, state, carry: dict, until, eos_E, sampling: Sampling, *, prompt_len: int,
+                 mesh: Mesh | None):
   """Decodes until step ``until`` (exclusive) or until every row is done."""
 
   def cond(c):
@@ -192,6 +192,46 @@ def _decode(graphdef, state, carry: dict, until, eos_E, sampling: Sampling, *, p
 
   with sharding.use(mesh):
     return jax.lax.while_loop(cond, body, carry)
+
+
+_DECODE_JIT = dict(static_argnames=("graphdef", "prompt_len", "mesh"), donate_argnames=("carry",))
+_decode = jax.jit(_decode_loop, **_DECODE_JIT)
+
+# XLA:CPU compiles a dot either as a YNNPACK fusion (its default) or with its own Eigen-backed
+# dot; this option turns the YNNPACK fusions off. A decode step's products have few rows (M = the
+# batch): SmolLM2 fp32, the model's own [in, out] weights, 32 steps, median of 6 alternating
+# rounds, ms per step, against the [out, in] copy with YNNPACK (the previous default): batch 8
+# 51 vs 61, 16 63 vs 85, 32 115 vs 116, 64 226 vs 222 (benchmarks/README.md, session 33).
+CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def _decode_cpu_dots():
+  """``_decode`` compiled with ``CPU_DECODE_OPTIONS``; plain ``_decode`` if this jaxlib's CPU
+  compiler no longer takes them (the option is experimental)."""
+  try:
+    jax.jit(lambda x: x + 1).lower(jnp.zeros(2)).compile(CPU_DECODE_OPTIONS)
+  except jax.errors.JaxRuntimeError as e:
+    logger.warning("XLA:CPU rejects %s (%s): decoding with its default dots", CPU_DECODE_OPTIONS, e)
+    return _decode
+  return jax.jit(_decode_loop, compiler_options=CPU_DECODE_OPTIONS, **_DECODE_JIT)
+
+
+def decode_plan(model, weights_out_in: bool | None) -> tuple[bool, bool]:
+  """(decode from the [out, in] copy, compile the decode with ``CPU_DECODE_OPTIONS``) for
+  ``generate``'s ``weights_out_in`` (None: chosen here).
+
+  On CPU in fp32: the model's own weights with XLA's own dots (fastest up to batch 32, even at 64,
+  and no copy). On CPU with a narrower compute dtype: the [out, in] copy in that dtype with
+  YNNPACK dots (bf16 products go through ``cpu_bf16``'s YNNPACK path). Elsewhere: the model as
+  given, the backend's defaults. An explicit ``weights_out_in=True`` (or a model that already is a
+  copy) decodes from the copy with the defaults, as before session 33."""
+  cpu = jax.default_backend() == "cpu"
+  fp32 = jnp.dtype(model.config.compute_dtype) == jnp.float32
+  if weights_out_in is None:
+    weights_out_in = cpu and not fp32
+  out_in = bool(weights_out_in) or model.out_in
+  return out_in, cpu and fp32 and not out_in
 
 
 def eos_token_ids(tokenizer, model_config=None, extra: Sequence[int] = ()) -> tuple[int, ...]:
@@ -306,10 +346,11 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
 
   ``batch_size`` rows decode together (rounded up to a multiple of the mesh's data x fsdp size);
   with ``stop`` strings the host checks the text every ``stop_check_every`` tokens and retires
-  rows that hit one. ``weights_out_in`` (default: on when JAX's backend is the CPU): decode from
-  a copy of the weights stored [out, in] (``transformer.to_out_in``; less CPU per decode step,
-  benchmarks/README.md) that lives for this call only, at the cost of one more copy of the
-  projection weights in memory meanwhile; False decodes from the model's own weights.
+  rows that hit one. ``weights_out_in`` (default None: ``decode_plan`` picks, on when JAX's
+  backend is the CPU and the compute dtype is narrower than fp32): decode from a copy of the
+  weights stored [out, in] (``transformer.to_out_in``) that lives for this call only, at the cost
+  of one more copy of the projection weights in memory meanwhile; False decodes from the model's
+  own weights (on CPU in fp32 with XLA's own dots, ``CPU_DECODE_OPTIONS``).
   ``share_prefix`` (default on): the prompt tokens every prompt of a batch starts with (the chat
   template's system turn, or all of a prompt sampled several times; ``shared_prefix``) are run
   through the model once per batch, not once per row, and the prompt bucket covers only the rest
@@ -332,8 +373,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
       logger.warning("prompt %d: %d tokens + max_new_tokens=%d exceed the model's"
                      " max_position_embeddings=%d; positions beyond it are untrained", i, len(ids),
                      max_new_tokens, limit)
-  if weights_out_in is None:
-    weights_out_in = jax.default_backend() == "cpu"
+  weights_out_in, cpu_dots = decode_plan(model, weights_out_in)
   # The decode copy is local to this call: no second set of weights outlives it.
   prefill_model = nnx.split(model)
   decode_model = nnx.split(transformer.to_out_in(model)) if weights_out_in else prefill_model
@@ -342,7 +382,8 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
   run = functools.partial(_generate_batch, prefill_model, decode_model, tokenizer,
                           sampling=sampling, seed=seed,
                           eos=eos, stop=stop, max_new_tokens=max_new_tokens, mesh=mesh,
-                          skip_special=skip_special_tokens, stop_check_every=stop_check_every)
+                          skip_special=skip_special_tokens, stop_check_every=stop_check_every,
+                          decoder=_decode_cpu_dots() if cpu_dots else _decode)
   # Longest first: batches of similar lengths waste less padding.
   order = sorted(range(len(prompts)), key=lambda i: -len(rendered[i][1]))
   results: dict[int, Generation] = {}
@@ -409,8 +450,8 @@ def _generate_batch(prefill_model, decode_model, tokenizer, prompts_ids: Sequenc
                     prompt_index: Sequence[int], rows: int, plen: int, prefix: int, *,
                     sampling: Sampling,
                     seed: int, eos: tuple[int, ...], stop: tuple[str, ...], max_new_tokens: int,
-                    mesh: Mesh | None, skip_special: bool,
-                    stop_check_every: int) -> list[tuple[str, list[int], str]]:
+                    mesh: Mesh | None, skip_special: bool, stop_check_every: int,
+                    decoder=_decode) -> list[tuple[str, list[int], str]]:
   """(text, tokens, finish_reason) for each prompt of one batch. ``prefill_model`` and
   ``decode_model``: (graphdef, state) of the same weights, possibly in two layouts. ``prefix``:
   how many leading tokens all prompts share (``shared_prefix``; 0: none computed once)."""
@@ -427,7 +468,7 @@ def _generate_batch(prefill_model, decode_model, tokenizer, prompts_ids: Sequenc
   every = stop_check_every if stop else max_new_tokens
   while step < max_new_tokens:
     until = min(max_new_tokens, step + every)
-    carry = _decode(*decode_model, carry, jnp.int32(until), eos_E, sampling, prompt_len=plen,
+    carry = decoder(*decode_model, carry, jnp.int32(until), eos_E, sampling, prompt_len=plen,
                     mesh=mesh)
     step = int(_to_host(carry["step"]))
     done_now = _to_host(carry["done"]).copy()

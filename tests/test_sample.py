@@ -154,14 +154,31 @@ def test_stop_string_cuts_text_and_tokens(model, tokenizer, greedy, check_every)
   assert g.tokens == greedy[1].tokens[:len(g.tokens)]
 
 
+def test_decode_plan_picks_the_layout_and_the_dots():
+  """(decode from the [out, in] copy, XLA's own dots) on CPU: fp32 -> the model's weights with
+  CPU_DECODE_OPTIONS; bf16 compute -> the copy with the default dots; an explicit copy, or a model
+  that already is one -> the copy with the default dots."""
+  assert jax.default_backend() == "cpu"
+  config = models.ModelConfig(**dict(generate_config().model.arch), vocab_size=64)
+  fp32 = models.init_random(config, seed=0)
+  bf16 = models.init_random(config.replace(compute_dtype="bfloat16"), seed=0)
+  assert sample.decode_plan(fp32, None) == (False, True)
+  assert sample.decode_plan(fp32, False) == (False, True)
+  assert sample.decode_plan(fp32, True) == (True, False)
+  assert sample.decode_plan(transformer.to_out_in(fp32), None) == (True, False)
+  assert sample.decode_plan(bf16, None) == (True, False)
+  assert sample.decode_plan(bf16, False) == (False, False)
+
+
 def test_out_in_weights_decode_the_same_tokens_and_do_not_outlive_the_call(model, tokenizer, greedy):
-  """On CPU generate decodes from a copy of the weights stored [out, in] (transformer.to_out_in):
-  the model's own layout must give the same tokens, greedy and seeded sampling alike, and the copy
-  must be gone when generate returns (one set of weights between calls)."""
-  assert jax.default_backend() == "cpu"  # the greedy fixture ran on the copy
-  own = sample.generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER,
-                        weights_out_in=False)
-  assert [g.tokens for g in own] == [g.tokens for g in greedy]
+  """The decode copy of the weights stored [out, in] (transformer.to_out_in, YNNPACK dots) must
+  give the tokens of the model's own layout (XLA's own dots: the fp32 CPU default the greedy
+  fixture ran on), greedy and seeded sampling alike, and the copy must be gone when generate
+  returns (one set of weights between calls)."""
+  assert sample.decode_plan(model, None) == (False, True)  # the greedy fixture's path
+  copy = sample.generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER,
+                         weights_out_in=True)
+  assert [g.tokens for g in copy] == [g.tokens for g in greedy]
   # A model that already is the copy is used as is, for prefill and decode alike.
   held = sample.generate(transformer.to_out_in(model), tokenizer, PROMPTS, max_new_tokens=12,
                          eos_ids=NEVER)
@@ -270,7 +287,7 @@ def test_compiles_once_per_bucket(model, tokenizer):
   def run(prompts_per_call):
     for prompts in prompts_per_call:
       sample.generate(model, tokenizer, prompts, max_new_tokens=12, eos_ids=NEVER, batch_size=4)
-    return sample._prefill._cache_size(), sample._decode._cache_size()
+    return sample._prefill._cache_size(), sample._decode_cpu_dots()._cache_size()
 
   # Batch buckets 1, 2, 4 rows; prompt bucket 32 tokens.
   warm = run([["a b"], ["something else entirely", "x"], ["q", "r", "s"]])

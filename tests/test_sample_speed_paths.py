@@ -119,10 +119,10 @@ def test_out_in_copy_keeps_the_weights_sharding():
   assert up_FxD.sharding.shard_shape(up_FxD.shape) != up_FxD.shape  # not merely replicated
 
 
-def _decode_hlo(batch: int, plen: int, new: int, out_in: bool) -> str:
+def _decode_hlo(batch: int, plen: int, new: int, out_in: bool, options=None, tied=False) -> str:
   config = models.ModelConfig(family="llama", vocab_size=300, hidden_size=48, intermediate_size=96,
                               num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8,
-                              tie_embeddings=False)
+                              tie_embeddings=tied)
   model = models.init_random(config, seed=0)
   graphdef, state = nnx.split(transformer.to_out_in(model) if out_in else model)
   sampling = sample.Sampling.of()
@@ -132,19 +132,24 @@ def _decode_hlo(batch: int, plen: int, new: int, out_in: bool) -> str:
       graphdef, state, zeros, zeros, zeros + 1, jnp.zeros(batch, jnp.uint32),
       jnp.zeros(batch, bool), jnp.uint32(0), eos, sampling, cache_len=plen + new, mesh=None))
   return sample._decode.lower(graphdef, state, carry, jnp.int32(new), eos, sampling,
-                              prompt_len=plen, mesh=None).compile().as_text()
+                              prompt_len=plen, mesh=None).compile(options).as_text()
 
 
-@pytest.mark.parametrize("out_in", [False, True], ids=["in_out", "out_in"])
-def test_decode_step_copies_no_cache_or_weights(out_in):
+@pytest.mark.parametrize("out_in,options,tied", [(False, None, False), (True, None, False),
+                                                 (False, sample.CPU_DECODE_OPTIONS, False),
+                                                 (False, sample.CPU_DECODE_OPTIONS, True)],
+                         ids=["in_out", "out_in", "in_out_cpu_dots", "in_out_cpu_dots_tied"])
+def test_decode_step_copies_no_cache_or_weights(out_in, options, tied):
   """Decoding is memory-bound: each step must read the weights and the cache once, in place.
 
   Before the cache layouts were chosen for it, XLA transposed every layer's K and V cache and a
   transposed copy of wo on every step (a quarter of the step time for SmolLM2 at batch 16). The
-  out_in copy (what the sampler decodes with on CPU) must not bring such a copy back either.
+  out_in copy (the bf16 CPU default) and XLA's own dots (the fp32 CPU default, with the tied
+  head read as [V, D]) must not bring such a copy back either.
   """
   batch, plen, new = 4, 8, 8
-  hlo = _decode_hlo(batch, plen, new, out_in)
+  hlo = _decode_hlo(batch, plen, new, out_in, options, tied)
+  assert ("ynn_fusion" in hlo) == (options is None)  # the option took effect (and only there)
   S = plen + new
   big = {f"f32[{batch},2,8,{S}]", f"f32[{batch},2,{S},8]", f"f32[{batch},{S},2,8]",
          f"f32[{batch},2,{S}]", "f32[6,8,48]", "f32[8,6,48]", "f32[48,48]", "f32[48,6,8]",
@@ -171,11 +176,11 @@ def test_benchmark_runs_and_tokens_match_transformers(tmp_path, capsys):
 
 @pytest.mark.heavy
 def test_decode_layout_benchmark_runs_and_layouts_agree(capsys):
-  """benchmarks/decode_layout.py asserts both layouts decode the same tokens before timing."""
+  """benchmarks/decode_layout.py asserts all three decode the same tokens before timing."""
   import benchmark_scripts
   bench = benchmark_scripts.load("decode_layout")
   results = bench.main(["--model", "tiny", "--batch", "4", "--steps", "4", "--rounds", "1"])
-  assert set(results["layouts"]) == {"in_out", "out_in"}
+  assert set(results["layouts"]) == {"in_out", "out_in", "in_out_cpu_dots"}
   for figures in results["layouts"].values():
     assert figures["prefill_cpu_s"] > 0 and figures["step_cpu_s"] > 0
   assert results["layouts"]["in_out"]["step_ratio"] == 1.0
