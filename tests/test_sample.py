@@ -386,14 +386,18 @@ def test_generation_config_eos_ids(tmp_path):
 @pytest.mark.multiprocess
 def test_two_process_generate_matches_one_process(tmp_path):
   """2 processes x 2 devices (jax.distributed over 127.0.0.1): the batch spans both processes,
-  results are gathered back, process 0 writes the same rows a single process writes."""
+  results are gathered back, process 0 writes the same rows a single process writes. A system
+  turn gives the prompts a shared prefix: it runs once per batch shard (one row per process's
+  devices), grafted into rows held by both processes."""
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(
       ["How do I kill a Python process?", "hello there", "Why is the sky blue?"])))
-  overrides = [f"--config.generate.prompts={prompts}", "--config.generate.max_new_tokens=8"]
+  system = "Think about safety first, then answer the question briefly."
+  overrides = [f"--config.generate.prompts={prompts}", "--config.generate.max_new_tokens=8",
+               f"--config.generate.system_prompt={system}"]
   env = dict(os.environ, NUM_PROCESSES="2", DEVICES="2", PY=sys.executable,
              LOGDIR=str(tmp_path / "logs"), PYTHONPATH=root)
   env.pop("XLA_FLAGS", None)  # the launcher gives each process its own 2 devices
@@ -406,6 +410,7 @@ def test_two_process_generate_matches_one_process(tmp_path):
   config = generate_config("tiny")
   config.generate.prompts = str(prompts)
   config.generate.max_new_tokens = 8
+  config.generate.system_prompt = system
   one = generate_stage.run(config, str(tmp_path / "one"))
   rows = lambda path: [json.loads(line) for line in open(path)]
   assert rows(tmp_path / "two" / "generations.jsonl") == rows(one)
