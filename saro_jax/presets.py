@@ -177,8 +177,10 @@ def eval_section(preset: str) -> ml_collections.ConfigDict:
   section = defaults(EvalConfig, limit={"tiny": 8, "smollm2_135m": 5}.get(preset, 0))
   if preset == "smollm2_135m":
     # The dev split (configs/splits.py), 10 prompts per label per set: 30 harmful (3 sets), 10
-    # jailbreak, 10 benign, 10 borderline per model, in 2 batches of 30 (the sampler decodes ~2x
-    # the tokens/s at batch 32 as at 16), so start + RW + SRPO fit the 20-minute budget.
+    # jailbreak, 10 benign, 10 borderline per model, in 2 batches of 30 (measured when the
+    # sampler decoded ~2x the tokens/s at batch 32 as at 16; with XLA's own dots since session 33
+    # it is ~1.1x, so fewer rows would now cost little), so start + RW + SRPO fit the 20-minute
+    # budget.
     section.limit = 10
     section.prompt_sets = DEV
   # Room for a whole trace (bundled traces: ~140-190 tokens of the tiny tokenizer; the smollm2
