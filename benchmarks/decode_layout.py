@@ -88,11 +88,11 @@ def main(argv=None) -> dict:
   start = time.process_time()
   out_in_model = jax.block_until_ready(transformer.to_out_in(model))
   convert_cpu_s = time.process_time() - start
-  layouts = {"in_out": nnx.split(model), "out_in": nnx.split(out_in_model),
-             "in_out_cpu_dots": nnx.split(model)}  # XLA's own dots (sample.CPU_DECODE_OPTIONS)
+  layouts = {"in_out": nnx.split(model), "out_in": nnx.split(out_in_model)}
+  layouts["in_out_cpu_dots"] = layouts["in_out"]  # XLA's own dots (sample.CPU_DECODE_OPTIONS)
 
   def prefill(layout, tokens, positions, segments, plen):
-    graphdef, state = layouts["in_out" if layout == "in_out_cpu_dots" else layout]
+    graphdef, state = layouts[layout]
     return sample._prefill(graphdef, state, tokens, positions, segments, index, done, jnp.uint32(0),
                            NEVER, greedy, cache_len=plen + args.steps + 1, mesh=None)
 

@@ -440,10 +440,9 @@ def _prefill_inputs(prompts_ids: Sequence[list[int]], rows: int, plen: int, pref
   if not prefix:
     return (tokens, positions, segments), ()
   prefix_nxP = np.tile(np.asarray(prompts_ids[0][:prefix], np.int32), (prefix_rows, 1))
-  n = len(prompts_ids)
-  lengths = np.asarray([len(prompts_ids[r if r < n else 0]) for r in range(rows)])  # as _left_padded
+  start_B = (plen - segments.sum(axis=1)).astype(np.int32)  # a row's prompt: its segment-1 slots
   columns = (tokens[:, prefix:], positions[:, prefix:], segments[:, prefix:])
-  return columns, (prefix_nxP, (plen - lengths).astype(np.int32))
+  return columns, (prefix_nxP, start_B)
 
 
 def _generate_batch(prefill_model, decode_model, tokenizer, prompts_ids: Sequence[list[int]],

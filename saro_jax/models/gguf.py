@@ -307,9 +307,9 @@ def tokenizer_cache_dir(path: str | os.PathLike) -> pathlib.Path | None:
   """Where the tokenizer converted from this GGUF file is kept, or None (caching off).
 
   ``$SARO_JAX_GGUF_TOKENIZER_CACHE`` ('', 'off' or 'none': no cache, as ``--compile_cache``),
-  else ``gguf_tokenizers`` under ``compile_cache.cache_home()`` (``~/.cache/saro_jax``); one subdirectory per file
-  (its real path, size and mtime) and transformers version, so a changed file or converter
-  converts again."""
+  else ``gguf_tokenizers`` under ``compile_cache.cache_home()`` (``~/.cache/saro_jax``); one
+  subdirectory per file (its real path, size and mtime) and transformers version, so a changed
+  file or converter converts again."""
   import transformers
 
   root = os.environ.get(TOKENIZER_CACHE_ENV)
