@@ -164,3 +164,17 @@ def test_sample_token_benchmark_reports_every_setting(capsys):
   assert set(out) == {"greedy", "temperature 1", "top_k 50", "top_p 0.9"}
   assert all(r["ours_ms"] > 0 and r["sorted_ms"] > 0 for r in out.values())
   assert "| top_k 50 |" in capsys.readouterr().out
+
+
+def test_decode_products_benchmark_quick_times_every_layout(capsys):
+  """benchmarks/decode_products.py at small shapes: every layout and backend computes the same
+  product (checked inside against an fp32 bound) and gets a positive time, torch's too."""
+  out = benchmark_scripts.load("decode_products").main(["--quick", "--batch", "4"])
+  assert len(out["seconds"]) == 3  # two layer shapes and the head
+  names = {f"{layout}/{backend}" for layout in ("rows", "rows_out_in", "features")
+           for backend in ("default", "xla_dots")} | {"torch/linear"}
+  for row in out["seconds"].values():
+    assert {k for k in row if "/" in k} == names
+    assert all(row[k] > 0 for k in names)
+  assert set(out["step_ms"]) == names
+  assert "| step's products, ms |" in capsys.readouterr().out
