@@ -1,14 +1,15 @@
 r"""The sampler's prefill and decode step in process CPU seconds (and wall seconds): the model's
 own weight layout ([in, out]) vs the decode copy stored [out, in] (``transformer.to_out_in``) vs
 the model's own layout decoded with XLA's own dots (``sample.CPU_DECODE_OPTIONS``, the fp32 CPU
-default since session 33), side by side.
+default in sessions 33-34) vs the feature-major step on the copy (``decode_columns``, activations
+[D, B]; the fp32 CPU default since session 35), side by side.
 
 On a shared, loaded machine wall time measures the neighbours; the CPU time of this process (all
 its threads, ``time.process_time``) measures the work; on a quiet machine the wall time is what a
 user waits. All three run the REAL ``sample._prefill`` and ``sample._decode`` jits on the same
 left-padded batch of the bundled eval prompts, EOS off (every row decodes every step), in turn per
 round after one compiling round each; every round asserts that all produced the same tokens.
-Rounds alternate the order (A, B, C / C, B, A).
+Rounds alternate the order (A, B, C, D / D, C, B, A).
 
     .venv/bin/python benchmarks/decode_layout.py --model smollm2 --batch 32 --steps 16 --rounds 2
 
@@ -90,6 +91,7 @@ def main(argv=None) -> dict:
   convert_cpu_s = time.process_time() - start
   layouts = {"in_out": nnx.split(model), "out_in": nnx.split(out_in_model)}
   layouts["in_out_cpu_dots"] = layouts["in_out"]  # XLA's own dots (sample.CPU_DECODE_OPTIONS)
+  layouts["columns"] = layouts["out_in"]  # activations [D, B] (decode_columns)
 
   def prefill(layout, tokens, positions, segments, plen):
     graphdef, state = layouts[layout]
@@ -100,7 +102,7 @@ def main(argv=None) -> dict:
     graphdef, state = layouts[layout]
     decoder = sample._decode_cpu_dots() if layout == "in_out_cpu_dots" else sample._decode
     return decoder(graphdef, state, carry, jnp.int32(args.steps + 1), NEVER, greedy,
-                   prompt_len=plen, mesh=None)
+                   prompt_len=plen, mesh=None, columns=layout == "columns")
 
   print(f"model {args.model}; batch {args.batch}, prompts {min(len(x) for x in ids)}-{longest}"
         f" tokens (bucket {plen}), cache {cache_len}, {args.steps} decode steps per round;"
@@ -108,7 +110,7 @@ def main(argv=None) -> dict:
   times = {name: {"prefill": [], "step": [], "wall_step": []} for name in layouts}
   out_tokens = {}
   for round_ in range(args.rounds + 1):  # round 0 compiles
-    # A, B, C then C, B, A: none always runs first (after the others' cache traffic).
+    # A, B, C, D then D, C, B, A: none always runs first (after the others' cache traffic).
     for name in (list(layouts) if round_ % 2 == 0 else list(layouts)[::-1]):
       first, t_prefill, _ = cpu_s(lambda: prefill(name, tokens, positions, segments, plen))
       t_decodes, wall_decodes = [], []
@@ -126,7 +128,7 @@ def main(argv=None) -> dict:
       print(f"round {round_} {name}: prefill {t_prefill:.2f} CPU s, decode"
             f" {', '.join(f'{1000 * t:.1f}' for t in t_decodes)} CPU ms/step"
             f" ({', '.join(f'{1000 * t:.1f}' for t in wall_decodes)} wall)", flush=True)
-    for name in out_tokens:
+    for name in out_tokens:  # greedy, EOS off: every layout must pick the same tokens
       same = (out_tokens[name] == out_tokens["in_out"]).all()
       assert same, f"round {round_}: {name} and in_out decoded different tokens"
   results = dict(convert_cpu_s=convert_cpu_s, batch=args.batch, prompt_bucket=plen,

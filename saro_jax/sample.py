@@ -10,11 +10,12 @@ span token boundaries, so only detokenized text can say whether it appeared).
 
 Sampling noise depends only on (seed, prompt index, step), never on which batch a prompt landed in.
 
-On CPU in fp32 the decode steps read the model's own weights through XLA's own dots
-(``CPU_DECODE_OPTIONS``: faster than YNNPACK's for a decode step's few rows); with bf16 compute
-they read a copy of the weights stored [out, in] (``transformer.to_out_in``), made once per
-``generate`` call and dropped when it returns (``decode_plan``). The prefill (many rows per
-product) always reads the model's own weights with the backend's default dots.
+A decode step's products have few rows (M = the batch), and on CPU their layout decides the step's
+speed (``decode_plan``): in fp32 the step runs feature-major (``decode_columns``: activations
+[D, B], weights from a copy stored [out, in], ``transformer.to_out_in``); with bf16 compute it keeps
+row-major activations over the same copy. The copy is made once per ``generate`` call and dropped
+when it returns. The prefill (many rows per product) always reads the model's own weights with
+the backend's default dots.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from jax.sharding import Mesh
 
 from saro_jax import host_memory, sharding
 from saro_jax.data.formats import DEFAULT_TAGS as REASONING_TAGS
-from saro_jax.models import transformer
+from saro_jax.models import decode_columns, transformer
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +172,9 @@ def _prefill(graphdef, state, tokens_BxW, positions_BxW, segment_ids_BxW, prompt
 
 
 def _decode_loop(graphdef, state, carry: dict, until, eos_E, sampling: Sampling, *, prompt_len: int,
-                 mesh: Mesh | None):
-  """Decodes until step ``until`` (exclusive) or until every row is done."""
+                 mesh: Mesh | None, columns: bool = False):
+  """Decodes until step ``until`` (exclusive) or until every row is done. ``columns``: each step
+  runs feature-major (``decode_columns.decode_step``; the model must be the [out, in] copy)."""
 
   def cond(c):
     return (c["step"] < until) & ~jnp.all(c["done"])
@@ -182,9 +184,14 @@ def _decode_loop(graphdef, state, carry: dict, until, eos_E, sampling: Sampling,
     last_B = jax.lax.dynamic_index_in_dim(c["out"], step - 1, axis=1, keepdims=False)
     batch = last_B.shape[0]
     model = nnx.merge(graphdef, state)  # merged per trace of the body: no outer-trace mutation
-    logits_Bx1xV, cache = _forward(model, c["cache"], last_B[:, None], c["pos"][:, None],
-                                   jnp.ones((batch, 1), jnp.int32), prompt_len + step - 1)
-    new_B = sample_token(logits_Bx1xV[:, 0], c["keys"], step, sampling)
+    if columns:
+      logits_BxV, cache = decode_columns.decode_step(model, c["cache"], last_B, c["pos"],
+                                                     prompt_len + step - 1)
+    else:
+      logits_Bx1xV, cache = _forward(model, c["cache"], last_B[:, None], c["pos"][:, None],
+                                     jnp.ones((batch, 1), jnp.int32), prompt_len + step - 1)
+      logits_BxV = logits_Bx1xV[:, 0]
+    new_B = sample_token(logits_BxV, c["keys"], step, sampling)
     new_B = jnp.where(c["done"], 0, new_B)  # finished rows idle; their tokens are never read
     out = jax.lax.dynamic_update_index_in_dim(c["out"], new_B, step, axis=1)
     done = c["done"] | jnp.isin(new_B, eos_E)
@@ -194,7 +201,8 @@ def _decode_loop(graphdef, state, carry: dict, until, eos_E, sampling: Sampling,
     return jax.lax.while_loop(cond, body, carry)
 
 
-_DECODE_JIT = dict(static_argnames=("graphdef", "prompt_len", "mesh"), donate_argnames=("carry",))
+_DECODE_JIT = dict(static_argnames=("graphdef", "prompt_len", "mesh", "columns"),
+                   donate_argnames=("carry",))
 _decode = jax.jit(_decode_loop, **_DECODE_JIT)
 
 # XLA:CPU compiles a dot either as a YNNPACK fusion (its default) or with its own Eigen-backed
@@ -217,21 +225,37 @@ def _decode_cpu_dots():
   return jax.jit(_decode_loop, compiler_options=CPU_DECODE_OPTIONS, **_DECODE_JIT)
 
 
-def decode_plan(model, weights_out_in: bool | None) -> tuple[bool, bool]:
-  """(decode from the [out, in] copy, compile the decode with ``CPU_DECODE_OPTIONS``) for
-  ``generate``'s ``weights_out_in`` (None: chosen here).
+DECODE_LAYOUTS = ("auto", "rows", "out_in", "columns")
 
-  On CPU in fp32: the model's own weights with XLA's own dots (fastest up to batch 32, even at 64,
-  and no copy). On CPU with a narrower compute dtype: the [out, in] copy in that dtype with
-  YNNPACK dots (bf16 products go through ``cpu_bf16``'s YNNPACK path). Elsewhere: the model as
-  given, the backend's defaults. An explicit ``weights_out_in=True`` (or a model that already is a
-  copy) decodes from the copy with the defaults, as before session 33."""
+
+def decode_plan(model, layout: str = "auto", mesh: Mesh | None = None) -> tuple[str, bool]:
+  """(the decode layout, compile the decode with ``CPU_DECODE_OPTIONS``) for ``generate``'s
+  ``decode_layout``:
+
+  - "rows": the model's own weights, activations [B, D]; on CPU in fp32 with XLA's own dots.
+  - "out_in": a copy of the weights stored [out, in] (``transformer.to_out_in``), activations
+    [B, D], the backend's default dots.
+  - "columns": the same copy, activations [D, B] (``decode_columns``), default dots; one device
+    (the step declares no shardings).
+  - "auto": on CPU, "columns" in fp32 on one device (SmolLM2, batch 32: 104 ms per step against
+    156 for "rows" with XLA's own dots; batch 16: 67 against 88; benchmarks/README.md, session
+    35) and "out_in" with a narrower compute dtype (bf16 products go through ``cpu_bf16``'s
+    YNNPACK path); elsewhere "rows" with the backend's defaults.
+
+  A model that already is the copy decodes from it ("rows" then means "out_in")."""
+  if layout not in DECODE_LAYOUTS:
+    raise ValueError(f"decode_layout={layout!r}: one of {', '.join(DECODE_LAYOUTS)}")
   cpu = jax.default_backend() == "cpu"
   fp32 = jnp.dtype(model.config.compute_dtype) == jnp.float32
-  if weights_out_in is None:
-    weights_out_in = cpu and not fp32
-  out_in = bool(weights_out_in) or model.out_in
-  return out_in, cpu and fp32 and not out_in
+  one_device = mesh is None or mesh.size == 1
+  if layout == "columns" and not one_device:
+    raise ValueError(f"decode_layout='columns' runs on one device; this mesh has {mesh.size}"
+                     " (use 'auto', 'rows' or 'out_in')")
+  if layout == "auto":
+    layout = ("columns" if fp32 and one_device else "out_in") if cpu else "rows"
+  if layout == "rows" and model.out_in:
+    layout = "out_in"
+  return layout, cpu and fp32 and layout == "rows"
 
 
 def eos_token_ids(tokenizer, model_config=None, extra: Sequence[int] = ()) -> tuple[int, ...]:
@@ -340,17 +364,17 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
              stop: Sequence[str] = (), batch_size: int = 8, mesh: Mesh | None = None,
              eos_ids: Sequence[int] | None = None, chat_template: bool = True,
              skip_special_tokens: bool = True, min_prompt_bucket: int = 32,
-             stop_check_every: int = 32, weights_out_in: bool | None = None,
+             stop_check_every: int = 32, decode_layout: str = "auto",
              share_prefix: bool = True) -> list[Generation]:
   """Generates one completion per prompt (in the order given).
 
   ``batch_size`` rows decode together (rounded up to a multiple of the mesh's data x fsdp size);
   with ``stop`` strings the host checks the text every ``stop_check_every`` tokens and retires
-  rows that hit one. ``weights_out_in`` (default None: ``decode_plan`` picks, on when JAX's
-  backend is the CPU and the compute dtype is narrower than fp32): decode from a copy of the
-  weights stored [out, in] (``transformer.to_out_in``) that lives for this call only, at the cost
-  of one more copy of the projection weights in memory meanwhile; False decodes from the model's
-  own weights (on CPU in fp32 with XLA's own dots, ``CPU_DECODE_OPTIONS``).
+  rows that hit one. ``decode_layout`` (``decode_plan``; default "auto": "columns" on CPU in
+  fp32 on one device, "out_in" on CPU with bf16 compute, "rows" elsewhere): "out_in" and
+  "columns" decode from a copy of the weights stored [out, in] (``transformer.to_out_in``) that
+  lives for this call only, at the cost of one more copy of the projection weights in memory
+  meanwhile (SmolLM2-135M fp32: 425 MB); "rows" decodes from the model's own weights (no copy).
   ``share_prefix`` (default on): the prompt tokens every prompt of a batch starts with (the chat
   template's system turn, or all of a prompt sampled several times; ``shared_prefix``) are run
   through the model once per batch, not once per row, and the prompt bucket covers only the rest
@@ -373,17 +397,18 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
       logger.warning("prompt %d: %d tokens + max_new_tokens=%d exceed the model's"
                      " max_position_embeddings=%d; positions beyond it are untrained", i, len(ids),
                      max_new_tokens, limit)
-  weights_out_in, cpu_dots = decode_plan(model, weights_out_in)
+  layout, cpu_dots = decode_plan(model, decode_layout, mesh)
   # The decode copy is local to this call: no second set of weights outlives it.
   prefill_model = nnx.split(model)
-  decode_model = nnx.split(transformer.to_out_in(model)) if weights_out_in else prefill_model
+  decode_model = prefill_model if layout == "rows" else nnx.split(transformer.to_out_in(model))
   row_div = _batch_axis_size(mesh)
   max_rows = -(-batch_size // row_div) * row_div
   run = functools.partial(_generate_batch, prefill_model, decode_model, tokenizer,
                           sampling=sampling, seed=seed,
                           eos=eos, stop=stop, max_new_tokens=max_new_tokens, mesh=mesh,
                           skip_special=skip_special_tokens, stop_check_every=stop_check_every,
-                          decoder=_decode_cpu_dots() if cpu_dots else _decode)
+                          decoder=functools.partial(_decode_cpu_dots() if cpu_dots else _decode,
+                                                    columns=layout == "columns"))
   # Longest first: batches of similar lengths waste less padding.
   order = sorted(range(len(prompts)), key=lambda i: -len(rendered[i][1]))
   results: dict[int, Generation] = {}

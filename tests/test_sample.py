@@ -155,49 +155,64 @@ def test_stop_string_cuts_text_and_tokens(model, tokenizer, greedy, check_every)
 
 
 def test_decode_plan_picks_the_layout_and_the_dots():
-  """(decode from the [out, in] copy, XLA's own dots) on CPU: fp32 -> the model's weights with
-  CPU_DECODE_OPTIONS; bf16 compute -> the copy with the default dots; an explicit copy, or a model
-  that already is one -> the copy with the default dots."""
+  """(decode layout, XLA's own dots) on CPU: fp32 on one device -> columns (the [out, in] copy,
+  activations [D, B]); on a multi-device mesh -> the copy with row activations; bf16 compute ->
+  the copy with row activations; "rows" -> the model's own weights with CPU_DECODE_OPTIONS (or the
+  copy, with the default dots, if the model already is one)."""
   assert jax.default_backend() == "cpu"
   config = models.ModelConfig(**dict(generate_config().model.arch), vocab_size=64)
   fp32 = models.init_random(config, seed=0)
   bf16 = models.init_random(config.replace(compute_dtype="bfloat16"), seed=0)
-  assert sample.decode_plan(fp32, None) == (False, True)
-  assert sample.decode_plan(fp32, False) == (False, True)
-  assert sample.decode_plan(fp32, True) == (True, False)
-  assert sample.decode_plan(transformer.to_out_in(fp32), None) == (True, False)
-  assert sample.decode_plan(bf16, None) == (True, False)
-  assert sample.decode_plan(bf16, False) == (False, False)
+  mesh = sharding.make_mesh(2, 1, 1, devices=jax.devices()[:2])
+  assert sample.decode_plan(fp32) == ("columns", False)
+  one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  assert sample.decode_plan(fp32, "auto", one) == ("columns", False)
+  assert sample.decode_plan(fp32, "auto", mesh) == ("out_in", False)
+  assert sample.decode_plan(fp32, "rows") == ("rows", True)
+  assert sample.decode_plan(fp32, "out_in") == ("out_in", False)
+  assert sample.decode_plan(transformer.to_out_in(fp32), "rows") == ("out_in", False)
+  assert sample.decode_plan(transformer.to_out_in(fp32)) == ("columns", False)
+  assert sample.decode_plan(bf16) == ("out_in", False)
+  assert sample.decode_plan(bf16, "rows") == ("rows", False)
+  assert sample.decode_plan(bf16, "columns") == ("columns", False)
+  with pytest.raises(ValueError, match="one device"):
+    sample.decode_plan(fp32, "columns", mesh)
+  with pytest.raises(ValueError, match="decode_layout='cols'"):
+    sample.decode_plan(fp32, "cols")
 
 
-def test_out_in_weights_decode_the_same_tokens_and_do_not_outlive_the_call(model, tokenizer, greedy):
-  """The decode copy of the weights stored [out, in] (transformer.to_out_in, YNNPACK dots) must
-  give the tokens of the model's own layout (XLA's own dots: the fp32 CPU default the greedy
-  fixture ran on), greedy and seeded sampling alike, and the copy must be gone when generate
-  returns (one set of weights between calls)."""
-  assert sample.decode_plan(model, None) == (False, True)  # the greedy fixture's path
-  copy = sample.generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER,
-                         weights_out_in=True)
-  assert [g.tokens for g in copy] == [g.tokens for g in greedy]
-  # A model that already is the copy is used as is, for prefill and decode alike.
+def test_decode_layouts_decode_the_same_tokens_and_no_copy_outlives_the_call(model, tokenizer,
+                                                                              greedy):
+  """Every decode layout gives the tokens of the default one (columns: the greedy fixture's
+  path), greedy and seeded sampling alike: the model's own weights with XLA's own dots, and the
+  copy of the weights stored [out, in] (transformer.to_out_in, YNNPACK dots) with row
+  activations; a model that already is the copy is used as is. The copy must be gone when
+  generate returns (one set of weights between calls)."""
+  assert sample.decode_plan(model) == ("columns", False)  # the greedy fixture's path
+  for layout in ("rows", "out_in"):
+    got = sample.generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER,
+                          decode_layout=layout)
+    assert [g.tokens for g in got] == [g.tokens for g in greedy], layout
   held = sample.generate(transformer.to_out_in(model), tokenizer, PROMPTS, max_new_tokens=12,
                          eos_ids=NEVER)
   assert [g.tokens for g in held] == [g.tokens for g in greedy]
   kw = dict(max_new_tokens=12, eos_ids=NEVER, temperature=1.0, seed=5)
-  drawn = {layout: sample.generate(model, tokenizer, PROMPTS, weights_out_in=layout, **kw)
-           for layout in (True, False)}
-  assert [g.tokens for g in drawn[True]] == [g.tokens for g in drawn[False]]
-  assert [g.tokens for g in drawn[True]] != [g.tokens for g in greedy]
+  drawn = {layout: sample.generate(model, tokenizer, PROMPTS, decode_layout=layout, **kw)
+           for layout in ("columns", "rows", "out_in")}
+  assert [g.tokens for g in drawn["columns"]] == [g.tokens for g in drawn["rows"]]
+  assert [g.tokens for g in drawn["columns"]] == [g.tokens for g in drawn["out_in"]]
+  assert [g.tokens for g in drawn["columns"]] != [g.tokens for g in greedy]
 
   D, F = model.config.hidden_size, model.config.intermediate_size
   assert D != F
-  gc.collect()
-  before = {id(a) for a in jax.live_arrays()}
-  sample.generate(model, tokenizer, PROMPTS[:1], max_new_tokens=2, eos_ids=NEVER,
-                  weights_out_in=True)
-  gc.collect()
-  kept = [a.shape for a in jax.live_arrays() if id(a) not in before and a.shape == (F, D)]
-  assert not kept, f"transposed MLP weights [F, D] outlived generate: {kept}"
+  for layout in ("columns", "out_in"):
+    gc.collect()
+    before = {id(a) for a in jax.live_arrays()}
+    sample.generate(model, tokenizer, PROMPTS[:1], max_new_tokens=2, eos_ids=NEVER,
+                    decode_layout=layout)
+    gc.collect()
+    kept = [a.shape for a in jax.live_arrays() if id(a) not in before and a.shape == (F, D)]
+    assert not kept, f"{layout}: transposed MLP weights [F, D] outlived generate: {kept}"
 
 
 def test_top_k_1_equals_greedy(model, tokenizer, greedy):
@@ -287,7 +302,7 @@ def test_compiles_once_per_bucket(model, tokenizer):
   def run(prompts_per_call):
     for prompts in prompts_per_call:
       sample.generate(model, tokenizer, prompts, max_new_tokens=12, eos_ids=NEVER, batch_size=4)
-    return sample._prefill._cache_size(), sample._decode_cpu_dots()._cache_size()
+    return sample._prefill._cache_size(), sample._decode._cache_size()  # the columns decode
 
   # Batch buckets 1, 2, 4 rows; prompt bucket 32 tokens.
   warm = run([["a b"], ["something else entirely", "x"], ["q", "r", "s"]])

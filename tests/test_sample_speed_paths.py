@@ -1,5 +1,6 @@
 """The sampler's fast paths: cache-layout attention == the generic attention, the decode copy of
-the weights stored [out, in] (``transformer.to_out_in``) computes the model's logits, the compiled
+the weights stored [out, in] (``transformer.to_out_in``) computes the model's logits, the
+feature-major decode step (``decode_columns``) computes the row decode's logits and cache, the compiled
 decode step moves no cache- or weight-sized data besides the matmuls' own reads (in either
 layout), and the side-by-side benchmarks (which assert token identity: with transformers'
 generate, and between the two layouts) run at a tiny size."""
@@ -15,7 +16,7 @@ from flax import nnx
 import error_model as em
 import tiny_hf
 from saro_jax import models, sample, sharding
-from saro_jax.models import hf, transformer
+from saro_jax.models import decode_columns, hf, transformer
 
 
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
@@ -100,6 +101,66 @@ def test_out_in_copy_computes_the_same_logits(family, scan, tmp_path):
                    what=f"{family} wo in dims flipped")
 
 
+# The families' non-default features on the column path: the untied head and an unscanned model
+# (llama), biases + scanned (qwen2), qk-norm + tied head (qwen3), (1+w) norms + gelu + embedding
+# scale + scanned (gemma), a sliding window of 5 that the steps below slide past (mistral), and
+# llama3's rope scaling.
+COLUMN_CASES = OUT_IN_CASES + [("mistral", False), ("llama3", True)]
+
+
+@pytest.mark.parametrize("family,scan", COLUMN_CASES)
+def test_column_decode_step_equals_the_row_decode(family, scan, tmp_path):
+  """A prefilled cache, then 4 decode steps fed the same tokens: each step's logits and the cache it
+  writes from ``decode_columns.decode_step`` (activations [D, B], the [out, in] copy) against the
+  model's own cached call (activations [B, 1, D])."""
+  model = hf.load_hf(str(tiny_hf.save_tiny_hf(family, tmp_path / family)), scan_layers=scan)
+  copy = transformer.to_out_in(model)
+  tokens, positions, segments = tiny_hf.padded_batch(lengths=(12, 7), left_pad=(True, True))
+  B, L = tokens.shape
+  steps = 4
+  prefill = jax.jit(lambda m, c: m(tokens, positions, segments, cache=c, cache_index=0,
+                                   last_only=True))
+  rows = jax.jit(lambda m, c, t, p, i: m(t[:, None], p[:, None], jnp.ones((B, 1), jnp.int32),
+                                         cache=c, cache_index=i))
+  columns = jax.jit(decode_columns.decode_step)
+  logits, cache = prefill(model, model.init_cache(B, L + steps))
+  next_B, pos_B = jnp.argmax(logits[:, -1], -1).astype(jnp.int32), jnp.asarray(positions[:, -1] + 1)
+  # Two fp32 programs of one function (tests/error_model.py): the same products and reductions,
+  # summed in possibly other orders (a [D, B] dot splits its sums unlike a [B, D] one). Bound at
+  # the model's depth over the cache length, relative to the largest |logit| / |key| / |value|.
+  depth = em.model_depth(model.config, L + steps)
+  row_cache = col_cache = cache
+  for i in range(L, L + steps):
+    want, row_cache = rows(model, row_cache, next_B, pos_B, i)
+    got, col_cache = columns(copy, col_cache, next_B, pos_B, i)
+    em.assert_parity(np.asarray(got), np.asarray(want[:, 0]), depth, what=f"{family} step {i} logits")
+    col_cache = row_cache  # both continue from the reference's cache
+    next_B, pos_B = jnp.argmax(want[:, 0], -1).astype(jnp.int32), pos_B + 1
+  _, col_cache = columns(copy, cache, jnp.asarray(tokens[:, 0]), jnp.asarray(positions[:, -1] + 1), L)
+  _, row_cache = rows(model, cache, jnp.asarray(tokens[:, 0]), jnp.asarray(positions[:, -1] + 1), L)
+  np.testing.assert_array_equal(np.asarray(col_cache.segment_ids_BxS),
+                                np.asarray(row_cache.segment_ids_BxS))
+  # The slot each wrote: keys [Y, B, K, H, S], values [Y, B, K, S, H] (stacked when unscanned).
+  slot = {"keys": lambda x: x[..., L], "values": lambda x: x[..., L, :]}
+  for name, written in slot.items():
+    stack = lambda cache: written(np.asarray(getattr(cache, name) if scan else
+                                             jnp.stack(getattr(cache, name))))
+    em.assert_parity(stack(col_cache), stack(row_cache), depth, what=f"{family} written {name}")
+  # Planted bug against the same bound: the column step's rope built from the default theta
+  # (the bug a popular JAX library ships), one step after the prefill.
+  want, _ = rows(model, cache, jnp.asarray(tokens[:, 0]), jnp.asarray(positions[:, -1] + 1), L)
+  copy.config = copy.config.replace(rope_theta=10000.0)
+  wrong, _ = columns(copy, cache, jnp.asarray(tokens[:, 0]), jnp.asarray(positions[:, -1] + 1), L)
+  em.assert_caught(np.asarray(wrong), np.asarray(want[:, 0]), depth, what=f"{family} rope theta dropped")
+
+
+def test_column_decode_step_needs_the_out_in_copy(tmp_path):
+  model = hf.load_hf(str(tiny_hf.save_tiny_hf("llama", tmp_path / "llama")))
+  with pytest.raises(ValueError, match="to_out_in"):
+    decode_columns.decode_step(model, model.init_cache(1, 4), jnp.zeros(1, jnp.int32),
+                               jnp.zeros(1, jnp.int32), 0)
+
+
 def test_out_in_copy_keeps_the_weights_sharding():
   """On a mesh the transposes carry each weight's placement along: every weight of the copy sits
   where its (permuted) logical names say, and the sharded dims really are sharded."""
@@ -119,7 +180,8 @@ def test_out_in_copy_keeps_the_weights_sharding():
   assert up_FxD.sharding.shard_shape(up_FxD.shape) != up_FxD.shape  # not merely replicated
 
 
-def _decode_hlo(batch: int, plen: int, new: int, out_in: bool, options=None, tied=False) -> str:
+def _decode_hlo(batch: int, plen: int, new: int, out_in: bool, options=None, tied=False,
+                columns=False) -> str:
   config = models.ModelConfig(family="llama", vocab_size=300, hidden_size=48, intermediate_size=96,
                               num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8,
                               tie_embeddings=tied)
@@ -132,23 +194,25 @@ def _decode_hlo(batch: int, plen: int, new: int, out_in: bool, options=None, tie
       graphdef, state, zeros, zeros, zeros + 1, jnp.zeros(batch, jnp.uint32),
       jnp.zeros(batch, bool), jnp.uint32(0), eos, sampling, cache_len=plen + new, mesh=None))
   return sample._decode.lower(graphdef, state, carry, jnp.int32(new), eos, sampling,
-                              prompt_len=plen, mesh=None).compile(options).as_text()
+                              prompt_len=plen, mesh=None, columns=columns).compile(options).as_text()
 
 
-@pytest.mark.parametrize("out_in,options,tied", [(False, None, False), (True, None, False),
-                                                 (False, sample.CPU_DECODE_OPTIONS, False),
-                                                 (False, sample.CPU_DECODE_OPTIONS, True)],
-                         ids=["in_out", "out_in", "in_out_cpu_dots", "in_out_cpu_dots_tied"])
-def test_decode_step_copies_no_cache_or_weights(out_in, options, tied):
+@pytest.mark.parametrize("out_in,options,tied,columns", [
+    (False, None, False, False), (True, None, False, False),
+    (False, sample.CPU_DECODE_OPTIONS, False, False), (False, sample.CPU_DECODE_OPTIONS, True, False),
+    (True, None, False, True), (True, None, True, True)],
+    ids=["in_out", "out_in", "in_out_cpu_dots", "in_out_cpu_dots_tied", "columns", "columns_tied"])
+def test_decode_step_copies_no_cache_or_weights(out_in, options, tied, columns):
   """Decoding is memory-bound: each step must read the weights and the cache once, in place.
 
   Before the cache layouts were chosen for it, XLA transposed every layer's K and V cache and a
   transposed copy of wo on every step (a quarter of the step time for SmolLM2 at batch 16). The
-  out_in copy (the bf16 CPU default) and XLA's own dots (the fp32 CPU default, with the tied
-  head read as [V, D]) must not bring such a copy back either.
+  out_in copy (the bf16 CPU default), XLA's own dots (with the tied head read as [V, D]) and the
+  feature-major step on the copy (the fp32 CPU default; its activations [D, B] turn to the
+  cache's rows only around the attention) must not bring such a copy back either.
   """
   batch, plen, new = 4, 8, 8
-  hlo = _decode_hlo(batch, plen, new, out_in, options, tied)
+  hlo = _decode_hlo(batch, plen, new, out_in, options, tied, columns)
   assert ("ynn_fusion" in hlo) == (options is None)  # the option took effect (and only there)
   S = plen + new
   big = {f"f32[{batch},2,8,{S}]", f"f32[{batch},2,{S},8]", f"f32[{batch},{S},2,8]",
@@ -176,11 +240,11 @@ def test_benchmark_runs_and_tokens_match_transformers(tmp_path, capsys):
 
 @pytest.mark.heavy
 def test_decode_layout_benchmark_runs_and_layouts_agree(capsys):
-  """benchmarks/decode_layout.py asserts all three decode the same tokens before timing."""
+  """benchmarks/decode_layout.py asserts all four decode the same tokens before timing."""
   import benchmark_scripts
   bench = benchmark_scripts.load("decode_layout")
   results = bench.main(["--model", "tiny", "--batch", "4", "--steps", "4", "--rounds", "1"])
-  assert set(results["layouts"]) == {"in_out", "out_in", "in_out_cpu_dots"}
+  assert set(results["layouts"]) == {"in_out", "out_in", "in_out_cpu_dots", "columns"}
   for figures in results["layouts"].values():
     assert figures["prefill_cpu_s"] > 0 and figures["step_cpu_s"] > 0
   assert results["layouts"]["in_out"]["step_ratio"] == 1.0

@@ -1,0 +1,150 @@
+"""One decode step with the activations stored feature-major: [features, batch] ("columns").
+
+A decode step's products have few rows (M = the batch). On XLA:CPU the product W[out, in] @ h[in, B]
+of a weight stored [out, in] (``transformer.to_out_in``) with activations whose minor dim is the
+batch runs faster than any row-major form x[B, in] @ W (benchmarks/decode_products.py: SmolLM2's
+products at batch 32, 79 ms against 102 ms for today's row decode). XLA folds a transpose that
+sits right beside a dot back into it, so the gain needs the whole step in columns: embedding,
+norms, q/k/v, rope, residuals, MLP and the lm head all keep [D, B]-shaped activations. Only the
+attention over the cache turns the few query values into its rows ([B, K, G, H], a few KB per
+layer), since the cache keeps the row decode's layouts (``transformer.Cache``): prefill, cache
+grafting and every other consumer stay as they are.
+
+Same arithmetic as ``Transformer.__call__`` with a cache and one new column (fp32 norms, rope from
+the same tables, fp32 attention logits and softmax); only the order of the products' sums may
+differ, so logits agree to fp32 roundoff (tests/test_sample_speed_paths.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from saro_jax.models import tiled_attention, transformer
+from saro_jax.models.config import ModelConfig
+
+
+def _norm(x: jax.Array, scale: jax.Array, config: ModelConfig, axis: int) -> jax.Array:
+  """``transformer.RMSNorm`` over ``axis``; ``scale`` broadcast along the other dims."""
+  dtype = x.dtype
+  x32 = x.astype(jnp.float32)
+  y32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + float(config.rms_norm_eps))
+  if config.norm_offset:
+    return (y32 * (float(config.norm_offset) + scale.astype(jnp.float32))).astype(dtype)
+  return scale.astype(dtype) * y32.astype(dtype)
+
+
+def _rope(x_NxHxB: jax.Array, cos_HxB: jax.Array, sin_HxB: jax.Array) -> jax.Array:
+  """``transformer.apply_rope`` with the head dim second and the batch minor."""
+  x1, x2 = jnp.split(x_NxHxB, 2, axis=1)
+  rotated = jnp.concatenate([-x2, x1], axis=1)
+  return x_NxHxB * cos_HxB.astype(x_NxHxB.dtype) + rotated * sin_HxB.astype(x_NxHxB.dtype)
+
+
+def _project(w_OxI: jax.Array, h_IxB: jax.Array, dtype) -> jax.Array:
+  """W[out..., in] @ h[in, B] -> [out..., B] as one 2-D product (the reshapes are bitcasts)."""
+  out_dims = w_OxI.shape[:-1]
+  # fp32 accumulation, one rounding to the compute dtype (a no-op in fp32), as the row decode.
+  y_OxB = jnp.dot(w_OxI.reshape(-1, w_OxI.shape[-1]).astype(dtype), h_IxB,
+                  preferred_element_type=jnp.float32).astype(dtype)
+  return y_OxB.reshape(*out_dims, h_IxB.shape[-1])
+
+
+def _layer(config: ModelConfig, p: dict, x_DxB, cos_HxB, sin_HxB, mask_Bx1x1xS, k_BxKxHxS,
+           v_BxKxSxH, slot):
+  """One decoder block on columns; returns (x_DxB, (keys, values) with the new slot written)."""
+  c = config
+  dt = x_DxB.dtype
+  N, K, H = c.num_heads, c.num_kv_heads, c.head_dim
+  B = x_DxB.shape[1]
+  h_DxB = _norm(x_DxB, p["attn_norm"][:, None], c, axis=0)
+  q_NxHxB = _project(p["wq"], h_DxB, dt)
+  k_KxHxB = _project(p["wk"], h_DxB, dt)
+  v_KxHxB = _project(p["wv"], h_DxB, dt)
+  if c.attention_bias:
+    q_NxHxB = q_NxHxB + p["bq"][..., None].astype(dt)
+    k_KxHxB = k_KxHxB + p["bk"][..., None].astype(dt)
+    v_KxHxB = v_KxHxB + p["bv"][..., None].astype(dt)
+  if c.qk_norm:
+    q_NxHxB = _norm(q_NxHxB, p["q_norm"][:, None], c, axis=1)
+    k_KxHxB = _norm(k_KxHxB, p["k_norm"][:, None], c, axis=1)
+  q_NxHxB = _rope(q_NxHxB, cos_HxB, sin_HxB)
+  k_KxHxB = _rope(k_KxHxB, cos_HxB, sin_HxB)
+
+  k_BxKxHx1 = k_KxHxB.transpose(2, 0, 1)[..., None].astype(k_BxKxHxS.dtype)
+  v_BxKx1xH = v_KxHxB.transpose(2, 0, 1)[:, :, None, :].astype(v_BxKxSxH.dtype)
+  k_BxKxHxS = jax.lax.dynamic_update_slice_in_dim(k_BxKxHxS, k_BxKxHx1, slot, 3)
+  v_BxKxSxH = jax.lax.dynamic_update_slice_in_dim(v_BxKxSxH, v_BxKx1xH, slot, 2)
+  q_BxKxGxH = q_NxHxB.reshape(K, N // K, H, B).transpose(3, 0, 1, 2)
+  logits_BxKxGxS = jnp.einsum("bkgh,bkhs->bkgs", q_BxKxGxH, k_BxKxHxS.astype(dt),
+                              preferred_element_type=jnp.float32) * jnp.float32(H ** -0.5)
+  logits_BxKxGxS = jnp.where(mask_Bx1x1xS, logits_BxKxGxS, tiled_attention.BIG_NEGATIVE)
+  probs = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(dt)
+  out_BxKxGxH = jnp.einsum("bkgs,bksh->bkgh", probs, v_BxKxSxH.astype(dt))
+  out_NHxB = out_BxKxGxH.transpose(1, 2, 3, 0).reshape(N * H, B)
+  x_DxB = x_DxB + _project(p["wo"].reshape(-1, N * H), out_NHxB, dt)
+
+  h_DxB = _norm(x_DxB, p["mlp_norm"][:, None], c, axis=0)
+  gate_FxB = _project(p["w_gate"], h_DxB, dt)
+  up_FxB = _project(p["w_up"], h_DxB, dt)
+  if c.hidden_act == "silu":
+    act_FxB = jax.nn.silu(gate_FxB)
+  else:
+    act_FxB = jax.nn.gelu(gate_FxB, approximate=c.hidden_act == "gelu_tanh")
+  x_DxB = x_DxB + _project(p["w_down"], act_FxB * up_FxB, dt)
+  return x_DxB, (k_BxKxHxS, v_BxKxSxH)
+
+
+def _layer_arrays(block) -> dict:
+  """A block's (or the stacked blocks') arrays in the decode copy's [out, in] layout."""
+  attn, mlp = block.attn, block.mlp
+  p = dict(attn_norm=block.attn_norm.scale_D[...], mlp_norm=block.mlp_norm.scale_D[...],
+           wq=attn.wq_NxHxD[...], wk=attn.wk_KxHxD[...], wv=attn.wv_KxHxD[...],
+           wo=attn.wo_DxNxH[...], w_gate=mlp.w_gate_FxD[...], w_up=mlp.w_up_FxD[...],
+           w_down=mlp.w_down_DxF[...])
+  if attn.config.attention_bias:
+    p.update(bq=attn.bq_NxH[...], bk=attn.bk_KxH[...], bv=attn.bv_KxH[...])
+  if attn.config.qk_norm:
+    p.update(q_norm=attn.q_norm.scale_D[...], k_norm=attn.k_norm.scale_D[...])
+  return p
+
+
+def decode_step(model: transformer.Transformer, cache: transformer.Cache, tokens_B: jax.Array,
+                positions_B: jax.Array, cache_index) -> tuple[jax.Array, transformer.Cache]:
+  """Logits [B, vocab_size] (float32) of one new token per row, and the cache with it written at
+  slot ``cache_index`` (a scalar: the sampler's rows share a column). ``model``: the decode copy
+  (``transformer.to_out_in``)."""
+  if not model.out_in:
+    raise ValueError("decode_columns.decode_step reads the [out, in] decode copy: pass "
+                     "transformer.to_out_in(model)")
+  c = model.config
+  dt = jnp.dtype(c.compute_dtype)
+  B = tokens_B.shape[0]
+  x_DxB = jnp.take(model.embed_VxD[...], tokens_B, axis=0).astype(dt).T
+  if c.embed_scale:
+    x_DxB = x_DxB * jnp.asarray(c.hidden_size ** 0.5, dt)
+  cos_Bx1xH, sin_Bx1xH = transformer.rope_cos_sin(c, positions_B[:, None])
+  cos_HxB, sin_HxB = cos_Bx1xH[:, 0].T, sin_Bx1xH[:, 0].T
+  slot = jnp.asarray(cache_index, jnp.int32)
+  write_B = jnp.broadcast_to(slot, (B,))
+  segments_BxS = transformer.write_slots(cache.segment_ids_BxS, jnp.ones((B, 1), jnp.int32), write_B)
+  mask_Bx1x1xS = transformer.attention_mask(write_B[:, None], jnp.ones((B, 1), jnp.int32),
+                                            segments_BxS, c.sliding_window)
+  step = lambda p, x, k, v: _layer(c, p, x, cos_HxB, sin_HxB, mask_Bx1x1xS, k, v, slot)
+  if c.scan_layers:
+    def body(x_DxB, layer):
+      p, k, v = layer
+      return step(p, x_DxB, k, v)
+    x_DxB, (keys, values) = jax.lax.scan(body, x_DxB, (_layer_arrays(model.layers), cache.keys,
+                                                       cache.values))
+  else:
+    keys, values = [], []
+    for block, k, v in zip(model.layers, cache.keys, cache.values):
+      x_DxB, (k, v) = step(_layer_arrays(block), x_DxB, k, v)
+      keys.append(k)
+      values.append(v)
+    keys, values = tuple(keys), tuple(values)
+  h_DxB = _norm(x_DxB, model.final_norm.scale_D[...][:, None], c, axis=0)
+  head_VxD = model.embed_VxD[...] if c.tie_embeddings else model.lm_head_VxD[...]
+  logits_VxB = jnp.dot(head_VxD.astype(dt), h_DxB, preferred_element_type=jnp.float32)
+  return logits_VxB[:c.vocab_size].T, transformer.Cache(keys, values, segments_BxS)
