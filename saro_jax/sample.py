@@ -235,8 +235,8 @@ def decode_plan(model, layout: str = "auto", mesh: Mesh | None = None) -> tuple[
   - "rows": the model's own weights, activations [B, D]; on CPU in fp32 with XLA's own dots.
   - "out_in": a copy of the weights stored [out, in] (``transformer.to_out_in``), activations
     [B, D], the backend's default dots.
-  - "columns": the same copy, activations [D, B] (``decode_columns``), default dots; one device
-    (the step declares no shardings).
+  - "columns": the same copy, activations [D, B] (``decode_columns``), default dots; fp32
+    compute on one device only (the step declares no shardings).
   - "auto": on CPU, "columns" in fp32 on one device (SmolLM2, batch 32: 104 ms per step against
     156 for "rows" with XLA's own dots; batch 16: 67 against 88; benchmarks/README.md, session
     35) and "out_in" with a narrower compute dtype (bf16 products go through ``cpu_bf16``'s
@@ -251,6 +251,9 @@ def decode_plan(model, layout: str = "auto", mesh: Mesh | None = None) -> tuple[
   if layout == "columns" and not one_device:
     raise ValueError(f"decode_layout='columns' runs on one device; this mesh has {mesh.size}"
                      " (use 'auto', 'rows' or 'out_in')")
+  if layout == "columns" and not fp32:
+    raise ValueError(f"decode_layout='columns' computes in float32; this model's compute_dtype is"
+                     f" {model.config.compute_dtype} (use 'auto', 'rows' or 'out_in')")
   if layout == "auto":
     layout = ("columns" if fp32 and one_device else "out_in") if cpu else "rows"
   if layout == "rows" and model.out_in:

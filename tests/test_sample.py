@@ -174,7 +174,8 @@ def test_decode_plan_picks_the_layout_and_the_dots():
   assert sample.decode_plan(transformer.to_out_in(fp32)) == ("columns", False)
   assert sample.decode_plan(bf16) == ("out_in", False)
   assert sample.decode_plan(bf16, "rows") == ("rows", False)
-  assert sample.decode_plan(bf16, "columns") == ("columns", False)
+  with pytest.raises(ValueError, match="computes in float32"):
+    sample.decode_plan(bf16, "columns")
   with pytest.raises(ValueError, match="one device"):
     sample.decode_plan(fp32, "columns", mesh)
   with pytest.raises(ValueError, match="decode_layout='cols'"):

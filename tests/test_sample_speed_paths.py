@@ -154,11 +154,15 @@ def test_column_decode_step_equals_the_row_decode(family, scan, tmp_path):
   em.assert_caught(np.asarray(wrong), np.asarray(want[:, 0]), depth, what=f"{family} rope theta dropped")
 
 
-def test_column_decode_step_needs_the_out_in_copy(tmp_path):
-  model = hf.load_hf(str(tiny_hf.save_tiny_hf("llama", tmp_path / "llama")))
+def test_column_decode_step_needs_the_out_in_copy_in_fp32(tmp_path):
+  path = str(tiny_hf.save_tiny_hf("llama", tmp_path / "llama"))
+  args = lambda m: (m.init_cache(1, 4), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32), 0)
+  model = hf.load_hf(path)
   with pytest.raises(ValueError, match="to_out_in"):
-    decode_columns.decode_step(model, model.init_cache(1, 4), jnp.zeros(1, jnp.int32),
-                               jnp.zeros(1, jnp.int32), 0)
+    decode_columns.decode_step(model, *args(model))
+  bf16 = transformer.to_out_in(hf.load_hf(path, compute_dtype="bfloat16"))
+  with pytest.raises(ValueError, match="compute_dtype is bfloat16"):
+    decode_columns.decode_step(bf16, *args(bf16))
 
 
 def test_out_in_copy_keeps_the_weights_sharding():

@@ -12,7 +12,9 @@ grafting and every other consumer stay as they are.
 
 Same arithmetic as ``Transformer.__call__`` with a cache and one new column (fp32 norms, rope from
 the same tables, fp32 attention logits and softmax); only the order of the products' sums may
-differ, so logits agree to fp32 roundoff (tests/test_sample_speed_paths.py).
+differ, so logits agree to fp32 roundoff (tests/test_sample_speed_paths.py). fp32 compute only:
+this is XLA:CPU's fp32 decode path, and XLA:CPU's plain dots take no bf16 x bf16 -> fp32
+(bf16 decoding keeps ``transformer.out_in_dot``'s ``cpu_bf16`` products).
 """
 
 from __future__ import annotations
@@ -44,9 +46,7 @@ def _rope(x_NxHxB: jax.Array, cos_HxB: jax.Array, sin_HxB: jax.Array) -> jax.Arr
 def _project(w_OxI: jax.Array, h_IxB: jax.Array, dtype) -> jax.Array:
   """W[out..., in] @ h[in, B] -> [out..., B] as one 2-D product (the reshapes are bitcasts)."""
   out_dims = w_OxI.shape[:-1]
-  # fp32 accumulation, one rounding to the compute dtype (a no-op in fp32), as the row decode.
-  y_OxB = jnp.dot(w_OxI.reshape(-1, w_OxI.shape[-1]).astype(dtype), h_IxB,
-                  preferred_element_type=jnp.float32).astype(dtype)
+  y_OxB = jnp.dot(w_OxI.reshape(-1, w_OxI.shape[-1]).astype(dtype), h_IxB)
   return y_OxB.reshape(*out_dims, h_IxB.shape[-1])
 
 
@@ -118,6 +118,9 @@ def decode_step(model: transformer.Transformer, cache: transformer.Cache, tokens
     raise ValueError("decode_columns.decode_step reads the [out, in] decode copy: pass "
                      "transformer.to_out_in(model)")
   c = model.config
+  if jnp.dtype(c.compute_dtype) != jnp.float32:
+    raise ValueError(f"decode_columns.decode_step computes in float32; this model's compute_dtype"
+                     f" is {c.compute_dtype} (decode it with decode_layout 'out_in' or 'rows')")
   dt = jnp.dtype(c.compute_dtype)
   B = tokens_B.shape[0]
   x_DxB = jnp.take(model.embed_VxD[...], tokens_B, axis=0).astype(dt).T
