@@ -132,3 +132,16 @@ def release_if_grown(warmup: int = 2) -> bool:
     log.info("host malloc: the heap grew after warm-up; its free pages were handed back"
              " (host_memory.release_if_grown)")
   return True
+
+
+def available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+  """The kernel's estimate of the memory a new allocation can take without swapping
+  (``MemAvailable``), or None where it cannot be read (not Linux)."""
+  try:
+    with open(meminfo) as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024  # "MemAvailable:  12345 kB"
+  except (OSError, ValueError, IndexError):
+    return None
+  return None

@@ -228,7 +228,8 @@ def _decode_cpu_dots():
 DECODE_LAYOUTS = ("auto", "rows", "out_in", "columns")
 
 
-def decode_plan(model, layout: str = "auto", mesh: Mesh | None = None) -> tuple[str, bool]:
+def decode_plan(model, layout: str = "auto", mesh: Mesh | None = None,
+                copy_fits: bool = True) -> tuple[str, bool]:
   """(the decode layout, compile the decode with ``CPU_DECODE_OPTIONS``) for ``generate``'s
   ``decode_layout``:
 
@@ -240,7 +241,9 @@ def decode_plan(model, layout: str = "auto", mesh: Mesh | None = None) -> tuple[
   - "auto": on CPU, "columns" in fp32 on one device (SmolLM2, batch 32: 104 ms per step against
     156 for "rows" with XLA's own dots; batch 16: 67 against 88; benchmarks/README.md, session
     35) and "out_in" with a narrower compute dtype (bf16 products go through ``cpu_bf16``'s
-    YNNPACK path); elsewhere "rows" with the backend's defaults.
+    YNNPACK path); elsewhere "rows" with the backend's defaults. Also "rows" when the copy
+    would not fit (``copy_fits`` False: ``generate`` passes whether the copy takes at most half
+    of the host's available memory).
 
   A model that already is the copy decodes from it ("rows" then means "out_in")."""
   if layout not in DECODE_LAYOUTS:
@@ -255,7 +258,8 @@ def decode_plan(model, layout: str = "auto", mesh: Mesh | None = None) -> tuple[
     raise ValueError(f"decode_layout='columns' computes in float32; this model's compute_dtype is"
                      f" {model.config.compute_dtype} (use 'auto', 'rows' or 'out_in')")
   if layout == "auto":
-    layout = ("columns" if fp32 and one_device else "out_in") if cpu else "rows"
+    copy = cpu and (copy_fits or model.out_in)
+    layout = ("columns" if fp32 and one_device else "out_in") if copy else "rows"
   if layout == "rows" and model.out_in:
     layout = "out_in"
   return layout, cpu and fp32 and layout == "rows"
@@ -362,6 +366,20 @@ def _cut_at_stop(tokenizer, tokens: list[int], stop: Sequence[str], skip_special
   return text[:min(hits)], tokens[:lo], True
 
 
+def _copy_fits(model) -> bool:
+  """Whether the decode copy (``transformer.to_out_in``) takes at most half of the host memory
+  available now (True where that cannot be read). Checked only on CPU, where "auto" makes one."""
+  if jax.default_backend() != "cpu":
+    return True
+  available = host_memory.available_bytes()
+  need = transformer.out_in_copy_bytes(model)
+  if available is None or need <= available // 2:
+    return True
+  logger.info("decoding from the model's own weights: the transposed decode copy (%.2f GB)"
+              " would take over half of the %.2f GB available", need / 1e9, available / 1e9)
+  return False
+
+
 def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
              stop: Sequence[str] = (), batch_size: int = 8, mesh: Mesh | None = None,
@@ -400,7 +418,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
       logger.warning("prompt %d: %d tokens + max_new_tokens=%d exceed the model's"
                      " max_position_embeddings=%d; positions beyond it are untrained", i, len(ids),
                      max_new_tokens, limit)
-  layout, cpu_dots = decode_plan(model, decode_layout, mesh)
+  layout, cpu_dots = decode_plan(model, decode_layout, mesh, copy_fits=_copy_fits(model))
   # The decode copy is local to this call: no second set of weights outlives it.
   prefill_model = nnx.split(model)
   decode_model = prefill_model if layout == "rows" else nnx.split(transformer.to_out_in(model))

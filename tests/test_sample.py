@@ -16,7 +16,7 @@ import transformers
 from flax import nnx
 
 import benchmark_scripts
-from saro_jax import models, sample, sharding
+from saro_jax import host_memory, models, sample, sharding
 from saro_jax.data import bundled
 from saro_jax.models import transformer
 from saro_jax.stages import generate as generate_stage
@@ -173,6 +173,11 @@ def test_decode_plan_picks_the_layout_and_the_dots():
   assert sample.decode_plan(transformer.to_out_in(fp32), "rows") == ("out_in", False)
   assert sample.decode_plan(transformer.to_out_in(fp32)) == ("columns", False)
   assert sample.decode_plan(bf16) == ("out_in", False)
+  # No room for the copy: "auto" decodes from the model's own weights (an explicit layout stands).
+  assert sample.decode_plan(fp32, copy_fits=False) == ("rows", True)
+  assert sample.decode_plan(bf16, copy_fits=False) == ("rows", False)
+  assert sample.decode_plan(fp32, "columns", copy_fits=False) == ("columns", False)
+  assert sample.decode_plan(transformer.to_out_in(fp32), copy_fits=False) == ("columns", False)
   assert sample.decode_plan(bf16, "rows") == ("rows", False)
   with pytest.raises(ValueError, match="computes in float32"):
     sample.decode_plan(bf16, "columns")
@@ -180,6 +185,32 @@ def test_decode_plan_picks_the_layout_and_the_dots():
     sample.decode_plan(fp32, "columns", mesh)
   with pytest.raises(ValueError, match="decode_layout='cols'"):
     sample.decode_plan(fp32, "cols")
+
+
+def test_decode_copy_size_and_the_memory_guard(tmp_path, monkeypatch):
+  """out_in_copy_bytes counts what to_out_in makes (the moved weights; the embedding too when it
+  is narrowed), and generate's guard compares it with the host's available memory."""
+  config = models.ModelConfig(**dict(generate_config().model.arch), vocab_size=64)
+  fp32 = models.init_random(config, seed=0)
+  copy = transformer.to_out_in(fp32)
+  before = {id(a) for a in jax.tree.leaves(nnx.state(fp32))}
+  made = sum(a.nbytes for a in jax.tree.leaves(nnx.state(copy)) if id(a) not in before)
+  assert transformer.out_in_copy_bytes(fp32) == made > 0
+  assert transformer.out_in_copy_bytes(copy) == 0
+  bf16 = models.init_random(config.replace(compute_dtype="bfloat16"), seed=0)
+  before = {id(a) for a in jax.tree.leaves(nnx.state(bf16))}
+  made = sum(a.nbytes for a in jax.tree.leaves(nnx.state(transformer.to_out_in(bf16)))
+             if id(a) not in before)
+  assert transformer.out_in_copy_bytes(bf16) == made
+  meminfo = tmp_path / "meminfo"
+  meminfo.write_text("MemTotal:  100 kB\nMemAvailable:   12 kB\n")
+  assert host_memory.available_bytes(str(meminfo)) == 12 * 1024
+  assert host_memory.available_bytes(str(tmp_path / "absent")) is None
+  need = transformer.out_in_copy_bytes(fp32)
+  monkeypatch.setattr(host_memory, "available_bytes", lambda: 2 * need)
+  assert sample._copy_fits(fp32)
+  monkeypatch.setattr(host_memory, "available_bytes", lambda: 2 * need - 2)
+  assert not sample._copy_fits(fp32)
 
 
 def test_decode_layouts_decode_the_same_tokens_and_no_copy_outlives_the_call(model, tokenizer,

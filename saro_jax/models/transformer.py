@@ -723,6 +723,23 @@ OUT_IN_WEIGHTS: dict[str, tuple[str, int, int]] = {
 }
 
 
+def out_in_copy_bytes(model: Transformer, *, in_compute_dtype: bool = True) -> int:
+  """Bytes of the arrays ``to_out_in(model)`` makes (the moved weights, and the embedding when it
+  is cast to the compute dtype); 0 if ``model`` already is a copy."""
+  if model.out_in:
+    return 0
+  compute = jnp.dtype(model.config.compute_dtype)
+  stored = lambda a: a.size * (compute.itemsize if in_compute_dtype and
+                               a.dtype.itemsize > compute.itemsize else a.dtype.itemsize)
+  total = 0
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, (Attention, MLP, Transformer)):
+      total += sum(stored(getattr(module, name)[...]) for name in OUT_IN_WEIGHTS
+                   if getattr(module, name, None) is not None)
+  embed = model.embed_VxD[...]
+  return total + (stored(embed) if stored(embed) != embed.nbytes else 0)
+
+
 def to_out_in(model: Transformer, *, in_compute_dtype: bool = True) -> Transformer:
   """A copy of ``model`` whose projection, MLP and untied lm-head weights are stored [out, in]
   (``OUT_IN_WEIGHTS``; ``out_in_dot`` says why), for the sampler's decode. ``model`` itself if it
