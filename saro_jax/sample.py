@@ -238,8 +238,8 @@ def decode_plan(model, layout: str = "auto", mesh: Mesh | None = None,
     [B, D], the backend's default dots.
   - "columns": the same copy, activations [D, B] (``decode_columns``), default dots; fp32
     compute on one device only (the step declares no shardings).
-  - "auto": on CPU, "columns" in fp32 on one device (SmolLM2, batch 32: 104 ms per step against
-    156 for "rows" with XLA's own dots; batch 16: 67 against 88; benchmarks/README.md, session
+  - "auto": on CPU, "columns" in fp32 on one device (SmolLM2, batch 32: 100 ms per step against
+    130 for "rows" with XLA's own dots; batch 16: 63 against 73; benchmarks/README.md, session
     35) and "out_in" with a narrower compute dtype (bf16 products go through ``cpu_bf16``'s
     YNNPACK path); elsewhere "rows" with the backend's defaults. Also "rows" when the copy
     would not fit (``copy_fits`` False: ``generate`` passes whether the copy takes at most half
@@ -418,7 +418,8 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
       logger.warning("prompt %d: %d tokens + max_new_tokens=%d exceed the model's"
                      " max_position_embeddings=%d; positions beyond it are untrained", i, len(ids),
                      max_new_tokens, limit)
-  layout, cpu_dots = decode_plan(model, decode_layout, mesh, copy_fits=_copy_fits(model))
+  layout, cpu_dots = decode_plan(model, decode_layout, mesh,
+                                 copy_fits=decode_layout != "auto" or _copy_fits(model))
   # The decode copy is local to this call: no second set of weights outlives it.
   prefill_model = nnx.split(model)
   decode_model = prefill_model if layout == "rows" else nnx.split(transformer.to_out_in(model))

@@ -723,21 +723,26 @@ OUT_IN_WEIGHTS: dict[str, tuple[str, int, int]] = {
 }
 
 
+def _copy_dtype(dtype, config: ModelConfig, in_compute_dtype: bool):
+  """The dtype ``to_out_in`` stores an array of ``dtype`` in."""
+  compute = jnp.dtype(config.compute_dtype)
+  narrower = in_compute_dtype and jnp.dtype(dtype).itemsize > compute.itemsize
+  return compute if narrower else jnp.dtype(dtype)
+
+
 def out_in_copy_bytes(model: Transformer, *, in_compute_dtype: bool = True) -> int:
   """Bytes of the arrays ``to_out_in(model)`` makes (the moved weights, and the embedding when it
   is cast to the compute dtype); 0 if ``model`` already is a copy."""
   if model.out_in:
     return 0
-  compute = jnp.dtype(model.config.compute_dtype)
-  stored = lambda a: a.size * (compute.itemsize if in_compute_dtype and
-                               a.dtype.itemsize > compute.itemsize else a.dtype.itemsize)
+  nbytes = lambda a: a.size * _copy_dtype(a.dtype, model.config, in_compute_dtype).itemsize
   total = 0
   for _, module in nnx.iter_graph(model):
     if isinstance(module, (Attention, MLP, Transformer)):
-      total += sum(stored(getattr(module, name)[...]) for name in OUT_IN_WEIGHTS
+      total += sum(nbytes(getattr(module, name)[...]) for name in OUT_IN_WEIGHTS
                    if getattr(module, name, None) is not None)
   embed = model.embed_VxD[...]
-  return total + (stored(embed) if stored(embed) != embed.nbytes else 0)
+  return total + (nbytes(embed) if nbytes(embed) != embed.nbytes else 0)
 
 
 def to_out_in(model: Transformer, *, in_compute_dtype: bool = True) -> Transformer:
@@ -766,11 +771,10 @@ def to_out_in(model: Transformer, *, in_compute_dtype: bool = True) -> Transform
     return model
   graphdef, state = nnx.split(model)
   copy = nnx.merge(graphdef, state)  # new Modules and Variables over the same arrays
-  compute = jnp.dtype(model.config.compute_dtype)
 
   def stored(value: jax.Array) -> jax.Array:
-    narrower = in_compute_dtype and jnp.dtype(value.dtype).itemsize > compute.itemsize
-    return value.astype(compute) if narrower else value
+    dtype = _copy_dtype(value.dtype, model.config, in_compute_dtype)
+    return value if dtype == value.dtype else value.astype(dtype)
 
   modules = [m for _, m in nnx.iter_graph(copy) if isinstance(m, (Attention, MLP, Transformer))]
   for module in modules:
