@@ -6,9 +6,9 @@ batch runs faster than any row-major form x[B, in] @ W (benchmarks/decode_produc
 products at batch 32, 79 ms against 102 ms for today's row decode). XLA folds a transpose that
 sits right beside a dot back into it, so the gain needs the whole step in columns: embedding,
 norms, q/k/v, rope, residuals, MLP and the lm head all keep [D, B]-shaped activations. Only the
-attention over the cache turns the few query values into its rows ([B, K, G, H], a few KB per
-layer), since the cache keeps the row decode's layouts (``transformer.Cache``): prefill, cache
-grafting and every other consumer stay as they are.
+attention over the cache turns the few query values into rows ([B, 1, N, H], a few KB per layer,
+for the row decode's own ``transformer.cached_attention``), since the cache keeps its layouts
+(``transformer.Cache``): prefill, cache grafting and every other consumer stay as they are.
 
 Same arithmetic as ``Transformer.__call__`` with a cache and one new column (fp32 norms, rope from
 the same tables, fp32 attention logits and softmax); only the order of the products' sums may
@@ -22,25 +22,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from saro_jax.models import tiled_attention, transformer
+from saro_jax.models import transformer
 from saro_jax.models.config import ModelConfig
 
 
 def _norm(x: jax.Array, scale: jax.Array, config: ModelConfig, axis: int) -> jax.Array:
   """``transformer.RMSNorm`` over ``axis``; ``scale`` broadcast along the other dims."""
-  dtype = x.dtype
-  x32 = x.astype(jnp.float32)
-  y32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + float(config.rms_norm_eps))
-  if config.norm_offset:
-    return (y32 * (float(config.norm_offset) + scale.astype(jnp.float32))).astype(dtype)
-  return scale.astype(dtype) * y32.astype(dtype)
-
-
-def _rope(x_NxHxB: jax.Array, cos_HxB: jax.Array, sin_HxB: jax.Array) -> jax.Array:
-  """``transformer.apply_rope`` with the head dim second and the batch minor."""
-  x1, x2 = jnp.split(x_NxHxB, 2, axis=1)
-  rotated = jnp.concatenate([-x2, x1], axis=1)
-  return x_NxHxB * cos_HxB.astype(x_NxHxB.dtype) + rotated * sin_HxB.astype(x_NxHxB.dtype)
+  return transformer.rms_norm(x, scale, float(config.rms_norm_eps), float(config.norm_offset), axis)
 
 
 def _project(w_OxI: jax.Array, h_IxB: jax.Array, dtype) -> jax.Array:
@@ -55,7 +43,7 @@ def _layer(config: ModelConfig, p: dict, x_DxB, cos_HxB, sin_HxB, mask_Bx1x1xS, 
   """One decoder block on columns; returns (x_DxB, (keys, values) with the new slot written)."""
   c = config
   dt = x_DxB.dtype
-  N, K, H = c.num_heads, c.num_kv_heads, c.head_dim
+  N, H = c.num_heads, c.head_dim
   B = x_DxB.shape[1]
   h_DxB = _norm(x_DxB, p["attn_norm"][:, None], c, axis=0)
   q_NxHxB = _project(p["wq"], h_DxB, dt)
@@ -68,20 +56,17 @@ def _layer(config: ModelConfig, p: dict, x_DxB, cos_HxB, sin_HxB, mask_Bx1x1xS, 
   if c.qk_norm:
     q_NxHxB = _norm(q_NxHxB, p["q_norm"][:, None], c, axis=1)
     k_KxHxB = _norm(k_KxHxB, p["k_norm"][:, None], c, axis=1)
-  q_NxHxB = _rope(q_NxHxB, cos_HxB, sin_HxB)
-  k_KxHxB = _rope(k_KxHxB, cos_HxB, sin_HxB)
+  q_NxHxB = transformer.rotate(q_NxHxB, cos_HxB, sin_HxB, axis=1)
+  k_KxHxB = transformer.rotate(k_KxHxB, cos_HxB, sin_HxB, axis=1)
 
   k_BxKxHx1 = k_KxHxB.transpose(2, 0, 1)[..., None].astype(k_BxKxHxS.dtype)
   v_BxKx1xH = v_KxHxB.transpose(2, 0, 1)[:, :, None, :].astype(v_BxKxSxH.dtype)
   k_BxKxHxS = jax.lax.dynamic_update_slice_in_dim(k_BxKxHxS, k_BxKxHx1, slot, 3)
   v_BxKxSxH = jax.lax.dynamic_update_slice_in_dim(v_BxKxSxH, v_BxKx1xH, slot, 2)
-  q_BxKxGxH = q_NxHxB.reshape(K, N // K, H, B).transpose(3, 0, 1, 2)
-  logits_BxKxGxS = jnp.einsum("bkgh,bkhs->bkgs", q_BxKxGxH, k_BxKxHxS.astype(dt),
-                              preferred_element_type=jnp.float32) * jnp.float32(H ** -0.5)
-  logits_BxKxGxS = jnp.where(mask_Bx1x1xS, logits_BxKxGxS, tiled_attention.BIG_NEGATIVE)
-  probs = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(dt)
-  out_BxKxGxH = jnp.einsum("bkgs,bksh->bkgh", probs, v_BxKxSxH.astype(dt))
-  out_NHxB = out_BxKxGxH.transpose(1, 2, 3, 0).reshape(N * H, B)
+  q_Bx1xNxH = q_NxHxB.transpose(2, 0, 1)[:, None]
+  out_Bx1xNxH = transformer.cached_attention(q_Bx1xNxH, k_BxKxHxS.astype(dt), v_BxKxSxH.astype(dt),
+                                             mask_Bx1x1xS, H ** -0.5)
+  out_NHxB = out_Bx1xNxH.reshape(B, N * H).T
   x_DxB = x_DxB + _project(p["wo"].reshape(-1, N * H), out_NHxB, dt)
 
   h_DxB = _norm(x_DxB, p["mlp_norm"][:, None], c, axis=0)

@@ -111,12 +111,16 @@ def computed_once(x: jax.Array) -> jax.Array:
 
 
 def apply_rope(x_BxLxNxH: jax.Array, cos_BxLxH: jax.Array, sin_BxLxH: jax.Array) -> jax.Array:
-  dtype = x_BxLxNxH.dtype
-  cos = cos_BxLxH.astype(dtype)[:, :, None, :]
-  sin = sin_BxLxH.astype(dtype)[:, :, None, :]
-  x1, x2 = jnp.split(x_BxLxNxH, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return x_BxLxNxH * cos + rotated * sin
+  return rotate(x_BxLxNxH, cos_BxLxH[:, :, None, :], sin_BxLxH[:, :, None, :], axis=-1)
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, axis: int) -> jax.Array:
+  """HF's rotary embedding of ``x`` along its head dim ``axis``; ``cos`` and ``sin`` broadcast
+  against ``x`` (any layout: the sampler's feature-major decode keeps the batch minor)."""
+  dtype = x.dtype
+  x1, x2 = jnp.split(x, 2, axis=axis)
+  rotated = jnp.concatenate([-x2, x1], axis=axis)
+  return x * cos.astype(dtype) + rotated * sin.astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,12 +406,18 @@ class RMSNorm(nnx.Module):
                           init="zeros" if self.offset else "ones")
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    dtype = x.dtype
-    x32 = x.astype(jnp.float32)
-    y32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    if self.offset:
-      return (y32 * (self.offset + self.scale_D[...].astype(jnp.float32))).astype(dtype)
-    return self.scale_D[...].astype(dtype) * y32.astype(dtype)
+    return rms_norm(x, self.scale_D[...], self.eps, self.offset, axis=-1)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, offset: float, axis: int) -> jax.Array:
+  """RMS norm of ``x`` over ``axis`` in fp32, times ``scale`` (broadcast against ``x``); Gemma's
+  ``offset`` multiplies by (offset + scale) in fp32 before the cast back."""
+  dtype = x.dtype
+  x32 = x.astype(jnp.float32)
+  y32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
+  if offset:
+    return (y32 * (offset + scale.astype(jnp.float32))).astype(dtype)
+  return scale.astype(dtype) * y32.astype(dtype)
 
 
 class Attention(nnx.Module):
@@ -730,17 +740,24 @@ def _copy_dtype(dtype, config: ModelConfig, in_compute_dtype: bool):
   return compute if narrower else jnp.dtype(dtype)
 
 
+def _out_in_modules(model: Transformer) -> list[nnx.Module]:
+  """The modules whose weights ``to_out_in`` moves (and flags ``out_in``)."""
+  return [m for _, m in nnx.iter_graph(model) if isinstance(m, (Attention, MLP, Transformer))]
+
+
+def _moved_weights(model: Transformer) -> list[tuple[nnx.Module, str, nnx.Variable]]:
+  """(module, training-layout name, variable) of every weight ``to_out_in`` moves."""
+  return [(module, name, getattr(module, name)) for module in _out_in_modules(model)
+          for name in OUT_IN_WEIGHTS if getattr(module, name, None) is not None]
+
+
 def out_in_copy_bytes(model: Transformer, *, in_compute_dtype: bool = True) -> int:
   """Bytes of the arrays ``to_out_in(model)`` makes (the moved weights, and the embedding when it
   is cast to the compute dtype); 0 if ``model`` already is a copy."""
   if model.out_in:
     return 0
   nbytes = lambda a: a.size * _copy_dtype(a.dtype, model.config, in_compute_dtype).itemsize
-  total = 0
-  for _, module in nnx.iter_graph(model):
-    if isinstance(module, (Attention, MLP, Transformer)):
-      total += sum(nbytes(getattr(module, name)[...]) for name in OUT_IN_WEIGHTS
-                   if getattr(module, name, None) is not None)
+  total = sum(nbytes(var[...]) for _, _, var in _moved_weights(model))
   embed = model.embed_VxD[...]
   return total + (nbytes(embed) if nbytes(embed) != embed.nbytes else 0)
 
@@ -776,21 +793,19 @@ def to_out_in(model: Transformer, *, in_compute_dtype: bool = True) -> Transform
     dtype = _copy_dtype(value.dtype, model.config, in_compute_dtype)
     return value if dtype == value.dtype else value.astype(dtype)
 
-  modules = [m for _, m in nnx.iter_graph(copy) if isinstance(m, (Attention, MLP, Transformer))]
+  modules = _out_in_modules(copy)
+  for module, name, var in _moved_weights(copy):
+    new_name, n_in, rank = OUT_IN_WEIGHTS[name]
+    lead = var[...].ndim - rank  # 1 for a scanned model's stacked [Y, ...] weights
+    dims = list(range(var[...].ndim))
+    perm = dims[:lead] + dims[lead + n_in:] + dims[lead:lead + n_in]
+    moved = var.replace(stored(jnp.transpose(var[...], perm)))
+    names = var.get_metadata().get("out_sharding")
+    if names is not None:
+      moved.set_metadata(out_sharding=tuple(names[i] for i in perm))
+    delattr(module, name)
+    setattr(module, new_name, moved)
   for module in modules:
-    for name, (new_name, n_in, rank) in OUT_IN_WEIGHTS.items():
-      var = getattr(module, name, None)
-      if var is None:
-        continue
-      lead = var[...].ndim - rank  # 1 for a scanned model's stacked [Y, ...] weights
-      dims = list(range(var[...].ndim))
-      perm = dims[:lead] + dims[lead + n_in:] + dims[lead:lead + n_in]
-      moved = var.replace(stored(jnp.transpose(var[...], perm)))
-      names = var.get_metadata().get("out_sharding")
-      if names is not None:
-        moved.set_metadata(out_sharding=tuple(names[i] for i in perm))
-      delattr(module, name)
-      setattr(module, new_name, moved)
     module.out_in = True
   copy.embed_VxD = copy.embed_VxD.replace(stored(copy.embed_VxD[...]))
   return copy
