@@ -226,10 +226,14 @@ def _decode_cpu_dots():
 
 
 DECODE_LAYOUTS = ("auto", "rows", "out_in", "columns")
+# "auto" decodes feature-major up to this many rows. Above it a step's products have enough rows
+# to run as GEMMs again: at batch 64 (SmolLM2, fp32, two runs) "columns" took 255 ms a step and
+# "rows" with XLA's own dots 255 and 223 (benchmarks/README.md, session 35).
+COLUMNS_MAX_ROWS = 32
 
 
 def decode_plan(model, layout: str = "auto", mesh: Mesh | None = None,
-                copy_fits: bool = True) -> tuple[str, bool]:
+                copy_fits: bool = True, rows: int = 1) -> tuple[str, bool]:
   """(the decode layout, compile the decode with ``CPU_DECODE_OPTIONS``) for ``generate``'s
   ``decode_layout``:
 
@@ -238,12 +242,13 @@ def decode_plan(model, layout: str = "auto", mesh: Mesh | None = None,
     [B, D], the backend's default dots.
   - "columns": the same copy, activations [D, B] (``decode_columns``), default dots; fp32
     compute on one device only (the step declares no shardings).
-  - "auto": on CPU, "columns" in fp32 on one device (SmolLM2, batch 32: 100 ms per step against
-    130 for "rows" with XLA's own dots; batch 16: 63 against 73; benchmarks/README.md, session
-    35) and "out_in" with a narrower compute dtype (bf16 products go through ``cpu_bf16``'s
-    YNNPACK path); elsewhere "rows" with the backend's defaults. Also "rows" when the copy
-    would not fit (``copy_fits`` False: ``generate`` passes whether the copy takes at most half
-    of the host's available memory).
+  - "auto": on CPU, "columns" in fp32 on one device for batches of up to ``COLUMNS_MAX_ROWS``
+    ``rows`` (SmolLM2, batch 32: 100 ms per step against 130 for "rows" with XLA's own dots;
+    batch 16: 63 against 73; benchmarks/README.md, session 35), "rows" for larger batches, and
+    "out_in" with a narrower compute dtype (bf16 products go through ``cpu_bf16``'s YNNPACK
+    path); elsewhere "rows" with the backend's defaults. Also "rows" when the copy would not fit
+    (``copy_fits`` False: ``generate`` passes whether the copy takes at most half of the host's
+    available memory).
 
   A model that already is the copy decodes from it ("rows" then means "out_in")."""
   if layout not in DECODE_LAYOUTS:
@@ -259,7 +264,10 @@ def decode_plan(model, layout: str = "auto", mesh: Mesh | None = None,
                      f" {model.config.compute_dtype} (use 'auto', 'rows' or 'out_in')")
   if layout == "auto":
     copy = cpu and (copy_fits or model.out_in)
-    layout = ("columns" if fp32 and one_device else "out_in") if copy else "rows"
+    if copy and fp32 and one_device:
+      layout = "columns" if rows <= COLUMNS_MAX_ROWS else "rows"
+    else:
+      layout = "out_in" if copy else "rows"
   if layout == "rows" and model.out_in:
     layout = "out_in"
   return layout, cpu and fp32 and layout == "rows"
@@ -392,7 +400,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
   ``batch_size`` rows decode together (rounded up to a multiple of the mesh's data x fsdp size);
   with ``stop`` strings the host checks the text every ``stop_check_every`` tokens and retires
   rows that hit one. ``decode_layout`` (``decode_plan``; default "auto": "columns" on CPU in
-  fp32 on one device, "out_in" on CPU with bf16 compute, "rows" elsewhere): "out_in" and
+  fp32 on one device up to 32 rows a batch, "out_in" on CPU with bf16 compute, "rows" elsewhere): "out_in" and
   "columns" decode from a copy of the weights stored [out, in] (``transformer.to_out_in``) that
   lives for this call only, at the cost of one more copy of the projection weights in memory
   meanwhile (SmolLM2-135M fp32: 425 MB); "rows" decodes from the model's own weights (no copy).
@@ -418,13 +426,14 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
       logger.warning("prompt %d: %d tokens + max_new_tokens=%d exceed the model's"
                      " max_position_embeddings=%d; positions beyond it are untrained", i, len(ids),
                      max_new_tokens, limit)
-  layout, cpu_dots = decode_plan(model, decode_layout, mesh,
+  row_div = _batch_axis_size(mesh)
+  max_rows = -(-batch_size // row_div) * row_div
+  widest = min(max_rows, -(-bucket(len(prompts), 1) // row_div) * row_div)  # the first batch's
+  layout, cpu_dots = decode_plan(model, decode_layout, mesh, rows=widest,
                                  copy_fits=decode_layout != "auto" or _copy_fits(model))
   # The decode copy is local to this call: no second set of weights outlives it.
   prefill_model = nnx.split(model)
   decode_model = prefill_model if layout == "rows" else nnx.split(transformer.to_out_in(model))
-  row_div = _batch_axis_size(mesh)
-  max_rows = -(-batch_size // row_div) * row_div
   run = functools.partial(_generate_batch, prefill_model, decode_model, tokenizer,
                           sampling=sampling, seed=seed,
                           eos=eos, stop=stop, max_new_tokens=max_new_tokens, mesh=mesh,

@@ -156,7 +156,7 @@ def test_stop_string_cuts_text_and_tokens(model, tokenizer, greedy, check_every)
 
 def test_decode_plan_picks_the_layout_and_the_dots():
   """(decode layout, XLA's own dots) on CPU: fp32 on one device -> columns (the [out, in] copy,
-  activations [D, B]); on a multi-device mesh -> the copy with row activations; bf16 compute ->
+  activations [D, B]) up to 32 rows a batch, rows with XLA's own dots above; on a multi-device mesh -> the copy with row activations; bf16 compute ->
   the copy with row activations; "rows" -> the model's own weights with CPU_DECODE_OPTIONS (or the
   copy, with the default dots, if the model already is one)."""
   assert jax.default_backend() == "cpu"
@@ -165,6 +165,11 @@ def test_decode_plan_picks_the_layout_and_the_dots():
   bf16 = models.init_random(config.replace(compute_dtype="bfloat16"), seed=0)
   mesh = sharding.make_mesh(2, 1, 1, devices=jax.devices()[:2])
   assert sample.decode_plan(fp32) == ("columns", False)
+  # Feature-major up to COLUMNS_MAX_ROWS rows a batch; wider batches decode as rows (GEMMs again).
+  assert sample.decode_plan(fp32, rows=sample.COLUMNS_MAX_ROWS) == ("columns", False)
+  assert sample.decode_plan(fp32, rows=sample.COLUMNS_MAX_ROWS + 1) == ("rows", True)
+  assert sample.decode_plan(bf16, rows=64) == ("out_in", False)
+  assert sample.decode_plan(fp32, "columns", rows=64) == ("columns", False)
   one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   assert sample.decode_plan(fp32, "auto", one) == ("columns", False)
   assert sample.decode_plan(fp32, "auto", mesh) == ("out_in", False)
@@ -214,7 +219,7 @@ def test_decode_copy_size_and_the_memory_guard(tmp_path, monkeypatch):
 
 
 def test_decode_layouts_decode_the_same_tokens_and_no_copy_outlives_the_call(model, tokenizer,
-                                                                              greedy):
+                                                                              greedy, monkeypatch):
   """Every decode layout gives the tokens of the default one (columns: the greedy fixture's
   path), greedy and seeded sampling alike: the model's own weights with XLA's own dots, and the
   copy of the weights stored [out, in] (transformer.to_out_in, YNNPACK dots) with row
@@ -234,6 +239,19 @@ def test_decode_layouts_decode_the_same_tokens_and_no_copy_outlives_the_call(mod
   assert [g.tokens for g in drawn["columns"]] == [g.tokens for g in drawn["rows"]]
   assert [g.tokens for g in drawn["columns"]] == [g.tokens for g in drawn["out_in"]]
   assert [g.tokens for g in drawn["columns"]] != [g.tokens for g in greedy]
+
+  # "auto" sizes its choice by the widest batch the call decodes: min(batch_size, the prompts'
+  # rows bucket); with a limit below it the call decodes as rows, and to the same tokens.
+  plan, chosen = sample.decode_plan, []
+  monkeypatch.setattr(sample, "decode_plan",
+                      lambda *a, **k: chosen.append((k["rows"], plan(*a, **k)[0])) or plan(*a, **k))
+  sample.generate(model, tokenizer, PROMPTS, max_new_tokens=2, eos_ids=NEVER, batch_size=2)
+  assert chosen.pop() == (2, "columns")
+  monkeypatch.setattr(sample, "COLUMNS_MAX_ROWS", 2)
+  wide = sample.generate(model, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER)
+  assert chosen.pop() == (4, "rows")  # 3 prompts -> a batch of 4 rows (batch_size 8)
+  assert [g.tokens for g in wide] == [g.tokens for g in greedy]
+  monkeypatch.undo()
 
   D, F = model.config.hidden_size, model.config.intermediate_size
   assert D != F
