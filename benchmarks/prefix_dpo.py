@@ -52,6 +52,14 @@ extra; without trl installed they are skipped with a message):
   and batch 0's longest completion. A broken bound or unequal ids exit 1 (``--no_assert``: report
   only). ``--perturb x`` scales TRL's policy's final norm by 1 + x to show the check catches it.
 
+``--split_processes``: the TRL modes run in a child process under the same allocator policy
+(``host_memory.reuse_freed_memory``, as ``saro_jax.main`` sets it) with a heap of its own, as
+side_by_side.py's ``--split_processes --torch_malloc reuse`` runs goal 1. The parent exports the
+HF directory, writes the unshared batches' (prompt, chosen, rejected) ids to a JSON file there,
+and times each TRL step as a round trip over a pipe (a few ms of a ~20 s step). In one process
+TRL's buffers carve up the heap the XLA steps' freed temp buffers leave, and the next step faults
+its pages in again (side_by_side.py's docstring), which no user's run pays.
+
 Timing alternates the modes (A, B, C, ... A, B, C, ...) for ``--rounds`` rounds so that load from
 other jobs on a shared machine hits them alike; each mode's first step (its warm-up) is not timed.
 It prints per-mode median step time, pairs/s, fill, the ratio to ``unshared`` (or the first
@@ -73,6 +81,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -275,45 +284,142 @@ def _optimizer(cfg: StageConfig):
 
 @dataclasses.dataclass
 class TrlSide:
-  trl_step: object  # like_for_like.TrlStep
-  inputs: list  # TRL's collated batches, one per unshared batch
+  """TRL's DPOTrainer on the unshared mode's pairs, in this process or in a child
+  (``--split_processes``); the parent sees only these figures and calls."""
   directory: str  # the exported HF directory both TRL models loaded
   pairs: list  # (prompt, chosen, rejected) per pair of batch 0, as TRL's tensors hold them
   construct_s: float
+  lengths: list  # each collated batch's padded length
+  fill: float  # real tokens over TRL's padded slots
+  ids_sha: str  # like_for_like.pairs_sha of every collated batch
+  mixed_precision: str
+  first: Callable[[str], dict]  # mode name -> the first step's figures from the start weights
+  step: Callable[[str, int], None]  # mode name, step index -> one step on batch i
+  max_logit: Callable[[list], float]  # the error model's logit scale on these id sequences
+  process: str = "this"  # where TRL runs: "this" process or a "child"
+  close: Callable[[], None] = lambda: None
 
 
-def build_trl(model, tokenizer, unshared: Mode, base: StageConfig, args) -> TrlSide:
-  """The saro_jax model exported to an HF directory; TRL's DPOTrainer on it, fed the unshared
-  mode's pairs through its own collator."""
-  directory = os.path.join(args.cache_dir, "model_hf")
+def export_for_trl(model, tokenizer, cache_dir: str) -> str:
+  directory = os.path.join(cache_dir, "model_hf")
   if os.path.exists(directory):
     shutil.rmtree(directory)
   # No export self-check (a compile and a forward more): the first-step check below compares
   # the two systems' figures on these very weights.
   hf.export_hf(model, directory, tokenizer=tokenizer, verify=False)
+  return directory
+
+
+def trl_spec(directory: str, unshared: Mode, base: StageConfig, args) -> dict:
+  """All a TRL side needs, as plain JSON: the HF directory and the unshared batches' pairs."""
+  return {"directory": directory, "pairs": args.pairs, "beta": base.dpo.beta, "seed": base.seed,
+          "bf16": args.bf16, "perturb": args.perturb,
+          "batches": [list(unshared_pairs(h)) for h in unshared.hosts]}
+
+
+def local_trl(spec: dict) -> TrlSide:
+  """TRL's DPOTrainer built in this process on ``spec``'s directory, fed its pairs through its
+  own collator."""
   t0 = time.perf_counter()
-  side = like_for_like.TorchSide(directory, reference=True, perturb=args.perturb)
-  trl_step = like_for_like.TrlStep("dpo", side, batch_size=args.pairs, lr=LR,
-                                   beta=base.dpo.beta, seed=base.seed,
-                                   bf16=args.bf16)
+  side = like_for_like.TorchSide(spec["directory"], reference=True, perturb=spec["perturb"])
+  trl_step = like_for_like.TrlStep("dpo", side, batch_size=spec["pairs"], lr=LR,
+                                   beta=spec["beta"], seed=spec["seed"], bf16=spec["bf16"])
   inputs = [trl_step.collate([{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
-                              for p, c, r in unshared_pairs(h)]) for h in unshared.hosts]
-  return TrlSide(trl_step, inputs, directory, trl_step.dpo_pairs(inputs[0]),
-                 time.perf_counter() - t0)
+                              for p, c, r in batch]) for batch in spec["batches"]]
+  construct_s = time.perf_counter() - t0
+  return TrlSide(
+      spec["directory"], trl_step.dpo_pairs(inputs[0]), construct_s,
+      lengths=[int(x["input_ids"].shape[1]) for x in inputs],
+      fill=float(np.mean([float(x["attention_mask"].float().mean()) for x in inputs])),
+      ids_sha=like_for_like.pairs_sha(itertools.chain.from_iterable(
+          trl_step.dpo_pairs(x) for x in inputs)),
+      mixed_precision=str(trl_step.trainer.accelerator.mixed_precision),
+      first=lambda name: trl_step.first(inputs[0], checkpointing=name == "trl_gc"),
+      step=lambda name, i: trl_step.step(inputs[i % len(inputs)],
+                                         checkpointing=name == "trl_gc"),
+      max_logit=side.max_logit)
+
+
+def serve_trl(spec_path: str) -> None:
+  """The ``--serve_trl`` child: builds ``local_trl`` from the spec file, writes its figures as
+  one JSON line on its own stdout, then answers one JSON command per stdin line (the libraries'
+  prints go to stderr)."""
+  out = os.fdopen(os.dup(1), "w")
+  os.dup2(2, 1)
+  with open(spec_path) as f:
+    trl = local_trl(json.load(f))
+
+  def answer(value) -> None:
+    out.write(json.dumps(value) + "\n")
+    out.flush()
+
+  answer({k: getattr(trl, k) for k in ("pairs", "construct_s", "lengths", "fill", "ids_sha",
+                                       "mixed_precision")})
+  for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["cmd"] == "first":
+      answer(trl.first(cmd["name"]))
+    elif cmd["cmd"] == "step":
+      trl.step(cmd["name"], cmd["i"])
+      answer(None)
+    elif cmd["cmd"] == "max_logit":
+      answer(trl.max_logit(cmd["sequences"]))
+    else:
+      return
+
+
+def child_trl(spec: dict, cache_dir: str) -> TrlSide:
+  """``local_trl`` in a child process under the allocator policy this process set
+  (``host_memory.reuse_freed_memory``: one policy for both sides), with a heap of its own."""
+  path = os.path.join(cache_dir, "trl_spec.json")
+  with open(path, "w") as f:
+    json.dump(spec, f)
+  env = dict(os.environ, SARO_JAX_HOST_MALLOC="reuse")
+  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve_trl", path],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+  def read():
+    line = proc.stdout.readline()
+    if not line:
+      raise SystemExit(f"the TRL child process died (exit {proc.wait()}); its stderr is above")
+    return json.loads(line)
+
+  def ask(**cmd):
+    proc.stdin.write(json.dumps(cmd) + "\n")
+    proc.stdin.flush()
+    return read()
+
+  def close() -> None:
+    if proc.poll() is None:
+      proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+      proc.stdin.close()
+      proc.wait(timeout=120)
+
+  info = read()
+  info["pairs"] = [tuple(p) for p in info["pairs"]]
+  return TrlSide(spec["directory"], **info, process="child", close=close,
+                 first=lambda name: ask(cmd="first", name=name),
+                 step=lambda name, i: ask(cmd="step", name=name, i=i),
+                 max_logit=lambda sequences: ask(cmd="max_logit",
+                                                 sequences=[list(map(int, x)) for x in sequences]))
+
+
+def build_trl(model, tokenizer, unshared: Mode, base: StageConfig, args) -> TrlSide:
+  """The saro_jax model exported to an HF directory; TRL's DPOTrainer on it, fed the unshared
+  mode's pairs through its own collator: in this process, or in a child with
+  ``--split_processes``."""
+  spec = trl_spec(export_for_trl(model, tokenizer, args.cache_dir), unshared, base, args)
+  return child_trl(spec, args.cache_dir) if args.split_processes else local_trl(spec)
 
 
 def trl_mode(name: str, trl: TrlSide, unshared: Mode) -> Mode:
-  on = name == "trl_gc"
-  inputs = trl.inputs
-  lengths = [int(x["input_ids"].shape[1]) for x in inputs]
-  fill = float(np.mean([float(x["attention_mask"].float().mean()) for x in inputs]))
-  mode = Mode(name, inputs, list(unshared.pairs), fill, max(lengths), live=True)
-  mode.ids_sha = like_for_like.pairs_sha(itertools.chain.from_iterable(
-      trl.trl_step.dpo_pairs(x) for x in inputs))
-  mode.step = lambda i: {"loss": trl.trl_step.step(inputs[i % len(inputs)], checkpointing=on)}
-  mode.info = {"setup_s": trl.construct_s,
-               "mixed_precision": trl.trl_step.trainer.accelerator.mixed_precision}
-  mode.first_fn = lambda: trl.trl_step.first(inputs[0], checkpointing=on)
+  mode = Mode(name, [None] * len(trl.lengths), list(unshared.pairs), trl.fill, max(trl.lengths),
+              live=True)
+  mode.ids_sha = trl.ids_sha
+  mode.step = lambda i: trl.step(name, i)
+  mode.info = {"setup_s": trl.construct_s, "mixed_precision": trl.mixed_precision,
+               "process": trl.process}
+  mode.first_fn = lambda: trl.first(name)
   return mode
 
 
@@ -326,7 +432,7 @@ def check_against_unshared(trl: TrlSide, trl_modes: list[Mode], unshared: Mode, 
     import transformers
     hf_config = transformers.AutoConfig.from_pretrained(trl.directory)
     sequences = [p + c for p, c, _ in trl.pairs] + [p + r for p, _, r in trl.pairs]
-    scale = trl.trl_step.side.max_logit(sequences)
+    scale = trl.max_logit(sequences)
     longest = max(len(c) for _, c, _ in trl.pairs) if trl.pairs else 0
     longest = max([longest] + [len(r) for _, _, r in trl.pairs])
     kw = dict(seq_len=unshared.length, completion_tokens=longest, beta=beta, logit_scale=scale)
@@ -373,6 +479,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--perturb", type=float, default=0.0,
                  help="scale TRL's policy's final norm by 1 + x (shows the check catches it)")
   p.add_argument("--no_assert", action="store_true", help="report a broken check, do not exit 1")
+  p.add_argument("--split_processes", action="store_true",
+                 help="run the TRL modes in a child process (same allocator policy, a heap of "
+                      "its own; module docstring)")
+  p.add_argument("--serve_trl", default="", help=argparse.SUPPRESS)  # the child's spec file
   p.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
                  help="bfloat16: saro_jax computes in bf16 over fp32 master weights, TRL runs "
                       "with bf16=True (its autocast)")
@@ -436,6 +546,9 @@ def amortised(res: dict, mode: Mode, trl: dict | None) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
+  if args.serve_trl:
+    serve_trl(args.serve_trl)
+    return {}
   if set(TRL_MODES) & set(args.names) and importlib.util.find_spec("trl") is None:
     print("trl is not installed (pip install -e .[bench]): the TRL modes are skipped; the other "
           "modes still run.")
@@ -514,6 +627,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"{m.name} {m.times[-1][0]:.2f}s" for m in order) + f"  (load {loads[-1]:.1f})",
             flush=True)
   finally:
+    if trl is not None:
+      trl.close()
     if own_cache:
       shutil.rmtree(args.cache_dir, ignore_errors=True)
 
@@ -556,5 +671,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 if __name__ == "__main__":
   from saro_jax import host_memory  # as saro_jax.main does, before the backend starts
-  print(host_memory.reuse_freed_memory(), flush=True)
+  print(host_memory.reuse_freed_memory(), file=sys.stderr, flush=True)  # stdout: a --serve_trl pipe
   main()

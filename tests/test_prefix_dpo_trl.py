@@ -44,9 +44,14 @@ def test_trl_mode_gets_the_unshared_pairs_and_agrees_then_a_perturbed_weight_bre
   # scaling them moves a sequence log-prob only by a random-sign sum over its tokens (measured
   # on this batch, chosen / rejected means: 1.05x -> 0.11 / 0.04, 1.5x -> 1.5 / 0.58, 2x ->
   # 4.0 / 1.6, against a worst-case bound of 0.29; the typical fp32 error is 0.004).
+  # This run puts TRL in a child process (--split_processes, as goals.py runs it): the same ids
+  # and the child's own figures come back over the pipe, the perturbation with them.
   bad = prefix_dpo.main([*SIZES, "--cache_dir", str(tmp_path / "bad"), "--perturb", "1.0",
-                         "--no_assert"])
-  assert bad["modes"]["trl"]["ids_sha"] == bad["modes"]["unshared"]["ids_sha"]
+                         "--no_assert", "--split_processes"])
+  assert modes["trl"]["process"] == "this" and bad["modes"]["trl"]["process"] == "child"
+  assert bad["modes"]["trl"]["ids_sha"] == bad["modes"]["unshared"]["ids_sha"] == \
+      modes["unshared"]["ids_sha"]
+  assert bad["modes"]["trl"]["pairs_per_s"] > 0
   assert not bad["check_ok"]
   for key in ("logps/chosen", "logps/rejected"):
     err = abs(bad["modes"]["trl"]["first"][key] - bad["modes"]["unshared"]["first"][key])
