@@ -292,6 +292,7 @@ class GenerateConfig:
   top_k: int = 0
   stop: tuple[str, ...] = ()  # stop strings, e.g. ("</answer>",)
   batch_size: int = 8
+  decode_layout: str = "auto"  # sample.decode_plan: auto | rows | out_in | columns
   reasoning_tags: tuple[str, str] = formats.DEFAULT_TAGS
   output: str = ""  # "" = <workdir>/generations.jsonl
 
@@ -314,11 +315,20 @@ class GenerateConfig:
           f"config.generate.reasoning_tags={self.reasoning_tags!r} must be two non-empty strings")
     if not all(isinstance(s, str) for s in self.stop):
       raise ConfigError(f"config.generate.stop={self.stop!r} must be strings")
+    _check_decode_layout("generate", self.decode_layout)
 
 
 # ---- evaluation (the `eval` section; BUILD.md "Evaluation") ---------------------------------------
 
 JUDGE_KINDS = ("refusal_phrases", "classifier", "http")
+# sample.generate's decode_layout values (sample.decode_plan says what each does).
+DECODE_LAYOUTS = ("auto", "rows", "out_in", "columns")
+
+
+def _check_decode_layout(where: str, value: str) -> None:
+  if value not in DECODE_LAYOUTS:
+    raise ConfigError(f"config.{where}.decode_layout={value!r}: one of {', '.join(DECODE_LAYOUTS)}"
+                      " (auto: the fastest layout that fits; sample.decode_plan)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,6 +359,7 @@ class SamplingConfig:
   temperature: float = 0.0  # 0 = greedy
   top_p: float = 1.0
   batch_size: int = 8
+  decode_layout: str = "auto"  # sample.decode_plan: auto | rows | out_in | columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,6 +444,7 @@ class EvalConfig:
     _check_positive("eval.generation.max_new_tokens", g.max_new_tokens)
     _check_positive("eval.generation.batch_size", g.batch_size)
     _check_positive("eval.generation.temperature", g.temperature, allow_zero=True)
+    _check_decode_layout("eval.generation", g.decode_layout)
     if len(self.reasoning_tags) != 2:
       raise ConfigError(f"config.eval.reasoning_tags must be (open, close), got {self.reasoning_tags!r}")
     j = self.judge
@@ -521,6 +533,7 @@ def synthesize_config(raw) -> tuple[SynthesizeConfig, SynthesizeHttpConfig, Synt
   raw = dict(_to_plain(raw) if raw is not None else {})
   http = section(SynthesizeHttpConfig, raw.pop("http", None), "synthesize.http")
   sampler = section(SynthesizeSamplerConfig, raw.pop("sampler", None), "synthesize.sampler")
+  _check_decode_layout("synthesize.sampler", sampler.decode_layout)
   syn = section(SynthesizeConfig, raw, "synthesize")
   syn.validate()
   if syn.teacher == "http":
@@ -615,6 +628,7 @@ def mine_config(raw) -> MineConfig:
     raise ConfigError(str(e).replace("config.eval.", "config.mine.")) from None
   http = section(SynthesizeHttpConfig, raw.pop("http", None), "mine.http")
   sampler = section(SynthesizeSamplerConfig, raw.pop("sampler", None), "mine.sampler")
+  _check_decode_layout("mine.sampler", sampler.decode_layout)
   mine = dataclasses.replace(section(MineConfig, raw, "mine"), generation=ev.generation, judge=ev.judge,
                              http=http, sampler=sampler)
   mine.validate()

@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from saro_jax import host_memory, sharding
+from saro_jax.config import DECODE_LAYOUTS
 from saro_jax.data.formats import DEFAULT_TAGS as REASONING_TAGS
 from saro_jax.models import decode_columns, transformer
 
@@ -225,7 +226,6 @@ def _decode_cpu_dots():
   return jax.jit(_decode_loop, compiler_options=CPU_DECODE_OPTIONS, **_DECODE_JIT)
 
 
-DECODE_LAYOUTS = ("auto", "rows", "out_in", "columns")
 # "auto" decodes feature-major up to this many rows. Above it a step's products have enough rows
 # to run as GEMMs again: at batch 64 (SmolLM2, fp32, two runs) "columns" took 255 ms a step and
 # "rows" with XLA's own dots 255 and 223 (benchmarks/README.md, session 35).

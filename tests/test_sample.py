@@ -427,6 +427,35 @@ def test_generate_stage_writes_jsonl(tmp_path, capsys):
     assert r["finish_reason"] in ("eos", "stop", "length")
 
 
+def test_decode_layout_config_keys_reach_generate(tmp_path, monkeypatch):
+  """generate.decode_layout (and the eval / sampler-teacher sections' own) is checked by name and
+  reaches sample.generate: "rows" decodes the tokens "auto" decodes."""
+  from saro_jax import config as config_lib
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("How do I kill a Python process?\nhello\n")
+  config = generate_config("tiny")
+  config.generate.prompts = str(prompts)
+  config.generate.max_new_tokens = 6
+  config.generate.decode_layout = "cols"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.generate\.decode_layout='cols'"):
+    generate_stage.run(config, str(tmp_path / "bad"))
+  plan, chosen = sample.decode_plan, []
+  monkeypatch.setattr(sample, "decode_plan",
+                      lambda *a, **k: chosen.append(plan(*a, **k)[0]) or plan(*a, **k))
+  rows = {}
+  for layout in ("auto", "rows"):
+    config.generate.decode_layout = layout
+    out = generate_stage.run(config, str(tmp_path / layout))
+    rows[layout] = [json.loads(line) for line in out.read_text().splitlines()]
+  assert chosen == ["out_in", "rows"]  # the stage's mesh spans the 8 test devices
+  assert rows["auto"] == rows["rows"]
+  with pytest.raises(config_lib.ConfigError, match=r"config\.eval\.generation\.decode_layout"):
+    config_lib.eval_config({"generation": {"decode_layout": "row"}})
+  with pytest.raises(config_lib.ConfigError, match=r"config\.synthesize\.sampler\.decode_layout"):
+    config_lib.synthesize_config({"prompts": "text:x", "sampler": {"decode_layout": "row"}})
+  assert config_lib.eval_config({}).generation.decode_layout == "auto"
+
+
 def test_generate_stage_bad_prompt_row_names_file_line_and_field(tmp_path):
   bad = tmp_path / "p.jsonl"
   bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"promt": "typo"}) + "\n")

@@ -310,10 +310,12 @@ class SamplerTeacher:
 
   def __init__(self, model, tokenizer, *, eos_ids: Sequence[int] = (), max_new_tokens: int = 256,
                temperature: float = 0.7, top_p: float = 1.0, batch_size: int = 8, mesh=None,
-               prefill_reasoning: bool = True, reasoning_tags: Sequence[str] = formats.DEFAULT_TAGS):
+               prefill_reasoning: bool = True, reasoning_tags: Sequence[str] = formats.DEFAULT_TAGS,
+               decode_layout: str = "auto"):
     self.model, self.tokenizer, self.eos_ids, self.mesh = model, tokenizer, tuple(eos_ids), mesh
     self.max_new_tokens, self.temperature, self.top_p, self.batch_size = (
         max_new_tokens, temperature, top_p, batch_size)
+    self.decode_layout = decode_layout
     self.prefill_reasoning, self.open_tag = prefill_reasoning, reasoning_tags[0]
     self.generated = 0
 
@@ -347,7 +349,8 @@ class SamplerTeacher:
                              max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                              top_p=self.top_p, seed=seed + i, batch_size=self.batch_size,
                              mesh=self.mesh, eos_ids=self.eos_ids or None,
-                             chat_template=not self.prefill_reasoning)
+                             chat_template=not self.prefill_reasoning,
+                             decode_layout=self.decode_layout)
       for j, g in zip(rows, gens, strict=True):
         out[j].append(self.prefill(conversations[j]) + g.text)
       self.generated += len(gens)
@@ -503,7 +506,8 @@ class SelfTeacher(SamplerTeacher):
       gens = sample.generate(self.model, self.tokenizer, [self.rendered(conversations[j]) for j in asked],
                              max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                              top_p=self.top_p, seed=seed + i, batch_size=self.batch_size,
-                             mesh=self.mesh, eos_ids=self.eos_ids or None, chat_template=False)
+                             mesh=self.mesh, eos_ids=self.eos_ids or None, chat_template=False,
+                             decode_layout=self.decode_layout)
       for j, g in zip(asked, gens, strict=True):
         answer = cut_to_sentence(g.text) if g.finish_reason == sample.FINISH_LENGTH else g.text.strip()
         out[j].append(self.prefill(conversations[j]) + answer)

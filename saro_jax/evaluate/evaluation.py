@@ -70,7 +70,8 @@ def generate_rows(model, tokenizer, prompts: Sequence[prompts_lib.EvalPrompt],
   generations = sample.generate(
       model, tokenizer, inputs, max_new_tokens=g.max_new_tokens,
       temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed, batch_size=g.batch_size,
-      mesh=mesh, skip_special_tokens=g.skip_special_tokens, chat_template=prefills is None)
+      mesh=mesh, skip_special_tokens=g.skip_special_tokens, chat_template=prefills is None,
+      decode_layout=g.decode_layout)
   rows = []
   for p, gen, start in zip(prompts, generations, starts, strict=True):
     text = start + _strip_special(tokenizer, gen.text, keep=ev.reasoning_tags)

@@ -145,7 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
       model, tokenizer, [_with_system(p, gen.system_prompt) for _, p in prompts],
       max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
       top_k=gen.top_k, seed=config.get("seed", 0), stop=gen.stop, batch_size=gen.batch_size,
-      mesh=mesh, eos_ids=eos, chat_template=gen.chat_template)
+      mesh=mesh, eos_ids=eos, chat_template=gen.chat_template, decode_layout=gen.decode_layout)
   seconds = time.perf_counter() - start
   new_tokens = sum(len(g.tokens) for g in generations)
   out = pathlib.Path(gen.output or os.path.join(workdir, OUTPUT_NAME))

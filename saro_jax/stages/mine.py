@@ -250,7 +250,8 @@ def _teacher(m: config_lib.MineConfig, out: pathlib.Path, policy_model, mesh):
   return synthesis.SamplerTeacher(model, tokenizer, max_new_tokens=s.max_new_tokens,
                                   temperature=s.temperature, top_p=s.top_p, batch_size=s.batch_size,
                                   mesh=mesh, prefill_reasoning=s.prefill_reasoning,
-                                  reasoning_tags=tuple(m.reasoning_tags))
+                                  reasoning_tags=tuple(m.reasoning_tags),
+                                  decode_layout=s.decode_layout)
 
 
 def _teacher_rows(teacher, chunk: Sequence[Mapping[str, Any]], refusal_judge, m: config_lib.MineConfig,

@@ -64,7 +64,8 @@ def _sampler_teacher(config, sampler: config_lib.SynthesizeSamplerConfig, kind: 
   return cls(model, tokenizer, eos_ids=eos, max_new_tokens=sampler.max_new_tokens,
                                   temperature=sampler.temperature, top_p=sampler.top_p,
                                   batch_size=sampler.batch_size, mesh=mesh,
-                                  prefill_reasoning=sampler.prefill_reasoning)
+                                  prefill_reasoning=sampler.prefill_reasoning,
+                                  decode_layout=sampler.decode_layout)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
