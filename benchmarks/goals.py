@@ -10,15 +10,18 @@ Children (their own output is passed through; each ends with one JSON line this 
   side_by_side.py  --systems saro_jax,trl,torch                 goal 1: DPO and SFT steps vs TRL
                    --split_processes --torch_malloc reuse       (gc off) and the plain torch loop
   prefix_dpo.py    --modes trl,unshared,prefix,packed+cached    goal 2: prefix vs our unshared;
-                   --split_processes (rows of 1024,             goal 4: packed + cached vs TRL
-                   up to 8 pairs per row)
+                   (rows of 1024, up to 8 pairs per row)        goal 4: packed + cached vs TRL
   sampler.py       --batches 16,32                              goal 6: new tokens/s vs
                                                                 transformers.generate
 Goal 1's systems run in two processes (saro_jax; TRL and the loop) under one allocator policy,
 host_memory's: sharing one heap, the saro_jax step faulted its temp buffer in again beside torch's
 buffers (800 k and 550 k minor faults, 6.3 and 5.1 s of system time, in its first two steps after
-the plain loop's on a 2-core AMD EPYC; none alone), which no user's run pays. Goals 2 and 4
-run prefix_dpo.py's TRL mode in a child process the same way (``--split_processes``, session 36).
+the plain loop's on a 2-core AMD EPYC; none alone), which no user's run pays. Goal 4's TRL mode
+still shares prefix_dpo.py's process: with ``--split_processes`` there, the parent (three saro_jax
+modes, 15.6 GB resident) and the TRL child (8.4 GB) did not fit in 24 GB together and the kernel
+killed the parent (session 36). In one process the switch between systems costs the first
+step after it ~0.6 M page faults (3.6-6 s of system time, TRL and saro_jax alike), later ones
+almost none.
 Goal 3 (fill of packed rows on the bundled pairs) is read in this process from the real data
 pipeline: 20 batches of 8 rows of 1024 slots, up to 8 pairs per row (the suite's fill test).
 
@@ -62,7 +65,7 @@ def children(model: str, quick: bool) -> dict[str, list[str]]:
       "prefix_dpo": ["prefix_dpo.py", "--model", model, "--pairs", "4", "--rows", "2",
                      "--row_length", "1024", "--pairs_per_row", "8", "--batches", "3",
                      "--steps", "2", "--rounds", "2", "--modes",
-                     "trl,unshared,prefix,packed+cached", "--split_processes"],
+                     "trl,unshared,prefix,packed+cached"],
       "sampler": ["sampler.py", "--model", model, "--batches", "16,32", "--new_tokens", "32",
                   "--repeats", "2"],
   }

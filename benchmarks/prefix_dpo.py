@@ -58,7 +58,10 @@ side_by_side.py's ``--split_processes --torch_malloc reuse`` runs goal 1. The pa
 HF directory, writes the unshared batches' (prompt, chosen, rejected) ids to a JSON file there,
 and times each TRL step as a round trip over a pipe (a few ms of a ~20 s step). In one process
 TRL's buffers carve up the heap the XLA steps' freed temp buffers leave, and the next step faults
-its pages in again (side_by_side.py's docstring), which no user's run pays.
+its pages in again (side_by_side.py's docstring), which no user's run pays. Both heaps then
+stay resident: at goals.py's sizes on SmolLM2 (three saro_jax modes) the parent held 15.6 GB and
+the TRL child 8.4 GB, more than a 24 GB machine has (the kernel killed the parent), so goals.py
+runs this script in one process.
 
 Timing alternates the modes (A, B, C, ... A, B, C, ...) for ``--rounds`` rounds so that load from
 other jobs on a shared machine hits them alike; each mode's first step (its warm-up) is not timed.
