@@ -400,8 +400,8 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
   ``batch_size`` rows decode together (rounded up to a multiple of the mesh's data x fsdp size);
   with ``stop`` strings the host checks the text every ``stop_check_every`` tokens and retires
   rows that hit one. ``decode_layout`` (``decode_plan``; default "auto": "columns" on CPU in
-  fp32 on one device up to 32 rows a batch, "out_in" on CPU with bf16 compute, "rows" elsewhere): "out_in" and
-  "columns" decode from a copy of the weights stored [out, in] (``transformer.to_out_in``) that
+  fp32 on one device up to 32 rows a batch, "out_in" on CPU with bf16 compute, "rows"
+  elsewhere): "out_in" and "columns" decode from a copy of the weights stored [out, in] (``transformer.to_out_in``) that
   lives for this call only, at the cost of one more copy of the projection weights in memory
   meanwhile (SmolLM2-135M fp32: 425 MB); "rows" decodes from the model's own weights (no copy).
   ``share_prefix`` (default on): the prompt tokens every prompt of a batch starts with (the chat

@@ -156,9 +156,10 @@ def test_stop_string_cuts_text_and_tokens(model, tokenizer, greedy, check_every)
 
 def test_decode_plan_picks_the_layout_and_the_dots():
   """(decode layout, XLA's own dots) on CPU: fp32 on one device -> columns (the [out, in] copy,
-  activations [D, B]) up to 32 rows a batch, rows with XLA's own dots above; on a multi-device mesh -> the copy with row activations; bf16 compute ->
-  the copy with row activations; "rows" -> the model's own weights with CPU_DECODE_OPTIONS (or the
-  copy, with the default dots, if the model already is one)."""
+  activations [D, B]) up to 32 rows a batch, rows with XLA's own dots above; on a multi-device
+  mesh -> the copy with row activations; bf16 compute -> the copy with row activations; "rows" ->
+  the model's own weights with CPU_DECODE_OPTIONS (or the copy, with the default dots, if the
+  model already is one)."""
   assert jax.default_backend() == "cpu"
   config = models.ModelConfig(**dict(generate_config().model.arch), vocab_size=64)
   fp32 = models.init_random(config, seed=0)
