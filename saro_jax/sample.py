@@ -31,8 +31,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from saro_jax import host_memory, sharding
+from saro_jax import host_memory, sharding, xla_options
 from saro_jax.config import DECODE_LAYOUTS
+from saro_jax.xla_options import CPU_DECODE_OPTIONS
 from saro_jax.data.formats import DEFAULT_TAGS as REASONING_TAGS
 from saro_jax.models import decode_columns, transformer
 
@@ -206,22 +207,12 @@ _DECODE_JIT = dict(static_argnames=("graphdef", "prompt_len", "mesh", "columns")
                    donate_argnames=("carry",))
 _decode = jax.jit(_decode_loop, **_DECODE_JIT)
 
-# XLA:CPU compiles a dot either as a YNNPACK fusion (its default) or with its own Eigen-backed
-# dot; this option turns the YNNPACK fusions off. A decode step's products have few rows (M = the
-# batch): SmolLM2 fp32, the model's own [in, out] weights, 32 steps, median of 6 alternating
-# rounds, ms per step, against the [out, in] copy with YNNPACK (the previous default): batch 8
-# 51 vs 61, 16 63 vs 85, 32 115 vs 116, 64 226 vs 222 (benchmarks/README.md, session 33).
-CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
 
 @functools.cache
 def _decode_cpu_dots():
   """``_decode`` compiled with ``CPU_DECODE_OPTIONS``; plain ``_decode`` if this jaxlib's CPU
   compiler no longer takes them (the option is experimental)."""
-  try:
-    jax.jit(lambda x: x + 1).lower(jnp.zeros(2)).compile(CPU_DECODE_OPTIONS)
-  except jax.errors.JaxRuntimeError as e:
-    logger.warning("XLA:CPU rejects %s (%s): decoding with its default dots", CPU_DECODE_OPTIONS, e)
+  if not xla_options.cpu_takes(CPU_DECODE_OPTIONS):
     return _decode
   return jax.jit(_decode_loop, compiler_options=CPU_DECODE_OPTIONS, **_DECODE_JIT)
 

@@ -1,12 +1,13 @@
 """The engine's step: sharded (2x2x2) == one device, and gradient accumulation 4x2 == 1x8."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import error_model as em
-from saro_jax import models, sharding, train
+from saro_jax import models, sharding, train, xla_options
 from saro_jax.data import bundled, pipeline
 from saro_jax.models.config import ModelConfig
 from saro_jax.optimizer import make_optimizer
@@ -200,3 +201,32 @@ def test_the_step_never_copies_a_moment_buffer(tokenizer, host_batches):
                    for x in jax.tree.leaves(state.params) if x.ndim >= 2}
   copied = set(re.findall(r"= (f32\[[\d,]+\])\S* copy\(", hlo)) & weight_shapes
   assert not copied, f"the compiled step copies buffers shaped like weights: {sorted(copied)}"
+
+
+def test_cpu_steps_compile_with_the_memory_optimized_scheduler(tokenizer, host_batches):
+  """On CPU, train.jit_step compiles with xla_options.CPU_STEP_OPTIONS (XLA's memory-optimized
+  scheduler): the same program in another order, so one step gives the same state bit for bit as
+  the compiler's default schedule and needs less temp memory (SmolLM2's SRPO step: 3.70 -> 3.21
+  GiB). GPU/TPU meshes get the compiler's defaults; an option the compiler rejects is
+  dropped."""
+  import types
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  assert xla_options.step_options(mesh) == xla_options.CPU_STEP_OPTIONS
+  gpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
+  assert xla_options.step_options(gpu) is None
+  assert not xla_options.cpu_takes({"xla_cpu_scheduler_type": "NO_SUCH_SCHEDULER"})
+  config = tiny_config(tokenizer).replace(num_layers=4)
+  with sharding.use(mesh):
+    step, state = make_step(config, mesh)
+    plain = jax.jit(step.__wrapped__, donate_argnums=0)  # the same step, default schedule
+    batch = train.put_batch(host_batches[0], mesh)
+    ours, theirs = step.lower(state, batch).compile(), plain.lower(state, batch).compile()
+    # Buffer assignment is a property of the compiled program, not a timing: on this 4-layer
+    # model 11.5 MB against 12.4 MB (a step compiled without the options would tie).
+    temp = lambda c: c.memory_analysis().temp_size_in_bytes
+    assert temp(ours) < temp(theirs), (temp(ours), temp(theirs))
+    a, metrics_a = ours(jax.tree.map(jnp.copy, state), batch)
+    b, metrics_b = theirs(state, batch)
+  assert float(metrics_a["loss"]) == float(metrics_b["loss"])
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from saro_jax import host_memory, logps, sharding, train
+from saro_jax import host_memory, logps, sharding, train, xla_options
 from saro_jax.config import StageConfig
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def make_reference_fn(graphdef: nnx.GraphDef, *, vocab_size: int, chunk_size: in
     return unsplit(chosen_AxB), unsplit(rejected_AxB)
 
   out_sh = sharding.batch_sharding(mesh, 1 if trees is None else 2)
-  return jax.jit(ref_fn, out_shardings=(out_sh, out_sh))
+  return jax.jit(ref_fn, out_shardings=(out_sh, out_sh),
+                 compiler_options=xla_options.step_options(mesh))
 
 
 def fingerprint(params) -> str:
