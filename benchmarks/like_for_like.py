@@ -1,7 +1,8 @@
 r"""What the benchmarks that compare saro_jax with TRL like for like share (``side_by_side.py``,
 ``prefix_dpo.py``): the torch side (one policy, a frozen reference, the start weights), TRL's
 trainer driven step by step, the fingerprint of the ids a system feeds, and the fp32 error-model
-bound on the first step's figures.
+bound on the first step's figures, and the pipe a timed system answers through from a child
+process (``PipeChild`` / ``pipe_answers``: ``--split_processes`` in both scripts).
 
 How TRL is driven (``TrlStep``): the trainer is built as a user builds it (DPOConfig / SFTConfig
 with fp32, ``bf16=False``, or with ``bf16=True``, its mixed precision, when asked; AdamW with the
@@ -19,7 +20,10 @@ so one trainer serves both the like-for-like row (off) and TRL's default (on).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 
@@ -128,6 +132,50 @@ def check_figures(name: str, figures: dict, ref_name: str, ref: dict,
     lines.append(f"  {key:15s} {name:15s} vs {ref_name}: |diff| {err:.3e}  bound {bound:.3e}  "
                  f"(typical {typical[key]:.1e})  {'ok' if good else 'BROKEN'}")
   return ok, lines
+
+
+# ---- a system in a child process ---------------------------------------------------------------
+
+class PipeChild:
+  """A child process that answers one JSON command per stdin line with one JSON line on its
+  stdout (its side: ``pipe_answers``). ``first`` is the line it writes once it is ready."""
+
+  def __init__(self, cmd: Sequence[str], env: dict, what: str):
+    self.proc = subprocess.Popen(list(cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True, env=env)
+    self.what = what
+    self.first = self.read()
+
+  def read(self):
+    line = self.proc.stdout.readline()
+    if not line:
+      raise SystemExit(f"the {self.what} child process died (exit {self.proc.wait()}); its "
+                       "stderr is above")
+    return json.loads(line)
+
+  def ask(self, **cmd):
+    self.proc.stdin.write(json.dumps(cmd) + "\n")
+    self.proc.stdin.flush()
+    return self.read()
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+      self.proc.stdin.close()
+      self.proc.wait(timeout=120)
+
+
+def pipe_answers() -> Callable[[object], None]:
+  """In a ``PipeChild``: sends the libraries' prints to stderr from now on and returns the
+  function that writes one JSON answer line on the real stdout."""
+  out = os.fdopen(os.dup(1), "w")
+  os.dup2(2, 1)
+
+  def answer(value) -> None:
+    out.write(json.dumps(value) + "\n")
+    out.flush()
+
+  return answer
 
 
 # ---- the torch side ---------------------------------------------------------------------------

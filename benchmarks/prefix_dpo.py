@@ -84,7 +84,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -347,15 +346,9 @@ def serve_trl(spec_path: str) -> None:
   """The ``--serve_trl`` child: builds ``local_trl`` from the spec file, writes its figures as
   one JSON line on its own stdout, then answers one JSON command per stdin line (the libraries'
   prints go to stderr)."""
-  out = os.fdopen(os.dup(1), "w")
-  os.dup2(2, 1)
+  answer = like_for_like.pipe_answers()
   with open(spec_path) as f:
     trl = local_trl(json.load(f))
-
-  def answer(value) -> None:
-    out.write(json.dumps(value) + "\n")
-    out.flush()
-
   answer({k: getattr(trl, k) for k in ("pairs", "construct_s", "lengths", "fill", "ids_sha",
                                        "mixed_precision")})
   for line in sys.stdin:
@@ -378,33 +371,14 @@ def child_trl(spec: dict, cache_dir: str) -> TrlSide:
   with open(path, "w") as f:
     json.dump(spec, f)
   env = dict(os.environ, SARO_JAX_HOST_MALLOC="reuse")
-  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve_trl", path],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-
-  def read():
-    line = proc.stdout.readline()
-    if not line:
-      raise SystemExit(f"the TRL child process died (exit {proc.wait()}); its stderr is above")
-    return json.loads(line)
-
-  def ask(**cmd):
-    proc.stdin.write(json.dumps(cmd) + "\n")
-    proc.stdin.flush()
-    return read()
-
-  def close() -> None:
-    if proc.poll() is None:
-      proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-      proc.stdin.close()
-      proc.wait(timeout=120)
-
-  info = read()
-  info["pairs"] = [tuple(p) for p in info["pairs"]]
-  return TrlSide(spec["directory"], **info, process="child", close=close,
-                 first=lambda name: ask(cmd="first", name=name),
-                 step=lambda name, i: ask(cmd="step", name=name, i=i),
-                 max_logit=lambda sequences: ask(cmd="max_logit",
-                                                 sequences=[list(map(int, x)) for x in sequences]))
+  child = like_for_like.PipeChild([sys.executable, os.path.abspath(__file__), "--serve_trl", path],
+                                  env, "TRL")
+  info = dict(child.first, pairs=[tuple(p) for p in child.first["pairs"]])
+  return TrlSide(spec["directory"], **info, process="child", close=child.close,
+                 first=lambda name: child.ask(cmd="first", name=name),
+                 step=lambda name, i: child.ask(cmd="step", name=name, i=i),
+                 max_logit=lambda sequences: child.ask(
+                     cmd="max_logit", sequences=[list(map(int, x)) for x in sequences]))
 
 
 def build_trl(model, tokenizer, unshared: Mode, base: StageConfig, args) -> TrlSide:

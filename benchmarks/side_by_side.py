@@ -665,8 +665,7 @@ def _torch_side(name: str) -> bool:
 def serve(args, directory: str) -> None:
   """A child (``--serve stage:jax|torch``): builds that side's systems of the stage, then answers
   one JSON command per stdin line on its own stdout (the libraries' prints go to stderr)."""
-  out = os.fdopen(os.dup(1), "w")
-  os.dup2(2, 1)
+  answer = like_for_like.pipe_answers()
   stage, which = args.serve.split(":")
   import transformers
   vocab = transformers.AutoConfig.from_pretrained(directory).vocab_size
@@ -675,11 +674,6 @@ def serve(args, directory: str) -> None:
   names = [n for n in args.names if _torch_side(n) == (which == "torch")]
   systems, side = build(stage, names, args, directory, ids)
   by_name = {s.name: s for s in systems}
-
-  def answer(value) -> None:
-    out.write(json.dumps(value) + "\n")
-    out.flush()
-
   from saro_jax import host_memory
   malloc = "host malloc " + ("reuse" if host_memory.reusing() else "system")
   answer([{"name": s.name, "setup_s": s.setup_s, "note": f"{s.note}; {malloc}".lstrip("; "),
@@ -697,35 +691,15 @@ def serve(args, directory: str) -> None:
       return
 
 
-class Child:
-  """One ``--serve`` child process and its pipe."""
+class Child(like_for_like.PipeChild):
+  """One ``--serve`` child process and its pipe; ``systems``: what it built."""
 
   def __init__(self, args, stage: str, which: str, env: dict):
     cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--cache_dir",
            args.cache_dir, "--systems", ",".join(args.names), "--serve", f"{stage}:{which}",
            *args.size_argv] + (["--perturb", str(args.perturb)] if args.perturb else [])
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                 env=env)
-    self.which = which
-    self.systems = self._read()
-
-  def _read(self):
-    line = self.proc.stdout.readline()
-    if not line:
-      raise SystemExit(f"the {self.which} child process died (exit {self.proc.wait()}); its "
-                       "stderr is above")
-    return json.loads(line)
-
-  def ask(self, **cmd):
-    self.proc.stdin.write(json.dumps(cmd) + "\n")
-    self.proc.stdin.flush()
-    return self._read()
-
-  def close(self) -> None:
-    if self.proc.poll() is None:
-      self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-      self.proc.stdin.close()
-      self.proc.wait(timeout=120)
+    super().__init__(cmd, env, which)
+    self.which, self.systems = which, self.first
 
 
 class ChildSide:

@@ -33,9 +33,9 @@ from jax.sharding import Mesh
 
 from saro_jax import host_memory, sharding, xla_options
 from saro_jax.config import DECODE_LAYOUTS
-from saro_jax.xla_options import CPU_DECODE_OPTIONS
 from saro_jax.data.formats import DEFAULT_TAGS as REASONING_TAGS
 from saro_jax.models import decode_columns, transformer
+from saro_jax.xla_options import CPU_DECODE_OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -392,9 +392,10 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
   with ``stop`` strings the host checks the text every ``stop_check_every`` tokens and retires
   rows that hit one. ``decode_layout`` (``decode_plan``; default "auto": "columns" on CPU in
   fp32 on one device up to 32 rows a batch, "out_in" on CPU with bf16 compute, "rows"
-  elsewhere): "out_in" and "columns" decode from a copy of the weights stored [out, in] (``transformer.to_out_in``) that
-  lives for this call only, at the cost of one more copy of the projection weights in memory
-  meanwhile (SmolLM2-135M fp32: 425 MB); "rows" decodes from the model's own weights (no copy).
+  elsewhere): "out_in" and "columns" decode from a copy of the weights stored [out, in]
+  (``transformer.to_out_in``) that lives for this call only, at the cost of one more copy of the
+  projection weights in memory meanwhile (SmolLM2-135M fp32: 425 MB); "rows" decodes from the
+  model's own weights (no copy).
   ``share_prefix`` (default on): the prompt tokens every prompt of a batch starts with (the chat
   template's system turn, or all of a prompt sampled several times; ``shared_prefix``) are run
   through the model once per batch, not once per row, and the prompt bucket covers only the rest
@@ -419,8 +420,9 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
                      max_new_tokens, limit)
   row_div = _batch_axis_size(mesh)
   max_rows = -(-batch_size // row_div) * row_div
-  widest = min(max_rows, -(-bucket(len(prompts), 1) // row_div) * row_div)  # the first batch's
-  layout, cpu_dots = decode_plan(model, decode_layout, mesh, rows=widest,
+  # A batch of n prompts decodes this many rows (a bucket, a multiple of the mesh's row split).
+  batch_rows = lambda n: min(max_rows, -(-bucket(n, 1) // row_div) * row_div)
+  layout, cpu_dots = decode_plan(model, decode_layout, mesh, rows=batch_rows(len(prompts)),
                                  copy_fits=decode_layout != "auto" or _copy_fits(model))
   # The decode copy is local to this call: no second set of weights outlives it.
   prefill_model = nnx.split(model)
@@ -436,7 +438,7 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
   results: dict[int, Generation] = {}
   for start in range(0, len(order), max_rows):
     idx = order[start:start + max_rows]
-    rows = min(max_rows, -(-bucket(len(idx), 1) // row_div) * row_div)
+    rows = batch_rows(len(idx))
     ids = [rendered[i][1] for i in idx]
     prefix = shared_prefix(ids) if share_prefix else 0
     plen = prefix + bucket(max(len(x) for x in ids) - prefix, min_prompt_bucket)
