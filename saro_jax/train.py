@@ -167,7 +167,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 def jit_step(train_step, state: TrainState, batch_ndims: Mapping[str, int], mesh: Mesh,
              frozen: Any = None):
   """Jits ``train_step`` ONCE with explicit in/out shardings; the state is donated. On CPU it
-  compiles with ``xla_options.CPU_STEP_OPTIONS`` (XLA's memory-optimized scheduler).
+  compiles with ``xla_options.CPU_STEP_OPTIONS`` (XLA's memory-optimized scheduler, YNNPACK for
+  the dots only).
 
   ``frozen`` (a step made with ``adapt``): the jitted step takes it as a third argument, placed
   as it is and never donated (it is the same arrays every step)."""

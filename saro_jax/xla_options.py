@@ -17,12 +17,21 @@ from jax.sharding import Mesh
 
 logger = logging.getLogger(__name__)
 
-# The train steps and the reference forward: XLA:CPU's memory-optimized HLO scheduler orders the
-# same ops so that fewer buffers are alive at once. SmolLM2-135M fp32, side_by_side.py's steps:
-# XLA temp memory 3.70 -> 3.21 GiB (SRPO, 4 pairs x 256) and 3.65 -> 3.21 GiB (RW, 4 x 512); the
-# first steps' loss and log-probs bit for bit the same; step time within the noise in in-process
-# A/Bs (median 1.03x on both steps; benchmarks/README.md, session 36).
-CPU_STEP_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+# The train steps and the reference forward, two choices:
+#  - XLA:CPU's memory-optimized HLO scheduler orders the same ops so that fewer buffers are alive
+#    at once. SmolLM2-135M fp32, side_by_side.py's steps: XLA temp memory 3.70 -> 3.21 GiB (SRPO,
+#    4 pairs x 256) and 3.65 -> 3.21 GiB (RW, 4 x 512); the first steps' loss and log-probs bit for
+#    bit the same; step time within the noise (benchmarks/README.md, session 36).
+#  - YNNPACK takes the dots only (``LIBRARY_FUSION_TYPE_DOT``); XLA's default also hands it the
+#    reductions (the softmax's max and sum, the norms', the vocabulary's log-sum-exp) as calls of
+#    their own, each reading an operand that a loop fusion first wrote out. As XLA's own loop
+#    reductions, the elementwise work that feeds them (mask, scale, exp) fuses into them instead.
+#    One layer's tiled attention (4 x 512 causal, SmolLM2's heads) fwd 38-41 -> 26-29 ms and
+#    fwd + bwd 93-103 -> 74-84 ms, against PyTorch's SDPA 31 / 93 ms; in-process A/Bs of the
+#    whole steps: RW 1.053x (faster in 5 of 6 rounds), SRPO 1.014x (5 of 6). Same arithmetic up
+#    to the order of the reductions' sums (benchmarks/README.md, session 37).
+CPU_STEP_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+                    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 # The sampler's decode: XLA:CPU compiles a dot either as a YNNPACK fusion (its default) or with
 # its own Eigen-backed dot; this turns the YNNPACK fusions off. A decode step's products have few
@@ -50,8 +59,9 @@ def cpu_takes(options: dict) -> bool:
 
 
 def step_options(mesh: Mesh) -> dict | None:
-  """``CPU_STEP_OPTIONS`` for a step compiled for this mesh's devices when they are CPUs (and the
-  compiler takes them); None (the compiler's defaults) for GPUs and TPUs."""
-  if mesh.devices.flat[0].platform != "cpu" or not cpu_takes(CPU_STEP_OPTIONS):
+  """The ``CPU_STEP_OPTIONS`` this jaxlib's compiler takes (each checked on its own, so a renamed
+  one does not drop the others) for a step compiled for this mesh's devices when they are CPUs;
+  None (the compiler's defaults) for GPUs and TPUs."""
+  if mesh.devices.flat[0].platform != "cpu":
     return None
-  return dict(CPU_STEP_OPTIONS)
+  return {k: v for k, v in CPU_STEP_OPTIONS.items() if cpu_takes({k: v})} or None

@@ -1,5 +1,7 @@
 """The engine's step: sharded (2x2x2) == one device, and gradient accumulation 4x2 == 1x8."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,30 +205,75 @@ def test_the_step_never_copies_a_moment_buffer(tokenizer, host_batches):
   assert not copied, f"the compiled step copies buffers shaped like weights: {sorted(copied)}"
 
 
-def test_cpu_steps_compile_with_the_memory_optimized_scheduler(tokenizer, host_batches):
-  """On CPU, train.jit_step compiles with xla_options.CPU_STEP_OPTIONS (XLA's memory-optimized
-  scheduler): the same program in another order, so one step gives the same state bit for bit as
-  the compiler's default schedule and needs less temp memory (SmolLM2's SRPO step: 3.70 -> 3.21
-  GiB). GPU/TPU meshes get the compiler's defaults; an option the compiler rejects is
-  dropped."""
+def _ynn_fusions(compiled) -> tuple[int, int]:
+  """(YNNPACK fusions holding a dot, those holding a reduction) in a compiled CPU program: each
+  ``kind=kCustom`` call of a computation named ``ynn_fusion*``, classified by the instructions of
+  the computation it calls."""
+  text = compiled.as_text()
+  bodies = {}
+  for block in text.split("\n}\n"):
+    head, _, body = block.strip().partition("\n")
+    if head and not head.startswith("HloModule"):
+      bodies[head.split()[0].lstrip("%")] = body
+  dots = reductions = 0
+  for callee in re.findall(r"%ynn_fusion[.\d]* = .*?kind=kCustom, calls=%([\w.-]+)", text):
+    dots += " dot(" in bodies[callee]
+    reductions += " reduce(" in bodies[callee]
+  return dots, reductions
+
+
+def test_cpu_steps_compile_with_the_memory_optimized_scheduler_and_ynnpack_dots_only(
+    tokenizer, host_batches, monkeypatch):
+  """On CPU, train.jit_step compiles with xla_options.CPU_STEP_OPTIONS:
+  - XLA's memory-optimized scheduler: the same program in another order, so one step gives the
+    same state bit for bit as the compiler's default schedule and needs less temp memory
+    (SmolLM2's SRPO step: 3.70 -> 3.21 GiB);
+  - YNNPACK for the dots only: no reduction is a YNNPACK call any more (XLA's own loops, with
+    their elementwise producers fused in), the dots still are. The same function with the
+    reductions' sums in another order, so the steps agree within the fp32 error model: losses at
+    loss_depth, parameters within the Adam bound of param_excess (the same bounds
+    that test_a_lost_row_is_caught shows failing >= 10x on a lost row).
+  GPU/TPU meshes get the compiler's defaults; an option the compiler rejects is dropped alone."""
   import types
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   assert xla_options.step_options(mesh) == xla_options.CPU_STEP_OPTIONS
   gpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
   assert xla_options.step_options(gpu) is None
   assert not xla_options.cpu_takes({"xla_cpu_scheduler_type": "NO_SUCH_SCHEDULER"})
+  scheduler = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+  with monkeypatch.context() as m:
+    m.setattr(xla_options, "CPU_STEP_OPTIONS",
+              dict(xla_options.CPU_STEP_OPTIONS, xla_cpu_scheduler_type="NO_SUCH_SCHEDULER"))
+    assert xla_options.step_options(mesh) == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
   config = tiny_config(tokenizer).replace(num_layers=4)
   with sharding.use(mesh):
     step, state = make_step(config, mesh)
-    plain = jax.jit(step.__wrapped__, donate_argnums=0)  # the same step, default schedule
-    batch = train.put_batch(host_batches[0], mesh)
-    ours, theirs = step.lower(state, batch).compile(), plain.lower(state, batch).compile()
-    # Buffer assignment is a property of the compiled program, not a timing: on this 4-layer
-    # model 11.5 MB against 12.4 MB (a step compiled without the options would tie).
-    temp = lambda c: c.memory_analysis().temp_size_in_bytes
-    assert temp(ours) < temp(theirs), (temp(ours), temp(theirs))
-    a, metrics_a = ours(jax.tree.map(jnp.copy, state), batch)
-    b, metrics_b = theirs(state, batch)
-  assert float(metrics_a["loss"]) == float(metrics_b["loss"])
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    batches = [train.put_batch(b, mesh) for b in host_batches]
+    programs = {
+        "ours": step.lower(state, batches[0]).compile(),
+        "scheduler": jax.jit(step.__wrapped__, donate_argnums=0,
+                             compiler_options=scheduler).lower(state, batches[0]).compile(),
+        "default": jax.jit(step.__wrapped__, donate_argnums=0).lower(state, batches[0]).compile()}
+    runs = {}
+    for name, program in programs.items():
+      s, losses, sqrt_v_hats = jax.tree.map(jnp.copy, state), [], []
+      for batch in batches:
+        s, metrics = program(s, batch)
+        losses.append(float(metrics["loss"]))
+        sqrt_v_hats.append(sqrt_v_hat(s))
+      runs[name] = (s, losses, sqrt_v_hats)
+  # Buffer assignment is a property of the compiled program, not a timing: on this 4-layer
+  # model 11.5 MB against 12.4 MB (a step compiled without the scheduler option would tie).
+  temp = lambda c: c.memory_analysis().temp_size_in_bytes
+  assert temp(programs["scheduler"]) < temp(programs["default"])
+  assert runs["scheduler"][1] == runs["default"][1]
+  for x, y in zip(jax.tree.leaves(runs["scheduler"][0]), jax.tree.leaves(runs["default"][0])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  fusions = {name: _ynn_fusions(program) for name, program in programs.items()}
+  print("YNNPACK fusions (dots, reductions):", fusions)  # this jaxlib's default: both
+  assert fusions["ours"][0] > 0 and fusions["ours"][1] == 0, fusions
+  loss_depth, _ = depths(config)
+  em.assert_parity(runs["ours"][1], runs["default"][1], loss_depth,
+                   what="losses, YNNPACK dots only vs XLA's default")
+  assert param_excess(config, runs["default"], runs["ours"][0]) <= 1.0
