@@ -1,6 +1,6 @@
 r"""The sampler's prefill and decode step in process CPU seconds (and wall seconds): the model's
 own weight layout ([in, out]) vs the decode copy stored [out, in] (``transformer.to_out_in``) vs
-the model's own layout decoded with XLA's own dots (``sample.CPU_DECODE_OPTIONS``, the fp32 CPU
+the model's own layout decoded with XLA's own dots (``xla_options.CPU_DECODE_OPTIONS``, the fp32 CPU
 default in sessions 33-34) vs the feature-major step on the copy (``decode_columns``, activations
 [D, B]; the fp32 CPU default since session 35), side by side.
 
@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
   out_in_model = jax.block_until_ready(transformer.to_out_in(model))
   convert_cpu_s = time.process_time() - start
   layouts = {"in_out": nnx.split(model), "out_in": nnx.split(out_in_model)}
-  layouts["in_out_cpu_dots"] = layouts["in_out"]  # XLA's own dots (sample.CPU_DECODE_OPTIONS)
+  layouts["in_out_cpu_dots"] = layouts["in_out"]  # XLA's own dots (xla_options.CPU_DECODE_OPTIONS)
   layouts["columns"] = layouts["out_in"]  # activations [D, B] (decode_columns)
 
   def prefill(layout, tokens, positions, segments, plen):

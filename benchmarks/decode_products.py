@@ -11,7 +11,7 @@ dispatched back to back and waited for at the end:
   features    W[out, in] @ h[in, B]          feature-major: activations kept [features, B]
                                              through the step (no decode path does this yet)
 
-each compiled with XLA:CPU's default dots (YNNPACK) and with ``sample.CPU_DECODE_OPTIONS`` (its
+each compiled with XLA:CPU's default dots (YNNPACK) and with ``xla_options.CPU_DECODE_OPTIONS`` (its
 own Eigen dots). ``step_ms`` adds one SmolLM2 step's products at each variant's rates (per layer:
 q, k, v, o, gate, up, down; then the lm head once). Rounds alternate the variants, so a noisy
 neighbour hits them alike; read the ratios, not the absolute rates.
@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from saro_jax import sample  # noqa: E402
+from saro_jax import sample, xla_options  # noqa: E402
 
 # (in, out, products per layer) of SmolLM2-135M; the lm head [576 -> 49152] once per step.
 SMOLLM2 = ((576, 1536, 2), (1536, 576, 1), (576, 576, 2), (576, 192, 2))
@@ -71,7 +71,7 @@ def products(batch: int, shapes, head, layers: int, rounds: int, calls: int) -> 
   import torch
 
   rng = np.random.default_rng(0)
-  backends = {"default": None, "xla_dots": sample.CPU_DECODE_OPTIONS}
+  backends = {"default": None, "xla_dots": xla_options.CPU_DECODE_OPTIONS}
   variants = [(layout, backend) for layout in LAYOUTS for backend in backends]
   results = {}
   for n_in, n_out, per_layer in (*shapes, (*head, 0)):

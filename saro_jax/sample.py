@@ -35,7 +35,6 @@ from saro_jax import host_memory, sharding, xla_options
 from saro_jax.config import DECODE_LAYOUTS
 from saro_jax.data.formats import DEFAULT_TAGS as REASONING_TAGS
 from saro_jax.models import decode_columns, transformer
-from saro_jax.xla_options import CPU_DECODE_OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -210,11 +209,11 @@ _decode = jax.jit(_decode_loop, **_DECODE_JIT)
 
 @functools.cache
 def _decode_cpu_dots():
-  """``_decode`` compiled with ``CPU_DECODE_OPTIONS``; plain ``_decode`` if this jaxlib's CPU
-  compiler no longer takes them (the option is experimental)."""
-  if not xla_options.cpu_takes(CPU_DECODE_OPTIONS):
+  """``_decode`` compiled with ``xla_options.CPU_DECODE_OPTIONS``; plain ``_decode`` if this
+  jaxlib's CPU compiler no longer takes them (the option is experimental)."""
+  if not xla_options.cpu_takes(xla_options.CPU_DECODE_OPTIONS):
     return _decode
-  return jax.jit(_decode_loop, compiler_options=CPU_DECODE_OPTIONS, **_DECODE_JIT)
+  return jax.jit(_decode_loop, compiler_options=xla_options.CPU_DECODE_OPTIONS, **_DECODE_JIT)
 
 
 # "auto" decodes feature-major up to this many rows. Above it a step's products have enough rows
@@ -225,8 +224,8 @@ COLUMNS_MAX_ROWS = 32
 
 def decode_plan(model, layout: str = "auto", mesh: Mesh | None = None,
                 copy_fits: bool = True, rows: int = 1) -> tuple[str, bool]:
-  """(the decode layout, compile the decode with ``CPU_DECODE_OPTIONS``) for ``generate``'s
-  ``decode_layout``:
+  """(the decode layout, compile the decode with ``xla_options.CPU_DECODE_OPTIONS``) for
+  ``generate``'s ``decode_layout``:
 
   - "rows": the model's own weights, activations [B, D]; on CPU in fp32 with XLA's own dots.
   - "out_in": a copy of the weights stored [out, in] (``transformer.to_out_in``), activations

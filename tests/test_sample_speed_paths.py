@@ -15,7 +15,7 @@ from flax import nnx
 
 import error_model as em
 import tiny_hf
-from saro_jax import models, sample, sharding
+from saro_jax import models, sample, sharding, xla_options
 from saro_jax.models import decode_columns, hf, transformer
 
 
@@ -203,7 +203,8 @@ def _decode_hlo(batch: int, plen: int, new: int, out_in: bool, options=None, tie
 
 @pytest.mark.parametrize("out_in,options,tied,columns", [
     (False, None, False, False), (True, None, False, False),
-    (False, sample.CPU_DECODE_OPTIONS, False, False), (False, sample.CPU_DECODE_OPTIONS, True, False),
+    (False, xla_options.CPU_DECODE_OPTIONS, False, False),
+    (False, xla_options.CPU_DECODE_OPTIONS, True, False),
     (True, None, False, True), (True, None, True, True)],
     ids=["in_out", "out_in", "in_out_cpu_dots", "in_out_cpu_dots_tied", "columns", "columns_tied"])
 def test_decode_step_copies_no_cache_or_weights(out_in, options, tied, columns):
