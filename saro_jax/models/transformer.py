@@ -10,6 +10,7 @@ same inv_freq, RMSNorm normalises in fp32 and casts back before the weight (Gemm
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -745,9 +746,10 @@ def _out_in_modules(model: Transformer) -> list[nnx.Module]:
   return [m for _, m in nnx.iter_graph(model) if isinstance(m, (Attention, MLP, Transformer))]
 
 
-def _moved_weights(model: Transformer) -> list[tuple[nnx.Module, str, nnx.Variable]]:
-  """(module, training-layout name, variable) of every weight ``to_out_in`` moves."""
-  return [(module, name, getattr(module, name)) for module in _out_in_modules(model)
+def _moved_weights(modules: list[nnx.Module]) -> list[tuple[nnx.Module, str, nnx.Variable]]:
+  """(module, training-layout name, variable) of every weight ``to_out_in`` moves, given
+  ``_out_in_modules``."""
+  return [(module, name, getattr(module, name)) for module in modules
           for name in OUT_IN_WEIGHTS if getattr(module, name, None) is not None]
 
 
@@ -757,9 +759,16 @@ def out_in_copy_bytes(model: Transformer, *, in_compute_dtype: bool = True) -> i
   if model.out_in:
     return 0
   nbytes = lambda a: a.size * _copy_dtype(a.dtype, model.config, in_compute_dtype).itemsize
-  total = sum(nbytes(var[...]) for _, _, var in _moved_weights(model))
+  total = sum(nbytes(var[...]) for _, _, var in _moved_weights(_out_in_modules(model)))
   embed = model.embed_VxD[...]
   return total + (nbytes(embed) if nbytes(embed) != embed.nbytes else 0)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _transposed(values: list[jax.Array], perms: tuple, dtypes: tuple) -> list[jax.Array]:
+  """``to_out_in``'s moved weights, permuted and cast, in one program: one dispatch and one pass
+  over the weights instead of a dispatch per array (SmolLM2's 210: 0.24 s a ``generate`` call)."""
+  return [jnp.transpose(v, p).astype(d) for v, p, d in zip(values, perms, dtypes)]
 
 
 def to_out_in(model: Transformer, *, in_compute_dtype: bool = True) -> Transformer:
@@ -794,12 +803,19 @@ def to_out_in(model: Transformer, *, in_compute_dtype: bool = True) -> Transform
     return value if dtype == value.dtype else value.astype(dtype)
 
   modules = _out_in_modules(copy)
-  for module, name, var in _moved_weights(copy):
-    new_name, n_in, rank = OUT_IN_WEIGHTS[name]
+  weights = _moved_weights(modules)
+  perms = []
+  for _, name, var in weights:
+    _, n_in, rank = OUT_IN_WEIGHTS[name]
     lead = var[...].ndim - rank  # 1 for a scanned model's stacked [Y, ...] weights
     dims = list(range(var[...].ndim))
-    perm = dims[:lead] + dims[lead + n_in:] + dims[lead:lead + n_in]
-    moved = var.replace(stored(jnp.transpose(var[...], perm)))
+    perms.append(tuple(dims[:lead] + dims[lead + n_in:] + dims[lead:lead + n_in]))
+  dtypes = tuple(_copy_dtype(var[...].dtype, model.config, in_compute_dtype).name
+                 for _, _, var in weights)
+  values = _transposed([var[...] for _, _, var in weights], tuple(perms), dtypes)
+  for (module, name, var), perm, value in zip(weights, perms, values):
+    new_name = OUT_IN_WEIGHTS[name][0]
+    moved = var.replace(value)
     names = var.get_metadata().get("out_sharding")
     if names is not None:
       moved.set_metadata(out_sharding=tuple(names[i] for i in perm))
