@@ -25,6 +25,11 @@ Every saro_jax mode runs the real data pipeline (``pipeline.dpo_batches``) on
                  per step, in the same batches
   trl_gc         the same trainer with gradient checkpointing ON (TRL's default config)
 
+``--pair_kind process`` (or ``outcome``) gives every mode only the bundled pairs of that kind
+(``pair_source``): the issue states goal 2 on the process pairs, whose rows share the prompt and
+the first reasoning steps; "all" (the default) mixes in the outcome pairs, which share the prompt
+only.
+
 Live modes (and TRL) run the reference forward (a frozen copy of the start weights) every step.
 
 Like for like with TRL (``trl`` / ``trl_gc`` need ``unshared`` among the modes and the ``bench``
@@ -104,6 +109,7 @@ from saro_jax.stages import reference, srpo  # noqa: E402
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 SOURCE = "bundled:pairs_train"
+PAIR_KINDS = ("all", "process", "outcome")
 LAYOUTS = ("unshared", "prefix", "packed")
 TRL_MODES = ("trl", "trl_gc")
 LR = 1e-5
@@ -140,11 +146,23 @@ def model_and_tokenizer(args, cfg: StageConfig):
   return models.init_random(config, seed=0), tokenizer
 
 
-def data_lengths(tokenizer) -> dict[str, int]:
+def pair_source(kind: str, directory: str) -> str:
+  """The pairs a run reads: ``SOURCE`` whole ("all"), or only its pairs of one ``kind`` (the
+  issue states goal 2 on the process pairs: prompt + first reasoning steps shared) written as a
+  JSONL file under ``directory``."""
+  if kind == "all":
+    return SOURCE
+  path = os.path.join(directory, f"pairs_train_{kind}.jsonl")
+  with open(bundled.path(SOURCE.partition(":")[2])) as f, open(path, "w") as out:
+    out.writelines(line for line in f if json.loads(line)["kind"] == kind)
+  return path
+
+
+def data_lengths(tokenizer, source: str) -> dict[str, int]:
   """Over the bundled pairs, as this tokenizer splits them: the longest side and tree, the pair
   count, and the real tokens of every pair laid out unshared (chosen + rejected) and shared
   (chosen + rejected - shared_len)."""
-  it = pipeline.dpo_batches(SOURCE, tokenizer, batch_size=64, max_length=4096, shuffle=False,
+  it = pipeline.dpo_batches(source, tokenizer, batch_size=64, max_length=4096, shuffle=False,
                             num_epochs=1, process_index=0, process_count=1)
   out = dict(side=0, tree=0, pairs=0, unshared_tokens=0, shared_tokens=0)
   for b in it:
@@ -190,7 +208,7 @@ def build_mode(name, base: StageConfig, tokenizer, *, live, prefix, trees, rows,
       dpo=dataclasses.replace(base.dpo, reference="live" if live else "precomputed",
                               prefix_sharing=prefix, pairs_per_row=trees))
   layout = {"prefix_sharing": True, "pairs_per_row": trees} if prefix else {}
-  it = pipeline.dpo_batches(SOURCE, tokenizer, batch_size=rows, max_length=length, seed=0,
+  it = pipeline.dpo_batches(args.source, tokenizer, batch_size=rows, max_length=length, seed=0,
                             num_epochs=0, process_index=0, process_count=1, **layout)
   hosts = [next(it) for _ in range(args.batches)]
   stats = it.stats.as_dict()
@@ -460,6 +478,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="run the TRL modes in a child process (same allocator policy, a heap of "
                       "its own; module docstring)")
   p.add_argument("--serve_trl", default="", help=argparse.SUPPRESS)  # the child's spec file
+  p.add_argument("--pair_kind", default="all", choices=PAIR_KINDS,
+                 help="the bundled pairs every mode reads: all, or only the process (prompt + "
+                      "first steps shared) or outcome (prompt shared) pairs")
   p.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
                  help="bfloat16: saro_jax computes in bf16 over fp32 master weights, TRL runs "
                       "with bf16=True (its autocast)")
@@ -535,14 +556,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
   model, tokenizer = model_and_tokenizer(args, base)
   graphdef, params = train.split_model(model)
   vocab = model.config.vocab_size
-  data = data_lengths(tokenizer)
+  own_cache = not args.cache_dir
+  args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="saro_prefix_dpo_")
+  args.source = pair_source(args.pair_kind, args.cache_dir)
+  data = data_lengths(tokenizer, args.source)
   side, tree = data["side"], data["tree"]
   # What sharing can save at most: the pairs' real tokens unshared over shared. Work that is
   # linear in tokens (every matmul but attention's) shrinks by this much without any padding;
   # a measured ratio above it comes from the two layouts' different padding.
   token_ratio = data["unshared_tokens"] / data["shared_tokens"]
   print(f"model {args.model} layers={model.config.num_layers} vocab={vocab} compute "
-        f"{args.compute_dtype}; bundled pairs: "
+        f"{args.compute_dtype}; bundled pairs ({args.pair_kind}): "
         f"{data['pairs']}, longest side {side}, longest tree {tree} tokens; real tokens "
         f"unshared {data['unshared_tokens']}, shared {data['shared_tokens']}; load average "
         f"{os.getloadavg()[0]:.1f}")
@@ -553,8 +577,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      length=args.row_length),
   }
   trl_names = [n for n in args.names if n in TRL_MODES]
-  own_cache = not args.cache_dir
-  args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="saro_prefix_dpo_")
   modes, trl = {}, None
   try:
     with sharding.use(args.mesh):
@@ -631,11 +653,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not m.live:
       print("\n".join(amortised(results[m.name], m, results.get("trl"))))
   print(f"load average over the rounds: {', '.join(f'{x:.1f}' for x in loads)}")
-  print(f"prefix sharing removes {1 - 1 / token_ratio:.1%} of the bundled pairs' real tokens "
+  print(f"prefix sharing removes {1 - 1 / token_ratio:.1%} of the bundled pairs' "
+        f"({args.pair_kind}) real tokens "
         f"(token ratio {token_ratio:.3f}x)")
   summary = {"model": args.model, "layers": model.config.num_layers, "modes": results,
              "compute_dtype": args.compute_dtype,
-             "load": loads, "data": data, "token_ratio": token_ratio}
+             "load": loads, "data": data, "token_ratio": token_ratio,
+             "pair_kind": args.pair_kind}
   if check is not None:
     summary["check"] = check
     summary["check_ok"] = check["ok"]

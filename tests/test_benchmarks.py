@@ -62,6 +62,24 @@ def test_prefix_dpo_benchmark_tiny_reports_every_mode():
   assert out["token_ratio"] == data["unshared_tokens"] / data["shared_tokens"] < 2
 
 
+def test_prefix_dpo_pair_kind_reads_only_that_kind(tmp_path):
+  """``--pair_kind``: the process and the outcome pairs are the bundled pairs split by their
+  ``kind``; every pair lands in exactly one, and their tokens add up to all the pairs'."""
+  from saro_jax import models
+  from saro_jax.data import bundled
+
+  module = benchmark_scripts.load("prefix_dpo")
+  tokenizer = models.load_tokenizer(bundled.path("tokenizer"))
+  every = module.data_lengths(tokenizer, module.pair_source("all", str(tmp_path)))
+  kinds = {k: module.data_lengths(tokenizer, module.pair_source(k, str(tmp_path)))
+           for k in ("process", "outcome")}
+  assert kinds["process"]["pairs"] == 544 and kinds["outcome"]["pairs"] == 570
+  for key in ("pairs", "unshared_tokens", "shared_tokens"):
+    assert kinds["process"][key] + kinds["outcome"][key] == every[key], key
+  with open(module.pair_source("process", str(tmp_path))) as f:
+    assert {json.loads(line)["kind"] for line in f} == {"process"}
+
+
 @pytest.mark.heavy  # compiles the tiny RW step twice
 def test_attention_blocks_benchmark_tiny_reports_each_variant(capsys):
   """benchmarks/attention_blocks.py end to end at a tiny size: one row of figures per variant."""
@@ -118,7 +136,10 @@ def test_goals_runner_reads_every_child_and_tabulates_each_goal(capsys):
   assert out["failed"] == []
   rows = {r["key"]: r for r in out["rows"]}
   assert rows["sft_vs_torch"]["value"] > 0
-  assert rows["prefix_vs_unshared"]["value"] > 0
+  # goal 2 as the issue states it (the process pairs) and on all the pairs, from two children
+  assert rows["prefix_vs_unshared"]["value"] > 0 and rows["prefix_vs_unshared_all"]["value"] > 0
+  assert "the process pairs" in rows["prefix_vs_unshared"]["what"]
+  assert out["seconds"].keys() >= {"prefix_dpo", "prefix_process"}
   # goal 1's rows name the machine-independent reading too: saro_jax's and the torch loop's
   for key in ("dpo_vs_trl", "sft_vs_trl"):
     assert "% of this machine's" in rows[key]["what"] and "torch " in rows[key]["what"], key
