@@ -15,7 +15,9 @@ is of sum(out * q) (any cotangent costs the same). Each figure is the median of 
 calls after one untimed call; layouts alternate within a repeat. ``--dtype bfloat16`` runs q, k, v
 in bf16; ``--backward`` lists the tiled gradient's layouts to run (``tiled_attention``'s
 ``transposed_backward``: ``rows``, ``transposed``, or ``auto``, the default for the dtype and
-backend). Also printed: the largest relative difference of each layout's output and gradients
+backend). Every function compiles with the train steps' options
+(``xla_options.step_options``: on a CPU, the memory-optimized scheduler and YNNPACK for the dots
+only), as the attention runs inside a step. Also printed: the largest relative difference of each layout's output and gradients
 from the blocks' (fp32 roundoff, ~1e-7..1e-6; bf16 roundings, ~1e-2). Speed figures only; it
 asserts nothing.
 """
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saro_jax import sharding, xla_options
 from saro_jax.models import tiled_attention, transformer
 
 N, K, H = 9, 3, 64  # SmolLM2-135M's attention heads
@@ -64,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if not backwards or set(backwards) - {"auto", "rows", "transposed"}:
     p.error(f"--backward {args.backward!r}: a comma list of auto, rows, transposed")
   dtype = jnp.dtype(args.dtype)
+  options = xla_options.step_options(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   results = {}
   for shape in args.shapes.split(","):
     dims, kind = shape.split(":")
@@ -81,10 +85,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         transposed = None if backward == "auto" else backward == "transposed"
         layouts[name] = (lambda t, transposed: lambda q, k, v, m: tiled_attention.tiled_attention(
             q, k, v, m, H ** -0.5, t, transposed))(t, transposed)
-    fwd = {name: jax.jit(f) for name, f in layouts.items()}
+    fwd = {name: jax.jit(f, compiler_options=options) for name, f in layouts.items()}
     objective = lambda q, k, v, m, f: jnp.sum((f(q, k, v, m) * q).astype(jnp.float32))
     both = {name: jax.jit(jax.value_and_grad(lambda q, k, v, m, f=f: objective(q, k, v, m, f),
-                                             argnums=(0, 1, 2)))
+                                             argnums=(0, 1, 2)), compiler_options=options)
             for name, f in layouts.items()}
     first = {name: (jax.block_until_ready(fwd[name](q, k, v, mask)),
                     jax.block_until_ready(both[name](q, k, v, mask))[1]) for name in layouts}
