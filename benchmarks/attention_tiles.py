@@ -17,9 +17,9 @@ in bf16; ``--backward`` lists the tiled gradient's layouts to run (``tiled_atten
 ``transposed_backward``: ``rows``, ``transposed``, or ``auto``, the default for the dtype and
 backend). Every function compiles with the train steps' options
 (``xla_options.step_options``: on a CPU, the memory-optimized scheduler and YNNPACK for the dots
-only), as the attention runs inside a step. Also printed: the largest relative difference of each layout's output and gradients
-from the blocks' (fp32 roundoff, ~1e-7..1e-6; bf16 roundings, ~1e-2). Speed figures only; it
-asserts nothing.
+only), as the attention runs inside a step. Also printed: the largest relative difference of
+each layout's output and gradients from the blocks' (fp32 roundoff, ~1e-7..1e-6; bf16
+roundings, ~1e-2). Speed figures only; it asserts nothing.
 """
 
 from __future__ import annotations

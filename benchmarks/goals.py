@@ -144,6 +144,7 @@ def table(results: dict) -> list[dict]:
   add(1, "sft_vs_trl", "RW (SFT) step vs TRL, tokens/s" + efficiency("sft"), sft.get("vs_trl"),
       1.2)
   add(1, "sft_vs_torch", "RW (SFT) step vs the plain PyTorch loop", sft.get("vs_torch"), 1.0)
+
   def sharing(child: str, key: str, pairs: str) -> None:
     run = results.get(child) or {}
     modes = run.get("modes", {})

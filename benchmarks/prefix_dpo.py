@@ -159,8 +159,8 @@ def pair_source(kind: str, directory: str) -> str:
 
 
 def data_lengths(tokenizer, source: str) -> dict[str, int]:
-  """Over the bundled pairs, as this tokenizer splits them: the longest side and tree, the pair
-  count, and the real tokens of every pair laid out unshared (chosen + rejected) and shared
+  """Over the pairs of ``source``, as this tokenizer splits them: the longest side and tree, the
+  pair count, and the real tokens of every pair laid out unshared (chosen + rejected) and shared
   (chosen + rejected - shared_len)."""
   it = pipeline.dpo_batches(source, tokenizer, batch_size=64, max_length=4096, shuffle=False,
                             num_epochs=1, process_index=0, process_count=1)
