@@ -558,27 +558,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
   vocab = model.config.vocab_size
   own_cache = not args.cache_dir
   args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="saro_prefix_dpo_")
-  args.source = pair_source(args.pair_kind, args.cache_dir)
-  data = data_lengths(tokenizer, args.source)
-  side, tree = data["side"], data["tree"]
-  # What sharing can save at most: the pairs' real tokens unshared over shared. Work that is
-  # linear in tokens (every matmul but attention's) shrinks by this much without any padding;
-  # a measured ratio above it comes from the two layouts' different padding.
-  token_ratio = data["unshared_tokens"] / data["shared_tokens"]
-  print(f"model {args.model} layers={model.config.num_layers} vocab={vocab} compute "
-        f"{args.compute_dtype}; bundled pairs ({args.pair_kind}): "
-        f"{data['pairs']}, longest side {side}, longest tree {tree} tokens; real tokens "
-        f"unshared {data['unshared_tokens']}, shared {data['shared_tokens']}; load average "
-        f"{os.getloadavg()[0]:.1f}")
-  specs = {
-      "unshared": dict(prefix=False, trees=1, rows=args.pairs, length=round_up(side)),
-      "prefix": dict(prefix=True, trees=1, rows=args.pairs, length=round_up(tree)),
-      "packed": dict(prefix=True, trees=args.pairs_per_row, rows=args.rows,
-                     length=args.row_length),
-  }
-  trl_names = [n for n in args.names if n in TRL_MODES]
   modes, trl = {}, None
-  try:
+  try:  # the run's directory goes, whatever stops the run
+    args.source = pair_source(args.pair_kind, args.cache_dir)
+    data = data_lengths(tokenizer, args.source)
+    side, tree = data["side"], data["tree"]
+    # What sharing can save at most: the pairs' real tokens unshared over shared. Work that is
+    # linear in tokens (every matmul but attention's) shrinks by this much without any padding;
+    # a measured ratio above it comes from the two layouts' different padding.
+    token_ratio = data["unshared_tokens"] / data["shared_tokens"]
+    print(f"model {args.model} layers={model.config.num_layers} vocab={vocab} compute "
+          f"{args.compute_dtype}; bundled pairs ({args.pair_kind}): "
+          f"{data['pairs']}, longest side {side}, longest tree {tree} tokens; real tokens "
+          f"unshared {data['unshared_tokens']}, shared {data['shared_tokens']}; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    specs = {
+        "unshared": dict(prefix=False, trees=1, rows=args.pairs, length=round_up(side)),
+        "prefix": dict(prefix=True, trees=1, rows=args.pairs, length=round_up(tree)),
+        "packed": dict(prefix=True, trees=args.pairs_per_row, rows=args.rows,
+                       length=args.row_length),
+    }
+    trl_names = [n for n in args.names if n in TRL_MODES]
     with sharding.use(args.mesh):
       for name in args.names:
         if name in TRL_MODES:

@@ -766,8 +766,9 @@ def out_in_copy_bytes(model: Transformer, *, in_compute_dtype: bool = True) -> i
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _transposed(values: list[jax.Array], perms: tuple, dtypes: tuple) -> list[jax.Array]:
-  """``to_out_in``'s moved weights, permuted and cast, in one program: one dispatch and one pass
-  over the weights instead of a dispatch per array (SmolLM2's 210: 0.24 s a ``generate`` call)."""
+  """``to_out_in``'s moved weights, permuted and cast, in one program: one dispatch instead of one
+  per array (SmolLM2's 210 transposes: 0.193 -> 0.172 s a copy, median of 8 alternating calls;
+  the rest is the copy's memory traffic)."""
   return [jnp.transpose(v, p).astype(d) for v, p, d in zip(values, perms, dtypes)]
 
 
@@ -804,15 +805,14 @@ def to_out_in(model: Transformer, *, in_compute_dtype: bool = True) -> Transform
 
   modules = _out_in_modules(copy)
   weights = _moved_weights(modules)
-  perms = []
+  perms, dtypes = [], []
   for _, name, var in weights:
     _, n_in, rank = OUT_IN_WEIGHTS[name]
     lead = var[...].ndim - rank  # 1 for a scanned model's stacked [Y, ...] weights
     dims = list(range(var[...].ndim))
     perms.append(tuple(dims[:lead] + dims[lead + n_in:] + dims[lead:lead + n_in]))
-  dtypes = tuple(_copy_dtype(var[...].dtype, model.config, in_compute_dtype).name
-                 for _, _, var in weights)
-  values = _transposed([var[...] for _, _, var in weights], tuple(perms), dtypes)
+    dtypes.append(_copy_dtype(var[...].dtype, model.config, in_compute_dtype).name)
+  values = _transposed([var[...] for _, _, var in weights], tuple(perms), tuple(dtypes))
   for (module, name, var), perm, value in zip(weights, perms, values):
     new_name = OUT_IN_WEIGHTS[name][0]
     moved = var.replace(value)
