@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   if failed:
     print(f"\nfailed: {', '.join(failed)}")
   summary = {"model": args.model, "quick": args.quick, "rows": rows, "seconds": seconds,
-             "failed": failed}
+             "failed": failed, "children": results}
   print(json.dumps(summary, default=float))
   if failed and argv is None:
     raise SystemExit(1)

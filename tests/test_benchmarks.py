@@ -43,25 +43,6 @@ def test_throughput_srpo_config_reads_the_rows_it_is_given(model):
   assert set(logps.input_keys(cfg.dpo.prefix_sharing)) <= set(rows)
 
 
-@pytest.mark.heavy  # tokenizes the 1114 bundled pairs and compiles three SRPO steps
-def test_prefix_dpo_benchmark_tiny_reports_every_mode():
-  """benchmarks/prefix_dpo.py end to end at a small size: every mode reports positive figures."""
-  module = benchmark_scripts.load("prefix_dpo")
-  out = module.main(["--model", "tiny", "--pairs", "2", "--rows", "1", "--row_length", "512",
-                     "--pairs_per_row", "4", "--batches", "1", "--steps", "1", "--rounds", "1",
-                     "--modes", "unshared,prefix,packed+cached"])
-  modes = out["modes"]
-  assert set(modes) == {"unshared", "prefix", "packed+cached"}
-  assert modes["unshared"]["ratio"] == 1.0
-  for figures in modes.values():
-    assert figures["step_s"] > 0 and figures["pairs_per_s"] > 0 and 0 < figures["fill"] <= 1
-  assert modes["packed+cached"]["pairs_per_step"] > 1  # several trees in the one row
-  # The ceiling sharing sets: every pair shares at least its prompt, and never a whole side.
-  data = out["data"]
-  assert data["pairs"] == 1114 and 0 < data["shared_tokens"] < data["unshared_tokens"]
-  assert out["token_ratio"] == data["unshared_tokens"] / data["shared_tokens"] < 2
-
-
 def test_prefix_dpo_pair_kind_reads_only_that_kind(tmp_path):
   """``--pair_kind``: the process and the outcome pairs are the bundled pairs split by their
   ``kind``; every pair lands in exactly one, and their tokens add up to all the pairs'."""
@@ -128,10 +109,11 @@ def test_attention_tiles_benchmark_bound_catches_a_skipped_visible_tile(monkeypa
   assert out["1x256:trees"]["tile64"]["max_rel_diff"] > 1e-4
 
 
-@pytest.mark.heavy  # three child processes: side_by_side, prefix_dpo and sampler on the tiny model
+@pytest.mark.heavy  # four child processes: side_by_side, prefix_dpo (twice) and sampler, tiny model
 def test_goals_runner_reads_every_child_and_tabulates_each_goal(capsys):
   """benchmarks/goals.py --quick: every child runs and ends with the JSON line the runner reads;
-  each goal's row carries a figure (the TRL rows stay empty: --quick runs no TRL)."""
+  each goal's row carries a figure (the TRL rows stay empty: --quick runs no TRL). The children's
+  own results are checked here too rather than by runs of their own (the suite's time)."""
   out = benchmark_scripts.load("goals").main(["--model", "tiny", "--quick"])
   assert out["failed"] == []
   rows = {r["key"]: r for r in out["rows"]}
@@ -140,6 +122,20 @@ def test_goals_runner_reads_every_child_and_tabulates_each_goal(capsys):
   assert rows["prefix_vs_unshared"]["value"] > 0 and rows["prefix_vs_unshared_all"]["value"] > 0
   assert "the process pairs" in rows["prefix_vs_unshared"]["what"]
   assert out["seconds"].keys() >= {"prefix_dpo", "prefix_process"}
+  # benchmarks/prefix_dpo.py end to end (the quick child: tiny model, one row of 512 slots, up to
+  # 4 trees a row): every mode reports positive figures, and the sharing ceiling is sane.
+  prefix = out["children"]["prefix_dpo"]
+  modes = prefix["modes"]
+  assert set(modes) == {"unshared", "prefix", "packed+cached"}
+  assert modes["unshared"]["ratio"] == 1.0
+  for figures in modes.values():
+    assert figures["step_s"] > 0 and figures["pairs_per_s"] > 0 and 0 < figures["fill"] <= 1
+  assert modes["packed+cached"]["pairs_per_step"] > 1  # several trees in the one row
+  # The ceiling sharing sets: every pair shares at least its prompt, and never a whole side.
+  data = prefix["data"]
+  assert data["pairs"] == 1114 and 0 < data["shared_tokens"] < data["unshared_tokens"]
+  assert prefix["token_ratio"] == data["unshared_tokens"] / data["shared_tokens"] < 2
+  assert out["children"]["prefix_process"]["data"]["pairs"] == 544  # --pair_kind process
   # goal 1's rows name the machine-independent reading too: saro_jax's and the torch loop's
   for key in ("dpo_vs_trl", "sft_vs_trl"):
     assert "% of this machine's" in rows[key]["what"] and "torch " in rows[key]["what"], key
