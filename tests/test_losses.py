@@ -141,7 +141,8 @@ def test_masked_token_logps_compute_only_scored_positions(vocab_chunk):
   run = lambda h, w, m: losses.token_logps_and_mean_logits(
       h, w, jnp.asarray(targets), vocab_size=vocab, chunk_size=5, vocab_chunk_size=vocab_chunk,
       mask_BxL=m)
-  logps, mean_logits = run(jnp.asarray(hidden), jnp.asarray(unembed), jnp.asarray(mask))
+  # Each call below is one compiled program (op by op, every op would compile on its own).
+  logps, mean_logits = jax.jit(run)(jnp.asarray(hidden), jnp.asarray(unembed), jnp.asarray(mask))
   want_logps, want_mean, logits = np_token_stats(hidden, unembed, targets, vocab)
   bound = em.max_bound(np.abs(logits).max(), token_stats_depth(d, vocab, vocab_chunk), programs=1)
   assert_within(np.where(mask, logps, 0.0), np.where(mask, want_logps, 0.0), bound, "logps")
@@ -153,8 +154,8 @@ def test_masked_token_logps_compute_only_scored_positions(vocab_chunk):
     lp, ml = run(h, w, m)
     return jnp.sum(jnp.where(jnp.asarray(mask), weights * (lp + ml), 0.0))
   args = (jnp.asarray(hidden), jnp.asarray(unembed))
-  got = jax.grad(loss, (0, 1))(*args, jnp.asarray(mask))
-  want = jax.grad(loss, (0, 1))(*args, None)
+  got = jax.jit(jax.grad(loss, (0, 1)))(*args, jnp.asarray(mask))
+  want = jax.jit(jax.grad(loss, (0, 1)))(*args, None)
   # d hidden: each position's own chunk computation, the same arithmetic. d unembed: a sum over
   # the scored positions in another chunk order (b * l terms of |w| * |h| * |d logits| <= |w| |h|
   # each, d logits summing to <= 2 per position).
@@ -181,10 +182,11 @@ def test_masked_token_logps_skip_chunks_past_the_longest_row_forward_and_backwar
     return jnp.sum(jnp.where(jnp.asarray(mask), lp, 0.0))
 
   args = (jnp.asarray(hidden), jnp.asarray(unembed))
-  value, (d_hidden, d_unembed) = jax.value_and_grad(loss, (0, 1))(*args, jnp.asarray(mask))
+  value, (d_hidden, d_unembed) = jax.jit(jax.value_and_grad(loss, (0, 1)))(*args,
+                                                                            jnp.asarray(mask))
   assert np.isfinite(float(value)) and np.all(np.isfinite(d_unembed))
   assert np.all(np.isfinite(np.asarray(d_hidden)[mask])) and not np.any(np.asarray(d_hidden)[~mask])
-  assert not np.all(np.isfinite(jax.grad(loss, 1)(*args, None)))
+  assert not np.all(np.isfinite(jax.jit(jax.grad(loss, 1))(*args, None)))
 
 
 def test_token_logps_bf16_inputs_accumulate_in_float32():
@@ -330,11 +332,12 @@ def test_sft_four_microbatches_of_two_equal_one_batch_of_eight():
     total, count = summed(w, *rows_of(slice(0, 8)))
     return total / count
 
-  want_loss, want_grad = jax.value_and_grad(full_loss)(unembed)
+  want_loss, want_grad = jax.jit(jax.value_and_grad(full_loss))(unembed)
+  micro_step = jax.jit(jax.value_and_grad(summed, has_aux=True))
   grad_sum, loss_sum, count_sum, micro_means = 0.0, 0.0, 0.0, []
   for i in range(4):
     micro = rows_of(slice(2 * i, 2 * i + 2))
-    (total, count), grad = jax.value_and_grad(summed, has_aux=True)(unembed, *micro)
+    (total, count), grad = micro_step(unembed, *micro)
     grad_sum, loss_sum, count_sum = grad_sum + grad, loss_sum + total, count_sum + count
     micro_means.append(total / count)
   # Two fp32 programs of a token-mean loss (error_model.loss_depth) and of its gradient
@@ -413,7 +416,7 @@ def test_dpo_gradient_matches_finite_differences(loss_type, beta, eps):
     return out
 
   x = np.stack([pc, pr])
-  grad = np.asarray(jax.grad(jax_loss)(jnp.asarray(x, jnp.float32)))
+  grad = np.asarray(jax.jit(jax.grad(jax_loss))(jnp.asarray(x, jnp.float32)))
   numeric = numeric_grad(x, rc, rr)
   # fp32 gradient vs exact: the backward doubles the forward's roundings; its condition number at
   # these inputs comes from formula_bound (differences of the float64 gradient itself).

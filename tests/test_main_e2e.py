@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import error_model as em
+import tiny_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +90,8 @@ def test_export_loads_in_transformers_with_matching_logits(run_dir):
   with sharding.use(mesh):
     model = models.load(spec, mesh=mesh)
     n = len(ids)
-    got = np.asarray(model(np.asarray([ids]), np.arange(n)[None], np.ones((1, n), np.int32)))[0]
+    got = tiny_hf.jax_logits(model, np.asarray([ids]), np.arange(n)[None],
+                             np.ones((1, n), np.int32))[0]
   assert got.shape == want.shape
   # Two fp32 programs of the same weights (tests/error_model.py).
   em.assert_parity(got, want, em.model_depth(model.config, n),

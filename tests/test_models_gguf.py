@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import error_model as em
+import tiny_hf
 from saro_jax.models import gguf as gg
 from saro_jax.models import gguf_index
 
@@ -173,7 +174,7 @@ def test_load_gguf_logits_match_transformers(tiny_gguf, transformers_model):
   model = gg.load_gguf(tiny_gguf[0], param_dtype="float32", compute_dtype="float32",
                        vocab_padding_multiple=96)
   assert model.config.rope_theta == TINY["theta"] and model.config.padded_vocab_size == 192
-  logits_1xLxV = np.asarray(model(tokens_1xL, positions_1xL, np.ones_like(tokens_1xL)))
+  logits_1xLxV = tiny_hf.jax_logits(model, tokens_1xL, positions_1xL, np.ones_like(tokens_1xL))
   with torch.no_grad():
     reference = transformers_model(torch.from_numpy(tokens_1xL.astype(np.int64))).logits.numpy()
   assert logits_1xLxV.shape == reference.shape == (1, 12, TINY["vocab"])

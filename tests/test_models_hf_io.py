@@ -64,7 +64,7 @@ def test_exported_model_reproduces_jax_logits_in_torch(tiny_dirs, tmp_path):
   model = hf.load_hf(str(tiny_dirs["qwen2"]))
   out = hf.export_hf(model, tmp_path / "qwen2")
   tokens, positions, segments = tiny_hf.padded_batch(seed=7)
-  ours = np.asarray(model(tokens, positions, segments))
+  ours = tiny_hf.jax_logits(model, tokens, positions, segments)
   theirs = tiny_hf.torch_logits(transformers.AutoModelForCausalLM.from_pretrained(out),
                                 tokens, positions, segments)
   em.assert_parity(ours, theirs, em.model_depth(model.config, tokens.shape[1]),

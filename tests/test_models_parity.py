@@ -32,6 +32,11 @@ def forward(model, tokens, positions, segment_ids):
   return model(tokens, positions, segment_ids)
 
 
+@nnx.jit  # one program: called eagerly, each op would compile on its own (most of a test's time)
+def hidden_states(model, tokens, positions, segment_ids):
+  return model.hidden_states(tokens, positions, segment_ids)
+
+
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
   root = tmp_path_factory.mktemp("tiny_hf")
@@ -180,7 +185,7 @@ def test_bf16_compute_tracks_fp32(tiny_dirs):
   ref = forward(model, tokens, positions, segments)
   low = forward(bf16, tokens, positions, segments)
   assert low.dtype == jnp.float32
-  assert bf16.hidden_states(tokens, positions, segments).dtype == jnp.bfloat16
+  assert hidden_states(bf16, tokens, positions, segments).dtype == jnp.bfloat16
   rel = float(jnp.abs(low - ref).max() / jnp.abs(ref).max())
   # bf16 (8 significand bits: u = 2^-8) rounds the weights once and every activation stored
   # between ops; accumulation stays fp32 (negligible next to that). On a logit's path per layer:
@@ -196,7 +201,7 @@ def test_bf16_compute_tracks_fp32(tiny_dirs):
 def test_hidden_states_and_unembed_give_the_logits(tiny_dirs):
   model = load("qwen2", tiny_dirs)
   tokens, positions, segments = batch(5)
-  hidden = model.hidden_states(tokens, positions, segments)
+  hidden = hidden_states(model, tokens, positions, segments)
   unembed = model.unembed_DxV()
   assert unembed.shape == (model.config.hidden_size, 128)
   np.testing.assert_array_equal(np.asarray(unembed[:, 100:]), 0)  # padding columns stay zero

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import error_model as em
+import tiny_hf
 from saro_jax import sharding
 from saro_jax.models import gguf as gg
 
@@ -151,7 +152,7 @@ def test_logits_match_pytorch(jax_model, prompt_ids, torch_logits):
   c = jax_model.config
   assert (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.head_dim) == (
       30, 576, 1536, 9, 64)  # the depth used by logits_parity
-  logits_BxLxV = jax_model(*right_padded(prompt_ids))
+  logits_BxLxV = tiny_hf.jax_logits(jax_model, *right_padded(prompt_ids))
   for b, (ids, ref) in enumerate(zip(prompt_ids, torch_logits)):
     d = np.abs(np.asarray(logits_BxLxV)[b, :len(ids)] - ref)
     print(f"SmolLM2 prompt of {len(ids)} tokens: max |logits - torch| = {d.max():.2e}, "
@@ -206,7 +207,7 @@ def test_sharded_2x2x2_equals_single_device(smollm2_path, jax_model, prompt_ids)
   with sharding.use(mesh):
     put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
     logits_sharded = forward(state, put(tokens_BxL), put(positions_BxL), put(segment_ids_BxL))
-  logits_single = jax_model(tokens_BxL, positions_BxL, segment_ids_BxL)
+  logits_single = tiny_hf.jax_logits(jax_model, tokens_BxL, positions_BxL, segment_ids_BxL)
   # The weights really are split over the mesh (not 8 replicas).
   assert sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state)) >= 30
   # Sharded contractions sum in another order (partial sums per device, then an all-reduce):

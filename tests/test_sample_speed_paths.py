@@ -28,12 +28,21 @@ def test_cached_attention_equals_dot_product_attention(num_kv_heads):
   v = jnp.asarray(rng.standard_normal((B, S, num_kv_heads, H)), jnp.float32)
   # Left padding in row 1, a query row that sees only its own slot in row 2: the mask cases the
   # sampler produces.
-  q_slot = jnp.broadcast_to(jnp.arange(S - T, S), (B, T))
-  k_seg = jnp.ones((B, S), jnp.int32).at[1, :4].set(0).at[2, :S - T].set(0)
-  mask = transformer.attention_mask(q_slot, jnp.ones((B, T), jnp.int32), k_seg, None)
-  want = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=H ** -0.5, implementation="xla")
-  got = transformer.cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask,
-                                     H ** -0.5)
+  q_slot = np.broadcast_to(np.arange(S - T, S), (B, T))
+  k_seg = np.ones((B, S), np.int32)
+  k_seg[1, :4] = k_seg[2, :S - T] = 0
+
+  @jax.jit  # one program (op by op, each op compiled on its own: most of this test's time)
+  def both(q, k, v):
+    mask = transformer.attention_mask(q_slot, jnp.ones((B, T), jnp.int32), k_seg, None)
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=H ** -0.5, implementation="xla")
+    got = transformer.cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask,
+                                       H ** -0.5)
+    wrong_group = transformer.cached_attention(q[:, :, ::-1], k.transpose(0, 2, 3, 1),
+                                               v.transpose(0, 2, 1, 3), mask, H ** -0.5)
+    return want, got, wrong_group[:, :, ::-1]
+
+  want, got, wrong_group = both(q, k, v)
   # Error model: both sides compute the same fp32 sums in possibly different orders. Logits are
   # H-term dot products of unit normals (|logit| <~ 4 * sqrt(H) after scaling ~4); a reordering
   # moves each by <= H * u * sum|q_i k_i| ~ 16 * 6e-8 * 16 = 1.5e-5 relative to 1, softmax
@@ -42,8 +51,6 @@ def test_cached_attention_equals_dot_product_attention(num_kv_heads):
   # We use 1e-4 absolute; a real bug (a wrong key, a dropped mask, a mis-grouped head) moves the
   # output by O(0.1-1).
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
-  wrong_group = transformer.cached_attention(q[:, :, ::-1], k.transpose(0, 2, 3, 1),
-                                             v.transpose(0, 2, 1, 3), mask, H ** -0.5)[:, :, ::-1]
   if num_kv_heads > 1:  # the bound catches heads paired with the wrong kv group
     assert np.abs(np.asarray(wrong_group) - np.asarray(want)).max() > 1e-2
 
