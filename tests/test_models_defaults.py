@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 import transformers
-from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import tiny_hf
@@ -59,14 +58,10 @@ def _without(directory, keys):
   return config
 
 
-def _logits(model, batch):
-  return np.asarray(nnx.jit(lambda m, *b: m(*b))(model, *batch))
-
-
 def _compare(torch_model, model, batch):
   tokens, positions, segments = batch
   ref = tiny_hf.torch_logits(torch_model, tokens, positions, segments)
-  ours = _logits(model, batch)
+  ours = tiny_hf.jax_logits(model, *batch)
   real = segments > 0
   diff = float(np.abs(ours[real] - ref[real]).max())
   return diff, fp32_bound(model.config, ref[real], tokens.shape[1])

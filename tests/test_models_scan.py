@@ -39,8 +39,7 @@ def tiny_dirs(tmp_path_factory):
   return {f: tiny_hf.save_tiny_hf(f, root / f, num_hidden_layers=3) for f in FAMILIES}
 
 
-def _logits(model, tokens, positions, segments):
-  return np.asarray(jax.jit(lambda m, t, p, s: m(t, p, s))(model, tokens, positions, segments))
+_logits = tiny_hf.jax_logits  # the logits from one compiled program
 
 
 def _flat(params):

@@ -16,6 +16,7 @@ import transformers
 from flax import nnx
 
 import benchmark_scripts
+import tiny_hf
 from saro_jax import host_memory, models, sample, sharding
 from saro_jax.data import bundled
 from saro_jax.models import transformer
@@ -85,7 +86,6 @@ def full_recompute_greedy(model, prompts_ids: list[list[int]], n: int) -> list[l
   keeps the padding after a row's last token invisible to it.
   """
   width = max(len(ids) for ids in prompts_ids) + n
-  forward = nnx.jit(lambda m, t, p, s: m(t, p, s))
   rows = [list(ids) for ids in prompts_ids]
   for _ in range(n):
     tokens = np.zeros((len(rows), width), np.int32)
@@ -93,7 +93,7 @@ def full_recompute_greedy(model, prompts_ids: list[list[int]], n: int) -> list[l
     for r, ids in enumerate(rows):
       tokens[r, :len(ids)], segments[r, :len(ids)] = ids, 1
     positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
-    logits = np.asarray(forward(model, tokens, positions, segments))
+    logits = tiny_hf.jax_logits(model, tokens, positions, segments)
     for r, ids in enumerate(rows):
       ids.append(int(logits[r, len(ids) - 1].argmax()))
   return [ids[-n:] for ids in rows]
