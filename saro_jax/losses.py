@@ -169,7 +169,8 @@ def _full_vocab_stats_bwd(vocab_size, residuals, cotangents):
     d_hidden_BxCxD = d_hidden_BxCxD.astype(dt)
     D, V = unembed_DxV.shape
     d_unembed_DxV = transformer.rows_contracted_dot(
-        hidden_BxCxD.reshape(-1, D), d_logits_BxCxV.reshape(-1, V)).astype(unembed_DxV.dtype)
+        hidden_BxCxD.reshape(-1, D), d_logits_BxCxV.reshape(-1, V),
+        wide=True).astype(unembed_DxV.dtype)
     return d_hidden_BxCxD, d_unembed_DxV
 
   d_hidden_BxCxD, d_unembed_DxV = _when(active, compute, (hidden_BxCxD, unembed_DxV))

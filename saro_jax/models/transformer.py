@@ -319,9 +319,10 @@ def _cpu_low_precision_matmul_bwd(residuals, d_y_MxO):
 _cpu_low_precision_matmul.defvjp(_cpu_low_precision_matmul_fwd, _cpu_low_precision_matmul_bwd)
 
 
-def rows_contracted_dot(a_MxI: jax.Array, b_MxO: jax.Array, out_sharding=None) -> jax.Array:
+def rows_contracted_dot(a_MxI: jax.Array, b_MxO: jax.Array, out_sharding=None, *,
+                        wide: bool = False) -> jax.Array:
   """a^T b with an fp32 result (a weight's gradient: the rows contracted); for bf16 a, b on
-  XLA:CPU, run as a bf16 GEMM on a row-major copy of a^T.
+  XLA:CPU, and with ``wide`` for any dtype there, run as a GEMM on a row-major copy of a^T.
 
   Why: XLA:CPU hands its GEMM library (YNNPACK, which uses AMX for bf16) no dot whose left
   operand contracts its major dim, and a^T b is exactly that, so it converted both operands to
@@ -331,8 +332,15 @@ def rows_contracted_dot(a_MxI: jax.Array, b_MxO: jax.Array, out_sharding=None) -
   a^T in row-major order, which makes it a real copy ([M, I] bf16, read once), and the product
   then contracts the copy's minor dim: a bf16 GEMM with an fp32 result, the same numbers (bf16
   products are exact in fp32, fp32 accumulation). Any other dtype or backend: the plain product.
+
+  ``wide``: the lm head's [D, V] gradient (a few hundred rows, a vocabulary of columns). In fp32
+  XLA:CPU runs a^T b there as an Eigen product that reads a^T in place, at 55-69 GFLOP/s for
+  SmolLM2's D 576, V 49152 and M 256-1024 rows on a 2-core AMD EPYC, against 100-145 GFLOP/s for
+  the row-major copy's plain product (the copy is [D, M], 0.6-2.4 MB; benchmarks/README.md,
+  "Session 40"). The model's own weight gradients ([2048, 576-1536] by [2048, 192-1536]) ran
+  as fast either way, so they keep the plain product.
   """
-  if cpu_bf16.applies(a_MxI.dtype, b_MxO.dtype):
+  if cpu_bf16.applies(a_MxI.dtype, b_MxO.dtype) or (wide and jax.default_backend() == "cpu"):
     a_IxM = layout.with_layout_constraint(a_MxI.T, layout.Layout(major_to_minor=(0, 1)))
     return jax.lax.dot_general(a_IxM, b_MxO, (((1,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32, out_sharding=out_sharding)
