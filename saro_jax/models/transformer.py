@@ -334,9 +334,9 @@ def rows_contracted_dot(a_MxI: jax.Array, b_MxO: jax.Array, out_sharding=None, *
   products are exact in fp32, fp32 accumulation). Any other dtype or backend: the plain product.
 
   ``wide``: the lm head's [D, V] gradient (a few hundred rows, a vocabulary of columns). In fp32
-  XLA:CPU runs a^T b there as an Eigen product that reads a^T in place, at 55-69 GFLOP/s for
-  SmolLM2's D 576, V 49152 and M 256-1024 rows on a 2-core AMD EPYC, against 100-145 GFLOP/s for
-  the row-major copy's plain product (the copy is [D, M], 0.6-2.4 MB; benchmarks/README.md,
+  XLA:CPU runs a^T b there as an Eigen product that reads a^T in place, at 38-69 GFLOP/s for
+  SmolLM2's D 576, V 49152 and M 128-1024 rows on a 2-core AMD EPYC, against 62-145 GFLOP/s for
+  the row-major copy's plain product (the copy is [D, M], 0.3-2.4 MB; benchmarks/README.md,
   "Session 40"). The model's own weight gradients ([2048, 576-1536] by [2048, 192-1536]) ran
   as fast either way, so they keep the plain product.
   """
