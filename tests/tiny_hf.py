@@ -8,6 +8,7 @@ a parity test fails if any of them is ignored.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import torch
@@ -132,13 +133,8 @@ def jax_logits(model, tokens, positions, segment_ids):
   return np.asarray(_forward()(model, tokens, positions, segment_ids))
 
 
+@functools.cache  # one jitted function for every caller: its traces are cached per model shape
 def _forward():
-  global _FORWARD
-  if _FORWARD is None:
-    from flax import nnx
+  from flax import nnx
 
-    _FORWARD = nnx.jit(lambda model, t, p, s: model(t, p, s))
-  return _FORWARD
-
-
-_FORWARD = None
+  return nnx.jit(lambda model, t, p, s: model(t, p, s))
