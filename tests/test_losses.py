@@ -247,7 +247,7 @@ def _rows_contracting_dots(fn, *args) -> int:
 def test_unembedding_gradient_is_a_plain_product_on_cpu():
   # d unembed = hidden^T d_logits contracts the rows. On XLA:CPU the loss forms it on a row-major
   # copy of hidden^T (``rows_contracted_dot(wide=True)``): read in place, Eigen ran SmolLM2's
-  # [576, 49152] gradient at 55-69 GFLOP/s against 100-145 for the copy's plain product. Its
+  # [576, 49152] gradient at 38-69 GFLOP/s against 62-145 for the copy's plain product. Its
   # numbers: test_token_logps_gradient_is_the_analytic_softmax_gradient.
   b, l, d, v = 2, 16, 8, 64
   args = (jnp.asarray(rand(10, b, l, d)), jnp.asarray(rand(11, d, v)),
