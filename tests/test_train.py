@@ -210,11 +210,9 @@ def _ynn_fusions(compiled) -> tuple[int, int]:
   ``kind=kCustom`` call of a computation named ``ynn_fusion*``, classified by the instructions of
   the computation it calls."""
   text = compiled.as_text()
-  bodies = {}
-  for block in text.split("\n}\n"):
-    head, _, body = block.strip().partition("\n")
-    if head and not head.startswith("HloModule"):
-      bodies[head.split()[0].lstrip("%")] = body
+  # Each computation: a header line "[ENTRY ]%name (...) -> ... {", its body, a line "}" (the
+  # module's header line can sit right above the first one).
+  bodies = dict(re.findall(r"^(?:ENTRY )?%([\w.-]+) [^\n]*\{\n(.*?)^\}$", text, re.M | re.S))
   dots = reductions = 0
   for callee in re.findall(r"%ynn_fusion[.\d]* = .*?kind=kCustom, calls=%([\w.-]+)", text):
     dots += " dot(" in bodies[callee]
