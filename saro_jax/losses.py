@@ -91,25 +91,27 @@ def _chunk_logits(hidden_BxCxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _full_vocab_stats(hidden_BxCxD, unembed_DxV, read_DxV, targets_BxC, active, vocab_size):
-  """(log p(target), mean logit) for one sequence chunk, all vocabulary columns at once.
+def _full_vocab_stats(hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, n_active, vocab_size):
+  """(log p(target), mean logit), each [N, B, C], for N sequence chunks of C positions, all
+  vocabulary columns at once, one chunk at a time; only the first ``n_active`` chunks are computed
+  (the rest hold no scored position and give 0).
 
   ``read_DxV``: ``unembed_DxV`` in the compute dtype, the operand both products read, cast once
-  by the caller outside the chunk loop (XLA does not hoist the cast out of the loop's ``lax.cond``:
-  30 ms per chunk and pass for SmolLM2's [576, 49152] in bf16). The gradient goes to
-  ``unembed_DxV`` in its own dtype, so the chunks' contributions add up in fp32 for fp32 master
-  weights; ``read_DxV`` gets none (it is the same array with fp32 compute).
+  by the caller outside the chunk loop (XLA does not hoist the cast out of the loop: 30 ms per
+  chunk and pass for SmolLM2's [576, 49152] in bf16). The gradient goes to ``unembed_DxV`` in its
+  own dtype, so the chunks' contributions add up in fp32 for fp32 master weights; ``read_DxV``
+  gets none (it is the same array with fp32 compute).
 
-  Its own VJP (``_full_vocab_stats_bwd``): the backward recomputes the chunk's logits from the
-  saved hidden states and log-sum-exp (the [B, C, V] logits are never stored) and forms
-  d logits = g_logp * (onehot - softmax) + g_mean / V in ONE elementwise pass, where autodiff of
-  the forward made several [B, C, V] passes (the masks, the log-sum-exp's max and exp, the
-  target gather's scatter and the mean's broadcast).
-
-  ``active`` (a bool scalar, or None for always): a False chunk holds no scored position, and
-  forward and backward skip its logits (``lax.cond``: zeros out, zero cotangents)."""
-  stats, _ = _full_vocab_stats_fwd(hidden_BxCxD, unembed_DxV, read_DxV, targets_BxC, active,
-                                   vocab_size)
+  Its own VJP (``_full_vocab_stats_bwd``) over the whole chunk loop: the backward recomputes each
+  chunk's logits from the saved hidden states and log-sum-exp (the [B, C, V] logits are never
+  stored), forms d logits = g_logp * (onehot - softmax) + g_mean / V in ONE elementwise pass
+  (autodiff of the forward made several [B, C, V] passes: the masks, the log-sum-exp's max and
+  exp, the target gather's scatter and the mean's broadcast), and adds the chunk's [D, V] weight
+  gradient into one accumulator. Both loops run ``n_active`` times (a ``while`` loop): a chunk
+  past them costs nothing, where a per-chunk VJP inside ``lax.map`` paid a zero-filled [D, V]
+  gradient and its addition for every skipped chunk (113 MB each for SmolLM2)."""
+  stats, _ = _full_vocab_stats_fwd(hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC,
+                                   n_active, vocab_size)
   return stats
 
 
@@ -121,63 +123,130 @@ def _real_columns(logits_BxCxV: jax.Array, vocab_size: int, fill: float) -> jax.
   return jnp.where(jnp.arange(logits_BxCxV.shape[-1]) < vocab_size, logits_BxCxV, fill)
 
 
-def _when(active, compute, skipped_like):
-  """``compute()``, or zeros shaped like its result where ``active`` is False (None: always)."""
-  if active is None:
-    return compute()
-  return jax.lax.cond(active, compute,
-                      lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), skipped_like))
+def _chunk_stats(hidden_BxCxD, read_DxV, targets_BxC, vocab_size):
+  """One chunk's logits [B, C, V] (fp32), log-sum-exp, target logit and logit sum, each [B, C]."""
+  logits_BxCxV = _chunk_logits(hidden_BxCxD, read_DxV)
+  lse_BxC = jax.nn.logsumexp(_real_columns(logits_BxCxV, vocab_size, -jnp.inf), axis=-1)
+  target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+  logit_sum_BxC = jnp.sum(_real_columns(logits_BxCxV, vocab_size, 0.0), axis=-1)
+  return logits_BxCxV, lse_BxC, target_logit_BxC, logit_sum_BxC
 
 
-def _full_vocab_stats_fwd(hidden_BxCxD, unembed_DxV, read_DxV, targets_BxC, active, vocab_size):
-  def compute():
-    logits_BxCxV = _chunk_logits(hidden_BxCxD, read_DxV)
-    lse_BxC = jax.nn.logsumexp(_real_columns(logits_BxCxV, vocab_size, -jnp.inf), axis=-1)
-    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-    logit_sum_BxC = jnp.sum(_real_columns(logits_BxCxV, vocab_size, 0.0), axis=-1)
-    return target_logit_BxC - lse_BxC, logit_sum_BxC / vocab_size, lse_BxC
+def _chunk_grads(hidden_BxCxD, read_DxV, targets_BxC, logits_BxCxV, lse_BxC, g_logp_BxC,
+                 g_mean_BxC, vocab_size):
+  """(d hidden [B, C, D], d unembed [D, V]), both fp32, of one chunk's
+  sum(g_logp * logp + g_mean * mean logit) (``g_mean`` None: no mean-logit term)."""
+  # d logp / d logits = onehot(target) - softmax; d mean / d logits = 1/V; both 0 on the padding
+  # columns (their logits set to -inf give softmax 0; the select drops the mean's share).
+  probs_BxCxV = jnp.exp(_real_columns(logits_BxCxV, vocab_size, -jnp.inf) - lse_BxC[..., None])
+  onehot_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
+  d_logits_BxCxV = g_logp_BxC[..., None] * (onehot_BxCxV.astype(jnp.float32) - probs_BxCxV)
+  if g_mean_BxC is not None:
+    d_logits_BxCxV = d_logits_BxCxV + g_mean_BxC[..., None] / vocab_size
+  d_logits_BxCxV = _real_columns(d_logits_BxCxV, vocab_size, 0.0)
+  d_logits_BxCxV = sharding.constrain(d_logits_BxCxV, ("batch", "length", "act_vocab"))
+  # Both products in the compute dtype with fp32 accumulation, as the forward's: d logits is
+  # rounded to it once (as autodiff of a bf16 model rounds every cotangent), the weight's
+  # gradient stays fp32 (the master weight's dtype; autodiff would round it to bf16 first).
+  # Identities with fp32 compute.
+  d_logits_BxCxV = d_logits_BxCxV.astype(hidden_BxCxD.dtype)
+  # Over flattened [B*C] rows: contracting (b, c) of a 3-D einsum makes XLA CPU copy a
+  # transposed operand first (``transformer.dense``). unembed_DxV read as [out, in] for d_hidden.
+  d_hidden_BxCxD = transformer.out_in_dot(d_logits_BxCxV, read_DxV, 1,
+                                          preferred_element_type=jnp.float32)
+  D, V = read_DxV.shape
+  d_unembed_DxV = transformer.rows_contracted_dot(
+      hidden_BxCxD.reshape(-1, D), d_logits_BxCxV.reshape(-1, V), wide=True)
+  return d_hidden_BxCxD, d_unembed_DxV
 
-  zeros_BxC = jax.ShapeDtypeStruct(targets_BxC.shape, jnp.float32)
-  logp_BxC, mean_BxC, lse_BxC = _when(active, compute, (zeros_BxC,) * 3)
-  return (logp_BxC, mean_BxC), (hidden_BxCxD, unembed_DxV, read_DxV, targets_BxC, active, lse_BxC)
+
+def _full_vocab_stats_fwd(hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, n_active,
+                          vocab_size):
+  def chunk(i, stats_3xNxBxC):
+    _, lse_BxC, target_logit_BxC, logit_sum_BxC = _chunk_stats(
+        hidden_NxBxCxD[i], read_DxV, targets_NxBxC[i], vocab_size)
+    new_3xBxC = (target_logit_BxC - lse_BxC, logit_sum_BxC / vocab_size, lse_BxC)
+    return tuple(s.at[i].set(x) for s, x in zip(stats_3xNxBxC, new_3xBxC))
+
+  zeros_NxBxC = jnp.zeros(targets_NxBxC.shape, jnp.float32)
+  logp_NxBxC, mean_NxBxC, lse_NxBxC = jax.lax.fori_loop(0, n_active, chunk, (zeros_NxBxC,) * 3)
+  residuals = (hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, n_active, lse_NxBxC)
+  return (logp_NxBxC, mean_NxBxC), residuals
 
 
 def _full_vocab_stats_bwd(vocab_size, residuals, cotangents):
-  hidden_BxCxD, unembed_DxV, read_DxV, targets_BxC, active, lse_BxC = residuals
-  g_logp_BxC, g_mean_BxC = cotangents
+  hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, n_active, lse_NxBxC = residuals
+  g_logp_NxBxC, g_mean_NxBxC = cotangents
 
-  def compute():
-    logits_BxCxV = _chunk_logits(hidden_BxCxD, read_DxV)
-    # d logp / d logits = onehot(target) - softmax; d mean / d logits = 1/V; both 0 on the
-    # padding columns (their logits set to -inf give softmax 0; the select drops the mean's share).
-    probs_BxCxV = jnp.exp(_real_columns(logits_BxCxV, vocab_size, -jnp.inf) - lse_BxC[..., None])
-    onehot_BxCxV = jnp.arange(logits_BxCxV.shape[-1]) == targets_BxC[..., None]
-    d_logits_BxCxV = _real_columns(
-        g_logp_BxC[..., None] * (onehot_BxCxV.astype(jnp.float32) - probs_BxCxV)
-        + g_mean_BxC[..., None] / vocab_size, vocab_size, 0.0)
-    d_logits_BxCxV = sharding.constrain(d_logits_BxCxV, ("batch", "length", "act_vocab"))
-    # Both products in the compute dtype with fp32 accumulation, as the forward's: d logits is
-    # rounded to it once (as autodiff of a bf16 model rounds every cotangent), the weight's
-    # gradient stays fp32 (the master weight's dtype; autodiff would round it to bf16 first).
-    # Identities with fp32 compute.
-    dt = hidden_BxCxD.dtype
-    d_logits_BxCxV = d_logits_BxCxV.astype(dt)
-    # Over flattened [B*C] rows: contracting (b, c) of a 3-D einsum makes XLA CPU copy a
-    # transposed operand first (``transformer.dense``). unembed_DxV read as [out, in] for d_hidden.
-    d_hidden_BxCxD = transformer.out_in_dot(d_logits_BxCxV, read_DxV, 1,
-                                            preferred_element_type=jnp.float32)
-    d_hidden_BxCxD = d_hidden_BxCxD.astype(dt)
-    D, V = unembed_DxV.shape
-    d_unembed_DxV = transformer.rows_contracted_dot(
-        hidden_BxCxD.reshape(-1, D), d_logits_BxCxV.reshape(-1, V),
-        wide=True).astype(unembed_DxV.dtype)
-    return d_hidden_BxCxD, d_unembed_DxV
+  def chunk(i, grads):
+    d_hidden_NxBxCxD, d_unembed_DxV = grads
+    hidden_BxCxD = hidden_NxBxCxD[i]
+    logits_BxCxV = _chunk_logits(hidden_BxCxD, read_DxV)  # recomputed, never stored
+    d_hidden_BxCxD, d_unembed_chunk_DxV = _chunk_grads(
+        hidden_BxCxD, read_DxV, targets_NxBxC[i], logits_BxCxV, lse_NxBxC[i], g_logp_NxBxC[i],
+        g_mean_NxBxC[i], vocab_size)
+    return (d_hidden_NxBxCxD.at[i].set(d_hidden_BxCxD.astype(hidden_BxCxD.dtype)),
+            d_unembed_DxV + d_unembed_chunk_DxV.astype(unembed_DxV.dtype))
 
-  d_hidden_BxCxD, d_unembed_DxV = _when(active, compute, (hidden_BxCxD, unembed_DxV))
-  return d_hidden_BxCxD, d_unembed_DxV, None, None, None
+  init = (jnp.zeros_like(hidden_NxBxCxD), jnp.zeros_like(unembed_DxV))
+  d_hidden_NxBxCxD, d_unembed_DxV = jax.lax.fori_loop(0, n_active, chunk, init)
+  return d_hidden_NxBxCxD, d_unembed_DxV, None, None, None
 
 
 _full_vocab_stats.defvjp(_full_vocab_stats_fwd, _full_vocab_stats_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _full_vocab_nll_sum(hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, scored_NxBxC,
+                        n_active, vocab_size):
+  """-sum of log p(target) over the scored slots of N sequence chunks (only the first
+  ``n_active`` run), a scalar, with its gradient formed in the forward.
+
+  The gradient of an NLL sum is known before the backward (d sum / d logits = softmax - onehot
+  at each scored slot, times the one scalar cotangent), so the forward computes each chunk's
+  logits ONCE and forms d hidden and the [D, V] d unembed from them right away (the fused linear
+  cross-entropy of Liger's kernels); the backward only scales the two by the cotangent.
+  ``_full_vocab_stats``' backward recomputes each chunk's logits instead: a fourth [B, C, D] x
+  [D, V] product per chunk, a quarter of the lm head's FLOPs."""
+
+  def chunk(i, nll_sum):
+    _, lse_BxC, target_logit_BxC, _ = _chunk_stats(hidden_NxBxCxD[i], read_DxV, targets_NxBxC[i],
+                                                   vocab_size)
+    return nll_sum + jnp.sum(jnp.where(scored_NxBxC[i], lse_BxC - target_logit_BxC, 0.0))
+
+  return jax.lax.fori_loop(0, n_active, chunk, jnp.float32(0))
+
+
+def _full_vocab_nll_sum_fwd(hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, scored_NxBxC,
+                            n_active, vocab_size):
+  def chunk(i, carry):
+    nll_sum, d_hidden_NxBxCxD, d_unembed_DxV = carry
+    hidden_BxCxD, targets_BxC, scored_BxC = hidden_NxBxCxD[i], targets_NxBxC[i], scored_NxBxC[i]
+    logits_BxCxV, lse_BxC, target_logit_BxC, _ = _chunk_stats(hidden_BxCxD, read_DxV, targets_BxC,
+                                                               vocab_size)
+    nll_sum = nll_sum + jnp.sum(jnp.where(scored_BxC, lse_BxC - target_logit_BxC, 0.0))
+    # d sum / d logp: -1 at a scored slot, 0 elsewhere (whatever an unscored slot holds).
+    g_logp_BxC = jnp.where(scored_BxC, -1.0, 0.0)
+    d_hidden_BxCxD, d_unembed_chunk_DxV = _chunk_grads(
+        hidden_BxCxD, read_DxV, targets_BxC, logits_BxCxV, lse_BxC, g_logp_BxC, None, vocab_size)
+    return (nll_sum, d_hidden_NxBxCxD.at[i].set(d_hidden_BxCxD),
+            d_unembed_DxV + d_unembed_chunk_DxV.astype(unembed_DxV.dtype))
+
+  # d hidden stays fp32 until the backward scales it (one rounding to the compute dtype, which a
+  # zero-size array carries: residuals are arrays).
+  init = (jnp.float32(0), jnp.zeros(hidden_NxBxCxD.shape, jnp.float32),
+          jnp.zeros_like(unembed_DxV))
+  nll_sum, d_hidden_NxBxCxD, d_unembed_DxV = jax.lax.fori_loop(0, n_active, chunk, init)
+  return nll_sum, (d_hidden_NxBxCxD, d_unembed_DxV, jnp.zeros((0,), hidden_NxBxCxD.dtype))
+
+
+def _full_vocab_nll_sum_bwd(vocab_size, residuals, g):
+  d_hidden_NxBxCxD, d_unembed_DxV, compute_dtype = residuals
+  return ((g * d_hidden_NxBxCxD).astype(compute_dtype.dtype),
+          (g * d_unembed_DxV).astype(d_unembed_DxV.dtype), None, None, None, None)
+
+
+_full_vocab_nll_sum.defvjp(_full_vocab_nll_sum_fwd, _full_vocab_nll_sum_bwd)
 
 
 def _vocab_chunked_stats(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size, vocab_chunk):
@@ -214,6 +283,64 @@ def _vocab_chunked_stats(hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size, voc
   return target_BxC - (max_BxC + jnp.log(sumexp_BxC)), logit_sum_BxC / vocab_size
 
 
+def _check_token_args(hidden_BxLxD, unembed_DxV, targets_BxL, vocab_size, chunk_size,
+                      vocab_chunk_size, name="token_logps"):
+  if hidden_BxLxD.ndim != 3 or unembed_DxV.ndim != 2 or targets_BxL.ndim != 2:
+    raise ValueError(
+        f"{name}: expected hidden [B, L, D], unembed [D, V], targets [B, L]; got hidden"
+        f" {hidden_BxLxD.shape}, unembed {unembed_DxV.shape}, targets {targets_BxL.shape}")
+  b, l, d = hidden_BxLxD.shape
+  if unembed_DxV.shape[0] != d:
+    raise ValueError(f"{name}: hidden size {d} != unembed rows {unembed_DxV.shape[0]}"
+                     " (pass model.unembed_DxV(), shaped [D, V])")
+  if targets_BxL.shape != (b, l):
+    raise ValueError(f"{name}: targets shape {targets_BxL.shape} != hidden's [B, L] {(b, l)}")
+  if not 0 < vocab_size <= unembed_DxV.shape[1]:
+    raise ValueError(f"{name}: vocab_size={vocab_size} must be in [1, {unembed_DxV.shape[1]}]"
+                     " (the unembedding's column count)")
+  if chunk_size <= 0 or (vocab_chunk_size is not None and vocab_chunk_size <= 0):
+    raise ValueError(f"{name}: chunk_size={chunk_size} and vocab_chunk_size="
+                     f"{vocab_chunk_size} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunks:
+  """A batch's positions as N chunks of C, each row's scored positions moved to its front."""
+  hidden_NxBxCxD: jax.Array
+  targets_NxBxC: jax.Array
+  scored_NxBxC: jax.Array | None  # the slots holding a scored position (None: no mask)
+  n_active: jax.Array | int       # chunks holding a scored slot (all without a mask)
+  scored_BxL: jax.Array | None    # the mask, in the rows' own order
+  order_BxL: jax.Array | None     # the sort: slot j of row b holds position order[b, j]
+
+  @classmethod
+  def of(cls, hidden_BxLxD, targets_BxL, mask_BxL, chunk_size):
+    b, l, d = hidden_BxLxD.shape
+    targets_BxL = targets_BxL.astype(jnp.int32)
+    chunk = min(chunk_size, l)
+    n_chunks = -(-l // chunk)
+    scored_BxL = order_BxL = slots_BxL = None
+    n_active = n_chunks
+    if mask_BxL is not None:
+      scored_BxL = mask_BxL != 0
+      # Scored positions first, each row in its own order; ``order`` is a permutation of the row.
+      order_BxL = jnp.argsort(~scored_BxL, axis=1, stable=True)
+      hidden_BxLxD = jnp.take_along_axis(hidden_BxLxD, order_BxL[..., None], axis=1)
+      targets_BxL = jnp.take_along_axis(targets_BxL, order_BxL, axis=1)
+      count_B = jnp.sum(scored_BxL, axis=1)
+      slots_BxL = jnp.arange(l) < count_B[:, None]
+      n_active = (jnp.max(count_B) + chunk - 1) // chunk
+    pad = n_chunks * chunk - l
+    # Padding to whole chunks copies hidden (D wide), never logits (V wide).
+    to_chunks = lambda x_BxL: jnp.pad(x_BxL, ((0, 0), (0, pad))).reshape(
+        b, n_chunks, chunk).transpose(1, 0, 2)
+    hidden_NxBxCxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(
+        b, n_chunks, chunk, d).transpose(1, 0, 2, 3)
+    return cls(hidden_NxBxCxD, to_chunks(targets_BxL),
+               None if slots_BxL is None else to_chunks(slots_BxL), n_active, scored_BxL,
+               order_BxL)
+
+
 def token_logps_and_mean_logits(
     hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: jax.Array, *,
     vocab_size: int, chunk_size: int, vocab_chunk_size: int | None = None,
@@ -221,8 +348,8 @@ def token_logps_and_mean_logits(
 ) -> tuple[jax.Array, jax.Array]:
   """``log p(targets[b, t] | hidden[b, t])`` and the mean logit over the vocabulary, both [B, L].
 
-  The sequence is processed ``chunk_size`` positions at a time (``lax.map`` of a rematerialised
-  function), so forward and backward hold one ``B x chunk_size x V`` fp32 block, never
+  The sequence is processed ``chunk_size`` positions at a time (a loop whose backward recomputes
+  each chunk's logits), so forward and backward hold one ``B x chunk_size x V`` fp32 block, never
   ``B x L x V``.
   ``vocab_chunk_size`` further splits the vocabulary (online log-sum-exp), for huge vocabularies;
   leave it ``None`` when the vocabulary is tensor-sharded (slicing it would gather it).
@@ -233,70 +360,37 @@ def token_logps_and_mean_logits(
   ``mask_BxL`` (the scored positions): only those are computed; every other position returns 0.
   Each row's scored positions move to the row's front (a stable per-row sort and a [B, L, D]
   gather: the batch axis, and with it the batch sharding, stays put), and with the full-vocabulary
-  path the chunks past the longest row's count are skipped in the forward and the backward
-  (``lax.cond``), so the unembedding's matmuls and [B, C, V] passes cost the scored tokens (rounded
+  path the chunks past the longest row's count are never run, forward or backward (the loops'
+  trip count), so the unembedding's matmuls and [B, C, V] passes cost the scored tokens (rounded
   up to a chunk) instead of every prompt and padding slot. Each scored position's result is the
   same computation as without the mask.
   """
-  if hidden_BxLxD.ndim != 3 or unembed_DxV.ndim != 2 or targets_BxL.ndim != 2:
-    raise ValueError(
-        f"token_logps: expected hidden [B, L, D], unembed [D, V], targets [B, L]; got hidden"
-        f" {hidden_BxLxD.shape}, unembed {unembed_DxV.shape}, targets {targets_BxL.shape}")
-  b, l, d = hidden_BxLxD.shape
-  if unembed_DxV.shape[0] != d:
-    raise ValueError(f"token_logps: hidden size {d} != unembed rows {unembed_DxV.shape[0]}"
-                     " (pass model.unembed_DxV(), shaped [D, V])")
-  if targets_BxL.shape != (b, l):
-    raise ValueError(f"token_logps: targets shape {targets_BxL.shape} != hidden's [B, L] {(b, l)}")
-  if not 0 < vocab_size <= unembed_DxV.shape[1]:
-    raise ValueError(f"token_logps: vocab_size={vocab_size} must be in [1, {unembed_DxV.shape[1]}]"
-                     " (the unembedding's column count)")
-  if chunk_size <= 0 or (vocab_chunk_size is not None and vocab_chunk_size <= 0):
-    raise ValueError(f"token_logps: chunk_size={chunk_size} and vocab_chunk_size="
-                     f"{vocab_chunk_size} must be positive")
-
+  _check_token_args(hidden_BxLxD, unembed_DxV, targets_BxL, vocab_size, chunk_size,
+                    vocab_chunk_size)
   full_vocab = vocab_chunk_size is None or vocab_chunk_size >= unembed_DxV.shape[1]
-  targets_BxL = targets_BxL.astype(jnp.int32)
-  if mask_BxL is not None:
-    scored_BxL = mask_BxL != 0
-    # Scored positions first, each row in its own order; ``order`` is a permutation of the row.
-    order_BxL = jnp.argsort(~scored_BxL, axis=1, stable=True)
-    hidden_BxLxD = jnp.take_along_axis(hidden_BxLxD, order_BxL[..., None], axis=1)
-    targets_BxL = jnp.take_along_axis(targets_BxL, order_BxL, axis=1)
-    n_scored = jnp.max(jnp.sum(scored_BxL, axis=1))
-
-  chunk = min(chunk_size, l)
-  n_chunks = -(-l // chunk)
-  pad = n_chunks * chunk - l
-  # Padding to whole chunks copies hidden (D wide), never logits (V wide).
-  hidden_NxBxCxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(
-      b, n_chunks, chunk, d).transpose(1, 0, 2, 3)
-  targets_NxBxC = jnp.pad(targets_BxL, ((0, 0), (0, pad))).reshape(
-      b, n_chunks, chunk).transpose(1, 0, 2)
-  skip = mask_BxL is not None and full_vocab
-  active_N = jnp.arange(n_chunks) * chunk < n_scored if skip else jnp.ones(n_chunks, bool)
-
+  b, l, _ = hidden_BxLxD.shape
+  chunks = _Chunks.of(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size)
+  hidden_NxBxCxD, targets_NxBxC = chunks.hidden_NxBxCxD, chunks.targets_NxBxC
   # The full-vocabulary products' operand, cast to the compute dtype once (``_full_vocab_stats``).
   read_DxV = unembed_DxV.astype(hidden_BxLxD.dtype)
-
-  # Either way the backward recomputes each chunk's logits instead of storing them.
-  def chunk_stats(xs):
-    hidden_BxCxD, targets_BxC, active = xs
-    if full_vocab:
-      return _full_vocab_stats(hidden_BxCxD, unembed_DxV, read_DxV, targets_BxC,
-                               active if skip else None, vocab_size)
-    return jax.checkpoint(_vocab_chunked_stats, static_argnums=(3, 4))(
-        hidden_BxCxD, unembed_DxV, targets_BxC, vocab_size, vocab_chunk_size)
-
-  logps_NxBxC, mean_logits_NxBxC = jax.lax.map(chunk_stats,
-                                               (hidden_NxBxCxD, targets_NxBxC, active_N))
-  unchunk = lambda x_NxBxC: x_NxBxC.transpose(1, 0, 2).reshape(b, n_chunks * chunk)[:, :l]
+  if full_vocab:
+    # With a mask, only the chunks up to the longest row's scored count (a traced count).
+    logps_NxBxC, mean_logits_NxBxC = _full_vocab_stats(
+        hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, chunks.n_active, vocab_size)
+  else:
+    # Each chunk's backward recomputes its logits instead of storing them.
+    stats = jax.checkpoint(_vocab_chunked_stats, static_argnums=(3, 4))
+    logps_NxBxC, mean_logits_NxBxC = jax.lax.map(
+        lambda xs: stats(xs[0], unembed_DxV, xs[1], vocab_size, vocab_chunk_size),
+        (hidden_NxBxCxD, targets_NxBxC))
+  unchunk = lambda x_NxBxC: x_NxBxC.transpose(1, 0, 2).reshape(b, -1)[:, :l]
   logps_BxL, mean_logits_BxL = unchunk(logps_NxBxC), unchunk(mean_logits_NxBxC)
   if mask_BxL is None:
     return logps_BxL, mean_logits_BxL
   # Back to the row's own order (the inverse permutation); unscored positions give 0.
   back = lambda x_BxL: jnp.where(
-      scored_BxL, jnp.take_along_axis(x_BxL, jnp.argsort(order_BxL, axis=1), axis=1), 0.0)
+      chunks.scored_BxL,
+      jnp.take_along_axis(x_BxL, jnp.argsort(chunks.order_BxL, axis=1), axis=1), 0.0)
   return back(logps_BxL), back(mean_logits_BxL)
 
 
@@ -308,6 +402,30 @@ def token_logps(hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: ja
       hidden_BxLxD, unembed_DxV, targets_BxL, vocab_size=vocab_size, chunk_size=chunk_size,
       vocab_chunk_size=vocab_chunk_size, mask_BxL=mask_BxL)
   return logps_BxL
+
+
+def token_nll_sum(hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: jax.Array,
+                  mask_BxL: jax.Array, *, vocab_size: int, chunk_size: int,
+                  vocab_chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """``sft_loss(token_logps(..., mask_BxL=mask_BxL), mask_BxL)``: the summed negative
+  log-likelihood over the scored positions and their count, both scalars, with the same chunks
+  and scored-positions-only path.
+
+  Its gradient is formed in the forward (``_full_vocab_nll_sum``): the lm head computes each
+  chunk's logits once, where ``token_logps`` recomputes them in the backward (its log-probs may
+  feed any loss, whose cotangents are known only then). With ``vocab_chunk_size`` it is
+  ``token_logps`` under ``sft_loss``."""
+  _check_token_args(hidden_BxLxD, unembed_DxV, targets_BxL, vocab_size, chunk_size,
+                    vocab_chunk_size, "token_nll_sum")
+  if vocab_chunk_size is not None and vocab_chunk_size < unembed_DxV.shape[1]:
+    return sft_loss(token_logps(hidden_BxLxD, unembed_DxV, targets_BxL, vocab_size=vocab_size,
+                                chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+                                mask_BxL=mask_BxL), mask_BxL)
+  chunks = _Chunks.of(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size)
+  nll_sum = _full_vocab_nll_sum(chunks.hidden_NxBxCxD, unembed_DxV,
+                                unembed_DxV.astype(hidden_BxLxD.dtype), chunks.targets_NxBxC,
+                                chunks.scored_NxBxC, chunks.n_active, vocab_size)
+  return nll_sum, jnp.sum(chunks.scored_BxL.astype(jnp.float32))
 
 
 def sequence_sums(values_BxL: jax.Array, mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:

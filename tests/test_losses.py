@@ -237,6 +237,68 @@ def test_token_logps_gradient_is_the_analytic_softmax_gradient(vocab_chunk):
   assert np.all(np.asarray(g_unembed)[:, vocab:] == 0.0)
 
 
+@pytest.mark.parametrize("chunk,vocab_chunk", [(5, None), (64, None), (4, 16)])
+def test_token_nll_sum_value_and_gradient_match_the_analytic_softmax(chunk, vocab_chunk):
+  """``token_nll_sum`` (the RW loss's lm head: its gradient formed in the forward) against the
+  float64 formula: -sum of the scored log-probs, the count, and under the loss's 1 / count
+  scaling d hidden and d unembed = mask * (softmax - onehot) contracted with unembed / hidden."""
+  b, l, d, v_pad, vocab = 3, 14, 8, 32, 29
+  hidden, unembed = rand(60, b, l, d), rand(61, d, v_pad)
+  rng = np.random.default_rng(62)
+  targets = rng.integers(0, vocab, (b, l))
+  mask = rng.random((b, l)) < np.array([[0.5], [1.0], [0.0]])  # an empty row too
+
+  def loss(h, w, m):
+    nll_sum, count = losses.token_nll_sum(h, w, jnp.asarray(targets), m, vocab_size=vocab,
+                                          chunk_size=chunk, vocab_chunk_size=vocab_chunk)
+    return nll_sum / count, count
+
+  args = (jnp.asarray(hidden), jnp.asarray(unembed), jnp.asarray(mask))
+  (value, count), (g_hidden, g_unembed) = jax.jit(
+      jax.value_and_grad(loss, (0, 1), has_aux=True))(*args)
+  logps, _, logits = np_token_stats(hidden, unembed, targets, vocab)
+  n = mask.sum()
+  assert float(count) == n
+  # The value: each scored log-prob within its own bound (a D-term dot, a log-sum-exp over the
+  # vocabulary), then a sum over <= b * l of them and the division.
+  per_token = em.max_bound(np.abs(logits).max(), token_stats_depth(d, vocab, vocab_chunk), 1)
+  want = -np.where(mask, logps, 0.0).sum() / n
+  assert abs(float(value) - want) <= per_token + em.gamma(b * l + 1) * np.abs(logps[mask]).sum() / n
+  # The gradients as test_token_logps_gradient_is_the_analytic_softmax_gradient bounds them, with
+  # the cotangent 1 / n (one more rounding).
+  dlogits = np.exp(np_log_softmax(logits)) - np.eye(vocab)[targets]
+  dlogits = np.pad(dlogits * (mask / n)[..., None], ((0, 0), (0, 0), (0, v_pad - vocab)))
+  gamma = em.gamma(token_stats_depth(d, vocab, vocab_chunk) + vocab + b * l + 1)
+  abs_unembed = np.abs(unembed.T.astype(np.float64))
+  assert_within(g_hidden, dlogits @ unembed.T.astype(np.float64),
+                gamma * (np.abs(dlogits) @ abs_unembed), "d hidden")
+  assert_within(g_unembed, np.einsum("bld,blv->dv", hidden, dlogits),
+                gamma * np.einsum("bld,blv->dv", np.abs(hidden), np.abs(dlogits)), "d unembed")
+  assert np.all(np.asarray(g_unembed)[:, vocab:] == 0.0)
+  assert not np.any(np.asarray(g_hidden)[~mask])
+
+
+def _dots(fn, *args) -> int:
+  """How many dots ``fn``'s optimized program holds (a loop body's counted once)."""
+  return len(re.findall(r" dot\(", jax.jit(fn).lower(*args).compile().as_text()))
+
+
+def test_token_nll_sum_computes_each_chunks_logits_once():
+  # The NLL sum's gradient is formed in the forward (``_full_vocab_nll_sum``): per chunk the
+  # logits, d hidden and d unembed products, three in all, where log-probs under ``sft_loss``
+  # recompute the logits in the backward: four. Both inside their chunk loops, so the count is
+  # per loop body, whatever the number of chunks; the lm head is all these programs multiply.
+  b, l, d, v = 2, 16, 8, 96
+  args = (jnp.asarray(rand(18, b, l, d)), jnp.asarray(rand(19, d, v)),
+          jnp.asarray(np.random.default_rng(20).integers(0, v, (b, l))),
+          jnp.asarray(np.arange(l)[None].repeat(b, 0) >= 4))
+  fused = lambda h, w, t, m: losses.token_nll_sum(h, w, t, m, vocab_size=v, chunk_size=4)[0]
+  plain = lambda h, w, t, m: losses.sft_loss(
+      losses.token_logps(h, w, t, vocab_size=v, chunk_size=4, mask_BxL=m), m)[0]
+  assert _dots(jax.grad(fused, (0, 1)), *args) == 3
+  assert _dots(jax.grad(plain, (0, 1)), *args) == 4
+
+
 def _rows_contracting_dots(fn, *args) -> int:
   """How many dots of ``fn``'s optimized program contract their left operand's major dim."""
   hlo = jax.jit(fn).lower(*args).compile().as_text()
@@ -259,6 +321,24 @@ def test_unembedding_gradient_is_a_plain_product_on_cpu():
   assert _rows_contracting_dots(transformer.rows_contracted_dot, a, g) == 1
   assert _rows_contracting_dots(lambda a, g: transformer.rows_contracted_dot(a, g, wide=True),
                                 a, g) == 0
+
+
+def test_skipped_chunks_add_no_zero_unembedding_gradients():
+  # The chunks past the scored ones are skipped by the loops' trip count, not by a ``lax.cond``
+  # per chunk: a per-chunk VJP inside ``lax.map`` returned a zero-filled [D, V] gradient for each
+  # skipped chunk, and the loop added it in (113 MB each way for SmolLM2). The compiled backward
+  # has one [D, V] zero fill (the accumulator's start) and no conditional; the per-chunk form had
+  # one in a conditional besides. (That skipped chunks are not computed at all:
+  # test_masked_token_logps_skip_chunks_past_the_longest_row_forward_and_backward.)
+  b, l, d, v = 2, 32, 8, 64
+  args = (jnp.asarray(rand(15, b, l, d)), jnp.asarray(rand(16, d, v)),
+          jnp.asarray(np.arange(l)[None].repeat(b, 0) >= l - 8))  # the mask, traced
+  targets = jnp.asarray(np.random.default_rng(17).integers(0, v, (b, l)))
+  objective = lambda h, w, m: losses.token_logps(h, w, targets, vocab_size=v, chunk_size=8,
+                                                 mask_BxL=m).sum()
+  hlo = jax.jit(jax.grad(objective, (0, 1))).lower(*args).compile().as_text()
+  zero_fills = re.findall(rf"= f32\[{d},{v}\]\{{[^}}]*\}} broadcast\(", hlo)
+  assert len(zero_fills) == 1 and " conditional(" not in hlo, (len(zero_fills), hlo)
 
 
 def _temp_bytes(fn, *args):

@@ -30,9 +30,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, *, vocab_size: int, chunk_size: int):
     hidden_BxLxD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
     targets_BxL, mask_BxL = losses.shift_targets(batch["tokens"], batch["loss_mask"],
                                                  batch["segment_ids"])
-    logps_BxL = losses.token_logps(hidden_BxLxD, model.unembed_DxV(), targets_BxL,
-                                   vocab_size=vocab_size, chunk_size=chunk_size, mask_BxL=mask_BxL)
-    nll_sum, count = losses.sft_loss(logps_BxL, mask_BxL)
+    nll_sum, count = losses.token_nll_sum(hidden_BxLxD, model.unembed_DxV(), targets_BxL,
+                                          mask_BxL, vocab_size=vocab_size, chunk_size=chunk_size)
     return nll_sum / n_target_tokens, {"target_tokens": count}
 
   return loss_fn
