@@ -297,6 +297,8 @@ def test_token_nll_sum_computes_each_chunks_logits_once():
       losses.token_logps(h, w, t, vocab_size=v, chunk_size=4, mask_BxL=m), m)[0]
   assert _dots(jax.grad(fused, (0, 1)), *args) == 3
   assert _dots(jax.grad(plain, (0, 1)), *args) == 4
+  # A frozen unembedding (LoRA RW): the forward's d unembed is dead code and goes, 2 products.
+  assert _dots(jax.grad(fused, 0), *args) == 2
 
 
 def _rows_contracting_dots(fn, *args) -> int:
