@@ -9,10 +9,12 @@ beside its target.
 Children (their own output is passed through; each ends with one JSON line this script reads):
   side_by_side.py  --systems saro_jax,trl,torch                 goal 1: DPO and SFT steps vs TRL
                    --split_processes --torch_malloc reuse       (gc off) and the plain torch loop
-  prefix_dpo.py    --modes trl,unshared,prefix,packed+cached    goal 2 on all the pairs;
-                   (rows of 1024, up to 8 pairs per row)        goal 4: packed + cached vs TRL
-  prefix_dpo.py    --modes unshared,prefix --pair_kind process  goal 2 as the issue states it:
-                                                                on the process pairs
+  prefix_dpo.py    --modes trl,unshared,prefix,trie+cached      goal 2 on all the pairs;
+                   (rows of 1024, up to 8 pairs per row)        goal 4: prompt trees, packed,
+                                                                cached reference, vs TRL
+  prefix_dpo.py    --modes unshared,prefix,trie                 goal 2 as the issue states it:
+                   --pair_kind process                          on the process pairs, one pair
+                                                                per row and as prompt trees
   sampler.py       --batches 16,32                              goal 6: new tokens/s vs
                                                                 transformers.generate
 Goal 1's systems run in two processes (saro_jax; TRL and the loop) under one allocator policy,
@@ -57,9 +59,10 @@ def children(model: str, quick: bool) -> dict[str, list[str]]:
                          "--loss_tokens", "16"],
         "prefix_dpo": ["prefix_dpo.py", "--model", model, "--pairs", "2", "--rows", "1",
                        "--row_length", "512", "--pairs_per_row", "4", "--batches", "1",
-                       "--steps", "1", "--rounds", "1", "--modes", "unshared,prefix,packed+cached"],
-        "prefix_process": ["prefix_dpo.py", "--model", model, "--pairs", "2", "--batches", "1",
-                           "--steps", "1", "--rounds", "1", "--modes", "unshared,prefix",
+                       "--steps", "1", "--rounds", "1", "--modes", "unshared,prefix,trie+cached"],
+        "prefix_process": ["prefix_dpo.py", "--model", model, "--pairs", "2", "--rows", "1",
+                           "--row_length", "512", "--pairs_per_row", "4", "--batches", "1",
+                           "--steps", "1", "--rounds", "1", "--modes", "unshared,prefix,trie",
                            "--pair_kind", "process"],
         "sampler": ["sampler.py", "--model", model, "--batches", "16", "--new_tokens", "2",
                     "--repeats", "1"],
@@ -70,9 +73,10 @@ def children(model: str, quick: bool) -> dict[str, list[str]]:
       "prefix_dpo": ["prefix_dpo.py", "--model", model, "--pairs", "4", "--rows", "2",
                      "--row_length", "1024", "--pairs_per_row", "8", "--batches", "3",
                      "--steps", "2", "--rounds", "2", "--modes",
-                     "trl,unshared,prefix,packed+cached"],
-      "prefix_process": ["prefix_dpo.py", "--model", model, "--pairs", "4", "--batches", "3",
-                         "--steps", "2", "--rounds", "2", "--modes", "unshared,prefix",
+                     "trl,unshared,prefix,trie+cached"],
+      "prefix_process": ["prefix_dpo.py", "--model", model, "--pairs", "4", "--rows", "2",
+                         "--row_length", "1024", "--pairs_per_row", "8", "--batches", "3",
+                         "--steps", "2", "--rounds", "2", "--modes", "unshared,prefix,trie",
                          "--pair_kind", "process"],
       "sampler": ["sampler.py", "--model", model, "--batches", "16,32", "--new_tokens", "32",
                   "--repeats", "2"],
@@ -157,11 +161,15 @@ def table(results: dict) -> list[dict]:
   # The issue states goal 2 on the process pairs (prompt + first steps shared); the figure on
   # all the bundled pairs (the outcome pairs share the prompt only) stays beside it.
   sharing("prefix_process", "prefix_vs_unshared", "the process pairs")
+  process = (results.get("prefix_process") or {}).get("modes", {})
+  add(2, "trie_vs_unshared", "prompt trees (a prompt's pairs in one tree, packed; live reference)"
+      " vs our unshared on the process pairs, pairs/s",
+      process.get("trie", {}).get("ratio") if "unshared" in process else None, 1.5)
   sharing("prefix_dpo", "prefix_vs_unshared_all", "all the pairs")
-  packed = (results.get("prefix_dpo") or {}).get("modes", {}).get("packed+cached", {})
+  packed = (results.get("prefix_dpo") or {}).get("modes", {}).get("trie+cached", {})
   add(3, "fill", "fill of packed rows on the bundled pairs", results.get("fill"), 0.9, "{:.3f}")
-  add(4, "packed_cached_vs_trl", "packed + cached reference vs TRL, pairs/s (the step)",
-      packed.get("vs_trl"), 2.5)
+  add(4, "packed_cached_vs_trl", "prompt trees, packed, cached reference vs TRL, pairs/s (the"
+      " step)", packed.get("vs_trl"), 2.5)
   add(4, "packed_cached_epoch_vs_trl", "the same, one-time reference pass paid at one epoch",
       packed.get("amortised_epoch_vs_trl"), 2.5)
   sampled = results.get("sampler") or {}

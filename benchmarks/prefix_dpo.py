@@ -15,6 +15,8 @@ Every saro_jax mode runs the real data pipeline (``pipeline.dpo_batches``) on
                  the longest tree (rounded up to 32)
   packed         ``--rows`` rows of ``--row_length`` holding up to ``--pairs_per_row`` trees each
                  (``dpo.pairs_per_row``); the pairs per step vary, pairs/s counts them
+  trie           packed, with the pairs of one prompt in one token tree (``dpo.share_prompts``:
+                 process pairs share their steps and the rejected trajectory they continue)
   *+cached       the same step without the reference forward (``dpo.reference=precomputed``):
                  the reference log-probs of the mode's ``--batches`` batches are computed once
                  before the rounds (the one-time reference pass, timed and printed apart; the
@@ -110,7 +112,7 @@ from saro_jax.stages import reference, srpo  # noqa: E402
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 SOURCE = "bundled:pairs_train"
 PAIR_KINDS = ("all", "process", "outcome")
-LAYOUTS = ("unshared", "prefix", "packed")
+LAYOUTS = ("unshared", "prefix", "packed", "trie")
 TRL_MODES = ("trl", "trl_gc")
 LR = 1e-5
 
@@ -161,7 +163,7 @@ def pair_source(kind: str, directory: str) -> str:
 def data_lengths(tokenizer, source: str) -> dict[str, int]:
   """Over the pairs of ``source``, as this tokenizer splits them: the longest side and tree, the
   pair count, and the real tokens of every pair laid out unshared (chosen + rejected) and shared
-  (chosen + rejected - shared_len)."""
+  (chosen + rejected - shared_len), and of every prompt's pairs as one token tree (``trie``)."""
   it = pipeline.dpo_batches(source, tokenizer, batch_size=64, max_length=4096, shuffle=False,
                             num_epochs=1, process_index=0, process_count=1)
   out = dict(side=0, tree=0, pairs=0, unshared_tokens=0, shared_tokens=0)
@@ -175,6 +177,10 @@ def data_lengths(tokenizer, source: str) -> dict[str, int]:
     out["pairs"] += int(real.sum())
     out["unshared_tokens"] += int((c + r).sum())
     out["shared_tokens"] += int(t.sum())
+  trees = pipeline.dpo_batches(source, tokenizer, batch_size=16, max_length=4096, shuffle=False,
+                               num_epochs=1, process_index=0, process_count=1,
+                               prefix_sharing=True, pairs_per_row=64, share_prompts=True)
+  out["trie_tokens"] = sum(int((b["segment_ids"] > 0).sum()) for b in trees)
   return out
 
 
@@ -200,14 +206,17 @@ class Mode:
   times: list = dataclasses.field(default_factory=list)
 
 
-def build_mode(name, base: StageConfig, tokenizer, *, live, prefix, trees, rows, length, args):
+def build_mode(name, base: StageConfig, tokenizer, *, live, prefix, trees, rows, length, args,
+               share_prompts=False):
   cfg = dataclasses.replace(
       base, data=dataclasses.replace(base.data, max_length=length),
       train=dataclasses.replace(base.train, batch_size=rows,
                                 logps_chunk=min(base.train.logps_chunk, length)),
       dpo=dataclasses.replace(base.dpo, reference="live" if live else "precomputed",
-                              prefix_sharing=prefix, pairs_per_row=trees))
-  layout = {"prefix_sharing": True, "pairs_per_row": trees} if prefix else {}
+                              prefix_sharing=prefix, pairs_per_row=trees,
+                              share_prompts=share_prompts))
+  layout = ({"prefix_sharing": True, "pairs_per_row": trees, "share_prompts": share_prompts}
+            if prefix else {})
   it = pipeline.dpo_batches(args.source, tokenizer, batch_size=rows, max_length=length, seed=0,
                             num_epochs=0, process_index=0, process_count=1, **layout)
   hosts = [next(it) for _ in range(args.batches)]
@@ -570,13 +579,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"model {args.model} layers={model.config.num_layers} vocab={vocab} compute "
           f"{args.compute_dtype}; bundled pairs ({args.pair_kind}): "
           f"{data['pairs']}, longest side {side}, longest tree {tree} tokens; real tokens "
-          f"unshared {data['unshared_tokens']}, shared {data['shared_tokens']}; load average "
+          f"unshared {data['unshared_tokens']}, shared {data['shared_tokens']}, prompt trees "
+          f"{data['trie_tokens']}; load average "
           f"{os.getloadavg()[0]:.1f}")
     specs = {
         "unshared": dict(prefix=False, trees=1, rows=args.pairs, length=round_up(side)),
         "prefix": dict(prefix=True, trees=1, rows=args.pairs, length=round_up(tree)),
         "packed": dict(prefix=True, trees=args.pairs_per_row, rows=args.rows,
                        length=args.row_length),
+        "trie": dict(prefix=True, trees=args.pairs_per_row, rows=args.rows,
+                     length=args.row_length, share_prompts=True),
     }
     trl_names = [n for n in args.names if n in TRL_MODES]
     with sharding.use(args.mesh):
@@ -655,7 +667,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   print(f"load average over the rounds: {', '.join(f'{x:.1f}' for x in loads)}")
   print(f"prefix sharing removes {1 - 1 / token_ratio:.1%} of the bundled pairs' "
         f"({args.pair_kind}) real tokens "
-        f"(token ratio {token_ratio:.3f}x)")
+        f"(token ratio {token_ratio:.3f}x); prompt trees "
+        f"{1 - data['trie_tokens'] / data['unshared_tokens']:.1%} "
+        f"({data['unshared_tokens'] / data['trie_tokens']:.3f}x)")
   summary = {"model": args.model, "layers": model.config.num_layers, "modes": results,
              "compute_dtype": args.compute_dtype,
              "load": loads, "data": data, "token_ratio": token_ratio,

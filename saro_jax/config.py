@@ -240,6 +240,10 @@ class DpoConfig:
   # > 1 (needs prefix_sharing): up to this many pairs packed per row of data.max_length tokens;
   # train.batch_size then counts ROWS, and a step holds as many pairs as fit.
   pairs_per_row: int = 1
+  # (needs pairs_per_row > 1) the pairs of one prompt in one token tree (data.batching.prompt_tree):
+  # the prompt, the reasoning steps process pairs share and a rejected trajectory several of them
+  # continue are computed once; pairs are then shuffled and batched by prompt.
+  share_prompts: bool = False
 
   def validate(self, where: str) -> None:
     # Lazy: losses imports jax, and a config file must load without it. Which losses exist and
@@ -255,6 +259,10 @@ class DpoConfig:
     if self.pairs_per_row > 1 and not self.prefix_sharing:
       raise ConfigError(f"config.{where}.pairs_per_row={self.pairs_per_row} packs prefix-shared"
                         f" trees; set {where}.prefix_sharing=True (or pairs_per_row=1)")
+    if self.share_prompts and self.pairs_per_row < 2:
+      raise ConfigError(f"config.{where}.share_prompts puts a prompt's pairs in one tree of several"
+                        f" pair slots; set {where}.prefix_sharing=True and {where}.pairs_per_row > 1"
+                        " (e.g. 8)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,8 +3,9 @@ reference's forward (stages/reference.py) are this one function.
 
 Two row layouts (``dpo.prefix_sharing``):
   pairs  chosen and rejected rows stacked into one forward of 2B rows (``PAIR_KEYS``)
-  trees  one row ``[shared | chosen | rejected]`` per pair, several per row with
-         ``dpo.pairs_per_row`` (``TREE_KEYS``; see ``data.batching.tree_rows``)
+  trees  token trees: one pair ``[shared | chosen | rejected]`` or, with ``dpo.share_prompts``,
+         all the pairs of one prompt; several per row with ``dpo.pairs_per_row`` (``TREE_KEYS``;
+         see ``data.batching.prompt_tree`` and ``tree_rows``)
 Outputs are per-sequence SUMS (log-probs, completion lengths, per-token mean logits).
 """
 
@@ -20,24 +21,26 @@ from saro_jax import losses
 
 PAIR_KEYS = tuple(f"{side}_{name}" for side in ("chosen", "rejected")
                   for name in ("tokens", "positions", "segment_ids", "loss_mask"))
-TREE_KEYS = ("tokens", "positions", "segment_ids", "branch_ids", "loss_mask")
+TREE_KEYS = ("tokens", "positions", "segment_ids", "subtree_end", "source", "loss_mask",
+             "chosen_first", "chosen_last", "rejected_first", "rejected_last")
 
 
 def input_keys(prefix_sharing: bool) -> tuple[str, ...]:
-  """The batch entries the SRPO step and the reference forward read (all [rows, L])."""
+  """The batch entries the SRPO step and the reference forward read (all 2-D: [rows, L], the
+  trees' spans [rows, pairs_per_row])."""
   return TREE_KEYS if prefix_sharing else PAIR_KEYS
 
 
 def pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_size: int,
-               chunk_size: int, trees: int = 1) -> dict[str, jax.Array]:
+               chunk_size: int) -> dict[str, jax.Array]:
   """Chosen and rejected in ONE forward of 2B rows: summed completion log-probs [B], completion
   lengths [B] and summed per-token mean logits [B] (TRL's ``logits/*``).
 
-  A prefix-shared batch (it has ``branch_ids``) goes to ``tree_pair_logps``; its outputs are
-  [rows * trees] (tree slot k of row r at r * trees + k; empty slots have lengths 0)."""
-  if "branch_ids" in batch:
-    return tree_pair_logps(model, batch, vocab_size=vocab_size, chunk_size=chunk_size,
-                           trees=trees)
+  A prefix-shared batch (it has ``subtree_end``) goes to ``tree_pair_logps``; its outputs are
+  [rows * P] for P pair slots per row (pair slot k of row r at r * P + k; empty slots have
+  lengths 0)."""
+  if "subtree_end" in batch:
+    return tree_pair_logps(model, batch, vocab_size=vocab_size, chunk_size=chunk_size)
   both = {name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
           for name in ("tokens", "positions", "segment_ids", "loss_mask")}
   hidden_2BxLxD = model.hidden_states(both["tokens"], both["positions"], both["segment_ids"])
@@ -59,27 +62,27 @@ def pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_size:
 
 
 def tree_pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_size: int,
-                    chunk_size: int, trees: int) -> dict[str, jax.Array]:
-  """``pair_logps`` for prefix-shared rows: ONE forward of R rows ``[shared | chosen | rejected]``
-  (up to ``trees`` per row), the shared part computed once.
+                    chunk_size: int) -> dict[str, jax.Array]:
+  """``pair_logps`` for prefix-shared rows: ONE forward of R rows of token trees (up to P pairs
+  per row, the spans' width), every common prefix computed once.
 
-  Each completion token is scored from the hidden state of its predecessor in ITS OWN sequence
-  (``losses.tree_targets``): rejected's first token from the trunk's last token, exactly as in the
-  unshared row. The hidden states are gathered to the target positions (a [R, L, D] copy, small
-  next to the log-prob matmul), so one chunked log-prob pass serves both branches.
+  Each token is scored from the hidden state of its parent in the tree (``source``), the token
+  before it in each of its own sequences: a branch's first token from the last shared token,
+  exactly as in the unshared row. The hidden states are gathered to the target slots (a
+  [R, L, D] copy, small next to the log-prob matmul), so one chunked log-prob pass serves every
+  sequence, and each sequence sums its own path's span (``losses.span_sums``).
   """
   hidden_RxLxD = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
-                                     batch["branch_ids"])
-  source_RxL, mask_RxL = losses.tree_targets(batch["loss_mask"], batch["segment_ids"],
-                                             batch["branch_ids"])
-  source_hidden_RxLxD = jnp.take_along_axis(hidden_RxLxD, source_RxL[..., None], axis=1)
+                                     batch["subtree_end"])
+  source_hidden_RxLxD = jnp.take_along_axis(hidden_RxLxD, batch["source"][..., None], axis=1)
+  mask_RxL = batch["loss_mask"]
   logps_RxL, mean_logits_RxL = losses.token_logps_and_mean_logits(
       source_hidden_RxLxD, model.unembed_DxV(), batch["tokens"], vocab_size=vocab_size,
       chunk_size=chunk_size, mask_BxL=mask_RxL)
   out = {}
-  for branch, side in ((1, "chosen"), (2, "rejected")):
-    sums = lambda values_RxL: losses.tree_sums(values_RxL, mask_RxL, batch["segment_ids"],
-                                               batch["branch_ids"], branch, trees)
+  for side in ("chosen", "rejected"):
+    sums = lambda values_RxL: losses.span_sums(values_RxL, batch["subtree_end"],
+                                               batch[f"{side}_first"], batch[f"{side}_last"])
     logps_RxT, lengths_RxT = sums(logps_RxL)
     logit_sums_RxT, _ = sums(mean_logits_RxL)
     out[f"{side}_logps"] = logps_RxT.reshape(-1)

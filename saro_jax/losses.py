@@ -41,42 +41,19 @@ def shift_targets(tokens_BxL: jax.Array, loss_mask_BxL: jax.Array,
   return targets_BxL, target_mask_BxL.astype(jnp.int32)
 
 
-def tree_targets(loss_mask_BxL: jax.Array, segment_ids_BxL: jax.Array,
-                 branch_ids_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Prefix-shared DPO rows ``[shared | chosen | rejected]`` (one tree per segment): for every
-  token ``j``, the row index whose hidden state predicts it and whether ``j`` is scored.
-
-  Returns ``(source_BxL, target_mask_BxL)``, indexed by the TARGET token (not, as in
-  ``shift_targets``, by the predicting position). The source is ``j - 1`` when that token is on
-  the trunk (branch 0) or on ``j``'s own branch; otherwise ``j`` opens the rejected branch right
-  after chosen, and its source is the LAST TRUNK token of the tree (the state the unshared
-  rejected row would have there), never chosen's last token. A token is scored when its mask is
-  set and its source lies in the same (non-padding) segment.
-  """
-  b, l = segment_ids_BxL.shape
-  index_L = jnp.arange(l, dtype=jnp.int32)
-  prev_branch_BxL = jnp.pad(branch_ids_BxL[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-  on_trunk_BxL = (branch_ids_BxL == 0) & (segment_ids_BxL != 0)
-  last_trunk_BxL = jax.lax.cummax(jnp.where(on_trunk_BxL, index_L, -1), axis=1)
-  follows_BxL = (prev_branch_BxL == 0) | (prev_branch_BxL == branch_ids_BxL)
-  opens_branch_BxL = (branch_ids_BxL != 0) & ~follows_BxL
-  source_BxL = jnp.where(opens_branch_BxL, last_trunk_BxL, index_L - 1)
-  safe_source_BxL = jnp.clip(source_BxL, 0, l - 1)
-  source_segment_BxL = jnp.take_along_axis(segment_ids_BxL, safe_source_BxL, axis=1)
-  target_mask_BxL = ((loss_mask_BxL != 0) & (source_BxL >= 0) & (segment_ids_BxL != 0)
-                     & (source_segment_BxL == segment_ids_BxL))
-  return safe_source_BxL, target_mask_BxL.astype(jnp.int32)
-
-
-def tree_sums(values_BxL: jax.Array, mask_BxL: jax.Array, segment_ids_BxL: jax.Array,
-              branch_ids_BxL: jax.Array, branch: int, trees: int) -> tuple[jax.Array, jax.Array]:
-  """Per-tree ``(sum of values, count)`` over the masked tokens of ``branch``, both [B, trees]
-  float32: tree ``k`` of a row is segment ``k + 1``."""
-  picked_BxL = (mask_BxL != 0) & (branch_ids_BxL == branch)
-  values_BxL = jnp.where(picked_BxL, values_BxL, 0.0)
-  tree_BxLxT = segment_ids_BxL[..., None] == jnp.arange(1, trees + 1, dtype=jnp.int32)
-  in_tree = lambda x_BxL: jnp.sum(jnp.where(tree_BxLxT, x_BxL[..., None], 0.0), axis=1)
-  return in_tree(values_BxL), in_tree(picked_BxL.astype(jnp.float32))
+def span_sums(values_BxL: jax.Array, subtree_end_BxL: jax.Array, first_BxP: jax.Array,
+              last_BxP: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-sequence ``(sum of values, count)``, both [B, P] float32, in prefix-shared rows (token
+  trees laid out depth first, ``data.batching.prompt_tree``): sequence p's scored tokens are the
+  slots t of its path from ``first[p]`` to ``last[p]``, those whose subtree holds ``last[p]``
+  (``subtree_end[t] > last[p]``). A token may count for several sequences (a rejected trajectory
+  that several process pairs continue). An empty slot has last < first and counts nothing."""
+  slot_L = jnp.arange(values_BxL.shape[1], dtype=jnp.int32)
+  first_BxPx1, last_BxPx1 = first_BxP[..., None], last_BxP[..., None]
+  picked_BxPxL = ((slot_L >= first_BxPx1) & (slot_L <= last_BxPx1)
+                  & (subtree_end_BxL[:, None, :] > last_BxPx1))
+  sums_BxP = jnp.sum(jnp.where(picked_BxPxL, values_BxL[:, None, :], 0.0), axis=-1)
+  return sums_BxP, jnp.sum(picked_BxPxL, axis=-1).astype(jnp.float32)
 
 
 def _chunk_logits(hidden_BxCxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:

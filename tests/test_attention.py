@@ -24,16 +24,19 @@ def _masks():
   segments[0, 120:190] = 2
   segments[0, 190:] = 0
   segments[1, 180:] = 0
-  branches = np.zeros((B, L), np.int32)
-  branches[1, 40:110] = 1
-  branches[1, 110:180] = 2
+  # Depth-first subtree ends: the trunk (0:40) and rejected (110:180) are seen up to the tree's
+  # end, chosen (40:110) only up to its own; padding and the packed row by segment alone.
+  subtree_end = np.full((B, L), L, np.int32)
+  subtree_end[1, :40] = 180
+  subtree_end[1, 40:110] = 110
+  subtree_end[1, 110:180] = 180
   positions = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()
   positions[1, 110:180] = np.arange(40, 110)
-  seg, br, pos = jnp.asarray(segments), jnp.asarray(branches), jnp.asarray(positions)
+  seg, end, pos = jnp.asarray(segments), jnp.asarray(subtree_end), jnp.asarray(positions)
   return {
       "packed": transformer.attention_mask(slots, seg, seg, None),
-      "tree": transformer.attention_mask(slots, seg, seg, None, br, pos),
-      "window": transformer.attention_mask(slots, seg, seg, 37, br, pos),
+      "tree": transformer.attention_mask(slots, seg, seg, None, end, pos),
+      "window": transformer.attention_mask(slots, seg, seg, 37, end, pos),
   }
 
 

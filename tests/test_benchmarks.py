@@ -121,16 +121,17 @@ def test_goals_runner_reads_every_child_and_tabulates_each_goal(capsys):
   # goal 2 as the issue states it (the process pairs) and on all the pairs, from two children
   assert rows["prefix_vs_unshared"]["value"] > 0 and rows["prefix_vs_unshared_all"]["value"] > 0
   assert "the process pairs" in rows["prefix_vs_unshared"]["what"]
+  assert rows["trie_vs_unshared"]["value"] > 0  # prompt trees on the process pairs
   assert out["seconds"].keys() >= {"prefix_dpo", "prefix_process"}
   # benchmarks/prefix_dpo.py end to end (the quick child: tiny model, one row of 512 slots, up to
-  # 4 trees a row): every mode reports positive figures, and the sharing ceiling is sane.
+  # 4 pairs a row): every mode reports positive figures, and the sharing ceiling is sane.
   prefix = out["children"]["prefix_dpo"]
   modes = prefix["modes"]
-  assert set(modes) == {"unshared", "prefix", "packed+cached"}
+  assert set(modes) == {"unshared", "prefix", "trie+cached"}
   assert modes["unshared"]["ratio"] == 1.0
   for figures in modes.values():
     assert figures["step_s"] > 0 and figures["pairs_per_s"] > 0 and 0 < figures["fill"] <= 1
-  assert modes["packed+cached"]["pairs_per_step"] > 1  # several trees in the one row
+  assert modes["trie+cached"]["pairs_per_step"] > 1  # several pairs in the one row
   # The ceiling sharing sets: every pair shares at least its prompt, and never a whole side.
   data = prefix["data"]
   assert data["pairs"] == 1114 and 0 < data["shared_tokens"] < data["unshared_tokens"]

@@ -88,7 +88,7 @@ def packed_run(examples, pack_window, batch_size=4, max_length=100):
   batches, waits = [], [0]
   for batch, counts in it:
     batches.append((batch, counts))
-    waits += [wait for _, _, wait in it._pool]  # batches each pooled example has been passed over
+    waits += [wait for _, _, wait, _ in it._pool]  # batches each pooled example has been passed over
   fill = sum(c["tokens"] for _, c in batches) / sum(c["slots"] for _, c in batches)
   return batches, fill, max(waits)
 
@@ -258,3 +258,51 @@ def test_endless_stream_of_dropped_examples_raises_after_one_pass():
   with pytest.raises(batching.NoBatchError, match=r"data of x.jsonl: .*3 records .*"
                      r"dropped/prompt_too_long: 5"):
     next(iter(ds))
+
+
+def prompt_group(g: int, n_pairs: int, steps: int = 6) -> dict:
+  """One prompt's process pairs (as ``pipeline.dpo_batches(share_prompts=True)`` hands them on):
+  pair k shares the prompt and the first k steps of one rejected trajectory."""
+  prompt, trajectory = [1000 * g + 1, 1000 * g + 2], list(range(1000 * g + 10, 1000 * g + 10 + steps))
+  pairs = []
+  for k in range(1, n_pairs + 1):
+    shared = prompt + trajectory[:k]
+    chosen, rejected = [1000 * g + 500 + k, 1000 * g + 600], trajectory[k:]
+    mask = lambda rest: np.asarray([0] * len(shared) + [1] * len(rest), np.int32)
+    pairs.append({"id": f"g{g}p{k}", "shared_len": len(shared),
+                  "chosen_tokens": np.asarray(shared + chosen, np.int32),
+                  "chosen_loss_mask": mask(chosen),
+                  "rejected_tokens": np.asarray(shared + rejected, np.int32),
+                  "rejected_loss_mask": mask(rejected)})
+  return {"id": f"g{g}", "pairs": pairs, "events": []}
+
+
+def tree_batches_pairs(batches) -> list[int]:
+  return [int(i) for b in batches for i in b["example_id"].reshape(-1) if i >= 0]
+
+
+@pytest.mark.parametrize("window", [0.0, 2.0])
+def test_prompt_groups_larger_than_a_batch_go_through_and_restore(window):
+  """A prompt's pairs in trees of at most 2 pairs (``pairs_per_row``) and 16 slots: a group of 5
+  makes 3 trees, more than a batch of one row holds, so its trees are placed one by one (across
+  batches), every pair exactly once; a state saved mid-group replays the same batches."""
+  groups = [prompt_group(g, n) for g, n in enumerate([5, 1, 3, 4, 2, 5, 1])]
+  ds = batching.DpoTreeBatchDataset(stream(groups), batch_size=1, max_length=16, pairs_per_row=2,
+                                    pack_window=window)
+  batches = [b for b, _ in ds]
+  want = sorted(batching.example_id(p["id"]) for g in groups for p in g["pairs"])
+  assert sorted(tree_batches_pairs(batches)) == want
+  assert max(int((b["example_id"] >= 0).sum()) for b in batches) == 2  # two pairs share a tree
+  it = iter(ds)
+  for _ in range(2):
+    next(it)
+  state = it.get_state()
+  assert any(part > 0 for _, _, part in state["pool"]) or window == 0.0
+  rest = [b for b, _ in it]
+  fresh = iter(ds)
+  fresh.set_state(json.loads(json.dumps(state)))
+  again = [b for b, _ in fresh]
+  assert len(again) == len(rest) > 0
+  for a, b in zip(rest, again):
+    for k in batching.TREE_KEYS + batching.SPAN_KEYS + ("example_id",):
+      np.testing.assert_array_equal(a[k], b[k])

@@ -1,5 +1,6 @@
-"""Prefix-shared DPO rows ``[shared | chosen | rejected]``: layout, mask, targets, and exactness
-against the unshared two-row path (per-pair log-prob sums, DPO loss, gradients, the SRPO stage)."""
+"""Prefix-shared DPO rows (token trees: ``[shared | chosen | rejected]`` per pair, or a prompt's
+pairs in one trie): layout, mask, sources, spans, and exactness against the unshared two-row path
+(per-pair log-prob sums, DPO loss, gradients, the SRPO stage)."""
 
 import dataclasses
 import math
@@ -71,11 +72,10 @@ def first_batch(source: str, tokenizer, **kw) -> dict:
                                    process_index=0, process_count=1, **kw))
 
 
-def logps_fn(model, vocab_size: int, trees: int = 1):
+def logps_fn(model, vocab_size: int):
   """A fresh jit each call, so monkeypatched internals are traced."""
   keys = logps.TREE_KEYS
-  return jax.jit(lambda b: logps.pair_logps(model, b, vocab_size=vocab_size, chunk_size=128,
-                                                trees=trees)), keys
+  return jax.jit(lambda b: logps.pair_logps(model, b, vocab_size=vocab_size, chunk_size=128)), keys
 
 
 @pytest.fixture(scope="module")
@@ -123,19 +123,78 @@ def pair(pid: str, shared, chosen, rejected) -> dict:
 
 def test_tree_rows_layout():
   p = pair("a", [5, 6, 7], [10, 11], [20, 21, 22])
-  b = batching.tree_rows([[p], []], length=10, pad_id=99)
+  b = batching.tree_rows([[batching.prompt_tree([p])], []], length=10, pad_id=99)
   np.testing.assert_array_equal(b["tokens"][0], [5, 6, 7, 10, 11, 20, 21, 22, 99, 99])
-  np.testing.assert_array_equal(b["branch_ids"][0], [0, 0, 0, 1, 1, 2, 2, 2, 0, 0])
   # Positions restart at the branch: rejected's first token is at position shared_len.
   np.testing.assert_array_equal(b["positions"][0], [0, 1, 2, 3, 4, 3, 4, 5, 0, 0])
+  # The trunk is seen by the whole tree, chosen's tokens only up to its end; padding by padding.
+  np.testing.assert_array_equal(b["subtree_end"][0], [8, 8, 8, 5, 5, 8, 8, 8, 10, 10])
+  # Each token is predicted by its parent: rejected's first (20) by the trunk's last (7).
+  np.testing.assert_array_equal(b["source"][0], [0, 0, 1, 2, 3, 2, 5, 6, 8, 9])
   np.testing.assert_array_equal(b["loss_mask"][0], [0, 0, 0, 1, 1, 1, 1, 1, 0, 0])
   np.testing.assert_array_equal(b["segment_ids"][0], [1] * 8 + [0, 0])
+  assert [b[k][0, 0] for k in batching.SPAN_KEYS] == [3, 4, 5, 7]
+  assert [b[k][1, 0] for k in batching.SPAN_KEYS] == [0, -1, 0, -1]  # an empty slot
   assert b["shared_len"].tolist() == [[3], [0]]
   assert b["example_id"][0, 0] == batching.example_id("a") and b["example_id"][1, 0] == -1
   assert not b["segment_ids"][1].any()
   bad = dict(p, rejected_tokens=np.asarray([5, 6, 8, 20], np.int32))
   with pytest.raises(ValueError, match="shared_len=3"):
-    batching.tree_rows([[bad]], length=10)
+    batching.prompt_tree([bad])
+  gap = dict(p, chosen_tokens=np.asarray([5, 6, 7, 10, 11, 12], np.int32),
+             chosen_loss_mask=np.asarray([0, 0, 0, 1, 0, 1], np.int32))
+  with pytest.raises(ValueError, match="pair a: chosen's scored tokens are not one contiguous"):
+    batching.prompt_tree([gap])
+
+
+def process_pairs():
+  """Three process pairs of one prompt [9], SaRO-style: pair k shares the first k steps of one
+  rejected trajectory R, then chosen corrects ([50 + k, 60]) and rejected continues R."""
+  trajectory = [1, 2, 3, 4, 5]
+  return [pair(f"p{k}", [9] + trajectory[:k], [50 + k, 60], trajectory[k:]) for k in (1, 2, 3)]
+
+
+def test_prompt_tree_shares_every_common_prefix():
+  tree = batching.prompt_tree(process_pairs())
+  # One trie: prompt, the trajectory once, three corrections (12 slots; 24 as three pair trees).
+  np.testing.assert_array_equal(tree["tokens"], [9, 1, 51, 60, 2, 3, 4, 5, 53, 60, 52, 60])
+  np.testing.assert_array_equal(tree["positions"], [0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 3, 4])
+  np.testing.assert_array_equal(tree["subtree_end"], [12, 12, 4, 4, 12, 10, 8, 8, 10, 10, 12, 12])
+  np.testing.assert_array_equal(tree["source"], [0, 0, 1, 2, 1, 4, 5, 6, 5, 8, 4, 10])
+  spans = [[p[k] for k in batching.SPAN_KEYS] for p in tree["pairs"]]
+  assert spans == [[2, 3, 4, 7], [10, 11, 5, 7], [8, 9, 6, 7]]
+  # Every pair's rejected sums the trajectory from its own branch point on (a token may count for
+  # several pairs); each chosen its own correction, not the tokens between first and last that
+  # lie on other branches (pair p1's span 4..7 holds none; a span over slots 2..11 would).
+  b = batching.tree_rows([[tree]], 12, pairs_per_row=3)
+  values = jnp.asarray(2.0 ** np.arange(12, dtype=np.float32))[None]
+  for side, want in (("chosen", [[2, 3], [10, 11], [8, 9]]),
+                     ("rejected", [[4, 5, 6, 7], [5, 6, 7], [6, 7]])):
+    sums, counts = losses.span_sums(values, jnp.asarray(b["subtree_end"]),
+                                    jnp.asarray(b[f"{side}_first"]), jnp.asarray(b[f"{side}_last"]))
+    assert np.asarray(sums)[0].tolist() == [float(sum(2 ** s for s in w)) for w in want], side
+    assert np.asarray(counts)[0].tolist() == [len(w) for w in want]
+  with_gap = batching.prompt_tree([pair("x", [9], [5, 6], [7]), pair("y", [9], [5, 8], [7])])
+  np.testing.assert_array_equal(with_gap["tokens"], [9, 5, 6, 8, 7])  # chosen [5, 6] / [5, 8]
+  spans = [[p[k] for k in batching.SPAN_KEYS] for p in with_gap["pairs"]]
+  assert spans == [[1, 2, 4, 4], [1, 3, 4, 4]]
+  b = batching.tree_rows([[with_gap]], 5, pairs_per_row=2)
+  sums, counts = losses.span_sums(jnp.asarray(2.0 ** np.arange(5, dtype=np.float32))[None],
+                                  jnp.asarray(b["subtree_end"]), jnp.asarray(b["chosen_first"]),
+                                  jnp.asarray(b["chosen_last"]))
+  assert np.asarray(sums)[0].tolist() == [2 + 4, 2 + 8]  # y's span 1..3 skips x's token at 2
+  assert np.asarray(counts)[0].tolist() == [2, 2]
+
+
+def test_prompt_trees_split_at_length_and_slots():
+  pairs = process_pairs()  # 8 slots each alone; 10 for the first two, 12 for all three
+  trees, events = batching.prompt_trees(pairs, max_length=11, max_pairs=8)
+  assert [len(t["tokens"]) for t in trees] == [10, 8] and events == []
+  assert [[p["id"] for p in t["pairs"]] for t in trees] == [["p1", "p2"], ["p3"]]
+  trees, _ = batching.prompt_trees(pairs, max_length=64, max_pairs=2)
+  assert [len(t["pairs"]) for t in trees] == [2, 1]
+  trees, events = batching.prompt_trees(pairs, max_length=6, max_pairs=8, truncation="drop")
+  assert trees == [] and events == ["dropped/tree_too_long"] * 3
 
 
 def test_fit_tree_cuts_or_drops():
@@ -148,29 +207,17 @@ def test_fit_tree_cuts_or_drops():
   assert batching.fit_tree(p, 5)["dropped"] == "dropped/tree_too_long"
 
 
-def test_tree_targets_take_rejected_first_token_from_the_trunk():
-  b = batching.tree_rows([[pair("a", [5, 6, 7], [10, 11], [20, 21]),
-                           pair("b", [8], [12], [23])]], length=12, trees=2)
-  source, mask = jax.device_get(losses.tree_targets(b["loss_mask"], b["segment_ids"],
-                                                    b["branch_ids"]))
-  # tokens: 5 6 7 | 10 11 | 20 21 || 8 | 12 | 23 | pad
-  scored = np.flatnonzero(mask[0])
-  assert scored.tolist() == [3, 4, 5, 6, 8, 9]
-  # 10 <- 7, 11 <- 10, 20 <- 7 (the trunk's last token, not chosen's 11), 21 <- 20; tree b alike.
-  assert source[0, scored].tolist() == [2, 3, 2, 5, 7, 7]
-
-
-def test_attention_mask_branches():
-  branch = jnp.asarray([[0, 0, 1, 1, 2, 2]])
+def test_attention_mask_subtrees():
+  subtree_end = jnp.asarray([[6, 6, 4, 4, 6, 6]])  # [0 1 | chosen 2 3 | rejected 4 5]
   positions = jnp.asarray([[0, 1, 2, 3, 2, 3]])
   seg = jnp.ones((1, 6), jnp.int32)
   slots = jnp.arange(6)[None]
-  m = np.asarray(transformer.attention_mask(slots, seg, seg, None, branch, positions))[0, 0]
+  m = np.asarray(transformer.attention_mask(slots, seg, seg, None, subtree_end, positions))[0, 0]
   assert m[5].tolist() == [True, True, False, False, True, True]  # rejected: trunk + itself
   assert m[3].tolist() == [True, True, True, True, False, False]  # chosen: trunk + itself
   assert m[1].tolist() == [True, True, False, False, False, False]
   # The sliding window counts positions: rejected's pos 3 is 2 away from trunk pos 1.
-  w = np.asarray(transformer.attention_mask(slots, seg, seg, 3, branch, positions))[0, 0]
+  w = np.asarray(transformer.attention_mask(slots, seg, seg, 3, subtree_end, positions))[0, 0]
   assert w[5].tolist() == [False, True, False, False, True, True]
 
 
@@ -193,23 +240,12 @@ def test_shared_equals_unshared_logps(setup):
 def _rejected_sees_chosen(monkeypatch):
   original = transformer.attention_mask
 
-  def leaky(q_slot, q_seg, k_seg, window, branch=None, positions=None):
-    if branch is not None:
-      branch = jnp.where(branch == 2, 1, branch)  # rejected now attends chosen's tokens
-    return original(q_slot, q_seg, k_seg, window, branch, positions)
+  def leaky(q_slot, q_seg, k_seg, window, subtree_end=None, positions=None):
+    if subtree_end is not None:  # every key seen by all later slots: rejected sees chosen
+      subtree_end = jnp.full_like(subtree_end, subtree_end.shape[1])
+    return original(q_slot, q_seg, k_seg, window, subtree_end, positions)
 
   monkeypatch.setattr(transformer, "attention_mask", leaky)
-
-
-def _rejected_first_from_chosen(monkeypatch):
-  original = losses.tree_targets
-
-  def naive(loss_mask, segment_ids, branch_ids):
-    _, mask = original(loss_mask, segment_ids, branch_ids)
-    source = jnp.clip(jnp.arange(loss_mask.shape[1]) - 1, 0, None)  # plain shift: chosen's last
-    return jnp.broadcast_to(source, loss_mask.shape), mask
-
-  monkeypatch.setattr(losses, "tree_targets", naive)
 
 
 @pytest.mark.parametrize("bug", ["rejected_sees_chosen", "positions_not_restarted",
@@ -221,8 +257,9 @@ def test_bound_catches_real_bugs(setup, bug, monkeypatch):
   elif bug == "positions_not_restarted":
     seg = batch["segment_ids"]
     batch["positions"] = np.where(seg > 0, np.arange(seg.shape[1])[None, :], 0).astype(np.int32)
-  else:
-    _rejected_first_from_chosen(monkeypatch)
+  else:  # a plain shift: rejected's first token predicted by chosen's last
+    slots = np.arange(batch["source"].shape[1], dtype=np.int32)
+    batch["source"] = np.broadcast_to(np.maximum(slots - 1, 0), batch["source"].shape).copy()
   out, ref = shared_logps(setup, batch), setup["ref"]
   err = np.abs(out["rejected_logps"] - ref["rejected_logps"])
   # The bug breaks the exactness test: rejected sums leave the roundoff bound (chosen is

@@ -130,7 +130,8 @@ class _BatchIterator(grain.DatasetIterator):
   def __init__(self, parent: grain.DatasetIterator, ds: "_BatchDataset"):
     super().__init__(parent)
     self._ds = ds
-    # [parent state before it, example, batches it has waited]: read, not yet in a batch.
+    # [parent state before it, piece, batches it has waited, piece index]: read, not yet in a
+    # batch. A piece is what one row takes: the example itself, or one of a prompt's trees.
     self._pool: list[list] = []
     # Dropped examples read since the last kept one: distinct record ids and counts by reason.
     # Drops depend only on the record, so once every record of a pass is in here, none ever fits.
@@ -157,6 +158,10 @@ class _BatchIterator(grain.DatasetIterator):
     """A kept example as the rows take it (the tree iterator fits trees to the row length)."""
     return ex
 
+  def _pieces(self, ex) -> list:
+    """A prepared example's pieces, placed one by one (possibly in different batches)."""
+    return [ex]
+
   def _place(self, rows, free, ex) -> bool:
     raise NotImplementedError
 
@@ -165,7 +170,7 @@ class _BatchIterator(grain.DatasetIterator):
     returns False once the parent is exhausted."""
     ds = self._ds
     budget = ds.lookahead_tokens
-    held = sum(ds.size(ex) for _, ex, _ in pool) if budget else 0
+    held = sum(ds.size(entry[1]) for entry in pool) if budget else 0
     while not pool or held < budget:
       state = self._parent.get_state()
       try:
@@ -180,8 +185,9 @@ class _BatchIterator(grain.DatasetIterator):
         continue
       self._drop_ids.clear()
       self._drop_counts.clear()
-      pool.append([state, ex, 0])
-      held += ds.size(ex) if budget else 0
+      for part, piece in enumerate(self._pieces(ex)):
+        pool.append([state, piece, 0, part])
+        held += ds.size(piece) if budget else 0
     return True
 
   def __next__(self):
@@ -202,6 +208,7 @@ class _BatchIterator(grain.DatasetIterator):
         if not ds.is_full(rows) and self._place(rows, free, entry[1]):
           placed = True
           counts["examples"] += 1
+          counts.update(ds.example_counts(entry[1]))
           counts.update(entry[1].get("events", ()))
         else:
           left.append(entry)
@@ -214,7 +221,7 @@ class _BatchIterator(grain.DatasetIterator):
         counts["dropped/remainder"] += sum(len(r) for r in rows)
       self._pool = pool
       raise StopIteration
-    self._pool = [[state, ex, wait + 1] for state, ex, wait in pool]
+    self._pool = [[state, piece, wait + 1, part] for state, piece, wait, part in pool]
     batch = ds.assemble(rows)
     counts["rows"] += ds.batch_size
     for prefix in ds.sides:
@@ -224,15 +231,17 @@ class _BatchIterator(grain.DatasetIterator):
     return batch, dict(counts)
 
   def get_state(self) -> dict[str, Any]:
-    # The pool's examples are re-read from their parent states on restore.
+    # The pool's pieces are re-read from their parent states on restore.
     return {"parent": self._parent.get_state(),
-            "pool": [[state, wait] for state, _, wait in self._pool]}
+            "pool": [[state, wait, part] for state, _, wait, part in self._pool]}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._pool = []
-    for before, wait in state.get("pool", ()):
+    for before, wait, *part in state.get("pool", ()):  # states saved before pieces: no part
+      part = part[0] if part else 0
       self._parent.set_state(before)
-      self._pool.append([before, self._prepare(next(self._parent)), wait])
+      piece = self._pieces(self._prepare(next(self._parent)))[part]
+      self._pool.append([before, piece, wait, part])
     self._parent.set_state(state["parent"])
 
 
@@ -297,6 +306,10 @@ class _BatchDataset(grain.IterDataset):
     """The slots an example takes in a row."""
     return len(ex["tokens"])
 
+  def example_counts(self, ex) -> Mapping[str, int]:
+    """Counts an example adds to the batch's beyond ``examples`` and its events."""
+    return {}
+
   def is_full(self, rows) -> bool:
     return all(rows)
 
@@ -345,11 +358,19 @@ class DpoBatchDataset(_BatchDataset):
 
 
 # ---------------------------------------------------------------------------------------------
-# Prefix-shared DPO rows: each pair is a tree [shared | chosen | rejected] in one row.
+# Prefix-shared DPO rows: pairs as token trees, several trees per row.
+#
+# A tree holds one pair ([shared | chosen | rejected]) or, with ``share_prompts``, several pairs
+# of one prompt: the token trie of all their chosen and rejected sequences, so every common prefix
+# (the prompt, a process pair's reasoning steps, a rejected trajectory that several process pairs
+# continue) is computed once. The trie is laid out depth first (a node's tokens, then its
+# children's subtrees), which makes each token's visibility one number: token j is seen by the
+# tokens from j up to ``subtree_end[j]`` (exclusive), its own node's later tokens and its
+# descendants. Every sequence is a root-to-node path, and its scored tokens are the slots of its
+# path from ``first`` to ``last``, the tokens t in that range with ``subtree_end[t] > last``.
 
-TREE_KEYS = ("tokens", "positions", "segment_ids", "branch_ids", "loss_mask", "shared_len",
-             "example_id")
-TRUNK, CHOSEN, REJECTED = 0, 1, 2  # branch ids
+TREE_KEYS = ("tokens", "positions", "segment_ids", "subtree_end", "source", "loss_mask")
+SPAN_KEYS = ("chosen_first", "chosen_last", "rejected_first", "rejected_last")
 
 
 def fit_tree(pair: Mapping[str, Any], max_length: int, truncation: str = "cut") -> dict[str, Any]:
@@ -381,93 +402,230 @@ def fit_tree(pair: Mapping[str, Any], max_length: int, truncation: str = "cut") 
 
 
 def tree_length(pair: Mapping[str, Any]) -> int:
+  """The slots of one pair's own tree (its two sequences share the first ``shared_len``)."""
   return len(pair["chosen_tokens"]) + len(pair["rejected_tokens"]) - int(pair["shared_len"])
 
 
-def tree_rows(rows: Sequence[Sequence[Mapping[str, Any]]], length: int, trees: int = 1,
-              pad_id: int = 0) -> dict[str, np.ndarray]:
-  """Rows of tokenized pairs -> the prefix-shared DPO batch dict.
+def _check_pair(p: Mapping[str, Any]) -> None:
+  s = int(p["shared_len"])
+  chosen, rejected = np.asarray(p["chosen_tokens"]), np.asarray(p["rejected_tokens"])
+  if not (np.array_equal(chosen[:s], rejected[:s]) and not np.any(p["chosen_loss_mask"][:s])
+          and not np.any(p["rejected_loss_mask"][:s])):
+    raise ValueError(f"pair {p['id']}: the first shared_len={s} tokens must be identical in"
+                     " chosen and rejected and carry no loss")
 
-  Pair k of row r is segment k + 1 laid out as ``[shared | chosen rest | rejected rest]``:
-  ``branch_ids`` 0 / 1 / 2; positions 0..S-1 on the trunk, and S.. again on EACH branch (restart
-  at the branch), so every token keeps the position it has in its own unshared sequence.
-  ``loss_mask`` marks both completions. Per tree slot [R, trees]: ``shared_len`` and
-  ``example_id`` (-1: empty slot / padding row).
+
+def _scored_span(mask: np.ndarray, pid: str, side: str) -> tuple[int, int]:
+  """First and last scored index of a sequence whose scored tokens are one run."""
+  scored = np.flatnonzero(mask)
+  if scored.size == 0:
+    raise ValueError(f"pair {pid}: {side} has no scored token")
+  if scored[-1] - scored[0] + 1 != scored.size:
+    raise ValueError(f"pair {pid}: {side}'s scored tokens are not one contiguous run")
+  if scored[0] == 0:
+    raise ValueError(f"pair {pid}: {side} scores its first token, which no token predicts")
+  return int(scored[0]), int(scored[-1])
+
+
+def prompt_tree(pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """Tokenized pairs (one, or several of one prompt) -> one tree, laid out depth first.
+
+  Returns ``tokens``, ``positions`` (a token's index in its own sequences), ``subtree_end``,
+  ``source`` (the slot whose hidden state predicts the token: its parent; a root its own slot),
+  ``loss_mask`` (scored in some sequence), all [n], and ``pairs``: per pair its id, shared_len
+  and the slots of its sequences' first and last scored tokens. Pairs with no token in common
+  still make one valid forest (several roots); callers group by prompt so that they share.
+  """
+  children: list[dict[int, int]] = [{}]  # node 0: a virtual root above the real roots
+  token: list[int] = [-1]
+  paths = []
+  for p in pairs:
+    _check_pair(p)
+    for side in ("chosen", "rejected"):
+      node, path = 0, []
+      for t in np.asarray(p[f"{side}_tokens"]).tolist():
+        nxt = children[node].get(t)
+        if nxt is None:
+          nxt = len(token)
+          children[node][t] = nxt
+          children.append({})
+          token.append(t)
+        path.append(nxt)
+        node = nxt
+      paths.append(path)
+  # Depth-first order (children in insertion order: chosen before rejected, as pairs came).
+  n = len(token) - 1
+  slot_of = np.zeros(len(token), np.int64)
+  tokens, positions, parent = (np.zeros(n, np.int32) for _ in range(3))
+  end = np.zeros(n, np.int32)
+  order, stack = [], [(c, 0, -1) for c in reversed(list(children[0].values()))]
+  while stack:
+    node, depth, parent_slot = stack.pop()
+    if node < 0:  # closing marker: the subtree of ~node ends here
+      end[slot_of[~node]] = len(order)
+      continue
+    slot = len(order)
+    order.append(node)
+    slot_of[node] = slot
+    tokens[slot], positions[slot] = token[node], depth
+    parent[slot] = slot if parent_slot < 0 else parent_slot
+    stack.append((~node, 0, 0))
+    stack.extend((c, depth + 1, slot) for c in reversed(list(children[node].values())))
+  loss_mask = np.zeros(n, np.int32)
+  out_pairs = []
+  for k, p in enumerate(pairs):
+    spans = {}
+    for i, side in enumerate(("chosen", "rejected")):
+      slots = slot_of[paths[2 * k + i]]
+      first, last = _scored_span(np.asarray(p[f"{side}_loss_mask"]), p["id"], side)
+      loss_mask[slots[first:last + 1]] = 1
+      spans[f"{side}_first"], spans[f"{side}_last"] = int(slots[first]), int(slots[last])
+    out_pairs.append({"id": p["id"], "shared_len": int(p["shared_len"]), **spans})
+  return {"tokens": tokens, "positions": positions, "subtree_end": end, "source": parent,
+          "loss_mask": loss_mask, "pairs": out_pairs}
+
+
+def tree_rows(rows: Sequence[Sequence[Mapping[str, Any]]], length: int, pairs_per_row: int = 1,
+              pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Rows of trees (``prompt_tree``) -> the prefix-shared DPO batch dict.
+
+  Tree k of row r is segment k + 1. [rows, length]: ``tokens``, ``positions``, ``segment_ids``,
+  ``subtree_end`` and ``source`` (row slots), ``loss_mask``. Per pair slot [rows, pairs_per_row],
+  pairs numbered across the row's trees: ``chosen_first`` / ``chosen_last`` /
+  ``rejected_first`` / ``rejected_last`` (row slots; an empty slot has first 0, last -1),
+  ``shared_len`` and ``example_id`` (-1: empty slot / padding row). Padding: segment 0, token
+  ``pad_id``, ``subtree_end`` = length (padding sees earlier padding only, by segment).
   """
   shape = (len(rows), length)
-  out = {k: np.zeros(shape, np.int32) for k in TREE_KEYS[:5]}
+  out = {k: np.zeros(shape, np.int32) for k in TREE_KEYS}
   out["tokens"][:] = pad_id
-  out["shared_len"] = np.zeros((len(rows), trees), np.int32)
-  out["example_id"] = np.full((len(rows), trees), -1, np.int64)
+  out["subtree_end"][:] = length
+  out["source"][:] = np.arange(length, dtype=np.int32)
+  for k in SPAN_KEYS + ("shared_len",):
+    out[k] = np.zeros((len(rows), pairs_per_row), np.int32)
+  for side in ("chosen", "rejected"):
+    out[f"{side}_last"][:] = -1
+  out["example_id"] = np.full((len(rows), pairs_per_row), -1, np.int64)
   for i, row in enumerate(rows):
-    if len(row) > trees:
-      raise ValueError(f"row {i}: {len(row)} pairs exceed {trees} tree slots per row")
-    at = 0
-    for k, p in enumerate(row):
-      s = int(p["shared_len"])
-      chosen, rejected = np.asarray(p["chosen_tokens"]), np.asarray(p["rejected_tokens"])
-      if not (np.array_equal(chosen[:s], rejected[:s]) and not np.any(p["chosen_loss_mask"][:s])
-              and not np.any(p["rejected_loss_mask"][:s])):
-        raise ValueError(f"pair {p['id']}: the first shared_len={s} tokens must be identical in"
-                         " chosen and rejected and carry no loss")
-      n = tree_length(p)
+    at, slot = 0, 0
+    for seg, tree in enumerate(row, start=1):
+      n = len(tree["tokens"])
       if at + n > length:
-        raise ValueError(f"row {i}: pairs of {at + n} tokens exceed length {length}")
-      c, r = len(chosen) - s, len(rejected) - s
+        raise ValueError(f"row {i}: trees of {at + n} tokens exceed length {length}")
+      if slot + len(tree["pairs"]) > pairs_per_row:
+        raise ValueError(f"row {i}: {slot + len(tree['pairs'])} pairs exceed {pairs_per_row}"
+                         " pair slots per row")
       span = slice(at, at + n)
-      out["tokens"][i, span] = np.concatenate([chosen, rejected[s:]])
-      out["loss_mask"][i, span] = np.concatenate([p["chosen_loss_mask"], p["rejected_loss_mask"][s:]])
-      out["positions"][i, span] = np.concatenate([np.arange(s + c), s + np.arange(r)])
-      out["branch_ids"][i, span] = np.repeat([TRUNK, CHOSEN, REJECTED], [s, c, r])
-      out["segment_ids"][i, span] = k + 1
-      out["shared_len"][i, k] = s
-      out["example_id"][i, k] = example_id(p["id"])
+      for k in ("tokens", "positions", "loss_mask"):
+        out[k][i, span] = tree[k]
+      out["subtree_end"][i, span] = tree["subtree_end"] + at
+      out["source"][i, span] = tree["source"] + at
+      out["segment_ids"][i, span] = seg
+      for p in tree["pairs"]:
+        for k in SPAN_KEYS:
+          out[k][i, slot] = p[k] + at
+        out["shared_len"][i, slot] = p["shared_len"]
+        out["example_id"][i, slot] = example_id(p["id"])
+        slot += 1
       at += n
   return out
+
+
+def prompt_trees(pairs: Sequence[Mapping[str, Any]], max_length: int, max_pairs: int,
+                 truncation: str = "cut") -> tuple[list[dict[str, Any]], list[str]]:
+  """Tokenized pairs (of one prompt) -> trees of at most ``max_pairs`` pairs and ``max_length``
+  slots each, and the events of the pairs (``fit_tree``'s cuts and drops). Pairs join the current
+  tree while it still fits, else open the next one (reading order)."""
+  trees, events, group = [], [], []
+  current = None
+  for p in pairs:
+    p = fit_tree(p, max_length, truncation)
+    if "dropped" in p:
+      events.append(p["dropped"])
+      continue
+    events += list(p.get("events", ()))
+    if group and len(group) < max_pairs:
+      merged = prompt_tree(group + [p])
+      if len(merged["tokens"]) <= max_length:
+        group, current = group + [p], merged
+        continue
+    if group:
+      trees.append(current)
+    group, current = [p], prompt_tree([p])
+  if group:
+    trees.append(current)
+  return trees, events
+
+
+def _pairs_in(row) -> int:
+  return sum(len(tree["pairs"]) for tree in row)
 
 
 class _DpoTreeIterator(_BatchIterator):
 
   def _prepare(self, ex):
-    return fit_tree(ex, self._ds.max_length, self._ds.truncation)
+    """A pair, or a prompt's group of pairs (``{"id", "pairs", "events"}``), -> its trees."""
+    ds = self._ds
+    group = "pairs" in ex
+    trees, events = prompt_trees(ex["pairs"] if group else [ex], ds.max_length, ds.trees,
+                                 ds.truncation)
+    if group:
+      events = list(ex.get("events", ())) + events
+    if not trees:
+      return {"id": ex["id"], "dropped": events[-1]}
+    return {"id": ex["id"], "trees": trees, "events": events}
 
-  def _place(self, rows, free, ex) -> bool:
-    n = self._ds.size(ex)
-    trees = self._ds.trees
+  def _pieces(self, ex) -> list:
+    # One piece per tree, so a prompt with more trees than a batch holds still goes through;
+    # the example's events ride on its first tree.
+    return [{"id": ex["id"], "tree": tree, "events": ex["events"] if i == 0 else []}
+            for i, tree in enumerate(ex["trees"])]
+
+  def _place(self, rows, free, piece) -> bool:
     # Best fit (the fullest row that still holds the tree) keeps large holes open for later trees.
-    fits = [j for j, r in enumerate(rows) if len(r) < trees and free[j] >= n]
+    tree = piece["tree"]
+    n, k = len(tree["tokens"]), len(tree["pairs"])
+    fits = [j for j, r in enumerate(rows) if _pairs_in(r) + k <= self._ds.trees and free[j] >= n]
     if not fits:
       return False
     i = min(fits, key=lambda j: free[j])
-    rows[i].append(ex)
+    rows[i].append(tree)
     free[i] -= n
     return True
 
 
 class DpoTreeBatchDataset(_BatchDataset):
-  """Prefix-shared DPO rows (``tree_rows``): one pair per row, or with ``trees > 1`` up to that
-  many pairs packed per row (best fit, largest first from the lookahead pool; the batch closes
-  when no pooled pair fits a row), so a batch of ``batch_size`` rows holds a varying number of
-  pairs."""
+  """Prefix-shared DPO rows (``tree_rows``). The examples are tokenized pairs, or with
+  ``pipeline.dpo_batches(share_prompts=True)`` a prompt's group of them (``{"id", "pairs",
+  "events"}``), each made into trees (``prompt_trees``) that are placed one by one (the stats'
+  ``examples`` count trees, ``pairs`` pairs). A row holds up to ``pairs_per_row`` pairs: one pair
+  per row, or with ``pairs_per_row > 1`` several trees packed per row (best fit, largest first
+  from the lookahead pool; the batch closes when no pooled tree fits), so a batch of
+  ``batch_size`` rows holds a varying number of pairs."""
 
-  def __init__(self, parent: grain.IterDataset, *, trees: int = 1, truncation: str = "cut", **kw):
+  def __init__(self, parent: grain.IterDataset, *, pairs_per_row: int = 1, truncation: str = "cut",
+               **kw):
     super().__init__(parent, **kw)
-    if trees < 1:
-      raise ValueError(f"trees (pairs per row) must be >= 1, got {trees}")
-    self.trees, self.truncation = trees, truncation
+    if pairs_per_row < 1:
+      raise ValueError(f"pairs_per_row must be >= 1, got {pairs_per_row}")
+    self.trees, self.truncation = pairs_per_row, truncation
 
   @property
   def packs(self) -> bool:
     return self.trees > 1
 
-  def size(self, ex) -> int:
-    return tree_length(ex)
+  def size(self, piece) -> int:
+    return len(piece["tree"]["tokens"])
+
+  def example_counts(self, piece) -> Mapping[str, int]:
+    # A piece is one tree: a pair, or several of one prompt. ``pairs`` counts pairs either way.
+    return {"pairs": len(piece["tree"]["pairs"])}
 
   def is_full(self, rows) -> bool:
-    return all(len(r) >= self.trees for r in rows)
+    return all(_pairs_in(r) >= self.trees for r in rows)
 
   def assemble(self, rows) -> dict[str, np.ndarray]:
-    longest = max(sum(tree_length(p) for p in r) for r in rows)
+    longest = max(sum(len(tree["tokens"]) for tree in r) for r in rows)
     return tree_rows(rows, bucket_length(longest, self.max_length, self.buckets), self.trees,
                      self.pad_id)
 
@@ -476,4 +634,4 @@ class DpoTreeBatchDataset(_BatchDataset):
 
   def __str__(self) -> str:
     return (f"DpoTreeBatchDataset(batch_size={self.batch_size}, max_length={self.max_length},"
-            f" trees={self.trees})")
+            f" pairs_per_row={self.trees})")

@@ -1,6 +1,8 @@
 """Records -> batches on this host: the grain pipelines of the RW (SFT) and SRPO (DPO) stages.
 
   records (sources.open_source, or a MapDataset given by the caller)
+    -> (SRPO with share_prompts) groups of the records of one prompt, in first-seen order; from
+       here on a group is one element
     -> this process's fixed share [process_index::process_count], equal sizes (the last
        n % process_count records are left out and counted)
     -> shuffle the share, reshuffled every epoch -> repeat(num_epochs; 0 = forever)
@@ -18,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,8 +33,9 @@ from saro_jax.data import batching, formats, sources, tokenize
 class DataStats:
   """Running counts of one pipeline, for the run log.
 
-  Keys: ``examples`` (in batches), ``dropped/<why>``, ``truncated/<what>``, ``rows``, ``slots``
-  (rows x length), ``tokens`` (real), ``loss_tokens``, ``source/<count>`` (from the sources).
+  Keys: ``examples`` (in batches; prefix-shared DPO: trees), ``pairs`` (prefix-shared DPO),
+  ``dropped/<why>``, ``truncated/<what>``, ``rows``, ``slots`` (rows x length), ``tokens``
+  (real), ``loss_tokens``, ``source/<count>`` (from the sources).
   ``as_dict()`` adds ``fill`` = tokens / slots (the packing efficiency).
   """
 
@@ -123,6 +127,29 @@ class _Share(Sequence):
     return self._records[int(self._indices[i])]
 
 
+class _Groups(Sequence):
+  """Lists of records at fixed index groups of a parent dataset (a plain source, as ``_Share``)."""
+
+  def __init__(self, records: grain.MapDataset, groups: list[list[int]]):
+    self._records, self._groups = records, groups
+
+  def __len__(self) -> int:
+    return len(self._groups)
+
+  def __getitem__(self, i):
+    return [self._records[j] for j in self._groups[i]]
+
+
+def _by_prompt(records: grain.MapDataset) -> grain.MapDataset:
+  """The records grouped by prompt (the messages before the completion), groups in the order of
+  their first record, records in reading order: reads every record once to build the index."""
+  groups: dict[str, list[int]] = {}
+  for i in range(len(records)):
+    key = json.dumps(records[i]["prompt"], sort_keys=True, ensure_ascii=False)
+    groups.setdefault(key, []).append(i)
+  return grain.MapDataset.source(_Groups(records, list(groups.values())))
+
+
 def _shard(records: grain.MapDataset, *, process_index: int, process_count: int,
            stats: DataStats) -> grain.MapDataset:
   """This process's fixed share of the records: ``[process_index::process_count]``, equal sizes.
@@ -202,19 +229,23 @@ class PipelineOptions:
   prefetch_workers: int = 0  # > 0: grain worker processes
 
 
-def _examples(kind: str, sources_spec, tokenizer, o: PipelineOptions):
-  """Records of ``kind`` -> this process's share -> tokenized examples (both entry points);
-  returns (examples, stats, the batch datasets' shared keyword arguments)."""
+def _examples(kind: str, sources_spec, tokenizer, o: PipelineOptions, share_prompts: bool = False):
+  """Records of ``kind`` (``share_prompts``: groups of one prompt's records) -> this process's
+  share -> tokenized examples (both entry points); returns (examples, stats, the batch datasets'
+  shared keyword arguments)."""
   process_index, process_count = _process(o.process_index, o.process_count)
   _check_buckets(o.length_buckets, process_count)
   stats = DataStats()
-  records = _shard(_records(sources_spec, kind, o.on_error, o.reasoning_tags, stats),
-                   process_index=process_index, process_count=process_count, stats=stats)
+  records = _records(sources_spec, kind, o.on_error, o.reasoning_tags, stats)
+  if share_prompts:
+    records = _by_prompt(records)
+  records = _shard(records, process_index=process_index, process_count=process_count, stats=stats)
   opts = tokenize.TokenizeOptions(
       max_length=o.max_length, max_prompt_length=o.max_prompt_length,
       prompt_truncation=o.truncation, response_truncation=o.response_truncation,
       min_response_tokens=o.min_response_tokens)
-  fn = functools.partial(_TOKENIZE[kind], tokenizer=tokenizer, opts=opts,
+  fn = functools.partial(tokenize.tokenize_pref_group if share_prompts else _TOKENIZE[kind],
+                         tokenizer=tokenizer, opts=opts,
                          specials=tokenize.special_ids(tokenizer))
   examples = _tokenized(records, fn, shuffle=o.shuffle, seed=o.seed, num_epochs=o.num_epochs,
                         read_threads=o.read_threads)
@@ -236,22 +267,28 @@ def sft_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer,
 
 
 def dpo_batches(sources_spec: str | Sequence[str] | grain.MapDataset, tokenizer, *,
-                prefix_sharing: bool = False, pairs_per_row: int = 1, **options) -> BatchIterator:
+                prefix_sharing: bool = False, pairs_per_row: int = 1, share_prompts: bool = False,
+                **options) -> BatchIterator:
   """SRPO batches for this process: ``chosen_*`` / ``rejected_*`` (tokens, positions, segment_ids,
   loss_mask; int32 [B, L]), ``shared_len`` int32 [B], ``example_id`` int64 [B].
   ``options``: the fields of :class:`PipelineOptions` (``batch_size`` and ``max_length`` required).
 
   ``prefix_sharing``: prefix-shared rows instead (``batching.tree_rows``: ``tokens``,
-  ``positions``, ``segment_ids``, ``branch_ids``, ``loss_mask`` [B, L]; ``shared_len``,
-  ``example_id`` [B, pairs_per_row]); ``pairs_per_row > 1`` packs several pairs per row, and
-  ``batch_size`` then counts rows. Trees longer than ``max_length`` are cut or dropped by
-  ``response_truncation``."""
+  ``positions``, ``segment_ids``, ``subtree_end``, ``source``, ``loss_mask`` [B, L]; the spans
+  ``chosen_first`` ... ``rejected_last``, ``shared_len``, ``example_id`` [B, pairs_per_row]);
+  ``pairs_per_row > 1`` packs several pairs per row, and ``batch_size`` then counts rows.
+  ``share_prompts`` (needs ``pairs_per_row > 1``) puts the pairs of one prompt in one token tree
+  (several trees when they exceed ``max_length`` or ``pairs_per_row``); the shuffle then moves
+  whole prompts. Pairs longer than ``max_length`` are
+  cut or dropped by ``response_truncation``."""
   if pairs_per_row > 1 and not prefix_sharing:
     raise ValueError(f"pairs_per_row={pairs_per_row} needs prefix_sharing=True")
+  if share_prompts and pairs_per_row < 2:
+    raise ValueError("share_prompts needs prefix_sharing=True and pairs_per_row > 1")
   o = PipelineOptions(**options)
-  examples, stats, common = _examples("preference", sources_spec, tokenizer, o)
+  examples, stats, common = _examples("preference", sources_spec, tokenizer, o, share_prompts)
   if prefix_sharing:
-    batches = batching.DpoTreeBatchDataset(examples, trees=pairs_per_row,
+    batches = batching.DpoTreeBatchDataset(examples, pairs_per_row=pairs_per_row,
                                            truncation=o.response_truncation, **common)
   else:
     batches = batching.DpoBatchDataset(examples, **common)

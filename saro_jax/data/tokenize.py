@@ -304,3 +304,22 @@ def tokenize_pref(record: Mapping[str, Any], tokenizer, opts: TokenizeOptions,
     return {"id": rid, "dropped": "dropped/identical_after_truncation"}
   out["events"] = events
   return out
+
+
+def tokenize_pref_group(records: Sequence[Mapping[str, Any]], tokenizer, opts: TokenizeOptions,
+                        specials: frozenset[int] | None = None) -> dict[str, Any]:
+  """The preference records of one prompt -> {"id" (the first record's), "pairs" (the kept
+  ``tokenize_pref`` outputs), "events" (each dropped pair's reason)} or, when every pair is
+  dropped, {"id", "dropped"}."""
+  specials = special_ids(tokenizer) if specials is None else specials
+  pairs, events = [], []
+  for record in records:
+    out = tokenize_pref(record, tokenizer, opts, specials)
+    if "dropped" in out:
+      events.append(out["dropped"])
+    else:
+      pairs.append(out)
+  rid = str(records[0]["id"])
+  if not pairs:
+    return {"id": rid, "dropped": events[0]}
+  return {"id": rid, "pairs": pairs, "events": events}

@@ -129,23 +129,23 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array, axis: int) -> jax.Array
 
 
 def attention_mask(q_slot_BxT: jax.Array, q_segment_BxT: jax.Array, k_segment_BxS: jax.Array,
-                   sliding_window: int | None, branch_ids_BxL: jax.Array | None = None,
+                   sliding_window: int | None, subtree_end_BxL: jax.Array | None = None,
                    positions_BxL: jax.Array | None = None) -> jax.Array:
   """Boolean [B, 1, T, S]: query t (at slot q_slot) sees key slot s.
 
-  ``branch_ids_BxL`` (no cache, T = S = L; prefix-shared DPO rows ``[shared | chosen | rejected]``):
-  0 = shared trunk, 1 = chosen, 2 = rejected; a token also needs the key on the trunk or on its own
-  branch, so rejected never sees chosen. The sliding window then counts positions (which restart at
-  the branch), not slots.
+  ``subtree_end_BxL`` (no cache, T = S = L; prefix-shared DPO rows, token trees laid out depth
+  first: ``data.batching.prompt_tree``): key s is also seen only by the slots before
+  ``subtree_end[s]``, its own node's later tokens and its descendants, so no branch sees a sibling
+  (rejected never sees chosen). The sliding window then counts positions (a token's index in its
+  own sequence), not slots.
   """
   k_slot_S = jnp.arange(k_segment_BxS.shape[1], dtype=jnp.int32)
   q_slot = q_slot_BxT[:, :, None]
   visible = k_slot_S[None, None, :] <= q_slot
   visible &= q_segment_BxT[:, :, None] == k_segment_BxS[:, None, :]
   distance = q_slot - k_slot_S[None, None, :]
-  if branch_ids_BxL is not None:
-    q_branch, k_branch = branch_ids_BxL[:, :, None], branch_ids_BxL[:, None, :]
-    visible &= (k_branch == 0) | (k_branch == q_branch)
+  if subtree_end_BxL is not None:
+    visible &= q_slot < subtree_end_BxL[:, None, :]
     distance = positions_BxL[:, :, None] - positions_BxL[:, None, :]
   if sliding_window is not None:
     visible &= distance < sliding_window
@@ -620,10 +620,10 @@ class Transformer(nnx.Module):
     return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
 
   def hidden_states(self, tokens_BxL, positions_BxL, segment_ids_BxL,
-                    branch_ids_BxL=None) -> jax.Array:
+                    subtree_end_BxL=None) -> jax.Array:
     """Final-norm hidden states [B, L, D] in the compute dtype (for chunked log-probs).
-    ``branch_ids_BxL``: prefix-shared DPO rows, see ``attention_mask``."""
-    return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, None, None, branch_ids_BxL)[0]
+    ``subtree_end_BxL``: prefix-shared DPO rows, see ``attention_mask``."""
+    return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, None, None, subtree_end_BxL)[0]
 
   def unembed_DxV(self) -> jax.Array:
     """Output projection [D, padded_vocab_size]; columns >= config.vocab_size are padding."""
@@ -652,7 +652,7 @@ class Transformer(nnx.Module):
   # -- internals -------------------------------------------------------------------------------
 
   def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index,
-               branch_ids_BxL=None):
+               subtree_end_BxL=None):
     c = self.config
     dt = jnp.dtype(c.compute_dtype)
     tokens_BxL = jnp.asarray(tokens_BxL, jnp.int32)
@@ -670,7 +670,7 @@ class Transformer(nnx.Module):
     if cache is None:
       slots_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
       mask = attention_mask(slots_BxL, segment_ids_BxL, segment_ids_BxL, c.sliding_window,
-                            None if branch_ids_BxL is None else jnp.asarray(branch_ids_BxL, jnp.int32),
+                            None if subtree_end_BxL is None else jnp.asarray(subtree_end_BxL, jnp.int32),
                             jnp.asarray(positions_BxL, jnp.int32))
       if c.scan_layers:
         x_BxLxD, _ = self._scan_layers(x_BxLxD, cos, sin, mask)

@@ -41,7 +41,7 @@ def make_reference_fn(graphdef: nnx.GraphDef, *, vocab_size: int, chunk_size: in
 
   def one(params, batch):
     out = logps.pair_logps(train.merge_model(graphdef, params), batch, vocab_size=vocab_size,
-                     chunk_size=chunk_size, trees=trees or 1)
+                           chunk_size=chunk_size)
     if trees is None:
       return out["chosen_logps"], out["rejected_logps"]
     return out["chosen_logps"].reshape(-1, trees), out["rejected_logps"].reshape(-1, trees)
@@ -84,6 +84,8 @@ def cache_key(cfg: StageConfig, tokenizer, params) -> str:
           "weights": fingerprint(params), "process_count": jax.process_count()}
   if cfg.dpo is not None and cfg.dpo.prefix_sharing:  # trees may be cut differently
     data["layout"] = ["prefix", cfg.dpo.pairs_per_row]
+    if cfg.dpo.share_prompts:  # processes then share prompts, not records: other shards
+      data["layout"].append("share_prompts")
   return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -31,7 +31,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: StageConfig, *, vocab_size: int):
 
   def loss_fn(params, batch, n_micro_batches):
     out = logps.pair_logps(models.merge(graphdef, params), batch, vocab_size=vocab_size,
-                               chunk_size=cfg.train.logps_chunk, trees=dpo.pairs_per_row)
+                           chunk_size=cfg.train.logps_chunk)
     loss, metrics = losses.dpo_loss(
         out["chosen_logps"], out["rejected_logps"],
         None if reference_free else batch["ref_chosen_logps"].reshape(-1),
@@ -56,7 +56,8 @@ def batch_options(cfg: StageConfig) -> dict:
   """The DPO row layout: one pair per row (default), prefix-shared trees, or packed trees."""
   if not cfg.dpo.prefix_sharing:
     return {}
-  return {"prefix_sharing": True, "pairs_per_row": cfg.dpo.pairs_per_row}
+  return {"prefix_sharing": True, "pairs_per_row": cfg.dpo.pairs_per_row,
+          "share_prompts": cfg.dpo.share_prompts}
 
 
 def one_epoch_batches(cfg: StageConfig, tokenizer) -> Iterator[dict]:
