@@ -18,11 +18,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from saro_jax import losses
+from saro_jax.data import batching
 
 PAIR_KEYS = tuple(f"{side}_{name}" for side in ("chosen", "rejected")
                   for name in ("tokens", "positions", "segment_ids", "loss_mask"))
-TREE_KEYS = ("tokens", "positions", "segment_ids", "subtree_end", "source", "loss_mask",
-             "chosen_first", "chosen_last", "rejected_first", "rejected_last")
+TREE_KEYS = batching.TREE_KEYS + batching.SPAN_KEYS  # the batcher's [rows, L] keys and spans
 
 
 def input_keys(prefix_sharing: bool) -> tuple[str, ...]:

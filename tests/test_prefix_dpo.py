@@ -199,7 +199,7 @@ def test_prompt_trees_split_at_length_and_slots():
 
 def test_fit_tree_cuts_or_drops():
   p = pair("a", [1] * 4, [2] * 6, [3] * 3)  # tree 13
-  assert batching.tree_length(batching.fit_tree(p, 13)) == 13
+  assert len(batching.prompt_tree([batching.fit_tree(p, 13)])["tokens"]) == 13
   cut = batching.fit_tree(p, 10)  # room 6: rejected keeps 3, chosen 3
   assert len(cut["chosen_tokens"]) == 7 and len(cut["rejected_tokens"]) == 7
   assert cut["events"] == ["truncated/tree"]

@@ -401,11 +401,6 @@ def fit_tree(pair: Mapping[str, Any], max_length: int, truncation: str = "cut") 
   return out
 
 
-def tree_length(pair: Mapping[str, Any]) -> int:
-  """The slots of one pair's own tree (its two sequences share the first ``shared_len``)."""
-  return len(pair["chosen_tokens"]) + len(pair["rejected_tokens"]) - int(pair["shared_len"])
-
-
 def _check_pair(p: Mapping[str, Any]) -> None:
   s = int(p["shared_len"])
   chosen, rejected = np.asarray(p["chosen_tokens"]), np.asarray(p["rejected_tokens"])
@@ -458,14 +453,13 @@ def prompt_tree(pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   slot_of = np.zeros(len(token), np.int64)
   tokens, positions, parent = (np.zeros(n, np.int32) for _ in range(3))
   end = np.zeros(n, np.int32)
-  order, stack = [], [(c, 0, -1) for c in reversed(list(children[0].values()))]
+  placed, stack = 0, [(c, 0, -1) for c in reversed(list(children[0].values()))]
   while stack:
     node, depth, parent_slot = stack.pop()
     if node < 0:  # closing marker: the subtree of ~node ends here
-      end[slot_of[~node]] = len(order)
+      end[slot_of[~node]] = placed
       continue
-    slot = len(order)
-    order.append(node)
+    slot, placed = placed, placed + 1
     slot_of[node] = slot
     tokens[slot], positions[slot] = token[node], depth
     parent[slot] = slot if parent_slot < 0 else parent_slot
@@ -567,8 +561,8 @@ class _DpoTreeIterator(_BatchIterator):
     """A pair, or a prompt's group of pairs (``{"id", "pairs", "events"}``), -> its trees."""
     ds = self._ds
     group = "pairs" in ex
-    trees, events = prompt_trees(ex["pairs"] if group else [ex], ds.max_length, ds.trees,
-                                 ds.truncation)
+    trees, events = prompt_trees(ex["pairs"] if group else [ex], ds.max_length,
+                                 ds.pairs_per_row, ds.truncation)
     if group:
       events = list(ex.get("events", ())) + events
     if not trees:
@@ -585,7 +579,8 @@ class _DpoTreeIterator(_BatchIterator):
     # Best fit (the fullest row that still holds the tree) keeps large holes open for later trees.
     tree = piece["tree"]
     n, k = len(tree["tokens"]), len(tree["pairs"])
-    fits = [j for j, r in enumerate(rows) if _pairs_in(r) + k <= self._ds.trees and free[j] >= n]
+    fits = [j for j, r in enumerate(rows)
+            if _pairs_in(r) + k <= self._ds.pairs_per_row and free[j] >= n]
     if not fits:
       return False
     i = min(fits, key=lambda j: free[j])
@@ -608,11 +603,11 @@ class DpoTreeBatchDataset(_BatchDataset):
     super().__init__(parent, **kw)
     if pairs_per_row < 1:
       raise ValueError(f"pairs_per_row must be >= 1, got {pairs_per_row}")
-    self.trees, self.truncation = pairs_per_row, truncation
+    self.pairs_per_row, self.truncation = pairs_per_row, truncation
 
   @property
   def packs(self) -> bool:
-    return self.trees > 1
+    return self.pairs_per_row > 1
 
   def size(self, piece) -> int:
     return len(piece["tree"]["tokens"])
@@ -622,16 +617,16 @@ class DpoTreeBatchDataset(_BatchDataset):
     return {"pairs": len(piece["tree"]["pairs"])}
 
   def is_full(self, rows) -> bool:
-    return all(_pairs_in(r) >= self.trees for r in rows)
+    return all(_pairs_in(r) >= self.pairs_per_row for r in rows)
 
   def assemble(self, rows) -> dict[str, np.ndarray]:
     longest = max(sum(len(tree["tokens"]) for tree in r) for r in rows)
-    return tree_rows(rows, bucket_length(longest, self.max_length, self.buckets), self.trees,
-                     self.pad_id)
+    return tree_rows(rows, bucket_length(longest, self.max_length, self.buckets),
+                     self.pairs_per_row, self.pad_id)
 
   def __iter__(self) -> grain.DatasetIterator:
     return _DpoTreeIterator(self._parent.__iter__(), self)
 
   def __str__(self) -> str:
     return (f"DpoTreeBatchDataset(batch_size={self.batch_size}, max_length={self.max_length},"
-            f" pairs_per_row={self.trees})")
+            f" pairs_per_row={self.pairs_per_row})")
