@@ -26,6 +26,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from saro_jax import host_memory, models, sharding, xla_options
+from saro_jax import optimizer as opt_lib
 from saro_jax.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     return loss_fn(params, micro_batch, normalizer)
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)  # w.r.t. the trainable params only
+  optimizer = optax.with_extra_args_support(optimizer)  # takes grad_norm= (below)
 
   def train_step(state: TrainState, batch: Batch, frozen: Any = None
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -138,7 +140,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         return (jax.tree.map(jnp.add, total, out), frozen), None
 
       (((loss, metrics), grads), _), _ = jax.lax.scan(body, (zeros, frozen), micro)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = opt_lib.global_norm(grads)
     # A non-finite loss or gradient never reaches the weights or the optimizer moments: the
     # update is skipped on the device (no host round trip) and the step is flagged; run_loop
     # decides from the flags whether to stop (train.nonfinite="raise") or go on ("skip").
@@ -149,7 +151,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(params, opt_state):
-      updates, opt_state = optimizer.update(grads, opt_state, params)
+      # The norm once per step: our clipping takes it (optimizer.clip_by_global_norm); an
+      # optimizer without that argument ignores it (with_extra_args_support).
+      updates, opt_state = optimizer.update(grads, opt_state, params, grad_norm=grad_norm)
       return optax.apply_updates(params, updates), opt_state
 
     params, opt_state = jax.lax.cond(finite, update, lambda params, opt_state: (params, opt_state),

@@ -182,3 +182,67 @@ def test_bad_settings_fail_with_the_field_name():
     optimizer.make_optimizer(**base, weight_decay=-1)
   with pytest.raises(ValueError, match="learning_rate=0"):
     optimizer.make_optimizer(**{**base, "learning_rate": 0})
+
+
+def test_global_norm_matches_float64_and_a_dropped_leaf_breaks_it():
+  rng = np.random.default_rng(3)
+  tree = {"w": (rng.normal(size=(37, 29)) * 3).astype(np.float32),
+          "b": (rng.normal(size=(29,)) * 3).astype(np.float32),
+          "e": np.zeros((0, 4), np.float32), "s": np.float32(2.0),
+          "t": (rng.normal(size=(3, 4, 5)) * 0.5).astype(np.float32)}
+  n = sum(np.size(x) for x in tree.values())
+  want = math.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in tree.values()))
+  got = float(jax.jit(optimizer.global_norm)(tree))
+  # Error model: n non-negative fp32 squares (one rounding each) summed in any order, then one
+  # sqrt: relative error <= gamma(n + 1) / 2 + u for the norm; gamma(n + 2) covers both.
+  bound = em.gamma(n + 2) * want
+  print(f"norm {got} vs float64 {want}: |d| {abs(got - want):.2e}, bound {bound:.2e}")
+  assert abs(got - want) <= bound
+  assert got == pytest.approx(float(optax.tree.norm(tree)), rel=em.gamma(2 * n + 4))
+  # A norm that misses a leaf (the bias's 29 of 1152 terms) leaves the bound >= 10x.
+  dropped = float(optimizer.global_norm({k: v for k, v in tree.items() if k != "b"}))
+  assert abs(dropped - want) >= 10 * bound
+
+
+def test_clipping_takes_the_norm_it_is_given():
+  """The train step hands its gradient norm to the clipping (``grad_norm=``), so the update does
+  not compute it again; given or computed, the rule is optax's."""
+  rng = np.random.default_rng(4)
+  grads = {"w": jnp.asarray(rng.normal(size=(6, 5)) * 2, jnp.float32),
+           "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}
+  clip = optimizer.clip_by_global_norm(1.5)
+  state = clip.init(grads)
+  assert jax.tree.structure(state) == jax.tree.structure(optax.clip_by_global_norm(1.5).init(grads))
+  own, _ = clip.update(grads, state)
+  theirs, _ = optax.clip_by_global_norm(1.5).update(grads, optax.EmptyState())
+  norm = optimizer.global_norm(grads)
+  given, _ = clip.update(grads, state, grad_norm=norm)
+  # The same formula on norms that agree to the sums' rounding (<= 35 terms), then one divide
+  # and one multiply: relative gamma(35 + 3) per element.
+  for k in grads:
+    np.testing.assert_array_equal(given[k], own[k])
+    np.testing.assert_allclose(own[k], theirs[k], rtol=em.gamma(38), atol=0)
+  # The given norm is the one used: twice the norm halves the clipped update.
+  doubled, _ = clip.update(grads, state, grad_norm=2 * norm)
+  for k in grads:
+    np.testing.assert_allclose(doubled[k], 0.5 * np.asarray(own[k]), rtol=em.gamma(4), atol=0)
+  # Below max_norm nothing changes, whatever the norm was computed from.
+  small, _ = clip.update(grads, state, grad_norm=jnp.float32(1.0))
+  for k in grads:
+    np.testing.assert_array_equal(small[k], grads[k])
+  # make_optimizer's chain forwards it; a plain optax transformation ignores it.
+  tx = optimizer.make_optimizer(learning_rate=0.1, warmup_steps=0, total_steps=2,
+                                schedule="constant", max_grad_norm=1.5)
+  a, _ = tx.update(grads, tx.init(grads), grads, grad_norm=norm)
+  b, _ = tx.update(grads, tx.init(grads), grads)
+  for k in grads:
+    np.testing.assert_array_equal(a[k], b[k])
+  plain = optimizer.make_optimizer(learning_rate=0.1, warmup_steps=0, total_steps=2,
+                                   schedule="constant", max_grad_norm=None)
+  d, _ = plain.update(grads, plain.init(grads), grads, grad_norm=norm)  # no clipping to take it
+  e, _ = plain.update(grads, plain.init(grads), grads)
+  for k in grads:
+    np.testing.assert_array_equal(d[k], e[k])
+  sgd = optax.with_extra_args_support(optax.sgd(0.1))
+  c, _ = sgd.update(grads, sgd.init(grads), grads, grad_norm=norm)
+  np.testing.assert_allclose(c["w"], -0.1 * np.asarray(grads["w"]), rtol=em.gamma(1))

@@ -188,6 +188,25 @@ def test_micro_batches_keep_each_devices_rows():
   np.testing.assert_array_equal(np.asarray(micro).swapaxes(0, 1).reshape(8, 3), x)
 
 
+def test_the_step_hands_its_gradient_norm_to_the_optimizer():
+  """The norm is computed once a step (``optimizer.global_norm``): the metric, the non-finite
+  check and the clipping (``grad_norm=``) all read that one value. An optimizer that moves every
+  weight by the norm it is given shows which norm arrived; a plain optax one still works."""
+  x = np.array([[3.0, 4.0], [0.0, 12.0]], np.float32)  # the gradient: norm 13
+  loss_fn = lambda params, batch, normalizer: (jnp.sum(params["w"] * batch["x"]), {})
+  by_norm = optax.GradientTransformationExtraArgs(
+      lambda params: optax.EmptyState(),
+      lambda updates, state, params=None, *, grad_norm=None, **extra: (
+          jax.tree.map(lambda u: jnp.zeros_like(u) + grad_norm, updates), state))
+  for optimizer, want in ((by_norm, np.full_like(x, 13.0)), (optax.sgd(0.5), -0.5 * x)):
+    step = jax.jit(train.make_train_step(loss_fn, optimizer, grad_accum=1,
+                                         normalizer_fn=lambda batch: jnp.float32(1)))
+    state = train.init_state({"w": jnp.ones_like(x)}, optimizer, 0)
+    state, metrics = step(state, {"x": jnp.asarray(x)})
+    assert float(metrics["grad_norm"]) == 13.0  # exact: squares and sums of small integers
+    np.testing.assert_array_equal(np.asarray(state.params["w"]) - 1.0, want)
+
+
 def test_the_step_never_copies_a_moment_buffer(tokenizer, host_batches):
   """The update skipped on a non-finite step is a ``lax.cond`` (train.make_train_step): with a
   select of new against old XLA fused each moment's update into the weight's fusion too, read the
