@@ -7,6 +7,8 @@ rows packed with several segments (DPO trees), SmolLM2's heads (9 query, 3 kv, h
   python benchmarks/attention_tiles.py --shapes 2x64:causal --tiles 32 --repeats 1   # a smoke run
   python benchmarks/attention_tiles.py --dtype bfloat16 --shapes 4x512:causal --tiles 128 \
       --backward rows,transposed     # the tiled backward's two layouts side by side
+  python benchmarks/attention_tiles.py --dtype bfloat16 --heads 32,8,64 --shapes 8x2048:causal \
+      --tiles 128 --cudnn            # a GPU: cuDNN's fused attention beside ours (Llama-3.2-1B)
 
 A shape is ``BxL:kind``: ``causal`` rows are one segment each; ``trees`` rows are packed with
 segments of 200..420 slots (the bundled DPO trees' range under SmolLM2's tokenizer) and the last
@@ -15,7 +17,11 @@ is of sum(out * q) (any cotangent costs the same). Each figure is the median of 
 calls after one untimed call; layouts alternate within a repeat. ``--dtype bfloat16`` runs q, k, v
 in bf16; ``--backward`` lists the tiled gradient's layouts to run (``tiled_attention``'s
 ``transposed_backward``: ``rows``, ``transposed``, or ``auto``, the default for the dtype and
-backend). Every function compiles with the train steps' options
+backend). ``--heads N,K,H`` sets the query heads, kv heads and head dim. ``--cudnn`` (a GPU, bf16)
+adds ``transformer.cudnn_attention`` (what ``attention_impl`` cudnn/auto runs there: the mask as
+a bias plus cuDNN's causal mask) and ``cudnn:causal`` (cuDNN's causal mask alone, no bias: the
+bias's cost; run on ``causal`` shapes only, where it is the same attention).
+Every function compiles with the train steps' options
 (``xla_options.step_options``: on a CPU, the memory-optimized scheduler and YNNPACK for the dots
 only), as the attention runs inside a step. Also printed: the largest relative difference of
 each layout's output and gradients from the blocks' (fp32 roundoff, ~1e-7..1e-6; bf16
@@ -35,7 +41,7 @@ import numpy as np
 from saro_jax import sharding, xla_options
 from saro_jax.models import tiled_attention, transformer
 
-N, K, H = 9, 3, 64  # SmolLM2-135M's attention heads
+HEADS = "9,3,64"  # SmolLM2-135M's attention heads: query, kv, head dim
 
 
 def segments(B: int, L: int, kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -61,7 +67,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--backward", default="auto", help="comma list of auto | rows | transposed")
+  p.add_argument("--heads", default=HEADS, help="query heads, kv heads, head dim")
+  p.add_argument("--cudnn", action="store_true", help="add cuDNN's fused attention (a GPU)")
   args = p.parse_args(argv)
+  N, K, H = (int(x) for x in args.heads.split(","))
   tiles = [int(t) for t in args.tiles.split(",") if t]
   backwards = [b for b in args.backward.split(",") if b]
   if not backwards or set(backwards) - {"auto", "rows", "transposed"}:
@@ -85,6 +94,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         transposed = None if backward == "auto" else backward == "transposed"
         layouts[name] = (lambda t, transposed: lambda q, k, v, m: tiled_attention.tiled_attention(
             q, k, v, m, H ** -0.5, t, transposed))(t, transposed)
+    if args.cudnn:
+      layouts["cudnn"] = lambda q, k, v, m: transformer.cudnn_attention(q, k, v, m, H ** -0.5)
+      if kind == "causal":
+        layouts["cudnn:causal"] = lambda q, k, v, m: jax.nn.dot_product_attention(
+            q, k, v, scale=H ** -0.5, is_causal=True, implementation="cudnn")
     fwd = {name: jax.jit(f, compiler_options=options) for name, f in layouts.items()}
     objective = lambda q, k, v, m, f: jnp.sum((f(q, k, v, m) * q).astype(jnp.float32))
     both = {name: jax.jit(jax.value_and_grad(lambda q, k, v, m, f=f: objective(q, k, v, m, f),

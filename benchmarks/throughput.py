@@ -12,7 +12,10 @@ dict of ModelConfig fields, drawn at random. ``--compute_dtype`` / ``--attention
 ``--remat`` / ``--scan_layers`` override the preset's model settings (params stay fp32: the
 master weights). MFU: model FLOPs per step / step time / (``--peak_tflops`` x devices), with
 6 N per trained token (forward + backward) and, for SRPO, 2 N more per token for the live
-reference forward (N = params; attention's L^2 term is not counted).
+reference forward (N = params; attention's L^2 term is not counted: ``*_tflops_with_attention``
+adds the causal q.k and p.v products, 3x the forward's for a trained row, 1x for a reference one).
+The devices' peak memory (GiB) is printed where the backend reports it (GPU/TPU). A JSON line of
+the figures so far follows each of RW and SRPO.
 
 It only PRINTS figures (a table, then one JSON line); it asserts no speed target. Batches are
 synthetic random tokens in the "Data" contract's format (BUILD.md), so no data pipeline is timed.
@@ -39,6 +42,7 @@ import numpy as np
 
 from saro_jax import engine, logps, models, sample, sharding, train
 from saro_jax.config import StageConfig, training_config
+from saro_jax.models import transformer
 from saro_jax.stages import reference, rw, srpo
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
@@ -146,10 +150,17 @@ def bench_rw(cfg: StageConfig, graphdef, params, optimizer, lr_fn, mesh, args) -
   tokens = args.batch * args.length
   tflops = 6 * args.n_params * tokens / step_s / 1e12
   out = {"rw_compile_s": compile_s, "rw_step_s": step_s, "rw_tokens_per_s": tokens / step_s,
-         "rw_tokens_per_s_per_device": tokens / step_s / args.devices, "rw_tflops": tflops}
+         "rw_tokens_per_s_per_device": tokens / step_s / args.devices, "rw_tflops": tflops,
+         "rw_tflops_with_attention": tflops + 3 * attention_flops(args, args.batch) / step_s / 1e12}
   if args.peak_tflops:
     out["rw_mfu"] = tflops / (args.peak_tflops * args.devices)
   return out
+
+
+def attention_flops(args: argparse.Namespace, rows: int) -> float:
+  """The forward's attention products (q.k and p.v) of ``rows`` causal rows: 2 products x 2 flops
+  x L^2 / 2 visible (query, key) pairs x N x H per layer (a backward is 2 forwards more)."""
+  return 2 * rows * args.length ** 2 * args.attention_width * args.num_layers
 
 
 def bench_srpo(cfg: StageConfig, graphdef, params, optimizer, lr_fn, mesh, args) -> dict[str, float]:
@@ -184,7 +195,8 @@ def bench_srpo(cfg: StageConfig, graphdef, params, optimizer, lr_fn, mesh, args)
   tflops = 8 * args.n_params * tokens / step_s / 1e12  # policy fwd+bwd (6N) + reference fwd (2N)
   out = {"srpo_compile_s": compile_s + ref_compile_s, "srpo_step_s": step_s,
          "srpo_pairs_per_s": args.batch / step_s, "srpo_tokens_per_s": tokens / step_s,
-         "srpo_tflops": tflops}
+         "srpo_tflops": tflops,
+         "srpo_tflops_with_attention": tflops + 4 * attention_flops(args, 2 * args.batch) / step_s / 1e12}
   if args.peak_tflops:
     out["srpo_mfu"] = tflops / (args.peak_tflops * args.devices)
   return out
@@ -248,19 +260,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | int | str]:
     graphdef, params = models.split(model)
     args.vocab_size = model.config.vocab_size
     args.n_params = sum(x.size for x in jax.tree.leaves(params))
+    args.num_layers = model.config.num_layers
+    args.attention_width = model.config.num_heads * model.config.head_dim
     figures: dict[str, float | int | str] = {
         "model": (args.arch if args.arch in ARCHS else
                   "arch" + json.dumps(json.loads(args.arch), separators=(",", ":"))
                   if args.arch else args.model), "compute_dtype": str(model.config.compute_dtype),
-        "attention_impl": str(model.config.attention_impl), "remat": str(model.config.remat),
+        "attention_impl": str(model.config.attention_impl),
+        "attention_runs": transformer.training_attention_impl(
+            model.config.attention_impl, model.config.compute_dtype, model.config.head_dim,
+            args.length), "remat": str(model.config.remat),
         "backend": jax.default_backend(), "devices": args.devices,
         "params": args.n_params, "batch": args.batch, "length": args.length, "steps": args.steps}
     if "rw" not in skip:
       optimizer, lr_fn = engine.make_optimizer(cfg_rw)
       figures.update(bench_rw(cfg_rw, graphdef, params, optimizer, lr_fn, mesh, args))
+      figures.update(_peak_memory("rw", devices))
+      print(json.dumps(figures), flush=True)  # so far: a later stage that fails loses nothing
     if "srpo" not in skip:
       optimizer, lr_fn = engine.make_optimizer(cfg_srpo)
       figures.update(bench_srpo(cfg_srpo, graphdef, params, optimizer, lr_fn, mesh, args))
+      figures.update(_peak_memory("srpo", devices))
+      print(json.dumps(figures), flush=True)
     if "sample" not in skip:
       figures["new_tokens"] = args.new_tokens
       figures.update(bench_sampler(model, tokenizer, mesh, args))
@@ -269,8 +290,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | int | str]:
   return figures
 
 
+def _peak_memory(stage: str, devices) -> dict[str, float]:
+  """The largest peak of the devices' allocators since the process started (GiB), where the
+  backend reports one (GPU/TPU; XLA:CPU does not): after SRPO it is max(RW, SRPO)."""
+  stats = [d.memory_stats() for d in devices]
+  peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
+  return {f"{stage}_peak_gib": max(peaks) / 2 ** 30} if peaks else {}
+
+
+def _peak_text(f: dict, stage: str) -> str:
+  return f", peak {f[stage + '_peak_gib']:.1f} GiB" if stage + "_peak_gib" in f else ""
+
+
 def print_table(f: dict) -> None:
   print(f"model={f['model']} compute={f['compute_dtype']} attention={f['attention_impl']} "
+        f"(runs {f['attention_runs']}) "
         f"remat={f['remat']} backend={f['backend']} devices={f['devices']} "
         f"params={f['params'] / 1e6:.2f}M batch={f['batch']} length={f['length']} steps={f['steps']}")
   rows = []
@@ -278,12 +312,12 @@ def print_table(f: dict) -> None:
     mfu = f"  MFU {100 * f['rw_mfu']:.1f}%" if "rw_mfu" in f else ""
     rows.append(("RW step", f["rw_compile_s"], f["rw_step_s"],
                  f"{f['rw_tokens_per_s']:.0f} tok/s ({f['rw_tokens_per_s_per_device']:.0f}/device),"
-                 f" {f['rw_tflops']:.4f} TFLOP/s{mfu}"))
+                 f" {f['rw_tflops']:.4f} TFLOP/s{mfu}{_peak_text(f, 'rw')}"))
   if "srpo_step_s" in f:
     mfu = f"  MFU {100 * f['srpo_mfu']:.1f}%" if "srpo_mfu" in f else ""
     rows.append(("SRPO step+ref", f["srpo_compile_s"], f["srpo_step_s"],
                  f"{f['srpo_pairs_per_s']:.2f} pairs/s ({f['srpo_tokens_per_s']:.0f} tok/s), "
-                 f"{f['srpo_tflops']:.4f} TFLOP/s{mfu}"))
+                 f"{f['srpo_tflops']:.4f} TFLOP/s{mfu}{_peak_text(f, 'srpo')}"))
   if "sample_s" in f:
     rows.append((f"sample {f['new_tokens']} new", f["sample_first_call_s"], f["sample_s"],
                  f"{f['sample_new_tokens_per_s']:.1f} new tok/s"))

@@ -211,3 +211,116 @@ def test_tiled_attention_in_bfloat16_tracks_the_blocks():
   leaky = mask | jnp.eye(L, k=1, dtype=bool)[None, None]
   bug = jax.jit(_tiled(leaky, 64, scale))(q, k, v)
   assert np.abs(f32(bug) - f32(want)).max() > bound
+
+
+def test_auto_attention_is_ours_off_gpu_and_cudnn_where_it_runs(monkeypatch):
+  pick = transformer.training_attention_impl
+  assert jax.default_backend() != "gpu" or pytest.skip("the CPU/TPU half of the rule")
+  # Off a GPU, "auto" is our attention (JAX's implementation=None would be its XLA path, which
+  # keeps the B x N x L x L scores); an explicit choice stands.
+  assert [pick("auto", dt, 64, 2048) for dt in (jnp.bfloat16, jnp.float32)] == ["xla", "xla"]
+  assert pick("cudnn", jnp.bfloat16, 64, 2048) == "cudnn" and pick("xla", jnp.bfloat16, 64, 2) == "xla"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert pick("auto", jnp.bfloat16, 64, 2048) == "cudnn" and pick("auto", jnp.float16, 128, 8) == "cudnn"
+  # cuDNN's limits: bf16/fp16 only, head dim a multiple of 8 up to 128, an even length (a bias in
+  # training); outside them "auto" stays ours.
+  assert [pick("auto", jnp.float32, 64, 2048), pick("auto", jnp.bfloat16, 12, 2048),
+          pick("auto", jnp.bfloat16, 256, 2048), pick("auto", jnp.bfloat16, 64, 2047)] == ["xla"] * 4
+
+
+def _exact_attention_terms(q, k, v, mask, scale, cotangent):
+  """fp32 probabilities P, dP = dO.V and the output O of the exact attention, per query head:
+  [B, N, T, S] and [B, T, N, H] (the GQA heads expanded)."""
+  G = q.shape[2] // k.shape[2]
+  k_full, v_full = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k_full, precision="highest") * scale
+  p = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+  out = jnp.einsum("bnts,bsnh->btnh", p, v_full, precision="highest")
+  dp = jnp.einsum("btnh,bsnh->bnts", cotangent, v_full, precision="highest")
+  return p, dp, out, k_full
+
+
+def _bf16_flash_bounds(q, k, v, mask, scale, cotangent):
+  """Elementwise bounds on a bf16 flash attention's output and gradients against the exact ones
+  (fp32 from the same bf16 inputs). The kernel sums in fp32 (its roundings are ~2^-24, far below
+  these) and rounds to bf16 (u = 2^-8) the probabilities P before P.V and P^T.dO, dS =
+  P * (dP - delta) before dS.K and dS^T.Q, and its outputs; delta = rowsum(dO * O) reads the
+  rounded O. Hence, with |.| elementwise:
+    |dO_out| <= u |P||V| + u |O|                     (<= 2 u max|v|: rows of P sum to 1)
+    |d dV|   <= u P^T |dO| + u |dV|
+    |d dS|   <= u |dS| + u P (|dP| + |delta|) + P u |dO||O| <= 3 u P (|dP| + |dO||O|)
+    |d dQ|   <= scale |d dS| |K| + u |dQ|,   |d dK| <= scale |d dS|^T |Q| + u |dK|
+  (GQA: dK, dV sum the group's query heads). A second rounding of each (undocumented kernel
+  internals, e.g. the scale folded into exp2) doubles every term: the factor 2 below."""
+  u = 2.0 ** -8
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  q, k, v, cotangent = map(f32, (q, k, v, cotangent))
+  p, dp, out, k_full = _exact_attention_terms(q, k, v, mask, scale, cotangent)
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                                     implementation="xla")
+  want, (dq, dk, dv) = jax.jit(lambda *a: _value_and_grads(ref, *a))(q, k, v, cotangent)
+  B, T, N, H = q.shape
+  G = N // k.shape[2]
+  group = lambda x_BxSxNxH: x_BxSxNxH.reshape(B, T, N // G, G, H).sum(axis=3)
+  delta_abs = jnp.einsum("btnh,btnh->bnt", jnp.abs(cotangent), jnp.abs(out))[..., None]
+  d_ds = 3 * u * p * (jnp.abs(dp) + delta_abs)
+  bounds = {
+      "out": u * jnp.einsum("bnts,bsnh->btnh", p, jnp.abs(jnp.repeat(v, G, axis=2))) + u * jnp.abs(want),
+      "dq": scale * jnp.einsum("bnts,bsnh->btnh", d_ds, jnp.abs(k_full)) + u * jnp.abs(dq),
+      "dk": group(scale * jnp.einsum("bnts,btnh->bsnh", d_ds, jnp.abs(q))) + u * jnp.abs(dk),
+      "dv": group(u * jnp.einsum("bnts,btnh->bsnh", p, jnp.abs(cotangent))) + u * jnp.abs(dv),
+  }
+  return {"out": want, "dq": dq, "dk": dk, "dv": dv}, {n: 2 * b for n, b in bounds.items()}
+
+
+def _excess(got, want, bound) -> float:
+  """max |got - want| / bound (a 2^-24 relative floor for entries whose bound is ~0)."""
+  f32 = lambda x: np.asarray(x, np.float64)
+  floor = 2.0 ** -24 * np.abs(f32(want)).max()
+  return float((np.abs(f32(got) - f32(want)) / (f32(bound) + floor)).max())
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN: a GPU backend")
+@pytest.mark.parametrize("kind", ["packed", "tree", "window"])
+def test_cudnn_attention_is_within_the_bf16_flash_bounds(kind):
+  # ``transformer.cudnn_attention`` (what attention_impl cudnn/auto runs on a GPU) against the
+  # exact attention of the same bf16 inputs, for every mask the training rows produce; the
+  # negative control is the mask lost (cuDNN's causal mask alone: chosen visible to rejected,
+  # packed segments to each other, no window), which must break the same bounds.
+  mask = _masks()[kind]
+  q, k, v, cotangent = (x.astype(jnp.bfloat16) for x in _inputs())
+  scale = H ** -0.5
+  want, bounds = _bf16_flash_bounds(q, k, v, mask, scale, cotangent)
+  run = lambda m: jax.jit(lambda *a: _value_and_grads(
+      lambda q, k, v: transformer.cudnn_attention(q, k, v, m, scale), *a))(q, k, v, cotangent)
+  out, (dq, dk, dv) = run(mask)
+  assert out.dtype == jnp.bfloat16
+  got = {"out": out, "dq": dq, "dk": dk, "dv": dv}
+  excess = {n: _excess(got[n], want[n], bounds[n]) for n in got}
+  print(f"{kind}: max |d| / bound {excess}")
+  assert max(excess.values()) <= 1, excess
+  causal = jnp.tril(jnp.ones((L, L), bool))[None, None]
+  bug_out, bug_grads = run(causal)
+  bug = [_excess(bug_out, want["out"], bounds["out"]), _excess(bug_grads[0], want["dq"], bounds["dq"])]
+  print(f"lost mask: max |d| / bound out, dq {bug}")
+  assert min(bug) > 10, bug
+
+
+def test_bf16_flash_bounds_hold_for_our_attention_and_catch_a_lost_mask():
+  # The same bounds, on any backend, for our bf16 attention (``causal_attention``: fp32 scores and
+  # sums, bf16 probabilities and outputs, the roundings the bounds count), and the lost-mask bug.
+  mask = _masks()["tree"]
+  q, k, v, cotangent = (x.astype(jnp.bfloat16) for x in _inputs())
+  scale = H ** -0.5
+  want, bounds = _bf16_flash_bounds(q, k, v, mask, scale, cotangent)
+  run = lambda m: jax.jit(lambda *a: _value_and_grads(
+      lambda q, k, v: transformer.causal_attention(q, k, v, m, scale), *a))(q, k, v, cotangent)
+  out, (dq, dk, dv) = run(mask)
+  got = {"out": out, "dq": dq, "dk": dk, "dv": dv}
+  excess = {n: _excess(got[n], want[n], bounds[n]) for n in got}
+  print(f"ours: max |d| / bound {excess}")
+  assert max(excess.values()) <= 1, excess
+  bug_out, bug_grads = run(jnp.tril(jnp.ones((L, L), bool))[None, None])
+  bug = [_excess(bug_out, want["out"], bounds["out"]), _excess(bug_grads[0], want["dq"], bounds["dq"])]
+  print(f"lost mask: max |d| / bound out, dq {bug}")
+  assert min(bug) > 10, bug

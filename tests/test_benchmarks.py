@@ -23,6 +23,10 @@ def test_throughput_tiny_reports_positive_figures(capsys):
   assert figures["rw_tokens_per_s"] == 2 * 32 / figures["rw_step_s"]
   assert figures["rw_tokens_per_s_per_device"] * 2 == figures["rw_tokens_per_s"]
   assert figures["srpo_pairs_per_s"] == 2 / figures["srpo_step_s"]
+  # the attention products add to the model FLOPs; on a CPU "auto" would run our attention
+  assert figures["rw_tflops_with_attention"] > figures["rw_tflops"]
+  assert figures["srpo_tflops_with_attention"] > figures["srpo_tflops"]
+  assert figures["attention_runs"] == "xla"
   # greedy, EOS disabled: every prompt gets exactly --new_tokens tokens
   assert figures["sample_new_tokens"] == 2 * 4
   out = capsys.readouterr().out.strip().splitlines()
@@ -196,3 +200,25 @@ def test_decode_products_benchmark_quick_times_every_layout(capsys):
     assert all(row[k] > 0 for k in names)
   assert set(out["step_ms"]) == names
   assert "| step's products, ms |" in capsys.readouterr().out
+
+
+def test_torch_step_times_a_model_of_the_same_size_as_ours(capsys):
+  """benchmarks/torch_step.py (the plain-PyTorch RW step of the GPU side-by-side) at a tiny size:
+  its transformers Llama of ``--arch`` has exactly the parameters of our model of the same arch
+  (MFU is 6 N per token on both sides, so N must agree), and its figures are positive."""
+  from flax import nnx
+  from saro_jax.models import transformer
+  from saro_jax.models.config import ModelConfig
+  arch = {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,
+          "num_kv_heads": 2, "head_dim": 16, "tie_embeddings": True, "vocab_size": 4096,
+          "rope_theta": 500000.0}
+  out = benchmark_scripts.load("torch_step").main(
+      ["--arch", json.dumps(arch), "--batch", "2", "--length", "32", "--steps", "1",
+       "--warmup", "1", "--peak_tflops", "1.0"])
+  ours = nnx.eval_shape(lambda: transformer.Transformer(ModelConfig(family="llama", **arch)))
+  n_ours = sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))
+  assert out["params"] == n_ours == 336192
+  for key in ("rw_step_s", "rw_tokens_per_s", "rw_tflops", "rw_mfu"):
+    assert out[key] > 0, key
+  assert out["rw_tokens_per_s"] == 2 * 32 / out["rw_step_s"]
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out

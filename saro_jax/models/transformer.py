@@ -245,6 +245,30 @@ def attention_tile(length: int) -> int:
   return 128 if length % 128 == 0 and length >= 512 else 64
 
 
+def training_attention_impl(impl: str, dtype, head_dim: int, length: int) -> str:
+  """What ``attention_impl`` runs for rows of ``length`` slots (no cache): ``xla``
+  (``training_attention``) or ``cudnn`` (``cudnn_attention``). ``auto`` takes cuDNN where it
+  runs: the default backend is a GPU, the compute dtype bf16/fp16, the head dim a multiple of 8 up
+  to 128 (cuDNN's limits before Hopper) and the length even (cuDNN's rule for a bias in
+  training); everywhere else ours. (JAX's own ``implementation=None`` is its XLA path, which keeps
+  the B x N x L x L scores.)"""
+  if impl != "auto":
+    return impl
+  runs_cudnn = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+                and head_dim % 8 == 0 and head_dim <= 128 and length % 2 == 0)
+  return "cudnn" if runs_cudnn else "xla"
+
+
+def cudnn_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
+                    mask_Bx1xLxL: jax.Array, scale: float) -> jax.Array:
+  """The ``cudnn`` attention of whole rows: cuDNN's fused (flash) attention through
+  ``jax.nn.dot_product_attention`` (GPU; bf16/fp16). The mask is always causal by slot
+  (``attention_mask``), so ``is_causal`` lets cuDNN skip the tiles above the diagonal; the boolean
+  mask (segments, trees, windows) goes in as an additive bias."""
+  return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xLxL,
+                                      scale=scale, is_causal=True, implementation="cudnn")
+
+
 def training_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
                        mask_Bx1xLxL: jax.Array, scale: float) -> jax.Array:
   """The ``xla`` attention of whole rows (no cache): ``tiled_attention`` (only the key tiles
@@ -483,14 +507,12 @@ class Attention(nnx.Module):
       new_cache = (cache_k_BxKxHxS, cache_v_BxKxSxH)
       out_BxTxNxH = cached_attention(q_BxLxNxH, cache_k_BxKxHxS.astype(dt),
                                      cache_v_BxKxSxH.astype(dt), mask_Bx1xTxS, c.head_dim ** -0.5)
-    elif c.attention_impl == "xla":
+    elif training_attention_impl(c.attention_impl, dt, c.head_dim, q_BxLxNxH.shape[1]) == "xla":
       out_BxTxNxH = training_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xTxS,
                                        c.head_dim ** -0.5)
     else:
-      impl = None if c.attention_impl == "auto" else c.attention_impl
-      out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask_Bx1xTxS, scale=c.head_dim ** -0.5,
-          implementation=impl)
+      out_BxTxNxH = cudnn_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xTxS,
+                                    c.head_dim ** -0.5)
     # wo contracts (N, H) as ONE flat dim (``dense``): as a two-axis contraction XLA CPU copied a
     # transposed wo on every decode step.
     if self.out_in:
