@@ -280,47 +280,41 @@ def _excess(got, want, bound) -> float:
   return float((np.abs(f32(got) - f32(want)) / (f32(bound) + floor)).max())
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN: a GPU backend")
-@pytest.mark.parametrize("kind", ["packed", "tree", "window"])
-def test_cudnn_attention_is_within_the_bf16_flash_bounds(kind):
-  # ``transformer.cudnn_attention`` (what attention_impl cudnn/auto runs on a GPU) against the
-  # exact attention of the same bf16 inputs, for every mask the training rows produce; the
-  # negative control is the mask lost (cuDNN's causal mask alone: chosen visible to rejected,
-  # packed segments to each other, no window), which must break the same bounds.
+def _assert_within_bf16_flash_bounds(attention, kind: str) -> None:
+  """``attention(q, k, v, mask, scale)`` in bf16 against the exact attention of the same inputs
+  under ``_bf16_flash_bounds`` for the ``kind`` mask; and the mask lost (the causal mask alone:
+  chosen visible to rejected, packed segments to each other, no window) must break the same
+  bounds by more than 10x (the negative control)."""
   mask = _masks()[kind]
   q, k, v, cotangent = (x.astype(jnp.bfloat16) for x in _inputs())
   scale = H ** -0.5
   want, bounds = _bf16_flash_bounds(q, k, v, mask, scale, cotangent)
   run = lambda m: jax.jit(lambda *a: _value_and_grads(
-      lambda q, k, v: transformer.cudnn_attention(q, k, v, m, scale), *a))(q, k, v, cotangent)
+      lambda q, k, v: attention(q, k, v, m, scale), *a))(q, k, v, cotangent)
   out, (dq, dk, dv) = run(mask)
   assert out.dtype == jnp.bfloat16
   got = {"out": out, "dq": dq, "dk": dk, "dv": dv}
   excess = {n: _excess(got[n], want[n], bounds[n]) for n in got}
   print(f"{kind}: max |d| / bound {excess}")
   assert max(excess.values()) <= 1, excess
-  causal = jnp.tril(jnp.ones((L, L), bool))[None, None]
-  bug_out, bug_grads = run(causal)
-  bug = [_excess(bug_out, want["out"], bounds["out"]), _excess(bug_grads[0], want["dq"], bounds["dq"])]
+  bug_out, bug_grads = run(jnp.tril(jnp.ones((L, L), bool))[None, None])
+  bug = [_excess(bug_out, want["out"], bounds["out"]),
+         _excess(bug_grads[0], want["dq"], bounds["dq"])]
   print(f"lost mask: max |d| / bound out, dq {bug}")
   assert min(bug) > 10, bug
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN: a GPU backend")
+@pytest.mark.parametrize("kind", ["packed", "tree", "window"])
+def test_cudnn_attention_is_within_the_bf16_flash_bounds(kind):
+  # ``transformer.cudnn_attention`` (what attention_impl cudnn/auto runs on a GPU), for every mask
+  # the training rows produce. Measured on an H200 (session 44): largest error / bound 0.38
+  # (out), 0.12 (dq), 0.16 (dk), 0.40 (dv); the lost mask 408x (out), 82x (dq).
+  _assert_within_bf16_flash_bounds(transformer.cudnn_attention, kind)
 
 
 def test_bf16_flash_bounds_hold_for_our_attention_and_catch_a_lost_mask():
   # The same bounds, on any backend, for our bf16 attention (``causal_attention``: fp32 scores and
-  # sums, bf16 probabilities and outputs, the roundings the bounds count), and the lost-mask bug.
-  mask = _masks()["tree"]
-  q, k, v, cotangent = (x.astype(jnp.bfloat16) for x in _inputs())
-  scale = H ** -0.5
-  want, bounds = _bf16_flash_bounds(q, k, v, mask, scale, cotangent)
-  run = lambda m: jax.jit(lambda *a: _value_and_grads(
-      lambda q, k, v: transformer.causal_attention(q, k, v, m, scale), *a))(q, k, v, cotangent)
-  out, (dq, dk, dv) = run(mask)
-  got = {"out": out, "dq": dq, "dk": dk, "dv": dv}
-  excess = {n: _excess(got[n], want[n], bounds[n]) for n in got}
-  print(f"ours: max |d| / bound {excess}")
-  assert max(excess.values()) <= 1, excess
-  bug_out, bug_grads = run(jnp.tril(jnp.ones((L, L), bool))[None, None])
-  bug = [_excess(bug_out, want["out"], bounds["out"]), _excess(bug_grads[0], want["dq"], bounds["dq"])]
-  print(f"lost mask: max |d| / bound out, dq {bug}")
-  assert min(bug) > 10, bug
+  # sums, bf16 probabilities and outputs, the roundings the bounds count).
+  _assert_within_bf16_flash_bounds(
+      lambda q, k, v, m, scale: transformer.causal_attention(q, k, v, m, scale), "tree")
