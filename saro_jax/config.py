@@ -72,6 +72,10 @@ class ModelSpec:
     _check_choice("model.compute_dtype", self.compute_dtype, DTYPES)
     _check_choice("model.remat", self.remat, REMAT)
     _check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    if self.attention_impl == "cudnn" and self.compute_dtype == "float32":
+      raise ConfigError('config.model.attention_impl="cudnn" is cuDNN\'s fused attention, which'
+                        ' takes bf16/fp16 only; set config.model.compute_dtype="bfloat16", or'
+                        ' attention_impl="auto" (cuDNN where it runs, ours elsewhere)')
     if not isinstance(self.scan_layers, bool):
       raise ConfigError(f"config.model.scan_layers={self.scan_layers!r} must be True or False")
     if not self.init_from:

@@ -219,8 +219,11 @@ def test_auto_attention_is_ours_off_gpu_and_cudnn_where_it_runs(monkeypatch):
   # Off a GPU, "auto" is our attention (JAX's implementation=None would be its XLA path, which
   # keeps the B x N x L x L scores); an explicit choice stands.
   assert [pick("auto", dt, 64, 2048) for dt in (jnp.bfloat16, jnp.float32)] == ["xla", "xla"]
-  assert pick("cudnn", jnp.bfloat16, 64, 2048) == "cudnn" and pick("xla", jnp.bfloat16, 64, 2) == "xla"
+  assert pick("xla", jnp.bfloat16, 64, 2) == "xla"
+  with pytest.raises(ValueError, match='attention_impl="cudnn" .*needs a GPU backend'):
+    pick("cudnn", jnp.bfloat16, 64, 2048)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert pick("cudnn", jnp.bfloat16, 64, 2048) == "cudnn"
   assert pick("auto", jnp.bfloat16, 64, 2048) == "cudnn" and pick("auto", jnp.float16, 128, 8) == "cudnn"
   # cuDNN's limits: bf16/fp16 only, head dim a multiple of 8 up to 128, an even length (a bias in
   # training); outside them "auto" stays ours.

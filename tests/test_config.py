@@ -67,6 +67,7 @@ def test_unknown_preset_names_the_choices():
     (lambda c: c.srpo.dpo.update(loss_type="ipo", label_smoothing=0.1), r"config.srpo.dpo: dpo label_smoothing=0.1 does not apply to loss_type='ipo'"),
     (lambda c: setattr(c.srpo.dpo, "share_prompts", True), r"config.srpo.dpo.share_prompts puts a prompt's pairs in one tree.*pairs_per_row > 1"),
     (lambda c: setattr(c.model, "compute_dtype", "fp8"), r"config.model.compute_dtype='fp8'"),
+    (lambda c: setattr(c.model, "attention_impl", "cudnn"), r'config.model.attention_impl="cudnn" is cuDNN.*bf16/fp16 only; set config.model.compute_dtype="bfloat16"'),
     (lambda c: setattr(c.rw.data, "on_error", "ignore"), r"config.rw.data.on_error"),
     (lambda c: setattr(c.rw.opt, "warmup_steps", 1000), r"warmup_steps=1000 exceeds"),
     (lambda c: setattr(c.rw.data, "sources", ""), r"config.rw.data.sources is empty"),

@@ -212,6 +212,7 @@ def test_gemma_legacy_gelu_means_tanh_and_config_dict_round_trips():
     (dict(num_kv_heads=3), r"num_kv_heads=3: must divide num_heads=4"),
     (dict(remat="full"), r"remat='full': must be one of"),
     (dict(compute_dtype="fp8"), r"compute_dtype='fp8'"),
+    (dict(attention_impl="cudnn"), r"attention_impl='cudnn': \"cudnn\" .*takes bf16/fp16 compute only"),
 ])
 def test_model_config_rejects_bad_fields(change, message):
   from saro_jax.models.config import ModelConfig

@@ -85,6 +85,9 @@ class ModelConfig:
     for field in ("param_dtype", "compute_dtype"):
       if getattr(self, field) not in DTYPES:
         bad(field, f"must be one of {DTYPES}")
+    if self.attention_impl == "cudnn" and self.compute_dtype == "float32":
+      bad("attention_impl", '"cudnn" (cuDNN\'s fused attention) takes bf16/fp16 compute only;'
+          ' set compute_dtype="bfloat16", or attention_impl="auto"')
     if self.hidden_act not in HIDDEN_ACTS:
       bad("hidden_act", f"must be one of {HIDDEN_ACTS}")
     if self.sliding_window is not None and self.sliding_window <= 0:

@@ -251,7 +251,11 @@ def training_attention_impl(impl: str, dtype, head_dim: int, length: int) -> str
   runs: the default backend is a GPU, the compute dtype bf16/fp16, the head dim a multiple of 8 up
   to 128 (cuDNN's limits before Hopper) and the length even (cuDNN's rule for a bias in
   training); everywhere else ours. (JAX's own ``implementation=None`` is its XLA path, which keeps
-  the B x N x L x L scores.)"""
+  the B x N x L x L scores.) An explicit ``cudnn`` off a GPU is a ValueError."""
+  if impl == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f'attention_impl="cudnn" is cuDNN\'s fused attention and needs a GPU backend'
+                     f' (this one is {jax.default_backend()}); use "auto" (cuDNN on a GPU, ours'
+                     f' elsewhere) or "xla"')
   if impl != "auto":
     return impl
   runs_cudnn = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
