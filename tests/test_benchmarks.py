@@ -222,25 +222,3 @@ def test_torch_step_times_a_model_of_the_same_size_as_ours(capsys):
     assert out[key] > 0, key
   assert out["rw_tokens_per_s"] == 2 * 32 / out["rw_step_s"]
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
-
-
-@pytest.mark.heavy  # a child process: the RW and SRPO steps of a 2-layer model
-def test_gpu_bench_smoke_runs_its_stages_and_writes_the_figures(tmp_path):
-  """launch/gpu_bench.sh --smoke on this CPU: the versions stage, then the RW + SRPO steps under
-  their budget (the GPU-only stages are left out off a GPU), and $OUT/gpu_bench.json holds
-  throughput.py's JSON lines, the last one with both steps' figures."""
-  import os
-  import subprocess
-  import sys
-  root = os.path.join(os.path.dirname(__file__), os.pardir)
-  env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
-  run = subprocess.run(["bash", "launch/gpu_bench.sh", "--smoke"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=600)
-  assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-  log = (tmp_path / "gpu_bench.log").read_text()
-  assert "== versions: rc 0" in log and "== RW + SRPO steps, attention auto: rc 0" in log
-  assert "cudnn attention parity" not in log  # GPU-only
-  lines = (tmp_path / "gpu_bench.json").read_text().splitlines()
-  figures = json.loads(lines[-1])
-  assert figures["attention_runs"] == "xla" and figures["compute_dtype"] == "bfloat16"
-  assert figures["rw_mfu"] > 0 and figures["srpo_mfu"] > 0
