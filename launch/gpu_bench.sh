@@ -69,6 +69,11 @@ stage() {  # stage SECONDS NAME CMD...: at most SECONDS (and the budget left), l
   return $rc
 }
 
+# throughput.py's train steps, bf16 compute over fp32 master weights; each stage adds --skip and
+# --attention_impl.
+STEPS=("$PY" benchmarks/throughput.py "${ARGS[@]}" --compute_dtype bfloat16 --remat none
+       --peak_tflops "$PEAK_TFLOPS")
+
 {
   date -u
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -94,18 +99,13 @@ stage() {  # stage SECONDS NAME CMD...: at most SECONDS (and the budget left), l
     stage 80 "attention kernels" "$PY" benchmarks/attention_tiles.py --dtype bfloat16 \
       --heads 32,8,64 --shapes "$ATTN_SHAPES" --tiles 128 --cudnn --repeats 5
   fi
-  stage "$LIMIT" "RW + SRPO steps, attention auto" "$PY" benchmarks/throughput.py "${ARGS[@]}" \
-    --skip sample --compute_dtype bfloat16 --attention_impl auto --remat none \
-    --peak_tflops "$PEAK_TFLOPS"
+  stage "$LIMIT" "RW + SRPO steps, attention auto" "${STEPS[@]}" --skip sample --attention_impl auto
   rc=$?
   if (( rc != 0 && rc != 99 )); then
-    stage "$LIMIT" "RW + SRPO steps, attention xla (auto failed)" "$PY" benchmarks/throughput.py \
-      "${ARGS[@]}" --skip sample --compute_dtype bfloat16 --attention_impl xla --remat none \
-      --peak_tflops "$PEAK_TFLOPS"
+    stage "$LIMIT" "RW + SRPO steps, attention xla (auto failed)" "${STEPS[@]}" --skip sample \
+      --attention_impl xla
   elif [[ "$GPU" == 1 ]]; then
-    stage 150 "RW step, attention xla (ours)" "$PY" benchmarks/throughput.py "${ARGS[@]}" \
-      --skip srpo,sample --compute_dtype bfloat16 --attention_impl xla --remat none \
-      --peak_tflops "$PEAK_TFLOPS"
+    stage 150 "RW step, attention xla (ours)" "${STEPS[@]}" --skip srpo,sample --attention_impl xla
   fi
   echo "exit after $SECONDS s"
 } 2>&1 | tee "$OUT/gpu_bench.log"
