@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -47,6 +48,26 @@ from collections.abc import Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOAL6_TOKENS_PER_S = 160.0  # 10x the issue's 16 new tok/s at batch 4 (its upper figure)
+
+
+def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The CPU the run measured, as one line: vendor, model name, family / model numbers, online
+  cores and the vector units that decide XLA's and oneDNN's kernels. Goal figures are per chip
+  (benchmarks/README.md: the same code met goal 1 on one 2-core AMD EPYC and not on another of
+  the same name), so every run names its chip. Linux reads /proc/cpuinfo; elsewhere the
+  platform's processor string."""
+  try:
+    with open(cpuinfo) as f:
+      first = f.read().split("\n\n")[0]
+  except OSError:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+  fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines()
+                                               if ":" in line)}
+  get = lambda key: fields.get(key, "?")
+  flags = set(get("flags").split())
+  units = [u for u in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if u in flags]
+  return (f"{get('vendor_id')} {get('model name')}, family {get('cpu family')} model "
+          f"{get('model')}, {os.cpu_count()} cores, {' '.join(units) or 'no AVX2'}")
 
 
 def children(model: str, quick: bool) -> dict[str, list[str]]:
@@ -191,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   skip = {s for s in args.skip.split(",") if s}
   results, seconds, failed = {}, {}, []
   started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+  cpu = cpu_identity()
   load_before = os.getloadavg()[0]
   for name, (script, *child_args) in children(args.model, args.quick).items():
     if name in skip:
@@ -205,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   rows = table(results)
   print(f"\n## Issue 10 goals, one run ({args.model}{', quick' if args.quick else ''}; started "
         f"{started}, load {load_before:.1f} -> {os.getloadavg()[0]:.1f}; child seconds "
-        + ", ".join(f"{n} {s:.0f}" for n, s in seconds.items()) + ")\n")
+        + ", ".join(f"{n} {s:.0f}" for n, s in seconds.items()) + f")\n\nCPU: {cpu}\n")
   print("| goal | figure | measured | target | met |")
   print("|---|---|---|---|---|")
   for r in rows:
@@ -213,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"| {r['goal']} | {r['what']} | {r['text']} | {r['target_text']} | {met} |")
   if failed:
     print(f"\nfailed: {', '.join(failed)}")
-  summary = {"model": args.model, "quick": args.quick, "rows": rows, "seconds": seconds,
+  summary = {"model": args.model, "quick": args.quick, "cpu": cpu, "rows": rows, "seconds": seconds,
              "failed": failed, "children": results}
   print(json.dumps(summary, default=float))
   if failed and argv is None:

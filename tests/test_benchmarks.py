@@ -114,12 +114,27 @@ def test_attention_tiles_benchmark_bound_catches_a_skipped_visible_tile(monkeypa
 
 
 @pytest.mark.heavy  # four child processes: side_by_side, prefix_dpo (twice) and sampler, tiny model
+def test_goals_names_the_cpu_from_cpuinfo(tmp_path):
+  """goals.py's CPU line: the first processor's fields of /proc/cpuinfo (tab-padded keys), the
+  vector units that matter, and the platform's string when there is no cpuinfo."""
+  goals = benchmark_scripts.load("goals")
+  info = tmp_path / "cpuinfo"
+  core = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+          "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16 sha_ni\n")
+  info.write_text(core.format(n=0) + "\n" + core.format(n=1).replace("avx512f ", ""))
+  line = goals.cpu_identity(str(info))
+  assert line.startswith("AuthenticAMD AMD EPYC, family 25 model 17, ")
+  assert line.endswith(" cores, avx2 avx512f avx512_bf16")  # the first processor's flags
+  assert "cores" in goals.cpu_identity(str(tmp_path / "absent"))
+
+
 def test_goals_runner_reads_every_child_and_tabulates_each_goal(capsys):
   """benchmarks/goals.py --quick: every child runs and ends with the JSON line the runner reads;
   each goal's row carries a figure (the TRL rows stay empty: --quick runs no TRL). The children's
   own results are checked here too rather than by runs of their own (the suite's time)."""
   out = benchmark_scripts.load("goals").main(["--model", "tiny", "--quick"])
   assert out["failed"] == []
+  assert out["cpu"] == benchmark_scripts.load("goals").cpu_identity()  # goal figures are per chip
   rows = {r["key"]: r for r in out["rows"]}
   assert rows["sft_vs_torch"]["value"] > 0
   # goal 2 as the issue states it (the process pairs) and on all the pairs, from two children
@@ -151,6 +166,7 @@ def test_goals_runner_reads_every_child_and_tabulates_each_goal(capsys):
     assert rows[key]["value"] is None and rows[key]["text"] == "–"  # --quick runs no TRL
   printed = capsys.readouterr().out
   assert "| goal | figure | measured | target | met |" in printed
+  assert f"CPU: {out['cpu']}" in printed
 
 
 def test_matmul_benchmark_quick_reports_figures_and_flattened_rows_copy_nothing(capsys):
