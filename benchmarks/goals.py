@@ -40,34 +40,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # like_for_like, beside this file (numpy only: no jax in this process)
+from like_for_like import cpu_identity  # noqa: E402
 GOAL6_TOKENS_PER_S = 160.0  # 10x the issue's 16 new tok/s at batch 4 (its upper figure)
-
-
-def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
-  """The CPU the run measured, as one line: vendor, model name, family / model numbers, online
-  cores and the vector units that decide XLA's and oneDNN's kernels. Goal figures are per chip
-  (benchmarks/README.md: the same code met goal 1 on one 2-core AMD EPYC and not on another of
-  the same name), so every run names its chip. Linux reads /proc/cpuinfo; elsewhere the
-  platform's processor string."""
-  try:
-    with open(cpuinfo) as f:
-      first = f.read().split("\n\n")[0]
-  except OSError:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-  fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines()
-                                               if ":" in line)}
-  get = lambda key: fields.get(key, "?")
-  flags = set(get("flags").split())
-  units = [u for u in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if u in flags]
-  return (f"{get('vendor_id')} {get('model name')}, family {get('cpu family')} model "
-          f"{get('model')}, {os.cpu_count()} cores, {' '.join(units) or 'no AVX2'}")
 
 
 def children(model: str, quick: bool) -> dict[str, list[str]]:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -30,6 +31,28 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 U = 2.0 ** -24  # fp32 unit roundoff
+
+
+# ---- the machine ------------------------------------------------------------------------------
+
+def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
+  """The CPU the run measured, as one line: vendor, model name, family / model numbers, online
+  cores and the vector units that decide XLA's and oneDNN's kernels. Goal figures are per chip
+  (benchmarks/README.md: the same code met goal 1 on one 2-core AMD EPYC and not on another of
+  the same name), so ``goals.py`` and ``side_by_side.py`` name the chip they ran on. Linux reads /proc/cpuinfo; elsewhere the
+  platform's processor string."""
+  try:
+    with open(cpuinfo) as f:
+      first = f.read().split("\n\n")[0]
+  except OSError:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+  fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines()
+                                               if ":" in line)}
+  get = lambda key: fields.get(key, "?")
+  flags = set(get("flags").split())
+  units = [u for u in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if u in flags]
+  return (f"{get('vendor_id')} {get('model name')}, family {get('cpu family')} model "
+          f"{get('model')}, {os.cpu_count()} cores, {' '.join(units) or 'no AVX2'}")
 
 
 # ---- the ids a system feeds -------------------------------------------------------------------

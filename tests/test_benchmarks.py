@@ -113,28 +113,29 @@ def test_attention_tiles_benchmark_bound_catches_a_skipped_visible_tile(monkeypa
   assert out["1x256:trees"]["tile64"]["max_rel_diff"] > 1e-4
 
 
-@pytest.mark.heavy  # four child processes: side_by_side, prefix_dpo (twice) and sampler, tiny model
-def test_goals_names_the_cpu_from_cpuinfo(tmp_path):
-  """goals.py's CPU line: the first processor's fields of /proc/cpuinfo (tab-padded keys), the
-  vector units that matter, and the platform's string when there is no cpuinfo."""
-  goals = benchmark_scripts.load("goals")
+def test_benchmarks_name_the_cpu_from_cpuinfo(tmp_path):
+  """The CPU line goals.py and side_by_side.py print (``like_for_like.cpu_identity``): the first
+  processor's fields of /proc/cpuinfo (tab-padded keys), the vector units that matter, and the
+  platform's string when there is no cpuinfo."""
+  lfl = benchmark_scripts.load("like_for_like")
   info = tmp_path / "cpuinfo"
   core = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
           "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16 sha_ni\n")
   info.write_text(core.format(n=0) + "\n" + core.format(n=1).replace("avx512f ", ""))
-  line = goals.cpu_identity(str(info))
+  line = lfl.cpu_identity(str(info))
   assert line.startswith("AuthenticAMD AMD EPYC, family 25 model 17, ")
   assert line.endswith(" cores, avx2 avx512f avx512_bf16")  # the first processor's flags
-  assert "cores" in goals.cpu_identity(str(tmp_path / "absent"))
+  assert "cores" in lfl.cpu_identity(str(tmp_path / "absent"))
 
 
+@pytest.mark.heavy  # four child processes: side_by_side, prefix_dpo (twice) and sampler, tiny model
 def test_goals_runner_reads_every_child_and_tabulates_each_goal(capsys):
   """benchmarks/goals.py --quick: every child runs and ends with the JSON line the runner reads;
   each goal's row carries a figure (the TRL rows stay empty: --quick runs no TRL). The children's
   own results are checked here too rather than by runs of their own (the suite's time)."""
   out = benchmark_scripts.load("goals").main(["--model", "tiny", "--quick"])
   assert out["failed"] == []
-  assert out["cpu"] == benchmark_scripts.load("goals").cpu_identity()  # goal figures are per chip
+  assert out["cpu"] == benchmark_scripts.load("like_for_like").cpu_identity()  # per-chip figures
   rows = {r["key"]: r for r in out["rows"]}
   assert rows["sft_vs_torch"]["value"] > 0
   # goal 2 as the issue states it (the process pairs) and on all the pairs, from two children

@@ -56,6 +56,7 @@ def test_saro_jax_and_torch_agree_and_a_perturbed_weight_breaks_the_bound(sbs, t
     tokens = 2 * 2 * (24 + 40) if stage == "dpo" else 2 * 64
     assert res["model_flops"] == (8 if stage == "dpo" else 6) * params * tokens, stage
     assert res["sgemm_gflops"] > 0, stage
+    assert "cores" in res["cpu"], stage  # the chip the figures belong to
     for s in res["systems"].values():
       assert s["step_s"] > 0 and s["throughput"] > 0
       assert s["gflops"] * 1e9 * s["step_s"] == pytest.approx(res["model_flops"])
