@@ -1,8 +1,9 @@
 r"""What the benchmarks that compare saro_jax with TRL like for like share (``side_by_side.py``,
 ``prefix_dpo.py``): the torch side (one policy, a frozen reference, the start weights), TRL's
 trainer driven step by step, the fingerprint of the ids a system feeds, and the fp32 error-model
-bound on the first step's figures, and the pipe a timed system answers through from a child
-process (``PipeChild`` / ``pipe_answers``: ``--split_processes`` in both scripts).
+bound on the first step's figures, the pipe a timed system answers through from a child
+process (``PipeChild`` / ``pipe_answers``: ``--split_processes`` in both scripts), and the line
+naming the CPU a run measured (``cpu_identity``; ``goals.py`` prints it too).
 
 How TRL is driven (``TrlStep``): the trainer is built as a user builds it (DPOConfig / SFTConfig
 with fp32, ``bf16=False``, or with ``bf16=True``, its mixed precision, when asked; AdamW with the
@@ -36,23 +37,24 @@ U = 2.0 ** -24  # fp32 unit roundoff
 # ---- the machine ------------------------------------------------------------------------------
 
 def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
-  """The CPU the run measured, as one line: vendor, model name, family / model numbers, online
-  cores and the vector units that decide XLA's and oneDNN's kernels. Goal figures are per chip
-  (benchmarks/README.md: the same code met goal 1 on one 2-core AMD EPYC and not on another of
-  the same name), so ``goals.py`` and ``side_by_side.py`` name the chip they ran on. Linux reads /proc/cpuinfo; elsewhere the
-  platform's processor string."""
+  """The CPU the run measured, as one line: vendor, model name, family / model numbers, the
+  cores this process may run on, and the vector units that decide XLA's and oneDNN's kernels.
+  Goal figures are per chip (benchmarks/README.md: the same code met goal 1 on one 2-core AMD
+  EPYC and not on another of the same name), so ``goals.py`` and ``side_by_side.py`` name the
+  chip they ran on. Linux reads /proc/cpuinfo; elsewhere the platform's processor string."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   try:
     with open(cpuinfo) as f:
       first = f.read().split("\n\n")[0]
   except OSError:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return f"{platform.processor() or platform.machine()}, {cores} cores"
   fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines()
                                                if ":" in line)}
   get = lambda key: fields.get(key, "?")
   flags = set(get("flags").split())
   units = [u for u in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if u in flags]
   return (f"{get('vendor_id')} {get('model name')}, family {get('cpu family')} model "
-          f"{get('model')}, {os.cpu_count()} cores, {' '.join(units) or 'no AVX2'}")
+          f"{get('model')}, {cores} cores, {' '.join(units) or 'no AVX2'}")
 
 
 # ---- the ids a system feeds -------------------------------------------------------------------
