@@ -53,9 +53,14 @@ COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds=3
 
 
 def _xla_takes(flag: str) -> bool:
-  probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
-                         env={**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"},
-                         capture_output=True, timeout=300)
+  """Whether a process with ``flag`` in XLA_FLAGS starts its CPU backend (a probe that fails or
+  hangs means no: the suite then runs with XLA's default)."""
+  try:
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"],
+                           env={**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"},
+                           capture_output=True, timeout=300)
+  except (OSError, subprocess.TimeoutExpired):
+    return False
   return probe.returncode == 0
 
 
