@@ -567,11 +567,12 @@ def run_stage(stage: str, args, directory: str) -> dict:
   work = (f"{args.pairs} pairs x 2 x ({args.prompt_len}+{args.completion_len}) tokens" if stage == "dpo"
           else f"{args.rows} rows x {args.row_length} tokens, loss on the last {args.loss_tokens}")
   sgemm = sgemm_gflops()
+  cpu = like_for_like.cpu_identity()
   tokens = tokens_per_step(stage, args)
   flops = model_flops(stage, parameter_count(directory), tokens)
   print(f"\n== {stage.upper()}: {work}; load average {os.getloadavg()[0]:.1f}; model"
-        f" {flops / 1e12:.3f} TFLOP/step; fp32 sgemm here now {sgemm:.0f} GFLOP/s\n   CPU: "
-        f"{like_for_like.cpu_identity()}", flush=True)
+        f" {flops / 1e12:.3f} TFLOP/step; fp32 sgemm here now {sgemm:.0f} GFLOP/s\n   CPU: {cpu}",
+        flush=True)
   for s in systems:
     t0 = time.perf_counter()
     s.first_figures = s.first()
@@ -580,7 +581,7 @@ def run_stage(stage: str, args, directory: str) -> dict:
     print(f"{s.name:15s} setup/compile {s.setup_s:6.1f} s  first step {s.first_s:6.1f} s  {figs}"
           f"  ids {s.ids_sha}" + (f"  ({s.note})" if s.note else ""), flush=True)
   result = {"stage": stage, "systems": {}, "load": [os.getloadavg()[0]], "model_flops": flops,
-            "sgemm_gflops": sgemm, "cpu": like_for_like.cpu_identity()}
+            "sgemm_gflops": sgemm, "cpu": cpu}
   if side is not None and args.bf16:
     ok, lines = check_first_steps(systems, None, None) if len(systems) > 1 else (True, [])
     print(f"first steps in bf16: same ids and targets {'OK' if ok else 'BROKEN'}; figures "
