@@ -143,36 +143,52 @@ def test_tiled_attention_equals_dot_product_attention(kind, tile, layout):
     error_model.assert_parity(g, w, GRAD_DEPTH, what=f"{kind} d{name}")
 
 
-def test_tile_ranges_visit_only_what_some_query_sees():
+def _visits(mask_BxLxL, tile):
+  keys, count = jax.jit(tiled_attention.tile_lists, static_argnums=1)(mask_BxLxL, tile)
+  return [row[:c] for row, c in zip(keys.tolist(), count.tolist())]
+
+
+def test_tile_lists_visit_only_what_some_query_sees():
   # The packed mask (row 0: segments [0, 120), [120, 190), padding [190, 200); row 1: one
   # segment [0, 180), padding): with tiles of 50, query tile 3 (slots 150..199) sees keys from
-  # slot 0 (row 1's long segment) -> key tiles 0..3; the window mask (37 positions) starts each
-  # query tile's keys at most 36 positions back. Tiles above the diagonal are never visited.
-  lo, hi = jax.jit(tiled_attention.tile_ranges, static_argnums=1)(_masks()["packed"][:, 0], 50)
-  assert lo.tolist() == [0, 0, 0, 0] and hi.tolist() == [0, 1, 2, 3]
-  row0 = _masks()["packed"][:1, 0]  # row 0 alone: query tile 3 sees [120, 200) -> key tiles 2..3
-  lo, hi = tiled_attention.tile_ranges(row0, 50)
-  assert lo.tolist() == [0, 0, 0, 2] and hi.tolist() == [0, 1, 2, 3]
+  # slot 0 (row 1's long segment) -> key tiles 0..3. Tiles above the diagonal are never visited.
+  assert _visits(_masks()["packed"][:, 0], 50) == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3]]
+  # Row 0 alone: query tile 3 sees [120, 200) -> key tiles 2..3.
+  assert _visits(_masks()["packed"][:1, 0], 50) == [[0], [0, 1], [0, 1, 2], [2, 3]]
+  # Row 1's tree alone (trunk [0, 40), chosen [40, 110), rejected [110, 180), padding): query
+  # tile 3 (rejected and padding) sees the trunk in tile 0 and itself in tiles 2..3, never
+  # chosen, which fills tile 1: the list skips a tile between two visited ones.
+  assert _visits(_masks()["tree"][1:, 0], 50) == [[0], [0, 1], [0, 1, 2], [0, 2, 3]]
   # Sliding window of 37 on row 0 alone: tile 2 (slots 100..149) needs keys from slot 64 (tile 1).
   # The window counts positions, which restart only in row 1, so row 0 alone is plain slots.
-  window0 = _masks()["window"][:1, 0]
-  lo, hi = tiled_attention.tile_ranges(window0, 50)
-  assert lo.tolist() == [0, 0, 1, 2] and hi.tolist() == [0, 1, 2, 3]
+  assert _visits(_masks()["window"][:1, 0], 50) == [[0], [0, 1], [1, 2], [2, 3]]
+  # A query tile that sees nothing (padding the wrapper adds sees itself; this is the fallback)
+  # visits its own tile.
+  blind = jnp.zeros((1, 100, 100), bool).at[0, :50, :50].set(True)
+  assert _visits(blind, 50) == [[0], [1]]
+
+
+def _late(tile_lists):
+  """Tile lists that drop each query tile's first visited key tile when it has more than one:
+  the skip of a visible tile that an off-by-one in ``tile_lists`` would make."""
+  def late(mask, tile):
+    keys, count = tile_lists(mask, tile)
+    more = (count > 1)[:, None]
+    return jnp.where(more, jnp.roll(keys, -1, axis=1), keys), count - more[:, 0]
+  return late
 
 
 @pytest.mark.parametrize("layout", ["rows", "transposed"])
 def test_parity_bounds_catch_a_skipped_visible_tile(layout, monkeypatch):
-  # Negative control for the tiled path: a range that starts one key tile too late (what an
-  # off-by-one in ``tile_ranges`` would do) drops visible keys and breaks the bounds above.
+  # Negative control for the tiled path: a list that skips a visible key tile (what an
+  # off-by-one in ``tile_lists`` would do) drops visible keys and breaks the bounds above.
   mask = _masks()["packed"][:1]  # row 0 alone: query tile 3 needs key tile 2
   q, k, v, cotangent = (x[:1] for x in _inputs())
   scale = H ** -0.5
   ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                                      implementation="xla")
   want, want_grads = jax.jit(lambda *a: _value_and_grads(ref, *a))(q, k, v, cotangent)
-  ranges = tiled_attention.tile_ranges
-  late = lambda m, tile: (lambda lo, hi: (jnp.minimum(lo + 1, hi), hi))(*ranges(m, tile))
-  monkeypatch.setattr(tiled_attention, "tile_ranges", late)
+  monkeypatch.setattr(tiled_attention, "tile_lists", _late(tiled_attention.tile_lists))
   bug_out, bug_grads = jax.jit(lambda *a: _value_and_grads(_tiled(mask, 50, scale, layout), *a))(
       q, k, v, cotangent)
   error_model.assert_caught(bug_out, want, FORWARD_DEPTH, what="late tile out")
@@ -183,6 +199,8 @@ def test_training_attention_picks_tiles_from_256_slots():
   assert [transformer.attention_tile(n) for n in (64, 200, 255)] == [0, 0, 0]
   assert [transformer.attention_tile(n) for n in (256, 320, 448, 576)] == [64, 64, 64, 64]
   assert [transformer.attention_tile(n) for n in (512, 640, 1024, 4096)] == [128, 128, 128, 128]
+  # Token trees: tiles of 64 at every length from 256 slots (finer tiles skip more siblings).
+  assert [transformer.attention_tile(n, trees=True) for n in (200, 256, 512, 1024)] == [0, 64, 64, 64]
   with pytest.raises(ValueError, match="tile=0"):
     tiled_attention.tiled_attention(*_inputs()[:3], _masks()["packed"], 1.0, tile=0)
 

@@ -101,13 +101,18 @@ def test_attention_tiles_benchmark_reports_every_layout(capsys):
 
 
 def test_attention_tiles_benchmark_bound_catches_a_skipped_visible_tile(monkeypatch):
-  """Negative control for the 1e-4 bound above: tile ranges that start one key tile late (the
-  off-by-one tests/test_attention.py plants) drop visible keys and the reported difference
-  exceeds the bound."""
+  """Negative control for the 1e-4 bound above: tile lists that skip each query tile's first
+  visible key tile (the off-by-one tests/test_attention.py plants) drop visible keys and the
+  reported difference exceeds the bound."""
   from saro_jax.models import tiled_attention
-  ranges = tiled_attention.tile_ranges
-  late = lambda m, tile: (lambda lo, hi: (jnp.minimum(lo + 1, hi), hi))(*ranges(m, tile))
-  monkeypatch.setattr(tiled_attention, "tile_ranges", late)
+  lists = tiled_attention.tile_lists
+
+  def late(mask, tile):
+    keys, count = lists(mask, tile)
+    more = (count > 1)[:, None]
+    return jnp.where(more, jnp.roll(keys, -1, axis=1), keys), count - more[:, 0]
+
+  monkeypatch.setattr(tiled_attention, "tile_lists", late)
   out = benchmark_scripts.load("attention_tiles").main(
       ["--shapes", "1x256:trees", "--tiles", "64", "--repeats", "1"])
   assert out["1x256:trees"]["tile64"]["max_rel_diff"] > 1e-4

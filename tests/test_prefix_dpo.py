@@ -13,7 +13,7 @@ from flax import nnx
 
 from saro_jax import engine, logps, losses, models
 from saro_jax.data import batching, bundled, pipeline
-from saro_jax.models import transformer
+from saro_jax.models import tiled_attention, transformer
 from saro_jax.models.config import ModelConfig
 
 U = 2.0 ** -24  # fp32 unit roundoff
@@ -235,6 +235,27 @@ def test_shared_equals_unshared_logps(setup):
     assert (err <= bound).all(), (side, err, bound)
     np.testing.assert_allclose(out[f"{side}_logit_sums"], ref[f"{side}_logit_sums"],
                                atol=float(bound.max()))
+
+
+def test_tree_rows_run_tiles_of_64(setup, monkeypatch):
+  # The tree rows (512 slots) take tiles of 64 (``attention_tile(L, trees=True)``); the same
+  # length unshared keeps the causal rows' tile. The parity test above runs the tree tiles.
+  tiles = []
+  original = tiled_attention.tiled_attention
+
+  def spy(q, k, v, mask, scale, tile, *args, **kwargs):
+    tiles.append((q.shape[1], tile))
+    return original(q, k, v, mask, scale, tile, *args, **kwargs)
+
+  monkeypatch.setattr(tiled_attention, "tiled_attention", spy)
+  shared_logps(setup)
+  assert {t for _, t in tiles} == {64} and {n for n, _ in tiles} == {MAX_LENGTH}
+  tiles.clear()
+  model, vocab = setup["model"], len(setup["tokenizer"])
+  jax.jit(lambda b: logps.pair_logps(model, b, vocab_size=vocab, chunk_size=128))(
+      {k: setup["unshared"][k] for k in logps.PAIR_KEYS})
+  length = setup["unshared"]["chosen_tokens"].shape[1]
+  assert {t for _, t in tiles} == {transformer.attention_tile(length)} - {0}  # 0: query blocks
 
 
 def _rejected_sees_chosen(monkeypatch):

@@ -1,15 +1,17 @@
 """Training attention in square tiles that visits only the key tiles some query can see: packed
 rows (several sequences or DPO trees per row) stop paying for the scores between segments that
-never see each other, and causal rows for the tiles above the diagonal.
+never see each other, token trees for the sibling branches between a branch and its root, and
+causal rows for the tiles above the diagonal.
 
-The row is cut into tiles of ``tile`` slots. For query tile i, the key tiles lo[i] .. hi[i] are
-the first and last that hold a key visible to ANY query of the tile in ANY row of the batch
-(read off the boolean mask, so every mask ``transformer.attention_mask`` builds works: causal,
-segments, prefix-shared branches, sliding windows). Keys outside that range are masked for every
-query of the tile, so skipping them drops only exact zeros of the softmax. A tile pair inside the
-range but partly masked is computed and masked as usual.
+The row is cut into tiles of ``tile`` slots. Query tile i visits, in ascending order, the key
+tiles that hold a key visible to ANY query of the tile in ANY row of the batch (read off the
+boolean mask, so every mask ``transformer.attention_mask`` builds works: causal, segments,
+prefix-shared branches, sliding windows). Every key of a tile it skips is masked for every query
+of the tile: skipping drops only exact zeros of the softmax and its gradients, so the visited
+list gives the bits a dense sweep of the same tiles would. A visited tile pair that is partly
+masked is computed and masked as usual.
 
-The loops run over data-dependent ranges (``lax.fori_loop`` with traced bounds: while loops), so
+The loops run over data-dependent lists (``lax.fori_loop`` with traced trip counts: while loops), so
 the gradient is a ``jax.custom_vjp``, the flash-attention recipe: the forward keeps a running max
 and sum per query (online softmax) and saves only the outputs and each query's log-sum-exp; the
 backward recomputes each visited tile's probabilities from them. Nothing L x L in fp32 is ever
@@ -47,21 +49,22 @@ def grouped_layouts(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.A
   return q_BxKxGxLxH, k_BxLxKxH.transpose(0, 2, 1, 3), v_BxLxKxH.transpose(0, 2, 1, 3)
 
 
-def tile_ranges(mask_BxLxS: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:
-  """(lo, hi) int32 [L / tile]: the first and last key tile any query of each query tile sees in
-  any row (a tile whose queries see nothing, only possible in padding added here, gets lo = hi =
-  its own index)."""
+def tile_lists(mask_BxLxS: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:
+  """(keys [n, n], count [n]) int32 for n = L / tile query tiles: query tile i visits key tiles
+  keys[i, :count[i]], ascending, the tiles where some query of tile i sees some key in some
+  row. A query tile whose queries see nothing (only possible in padding added here) visits its
+  own tile.
+
+  A token tree's branch sees its root at the row's start and its own path, not the sibling
+  branches laid out between them: bundled prompt trees in 2 x 1024 rows visit 80 of the 94 tiles
+  of 128 (and 211 of the 333 tiles of 64) that a contiguous first..last range spans
+  (benchmarks/README.md, session 46)."""
   B, L, S = mask_BxLxS.shape
   n = L // tile
-  slot_S = jnp.arange(S, dtype=jnp.int32)
-  first_L = jnp.min(jnp.where(mask_BxLxS, slot_S, S), axis=(0, 2))
-  last_L = jnp.max(jnp.where(mask_BxLxS, slot_S, -1), axis=(0, 2))
-  own = jnp.arange(n, dtype=jnp.int32)
-  first_n, last_n = first_L.reshape(n, tile).min(1), last_L.reshape(n, tile).max(1)
-  seen = last_n >= 0
-  lo = jnp.where(seen, first_n // tile, own)
-  hi = jnp.where(seen, last_n // tile, own)
-  return lo.astype(jnp.int32), hi.astype(jnp.int32)
+  seen_nxn = mask_BxLxS.reshape(B, n, tile, S // tile, tile).any(axis=(0, 2, 4))
+  seen_nxn |= jnp.eye(n, dtype=bool) & ~seen_nxn.any(axis=1, keepdims=True)
+  keys_nxn = jnp.argsort(~seen_nxn, axis=1, stable=True)  # the seen tiles first, ascending
+  return keys_nxn.astype(jnp.int32), seen_nxn.sum(axis=1).astype(jnp.int32)
 
 
 def _scores(q_BxKxMxH, k_BxKxTxH, mask_BxTxT, G: int, scale: float) -> jax.Array:
@@ -78,13 +81,14 @@ def _scores(q_BxKxMxH, k_BxKxTxH, mask_BxTxT, G: int, scale: float) -> jax.Array
 def _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile):
   B, K, G, L, H = q_BxKxGxLxH.shape
   M = G * tile
-  lo, hi = tile_ranges(mask_BxLxL, tile)
+  keys_nxn, count_n = tile_lists(mask_BxLxL, tile)
 
   def query_tile(i, carry):
     out_BxKxGxLxH, lse_BxKxGxL = carry
     q_BxKxMxH = lax.dynamic_slice_in_dim(q_BxKxGxLxH, i * tile, tile, 3).reshape(B, K, M, H)
 
-    def key_tile(j, state):
+    def key_tile(visit, state):
+      j = keys_nxn[i, visit]
       max_BxKxM, sum_BxKxM, acc_BxKxMxH = state
       k_BxKxTxH = lax.dynamic_slice_in_dim(k_BxKxLxH, j * tile, tile, 2)
       v_BxKxTxH = lax.dynamic_slice_in_dim(v_BxKxLxH, j * tile, tile, 2)
@@ -100,7 +104,7 @@ def _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile):
 
     start = (jnp.full((B, K, M), BIG_NEGATIVE, jnp.float32), jnp.zeros((B, K, M), jnp.float32),
              jnp.zeros((B, K, M, H), jnp.float32))
-    max_BxKxM, sum_BxKxM, acc_BxKxMxH = lax.fori_loop(lo[i], hi[i] + 1, key_tile, start)
+    max_BxKxM, sum_BxKxM, acc_BxKxMxH = lax.fori_loop(0, count_n[i], key_tile, start)
     o_BxKxGxTxH = (acc_BxKxMxH / sum_BxKxM[..., None]).astype(q_BxKxGxLxH.dtype).reshape(
         B, K, G, tile, H)
     lse_BxKxGxT = (max_BxKxM + jnp.log(sum_BxKxM)).reshape(B, K, G, tile)
@@ -109,7 +113,7 @@ def _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile):
 
   carry = (jnp.zeros_like(q_BxKxGxLxH), jnp.zeros((B, K, G, L), jnp.float32))
   out_BxKxGxLxH, lse_BxKxGxL = lax.fori_loop(0, L // tile, query_tile, carry)
-  return out_BxKxGxLxH, (lse_BxKxGxL, lo, hi)
+  return out_BxKxGxLxH, (lse_BxKxGxL, keys_nxn, count_n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -118,8 +122,8 @@ def _attend(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile, transpos
 
 
 def _attend_fwd(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile, transposed):
-  out, (lse, lo, hi) = _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile)
-  return out, (q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, out, lse, lo, hi)
+  out, (lse, keys, count) = _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile)
+  return out, (q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, out, lse, keys, count)
 
 
 def _scores_t(k_BxKxTxH, q_BxKxMxH, visible_BxTxM, scale: float) -> jax.Array:
@@ -187,7 +191,8 @@ def prefers_transposed_backward(dtype) -> bool:
 
 
 def _attend_bwd(scale, tile, transposed, residuals, d_out_BxKxGxLxH):
-  q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, out_BxKxGxLxH, lse_BxKxGxL, lo, hi = residuals
+  (q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, out_BxKxGxLxH, lse_BxKxGxL, keys_nxn,
+   count_n) = residuals
   B, K, G, L, H = q_BxKxGxLxH.shape
   M = G * tile
   # D_i = sum_h dO_ih O_ih = sum_j P_ij dP_ij: the softmax's backward without the full P.
@@ -210,7 +215,8 @@ def _attend_bwd(scale, tile, transposed, residuals, d_out_BxKxGxLxH):
       visible_BxLxM = jnp.tile(lax.dynamic_slice_in_dim(mask_t_BxLxL, i * tile, tile, 2),
                                (1, 1, G))
 
-    def key_tile(j, state):
+    def key_tile(visit, state):
+      j = keys_nxn[i, visit]
       dq_acc, dk_BxKxLxH, dv_BxKxLxH = state
       keys = lambda x: lax.dynamic_slice_in_dim(x, j * tile, tile, 2)
       k_BxKxTxH, v_BxKxTxH = keys(k_BxKxLxH), keys(v_BxKxLxH)
@@ -232,7 +238,7 @@ def _attend_bwd(scale, tile, transposed, residuals, d_out_BxKxGxLxH):
     # d Q of this query tile, summed over its key tiles (transposed: [B, K, H, M]).
     start = (jnp.zeros((B, K, H, M) if transposed else (B, K, M, H), jnp.float32), dk_BxKxLxH,
              dv_BxKxLxH)
-    dq_acc, dk_BxKxLxH, dv_BxKxLxH = lax.fori_loop(lo[i], hi[i] + 1, key_tile, start)
+    dq_acc, dk_BxKxLxH, dv_BxKxLxH = lax.fori_loop(0, count_n[i], key_tile, start)
     dq_BxKxMxH = jnp.swapaxes(dq_acc, 2, 3) if transposed else dq_acc
     dq_BxKxGxLxH = lax.dynamic_update_slice_in_dim(
         dq_BxKxGxLxH, dq_BxKxMxH.reshape(B, K, G, tile, H), i * tile, 3)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import layout
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from saro_jax import sharding
 from saro_jax.models import cpu_bf16
@@ -231,18 +231,33 @@ def causal_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.
   return out_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
 
 
-def attention_tile(length: int) -> int:
+def attention_tile(length: int, trees: bool = False) -> int:
   """Tile of ``tiled_attention`` for training rows of ``length`` slots; 0 = rows this short take
-  ``causal_attention`` (its query blocks) instead.
+  ``causal_attention`` (its query blocks) instead. ``trees``: the rows hold token trees
+  (prefix-shared DPO, ``attention_mask``'s ``subtree_end``).
 
   Measured (fwd + bwd of one SmolLM2 layer's attention, 2-core CPU; benchmarks/README.md
   "Tiled attention"): below 256 slots the tile loops cost more than they skip; 128-slot tiles
   are fastest on causal rows of 512 and 1024, 64-slot tiles where a row is not a multiple of 128
-  (no padded tile) or is packed with short segments.
+  (no padded tile) or is packed with short segments. Token trees take 64-slot tiles at every
+  length: a branch sees its root and its own path, and finer tiles skip more of the sibling
+  branches between them. The bundled prompt trees in 2 x 1024 rows, fwd / fwd + bwd per layer:
+  31.5 / 87.2 ms with tiles of 64, 34.7 / 103.6 ms with tiles of 128 (session 46).
   """
   if length < 256:
     return 0
+  if trees:
+    return 64
   return 128 if length % 128 == 0 and length >= 512 else 64
+
+
+@struct.dataclass
+class RowsMask:
+  """The mask of whole training rows (no cache) and the tile their attention runs in: the tile
+  is chosen from the row layout, which the boolean mask alone does not tell (``attention_tile``),
+  and rides along as static data through the layer scan and remat."""
+  visible_Bx1xLxL: jax.Array
+  tile: int = struct.field(pytree_node=False)
 
 
 def training_attention_impl(impl: str, dtype, head_dim: int, length: int) -> str:
@@ -274,10 +289,11 @@ def cudnn_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.A
 
 
 def training_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
-                       mask_Bx1xLxL: jax.Array, scale: float) -> jax.Array:
+                       mask_Bx1xLxL: jax.Array, scale: float, tile: int | None = None) -> jax.Array:
   """The ``xla`` attention of whole rows (no cache): ``tiled_attention`` (only the key tiles
-  some query sees) from 256 slots up, ``causal_attention`` below (``attention_tile``)."""
-  tile = attention_tile(q_BxLxNxH.shape[1])
+  some query sees) from 256 slots up, ``causal_attention`` below (``attention_tile``; ``tile``
+  overrides it, 0 = the query blocks)."""
+  tile = attention_tile(q_BxLxNxH.shape[1]) if tile is None else tile
   if tile:
     return tiled_attention.tiled_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, scale,
                                            tile)
@@ -478,6 +494,8 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(H, c, names=("head_dim",))
 
   def __call__(self, x_BxLxD, cos_BxLxH, sin_BxLxH, mask_Bx1xTxS, kv_cache=None, write_index_B=None):
+    """``mask_Bx1xTxS``: with ``kv_cache`` the boolean [B, 1, T, S] mask over the cache's slots;
+    without, whole rows' ``RowsMask``."""
     c = self.config
     dt = x_BxLxD.dtype
     if self.out_in:
@@ -512,11 +530,12 @@ class Attention(nnx.Module):
       out_BxTxNxH = cached_attention(q_BxLxNxH, cache_k_BxKxHxS.astype(dt),
                                      cache_v_BxKxSxH.astype(dt), mask_Bx1xTxS, c.head_dim ** -0.5)
     elif training_attention_impl(c.attention_impl, dt, c.head_dim, q_BxLxNxH.shape[1]) == "xla":
-      out_BxTxNxH = training_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xTxS,
-                                       c.head_dim ** -0.5)
+      out_BxTxNxH = training_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
+                                       mask_Bx1xTxS.visible_Bx1xLxL, c.head_dim ** -0.5,
+                                       mask_Bx1xTxS.tile)
     else:
-      out_BxTxNxH = cudnn_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xTxS,
-                                    c.head_dim ** -0.5)
+      out_BxTxNxH = cudnn_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
+                                    mask_Bx1xTxS.visible_Bx1xLxL, c.head_dim ** -0.5)
     # wo contracts (N, H) as ONE flat dim (``dense``): as a two-axis contraction XLA CPU copied a
     # transposed wo on every decode step.
     if self.out_in:
@@ -695,9 +714,11 @@ class Transformer(nnx.Module):
 
     if cache is None:
       slots_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-      mask = attention_mask(slots_BxL, segment_ids_BxL, segment_ids_BxL, c.sliding_window,
-                            None if subtree_end_BxL is None else jnp.asarray(subtree_end_BxL, jnp.int32),
-                            jnp.asarray(positions_BxL, jnp.int32))
+      mask = RowsMask(
+          attention_mask(slots_BxL, segment_ids_BxL, segment_ids_BxL, c.sliding_window,
+                         None if subtree_end_BxL is None else jnp.asarray(subtree_end_BxL, jnp.int32),
+                         jnp.asarray(positions_BxL, jnp.int32)),
+          attention_tile(L, trees=subtree_end_BxL is not None))
       if c.scan_layers:
         x_BxLxD, _ = self._scan_layers(x_BxLxD, cos, sin, mask)
         return self.final_norm(x_BxLxD), None
