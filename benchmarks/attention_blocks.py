@@ -52,11 +52,11 @@ def _rules(variant: str):
     tile = int(variant[1:])
     if tile < 1:
       raise ValueError(f"--blocks entry {variant!r}: a tile must be >= 1 slot")
-    return (lambda length: tile), transformer.query_block
+    return (lambda length, trees=False: tile), transformer.query_block
   n = int(variant)
   if n < 1:
     raise ValueError(f"--blocks entry {variant!r} must be 'default', an integer >= 1 or tN")
-  return (lambda length: 0), (lambda length: -(-length // n))
+  return (lambda length, trees=False: 0), (lambda length: -(-length // n))
 
 
 def _layout(rules, length: int) -> str:
