@@ -168,9 +168,10 @@ def test_tile_lists_visit_only_what_some_query_sees():
   assert _visits(blind, 50) == [[0], [1]]
 
 
-def _late(tile_lists):
+def skip_first_visible_tile(tile_lists):
   """Tile lists that drop each query tile's first visited key tile when it has more than one:
-  the skip of a visible tile that an off-by-one in ``tile_lists`` would make."""
+  the skip of a visible tile that an off-by-one in ``tile_lists`` would make (also planted by
+  tests/test_benchmarks.py)."""
   def late(mask, tile):
     keys, count = tile_lists(mask, tile)
     more = (count > 1)[:, None]
@@ -188,7 +189,8 @@ def test_parity_bounds_catch_a_skipped_visible_tile(layout, monkeypatch):
   ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                                      implementation="xla")
   want, want_grads = jax.jit(lambda *a: _value_and_grads(ref, *a))(q, k, v, cotangent)
-  monkeypatch.setattr(tiled_attention, "tile_lists", _late(tiled_attention.tile_lists))
+  monkeypatch.setattr(tiled_attention, "tile_lists",
+                      skip_first_visible_tile(tiled_attention.tile_lists))
   bug_out, bug_grads = jax.jit(lambda *a: _value_and_grads(_tiled(mask, 50, scale, layout), *a))(
       q, k, v, cotangent)
   error_model.assert_caught(bug_out, want, FORWARD_DEPTH, what="late tile out")

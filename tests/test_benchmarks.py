@@ -3,7 +3,6 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 import benchmark_scripts
@@ -105,14 +104,9 @@ def test_attention_tiles_benchmark_bound_catches_a_skipped_visible_tile(monkeypa
   visible key tile (the off-by-one tests/test_attention.py plants) drop visible keys and the
   reported difference exceeds the bound."""
   from saro_jax.models import tiled_attention
-  lists = tiled_attention.tile_lists
-
-  def late(mask, tile):
-    keys, count = lists(mask, tile)
-    more = (count > 1)[:, None]
-    return jnp.where(more, jnp.roll(keys, -1, axis=1), keys), count - more[:, 0]
-
-  monkeypatch.setattr(tiled_attention, "tile_lists", late)
+  from test_attention import skip_first_visible_tile
+  monkeypatch.setattr(tiled_attention, "tile_lists",
+                      skip_first_visible_tile(tiled_attention.tile_lists))
   out = benchmark_scripts.load("attention_tiles").main(
       ["--shapes", "1x256:trees", "--tiles", "64", "--repeats", "1"])
   assert out["1x256:trees"]["tile64"]["max_rel_diff"] > 1e-4
