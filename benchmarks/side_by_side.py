@@ -17,7 +17,9 @@ learning rate, betas, eps, no weight decay, a constant schedule, gradient clippi
 Systems (``--systems``; a name means its DPO and its SFT variant):
   saro_jax        the real saro_jax step: ``engine.make_step`` around ``srpo.make_loss_fn`` (with
                   the live reference forward ``reference.make_reference_fn`` before it, as
-                  ``srpo.to_device_fn`` does) or ``rw.make_loss_fn``; remat none, attention xla
+                  ``srpo.to_device_fn`` does) or ``rw.make_loss_fn``; remat none, attention xla;
+                  the SRPO step with the preset's ``train.logps_keep_logits`` (its backward reads
+                  the lm head's logits from the forward, as TRL's and the loop's autograd do)
   saro_jax_remat  the same with ``model.remat=block`` (the like-for-like partner of trl_gc)
   saro_jax@N      either of the two with ``train.logps_chunk`` N instead of ``--logps_chunk``, so
                   chunk sizes compare in one run (e.g. ``saro_jax@128,saro_jax@64,trl``). The
@@ -396,6 +398,7 @@ def jax_system(name: str, stage: str, args, directory: str, ids) -> System:
 
   mem = compiled.memory_analysis()
   note = (f"logps_chunk {cfg.train.logps_chunk}"
+          + (", keep logits" if stage == "dpo" and cfg.train.logps_keep_logits else "")
           + (f", XLA step temp {mem.temp_size_in_bytes / 2**30:.2f} GiB" if mem is not None else "")
           + (f", {cfg.model.compute_dtype} compute" if args.bf16 else ""))
   if stage == "dpo":

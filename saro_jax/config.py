@@ -200,6 +200,10 @@ class TrainConfig:
   grad_accum: int = 1  # micro-batches per step; each is batch_size // grad_accum rows
   log_every: int = 10
   logps_chunk: int = 256  # sequence chunk of the log-prob computation (no B x L x V tensor)
+  # SRPO: the policy's backward reads each log-prob chunk's fp32 logits kept from the forward
+  # instead of recomputing them (one lm-head product per chunk fewer, as PyTorch's autograd runs
+  # it; rows x L x vocab x 4 bytes more). RW forms its gradient in the forward either way.
+  logps_keep_logits: bool = False
   progress_bar: bool = True
   # > 0: this invocation stops (after a checkpoint) at that step; re-running resumes. For jobs
   # with a time limit (preemptible slices, SLURM walltime) and for resume tests.
@@ -217,6 +221,9 @@ class TrainConfig:
     _check_positive(f"{where}.grad_accum", self.grad_accum)
     _check_positive(f"{where}.log_every", self.log_every)
     _check_positive(f"{where}.logps_chunk", self.logps_chunk)
+    if not isinstance(self.logps_keep_logits, bool):
+      raise ConfigError(f"config.{where}.logps_keep_logits={self.logps_keep_logits!r} must be True"
+                        " or False")
     _check_positive(f"{where}.stop_at", self.stop_at, allow_zero=True)
     need = batch_divisor * self.grad_accum
     if self.batch_size % need:

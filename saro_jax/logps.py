@@ -32,15 +32,17 @@ def input_keys(prefix_sharing: bool) -> tuple[str, ...]:
 
 
 def pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_size: int,
-               chunk_size: int) -> dict[str, jax.Array]:
+               chunk_size: int, keep_logits: bool = False) -> dict[str, jax.Array]:
   """Chosen and rejected in ONE forward of 2B rows: summed completion log-probs [B], completion
   lengths [B] and summed per-token mean logits [B] (TRL's ``logits/*``).
 
   A prefix-shared batch (it has ``subtree_end``) goes to ``tree_pair_logps``; its outputs are
   [rows * P] for P pair slots per row (pair slot k of row r at r * P + k; empty slots have
-  lengths 0)."""
+  lengths 0). ``keep_logits``: ``losses.token_logps_and_mean_logits``' (a policy's forward
+  under a gradient; ``train.logps_keep_logits``)."""
   if "subtree_end" in batch:
-    return tree_pair_logps(model, batch, vocab_size=vocab_size, chunk_size=chunk_size)
+    return tree_pair_logps(model, batch, vocab_size=vocab_size, chunk_size=chunk_size,
+                           keep_logits=keep_logits)
   both = {name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
           for name in ("tokens", "positions", "segment_ids", "loss_mask")}
   hidden_2BxLxD = model.hidden_states(both["tokens"], both["positions"], both["segment_ids"])
@@ -48,7 +50,7 @@ def pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_size:
                                                  both["segment_ids"])
   logps_2BxL, mean_logits_2BxL = losses.token_logps_and_mean_logits(
       hidden_2BxLxD, model.unembed_DxV(), targets_2BxL, vocab_size=vocab_size,
-      chunk_size=chunk_size, mask_BxL=mask_2BxL)
+      chunk_size=chunk_size, mask_BxL=mask_2BxL, keep_logits=keep_logits)
   logps_2B, lengths_2B = losses.sequence_sums(logps_2BxL, mask_2BxL)
   logit_sums_2B, _ = losses.sequence_sums(mean_logits_2BxL, mask_2BxL)
   b = batch["chosen_tokens"].shape[0]
@@ -62,7 +64,7 @@ def pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_size:
 
 
 def tree_pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_size: int,
-                    chunk_size: int) -> dict[str, jax.Array]:
+                    chunk_size: int, keep_logits: bool = False) -> dict[str, jax.Array]:
   """``pair_logps`` for prefix-shared rows: ONE forward of R rows of token trees (up to P pairs
   per row, the spans' width), every common prefix computed once.
 
@@ -78,7 +80,7 @@ def tree_pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array], *, vocab_
   mask_RxL = batch["loss_mask"]
   logps_RxL, mean_logits_RxL = losses.token_logps_and_mean_logits(
       source_hidden_RxLxD, model.unembed_DxV(), batch["tokens"], vocab_size=vocab_size,
-      chunk_size=chunk_size, mask_BxL=mask_RxL)
+      chunk_size=chunk_size, mask_BxL=mask_RxL, keep_logits=keep_logits)
   out = {}
   for side in ("chosen", "rejected"):
     sums = lambda values_RxL: losses.span_sums(values_RxL, batch["subtree_end"],

@@ -67,8 +67,9 @@ def _chunk_logits(hidden_BxCxD: jax.Array, unembed_DxV: jax.Array) -> jax.Array:
   return sharding.constrain(logits_BxCxV, ("batch", "length", "act_vocab"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _full_vocab_stats(hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, n_active, vocab_size):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _full_vocab_stats(hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, n_active, vocab_size,
+                      keep_logits=False):
   """(log p(target), mean logit), each [N, B, C], for N sequence chunks of C positions, all
   vocabulary columns at once, one chunk at a time; only the first ``n_active`` chunks are computed
   (the rest hold no scored position and give 0).
@@ -86,9 +87,15 @@ def _full_vocab_stats(hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, n_ac
   exp, the target gather's scatter and the mean's broadcast), and adds the chunk's [D, V] weight
   gradient into one accumulator. Both loops run ``n_active`` times (a ``while`` loop): a chunk
   past them costs nothing, where a per-chunk VJP inside ``lax.map`` paid a zero-filled [D, V]
-  gradient and its addition for every skipped chunk (113 MB each for SmolLM2)."""
+  gradient and its addition for every skipped chunk (113 MB each for SmolLM2).
+
+  ``keep_logits``: the forward keeps every chunk's fp32 logits ([N, B, C, V], 4 bytes each) and
+  the backward reads them instead of recomputing them: three [B, C, D] x [D, V] products per chunk
+  instead of four, as PyTorch's autograd runs an lm head it does not checkpoint. The same logits
+  (one product either way), so the same log-probs and gradients."""
+  # Not under a gradient: nothing to keep.
   stats, _ = _full_vocab_stats_fwd(hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC,
-                                   n_active, vocab_size)
+                                   n_active, vocab_size, False)
   return stats
 
 
@@ -138,27 +145,37 @@ def _chunk_grads(hidden_BxCxD, read_DxV, targets_BxC, logits_BxCxV, lse_BxC, g_l
 
 
 def _full_vocab_stats_fwd(hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, n_active,
-                          vocab_size):
-  def chunk(i, stats_3xNxBxC):
-    _, lse_BxC, target_logit_BxC, logit_sum_BxC = _chunk_stats(
+                          vocab_size, keep_logits):
+  def chunk(i, carry):
+    stats_3xNxBxC, kept_NxBxCxV = carry
+    logits_BxCxV, lse_BxC, target_logit_BxC, logit_sum_BxC = _chunk_stats(
         hidden_NxBxCxD[i], read_DxV, targets_NxBxC[i], vocab_size)
     new_3xBxC = (target_logit_BxC - lse_BxC, logit_sum_BxC / vocab_size, lse_BxC)
-    return tuple(s.at[i].set(x) for s, x in zip(stats_3xNxBxC, new_3xBxC))
+    if keep_logits:
+      kept_NxBxCxV = kept_NxBxCxV.at[i].set(logits_BxCxV)
+    return tuple(s.at[i].set(x) for s, x in zip(stats_3xNxBxC, new_3xBxC)), kept_NxBxCxV
 
   zeros_NxBxC = jnp.zeros(targets_NxBxC.shape, jnp.float32)
-  logp_NxBxC, mean_NxBxC, lse_NxBxC = jax.lax.fori_loop(0, n_active, chunk, (zeros_NxBxC,) * 3)
-  residuals = (hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, n_active, lse_NxBxC)
+  N, B, C, _ = hidden_NxBxCxD.shape
+  # Without keep_logits an empty stand-in: residuals are arrays.
+  kept_NxBxCxV = jnp.zeros((N, B, C, read_DxV.shape[1]) if keep_logits else (0,), jnp.float32)
+  (logp_NxBxC, mean_NxBxC, lse_NxBxC), kept_NxBxCxV = jax.lax.fori_loop(
+      0, n_active, chunk, ((zeros_NxBxC,) * 3, kept_NxBxCxV))
+  residuals = (hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, n_active, lse_NxBxC,
+               kept_NxBxCxV)
   return (logp_NxBxC, mean_NxBxC), residuals
 
 
-def _full_vocab_stats_bwd(vocab_size, residuals, cotangents):
-  hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, n_active, lse_NxBxC = residuals
+def _full_vocab_stats_bwd(vocab_size, keep_logits, residuals, cotangents):
+  (hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, n_active, lse_NxBxC,
+   kept_NxBxCxV) = residuals
   g_logp_NxBxC, g_mean_NxBxC = cotangents
 
   def chunk(i, grads):
     d_hidden_NxBxCxD, d_unembed_DxV = grads
     hidden_BxCxD = hidden_NxBxCxD[i]
-    logits_BxCxV = _chunk_logits(hidden_BxCxD, read_DxV)  # recomputed, never stored
+    # Kept from the forward, or recomputed (never stored).
+    logits_BxCxV = kept_NxBxCxV[i] if keep_logits else _chunk_logits(hidden_BxCxD, read_DxV)
     d_hidden_BxCxD, d_unembed_chunk_DxV = _chunk_grads(
         hidden_BxCxD, read_DxV, targets_NxBxC[i], logits_BxCxV, lse_NxBxC[i], g_logp_NxBxC[i],
         g_mean_NxBxC[i], vocab_size)
@@ -321,7 +338,7 @@ class _Chunks:
 def token_logps_and_mean_logits(
     hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: jax.Array, *,
     vocab_size: int, chunk_size: int, vocab_chunk_size: int | None = None,
-    mask_BxL: jax.Array | None = None,
+    mask_BxL: jax.Array | None = None, keep_logits: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """``log p(targets[b, t] | hidden[b, t])`` and the mean logit over the vocabulary, both [B, L].
 
@@ -341,10 +358,17 @@ def token_logps_and_mean_logits(
   trip count), so the unembedding's matmuls and [B, C, V] passes cost the scored tokens (rounded
   up to a chunk) instead of every prompt and padding slot. Each scored position's result is the
   same computation as without the mask.
+
+  ``keep_logits`` (full-vocabulary path only): the backward reads each chunk's fp32 logits kept
+  from the forward instead of recomputing them, one fewer lm-head product per chunk for
+  rows x L x V x 4 bytes more (``_full_vocab_stats``; ``train.logps_keep_logits``).
   """
   _check_token_args(hidden_BxLxD, unembed_DxV, targets_BxL, vocab_size, chunk_size,
                     vocab_chunk_size)
   full_vocab = vocab_chunk_size is None or vocab_chunk_size >= unembed_DxV.shape[1]
+  if keep_logits and not full_vocab:
+    raise ValueError(f"token_logps: keep_logits needs the full-vocabulary path; with"
+                     f" vocab_chunk_size={vocab_chunk_size} the logits are never whole")
   b, l, _ = hidden_BxLxD.shape
   chunks = _Chunks.of(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size)
   hidden_NxBxCxD, targets_NxBxC = chunks.hidden_NxBxCxD, chunks.targets_NxBxC
@@ -353,7 +377,8 @@ def token_logps_and_mean_logits(
   if full_vocab:
     # With a mask, only the chunks up to the longest row's scored count (a traced count).
     logps_NxBxC, mean_logits_NxBxC = _full_vocab_stats(
-        hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, chunks.n_active, vocab_size)
+        hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, chunks.n_active, vocab_size,
+        keep_logits)
   else:
     # Each chunk's backward recomputes its logits instead of storing them.
     stats = jax.checkpoint(_vocab_chunked_stats, static_argnums=(3, 4))
@@ -373,11 +398,11 @@ def token_logps_and_mean_logits(
 
 def token_logps(hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: jax.Array, *,
                 vocab_size: int, chunk_size: int, vocab_chunk_size: int | None = None,
-                mask_BxL: jax.Array | None = None) -> jax.Array:
+                mask_BxL: jax.Array | None = None, keep_logits: bool = False) -> jax.Array:
   """``log p(targets[b, t] | hidden[b, t])`` [B, L], chunked (``token_logps_and_mean_logits``)."""
   logps_BxL, _ = token_logps_and_mean_logits(
       hidden_BxLxD, unembed_DxV, targets_BxL, vocab_size=vocab_size, chunk_size=chunk_size,
-      vocab_chunk_size=vocab_chunk_size, mask_BxL=mask_BxL)
+      vocab_chunk_size=vocab_chunk_size, mask_BxL=mask_BxL, keep_logits=keep_logits)
   return logps_BxL
 
 

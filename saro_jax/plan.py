@@ -278,6 +278,9 @@ def hand_formula(mc, cfg, *, mesh_shape: Mapping[str, int], params: int, rows: i
   block = rows_dev * heads_dev * L * L * 4 * 2 + rows_dev * L * 3 * F // tensor * cb
   vocab = mc.padded_vocab_size // tensor
   logits = rows_dev * min(cfg.train.logps_chunk, L) * vocab * 4 * 3
+  if reference_mode is not None and cfg.train.logps_keep_logits:  # SRPO: every chunk's, kept
+    chunk = min(cfg.train.logps_chunk, L)
+    logits += rows_dev * -(-L // chunk) * chunk * vocab * 4
   # A layer's weights gathered over fsdp (in the compute dtype) for its forward and backward.
   per_layer_params = (params - 2 * mc.padded_vocab_size * D) // max(mc.num_layers, 1)
   gathered = 2 * per_layer_params * cb // tensor + mc.padded_vocab_size * D * cb // tensor

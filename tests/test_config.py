@@ -81,6 +81,13 @@ def test_bad_values_fail_with_the_key_and_the_fix(mutate, message):
     training_config(saro, "srpo", device_count=8)
 
 
+def test_a_train_config_built_in_python_checks_its_flag_type():
+  # ml_collections refuses a non-bool for logps_keep_logits; a TrainConfig built directly (as the
+  # benchmarks build theirs) is checked by validate.
+  with pytest.raises(ConfigError, match=r"config.srpo.train.logps_keep_logits=1 must be True or"):
+    config_lib.TrainConfig(logps_keep_logits=1).validate("srpo.train")
+
+
 def test_wrong_type_and_unknown_key_in_a_section():
   raw = load_config("saro").to_dict()
   raw["rw"]["train"]["steps"] = "ten"  # a config file can build such a dict; flags cannot

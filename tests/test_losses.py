@@ -207,8 +207,9 @@ def test_token_logps_bf16_inputs_accumulate_in_float32():
                                           programs=1), "bf16 inputs")
 
 
-@pytest.mark.parametrize("vocab_chunk", [None, 10])
-def test_token_logps_gradient_is_the_analytic_softmax_gradient(vocab_chunk):
+@pytest.mark.parametrize("vocab_chunk,keep_logits", [(None, False), (10, False), (None, True)])
+def test_token_logps_gradient_is_the_analytic_softmax_gradient(vocab_chunk, keep_logits):
+  """Recomputed in the backward or kept from the forward (``keep_logits``), the same bound."""
   b, l, d, v_pad, vocab = 2, 12, 8, 32, 29
   hidden, unembed = rand(3, b, l, d), rand(4, d, v_pad)
   targets = np.random.default_rng(5).integers(0, vocab, (b, l))
@@ -216,7 +217,8 @@ def test_token_logps_gradient_is_the_analytic_softmax_gradient(vocab_chunk):
 
   def objective(h, w):
     return jnp.sum(weights * losses.token_logps(h, w, jnp.asarray(targets), vocab_size=vocab,
-                                                chunk_size=5, vocab_chunk_size=vocab_chunk))
+                                                chunk_size=5, vocab_chunk_size=vocab_chunk,
+                                                keep_logits=keep_logits))
 
   g_hidden, g_unembed = jax.jit(jax.grad(objective, (0, 1)))(jnp.asarray(hidden),
                                                               jnp.asarray(unembed))
@@ -299,6 +301,34 @@ def test_token_nll_sum_computes_each_chunks_logits_once():
   assert _dots(jax.grad(plain, (0, 1)), *args) == 4
   # A frozen unembedding (LoRA RW): the forward's d unembed is dead code and goes, 2 products.
   assert _dots(jax.grad(fused, 0), *args) == 2
+
+
+def test_kept_logits_save_the_backwards_lm_head_product():
+  """``keep_logits`` (``train.logps_keep_logits``): the backward reads each chunk's logits from
+  the forward, three lm-head products per chunk instead of four, with the forward's log-probs
+  and mean logits unchanged bit for bit (the same computation; storing the logits adds a copy),
+  on a masked batch whose chunks past the longest row are skipped and a padded vocabulary. Its
+  gradient against the float64 formula: test_token_logps_gradient_is_the_analytic_softmax_gradient.
+  With vocabulary slices the logits are never whole, so asking for both is an error."""
+  b, l, d, v_pad, vocab = 3, 20, 16, 96, 90
+  rng = np.random.default_rng(72)
+  args = (jnp.asarray(rand(70, b, l, d)), jnp.asarray(rand(71, d, v_pad)))
+  targets = jnp.asarray(rng.integers(0, vocab, (b, l)))
+  mask = jnp.asarray(rng.random((b, l)) < np.array([[0.3], [0.9], [0.0]]))
+
+  def stats(h, w, keep):
+    return losses.token_logps_and_mean_logits(h, w, targets, vocab_size=vocab, chunk_size=4,
+                                              mask_BxL=mask, keep_logits=keep)
+
+  objective = lambda keep: lambda h, w: sum(jnp.sum(x) for x in stats(h, w, keep))
+  kept, recomputed = (jax.jit(stats, static_argnums=2)(*args, keep) for keep in (True, False))
+  for got, want in zip(kept, recomputed):
+    np.testing.assert_array_equal(got, want)
+  assert _dots(jax.grad(objective(True), (0, 1)), *args) == 3
+  assert _dots(jax.grad(objective(False), (0, 1)), *args) == 4
+  with pytest.raises(ValueError, match="keep_logits needs the full-vocabulary path"):
+    losses.token_logps(*args, targets, vocab_size=vocab, chunk_size=4, vocab_chunk_size=32,
+                       keep_logits=True)
 
 
 def _rows_contracting_dots(fn, *args) -> int:

@@ -296,16 +296,27 @@ def test_dpo_loss_and_gradients_equal(setup):
   ref_c = jnp.asarray(ref["chosen_logps"]) * 0.99
   ref_r = jnp.asarray(ref["rejected_logps"]) * 1.01
 
-  def loss_fn(m, b):
-    o = logps.pair_logps(m, b, vocab_size=vocab, chunk_size=128)
+  def loss_fn(m, b, keep_logits=False):
+    o = logps.pair_logps(m, b, vocab_size=vocab, chunk_size=128, keep_logits=keep_logits)
     return losses.dpo_loss(o["chosen_logps"], o["rejected_logps"], ref_c, ref_r,
                            chosen_lengths=o["chosen_lengths"],
                            rejected_lengths=o["rejected_lengths"], beta=beta)[0]
 
-  grad = jax.jit(nnx.value_and_grad(loss_fn))
-  loss_u, g_u = grad(model, {k: setup["unshared"][k] for k in logps.PAIR_KEYS})
-  loss_s, g_s = grad(model, {k: setup["shared"][k] for k in logps.TREE_KEYS})
+  grad = jax.jit(nnx.value_and_grad(loss_fn), static_argnums=2)
+  unshared = {k: setup["unshared"][k] for k in logps.PAIR_KEYS}
+  shared = {k: setup["shared"][k] for k in logps.TREE_KEYS}
+  loss_u, g_u = grad(model, unshared)
+  loss_s, g_s = grad(model, shared)
   flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]).astype(np.float64)
+  # The policy's backward reading the forward's logits (train.logps_keep_logits) instead of
+  # recomputing them: the same products of the same operands, so the same loss, and gradients
+  # that differ by at most the lm head's roundoff (well inside the layouts' bound below), in
+  # both layouts.
+  eps_h = (LAYERS + 1) * U * math.sqrt(MAX_LENGTH)
+  for batch, loss, g in ((unshared, loss_u, g_u), (shared, loss_s, g_s)):
+    loss_k, g_k = grad(model, batch, True)
+    assert float(loss_k) == float(loss)
+    assert np.linalg.norm(flat(g_k) - flat(g)) <= eps_h * np.linalg.norm(flat(g))
   g_u, g_s = flat(g_u), flat(g_s)
   # The loss is a mean over pairs of -log sigmoid(beta * z), |d/dz| <= beta, and z moves by at
   # most the chosen + rejected bounds.
@@ -313,7 +324,6 @@ def test_dpo_loss_and_gradients_equal(setup):
   assert abs(float(loss_u) - float(loss_s)) <= beta * dz.max()
   # Gradients: forward and backward each carry the hidden-state error eps_h (same depth, same
   # reductions), and each pair's weight sigma(-beta z) moves by at most beta * dz relative.
-  eps_h = (LAYERS + 1) * U * math.sqrt(MAX_LENGTH)
   rel = np.linalg.norm(g_s - g_u) / np.linalg.norm(g_u)
   assert rel <= 2 * eps_h + beta * dz.max(), rel
   assert np.linalg.norm(g_u) > 0

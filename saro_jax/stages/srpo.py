@@ -31,7 +31,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: StageConfig, *, vocab_size: int):
 
   def loss_fn(params, batch, n_micro_batches):
     out = logps.pair_logps(models.merge(graphdef, params), batch, vocab_size=vocab_size,
-                           chunk_size=cfg.train.logps_chunk)
+                           chunk_size=cfg.train.logps_chunk,
+                           keep_logits=cfg.train.logps_keep_logits)
     loss, metrics = losses.dpo_loss(
         out["chosen_logps"], out["rejected_logps"],
         None if reference_free else batch["ref_chosen_logps"].reshape(-1),
