@@ -159,6 +159,8 @@ def _full_vocab_stats_fwd(hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, 
   N, B, C, _ = hidden_NxBxCxD.shape
   # Without keep_logits an empty stand-in: residuals are arrays.
   kept_NxBxCxV = jnp.zeros((N, B, C, read_DxV.shape[1]) if keep_logits else (0,), jnp.float32)
+  if keep_logits:  # split as each chunk's logits are, never whole on one device
+    kept_NxBxCxV = sharding.constrain(kept_NxBxCxV, (None, "batch", "length", "act_vocab"))
   (logp_NxBxC, mean_NxBxC, lse_NxBxC), kept_NxBxCxV = jax.lax.fori_loop(
       0, n_active, chunk, ((zeros_NxBxC,) * 3, kept_NxBxCxV))
   residuals = (hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, n_active, lse_NxBxC,

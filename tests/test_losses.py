@@ -421,6 +421,36 @@ def test_token_logps_sharded_on_a_mesh_equals_single_device():
   assert_within(got, want, em.max_bound(scale, token_stats_depth(d, 60, 32)), "sharded logps")
 
 
+def test_kept_logits_are_split_over_the_mesh_like_the_chunks():
+  """``keep_logits`` on a (2, 2, 2) mesh: the kept [N, B, C, V] logits are split over the batch
+  (data x fsdp) and the vocabulary (tensor) as each chunk's are, so a device holds an eighth of
+  them (a quarter is the bound asserted), and the gradients are the float64 formula's within the
+  bound of test_token_logps_gradient_is_the_analytic_softmax_gradient, the vocabulary's
+  log-sum-exp in two tensor halves counted as two vocabulary slices."""
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  b, l, d, v = 8, 16, 8, 4096
+  hidden, unembed = rand(7, b, l, d), rand(8, d, v, scale=0.1)
+  targets = np.random.default_rng(9).integers(0, v, (b, l))
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  args = (put(hidden, P(("data", "fsdp"))), put(unembed, P(None, "tensor")),
+          put(targets, P(("data", "fsdp"))))
+
+  def grads(keep):
+    def objective(h, w, t):
+      with sharding.use(mesh):
+        return losses.token_logps(h, w, t, vocab_size=v, chunk_size=4, keep_logits=keep).sum()
+    return jax.jit(jax.grad(objective, (0, 1)))
+
+  temp = lambda keep: grads(keep).lower(*args).compile().memory_analysis().temp_size_in_bytes
+  kept_bytes = (l // 4) * b * 4 * v * 4  # [N, B, C, V] fp32, whole
+  assert 0 < temp(True) - temp(False) <= kept_bytes // 4, (temp(True), temp(False), kept_bytes)
+  g_hidden, g_unembed = grads(True)(*args)
+  _, _, logits = np_token_stats(hidden, unembed, targets, v)
+  dlogits = np.eye(v)[targets] - np.exp(np_log_softmax(logits))
+  depth = token_stats_depth(d, v, v // 2) + v + b * l
+  assert_lm_head_gradients(g_hidden, g_unembed, hidden, unembed, dlogits, em.gamma(depth), v)
+
+
 def test_token_logps_bad_shapes_name_the_argument():
   h, w, t = jnp.zeros((2, 4, 8)), jnp.zeros((8, 10)), jnp.zeros((2, 4), jnp.int32)
   with pytest.raises(ValueError, match="hidden size 8 != unembed rows 9"):
