@@ -157,10 +157,10 @@ def _full_vocab_stats_fwd(hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, 
 
   zeros_NxBxC = jnp.zeros(targets_NxBxC.shape, jnp.float32)
   N, B, C, _ = hidden_NxBxCxD.shape
-  # Without keep_logits an empty stand-in: residuals are arrays.
-  kept_NxBxCxV = jnp.zeros((N, B, C, read_DxV.shape[1]) if keep_logits else (0,), jnp.float32)
-  if keep_logits:  # split as each chunk's logits are, never whole on one device
-    kept_NxBxCxV = sharding.constrain(kept_NxBxCxV, (None, "batch", "length", "act_vocab"))
+  # On a mesh XLA splits the kept logits as it splits each chunk's (sharding propagation from
+  # ``_chunk_logits``' constraint; a constraint here changes nothing:
+  # test_kept_logits_are_split_over_the_mesh_like_the_chunks).
+  kept_NxBxCxV = jnp.zeros((N, B, C, read_DxV.shape[1]), jnp.float32) if keep_logits else None
   (logp_NxBxC, mean_NxBxC, lse_NxBxC), kept_NxBxCxV = jax.lax.fori_loop(
       0, n_active, chunk, ((zeros_NxBxC,) * 3, kept_NxBxCxV))
   residuals = (hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, n_active, lse_NxBxC,

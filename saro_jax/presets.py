@@ -145,8 +145,8 @@ def srpo_recipe(preset: str) -> dict:
     # block, so a row holds that once). Earlier settings, and why they changed: configs/saro.py.
     # logps_chunk 64: the DPO step of 4 pairs x 256 tokens takes 11.7 s at 64, 16.1 s at 128.
     # logps_keep_logits: the policy's backward reads the forward's logits (4 rows x 256 x 49152
-    # fp32, 201 MB) instead of recomputing them: 1.08x on side_by_side's SRPO step (session 47),
-    # with the same gradients bit for bit. The paper-scale preset below leaves it off: at a 128k
+    # fp32, 201 MB) instead of recomputing them: 1.045x on side_by_side's SRPO step (session 47);
+    # the tiny recipe's SRPO ends with the same loss and gradient norm bit for bit. The paper-scale preset below leaves it off: at a 128k
     # vocabulary and rows of 4096 the kept logits would take 2 GB per row.
     return dict(data=data("bundled:pairs_train", 256), opt=opt(1e-5, warmup_steps=1),
                 train=train(16, 4, log_every=1, logps_chunk=64, logps_keep_logits=True),

@@ -423,8 +423,9 @@ def test_token_logps_sharded_on_a_mesh_equals_single_device():
 
 def test_kept_logits_are_split_over_the_mesh_like_the_chunks():
   """``keep_logits`` on a (2, 2, 2) mesh: the kept [N, B, C, V] logits are split over the batch
-  (data x fsdp) and the vocabulary (tensor) as each chunk's are, so a device holds an eighth of
-  them (a quarter is the bound asserted), and the gradients are the float64 formula's within the
+  (data x fsdp) and the vocabulary (tensor) as each chunk's are (XLA's sharding propagation), so
+  a device holds an eighth of them (a quarter is the bound asserted; kept whole on every device,
+  a planted constraint, they add 2.5 MB against the 0.5 MB bound), and the gradients are the float64 formula's within the
   bound of test_token_logps_gradient_is_the_analytic_softmax_gradient, the vocabulary's
   log-sum-exp in two tensor halves counted as two vocabulary slices."""
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
