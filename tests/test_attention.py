@@ -5,11 +5,14 @@ branches with restarting positions, and a sliding window. Two implementations:
 256 slots) and ``tiled_attention`` (square tiles, only the key tiles some query sees, online
 softmax with a custom gradient; longer rows)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from saro_jax import sharding, xla_options
 from saro_jax.models import tiled_attention, transformer
 import error_model
 
@@ -195,6 +198,37 @@ def test_parity_bounds_catch_a_skipped_visible_tile(layout, monkeypatch):
       q, k, v, cotangent)
   error_model.assert_caught(bug_out, want, FORWARD_DEPTH, what="late tile out")
   error_model.assert_caught(bug_grads[0], want_grads[0], GRAD_DEPTH, what="late tile dq")
+
+
+def _library_and_plain_dots(fn, *args) -> tuple[int, int]:
+  """(dots XLA:CPU hands to its GEMM library, YNNPACK; dots it runs itself) in ``fn``'s program
+  compiled with the train steps' options, read off the optimized HLO: a dot inside a fusion of
+  kind ``__ynn_fusion`` is YNNPACK's."""
+  options = xla_options.step_options(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  hlo = jax.jit(fn).lower(*args).compile(options).as_text()
+  library = set(re.findall(r"calls=(%[\w.\-]+),[^\n]*\"kind\":\"__ynn_fusion\"", hlo))
+  computation, counts = None, [0, 0]
+  for line in hlo.splitlines():
+    if head := re.match(r"(?:ENTRY )?(%[\w.\-]+) ", line):
+      computation = head.group(1)
+    if re.search(r" = \S+ dot\(", line):
+      counts[computation not in library] += 1
+  return counts[0], counts[1]
+
+
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+def test_tiled_attention_products_go_to_the_gemm_library_on_cpu(layout):
+  # Every product of the fp32 forward and backward contracts its left operand's minor dim, so
+  # XLA:CPU hands all 7 to YNNPACK (the rows' layout forms d V and d K transposed: as P^T dO and
+  # dS^T Q they ran as XLA's own dots at about half the rate; benchmarks/README.md, session 48).
+  q, k, v, cotangent = _inputs()
+  mask = _masks()["packed"]
+  attend = _tiled(mask, 50, H ** -0.5, layout)
+  grads = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) * cotangent), argnums=(0, 1, 2))
+  library, plain = _library_and_plain_dots(grads, q, k, v)
+  if library == 0:
+    pytest.skip("this jaxlib's XLA:CPU hands no dot to YNNPACK")
+  assert (library, plain) == (7, 0)
 
 
 def test_training_attention_picks_tiles_from_256_slots():

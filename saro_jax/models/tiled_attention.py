@@ -11,13 +11,16 @@ of the tile: skipping drops only exact zeros of the softmax and its gradients, s
 list gives the bits a dense sweep of the same tiles would. A visited tile pair that is partly
 masked is computed and masked as usual.
 
-The loops run over data-dependent lists (``lax.fori_loop`` with traced trip counts: while loops), so
-the gradient is a ``jax.custom_vjp``, the flash-attention recipe: the forward keeps a running max
-and sum per query (online softmax) and saves only the outputs and each query's log-sum-exp; the
-backward recomputes each visited tile's probabilities from them. Nothing L x L in fp32 is ever
-held: the residuals are q, k, v, the output, the log-sum-exp and the boolean mask.
+The query tiles are a ``lax.scan`` (each tile's queries read as they lie, [n, B, K, M, H]
+from ``query_tiles``; outputs stacked as its ys) and each one's key tiles a ``lax.fori_loop``
+over its data-dependent list (a traced trip count: a while loop), so the gradient is a
+``jax.custom_vjp``, the flash-attention recipe: the forward keeps a running max and sum per query
+(online softmax) and saves only the outputs and each query's log-sum-exp; the backward
+recomputes each visited tile's probabilities from them. Nothing L x L in fp32 is ever held: the
+residuals are q, k, v, the output, the log-sum-exp and the boolean mask.
 The backward has two tile layouts with the same sums: queries along the rows, or transposed
-tiles (keys along the rows), which bf16 takes on XLA:CPU (``prefers_transposed_backward``).
+tiles (keys along the rows), which bf16 takes on XLA:CPU (``prefers_transposed_backward``). In
+both, every product contracts its left operand's minor dim, as XLA:CPU's GEMM library wants.
 
 Arithmetic: scores in fp32 (``preferred_element_type``), the scale applied after the product,
 masked scores set to -0.7 * f32 max, probabilities cast to the values' dtype before the weighted
@@ -78,17 +81,38 @@ def _scores(q_BxKxMxH, k_BxKxTxH, mask_BxTxT, G: int, scale: float) -> jax.Array
   return s_BxKxGxTxT.reshape(B, K, M, T)
 
 
-def _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile):
-  B, K, G, L, H = q_BxKxGxLxH.shape
-  M = G * tile
+def query_tiles(q_BxLxNxH: jax.Array, num_kv_heads: int, tile: int) -> jax.Array:
+  """Queries [B, L, N, H] (L a multiple of ``tile``) -> [n, B, K, M, H], n = L / tile query
+  tiles, M = G * tile: each tile's queries of the G heads of a kv head stacked, m = g * tile + t.
+  One transpose; the loops then read whole tiles as they lie."""
+  B, L, N, H = q_BxLxNxH.shape
+  K, n = num_kv_heads, L // tile
+  G = N // K
+  return q_BxLxNxH.reshape(B, n, tile, K, G, H).transpose(1, 0, 3, 4, 2, 5).reshape(
+      n, B, K, G * tile, H)
+
+
+def from_query_tiles(x_nxBxKxMxH: jax.Array, tile: int) -> jax.Array:
+  """``query_tiles``' inverse: [n, B, K, M, H] -> [B, L, N, H]."""
+  n, B, K, M, H = x_nxBxKxMxH.shape
+  G = M // tile
+  return x_nxBxKxMxH.reshape(n, B, K, G, tile, H).transpose(1, 0, 4, 2, 3, 5).reshape(
+      B, n * tile, K * G, H)
+
+
+def _forward(q_nxBxKxMxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile):
+  """(out [n, B, K, M, H], (log-sum-exp [n, B, K, M], the tile lists)): a scan over the query
+  tiles (their outputs stacked as the scan's ys, no [B, K, G, L, H] carry to zero and update),
+  an online softmax over each one's visited key tiles."""
+  n, B, K, M, H = q_nxBxKxMxH.shape
+  G = M // tile
   keys_nxn, count_n = tile_lists(mask_BxLxL, tile)
 
-  def query_tile(i, carry):
-    out_BxKxGxLxH, lse_BxKxGxL = carry
-    q_BxKxMxH = lax.dynamic_slice_in_dim(q_BxKxGxLxH, i * tile, tile, 3).reshape(B, K, M, H)
+  def query_tile(_, xs):
+    i, q_BxKxMxH, keys_n, count = xs
 
     def key_tile(visit, state):
-      j = keys_nxn[i, visit]
+      j = keys_n[visit]
       max_BxKxM, sum_BxKxM, acc_BxKxMxH = state
       k_BxKxTxH = lax.dynamic_slice_in_dim(k_BxKxLxH, j * tile, tile, 2)
       v_BxKxTxH = lax.dynamic_slice_in_dim(v_BxKxLxH, j * tile, tile, 2)
@@ -104,26 +128,23 @@ def _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile):
 
     start = (jnp.full((B, K, M), BIG_NEGATIVE, jnp.float32), jnp.zeros((B, K, M), jnp.float32),
              jnp.zeros((B, K, M, H), jnp.float32))
-    max_BxKxM, sum_BxKxM, acc_BxKxMxH = lax.fori_loop(0, count_n[i], key_tile, start)
-    o_BxKxGxTxH = (acc_BxKxMxH / sum_BxKxM[..., None]).astype(q_BxKxGxLxH.dtype).reshape(
-        B, K, G, tile, H)
-    lse_BxKxGxT = (max_BxKxM + jnp.log(sum_BxKxM)).reshape(B, K, G, tile)
-    return (lax.dynamic_update_slice_in_dim(out_BxKxGxLxH, o_BxKxGxTxH, i * tile, 3),
-            lax.dynamic_update_slice_in_dim(lse_BxKxGxL, lse_BxKxGxT, i * tile, 3))
+    max_BxKxM, sum_BxKxM, acc_BxKxMxH = lax.fori_loop(0, count, key_tile, start)
+    o_BxKxMxH = (acc_BxKxMxH / sum_BxKxM[..., None]).astype(q_BxKxMxH.dtype)
+    return None, (o_BxKxMxH, max_BxKxM + jnp.log(sum_BxKxM))
 
-  carry = (jnp.zeros_like(q_BxKxGxLxH), jnp.zeros((B, K, G, L), jnp.float32))
-  out_BxKxGxLxH, lse_BxKxGxL = lax.fori_loop(0, L // tile, query_tile, carry)
-  return out_BxKxGxLxH, (lse_BxKxGxL, keys_nxn, count_n)
+  _, (out_nxBxKxMxH, lse_nxBxKxM) = lax.scan(
+      query_tile, None, (jnp.arange(n), q_nxBxKxMxH, keys_nxn, count_n))
+  return out_nxBxKxMxH, (lse_nxBxKxM, keys_nxn, count_n)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attend(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile, transposed):
-  return _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile)[0]
+def _attend(q_nxBxKxMxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile, transposed):
+  return _forward(q_nxBxKxMxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile)[0]
 
 
-def _attend_fwd(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile, transposed):
-  out, (lse, keys, count) = _forward(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile)
-  return out, (q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, out, lse, keys, count)
+def _attend_fwd(q_nxBxKxMxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile, transposed):
+  out, (lse, keys, count) = _forward(q_nxBxKxMxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile)
+  return out, (q_nxBxKxMxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, out, lse, keys, count)
 
 
 def _scores_t(k_BxKxTxH, q_BxKxMxH, visible_BxTxM, scale: float) -> jax.Array:
@@ -135,20 +156,26 @@ def _scores_t(k_BxKxTxH, q_BxKxMxH, visible_BxTxM, scale: float) -> jax.Array:
   return jnp.where(visible_BxTxM[:, None], s_BxKxTxM, BIG_NEGATIVE)
 
 
-def _pair_grads(q_BxKxMxH, k_BxKxTxH, v_BxKxTxH, d_out_BxKxMxH, lse_BxKxM, delta_BxKxM,
-                mask_BxTxT, G: int, scale: float):
-  """(d Q [B, K, M, H], d K, d V [B, K, T, H]) of one tile pair, queries along the rows."""
+def _pair_grads(q_BxKxMxH, qt_BxKxHxM, k_BxKxTxH, v_BxKxTxH, d_out_BxKxMxH, d_out_t_BxKxHxM,
+                lse_BxKxM, delta_BxKxM, mask_BxTxT, G: int, scale: float):
+  """(d Q [B, K, M, H], d K^T, d V^T [B, K, H, T]) of one tile pair, queries along the rows.
+  d K and d V are formed transposed, d V^T = dO^T P and d K^T = Q^T dS, from ``qt`` and
+  ``d_out_t`` (the query tile's Q^T and dO^T, written once per query tile): every product then
+  contracts its left operand's minor dim, which XLA:CPU hands to its GEMM library (YNNPACK);
+  formed as P^T dO and dS^T Q they contract P's and dS's rows and run as Eigen dots, half as
+  fast (benchmarks/README.md, session 48)."""
   p_BxKxMxT = jnp.exp(_scores(q_BxKxMxH, k_BxKxTxH, mask_BxTxT, G, scale) - lse_BxKxM[..., None])
-  dv_BxKxTxH = jnp.einsum("bkms,bkmh->bksh", p_BxKxMxT.astype(d_out_BxKxMxH.dtype), d_out_BxKxMxH,
-                          preferred_element_type=jnp.float32)
+  dvt_BxKxHxT = jnp.einsum("bkhm,bkms->bkhs", d_out_t_BxKxHxM,
+                           p_BxKxMxT.astype(d_out_t_BxKxHxM.dtype),
+                           preferred_element_type=jnp.float32)
   dp_BxKxMxT = jnp.einsum("bkmh,bksh->bkms", d_out_BxKxMxH, v_BxKxTxH,
                           preferred_element_type=jnp.float32)
   ds_BxKxMxT = p_BxKxMxT * (dp_BxKxMxT - delta_BxKxM[..., None]) * jnp.float32(scale)
   dq_BxKxMxH = jnp.einsum("bkms,bksh->bkmh", ds_BxKxMxT.astype(k_BxKxTxH.dtype), k_BxKxTxH,
                           preferred_element_type=jnp.float32)
-  dk_BxKxTxH = jnp.einsum("bkms,bkmh->bksh", ds_BxKxMxT.astype(q_BxKxMxH.dtype), q_BxKxMxH,
-                          preferred_element_type=jnp.float32)
-  return dq_BxKxMxH, dk_BxKxTxH, dv_BxKxTxH
+  dkt_BxKxHxT = jnp.einsum("bkhm,bkms->bkhs", qt_BxKxHxM, ds_BxKxMxT.astype(qt_BxKxHxM.dtype),
+                           preferred_element_type=jnp.float32)
+  return dq_BxKxMxH, dkt_BxKxHxT, dvt_BxKxHxT
 
 
 def _pair_grads_t(q_BxKxMxH, k_BxKxTxH, kt_BxKxHxT, v_BxKxTxH, d_out_BxKxMxH, lse_BxKxM,
@@ -176,79 +203,84 @@ def prefers_transposed_backward(dtype) -> bool:
   XLA:CPU.
 
   XLA:CPU hands its GEMM library (YNNPACK) only products whose left operand contracts its minor
-  dim. In the rows' layout d V = P^T dO and d K = dS^T Q contract the rows of P and dS, so they
-  run as plain (Eigen) dots, in bf16 compute as fp32 ones (``transformer.rows_contracted_dot``
-  says why): in a bf16 SmolLM2 RW step (4 x 512) 600 such dots took 0.66 s of 7.7 s of thunk
-  time, against 0.19 s for as many P V and d Q products. From transposed tiles every product is
-  a bf16 GEMM. Measured on an Intel Xeon (benchmarks/README.md, "bf16 attention backward"): one
-  layer's attention fwd + bwd in bf16 84.5 -> 64.0 ms (4 x 512 causal, tiles of 128), 94.1 ->
-  80.6 ms (2 x 1024 packed trees); the bf16 RW step 1.13x and the SRPO policy step (8 x 320)
-  1.07x faster in in-process A/Bs. In fp32, YNNPACK runs the transposed products slower than
-  Eigen runs the rows' (88.2 against 102.9 ms at 4 x 512), and other backends transpose operands
-  for free, so everything else keeps the rows' layout.
+  dim. Before session 48 the rows' layout formed d V = P^T dO and d K = dS^T Q, contracting the
+  rows of P and dS, so they ran as plain (Eigen) dots, in bf16 compute as fp32 ones
+  (``transformer.rows_contracted_dot`` says why): in a bf16 SmolLM2 RW step (4 x 512) 600 such
+  dots took 0.66 s of 7.7 s of thunk time. From transposed tiles every product is a bf16 GEMM.
+  Measured on an Intel Xeon against that rows' layout (benchmarks/README.md, "bf16 attention
+  backward"): one layer's attention fwd + bwd in bf16 84.5 -> 64.0 ms (4 x 512 causal, tiles of
+  128), 94.1 -> 80.6 ms (2 x 1024 packed trees); the bf16 RW step 1.13x and the SRPO policy step
+  (8 x 320) 1.07x faster in in-process A/Bs.
+  The rows' layout now forms d V^T = dO^T P and d K^T = Q^T dS (``_pair_grads``), GEMMs in both
+  dtypes too: fp32 one layer 38.1 -> 30.3 ms (8 x 256, tiles of 64) on a Zen 4, the SRPO and RW
+  steps 1.040x and 1.029x. In fp32 it stays the default: on the Intel Xeon and the Zen 3,
+  YNNPACK ran the transposed tiles' products 16-17 % slower than the rows' layout; other
+  backends transpose operands for free. On the Zen 4 the two layouts now run even in bf16
+  (4 x 512 causal 53.3 / 53.0 ms, 2 x 1024 trees 54.9 / 66.3 ms rows / transposed), which does
+  not move bf16's default without a reading on the Intel Xeon it was measured on.
   """
   return cpu_bf16.applies(dtype)
 
 
-def _attend_bwd(scale, tile, transposed, residuals, d_out_BxKxGxLxH):
-  (q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, out_BxKxGxLxH, lse_BxKxGxL, keys_nxn,
+def _attend_bwd(scale, tile, transposed, residuals, d_out_nxBxKxMxH):
+  (q_nxBxKxMxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, out_nxBxKxMxH, lse_nxBxKxM, keys_nxn,
    count_n) = residuals
-  B, K, G, L, H = q_BxKxGxLxH.shape
-  M = G * tile
+  n, B, K, M, H = q_nxBxKxMxH.shape
+  G, L = M // tile, k_BxKxLxH.shape[2]
   # D_i = sum_h dO_ih O_ih = sum_j P_ij dP_ij: the softmax's backward without the full P.
-  delta_BxKxGxL = jnp.sum(d_out_BxKxGxLxH.astype(jnp.float32) * out_BxKxGxLxH.astype(jnp.float32),
+  delta_nxBxKxM = jnp.sum(d_out_nxBxKxMxH.astype(jnp.float32) * out_nxBxKxMxH.astype(jnp.float32),
                           axis=-1)
   if transposed:  # K^T and the mask's transpose, each written once, read in place by the pairs
     kt_BxKxHxL = jnp.swapaxes(k_BxKxLxH, 2, 3)
     mask_t_BxLxL = jnp.swapaxes(mask_BxLxL, 1, 2)
+  # The key side's gradients add up over the query tiles (the scan's carry): [B, K, L, H] from
+  # transposed tiles, [B, K, H, L] in the rows' layout (d K^T, d V^T, transposed at the end).
+  key_axis = 2 if transposed else 3
 
-  def query_tile(i, carry):
-    dq_BxKxGxLxH, dk_BxKxLxH, dv_BxKxLxH = carry
-    rows = lambda x: lax.dynamic_slice_in_dim(x, i * tile, tile, 3)
-    q_BxKxMxH = rows(q_BxKxGxLxH).reshape(B, K, M, H)
-    d_out_BxKxMxH = rows(d_out_BxKxGxLxH).reshape(B, K, M, H)
-    lse_BxKxM = rows(lse_BxKxGxL).reshape(B, K, M)
-    delta_BxKxM = rows(delta_BxKxGxL).reshape(B, K, M)
+  def query_tile(carry, xs):
+    dk_acc, dv_acc = carry
+    i, q_BxKxMxH, d_out_BxKxMxH, lse_BxKxM, delta_BxKxM, keys_n, count = xs
     if transposed:
       # Every key's visibility to this tile's stacked queries, written once per query tile: the
       # same mask broadcast over G inside each pair's fusion ran ~7x slower on XLA:CPU.
       visible_BxLxM = jnp.tile(lax.dynamic_slice_in_dim(mask_t_BxLxL, i * tile, tile, 2),
                                (1, 1, G))
+    else:  # Q^T and dO^T of this query tile, written once, read by its pairs
+      qt_BxKxHxM, d_out_t_BxKxHxM = (jnp.swapaxes(x, 2, 3) for x in (q_BxKxMxH, d_out_BxKxMxH))
 
     def key_tile(visit, state):
-      j = keys_nxn[i, visit]
-      dq_acc, dk_BxKxLxH, dv_BxKxLxH = state
-      keys = lambda x: lax.dynamic_slice_in_dim(x, j * tile, tile, 2)
+      j = keys_n[visit]
+      dq_acc, dk_acc, dv_acc = state
+      keys = lambda x, axis=2: lax.dynamic_slice_in_dim(x, j * tile, tile, axis)
       k_BxKxTxH, v_BxKxTxH = keys(k_BxKxLxH), keys(v_BxKxLxH)
       if transposed:
-        kt_BxKxHxT = lax.dynamic_slice_in_dim(kt_BxKxHxL, j * tile, tile, 3)
-        visible_BxTxM = lax.dynamic_slice_in_dim(visible_BxLxM, j * tile, tile, 1)
-        dq_part, dk_BxKxTxH, dv_BxKxTxH = _pair_grads_t(
-            q_BxKxMxH, k_BxKxTxH, kt_BxKxHxT, v_BxKxTxH, d_out_BxKxMxH, lse_BxKxM, delta_BxKxM,
-            visible_BxTxM, scale)
+        dq_part, dk_part, dv_part = _pair_grads_t(
+            q_BxKxMxH, k_BxKxTxH, keys(kt_BxKxHxL, 3), v_BxKxTxH, d_out_BxKxMxH, lse_BxKxM,
+            delta_BxKxM, keys(visible_BxLxM, 1), scale)
       else:
         mask_BxTxT = lax.dynamic_slice(mask_BxLxL, (0, i * tile, j * tile), (B, tile, tile))
-        dq_part, dk_BxKxTxH, dv_BxKxTxH = _pair_grads(
-            q_BxKxMxH, k_BxKxTxH, v_BxKxTxH, d_out_BxKxMxH, lse_BxKxM, delta_BxKxM, mask_BxTxT,
-            G, scale)
-      add = lambda total, part: lax.dynamic_update_slice_in_dim(total, keys(total) + part,
-                                                                j * tile, 2)
-      return dq_acc + dq_part, add(dk_BxKxLxH, dk_BxKxTxH), add(dv_BxKxLxH, dv_BxKxTxH)
+        dq_part, dk_part, dv_part = _pair_grads(
+            q_BxKxMxH, qt_BxKxHxM, k_BxKxTxH, v_BxKxTxH, d_out_BxKxMxH, d_out_t_BxKxHxM,
+            lse_BxKxM, delta_BxKxM, mask_BxTxT, G, scale)
+      add = lambda total, part: lax.dynamic_update_slice_in_dim(
+          total, keys(total, key_axis) + part, j * tile, key_axis)
+      return dq_acc + dq_part, add(dk_acc, dk_part), add(dv_acc, dv_part)
 
     # d Q of this query tile, summed over its key tiles (transposed: [B, K, H, M]).
-    start = (jnp.zeros((B, K, H, M) if transposed else (B, K, M, H), jnp.float32), dk_BxKxLxH,
-             dv_BxKxLxH)
-    dq_acc, dk_BxKxLxH, dv_BxKxLxH = lax.fori_loop(0, count_n[i], key_tile, start)
-    dq_BxKxMxH = jnp.swapaxes(dq_acc, 2, 3) if transposed else dq_acc
-    dq_BxKxGxLxH = lax.dynamic_update_slice_in_dim(
-        dq_BxKxGxLxH, dq_BxKxMxH.reshape(B, K, G, tile, H), i * tile, 3)
-    return dq_BxKxGxLxH, dk_BxKxLxH, dv_BxKxLxH
+    start = (jnp.zeros((B, K, H, M) if transposed else (B, K, M, H), jnp.float32), dk_acc,
+             dv_acc)
+    dq_acc, dk_acc, dv_acc = lax.fori_loop(0, count, key_tile, start)
+    return (dk_acc, dv_acc), dq_acc.astype(q_BxKxMxH.dtype)
 
-  zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-  dq, dk, dv = lax.fori_loop(0, L // tile, query_tile,
-                             (zeros(q_BxKxGxLxH), zeros(k_BxKxLxH), zeros(v_BxKxLxH)))
-  return (dq.astype(q_BxKxGxLxH.dtype), dk.astype(k_BxKxLxH.dtype), dv.astype(v_BxKxLxH.dtype),
-          None)
+  key_zeros = jnp.zeros((B, K, L, H) if transposed else (B, K, H, L), jnp.float32)
+  (dk, dv), dq = lax.scan(query_tile, (key_zeros, key_zeros),
+                          (jnp.arange(n), q_nxBxKxMxH, d_out_nxBxKxMxH, lse_nxBxKxM, delta_nxBxKxM,
+                           keys_nxn, count_n))
+  if transposed:
+    dq = jnp.swapaxes(dq, 3, 4)
+  else:
+    dk, dv = jnp.swapaxes(dk, 2, 3), jnp.swapaxes(dv, 2, 3)
+  return dq, dk.astype(k_BxKxLxH.dtype), dv.astype(v_BxKxLxH.dtype), None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -266,17 +298,18 @@ def tiled_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.A
   if tile < 1:
     raise ValueError(f"tiled_attention: tile={tile} must be >= 1")
   B, L, N, H = q_BxLxNxH.shape
-  q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH = grouped_layouts(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH)
+  K = k_BxLxKxH.shape[2]
+  k_BxKxLxH, v_BxKxLxH = k_BxLxKxH.transpose(0, 2, 1, 3), v_BxLxKxH.transpose(0, 2, 1, 3)
   mask_BxLxL = mask_Bx1xLxL[:, 0]
   pad = -L % tile
   if pad:
     widen = lambda x, axis: jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
-    q_BxKxGxLxH = widen(q_BxKxGxLxH, 3)
+    q_BxLxNxH = widen(q_BxLxNxH, 1)
     k_BxKxLxH, v_BxKxLxH = widen(k_BxKxLxH, 2), widen(v_BxKxLxH, 2)
     added_diagonal = jnp.eye(L + pad, dtype=bool) & (jnp.arange(L + pad) >= L)
     mask_BxLxL = widen(widen(mask_BxLxL, 1), 2) | added_diagonal[None]
   if transposed_backward is None:
     transposed_backward = prefers_transposed_backward(q_BxLxNxH.dtype)
-  out_BxKxGxLxH = _attend(q_BxKxGxLxH, k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale, tile,
-                          bool(transposed_backward))
-  return out_BxKxGxLxH[:, :, :, :L].transpose(0, 3, 1, 2, 4).reshape(B, L, N, H)
+  out_nxBxKxMxH = _attend(query_tiles(q_BxLxNxH, K, tile), k_BxKxLxH, v_BxKxLxH, mask_BxLxL, scale,
+                          tile, bool(transposed_backward))
+  return from_query_tiles(out_nxBxKxMxH, tile)[:, :L]
