@@ -213,7 +213,7 @@ def prefers_transposed_backward(dtype) -> bool:
   (8 x 320) 1.07x faster in in-process A/Bs.
   The rows' layout now forms d V^T = dO^T P and d K^T = Q^T dS (``_pair_grads``), GEMMs in both
   dtypes too: fp32 one layer 38.1 -> 30.3 ms (8 x 256, tiles of 64) on a Zen 4, the SRPO and RW
-  steps 1.040x and 1.029x. In fp32 it stays the default: on the Intel Xeon and the Zen 3,
+  steps 1.040x and 1.056x. In fp32 it stays the default: on the Intel Xeon and the Zen 3,
   YNNPACK ran the transposed tiles' products 16-17 % slower than the rows' layout; other
   backends transpose operands for free. On the Zen 4 the two layouts now run even in bf16
   (4 x 512 causal 53.3 / 53.0 ms, 2 x 1024 trees 54.9 / 66.3 ms rows / transposed), which does
