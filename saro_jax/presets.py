@@ -144,9 +144,10 @@ def srpo_recipe(preset: str) -> dict:
     # tokens at 1e-5, prefix-shared (an answer pair shares the prompt and the whole reasoning
     # block, so a row holds that once). Earlier settings, and why they changed: configs/saro.py.
     # logps_chunk 64: the DPO step of 4 pairs x 256 tokens takes 11.7 s at 64, 16.1 s at 128.
-    # 32 runs side_by_side's step 1.02-1.025x faster (32 divides its rows' 160 scored positions,
-    # which 64 pads to 192; sessions 47 and 49, benchmarks/README.md). Kept at 64 until the
-    # recipe, measured at 64, is rerun at 32: another chunk reorders the lm head's gradient sum.
+    # 32 runs side_by_side's step 1.017-1.025x faster (32 divides its rows' 160 scored positions,
+    # which 64 pads to 192; sessions 47, 49, 50). The recipe rerun at 32 (session 50) wrote
+    # byte-identical dev generations, but its own rows, prefix-shared trees, ran no faster (104
+    # tokens/s against 108 at 64), so the preset stays at 64 (benchmarks/README.md "Session 50").
     # logps_keep_logits: the policy's backward reads the forward's logits (4 rows x 256 x 49152
     # fp32, 201 MB) instead of recomputing them: 1.045x on side_by_side's SRPO step (session 47);
     # the tiny recipe's SRPO ends with the same loss and gradient norm bit for bit. The paper-scale preset below leaves it off: at a 128k
