@@ -2,8 +2,9 @@ r"""What the benchmarks that compare saro_jax with TRL like for like share (``si
 ``prefix_dpo.py``): the torch side (one policy, a frozen reference, the start weights), TRL's
 trainer driven step by step, the fingerprint of the ids a system feeds, and the fp32 error-model
 bound on the first step's figures, the pipe a timed system answers through from a child
-process (``PipeChild`` / ``pipe_answers``: ``--split_processes`` in both scripts), and the line
-naming the CPU a run measured (``cpu_identity``; ``goals.py`` prints it too).
+process (``PipeChild`` / ``pipe_answers``: ``--split_processes`` in both scripts), the order the
+systems run in each timed round (``round_order``), and the line naming the CPU a run measured
+(``cpu_identity``; ``goals.py`` prints it too).
 
 How TRL is driven (``TrlStep``): the trainer is built as a user builds it (DPOConfig / SFTConfig
 with fp32, ``bf16=False``, or with ``bf16=True``, its mixed precision, when asked; AdamW with the
@@ -55,6 +56,22 @@ def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
   units = [u for u in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if u in flags]
   return (f"{get('vendor_id')} {get('model name')}, family {get('cpu family')} model "
           f"{get('model')}, {cores} cores, {' '.join(units) or 'no AVX2'}")
+
+
+# ---- the timed rounds --------------------------------------------------------------------------
+
+def round_order(systems: Sequence, r: int) -> list:
+  """The order the systems run in round ``r`` (0-based): the list rotated by ``r``, so over
+  ``len(systems)`` rounds each system runs once in each slot (A, B, C / B, C, A / C, A, B).
+
+  Why: with a fixed order a system always runs in the same slot behind the same neighbour, and
+  goal 1's runs always put saro_jax first. In an A/A run on a 2-core EPYC (one SRPO program
+  compiled twice, 8 rounds; benchmarks/README.md, session 51) the first slot ran 6-13 % slower in
+  three of the first four rounds and 3-9 % faster in the last four: the medians agreed, but a
+  short run's figure leaned on the slot. A rotation gives every system every slot and neighbour
+  equally often, and keeps each round's figures paired (the per-round ratios)."""
+  k = r % len(systems) if systems else 0
+  return list(systems[k:]) + list(systems[:k])
 
 
 # ---- the ids a system feeds -------------------------------------------------------------------

@@ -70,8 +70,9 @@ stay resident: at goals.py's sizes on SmolLM2 (three saro_jax modes) the parent 
 the TRL child 8.4 GB, more than a 24 GB machine has (the kernel killed the parent), so goals.py
 runs this script in one process.
 
-Timing alternates the modes (A, B, C, ... A, B, C, ...) for ``--rounds`` rounds so that load from
-other jobs on a shared machine hits them alike; each mode's first step (its warm-up) is not timed.
+Timing alternates the modes for ``--rounds`` rounds, each round's order rotated (A, B, C / B, C,
+A / ...: ``like_for_like.round_order``), so that load from other jobs on a shared machine and the
+slot a mode runs in hit them alike; each mode's first step (its warm-up) is not timed.
 It prints per-mode median step time, pairs/s, fill, the ratio to ``unshared`` (or the first
 mode without it) and to ``trl`` with the per-round min..max, the cached modes' reference pass
 and amortised figures, then one JSON line. No speed target is asserted.
@@ -630,8 +631,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print("\n".join(lines), flush=True)
       order = [modes[n] for n in args.names]
       loads = [os.getloadavg()[0]]
-      for r in range(args.rounds):  # A, B, C, ..., A, B, C, ...
-        for mode in order:
+      for r in range(args.rounds):  # A, B, C / B, C, A / ... (like_for_like.round_order)
+        for mode in like_for_like.round_order(order, r):
           run_round(mode, args.steps, 1 + r * args.steps)
         loads.append(os.getloadavg()[0])
         print(f"round {r + 1}/{args.rounds}: " + "  ".join(

@@ -49,8 +49,9 @@ one copy of the weights, which the timing does not depend on. Before each system
 the torch weights are restored to the start weights, so every first step sees the same weights.
 
 Timing: each system's first step (its warm-up; saro_jax compiles before it, printed separately)
-is excluded; then ``--rounds`` rounds run ``--steps`` steps of every system in turn (A, B, C, A,
-B, C, ...) so that other jobs' load hits all alike. Printed per system: median s/step, pairs/s
+is excluded; then ``--rounds`` rounds run ``--steps`` steps of every system in turn, each round's
+order rotated (A, B, C / B, C, A / C, A, B / ...: ``like_for_like.round_order``) so that other
+jobs' load and the slot a system runs in hit all alike. Printed per system: median s/step, pairs/s
 (DPO) or target tokens/s and tokens/s (SFT), and the throughput ratio against each baseline
 (trl, trl_gc, torch) with the per-round min..max of the ratio, plus the load average.
 
@@ -601,8 +602,8 @@ def run_stage(stage: str, args, directory: str) -> dict:
     print("\n".join(lines))
     result.update(check_ok=ok, bounds=bounds, typical=typical, logit_scale=scale)
   timed = [s for s in systems]
-  for r in range(args.rounds):  # A, B, C, A, B, C, ...
-    for s in timed:
+  for r in range(args.rounds):  # A, B, C / B, C, A / C, A, B / ... (like_for_like.round_order)
+    for s in like_for_like.round_order(timed, r):
       for _ in range(args.steps):
         t0 = time.perf_counter()
         s.step()

@@ -127,6 +127,19 @@ def test_benchmarks_name_the_cpu_from_cpuinfo(tmp_path):
   assert "cores" in lfl.cpu_identity(str(tmp_path / "absent"))
 
 
+def test_round_order_puts_each_system_in_each_slot_equally_often():
+  """side_by_side.py's and prefix_dpo.py's timed rounds (``like_for_like.round_order``): over n
+  rounds each of n systems runs once in every slot, and every round runs each system once."""
+  lfl = benchmark_scripts.load("like_for_like")
+  names = ["saro_jax", "trl", "torch"]
+  rounds = [lfl.round_order(names, r) for r in range(6)]
+  assert rounds[:3] == [names, ["trl", "torch", "saro_jax"], ["torch", "saro_jax", "trl"]]
+  assert all(sorted(order) == sorted(names) for order in rounds)
+  for slot in range(3):
+    assert sorted(order[slot] for order in rounds) == sorted(names * 2)
+  assert lfl.round_order(["a"], 5) == ["a"] and lfl.round_order([], 3) == []
+
+
 @pytest.mark.heavy  # four child processes: side_by_side, prefix_dpo (twice) and sampler, tiny model
 def test_goals_runner_reads_every_child_and_tabulates_each_goal(capsys):
   """benchmarks/goals.py --quick: every child runs and ends with the JSON line the runner reads;
