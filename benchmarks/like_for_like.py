@@ -68,8 +68,9 @@ def round_order(systems: Sequence, r: int) -> list:
   goal 1's runs always put saro_jax first. In an A/A run on a 2-core EPYC (one SRPO program
   compiled twice, 8 rounds; benchmarks/README.md, session 51) the first slot ran 6-13 % slower in
   three of the first four rounds and 3-9 % faster in the last four: the medians agreed, but a
-  short run's figure leaned on the slot. A rotation gives every system every slot and neighbour
-  equally often, and keeps each round's figures paired (the per-round ratios)."""
+  short run's figure leaned on the slot. A rotation gives every system every slot equally often
+  (which system runs just before it still follows the list's cyclic order), and keeps each
+  round's figures paired (the per-round ratios)."""
   k = r % len(systems) if systems else 0
   return list(systems[k:]) + list(systems[:k])
 
