@@ -301,13 +301,24 @@ def _check_token_args(hidden_BxLxD, unembed_DxV, targets_BxL, vocab_size, chunk_
 
 @dataclasses.dataclass(frozen=True)
 class _Chunks:
-  """A batch's positions as N chunks of C, each row's scored positions moved to its front."""
-  hidden_NxBxCxD: jax.Array
-  targets_NxBxC: jax.Array
-  scored_NxBxC: jax.Array | None  # the slots holding a scored position (None: no mask)
+  """A batch's positions as N chunks of [K, C] slots.
+
+  Without a mask: K = B rows, C = ``chunk_size`` positions of each row.
+  With one: the scored positions of each device's rows move to the front of that block of rows
+  (K = the batch's device blocks, ``sharding.batch_blocks``: 1 on one device; C = rows per block x
+  ``chunk_size``, so a chunk holds as many slots as without the mask). The loops then run to the
+  fullest block's scored count, not to the longest row's in every row: a row with few scored
+  positions leaves its chunk slots to the next rows. Sorting within a block keeps every gather on
+  its device.
+  """
+  hidden_NxKxCxD: jax.Array
+  targets_NxKxC: jax.Array
+  scored_NxKxC: jax.Array | None  # the slots holding a scored position (None: no mask)
   n_active: jax.Array | int       # chunks holding a scored slot (all without a mask)
   scored_BxL: jax.Array | None    # the mask, in the rows' own order
-  order_BxL: jax.Array | None     # the sort: slot j of row b holds position order[b, j]
+  order_KxM: jax.Array | None     # the sort: slot j of block k holds its position order[k, j]
+  rows: int                       # B
+  length: int                     # L
 
   @classmethod
   def of(cls, hidden_BxLxD, targets_BxL, mask_BxL, chunk_size):
@@ -315,26 +326,45 @@ class _Chunks:
     targets_BxL = targets_BxL.astype(jnp.int32)
     chunk = min(chunk_size, l)
     n_chunks = -(-l // chunk)
-    scored_BxL = order_BxL = slots_BxL = None
-    n_active = n_chunks
-    if mask_BxL is not None:
+    if mask_BxL is None:
+      k, m, c = b, l, chunk
+      hidden_KxMxD, targets_KxM = hidden_BxLxD, targets_BxL
+      scored_BxL = order_KxM = slots_KxM = None
+      n_active = n_chunks
+    else:
+      # Each block's M = rows x L positions in row-major order; its rows are contiguous on the
+      # batch axis, so the reshape and the sort stay on the block's device.
+      k = sharding.batch_blocks(b)
+      m, c = b // k * l, b // k * chunk
       scored_BxL = mask_BxL != 0
-      # Scored positions first, each row in its own order; ``order`` is a permutation of the row.
-      order_BxL = jnp.argsort(~scored_BxL, axis=1, stable=True)
-      hidden_BxLxD = jnp.take_along_axis(hidden_BxLxD, order_BxL[..., None], axis=1)
-      targets_BxL = jnp.take_along_axis(targets_BxL, order_BxL, axis=1)
-      count_B = jnp.sum(scored_BxL, axis=1)
-      slots_BxL = jnp.arange(l) < count_B[:, None]
-      n_active = (jnp.max(count_B) + chunk - 1) // chunk
-    pad = n_chunks * chunk - l
+      scored_KxM = scored_BxL.reshape(k, m)
+      # Scored positions first, in the block's own order; ``order`` is a permutation of the block.
+      order_KxM = jnp.argsort(~scored_KxM, axis=1, stable=True)
+      hidden_KxMxD = jnp.take_along_axis(hidden_BxLxD.reshape(k, m, d), order_KxM[..., None],
+                                         axis=1)
+      targets_KxM = jnp.take_along_axis(targets_BxL.reshape(k, m), order_KxM, axis=1)
+      count_K = jnp.sum(scored_KxM, axis=1)
+      slots_KxM = jnp.arange(m) < count_K[:, None]
+      n_active = (jnp.max(count_K) + c - 1) // c
+    pad = n_chunks * c - m
     # Padding to whole chunks copies hidden (D wide), never logits (V wide).
-    to_chunks = lambda x_BxL: jnp.pad(x_BxL, ((0, 0), (0, pad))).reshape(
-        b, n_chunks, chunk).transpose(1, 0, 2)
-    hidden_NxBxCxD = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0))).reshape(
-        b, n_chunks, chunk, d).transpose(1, 0, 2, 3)
-    return cls(hidden_NxBxCxD, to_chunks(targets_BxL),
-               None if slots_BxL is None else to_chunks(slots_BxL), n_active, scored_BxL,
-               order_BxL)
+    to_chunks = lambda x_KxM: jnp.pad(x_KxM, ((0, 0), (0, pad))).reshape(
+        k, n_chunks, c).transpose(1, 0, 2)
+    hidden_NxKxCxD = jnp.pad(hidden_KxMxD, ((0, 0), (0, pad), (0, 0))).reshape(
+        k, n_chunks, c, d).transpose(1, 0, 2, 3)
+    return cls(hidden_NxKxCxD, to_chunks(targets_KxM),
+               None if slots_KxM is None else to_chunks(slots_KxM), n_active, scored_BxL,
+               order_KxM, b, l)
+
+  def to_rows(self, x_NxKxC: jax.Array) -> jax.Array:
+    """Per-slot values back to the rows' own [B, L] positions; unscored positions give 0."""
+    k = x_NxKxC.shape[1]
+    x_KxM = x_NxKxC.transpose(1, 0, 2).reshape(k, -1)[:, :self.rows // k * self.length]
+    if self.order_KxM is None:
+      return x_KxM
+    # The inverse permutation.
+    x_KxM = jnp.take_along_axis(x_KxM, jnp.argsort(self.order_KxM, axis=1), axis=1)
+    return jnp.where(self.scored_BxL, x_KxM.reshape(self.rows, self.length), 0.0)
 
 
 def token_logps_and_mean_logits(
@@ -354,12 +384,13 @@ def token_logps_and_mean_logits(
   The mean logit is TRL's ``logits/chosen`` ingredient (logging only).
 
   ``mask_BxL`` (the scored positions): only those are computed; every other position returns 0.
-  Each row's scored positions move to the row's front (a stable per-row sort and a [B, L, D]
-  gather: the batch axis, and with it the batch sharding, stays put), and with the full-vocabulary
-  path the chunks past the longest row's count are never run, forward or backward (the loops'
-  trip count), so the unembedding's matmuls and [B, C, V] passes cost the scored tokens (rounded
-  up to a chunk) instead of every prompt and padding slot. Each scored position's result is the
-  same computation as without the mask.
+  The scored positions of each device's block of rows move to the block's front (a stable sort
+  and a gather within the block: the batch sharding stays put; ``_Chunks``), and with the
+  full-vocabulary path the chunks past the fullest block's count are never run, forward or
+  backward (the loops' trip count), so the unembedding's matmuls and [B, C, V] passes cost the
+  block's scored tokens (rounded up to one chunk of B x C slots) instead of every prompt and
+  padding slot, or every row the longest row's count. Each scored position's result is the same
+  computation as without the mask.
 
   ``keep_logits`` (full-vocabulary path only): the backward reads each chunk's fp32 logits kept
   from the forward instead of recomputing them, one fewer lm-head product per chunk for
@@ -371,13 +402,12 @@ def token_logps_and_mean_logits(
   if keep_logits and not full_vocab:
     raise ValueError(f"token_logps: keep_logits needs the full-vocabulary path; with"
                      f" vocab_chunk_size={vocab_chunk_size} the logits are never whole")
-  b, l, _ = hidden_BxLxD.shape
   chunks = _Chunks.of(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size)
-  hidden_NxBxCxD, targets_NxBxC = chunks.hidden_NxBxCxD, chunks.targets_NxBxC
+  hidden_NxBxCxD, targets_NxBxC = chunks.hidden_NxKxCxD, chunks.targets_NxKxC
   # The full-vocabulary products' operand, cast to the compute dtype once (``_full_vocab_stats``).
   read_DxV = unembed_DxV.astype(hidden_BxLxD.dtype)
   if full_vocab:
-    # With a mask, only the chunks up to the longest row's scored count (a traced count).
+    # With a mask, only the chunks up to the fullest block's scored count (a traced count).
     logps_NxBxC, mean_logits_NxBxC = _full_vocab_stats(
         hidden_NxBxCxD, unembed_DxV, read_DxV, targets_NxBxC, chunks.n_active, vocab_size,
         keep_logits)
@@ -387,15 +417,7 @@ def token_logps_and_mean_logits(
     logps_NxBxC, mean_logits_NxBxC = jax.lax.map(
         lambda xs: stats(xs[0], unembed_DxV, xs[1], vocab_size, vocab_chunk_size),
         (hidden_NxBxCxD, targets_NxBxC))
-  unchunk = lambda x_NxBxC: x_NxBxC.transpose(1, 0, 2).reshape(b, -1)[:, :l]
-  logps_BxL, mean_logits_BxL = unchunk(logps_NxBxC), unchunk(mean_logits_NxBxC)
-  if mask_BxL is None:
-    return logps_BxL, mean_logits_BxL
-  # Back to the row's own order (the inverse permutation); unscored positions give 0.
-  back = lambda x_BxL: jnp.where(
-      chunks.scored_BxL,
-      jnp.take_along_axis(x_BxL, jnp.argsort(chunks.order_BxL, axis=1), axis=1), 0.0)
-  return back(logps_BxL), back(mean_logits_BxL)
+  return chunks.to_rows(logps_NxBxC), chunks.to_rows(mean_logits_NxBxC)
 
 
 def token_logps(hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: jax.Array, *,
@@ -426,9 +448,9 @@ def token_nll_sum(hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: 
                                 chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
                                 mask_BxL=mask_BxL), mask_BxL)
   chunks = _Chunks.of(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size)
-  nll_sum = _full_vocab_nll_sum(chunks.hidden_NxBxCxD, unembed_DxV,
-                                unembed_DxV.astype(hidden_BxLxD.dtype), chunks.targets_NxBxC,
-                                chunks.scored_NxBxC, chunks.n_active, vocab_size)
+  nll_sum = _full_vocab_nll_sum(chunks.hidden_NxKxCxD, unembed_DxV,
+                                unembed_DxV.astype(hidden_BxLxD.dtype), chunks.targets_NxKxC,
+                                chunks.scored_NxKxC, chunks.n_active, vocab_size)
   return nll_sum, jnp.sum(chunks.scored_BxL.astype(jnp.float32))
 
 

@@ -148,6 +148,19 @@ def state_shardings(state: nnx.State | object, mesh: Mesh, rules=None):
   return jax.tree.map(leaf_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def batch_blocks(rows: int) -> int:
+  """How many blocks ``constrain`` splits a batch axis of ``rows`` into under the mesh in use
+  (its data x fsdp devices; 1 without a mesh, or when they do not divide ``rows``): each block's
+  rows are one device's, contiguous along the axis."""
+  mesh = _ctx.mesh
+  if mesh is None:
+    return 1
+  axes = logical_to_spec(("batch",))[0]
+  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  blocks = int(np.prod([mesh.shape[a] for a in names]))
+  return blocks if rows % blocks == 0 else 1
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Batches are sharded over data x fsdp on their leading axis."""
   return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1))

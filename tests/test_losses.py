@@ -192,6 +192,56 @@ def test_masked_token_logps_skip_chunks_past_the_longest_row_forward_and_backwar
   assert not np.all(np.isfinite(jax.jit(jax.grad(loss, 1))(*args, None)))
 
 
+def test_masked_chunks_run_to_the_fullest_device_blocks_count_not_the_longest_rows():
+  """Rows with 8, 1, 1 and 1 scored positions in chunks of 4: per-row compaction would run
+  ceil(8 / 4) = 2 chunks (every row the longest row's count); the scored positions of one block
+  of rows share the chunks' B x C = 16 slots, so 11 take 1 chunk on one device. On a mesh whose
+  batch is split in 2 blocks (data 2), each block packs its own rows: rows 0-1 (9 scored) and
+  2-3 (2) in slots of 2 x 4 = 8 take 2 chunks; in 4 blocks (data 2 x fsdp 2), one row each,
+  2 again. The log-probs are the unsharded ones (the bound of test_token_logps_sharded_...), and
+  the sort stays within each device's rows: the program moves no hidden state between devices
+  (no all-gather, all-to-all or collective-permute; the vocabulary split over tensor adds
+  all-reduces only)."""
+  b, l, d, v = 4, 12, 8, 64
+  hidden, unembed = rand(60, b, l, d), rand(61, d, v)
+  targets = np.random.default_rng(62).integers(0, 60, (b, l))
+  mask = np.zeros((b, l), bool)
+  mask[0, 2:10] = True
+  mask[1:, 5] = True
+
+  def n_active(h, t, m):
+    return losses._Chunks.of(h, t, m, 4).n_active
+
+  args = (jnp.asarray(hidden), jnp.asarray(targets), jnp.asarray(mask))
+  assert int(jax.jit(n_active)(*args)) == 1
+  want = losses.token_logps(jnp.asarray(hidden), jnp.asarray(unembed), jnp.asarray(targets),
+                            vocab_size=60, chunk_size=4, mask_BxL=jnp.asarray(mask))
+  scale = np.abs(hidden.astype(np.float64) @ unembed).max()
+  for (data, fsdp, tensor), chunks in (((2, 1, 4), 2), ((2, 2, 2), 2)):
+    mesh = sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+    rows = lambda x: put(x, P(("data", "fsdp")))
+
+    def under_mesh(fn):
+      def run(*a):
+        with sharding.use(mesh):
+          return fn(*a)
+      return jax.jit(run)
+
+    assert sharding.batch_blocks(b) == 1  # no mesh in use here
+    with sharding.use(mesh):
+      assert sharding.batch_blocks(b) == data * fsdp and sharding.batch_blocks(3) == 1
+    assert int(under_mesh(n_active)(*map(rows, args))) == chunks
+    logps = under_mesh(lambda h, w, t, m: losses.token_logps(
+        h, w, t, vocab_size=60, chunk_size=4, mask_BxL=m))
+    sharded = (rows(hidden), put(unembed, P(None, "tensor")), rows(targets), rows(mask))
+    assert_within(logps(*sharded), want, em.max_bound(scale, token_stats_depth(d, 60, 32)),
+                  f"logps on {data}x{fsdp}x{tensor}")
+    hlo = logps.lower(*sharded).compile().as_text()
+    moved = re.findall(r"all-gather|all-to-all|collective-permute", hlo)
+    assert not moved, (data, fsdp, tensor, sorted(set(moved)))
+
+
 def test_token_logps_bf16_inputs_accumulate_in_float32():
   hidden, unembed = rand(30, 2, 9, 64), rand(31, 64, 40)
   targets = np.random.default_rng(32).integers(0, 40, (2, 9))
