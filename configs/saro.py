@@ -45,7 +45,9 @@ training attention (f3712d6): 3.0 + 7.3 + 5.8 + 2.0 = 18.1 min and 2.9 min (RW 7
 against 8.7 for 48 steps), the RW losses equal to 4 decimals at every logged step, the same 5
 mined pairs. From a fresh clone of 93deb84 on a busier Zen 3 (session 50): 4.6 + 10.6 + ~6 + 2.7
 min and ~4.5 min, the same 5 mined pairs; its SRPO rerun at logps_chunk 32 wrote byte-identical
-dev generations. All five seed-0 runs gave the table below.
+dev generations. Session 52's lm head (scored positions compacted per device block, not per
+row) resumed that run's traces: the same 5 mined pairs, dev generations and report byte-identical.
+All six seed-0 runs gave the table below.
 Mining: 206 samples; the RW model's answers went wrong after a right decision in only 6 benign/
 borderline samples and 2 harmful ones (fifth setting: 13 and 3), so 5 answer pairs (3 against a
 refusal, 2 against compliance); SRPO loss 0.69 -> 0.04. Dev split, refusal-phrase judge (n per
