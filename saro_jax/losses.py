@@ -301,23 +301,23 @@ def _check_token_args(hidden_BxLxD, unembed_DxV, targets_BxL, vocab_size, chunk_
 
 @dataclasses.dataclass(frozen=True)
 class _Chunks:
-  """A batch's positions as N chunks of [K, C] slots.
+  """A batch's positions as N chunks of [B, C] slots (C = ``chunk_size``).
 
-  Without a mask: K = B rows, C = ``chunk_size`` positions of each row.
-  With one: the scored positions of each device's rows move to the front of that block of rows
-  (K = the batch's device blocks, ``sharding.batch_blocks``: 1 on one device; C = rows per block x
-  ``chunk_size``, so a chunk holds as many slots as without the mask). The loops then run to the
-  fullest block's scored count, not to the longest row's in every row: a row with few scored
-  positions leaves its chunk slots to the next rows. Sorting within a block keeps every gather on
-  its device.
+  Without a mask: chunk j holds positions [j * C, (j + 1) * C) of every row.
+  With one: the scored positions of each device's block of rows move to the front of that block
+  (K blocks = the batch's data x fsdp devices, ``sharding.batch_blocks``: 1 on one device), and
+  chunk j holds the block's slots [j * G * C, (j + 1) * G * C) for its G = B / K rows, laid out
+  as [G, C]. The loops then run to the fullest block's scored count, not to the longest row's in
+  every row: a row with few scored positions leaves its chunk slots to the next rows. Sorting
+  within a block keeps every gather on its device.
   """
-  hidden_NxKxCxD: jax.Array
-  targets_NxKxC: jax.Array
-  scored_NxKxC: jax.Array | None  # the slots holding a scored position (None: no mask)
+  hidden_NxBxCxD: jax.Array
+  targets_NxBxC: jax.Array
+  scored_NxBxC: jax.Array | None  # the slots holding a scored position (None: no mask)
   n_active: jax.Array | int       # chunks holding a scored slot (all without a mask)
   scored_BxL: jax.Array | None    # the mask, in the rows' own order
   order_KxM: jax.Array | None     # the sort: slot j of block k holds its position order[k, j]
-  rows: int                       # B
+  blocks: int                     # K
   length: int                     # L
 
   @classmethod
@@ -347,24 +347,30 @@ class _Chunks:
       slots_KxM = jnp.arange(m) < count_K[:, None]
       n_active = (jnp.max(count_K) + c - 1) // c
     pad = n_chunks * c - m
-    # Padding to whole chunks copies hidden (D wide), never logits (V wide).
+    # A block's slots [j * c, (j + 1) * c) are chunk j's; they are laid out as the block's rows
+    # x ``chunk`` (the [B, C] chunk the per-row layout had), so each chunk's products, reductions
+    # and sharding have the shapes they have without the mask. Padding to whole chunks copies
+    # hidden (D wide), never logits (V wide).
+    g = b // k
     to_chunks = lambda x_KxM: jnp.pad(x_KxM, ((0, 0), (0, pad))).reshape(
-        k, n_chunks, c).transpose(1, 0, 2)
-    hidden_NxKxCxD = jnp.pad(hidden_KxMxD, ((0, 0), (0, pad), (0, 0))).reshape(
-        k, n_chunks, c, d).transpose(1, 0, 2, 3)
-    return cls(hidden_NxKxCxD, to_chunks(targets_KxM),
+        k, n_chunks, g, chunk).transpose(1, 0, 2, 3).reshape(n_chunks, b, chunk)
+    hidden_NxBxCxD = jnp.pad(hidden_KxMxD, ((0, 0), (0, pad), (0, 0))).reshape(
+        k, n_chunks, g, chunk, d).transpose(1, 0, 2, 3, 4).reshape(n_chunks, b, chunk, d)
+    return cls(hidden_NxBxCxD, to_chunks(targets_KxM),
                None if slots_KxM is None else to_chunks(slots_KxM), n_active, scored_BxL,
-               order_KxM, b, l)
+               order_KxM, k, l)
 
-  def to_rows(self, x_NxKxC: jax.Array) -> jax.Array:
+  def to_rows(self, x_NxBxC: jax.Array) -> jax.Array:
     """Per-slot values back to the rows' own [B, L] positions; unscored positions give 0."""
-    k = x_NxKxC.shape[1]
-    x_KxM = x_NxKxC.transpose(1, 0, 2).reshape(k, -1)[:, :self.rows // k * self.length]
+    n, b, chunk = x_NxBxC.shape
+    k = self.blocks
+    x_KxM = x_NxBxC.reshape(n, k, b // k, chunk).transpose(1, 0, 2, 3).reshape(k, -1)[
+        :, :b // k * self.length]
     if self.order_KxM is None:
       return x_KxM
     # The inverse permutation.
     x_KxM = jnp.take_along_axis(x_KxM, jnp.argsort(self.order_KxM, axis=1), axis=1)
-    return jnp.where(self.scored_BxL, x_KxM.reshape(self.rows, self.length), 0.0)
+    return jnp.where(self.scored_BxL, x_KxM.reshape(b, self.length), 0.0)
 
 
 def token_logps_and_mean_logits(
@@ -403,7 +409,7 @@ def token_logps_and_mean_logits(
     raise ValueError(f"token_logps: keep_logits needs the full-vocabulary path; with"
                      f" vocab_chunk_size={vocab_chunk_size} the logits are never whole")
   chunks = _Chunks.of(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size)
-  hidden_NxBxCxD, targets_NxBxC = chunks.hidden_NxKxCxD, chunks.targets_NxKxC
+  hidden_NxBxCxD, targets_NxBxC = chunks.hidden_NxBxCxD, chunks.targets_NxBxC
   # The full-vocabulary products' operand, cast to the compute dtype once (``_full_vocab_stats``).
   read_DxV = unembed_DxV.astype(hidden_BxLxD.dtype)
   if full_vocab:
@@ -448,9 +454,9 @@ def token_nll_sum(hidden_BxLxD: jax.Array, unembed_DxV: jax.Array, targets_BxL: 
                                 chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
                                 mask_BxL=mask_BxL), mask_BxL)
   chunks = _Chunks.of(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size)
-  nll_sum = _full_vocab_nll_sum(chunks.hidden_NxKxCxD, unembed_DxV,
-                                unembed_DxV.astype(hidden_BxLxD.dtype), chunks.targets_NxKxC,
-                                chunks.scored_NxKxC, chunks.n_active, vocab_size)
+  nll_sum = _full_vocab_nll_sum(chunks.hidden_NxBxCxD, unembed_DxV,
+                                unembed_DxV.astype(hidden_BxLxD.dtype), chunks.targets_NxBxC,
+                                chunks.scored_NxBxC, chunks.n_active, vocab_size)
   return nll_sum, jnp.sum(chunks.scored_BxL.astype(jnp.float32))
 
 
