@@ -155,10 +155,9 @@ def batch_blocks(rows: int) -> int:
   mesh = _ctx.mesh
   if mesh is None:
     return 1
-  axes = logical_to_spec(("batch",))[0]
-  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  blocks = int(np.prod([mesh.shape[a] for a in names]))
-  return blocks if rows % blocks == 0 else 1
+  # ``constrain``'s own placement (``fit``), so the two cannot disagree.
+  placed = fit(named_sharding(mesh, ("batch",)), (rows,))
+  return rows // placed.shard_shape((rows,))[0]
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
