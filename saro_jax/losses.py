@@ -316,7 +316,7 @@ class _Chunks:
   scored_NxBxC: jax.Array | None  # the slots holding a scored position (None: no mask)
   n_active: jax.Array | int       # chunks holding a scored slot (all without a mask)
   scored_BxL: jax.Array | None    # the mask, in the rows' own order
-  order_KxM: jax.Array | None     # the sort: slot j of block k holds its position order[k, j]
+  inverse_KxM: jax.Array | None   # block k's position j is in its slot inverse[k, j]
   blocks: int                     # K
   length: int                     # L
 
@@ -329,7 +329,7 @@ class _Chunks:
     if mask_BxL is None:
       k, m, c = b, l, chunk
       hidden_KxMxD, targets_KxM = hidden_BxLxD, targets_BxL
-      scored_BxL = order_KxM = slots_KxM = None
+      scored_BxL = inverse_KxM = slots_KxM = None
       n_active = n_chunks
     else:
       # Each block's M = rows x L positions in row-major order; its rows are contiguous on the
@@ -346,6 +346,9 @@ class _Chunks:
       count_K = jnp.sum(scored_KxM, axis=1)
       slots_KxM = jnp.arange(m) < count_K[:, None]
       n_active = (jnp.max(count_K) + c - 1) // c
+      # The inverse permutation, once (``to_rows`` reads it for every output); a sort along
+      # the block like ``order``'s, so it stays on the block's device too.
+      inverse_KxM = jnp.argsort(order_KxM, axis=1)
     pad = n_chunks * c - m
     # A block's slots [j * c, (j + 1) * c) are chunk j's; they are laid out as the block's rows
     # x ``chunk`` (the [B, C] chunk the per-row layout had), so each chunk's products, reductions
@@ -358,7 +361,7 @@ class _Chunks:
         k, n_chunks, g, chunk, d).transpose(1, 0, 2, 3, 4).reshape(n_chunks, b, chunk, d)
     return cls(hidden_NxBxCxD, to_chunks(targets_KxM),
                None if slots_KxM is None else to_chunks(slots_KxM), n_active, scored_BxL,
-               order_KxM, k, l)
+               inverse_KxM, k, l)
 
   def to_rows(self, x_NxBxC: jax.Array) -> jax.Array:
     """Per-slot values back to the rows' own [B, L] positions; unscored positions give 0."""
@@ -366,10 +369,9 @@ class _Chunks:
     k = self.blocks
     x_KxM = x_NxBxC.reshape(n, k, b // k, chunk).transpose(1, 0, 2, 3).reshape(k, -1)[
         :, :b // k * self.length]
-    if self.order_KxM is None:
+    if self.inverse_KxM is None:
       return x_KxM
-    # The inverse permutation.
-    x_KxM = jnp.take_along_axis(x_KxM, jnp.argsort(self.order_KxM, axis=1), axis=1)
+    x_KxM = jnp.take_along_axis(x_KxM, self.inverse_KxM, axis=1)
     return jnp.where(self.scored_BxL, x_KxM.reshape(b, self.length), 0.0)
 
 
