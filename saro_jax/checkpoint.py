@@ -88,15 +88,18 @@ def _bits_u32(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _checksums(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def _checksums(items: dict[str, dict[str, jax.Array]]) -> dict[str, dict[str, jax.Array]]:
   # uint32 addition wraps: exact, associative and commutative, so the value does not depend on
-  # the sharding or the order XLA reduces in (a float sum would).
-  return {k: jnp.sum(_bits_u32(v), dtype=jnp.uint32) for k, v in flat.items()}
+  # the sharding or the order XLA reduces in (a float sum would). All items in one program: many
+  # small programs with all-reduces in flight at once can deadlock XLA:CPU's virtual devices
+  # (``stages.reference._leaf_stats``).
+  return {name: {k: jnp.sum(_bits_u32(v), dtype=jnp.uint32) for k, v in flat.items()}
+          for name, flat in items.items()}
 
 
 def checksums(items: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, dict[str, int]]:
   """``{item: {leaf key: checksum}}`` of flat dicts of arrays (all processes must call it)."""
-  got = jax.device_get({name: _checksums(dict(flat)) for name, flat in items.items()})
+  got = jax.device_get(_checksums({name: dict(flat) for name, flat in items.items()}))
   return {name: {k: int(v) for k, v in sums.items()} for name, sums in got.items()}
 
 

@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -147,3 +149,63 @@ def test_micro_batched_reference_equals_one_pass(pairs_file):
 
 def _random_config(cfg, tokenizer):
   return models.random_config(cfg.model.arch, tokenizer)
+
+
+# The child of the fingerprint test: weights sharded over 8 virtual devices, a first call with its
+# backend compiles counted (no persistent cache), then repeated calls for SECONDS.
+_FINGERPRINT_CHILD = r"""
+import os, sys, time
+import numpy as np, jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from saro_jax.stages import reference
+compiles = []
+COMPILE = "/jax/core/compile/backend_compile_duration"
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **kw: compiles.append(1) if event == COMPILE else None)
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+rng = np.random.default_rng(0)
+specs = [P("b", None), P(None, "a"), P(("a", "b"), None), P()]
+params = {f"w{i}": jax.device_put(rng.standard_normal((64 * (1 + i % 3), 48)).astype(np.float32),
+                                  NamedSharding(mesh, specs[i % 4])) for i in range(60)}
+first = reference.fingerprint(params)
+print("compiles", len(compiles), flush=True)
+t0, calls = time.time(), 0
+while time.time() - t0 < float(sys.argv[1]):
+  assert reference.fingerprint(params) == first
+  calls += 1
+print("calls", calls, flush=True)
+"""
+
+
+@pytest.mark.heavy  # ~20 s: two busy loops load both cores while the child runs
+def test_weights_fingerprint_is_one_program_that_survives_a_loaded_machine(tmp_path):
+  """``reference.fingerprint`` (part of the cached reference log-probs' key) takes every leaf's
+  sums from ONE compiled program. Computed eagerly, each leaf's sums were small programs of their
+  own, each with an all-reduce over the weights' devices, dispatched asynchronously; with many in
+  flight, XLA:CPU's virtual devices deadlocked under load (7 of 8 participants waiting at a
+  rendezvous the 8th never reached) until XLA aborted the process: the suite's lost workers
+  (session 53 reproduced it within a minute of eager calls beside two busy loops).
+
+  A fresh child process (no persistent compile cache) counts the backend compiles of a first call
+  on 60 leaves sharded four ways over 8 devices: 1 (the eager form compiled dozens, one per
+  primitive and shape). Then it calls the fingerprint for 15 s while two busy loops load both
+  cores, with a 30 s collective timeout instead of the suite's 300 s, so a deadlock ends the
+  child with an abort instead of passing."""
+  env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_collective_call_warn_stuck_timeout_seconds=5 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=30"}
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  hogs = [subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\n"
+                            "while time.time() - t < 60: pass"]) for _ in range(2)]
+  try:
+    child = subprocess.run([sys.executable, "-c", _FINGERPRINT_CHILD, "15"], env=env,
+                           capture_output=True, text=True, timeout=240, cwd=tmp_path)
+  finally:
+    for hog in hogs:
+      hog.kill()
+  assert child.returncode == 0, child.stderr[-3000:]
+  lines = dict(line.split() for line in child.stdout.splitlines() if line.split()[0] in
+               ("compiles", "calls"))
+  assert int(lines["compiles"]) == 1, child.stdout
+  assert int(lines["calls"]) > 10, child.stdout

@@ -64,12 +64,27 @@ def make_reference_fn(graphdef: nnx.GraphDef, *, vocab_size: int, chunk_size: in
                  compiler_options=xla_options.step_options(mesh))
 
 
+@jax.jit
+def _leaf_stats(params):
+  """Every leaf's sum and sum of squares, as ONE program.
+
+  Why one program: computed eagerly, each leaf's sums were separate small programs dispatched
+  asynchronously, each with its own all-reduce over the weights' devices. On XLA:CPU's virtual
+  devices, many such programs in flight at once can deadlock: one device never reaches a
+  rendezvous the others wait at, and XLA aborts the process when its collective timeout runs
+  out (reproduced: 7 of 8 participants waiting, under CPU load, within a minute of eager calls;
+  the suite's lost workers of sessions 44 and 53 died in an eager sum over sharded weights,
+  session 53's in this one).
+  ``test_weights_fingerprint_is_one_program_that_survives_a_loaded_machine``.
+  """
+  return jax.tree.map(lambda x: jnp.stack([jnp.sum(x.astype(jnp.float32)),
+                                           jnp.sum(jnp.square(x.astype(jnp.float32)))]), params)
+
+
 def fingerprint(params) -> str:
   """A cheap content hash of weights: per-leaf sum and sum of squares (float64 on host)."""
-  stats = jax.tree.map(lambda x: jnp.stack([jnp.sum(x.astype(jnp.float32)),
-                                            jnp.sum(jnp.square(x.astype(jnp.float32)))]), params)
   values = np.concatenate([np.asarray(v, np.float64).ravel()
-                           for v in jax.tree.leaves(jax.device_get(stats))])
+                           for v in jax.tree.leaves(jax.device_get(_leaf_stats(params)))])
   shapes = [tuple(x.shape) for x in jax.tree.leaves(params)]
   return hashlib.sha256(repr((np.round(values, 6).tolist(), shapes)).encode()).hexdigest()[:16]
 
