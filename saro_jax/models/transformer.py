@@ -381,8 +381,11 @@ def rows_contracted_dot(a_MxI: jax.Array, b_MxO: jax.Array, out_sharding=None, *
   XLA:CPU runs a^T b there as an Eigen product that reads a^T in place, at 38-69 GFLOP/s for
   SmolLM2's D 576, V 49152 and M 128-1024 rows on a 2-core AMD EPYC, against 62-145 GFLOP/s for
   the row-major copy's plain product (the copy is [D, M], 0.3-2.4 MB; benchmarks/README.md,
-  "Session 40"). The model's own weight gradients ([2048, 576-1536] by [2048, 192-1536]) ran
-  as fast either way, so they keep the plain product.
+  "Session 40"). The model's own weight gradients ([2048, 576-1536] by [2048, 192-1536]) keep
+  the plain product, an Eigen dot: alone it is the slower form (102-140 against 144-172 GFLOP/s
+  for a YNNPACK product of a row-major copy, which needs an optimization barrier as well, or the
+  simplifier folds the copy back into an Eigen dot), but in the whole SRPO step the Eigen dots
+  run beside the other work and the YNNPACK form ran 0.936x (benchmarks/README.md, "Session 54").
   """
   if cpu_bf16.applies(a_MxI.dtype, b_MxO.dtype) or (wide and jax.default_backend() == "cpu"):
     a_IxM = layout.with_layout_constraint(a_MxI.T, layout.Layout(major_to_minor=(0, 1)))
