@@ -803,7 +803,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--loss_tokens", type=int, default=384)
   p.add_argument("--lr", type=float, default=1e-5)
   p.add_argument("--beta", type=float, default=0.1)
-  p.add_argument("--logps_chunk", type=int, default=0, help="0 = the preset's (64 on SmolLM2)")
+  p.add_argument("--logps_chunk", type=int, default=0,
+                 help="0 = the preset's (SmolLM2: 64 RW, 32 SRPO)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(), "saro_side_by_side"))
   p.add_argument("--memory", action="store_true", help="also peak RSS per system (child processes)")

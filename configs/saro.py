@@ -47,6 +47,10 @@ mined pairs. From a fresh clone of 93deb84 on a busier Zen 3 (session 50): 4.6 +
 min and ~4.5 min, the same 5 mined pairs; its SRPO rerun at logps_chunk 32 wrote byte-identical
 dev generations. Session 52's lm head (scored positions compacted per device block, not per
 row) resumed that run's traces: the same 5 mined pairs, dev generations and report byte-identical.
+Session 55 made 32 the SRPO preset's logps_chunk and resumed session 52's run from its RW
+checkpoint: the same mined pairs, SRPO losses equal to 6 digits at all 16 steps, the three
+models' dev generations, judgements and the report byte-identical (13.2 min for mine + SRPO +
+evaluation).
 All six seed-0 runs gave the table below.
 Mining: 206 samples; the RW model's answers went wrong after a right decision in only 6 benign/
 borderline samples and 2 harmful ones (fifth setting: 13 and 3), so 5 answer pairs (3 against a

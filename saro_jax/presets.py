@@ -143,17 +143,19 @@ def srpo_recipe(preset: str) -> dict:
     # The recipe's SRPO runs on on-policy mined answer pairs (~12): 16 steps x 4 pairs of <= 256
     # tokens at 1e-5, prefix-shared (an answer pair shares the prompt and the whole reasoning
     # block, so a row holds that once). Earlier settings, and why they changed: configs/saro.py.
-    # logps_chunk 64: the DPO step of 4 pairs x 256 tokens takes 11.7 s at 64, 16.1 s at 128.
-    # 32 runs side_by_side's step 1.017-1.025x faster (32 divides its rows' 160 scored positions,
-    # which 64 pads to 192; sessions 47, 49, 50). The recipe rerun at 32 (session 50) wrote
-    # byte-identical dev generations, but its own rows, prefix-shared trees, ran no faster (104
-    # tokens/s against 108 at 64), so the preset stays at 64 (benchmarks/README.md "Session 50").
+    # logps_chunk 32: a position costs the same in chunks of 32 to 256 on 2 CPU cores, so only
+    # the padding to a whole chunk matters (128 took 16.1 s a DPO step against 11.7 s at 64).
+    # side_by_side's rows score 160 positions, which 32 divides and 64 pads to 192: 32 ran that
+    # step 1.017-1.025x faster in sessions 47, 49 and 50 and faster in 5 of 6 rounds in session
+    # 55; prefix_dpo's prefix-shared trees (one per row, the recipe's layout) 1.020x (4 of 6).
+    # The first steps' loss and log-probs are bit for bit those at 64, and the recipe's SRPO
+    # at 32 wrote byte-identical dev generations (sessions 50 and 55; benchmarks/README.md).
     # logps_keep_logits: the policy's backward reads the forward's logits (4 rows x 256 x 49152
     # fp32, 201 MB) instead of recomputing them: 1.045x on side_by_side's SRPO step (session 47);
     # the tiny recipe's SRPO ends with the same loss and gradient norm bit for bit. The paper-scale preset below leaves it off: at a 128k
     # vocabulary and rows of 4096 the kept logits would take 2 GB per row.
     return dict(data=data("bundled:pairs_train", 256), opt=opt(1e-5, warmup_steps=1),
-                train=train(16, 4, log_every=1, logps_chunk=64, logps_keep_logits=True),
+                train=train(16, 4, log_every=1, logps_chunk=32, logps_keep_logits=True),
                 dpo=dpo(beta=0.1, prefix_sharing=True))
   return dict(data=data("bundled:pairs_train", 4096), opt=opt(5e-7, warmup_steps=20),
               train=train(500, 64, grad_accum=4, log_every=10, logps_chunk=512), dpo=dpo(beta=0.1))
