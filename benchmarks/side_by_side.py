@@ -316,6 +316,7 @@ def _stage_config(stage: str, args, directory: str, remat: str, logps_chunk: int
   config.model.arch = {}
   config.model.remat = remat
   config.model.attention_impl = "xla"
+  config.model.cpu_gemm = args.cpu_gemm
   config.model.param_dtype = "float32"
   config.model.compute_dtype = args.compute_dtype
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
@@ -401,7 +402,8 @@ def jax_system(name: str, stage: str, args, directory: str, ids) -> System:
   note = (f"logps_chunk {cfg.train.logps_chunk}"
           + (", keep logits" if stage == "dpo" and cfg.train.logps_keep_logits else "")
           + (f", XLA step temp {mem.temp_size_in_bytes / 2**30:.2f} GiB" if mem is not None else "")
-          + (f", {cfg.model.compute_dtype} compute" if args.bf16 else ""))
+          + (f", {cfg.model.compute_dtype} compute" if args.bf16 else "")
+          + (f", cpu_gemm {cfg.model.cpu_gemm}" if cfg.model.cpu_gemm != "xla" else ""))
   if stage == "dpo":
     sha = ids_sha(np.concatenate([host["chosen_tokens"], host["rejected_tokens"]]),
                   np.concatenate([host["chosen_loss_mask"], host["rejected_loss_mask"]]))
@@ -818,6 +820,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--perturb", type=float, default=0.0,
                  help="scale the torch policy's final norm by 1 + x (shows the check catches it)")
   p.add_argument("--no_assert", action="store_true", help="report a broken check, do not exit 1")
+  p.add_argument("--cpu_gemm", default="xla", choices=("xla", "mkl"),
+                 help='saro_jax\'s model.cpu_gemm: "mkl" runs its fp32 projections as MKL sgemm calls '
+                 "inside the program (faster on Intel Xeons; BUILD.md)")
   p.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
                  help="bfloat16: every system in its mixed precision (see the docstring)")
   p.add_argument("--only", default="", help=argparse.SUPPRESS)  # stage:system, a memory child
@@ -848,7 +853,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args.bf16 = args.compute_dtype == "bfloat16"
   args.size_argv = [f"--{k}={getattr(args, k)}" for k in (
       "pairs", "prompt_len", "completion_len", "rows", "row_length", "loss_tokens", "lr", "beta",
-      "logps_chunk", "seed", "compute_dtype")]
+      "logps_chunk", "seed", "compute_dtype", "cpu_gemm")]
   return args
 
 

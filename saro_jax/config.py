@@ -31,6 +31,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "block", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+# The fp32 projections' GEMM on a CPU: XLA's own dots, or MKL's sgemm called inside the program
+# (models/cpu_gemm.py: one CPU device, opt-in; faster on Intel Xeons, not on AMD EPYCs).
+CPU_GEMMS = ("xla", "mkl")
 ON_ERROR = ("raise", "skip")
 NONFINITE = ("raise", "skip")  # train.nonfinite
 
@@ -62,6 +65,7 @@ class ModelSpec:
   compute_dtype: str = "float32"
   remat: str = "none"
   attention_impl: str = "xla"
+  cpu_gemm: str = "xla"  # "mkl": fp32 projections through MKL's sgemm (one CPU device; cpu_gemm.py)
   # Decoder layers as stacked weights run by one lax.scan: compile time stays flat in depth (use it
   # for 7-8B models); same logits. Checkpoints hold the layout they were written in.
   scan_layers: bool = False
@@ -72,6 +76,7 @@ class ModelSpec:
     _check_choice("model.compute_dtype", self.compute_dtype, DTYPES)
     _check_choice("model.remat", self.remat, REMAT)
     _check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _check_choice("model.cpu_gemm", self.cpu_gemm, CPU_GEMMS)
     if self.attention_impl == "cudnn" and self.compute_dtype == "float32":
       raise ConfigError('config.model.attention_impl="cudnn" is cuDNN\'s fused attention, which'
                         ' takes bf16/fp16 only; set config.model.compute_dtype="bfloat16", or'

@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from saro_jax.config import ATTENTION_IMPLS, DTYPES  # the config room owns the shared enums
+from saro_jax.config import ATTENTION_IMPLS, CPU_GEMMS, DTYPES  # the config room owns the shared enums
 from saro_jax.config import REMAT as REMAT_MODES
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
@@ -49,6 +49,9 @@ class ModelConfig:
   compute_dtype: str = "float32"
   remat: str = "none"
   attention_impl: str = "xla"
+  # "mkl": fp32 projections (``transformer.dense``) through MKL's sgemm inside the program, on one
+  # CPU device (cpu_gemm.py); "xla": XLA's own dots. Same products up to the GEMMs' summation order.
+  cpu_gemm: str = "xla"
   # True: the decoder layers are one Block of stacked weights [num_layers, ...] run by lax.scan
   # (compile time flat in depth); False: a list of Blocks, unrolled. Same numbers either way.
   scan_layers: bool = False
@@ -80,6 +83,8 @@ class ModelConfig:
       bad("remat", f"must be one of {REMAT_MODES}")
     if self.attention_impl not in ATTENTION_IMPLS:
       bad("attention_impl", f"must be one of {ATTENTION_IMPLS}")
+    if self.cpu_gemm not in CPU_GEMMS:
+      bad("cpu_gemm", f"must be one of {CPU_GEMMS}")
     if not isinstance(self.scan_layers, bool):
       bad("scan_layers", "must be true or false")
     for field in ("param_dtype", "compute_dtype"):

@@ -36,14 +36,14 @@ from saro_jax import checkpoint as ckpt_lib
 from saro_jax import sharding
 from saro_jax.config import RANDOM_INIT, ConfigError, ModelSpec, section
 from saro_jax.data import bundled
-from saro_jax.models import gguf, hf, lora
+from saro_jax.models import cpu_gemm, gguf, hf, lora
 from saro_jax.models.config import ModelConfig
 from saro_jax.models.transformer import Transformer
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2_gguf")
 BUNDLED_TOKENIZER = "bundled"
 # ModelConfig fields a spec may set on top of what the weights' own config says.
-_OVERRIDES = ("param_dtype", "compute_dtype", "remat", "attention_impl", "scan_layers")
+_OVERRIDES = ("param_dtype", "compute_dtype", "remat", "attention_impl", "cpu_gemm", "scan_layers")
 
 Spec = str | ModelSpec | Mapping[str, Any]
 
@@ -97,10 +97,21 @@ def load(spec: Spec, *, tokenizer=None, mesh: Mesh | None = None, rules=None, se
   """The model ``spec`` names, its weights sharded on ``mesh`` (one device if None).
 
   ``spec``: an ``init_from`` string, a ModelSpec or a ``config.model`` section. A string keeps the
-  weights' own dtypes; a spec applies its dtypes, remat and attention_impl. ``overrides`` (those
-  same ModelConfig fields) win over both. ``tokenizer`` is only read for "random" (vocab size and
-  special ids); it is loaded from the spec when not given.
+  weights' own dtypes; a spec applies its dtypes, remat, attention_impl and cpu_gemm.
+  ``overrides`` (those same ModelConfig fields) win over both. ``tokenizer`` is only read for
+  "random" (vocab size and special ids); it is loaded from the spec when not given.
+
+  ``cpu_gemm="mkl"`` is refused (``cpu_gemm.CpuGemmError``) unless ``mesh`` is one CPU device.
   """
+  model = _load(spec, tokenizer=tokenizer, mesh=mesh, rules=rules, seed=seed,
+                allow_pickle=allow_pickle, **overrides)
+  if model.config.cpu_gemm != "xla":
+    cpu_gemm.check_mesh(mesh.devices.flat if mesh is not None else jax.devices()[:1])
+  return model
+
+
+def _load(spec: Spec, *, tokenizer=None, mesh: Mesh | None = None, rules=None, seed: int = 0,
+          allow_pickle: bool = False, **overrides) -> Transformer:
   text_spec = isinstance(spec, (str, os.PathLike))
   spec = as_spec(spec)
   unknown = sorted(set(overrides) - set(_OVERRIDES))

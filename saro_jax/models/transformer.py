@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx, struct
 
 from saro_jax import sharding
-from saro_jax.models import cpu_bf16
+from saro_jax.models import cpu_bf16, cpu_gemm
 from saro_jax.models import tiled_attention
 from saro_jax.models.config import ModelConfig
 
@@ -300,7 +300,8 @@ def training_attention(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: ja
   return causal_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xLxL, scale)
 
 
-def dense(x: jax.Array, w_IxO: jax.Array, n_in: int = 1, preferred_element_type=None) -> jax.Array:
+def dense(x: jax.Array, w_IxO: jax.Array, n_in: int = 1, preferred_element_type=None,
+          gemm: str = "xla") -> jax.Array:
   """x [*rows, *in] times a weight stored [*in, *out] (its first ``n_in`` dims are the input) ->
   [*rows, *out], as one 2-D product [rows, in] x [in, out] (rows, input and output dims each
   flattened into one): the product and both of its gradients contract exactly one dim.
@@ -311,6 +312,9 @@ def dense(x: jax.Array, w_IxO: jax.Array, n_in: int = 1, preferred_element_type=
   fwd + bwd those copies took ~0.4 s of ~1.6 s on an Intel Xeon; with the rows flattened every
   gradient is one plain GEMM and the same fwd + bwd took ~1.1 s, with bit-identical gradients
   (benchmarks/README.md, "Flattened rows"). The reshapes merge contiguous dims: bitcasts.
+
+  ``gemm="mkl"`` (``ModelConfig.cpu_gemm``): an fp32 product runs as MKL's sgemm inside the
+  program (``cpu_gemm.matmul``; one CPU device); other dtypes keep the paths below.
   """
   rows, out_dims = x.shape[:x.ndim - n_in], w_IxO.shape[n_in:]
   I, O = math.prod(w_IxO.shape[:n_in]), math.prod(out_dims)
@@ -319,6 +323,9 @@ def dense(x: jax.Array, w_IxO: jax.Array, n_in: int = 1, preferred_element_type=
   x_MxI, w_IxO = x.reshape(-1, I), w_IxO.reshape(I, O)
   if preferred_element_type is None and cpu_bf16.applies(x_MxI.dtype, w_IxO.dtype):
     y_MxO = _cpu_low_precision_matmul(x_MxI, w_IxO)
+  elif preferred_element_type in (None, jnp.float32) and cpu_gemm.applies(gemm, x_MxI.dtype,
+                                                                          w_IxO.dtype):
+    y_MxO = cpu_gemm.matmul(x_MxI, w_IxO)
   else:
     y_MxO = jnp.dot(x_MxI, w_IxO, preferred_element_type=preferred_element_type)
   return y_MxO.reshape(*rows, *out_dims)
@@ -506,9 +513,9 @@ class Attention(nnx.Module):
       k = out_in_dot(x_BxLxD, self.wk_KxHxD[...].astype(dt), 1)
       v = out_in_dot(x_BxLxD, self.wv_KxHxD[...].astype(dt), 1)
     else:
-      q = dense(x_BxLxD, self.wq_DxNxH[...].astype(dt))
-      k = dense(x_BxLxD, self.wk_DxKxH[...].astype(dt))
-      v = dense(x_BxLxD, self.wv_DxKxH[...].astype(dt))
+      q = dense(x_BxLxD, self.wq_DxNxH[...].astype(dt), gemm=c.cpu_gemm)
+      k = dense(x_BxLxD, self.wk_DxKxH[...].astype(dt), gemm=c.cpu_gemm)
+      v = dense(x_BxLxD, self.wv_DxKxH[...].astype(dt), gemm=c.cpu_gemm)
     if c.attention_bias:
       q, k, v = q + self.bq_NxH[...].astype(dt), k + self.bk_KxH[...].astype(dt), v + self.bv_KxH[...].astype(dt)
     if c.qk_norm:  # Qwen3: per-head RMSNorm before RoPE.
@@ -543,7 +550,7 @@ class Attention(nnx.Module):
     # transposed wo on every decode step.
     if self.out_in:
       return out_in_dot(out_BxTxNxH, self.wo_DxNxH[...].astype(dt), 2), new_cache
-    return dense(out_BxTxNxH, self.wo_NxHxD[...].astype(dt), 2), new_cache
+    return dense(out_BxTxNxH, self.wo_NxHxD[...].astype(dt), 2, gemm=c.cpu_gemm), new_cache
 
 
 class MLP(nnx.Module):
@@ -551,6 +558,7 @@ class MLP(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     D, F, pd = config.hidden_size, config.intermediate_size, config.param_dtype
     self.hidden_act = config.hidden_act
+    self.gemm = config.cpu_gemm
     self.out_in = False  # see Attention
     self.w_gate_DxF = _param(rngs, (D, F), pd, ("embed", "mlp"))
     self.w_up_DxF = _param(rngs, (D, F), pd, ("embed", "mlp"))
@@ -562,8 +570,8 @@ class MLP(nnx.Module):
       gate = out_in_dot(x_BxLxD, self.w_gate_FxD[...].astype(dt), 1)
       up = out_in_dot(x_BxLxD, self.w_up_FxD[...].astype(dt), 1)
     else:
-      gate = dense(x_BxLxD, self.w_gate_DxF[...].astype(dt))
-      up = dense(x_BxLxD, self.w_up_DxF[...].astype(dt))
+      gate = dense(x_BxLxD, self.w_gate_DxF[...].astype(dt), gemm=self.gemm)
+      up = dense(x_BxLxD, self.w_up_DxF[...].astype(dt), gemm=self.gemm)
     if self.hidden_act == "silu":
       act = jax.nn.silu(gate)
     else:  # Gemma's gelu_pytorch_tanh is the tanh approximation; plain "gelu" is exact erf.
@@ -571,7 +579,7 @@ class MLP(nnx.Module):
     h_BxLxF = sharding.constrain(act * up, ("batch", "length", "act_mlp"))
     if self.out_in:
       return out_in_dot(h_BxLxF, self.w_down_DxF[...].astype(dt), 1)
-    return dense(h_BxLxF, self.w_down_FxD[...].astype(dt))
+    return dense(h_BxLxF, self.w_down_FxD[...].astype(dt), gemm=self.gemm)
 
 
 class Block(nnx.Module):
