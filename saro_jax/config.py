@@ -801,6 +801,12 @@ def training_config(cfg: ml_collections.ConfigDict, stage: str | None = None, *,
   model.validate()
   mesh = section(MeshConfig, raw.get("mesh"), "mesh")
   mesh.validate(device_count)
+  if model.cpu_gemm != "xla" and device_count != 1:
+    # Here, before any weights are read; models.load checks the devices' platform as well.
+    raise ConfigError(
+        f'config.model.cpu_gemm="{model.cpu_gemm}" runs on one CPU device, and this run has'
+        f" {device_count} devices: a custom call is opaque to XLA's partitioner; set"
+        ' model.cpu_gemm="xla" (the default) for meshes and accelerators')
   prefix = f"{stage}." if stage and stage in _to_plain(cfg) else ""
   data = section(DataConfig, raw.get("data"), f"{prefix}data")
   data.validate(f"{prefix}data")

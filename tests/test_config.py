@@ -247,3 +247,14 @@ def test_bad_data_option_names_its_key(key, value, message):
   raw["rw"]["data"][key] = value  # a config file can build any value; flags check types first
   with pytest.raises(ConfigError, match=message):
     training_config(ml_collections.ConfigDict(raw), "rw", device_count=8)
+
+
+def test_cpu_gemm_mkl_on_several_devices_is_refused_before_any_weights_load():
+  # The config check runs first (training_config is what main and the engine call before they
+  # read a checkpoint); models.load keeps the platform check (test_cpu_gemm.py).
+  cfg = load_config("rw")
+  cfg.model.cpu_gemm = "mkl"
+  assert training_config(cfg, device_count=1).model.cpu_gemm == "mkl"
+  with pytest.raises(ConfigError, match=r'config\.model\.cpu_gemm="mkl" runs on one CPU device, and'
+                                        r" this run has 8 devices"):
+    training_config(cfg, device_count=8)
