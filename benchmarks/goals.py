@@ -5,6 +5,8 @@ beside its target.
   .venv/bin/python benchmarks/goals.py      # SmolLM2, the sizes of benchmarks/README.md
                                             # (~40 min on 2 quiet cores; needs the bench extra)
   .venv/bin/python benchmarks/goals.py --model tiny --quick    # a smoke run of the machinery
+  .venv/bin/python benchmarks/goals.py --cpu_gemm mkl --attention_impl cpu_flash
+                                            # goal 1 with the CPU opt-ins (Intel Xeons; BUILD.md)
 
 Children (their own output is passed through; each ends with one JSON line this script reads):
   side_by_side.py  --systems saro_jax,trl,torch                 goal 1: DPO and SFT steps vs TRL
@@ -51,8 +53,14 @@ from like_for_like import cpu_identity  # noqa: E402
 GOAL6_TOKENS_PER_S = 160.0  # 10x the issue's 16 new tok/s at batch 4 (its upper figure)
 
 
-def children(model: str, quick: bool) -> dict[str, list[str]]:
-  """The benchmark commands (script, args) of one run."""
+def children(model: str, quick: bool, goal1_options: Sequence[str] = ()) -> dict[str, list[str]]:
+  """The benchmark commands (script, args) of one run; ``goal1_options`` go to side_by_side."""
+  runs = _children(model, quick)
+  runs["side_by_side"] = [*runs["side_by_side"], *goal1_options]
+  return runs
+
+
+def _children(model: str, quick: bool) -> dict[str, list[str]]:
   if quick:
     return {
         "side_by_side": ["side_by_side.py", "--model", model, "--systems", "saro_jax,torch",
@@ -189,13 +197,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--quick", action="store_true", help="tiny sizes: checks the machinery only")
   p.add_argument("--skip", default="", help="comma list of children not to run "
                  "(side_by_side, prefix_dpo, sampler)")
+  # The CPU opt-ins apply to goal 1's rows of one sequence; goals 2-4 pack rows and trees, which
+  # cpu_flash does not skip between (BUILD.md), and keep the defaults.
+  p.add_argument("--cpu_gemm", default="xla", choices=("xla", "mkl"),
+                 help="goal 1's saro_jax steps: model.cpu_gemm (side_by_side.py --cpu_gemm)")
+  p.add_argument("--attention_impl", default="xla", choices=("xla", "cpu_flash"),
+                 help="goal 1's saro_jax steps: model.attention_impl (side_by_side.py)")
   args = p.parse_args(argv)
+  goal1_options = [f"--{k}={getattr(args, k)}" for k in ("cpu_gemm", "attention_impl")
+                   if getattr(args, k) != "xla"]
   skip = {s for s in args.skip.split(",") if s}
   results, seconds, failed = {}, {}, []
   started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
   cpu = cpu_identity()
   load_before = os.getloadavg()[0]
-  for name, (script, *child_args) in children(args.model, args.quick).items():
+  for name, (script, *child_args) in children(args.model, args.quick, goal1_options).items():
     if name in skip:
       continue
     out, seconds[name], status = run_child(script, child_args)
@@ -206,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results[name] = out
   results["fill"] = packed_fill(args.model)
   rows = table(results)
-  print(f"\n## Issue 10 goals, one run ({args.model}{', quick' if args.quick else ''}; started "
+  print(f"\n## Issue 10 goals, one run ({args.model}{', quick' if args.quick else ''}"
+        + "".join(f", goal 1 {o[2:]}" for o in goal1_options) + "; started "
         f"{started}, load {load_before:.1f} -> {os.getloadavg()[0]:.1f}; child seconds "
         + ", ".join(f"{n} {s:.0f}" for n, s in seconds.items()) + f")\n\nCPU: {cpu}\n")
   print("| goal | figure | measured | target | met |")
@@ -216,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"| {r['goal']} | {r['what']} | {r['text']} | {r['target_text']} | {met} |")
   if failed:
     print(f"\nfailed: {', '.join(failed)}")
-  summary = {"model": args.model, "quick": args.quick, "cpu": cpu, "rows": rows, "seconds": seconds,
+  summary = {"model": args.model, "quick": args.quick, "goal1_options": goal1_options, "cpu": cpu,
+             "rows": rows, "seconds": seconds,
              "failed": failed, "children": results}
   print(json.dumps(summary, default=float))
   if failed and argv is None:

@@ -17,9 +17,10 @@ learning rate, betas, eps, no weight decay, a constant schedule, gradient clippi
 Systems (``--systems``; a name means its DPO and its SFT variant):
   saro_jax        the real saro_jax step: ``engine.make_step`` around ``srpo.make_loss_fn`` (with
                   the live reference forward ``reference.make_reference_fn`` before it, as
-                  ``srpo.to_device_fn`` does) or ``rw.make_loss_fn``; remat none, attention xla;
-                  the SRPO step with the preset's ``train.logps_keep_logits`` (its backward reads
-                  the lm head's logits from the forward, as TRL's and the loop's autograd do)
+                  ``srpo.to_device_fn`` does) or ``rw.make_loss_fn``; remat none, attention xla
+                  (``--attention_impl`` and ``--cpu_gemm`` set the CPU opt-ins); the SRPO step
+                  with the preset's ``train.logps_keep_logits`` (its backward reads the lm
+                  head's logits from the forward, as TRL's and the loop's autograd do)
   saro_jax_remat  the same with ``model.remat=block`` (the like-for-like partner of trl_gc)
   saro_jax@N      either of the two with ``train.logps_chunk`` N instead of ``--logps_chunk``, so
                   chunk sizes compare in one run (e.g. ``saro_jax@128,saro_jax@64,trl``). The
@@ -315,7 +316,7 @@ def _stage_config(stage: str, args, directory: str, remat: str, logps_chunk: int
   config.model.tokenizer = ""
   config.model.arch = {}
   config.model.remat = remat
-  config.model.attention_impl = "xla"
+  config.model.attention_impl = args.attention_impl
   config.model.cpu_gemm = args.cpu_gemm
   config.model.param_dtype = "float32"
   config.model.compute_dtype = args.compute_dtype
@@ -403,7 +404,9 @@ def jax_system(name: str, stage: str, args, directory: str, ids) -> System:
           + (", keep logits" if stage == "dpo" and cfg.train.logps_keep_logits else "")
           + (f", XLA step temp {mem.temp_size_in_bytes / 2**30:.2f} GiB" if mem is not None else "")
           + (f", {cfg.model.compute_dtype} compute" if args.bf16 else "")
-          + (f", cpu_gemm {cfg.model.cpu_gemm}" if cfg.model.cpu_gemm != "xla" else ""))
+          + (f", cpu_gemm {cfg.model.cpu_gemm}" if cfg.model.cpu_gemm != "xla" else "")
+          + (f", attention {cfg.model.attention_impl}" if cfg.model.attention_impl != "xla"
+             else ""))
   if stage == "dpo":
     sha = ids_sha(np.concatenate([host["chosen_tokens"], host["rejected_tokens"]]),
                   np.concatenate([host["chosen_loss_mask"], host["rejected_loss_mask"]]))
@@ -823,6 +826,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--cpu_gemm", default="xla", choices=("xla", "mkl"),
                  help='saro_jax\'s model.cpu_gemm: "mkl" runs its fp32 projections as MKL sgemm calls '
                  "inside the program (faster on Intel Xeons; BUILD.md)")
+  p.add_argument("--attention_impl", default="xla", choices=("xla", "cpu_flash"),
+                 help='saro_jax\'s model.attention_impl: "cpu_flash" runs its training attention '
+                 "as PyTorch's CPU flash-attention kernel inside the program (fp32; BUILD.md)")
   p.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
                  help="bfloat16: every system in its mixed precision (see the docstring)")
   p.add_argument("--only", default="", help=argparse.SUPPRESS)  # stage:system, a memory child
@@ -853,7 +859,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args.bf16 = args.compute_dtype == "bfloat16"
   args.size_argv = [f"--{k}={getattr(args, k)}" for k in (
       "pairs", "prompt_len", "completion_len", "rows", "row_length", "loss_tokens", "lr", "beta",
-      "logps_chunk", "seed", "compute_dtype", "cpu_gemm")]
+      "logps_chunk", "seed", "compute_dtype", "cpu_gemm", "attention_impl")]
   return args
 
 

@@ -30,7 +30,9 @@ REFERENCE_MODES = ("live", "precomputed", "none")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "block", "dots")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+# "cpu_flash": PyTorch's CPU flash-attention kernel called inside the program (models/
+# cpu_attention.py: fp32, one CPU device, opt-in).
+ATTENTION_IMPLS = ("xla", "cudnn", "cpu_flash", "auto")
 # The fp32 projections' GEMM on a CPU: XLA's own dots, or MKL's sgemm called inside the program
 # (models/cpu_gemm.py: one CPU device, opt-in; faster on Intel Xeons, not on AMD EPYCs).
 CPU_GEMMS = ("xla", "mkl")
@@ -81,6 +83,10 @@ class ModelSpec:
       raise ConfigError('config.model.attention_impl="cudnn" is cuDNN\'s fused attention, which'
                         ' takes bf16/fp16 only; set config.model.compute_dtype="bfloat16", or'
                         ' attention_impl="auto" (cuDNN where it runs, ours elsewhere)')
+    if self.attention_impl == "cpu_flash" and self.compute_dtype != "float32":
+      raise ConfigError('config.model.attention_impl="cpu_flash" (PyTorch\'s CPU flash attention)'
+                        f' computes in float32, and config.model.compute_dtype='
+                        f'"{self.compute_dtype}"; set attention_impl="xla"')
     if not isinstance(self.scan_layers, bool):
       raise ConfigError(f"config.model.scan_layers={self.scan_layers!r} must be True or False")
     if not self.init_from:
@@ -801,12 +807,15 @@ def training_config(cfg: ml_collections.ConfigDict, stage: str | None = None, *,
   model.validate()
   mesh = section(MeshConfig, raw.get("mesh"), "mesh")
   mesh.validate(device_count)
-  if model.cpu_gemm != "xla" and device_count != 1:
-    # Here, before any weights are read; models.load checks the devices' platform as well.
-    raise ConfigError(
-        f'config.model.cpu_gemm="{model.cpu_gemm}" runs on one CPU device, and this run has'
-        f" {device_count} devices: a custom call is opaque to XLA's partitioner; set"
-        ' model.cpu_gemm="xla" (the default) for meshes and accelerators')
+  cpu_kernels = {"cpu_gemm": model.cpu_gemm != "xla",
+                 "attention_impl": model.attention_impl == "cpu_flash"}
+  for field in (f for f, on in cpu_kernels.items() if on):
+    if device_count != 1:
+      # Here, before any weights are read; models.load checks the devices' platform as well.
+      raise ConfigError(
+          f'config.model.{field}="{getattr(model, field)}" runs on one CPU device, and this run'
+          f" has {device_count} devices: a custom call is opaque to XLA's partitioner; leave"
+          f" model.{field} at its default for meshes and accelerators")
   prefix = f"{stage}." if stage and stage in _to_plain(cfg) else ""
   data = section(DataConfig, raw.get("data"), f"{prefix}data")
   data.validate(f"{prefix}data")

@@ -249,12 +249,14 @@ def test_bad_data_option_names_its_key(key, value, message):
     training_config(ml_collections.ConfigDict(raw), "rw", device_count=8)
 
 
-def test_cpu_gemm_mkl_on_several_devices_is_refused_before_any_weights_load():
+@pytest.mark.parametrize("field,value", [("cpu_gemm", "mkl"), ("attention_impl", "cpu_flash")])
+def test_cpu_kernels_on_several_devices_are_refused_before_any_weights_load(field, value):
   # The config check runs first (training_config is what main and the engine call before they
-  # read a checkpoint); models.load keeps the platform check (test_cpu_gemm.py).
+  # read a checkpoint); models.load keeps the platform check (test_cpu_gemm.py,
+  # test_cpu_attention.py).
   cfg = load_config("rw")
-  cfg.model.cpu_gemm = "mkl"
-  assert training_config(cfg, device_count=1).model.cpu_gemm == "mkl"
-  with pytest.raises(ConfigError, match=r'config\.model\.cpu_gemm="mkl" runs on one CPU device, and'
-                                        r" this run has 8 devices"):
+  cfg.model[field] = value
+  assert getattr(training_config(cfg, device_count=1).model, field) == value
+  with pytest.raises(ConfigError, match=rf'config\.model\.{field}="{value}" runs on one CPU device,'
+                                        r" and this run has 8 devices"):
     training_config(cfg, device_count=8)

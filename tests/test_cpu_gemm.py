@@ -14,7 +14,7 @@ import error_model as em
 import tiny_hf
 from saro_jax import config as config_lib
 from saro_jax import models, sharding
-from saro_jax.models import cpu_gemm, hf
+from saro_jax.models import cpu_ffi, cpu_gemm, hf
 from saro_jax.models.config import ModelConfig
 
 pytestmark = pytest.mark.skipif(
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 def handler_cache(tmp_path_factory):
   """Each test module builds the handler into its own cache (the build path is part of the test)."""
   with pytest.MonkeyPatch.context() as mp:
-    mp.setenv(cpu_gemm.CACHE_ENV, str(tmp_path_factory.mktemp("cpu_gemm")))
+    mp.setenv(cpu_ffi.CACHE_ENV, str(tmp_path_factory.mktemp("cpu_gemm")))
     yield
 
 
@@ -119,7 +119,7 @@ def test_bad_values_and_a_missing_compiler_are_clear_errors(tmp_path, monkeypatc
   with pytest.raises(ValueError, match=r"ModelConfig\.cpu_gemm='blas'"):
     ModelConfig(family="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
                 num_heads=2, num_kv_heads=2, head_dim=4, cpu_gemm="blas")
-  monkeypatch.setenv(cpu_gemm.CACHE_ENV, str(tmp_path))  # an empty cache: it must build
-  monkeypatch.setenv(cpu_gemm.COMPILER_ENV, str(tmp_path / "no-such-g++"))
+  monkeypatch.setenv(cpu_ffi.CACHE_ENV, str(tmp_path))  # an empty cache: it must build
+  monkeypatch.setenv(cpu_ffi.COMPILER_ENV, str(tmp_path / "no-such-g++"))
   with pytest.raises(cpu_gemm.CpuGemmError, match=r"no C\+\+ compiler was found \(CXX="):
     cpu_gemm._build(cpu_gemm.blas_library())

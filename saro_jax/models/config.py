@@ -93,6 +93,9 @@ class ModelConfig:
     if self.attention_impl == "cudnn" and self.compute_dtype == "float32":
       bad("attention_impl", '"cudnn" (cuDNN\'s fused attention) takes bf16/fp16 compute only;'
           ' set compute_dtype="bfloat16", or attention_impl="auto"')
+    if self.attention_impl == "cpu_flash" and self.compute_dtype != "float32":
+      bad("attention_impl", '"cpu_flash" (PyTorch\'s CPU flash attention) computes in float32;'
+          ' set attention_impl="xla"')
     if self.hidden_act not in HIDDEN_ACTS:
       bad("hidden_act", f"must be one of {HIDDEN_ACTS}")
     if self.sliding_window is not None and self.sliding_window <= 0:

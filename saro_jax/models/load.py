@@ -36,7 +36,7 @@ from saro_jax import checkpoint as ckpt_lib
 from saro_jax import sharding
 from saro_jax.config import RANDOM_INIT, ConfigError, ModelSpec, section
 from saro_jax.data import bundled
-from saro_jax.models import cpu_gemm, gguf, hf, lora
+from saro_jax.models import cpu_attention, cpu_gemm, gguf, hf, lora
 from saro_jax.models.config import ModelConfig
 from saro_jax.models.transformer import Transformer
 
@@ -101,12 +101,16 @@ def load(spec: Spec, *, tokenizer=None, mesh: Mesh | None = None, rules=None, se
   ``overrides`` (those same ModelConfig fields) win over both. ``tokenizer`` is only read for
   "random" (vocab size and special ids); it is loaded from the spec when not given.
 
-  ``cpu_gemm="mkl"`` is refused (``cpu_gemm.CpuGemmError``) unless ``mesh`` is one CPU device.
+  ``cpu_gemm="mkl"`` and ``attention_impl="cpu_flash"`` are refused (``cpu_ffi.CpuFfiError``)
+  unless ``mesh`` is one CPU device.
   """
   model = _load(spec, tokenizer=tokenizer, mesh=mesh, rules=rules, seed=seed,
                 allow_pickle=allow_pickle, **overrides)
+  devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
   if model.config.cpu_gemm != "xla":
-    cpu_gemm.check_mesh(mesh.devices.flat if mesh is not None else jax.devices()[:1])
+    cpu_gemm.check_mesh(devices)
+  if model.config.attention_impl == "cpu_flash":
+    cpu_attention.check_mesh(devices)
   return model
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx, struct
 
 from saro_jax import sharding
-from saro_jax.models import cpu_bf16, cpu_gemm
+from saro_jax.models import cpu_attention, cpu_bf16, cpu_gemm
 from saro_jax.models import tiled_attention
 from saro_jax.models.config import ModelConfig
 
@@ -262,7 +262,8 @@ class RowsMask:
 
 def training_attention_impl(impl: str, dtype, head_dim: int, length: int) -> str:
   """What ``attention_impl`` runs for rows of ``length`` slots (no cache): ``xla``
-  (``training_attention``) or ``cudnn`` (``cudnn_attention``). ``auto`` takes cuDNN where it
+  (``training_attention``), ``cudnn`` (``cudnn_attention``) or ``cpu_flash``
+  (``cpu_attention.attention``; the config allows it with fp32 compute only). ``auto`` takes cuDNN where it
   runs: the default backend is a GPU, the compute dtype bf16/fp16, the head dim a multiple of 8 up
   to 128 (cuDNN's limits before Hopper) and the length even (cuDNN's rule for a bias in
   training); everywhere else ours. (JAX's own ``implementation=None`` is its XLA path, which keeps
@@ -543,6 +544,10 @@ class Attention(nnx.Module):
       out_BxTxNxH = training_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
                                        mask_Bx1xTxS.visible_Bx1xLxL, c.head_dim ** -0.5,
                                        mask_Bx1xTxS.tile)
+    elif c.attention_impl == "cpu_flash":
+      out_BxTxNxH = cpu_attention.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
+                                            cpu_attention.mask_bias(mask_Bx1xTxS.visible_Bx1xLxL),
+                                            c.head_dim ** -0.5)
     else:
       out_BxTxNxH = cudnn_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
                                     mask_Bx1xTxS.visible_Bx1xLxL, c.head_dim ** -0.5)
