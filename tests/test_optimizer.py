@@ -217,8 +217,9 @@ def test_clipping_takes_the_norm_it_is_given():
   theirs, _ = optax.clip_by_global_norm(1.5).update(grads, optax.EmptyState())
   norm = optimizer.global_norm(grads)
   given, _ = clip.update(grads, state, grad_norm=norm)
-  # The same formula on norms that agree to the sums' rounding (<= 35 terms), then one divide
-  # and one multiply: relative gamma(35 + 3) per element.
+  # optax's rule on norms that agree to the sums' rounding (<= 35 terms), then one divide and one
+  # multiply on each side (ours t * (max / norm), optax's (t / norm) * max): relative
+  # gamma(35 + 3) per element.
   for k in grads:
     np.testing.assert_array_equal(given[k], own[k])
     np.testing.assert_allclose(own[k], theirs[k], rtol=em.gamma(38), atol=0)
