@@ -140,6 +140,16 @@ def test_round_order_puts_each_system_in_each_slot_equally_often():
   assert lfl.round_order(["a"], 5) == ["a"] and lfl.round_order([], 3) == []
 
 
+def test_goals_passes_the_cpu_opt_ins_to_goal_1_only():
+  goals = benchmark_scripts.load("goals")
+  plain = goals.children("smollm2", False)
+  opted = goals.children("smollm2", False, ["--cpu_gemm=mkl", "--attention_impl=cpu_flash"])
+  assert opted["side_by_side"] == [*plain["side_by_side"], "--cpu_gemm=mkl",
+                                   "--attention_impl=cpu_flash"]
+  # goals 2-4 pack rows and trees (cpu_flash does not skip between them) and goal 6 decodes
+  assert all(opted[k] == plain[k] for k in plain if k != "side_by_side")
+
+
 @pytest.mark.heavy  # four child processes: side_by_side, prefix_dpo (twice) and sampler, tiny model
 def test_goals_runner_reads_every_child_and_tabulates_each_goal(capsys):
   """benchmarks/goals.py --quick: every child runs and ends with the JSON line the runner reads;
