@@ -110,6 +110,16 @@ def smollm2_hf_dir(tmp_path_factory):
   return out
 
 
+@pytest.fixture(scope="module")
+def cpu_ffi_cache(tmp_path_factory):
+  """A test module's own cache for the opt-in CPU kernels' handlers (saro_jax/models/cpu_ffi.py):
+  the module builds them, so the build is part of its tests."""
+  from saro_jax.models import cpu_ffi
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv(cpu_ffi.CACHE_ENV, str(tmp_path_factory.mktemp("cpu_ffi")))
+    yield
+
+
 # Heaviest files first under `--dist loadfile`. xdist's default queue puts files with many tests
 # first, so the files of ONE slow test (the two-process SaRO run, the SmolLM2 eval and greedy
 # runs) came last, and a worker takes another file whenever it has 2 tests or fewer left: the run

@@ -7,9 +7,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from flax import nnx
 
 import error_model as em
 import tiny_hf
@@ -19,17 +17,12 @@ from saro_jax.models import cpu_attention, cpu_ffi, hf
 from saro_jax.models.config import ModelConfig
 from test_attention import FORWARD_DEPTH, GRAD_DEPTH, H, _inputs, _masks, _value_and_grads
 
-pytestmark = pytest.mark.skipif(
-    not (shutil.which("g++") or shutil.which("c++")),
-    reason='attention_impl="cpu_flash" compiles its handlers with the system C++ compiler; none')
-
-
-@pytest.fixture(scope="module", autouse=True)
-def handler_cache(tmp_path_factory):
-  """Each test module builds the handlers into its own cache (the build is part of the test)."""
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv(cpu_ffi.CACHE_ENV, str(tmp_path_factory.mktemp("cpu_attention")))
-    yield
+pytestmark = [
+    pytest.mark.skipif(
+        not (shutil.which("g++") or shutil.which("c++")),
+        reason='attention_impl="cpu_flash" compiles its handlers with the system C++ compiler'),
+    pytest.mark.usefixtures("cpu_ffi_cache"),  # conftest: this module builds the handlers
+]
 
 
 def _flash(mask):
@@ -98,29 +91,9 @@ def test_logits_and_gradients_with_cpu_flash_match_xla(llama_dir):
   assert jaxpr.count(cpu_attention.FORWARD) == flash.config.num_layers
   assert cpu_attention.FORWARD not in str(
       jax.make_jaxpr(lambda m: m(tokens, positions, segments))(xla))
-
-  # Tolerance: two fp32 programs of one function (error_model point 3) at the model's depth.
-  depth = em.model_depth(flash.config, tokens.shape[1])
-  real = segments > 0
-  ref = tiny_hf.jax_logits(xla, tokens, positions, segments)
-  em.assert_parity(tiny_hf.jax_logits(flash, tokens, positions, segments), ref, depth, mask=real,
-                   what="logits, cpu_flash vs xla")
-  bugged = nnx.clone(flash)
-  bugged.final_norm.scale_D[...] = bugged.final_norm.scale_D[...].at[0].add(0.1)
-  em.assert_caught(tiny_hf.jax_logits(bugged, tokens, positions, segments), ref, depth,
-                   mask=real, what="logits, cpu_flash with one weight off")
-
-  def loss(m):
-    logits = m(tokens, positions, segments)
-    return jnp.mean(jnp.where(real[..., None], logits, 0.0) ** 2)
-
-  grad = nnx.jit(nnx.grad(loss))
-  g_depth = em.grad_depth(depth, vocab=flash.config.vocab_size, tokens=tokens.size)
-  results = {path: em.parity(b[...], a[...], g_depth) for (path, a), (_, b) in
-             zip(nnx.to_flat_state(grad(xla)), nnx.to_flat_state(grad(flash)))}
-  worst = max(results, key=lambda path: results[path].excess)
-  print(f"worst gradient leaf {worst}: {results[worst]}")
-  assert all(r.ok for r in results.values()), {p: str(r) for p, r in results.items() if not r.ok}
+  # Logits and gradients (the padding rows' too) within the error model of our attention; a
+  # planted bug caught.
+  tiny_hf.assert_same_function(xla, flash, "cpu_flash vs xla")
 
 
 def test_cpu_flash_is_refused_on_a_mesh_of_several_devices_and_in_bf16(llama_dir):

@@ -76,10 +76,9 @@ def test_saro_jax_and_torch_agree_and_a_perturbed_weight_breaks_the_bound(sbs, t
 @pytest.mark.heavy  # compiles both CPU kernels' handlers, the SRPO step, its reference, RW
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="the CPU opt-ins compile their handlers with the system C++ compiler")
-def test_the_cpu_opt_ins_agree_with_plain_torch_in_both_steps(sbs, tmp_path, monkeypatch):
+def test_the_cpu_opt_ins_agree_with_plain_torch_in_both_steps(sbs, tmp_path, cpu_ffi_cache):
   # model.cpu_gemm="mkl" and attention_impl="cpu_flash" in the real SRPO and RW steps: their
   # first steps within the script's fp32 error-model bound of the plain PyTorch loop's.
-  monkeypatch.setenv("SARO_JAX_CPU_FFI_CACHE", str(tmp_path / "cpu_ffi"))
   out = _run(sbs, tmp_path, "saro_jax,torch", "--cpu_gemm", "mkl", "--attention_impl", "cpu_flash")
   _assert_agree(out, ["saro_jax", "torch"])
   for stage, res in out["stages"].items():

@@ -138,3 +138,36 @@ def _forward():
   from flax import nnx
 
   return nnx.jit(lambda model, t, p, s: model(t, p, s))
+
+
+def assert_same_function(ref, model, what: str) -> None:
+  """``model`` (the same weights as ``ref``, other kernels) computes ``ref``'s function: on
+  ``padded_batch(seed=1)``, the logits and every gradient leaf of mean(logits ** 2) within the error
+  model of two fp32 programs of one function (error_model point 3) at the model's depth, and one
+  final-norm weight of ``model`` off by 0.1 is caught."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import error_model as em
+
+  tokens, positions, segments = padded_batch(seed=1, lengths=(12, 7), left_pad=(False, True))
+  depth = em.model_depth(model.config, tokens.shape[1])
+  real = segments > 0
+  want = jax_logits(ref, tokens, positions, segments)
+  em.assert_parity(jax_logits(model, tokens, positions, segments), want, depth, mask=real,
+                   what=f"logits, {what}")
+  bugged = nnx.clone(model)
+  bugged.final_norm.scale_D[...] = bugged.final_norm.scale_D[...].at[0].add(0.1)
+  em.assert_caught(jax_logits(bugged, tokens, positions, segments), want, depth, mask=real,
+                   what=f"logits, {what} with one weight off")
+
+  def loss(m):
+    return jnp.mean(m(tokens, positions, segments) ** 2)
+
+  grad = nnx.jit(nnx.grad(loss))
+  g_depth = em.grad_depth(depth, vocab=model.config.vocab_size, tokens=tokens.size)
+  results = {path: em.parity(b[...], a[...], g_depth) for (path, a), (_, b) in
+             zip(nnx.to_flat_state(grad(ref)), nnx.to_flat_state(grad(model)))}
+  worst = max(results, key=lambda path: results[path].excess)
+  print(f"{what}: worst gradient leaf {worst}: {results[worst]}")
+  assert all(r.ok for r in results.values()), {p: str(r) for p, r in results.items() if not r.ok}
