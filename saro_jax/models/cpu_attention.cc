@@ -58,9 +58,15 @@ at::Tensor Bias(const void* data, const Shape& s) {
   return at::from_blob(const_cast<void*>(data), {s.B, 1, s.L, s.L}, F32());
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> lse, float scale) {
+at::Tensor Lse(const void* data, const Shape& s) {
+  return at::from_blob(const_cast<void*>(data), {s.B, s.N, s.L}, F32());
+}
+
+// Checks the operands' shapes, skips empty ones, runs `body(shape)` and turns ATen's exceptions
+// into FFI errors naming `what`.
+template <typename Body>
+ffi::Error Run(const char* what, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+               ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::F32>& bias, Body body) {
   Shape s;
   if (auto e = Check(q.dimensions(), k.dimensions(), v.dimensions(), bias.dimensions(), s);
       e.failure()) {
@@ -68,16 +74,24 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer
   }
   if (s.B * s.L * s.N * s.H == 0) return ffi::Error::Success();
   try {
+    body(s);
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("saro_jax cpu_attention ") + what + ": " + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> lse, float scale) {
+  return Run("forward", q, k, v, bias, [&](const Shape& s) {
     auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(
         Heads(q.typed_data(), s, s.N), Heads(k.typed_data(), s, s.K),
         Heads(v.typed_data(), s, s.K), 0.0, /*is_causal=*/true, Bias(bias.typed_data(), s),
         static_cast<double>(scale));
     Heads(out->typed_data(), s, s.N).copy_(o);
-    at::from_blob(lse->typed_data(), {s.B, s.N, s.L}, F32()).copy_(l);
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("saro_jax cpu_attention forward: ") + e.what());
-  }
-  return ffi::Error::Success();
+    Lse(lse->typed_data(), s).copy_(l);
+  });
 }
 
 ffi::Error Backward(ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> q,
@@ -85,26 +99,16 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> q,
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
                     ffi::ResultBuffer<ffi::F32> d_q, ffi::ResultBuffer<ffi::F32> d_k,
                     ffi::ResultBuffer<ffi::F32> d_v, float scale) {
-  Shape s;
-  if (auto e = Check(q.dimensions(), k.dimensions(), v.dimensions(), bias.dimensions(), s);
-      e.failure()) {
-    return e;
-  }
-  if (s.B * s.L * s.N * s.H == 0) return ffi::Error::Success();
-  try {
+  return Run("backward", q, k, v, bias, [&](const Shape& s) {
     auto [gq, gk, gv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
         Heads(d_out.typed_data(), s, s.N), Heads(q.typed_data(), s, s.N),
         Heads(k.typed_data(), s, s.K), Heads(v.typed_data(), s, s.K),
-        Heads(out.typed_data(), s, s.N),
-        at::from_blob(const_cast<float*>(lse.typed_data()), {s.B, s.N, s.L}, F32()), 0.0,
-        /*is_causal=*/true, Bias(bias.typed_data(), s), static_cast<double>(scale));
+        Heads(out.typed_data(), s, s.N), Lse(lse.typed_data(), s), 0.0, /*is_causal=*/true,
+        Bias(bias.typed_data(), s), static_cast<double>(scale));
     Heads(d_q->typed_data(), s, s.N).copy_(gq);
     Heads(d_k->typed_data(), s, s.K).copy_(gk);
     Heads(d_v->typed_data(), s, s.K).copy_(gv);
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("saro_jax cpu_attention backward: ") + e.what());
-  }
-  return ffi::Error::Success();
+  });
 }
 
 }  // namespace

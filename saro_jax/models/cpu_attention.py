@@ -24,7 +24,6 @@ both against a float64 attention. Limits as ``cpu_gemm``'s (``cpu_ffi``): CPU, o
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import pathlib
 
@@ -48,12 +47,7 @@ def register() -> None:
   # torch's Linux wheels are built with the C++11 string ABI (always, since torch 2.7).
   path = cpu_ffi.build(SOURCE, OPTION, libraries, include_dirs=[torch / "include"],
                        defines=["_GLIBCXX_USE_CXX11_ABI=1"])
-  cpu_ffi.passive_openmp()
-  library = ctypes.cdll.LoadLibrary(str(path))
-  jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(library.SaroJaxFlashForward),
-                              platform="cpu")
-  jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(library.SaroJaxFlashBackward),
-                              platform="cpu")
+  cpu_ffi.register(path, {FORWARD: "SaroJaxFlashForward", BACKWARD: "SaroJaxFlashBackward"})
 
 
 def check_mesh(devices) -> None:

@@ -16,6 +16,7 @@ Both kernels are custom calls, opaque to XLA's partitioner: one CPU device per p
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -24,7 +25,7 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import jaxlib
@@ -105,12 +106,19 @@ def build(source: pathlib.Path, option: str, libraries: Sequence[pathlib.Path], 
   return out
 
 
-def passive_openmp() -> None:
-  """torch's kernels run their own OpenMP threads beside XLA's pool: with this policy they sleep
-  at once between calls instead of spinning (six MLP blocks through MKL 1.21x instead of 1.18x on
-  an Intel Xeon). OpenMP reads it when it starts, i.e. when the first handler loads, unless torch
-  was imported first (then its value stands); an environment's own value is kept."""
+def register(library: pathlib.Path, targets: Mapping[str, str]) -> None:
+  """Loads a built handler library and registers its handlers with XLA:CPU, ``targets`` mapping
+  each custom-call target name to the handler symbol the library exports.
+
+  torch's kernels run their own OpenMP threads beside XLA's pool: with ``OMP_WAIT_POLICY=PASSIVE``
+  (set here unless the environment has a value) they sleep at once between calls instead of
+  spinning (six MLP blocks through MKL 1.21x instead of 1.18x on an Intel Xeon). OpenMP reads it
+  when it starts, i.e. when the first library loads, unless torch was imported first (then its
+  value stands)."""
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  loaded = ctypes.cdll.LoadLibrary(str(library))
+  for target, symbol in targets.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
 
 
 def check_devices(devices, option: str) -> None:

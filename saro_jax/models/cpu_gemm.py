@@ -13,12 +13,11 @@ gradients are that call, transposes as flags, no copies.
 
 Limits (``cpu_ffi``): CPU only, one device per program (a custom call is opaque to XLA's
 partitioner; the training config and ``models.load`` refuse more). MKL's OpenMP threads sleep
-between calls (``cpu_ffi.passive_openmp``).
+between calls (``cpu_ffi.register``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import pathlib
 
@@ -45,10 +44,7 @@ def _build(blas: pathlib.Path) -> pathlib.Path:
 @functools.cache
 def register() -> None:
   """Builds (once per cache) and registers the handler with XLA:CPU."""
-  path = _build(blas_library())
-  cpu_ffi.passive_openmp()
-  library = ctypes.cdll.LoadLibrary(str(path))
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.SaroJaxSgemm), platform="cpu")
+  cpu_ffi.register(_build(blas_library()), {TARGET: "SaroJaxSgemm"})
 
 
 def check_mesh(devices) -> None:
