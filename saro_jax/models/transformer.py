@@ -263,10 +263,10 @@ class RowsMask:
 def training_attention_impl(impl: str, dtype, head_dim: int, length: int) -> str:
   """What ``attention_impl`` runs for rows of ``length`` slots (no cache): ``xla``
   (``training_attention``), ``cudnn`` (``cudnn_attention``) or ``cpu_flash``
-  (``cpu_attention.attention``; the config allows it with fp32 compute only). ``auto`` takes cuDNN where it
-  runs: the default backend is a GPU, the compute dtype bf16/fp16, the head dim a multiple of 8 up
-  to 128 (cuDNN's limits before Hopper) and the length even (cuDNN's rule for a bias in
-  training); everywhere else ours. (JAX's own ``implementation=None`` is its XLA path, which keeps
+  (``cpu_attention.attention``; the config allows it with fp32 compute only). ``auto`` takes
+  cuDNN where it runs: the default backend is a GPU, the compute dtype bf16/fp16, the head dim a
+  multiple of 8 up to 128 (cuDNN's limits before Hopper) and the length even (cuDNN's rule for a
+  bias in training); everywhere else ours. (JAX's own ``implementation=None`` is its XLA path, which keeps
   the B x N x L x L scores.) An explicit ``cudnn`` off a GPU is a ValueError."""
   if impl == "cudnn" and jax.default_backend() != "gpu":
     raise ValueError(f'attention_impl="cudnn" is cuDNN\'s fused attention and needs a GPU backend'
