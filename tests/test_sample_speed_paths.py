@@ -238,6 +238,27 @@ def test_decode_step_copies_no_cache_or_weights(out_in, options, tied, columns):
   assert not moved, f"the decode step copies cache- or weight-sized arrays: {moved}"
 
 
+@pytest.mark.parametrize("out_in,options,tied,columns", [
+    (False, xla_options.CPU_DECODE_OPTIONS, True, False), (True, None, False, True),
+    (True, None, True, True)], ids=["in_out_cpu_dots_tied", "columns", "columns_tied"])
+def test_decode_head_product_is_vocab_major(out_in, options, tied, columns):
+  """The decode step's head product must write its logits [V, B] (vocab-major), reading the head
+  stored [V, D] as the left operand (``transformer.vocab_rows_head``).
+
+  XLA folds a transpose into the dot it follows: written as W @ h then transposed, the product
+  became h^T @ W^T [B, V] for XLA:CPU's own Eigen dot, which reads the weight across its rows:
+  SmolLM2's head then took 35-40 ms of a 108-144 ms step (three times its vocab-major time). The
+  untied "rows" head is stored [D, V] and keeps its plain [B, V] product (no such slow read)."""
+  batch, vocab = 4, 300
+  hlo = _decode_hlo(batch, 8, 8, out_in, options, tied, columns)
+  heads = [(dims, layout) for dims, layout in re.findall(r"= f32\[([0-9,]+)\]\{([0-9,]+)\} dot\(", hlo)
+           if sorted(map(int, dims.split(","))) == [batch, vocab]]
+  assert len(heads) == 1, heads
+  dims, layout = heads[0]
+  major = dims.split(",")[int(layout.split(",")[-1])]  # the last minor-to-major entry
+  assert int(major) == vocab, f"the head's logits are stored [B, V]: f32[{dims}]{{{layout}}}"
+
+
 @pytest.mark.heavy
 def test_benchmark_runs_and_tokens_match_transformers(tmp_path, capsys):
   """benchmarks/sampler.py asserts token identity with transformers.generate before timing."""

@@ -134,5 +134,7 @@ def decode_step(model: transformer.Transformer, cache: transformer.Cache, tokens
     keys, values = tuple(keys), tuple(values)
   h_DxB = _norm(x_DxB, model.final_norm.scale_D[...][:, None], c, axis=0)
   head_VxD = model.embed_VxD[...] if c.tie_embeddings else model.lm_head_VxD[...]
-  logits_VxB = jnp.dot(head_VxD.astype(dt), h_DxB, preferred_element_type=jnp.float32)
-  return logits_VxB[:c.vocab_size].T, transformer.Cache(keys, values, segments_BxS)
+  # As W @ h [V, B] (``transformer.vocab_rows_head``): XLA would fold the transpose to [B, V] into
+  # the product and hand it to its slow Eigen kernel.
+  logits_BxV = transformer.vocab_rows_head(h_DxB.T, head_VxD.astype(dt))
+  return logits_BxV[:, :c.vocab_size], transformer.Cache(keys, values, segments_BxS)

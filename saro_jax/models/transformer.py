@@ -424,6 +424,25 @@ def out_in_dot(x: jax.Array, w_OxI: jax.Array, n_in: int, preferred_element_type
   return (y_MxO.astype(x.dtype) if low else y_MxO).reshape(*rows, *out_dims)
 
 
+def vocab_rows_head(x: jax.Array, w_VxD: jax.Array) -> jax.Array:
+  """x [*rows, D] times a head stored [V, D] (a tied embedding; the decode copy's head) -> fp32
+  [*rows, V], computed as
+  W @ x^T [V, rows] and transposed after an optimization barrier, so that XLA cannot fold the
+  transpose back into the product.
+
+  Why: XLA:CPU gives x @ W^T to its own Eigen dot, which reads the [V, D] weight across its rows,
+  slowly. SmolLM2's head (49152 x 576) on an Intel Xeon: in the feature-major decode step
+  (``decode_columns``, YNNPACK dots otherwise) 35 / 40 ms of a 108 / 144 ms step at batch 16 / 32,
+  against 12.6 / 19.9 ms as W @ x^T; with XLA's own dots (the fp32 "rows" decode) 31 / 46 / 275 ms
+  at 16 / 64 / 128 rows against 13 / 28 / 56 ms (benchmarks/README.md, session 58). The
+  transpose afterwards copies the logits once (rows x V floats).
+  """
+  rows = x.shape[:-1]
+  x_MxD = x.reshape(-1, x.shape[-1])
+  y_VxM = jnp.dot(w_VxD.astype(x.dtype), x_MxD.T, preferred_element_type=jnp.float32)
+  return jax.lax.optimization_barrier(y_VxM).T.reshape(*rows, w_VxD.shape[0])
+
+
 def write_slots(buffer_BxS: jax.Array, new_BxT: jax.Array, index_B: jax.Array) -> jax.Array:
   """Row b of ``new`` written into row b of ``buffer`` at slots index_B[b] .. index_B[b] + T - 1
   (trailing dims ride along)."""
@@ -673,6 +692,11 @@ class Transformer(nnx.Module):
       head_VxD = self.embed_VxD[...] if self.config.tie_embeddings else self.lm_head_VxD[...]
       logits_BxLxV = out_in_dot(hidden_BxLxD, head_VxD.astype(hidden_BxLxD.dtype), 1,
                                 preferred_element_type=jnp.float32)
+    elif (cache is not None and tokens_BxL.shape[1] == 1 and self.config.tie_embeddings
+          and hidden_BxLxD.dtype == jnp.float32 and jax.default_backend() == "cpu"):
+      # A CPU decode step with a tied head: its products run with XLA's own dots in fp32
+      # ("rows" layout, ``sample.decode_plan``), which take h @ E^T through a slow Eigen kernel.
+      logits_BxLxV = vocab_rows_head(hidden_BxLxD, self.embed_VxD[...])
     else:
       logits_BxLxV = dense(hidden_BxLxD, self.unembed_DxV().astype(hidden_BxLxD.dtype),
                            preferred_element_type=jnp.float32)
