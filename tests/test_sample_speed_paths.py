@@ -19,9 +19,12 @@ from saro_jax import models, sample, sharding, xla_options
 from saro_jax.models import decode_columns, hf, transformer
 
 
+@pytest.mark.parametrize("T", [5, 1], ids=["prefill", "decode"])
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
-def test_cached_attention_equals_dot_product_attention(num_kv_heads):
-  B, T, S, N, H = 3, 5, 11, 4, 16
+def test_cached_attention_equals_dot_product_attention(num_kv_heads, T):
+  """T = 1 is a decode step's column: on CPU its own multiply-and-reduce form
+  (``transformer._decode_attention``), the prefill's batched dots otherwise."""
+  B, S, N, H = 3, 11, 4, 16
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((B, S, num_kv_heads, H)), jnp.float32)
@@ -40,9 +43,11 @@ def test_cached_attention_equals_dot_product_attention(num_kv_heads):
                                        H ** -0.5)
     wrong_group = transformer.cached_attention(q[:, :, ::-1], k.transpose(0, 2, 3, 1),
                                                v.transpose(0, 2, 1, 3), mask, H ** -0.5)
-    return want, got, wrong_group[:, :, ::-1]
+    unmasked = transformer.cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3),
+                                            jnp.ones_like(mask), H ** -0.5)
+    return want, got, wrong_group[:, :, ::-1], unmasked
 
-  want, got, wrong_group = both(q, k, v)
+  want, got, wrong_group, unmasked = both(q, k, v)
   # Error model: both sides compute the same fp32 sums in possibly different orders. Logits are
   # H-term dot products of unit normals (|logit| <~ 4 * sqrt(H) after scaling ~4); a reordering
   # moves each by <= H * u * sum|q_i k_i| ~ 16 * 6e-8 * 16 = 1.5e-5 relative to 1, softmax
@@ -53,6 +58,7 @@ def test_cached_attention_equals_dot_product_attention(num_kv_heads):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
   if num_kv_heads > 1:  # the bound catches heads paired with the wrong kv group
     assert np.abs(np.asarray(wrong_group) - np.asarray(want)).max() > 1e-2
+  assert np.abs(np.asarray(unmasked) - np.asarray(want)).max() > 1e-2  # and a dropped mask
 
 
 # (family, scan_layers): biases (qwen2), qk-norm + tied head (qwen3), (1+w) norms + gelu + tied
