@@ -158,7 +158,8 @@ def cached_attention(q_BxTxNxH: jax.Array, k_BxKxHxS: jax.Array, v_BxKxSxH: jax.
 
   Same arithmetic as ``jax.nn.dot_product_attention``'s xla path (fp32 logits, scale after the
   product, masked to a large negative, fp32 softmax), but the cache is read in place: on CPU the
-  generic path transposed every layer's whole cache on every decode step.
+  generic path transposed every layer's whole cache on every decode step. One query column (a
+  decode step) on CPU: ``_decode_attention``.
   """
   B, T, N, H = q_BxTxNxH.shape
   K = k_BxKxHxS.shape[1]
@@ -453,9 +454,8 @@ def out_in_dot(x: jax.Array, w_OxI: jax.Array, n_in: int, preferred_element_type
 
 def vocab_rows_head(x: jax.Array, w_VxD: jax.Array) -> jax.Array:
   """x [*rows, D] times a head stored [V, D] (a tied embedding; the decode copy's head) -> fp32
-  [*rows, V], computed as
-  W @ x^T [V, rows] and transposed after an optimization barrier, so that XLA cannot fold the
-  transpose back into the product.
+  [*rows, V], computed as W @ x^T [V, rows] and transposed after an optimization barrier, so that
+  XLA cannot fold the transpose back into the product.
 
   Why: XLA:CPU gives x @ W^T to its own Eigen dot, which reads the [V, D] weight across its rows,
   slowly. SmolLM2's head (49152 x 576) on an Intel Xeon: in the feature-major decode step
