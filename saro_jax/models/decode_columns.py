@@ -136,5 +136,5 @@ def decode_step(model: transformer.Transformer, cache: transformer.Cache, tokens
   head_VxD = model.embed_VxD[...] if c.tie_embeddings else model.lm_head_VxD[...]
   # As W @ h [V, B] (``transformer.vocab_rows_head``): XLA would fold the transpose to [B, V] into
   # the product and hand it to its slow Eigen kernel.
-  logits_BxV = transformer.vocab_rows_head(h_DxB.T, head_VxD.astype(dt))
+  logits_BxV = transformer.vocab_rows_head(h_DxB.T, head_VxD)
   return logits_BxV[:, :c.vocab_size], transformer.Cache(keys, values, segments_BxS)
