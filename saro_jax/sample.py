@@ -1,10 +1,15 @@
 """KV-cache generation: chat prompts in, decoded completions out.
 
-Prompts are rendered through the tokenizer's chat template, sorted by length, grouped into batches
-and LEFT-padded (padding is segment 0 with position 0; real tokens count positions from 0), so that
+Prompts are rendered through the tokenizer's chat template, sorted by length and grouped into
+batches. A batch's prompts go through the model in one prefill pass PACKED (``pack_prompts``):
+rows of the prefix every prompt starts with, then several prompts' remaining tokens one after
+another as token trees (each sees the prefix and itself), so the pass computes about the prompts'
+own tokens, not batch x longest prompt (a batch of 10 jailbreak-wrapped prompts of 112-429 tokens
+beside 20 of ~50: 8 x 536 slots against 30 x 536). Their keys and values are then unpacked into
+the decode cache LEFT-padded (padding is segment 0; real tokens count positions from 0), so that
 every row's last prompt token sits in the same column and one decode step serves the whole batch.
-Prompt lengths and batch sizes are rounded up to a few buckets, so prefill and decode compile once
-per bucket. Decoding is a ``lax.while_loop`` that stops when every row has emitted an EOS id or the
+Prompt lengths, packed rows and batch sizes are rounded up to a few buckets, so prefill and decode
+compile once per bucket. Decoding is a ``lax.while_loop`` that stops when every row has emitted an EOS id or the
 step budget is spent; stop strings are matched on the host between decode chunks (a stop string can
 span token boundaries, so only detokenized text can say whether it appeared).
 
@@ -140,36 +145,25 @@ def _forward(model, cache, tokens_BxT, positions_BxT, segment_ids_BxT, cache_ind
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "mesh"))
-def _prefill(graphdef, state, tokens_BxW, positions_BxW, segment_ids_BxW, prompt_index_B, done_B,
-             seed, eos_E, sampling: Sampling, prefix_nxP=None, prefix_start_B=None, *,
+def _prefill(graphdef, state, tokens_RxL, positions_RxL, segment_ids_RxL, subtree_end_RxL, row_B,
+             last_B, slot_BxP, length_B, prompt_index_B, done_B, seed, eos_E, sampling: Sampling, *,
              cache_len: int, mesh: Mesh | None):
-  """Runs the prompts through the model into a fresh cache and samples the first new token.
-
-  Without ``prefix_nxP`` the W columns are the whole left-padded prompts. With it, the prompts'
-  first P columns are the P tokens every prompt starts with (``shared_prefix``): one pass over
-  them on n rows (the batch axis's device count) fills P cache slots, grafted into each row at
-  ``prefix_start_B`` (where its prompt starts), and the W columns are the prompts' last W."""
+  """Runs a batch's prompts, packed into R rows (``pack_prompts``), through the model in one pass,
+  unpacks their keys and values into a fresh decode cache of ``cache_len`` slots per batch row
+  (each prompt right-aligned in the first P = slot_BxP.shape[1] slots) and samples the first new
+  token from the hidden state at each prompt's last token (no R x L x V logits)."""
   keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), prompt_index_B)
   with sharding.use(mesh):
     model = nnx.merge(graphdef, state)
-    batch = tokens_BxW.shape[0]
-    cache = model.init_cache(batch, cache_len)
-    shared = 0 if prefix_nxP is None else prefix_nxP.shape[1]
-    if shared:
-      n = prefix_nxP.shape[0]
-      positions_nxP = jnp.broadcast_to(jnp.arange(shared, dtype=jnp.int32), (n, shared))
-      _, prefix_cache = _forward(model, model.init_cache(n, shared), prefix_nxP, positions_nxP,
-                                 jnp.ones((n, shared), jnp.int32), 0)  # its logits are dropped
-      cache = transformer.graft_prefix(cache, prefix_cache, prefix_start_B)
-    # One pass over the weights fills the cache with every column; only the last column, where
-    # every row's prompt ends, is unembedded (no B x W x V tensor).
-    plen = shared + tokens_BxW.shape[1]
-    logits_Bx1xV, cache = _forward(model, cache, tokens_BxW, positions_BxW, segment_ids_BxW, shared)
-    first_B = sample_token(logits_Bx1xV[:, 0], keys_B, jnp.int32(0), sampling)
+    batch, plen = slot_BxP.shape
+    hidden_RxLxD, packed = model.prefill(tokens_RxL, positions_RxL, segment_ids_RxL,
+                                         subtree_end_RxL)
+    last_Bx1xD = hidden_RxLxD[row_B, last_B][:, None]
+    first_B = sample_token(model.logits(last_Bx1xD)[:, 0], keys_B, jnp.int32(0), sampling)
+    cache = transformer.unpack_cache(packed, row_B, slot_BxP, cache_len)
     out_BxN = jnp.zeros((batch, cache_len - plen), jnp.int32).at[:, 0].set(first_B)
     done_B = done_B | jnp.isin(first_B, eos_E)
-    next_pos_B = positions_BxW[:, -1] + 1
-    return dict(cache=cache, out=out_BxN, done=done_B, pos=next_pos_B, keys=keys_B, step=jnp.int32(1))
+    return dict(cache=cache, out=out_BxN, done=done_B, pos=length_B, keys=keys_B, step=jnp.int32(1))
 
 
 def _decode_loop(graphdef, state, carry: dict, until, eos_E, sampling: Sampling, *, prompt_len: int,
@@ -311,9 +305,10 @@ def bucket(n: int, minimum: int) -> int:
 
 
 def shared_prefix(prompts_ids: Sequence[Sequence[int]], align: int = PREFIX_ALIGN) -> int:
-  """How many leading tokens the prefill computes once for a whole batch: the tokens every prompt
-  starts with (a chat template's system turn; all of it for n samples of one prompt), rounded
-  down to a multiple of ``align`` so that batches share compiled shapes; 0 for a single prompt."""
+  """How many leading tokens the prefill computes once per packed row, not once per prompt: the
+  tokens every prompt starts with (a chat template's system turn; all of it for n samples of one
+  prompt), rounded down to a multiple of ``align`` so that batches share compiled shapes; 0 for a
+  single prompt."""
   if len(prompts_ids) < 2:
     return 0
   first, common = prompts_ids[0], min(len(ids) for ids in prompts_ids)
@@ -397,8 +392,8 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
   model's own weights (no copy).
   ``share_prefix`` (default on): the prompt tokens every prompt of a batch starts with (the chat
   template's system turn, or all of a prompt sampled several times; ``shared_prefix``) are run
-  through the model once per batch, not once per row, and the prompt bucket covers only the rest
-  (SmolLM2's template: 24 shared tokens, benchmarks/README.md).
+  through the model once per packed prefill row, not once per prompt, and the prompt bucket
+  covers only the rest (SmolLM2's template: 24 shared tokens, benchmarks/README.md).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -426,8 +421,11 @@ def generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int
   # The decode copy is local to this call: no second set of weights outlives it.
   prefill_model = nnx.split(model)
   decode_model = prefill_model if layout == "rows" else nnx.split(transformer.to_out_in(model))
+  token_flops, attention_flops = prefill_flops(model.config)
+  packing = functools.partial(pack_prompts, min_width=min_prompt_bucket, row_multiple=row_div,
+                              token_flops=token_flops, attention_flops=attention_flops)
   run = functools.partial(_generate_batch, prefill_model, decode_model, tokenizer,
-                          sampling=sampling, seed=seed,
+                          sampling=sampling, packing=packing, seed=seed,
                           eos=eos, stop=stop, max_new_tokens=max_new_tokens, mesh=mesh,
                           skip_special=skip_special_tokens, stop_check_every=stop_check_every,
                           decoder=functools.partial(_decode_cpu_dots() if cpu_dots else _decode,
@@ -466,51 +464,133 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _left_padded(prompts_ids: Sequence[list[int]], rows: int, plen: int):
-  """tokens, positions, segment ids [rows, plen]. Filler rows (beyond the prompts) repeat the
-  first prompt: a row of pure padding would attend to nothing."""
-  tokens = np.zeros((rows, plen), np.int32)
-  positions = np.zeros((rows, plen), np.int32)
-  segments = np.zeros((rows, plen), np.int32)
-  for r in range(rows):
-    ids = prompts_ids[r if r < len(prompts_ids) else 0]
-    tokens[r, plen - len(ids):] = ids
-    positions[r, plen - len(ids):] = np.arange(len(ids))
-    segments[r, plen - len(ids):] = 1
-  return tokens, positions, segments
+@dataclasses.dataclass(frozen=True)
+class PackedPrompts:
+  """A batch's prompts packed for one prefill pass (``pack_prompts``); numpy, host side.
+
+  R rows of L slots: each row is the P prefix tokens every prompt starts with, then the rest of
+  some prompts one after another (a token tree: each prompt sees the prefix and itself), then
+  padding (segment 0). ``row_B`` / ``last_B``: the packed row holding batch row b's prompt and the
+  slot of its last token there; ``slot_BxP``: the packed slot that batch row b's cache slot s of
+  its P = plen prompt slots takes (right-aligned, -1 = empty); ``length_B``: prompt lengths."""
+  tokens_RxL: np.ndarray
+  positions_RxL: np.ndarray
+  segment_ids_RxL: np.ndarray
+  subtree_end_RxL: np.ndarray
+  row_B: np.ndarray
+  last_B: np.ndarray
+  slot_BxP: np.ndarray
+  length_B: np.ndarray
+
+  def arrays(self) -> tuple[np.ndarray, ...]:
+    return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
-def _prefill_inputs(prompts_ids: Sequence[list[int]], rows: int, plen: int, prefix: int,
-                    prefix_rows: int):
-  """``_prefill``'s host arrays: ((tokens, positions, segment ids) [rows, plen - prefix], and with
-  a shared prefix (prefix tokens [prefix_rows, prefix], each row's prompt start [rows]) or ())."""
-  tokens, positions, segments = _left_padded(prompts_ids, rows, plen)
-  if not prefix:
-    return (tokens, positions, segments), ()
-  prefix_nxP = np.tile(np.asarray(prompts_ids[0][:prefix], np.int32), (prefix_rows, 1))
-  start_B = (plen - segments.sum(axis=1)).astype(np.int32)  # a row's prompt: its segment-1 slots
-  columns = (tokens[:, prefix:], positions[:, prefix:], segments[:, prefix:])
-  return columns, (prefix_nxP, start_B)
+def _bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+  """First-fit decreasing: the indices of the nonzero ``lengths``, in bins of at most ``capacity``."""
+  bins, room = [], []
+  for i in sorted((i for i, n in enumerate(lengths) if n), key=lambda i: -lengths[i]):
+    j = next((j for j, r in enumerate(room) if r >= lengths[i]), len(bins))
+    if j == len(bins):
+      bins.append([])
+      room.append(capacity)
+    bins[j].append(i)
+    room[j] -= lengths[i]
+  return bins
+
+
+def pack_rows_plan(lengths: Sequence[int], prefix: int, *, min_width: int, row_multiple: int,
+                   token_flops: float, attention_flops: float) -> tuple[int, int, list[list[int]]]:
+  """(R, L, bins): how a batch's prompt suffixes of ``lengths`` tokens (past the ``prefix``)
+  pack into R rows of L = prefix + W slots. W is a power of two from the longest suffix's bucket
+  up; R is a power of two times ``row_multiple`` (few compiled shapes); of those, the plan with
+  the least estimated work R * L * (token_flops + attention_flops * L) (projections per slot,
+  plus a causal attention over the row: a bound, as the tiles skip between prompts)."""
+  width = bucket(max(max(lengths), 1), min_width)
+  plans = []
+  while True:
+    bins = _bins(lengths, width)
+    rows = row_multiple * bucket(-(-max(len(bins), 1) // row_multiple), 1)
+    L = prefix + width
+    plans.append((rows * L * (token_flops + attention_flops * L), rows, L, bins))
+    if len(bins) <= 1:
+      break
+    width *= 2
+  _, rows, L, bins = min(plans, key=lambda p: p[0])
+  return rows, L, bins
+
+
+def pack_prompts(prompts_ids: Sequence[Sequence[int]], rows: int, plen: int, prefix: int, *,
+                 min_width: int = 32, row_multiple: int = 1, token_flops: float = 1.0,
+                 attention_flops: float = 0.0) -> PackedPrompts:
+  """The prefill's packed rows for a batch of ``rows`` cache rows (filler rows beyond the prompts
+  repeat the first prompt: its cache, its length) and ``plen`` prompt slots. Every prompt starts
+  with the same ``prefix`` tokens (``shared_prefix``), kept once per packed row; the rest of each
+  prompt is packed by ``pack_rows_plan``."""
+  n = len(prompts_ids)
+  lengths = [len(ids) - prefix for ids in prompts_ids]
+  if min(lengths) < 0 or max(len(ids) for ids in prompts_ids) > plen:
+    raise ValueError(f"pack_prompts: prompts of {min(map(len, prompts_ids))}.."
+                     f"{max(map(len, prompts_ids))} tokens, prefix {prefix}, plen {plen}")
+  R, L, bins = pack_rows_plan(lengths, prefix, min_width=min_width, row_multiple=row_multiple,
+                              token_flops=token_flops, attention_flops=attention_flops)
+  tokens = np.zeros((R, L), np.int32)
+  positions = np.zeros((R, L), np.int32)
+  segments = np.zeros((R, L), np.int32)
+  subtree_end = np.full((R, L), L, np.int32)
+  tokens[:, :prefix] = np.asarray(prompts_ids[0][:prefix], np.int32)
+  positions[:, :prefix] = np.arange(prefix)
+  segments[:, :prefix] = 1
+  row, start = np.zeros(n, np.int64), np.full(n, prefix, np.int64)  # empty suffix: the prefix
+  for r, members in enumerate(bins):
+    at = prefix
+    for i in members:
+      end = at + lengths[i]
+      tokens[r, at:end] = prompts_ids[i][prefix:]
+      positions[r, at:end] = np.arange(prefix, len(prompts_ids[i]))
+      segments[r, at:end] = 1
+      subtree_end[r, at:end] = end
+      row[i], start[i] = r, at
+      at = end
+  source = [b if b < n else 0 for b in range(rows)]  # filler rows: the first prompt's cache
+  length_B = np.asarray([len(prompts_ids[i]) for i in source], np.int32)
+  slot_BxP = np.full((rows, plen), -1, np.int32)
+  for b, i in enumerate(source):
+    own = np.arange(lengths[i]) + start[i]
+    slot_BxP[b, plen - length_B[b]:] = np.concatenate([np.arange(prefix), own])
+  last_B = np.asarray([start[i] + lengths[i] - 1 for i in source], np.int32)
+  return PackedPrompts(tokens, positions, segments, subtree_end,
+                       np.asarray([row[i] for i in source], np.int32), last_B, slot_BxP, length_B)
+
+
+def prefill_flops(config) -> tuple[float, float]:
+  """(per slot and layer: the projections' FLOPs, the attention's FLOPs per slot of row width):
+  ``pack_rows_plan``'s work model (a causal row of L slots attends L / 2 keys on average, two
+  products of N x H)."""
+  D, N, K, H, F = (config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+                   config.intermediate_size)
+  return 2.0 * (D * (N + 2 * K) * H + N * H * D + 3 * D * F), 2.0 * N * H
 
 
 def _generate_batch(prefill_model, decode_model, tokenizer, prompts_ids: Sequence[list[int]],
                     prompt_index: Sequence[int], rows: int, plen: int, prefix: int, *,
-                    sampling: Sampling,
+                    sampling: Sampling, packing,
                     seed: int, eos: tuple[int, ...], stop: tuple[str, ...], max_new_tokens: int,
                     mesh: Mesh | None, skip_special: bool, stop_check_every: int,
                     decoder=_decode) -> list[tuple[str, list[int], str]]:
   """(text, tokens, finish_reason) for each prompt of one batch. ``prefill_model`` and
   ``decode_model``: (graphdef, state) of the same weights, possibly in two layouts. ``prefix``:
-  how many leading tokens all prompts share (``shared_prefix``; 0: none computed once)."""
+  how many leading tokens all prompts share (``shared_prefix``; 0: none kept once per packed
+  row); ``packing``: ``pack_prompts`` with the model's work model bound."""
   n = len(prompts_ids)
   done = np.arange(rows) >= n  # filler rows start finished: they never hold the loop open
   index = np.asarray([prompt_index[r] if r < n else 0 for r in range(rows)], np.uint32)
   put = functools.partial(_to_device, mesh=mesh)
   eos_E = jnp.asarray(eos, jnp.int32)
-  columns, shared = _prefill_inputs(prompts_ids, rows, plen, prefix, _batch_axis_size(mesh))
-  carry = _prefill(*prefill_model, *map(put, columns), put(index), put(done),
-                   jnp.uint32(seed % 2**32), eos_E, sampling, *map(put, shared),
-                   cache_len=plen + max_new_tokens, mesh=mesh)
+  packed = packing(prompts_ids, rows, plen, prefix)
+  carry = _prefill(*prefill_model, *map(put, packed.arrays()), put(index), put(done),
+                   jnp.uint32(seed % 2**32), eos_E, sampling, cache_len=plen + max_new_tokens,
+                   mesh=mesh)
   step = 1
   every = stop_check_every if stop else max_new_tokens
   while step < max_new_tokens:

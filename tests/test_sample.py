@@ -349,31 +349,50 @@ def test_split_reasoning():
   assert sample.split_reasoning("[r]a[/r]b", ("[r]", "[/r]")) == ("a", "b")
 
 
-def test_compiles_once_per_bucket(model, tokenizer):
+def test_compiles_once_per_bucket(model, tokenizer, monkeypatch):
+  """A second set of prompts in the same buckets (batch rows, prompt length, packed prefill rows
+  and width) compiles nothing: the prefill once per (cache rows, packed rows, width, cache
+  length), the decode once per (rows, cache length)."""
+  shapes = set()
+  prefill = sample._prefill
+
+  def recording(graphdef, state, tokens_RxL, positions_RxL, segment_ids_RxL, subtree_end_RxL,
+                row_B, *rest, cache_len, mesh):
+    shapes.add((row_B.shape[0], tokens_RxL.shape, cache_len))
+    return prefill(graphdef, state, tokens_RxL, positions_RxL, segment_ids_RxL, subtree_end_RxL,
+                   row_B, *rest, cache_len=cache_len, mesh=mesh)
+
+  monkeypatch.setattr(sample, "_prefill", recording)
+
   def run(prompts_per_call):
     for prompts in prompts_per_call:
       sample.generate(model, tokenizer, prompts, max_new_tokens=12, eos_ids=NEVER, batch_size=4)
-    return sample._prefill._cache_size(), sample._decode._cache_size()  # the columns decode
+    return prefill._cache_size(), sample._decode._cache_size()  # the columns decode
 
-  # Batch buckets 1, 2, 4 rows; prompt bucket 32 tokens.
-  warm = run([["a b"], ["something else entirely", "x"], ["q", "r", "s"]])
-  again = run([["other words"], ["y", "a somewhat longer prompt"], ["1", "2", "3", "4"]])
-  assert again == warm
+  # Batch buckets 1, 2, 4 rows; prompt bucket 32 tokens; 3 and 4 short prompts pack into one
+  # and two rows of 32 slots.
+  warm = run([["a b"], ["something else entirely", "x"], ["q", "r", "s"], ["q", "r", "s", "t"]])
+  seen = set(shapes)
+  again = run([["other words"], ["y", "a somewhat longer prompt"], ["1", "2", "3", "4"],
+               ["5", "6", "7"]])
+  assert len({s[1] for s in seen}) == 2 and shapes == seen and again == warm
 
 
 def test_prefill_never_builds_prompt_length_logits(model, tokenizer, greedy):
   del greedy  # compiled the 4-row / 32-token bucket
   graphdef, state = nnx.split(model)
-  tokens = jnp.zeros((4, 32), jnp.int32)
-  hlo = sample._prefill.lower(graphdef, state, tokens, tokens, tokens, tokens.astype(jnp.uint32)[:, 0],
-                              tokens[:, 0] > 0, jnp.uint32(0), jnp.asarray(NEVER), sample.Sampling.of(),
+  packed = sample.pack_prompts([[5] * 20, [6] * 30, [7] * 9, [8] * 25], 4, 32, 0)
+  R, L = packed.tokens_RxL.shape
+  index = jnp.zeros(4, jnp.uint32)
+  hlo = sample._prefill.lower(graphdef, state, *map(jnp.asarray, packed.arrays()), index,
+                              index > 0, jnp.uint32(0), jnp.asarray(NEVER), sample.Sampling.of(),
                               cache_len=44, mesh=None).compile().as_text()
   vocab = model.config.vocab_size
   shapes = [[int(d) for d in m.split(",")] for m in re.findall(r"\[(\d+(?:,\d+)+)\]", hlo)]
   with_vocab = [d for d in shapes if vocab in d]
-  assert with_vocab  # the last column's logits (and the embedding)
+  assert with_vocab  # the last tokens' logits (and the embedding)
   largest = max(int(np.prod(d)) // vocab for d in with_vocab)
-  assert largest < 4 * 31, f"a [.., {vocab}] tensor with {largest} rows: B x P x V logits"
+  assert largest < R * L, f"a [.., {vocab}] tensor with {largest} rows: R x L x V logits"
 
 
 def test_sharded_generation_matches_single_device(tokenizer, greedy):
@@ -394,8 +413,8 @@ def test_shared_prefix_generation_matches_the_unshared(model, tokenizer, greedy_
 
 
 def test_sharded_shared_prefix_generation_matches_single_device(tokenizer, greedy_unshared):
-  """On a 2x2x2 mesh the prefix runs on one row per batch shard (4), each grafted into its own
-  shard's rows."""
+  """On a 2x2x2 mesh the packed prompt rows (a multiple of the batch shards, 4) are unpacked
+  into cache rows of other shards."""
   mesh = sharding.make_mesh(2, 2, 2)
   sharded = tiny_model(len(tokenizer), mesh=mesh)
   gens = sample.generate(sharded, tokenizer, WITH_SYSTEM, max_new_tokens=12, eos_ids=NEVER,

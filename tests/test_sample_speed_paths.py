@@ -5,6 +5,7 @@ decode step moves no cache- or weight-sized data besides the matmuls' own reads 
 layout), and the side-by-side benchmarks (which assert token identity: with transformers'
 generate, and between the two layouts) run at a tiny size."""
 
+import dataclasses
 import re
 
 import jax
@@ -206,9 +207,9 @@ def _decode_hlo(batch: int, plen: int, new: int, out_in: bool, options=None, tie
   graphdef, state = nnx.split(transformer.to_out_in(model) if out_in else model)
   sampling = sample.Sampling.of()
   eos = jnp.asarray([-1], jnp.int32)
-  zeros = jnp.zeros((batch, plen), jnp.int32)
+  packed = sample.pack_prompts([[1] * plen] * batch, batch, plen, 0)
   carry = jax.eval_shape(lambda: sample._prefill(
-      graphdef, state, zeros, zeros, zeros + 1, jnp.zeros(batch, jnp.uint32),
+      graphdef, state, *map(jnp.asarray, packed.arrays()), jnp.zeros(batch, jnp.uint32),
       jnp.zeros(batch, bool), jnp.uint32(0), eos, sampling, cache_len=plen + new, mesh=None))
   return sample._decode.lower(graphdef, state, carry, jnp.int32(new), eos, sampling,
                               prompt_len=plen, mesh=None, columns=columns).compile(options).as_text()
@@ -278,6 +279,18 @@ def test_benchmark_runs_and_tokens_match_transformers(tmp_path, capsys):
 
 
 @pytest.mark.heavy
+def test_sampler_benchmark_on_the_evaluation_prompts(tmp_path, capsys):
+  """``--prompt_set eval``: all of the evaluation preset's prompts (long jailbreak-wrapped ones
+  beside short ones) per call, in batches, token for token with transformers."""
+  import benchmark_scripts
+  bench = benchmark_scripts.load("sampler")
+  results = bench.main(["--model", "tiny", "--prompt_set", "eval", "--batches", "32",
+                        "--new_tokens", "4", "--repeats", "1", "--workdir", str(tmp_path)])
+  assert results[32]["new_tokens"] > 0 and results[32]["ratio"] > 0
+  assert "the evaluation preset's 60" in capsys.readouterr().out
+
+
+@pytest.mark.heavy
 def test_decode_layout_benchmark_runs_and_layouts_agree(capsys):
   """benchmarks/decode_layout.py asserts all four decode the same tokens before timing."""
   import benchmark_scripts
@@ -322,11 +335,12 @@ def test_shared_prefix_is_the_common_start_rounded_down():
 
 
 @pytest.mark.parametrize("family,scan", [("llama", False), ("qwen3", True)])
-def test_shared_prefix_prefill_fills_the_cache_as_the_full_prefill(family, scan, tmp_path):
-  """One pass over the prompts' common start, grafted into every row at its own left-padded slot,
-  then the rest: the same cache (keys, values, segment ids) and first tokens as one pass over the
-  whole prompts. Rows: suffixes of 9, 0 (the prompt IS the prefix), 14 and 3 tokens, and two
-  filler rows (they repeat row 0)."""
+def test_packed_prefill_fills_the_cache_as_each_prompt_alone(family, scan, tmp_path):
+  """The prompts packed as token trees under their shared prefix (``pack_prompts``, one pass of
+  ``Transformer.prefill``), unpacked into right-aligned cache rows: the same keys, values, segment
+  ids, positions and first tokens as each prompt run alone through the cache path. Prompts: a
+  shared start of 21 tokens (16 kept once per packed row), then 9, 0, 14 and 3 more tokens; six
+  cache rows (two fillers repeat prompt 0)."""
   model = hf.load_hf(str(tiny_hf.save_tiny_hf(family, tmp_path / family)), scan_layers=scan)
   graphdef, state = nnx.split(model)
   rng = np.random.default_rng(0)
@@ -335,39 +349,99 @@ def test_shared_prefix_prefill_fills_the_cache_as_the_full_prefill(family, scan,
   prompts = [start + rng.integers(1, V, n).tolist() for n in (9, 0, 14, 3)]
   rows, plen, P = 6, 40, sample.shared_prefix(prompts)
   assert P == 16
+  cache_len = plen + 4
 
-  def prefill(prefix, start_shift=0):
-    columns, shared = sample._prefill_inputs(prompts, rows, plen, prefix, prefix_rows=1)
-    if shared:
-      shared = (shared[0], shared[1] + start_shift)
+  def prefill(packed):
     done = np.arange(rows) >= len(prompts)
-    carry = sample._prefill(graphdef, state, *columns, jnp.arange(rows, dtype=jnp.uint32), done,
-                            jnp.uint32(0), jnp.asarray([-1]), sample.Sampling.of(), *shared,
-                            cache_len=plen + 4, mesh=None)
-    del carry["keys"]  # PRNG keys (the same on both sides: they depend on the prompt index only)
+    carry = sample._prefill(graphdef, state, *map(jnp.asarray, packed.arrays()),
+                            jnp.arange(rows, dtype=jnp.uint32), done, jnp.uint32(0),
+                            jnp.asarray([-1]), sample.Sampling.of(), cache_len=cache_len, mesh=None)
+    del carry["keys"]  # PRNG keys (they depend on the prompt index only)
     return jax.tree.map(np.asarray, carry)
-
-  want, got = prefill(0), prefill(P)
-  np.testing.assert_array_equal(got["cache"].segment_ids_BxS, want["cache"].segment_ids_BxS)
-  np.testing.assert_array_equal(got["out"][:, 0], want["out"][:, 0])
-  np.testing.assert_array_equal(got["pos"], want["pos"])
-  real_S = want["cache"].segment_ids_BxS > 0
-  masks = (real_S[:, None, None, :], real_S[:, None, :, None])  # keys [B, K, H, S], values [B, K, S, H]
 
   def stacked(cache):  # [Y, B, ...] per kind, whether the cache is scanned or per layer
     return [np.asarray(x) for x in ((cache.keys, cache.values) if scan else
                                     (np.stack(cache.keys), np.stack(cache.values)))]
 
-  # Two fp32 programs of one function (tests/error_model.py): the prefix's keys and values come
-  # from products over 1 row instead of 6, summed in possibly another order. Bound at the
-  # model's depth over the prompt length, relative to the largest |key| / |value|.
+  def alone(ids):  # one prompt through the cache path: (greedy first token, [keys, values])
+    n = len(ids)
+    one = lambda x: jnp.asarray([x], jnp.int32)
+    logits, cache = model(one(ids), one(list(range(n))), one([1] * n),
+                          cache=model.init_cache(1, n), cache_index=0, last_only=True)
+    return int(np.argmax(np.asarray(logits)[0, -1])), [x[:, 0] for x in stacked(cache)]
+
+  token_flops, attention_flops = sample.prefill_flops(model.config)
+  packed = sample.pack_prompts(prompts, rows, plen, P, min_width=16, token_flops=token_flops,
+                               attention_flops=attention_flops)
+  assert packed.tokens_RxL.shape[0] < len(prompts)  # prompts share packed rows
+  got = prefill(packed)
+  keys, values = stacked(got["cache"])
+  # Two fp32 programs of one function (tests/error_model.py): a prompt's keys and values from
+  # products over other row counts and widths, its attention summed over other (masked) slots.
+  # Bound at the model's depth over the prompt length, relative to the largest |key| / |value|.
   depth = em.model_depth(model.config, plen)
-  for name, ours, ref, mask in zip(("keys", "values"), stacked(got["cache"]),
-                                   stacked(want["cache"]), masks):
-    mask = np.broadcast_to(mask[None], ref.shape)
-    em.assert_parity(ours, ref, depth, mask=mask, what=f"{family} shared-prefix {name}")
-  # Planted bug against the same bound: the prefix grafted one slot late in every row.
-  late = prefill(P, start_shift=1)
-  mask = np.broadcast_to(masks[0][None], stacked(want["cache"])[0].shape)
-  em.assert_caught(stacked(late["cache"])[0], stacked(want["cache"])[0], depth, mask=mask,
-                   what=f"{family} prefix grafted one slot late")
+  for b in range(rows):
+    ids = prompts[b if b < len(prompts) else 0]
+    n = len(ids)
+    first, (ref_k, ref_v) = alone(ids)
+    real_S = (np.arange(cache_len) >= plen - n) & (np.arange(cache_len) < plen)
+    np.testing.assert_array_equal(got["cache"].segment_ids_BxS[b], real_S)
+    assert got["pos"][b] == n and got["out"][b, 0] == first
+    em.assert_parity(keys[:, b, :, :, plen - n:plen], ref_k, depth, what=f"{family} keys row {b}")
+    em.assert_parity(values[:, b, :, plen - n:plen], ref_v, depth, what=f"{family} values row {b}")
+    assert not keys[:, b, :, :, ~real_S].any() and not values[:, b, :, ~real_S].any()
+
+  # Planted bugs against the same bound, on the later of two prompts packed into one row: the
+  # prompts of a row seeing each other (no subtree ends), and the prefix's positions from 1.
+  shared_row = np.flatnonzero(np.bincount(packed.row_B[:len(prompts)]) > 1)[0]
+  b = max((i for i in range(len(prompts)) if packed.row_B[i] == shared_row
+           and len(prompts[i]) > P), key=lambda i: packed.last_B[i])
+  n = len(prompts[b])
+  ref_k = alone(prompts[b])[1][0]
+  L = packed.tokens_RxL.shape[1]
+  bugs = {"no subtree ends": dataclasses.replace(packed, subtree_end_RxL=np.full_like(
+              packed.subtree_end_RxL, L)),
+          "prefix positions from 1": dataclasses.replace(
+              packed, positions_RxL=packed.positions_RxL + (np.arange(L) < P).astype(np.int32))}
+  for what, bad in bugs.items():
+    bad_keys = stacked(prefill(bad)["cache"])[0]
+    em.assert_caught(bad_keys[:, b, :, :, plen - n:plen], ref_k, depth, what=f"{family} {what}")
+
+
+def test_pack_prompts_places_every_prompt_once_under_the_prefix():
+  rng = np.random.default_rng(1)
+  prefix = rng.integers(1, 99, 8).tolist()
+  prompts = [prefix + rng.integers(1, 99, n).tolist() for n in (0, 3, 10, 7, 1)]
+  rows, plen = 8, 24  # three filler rows
+  packed = sample.pack_prompts(prompts, rows, plen, 8, min_width=8, row_multiple=2)
+  R, L = packed.tokens_RxL.shape
+  assert R % 2 == 0 and (L - 8) % 8 == 0
+  owner = np.full((R, L), -1)
+  for b in range(rows):
+    i = b if b < len(prompts) else 0
+    ids, r, slots_S = prompts[i], packed.row_B[b], packed.slot_BxP[b]
+    n = len(ids)
+    assert (slots_S[:plen - n] == -1).all() and packed.length_B[b] == n
+    mine = slots_S[plen - n:]
+    np.testing.assert_array_equal(packed.tokens_RxL[r, mine], ids)
+    np.testing.assert_array_equal(packed.positions_RxL[r, mine], np.arange(n))
+    assert (packed.segment_ids_RxL[r, mine] == 1).all() and packed.last_B[b] == mine[-1]
+    np.testing.assert_array_equal(mine[:8], np.arange(8))  # the row's own copy of the prefix
+    own = mine[8:]
+    if len(own):  # contiguous, ending where its subtree ends; no other prompt there
+      np.testing.assert_array_equal(own, np.arange(own[0], own[0] + len(own)))
+      assert (packed.subtree_end_RxL[r, own] == own[-1] + 1).all()
+      assert (owner[r, own] == -1).all() or (owner[r, own] == i).all()
+      owner[r, own] = i
+  assert (packed.subtree_end_RxL[:, :8] == L).all()  # the prefix: seen by the whole row
+  padding = (owner < 0) & (np.arange(L) >= 8)
+  assert (packed.segment_ids_RxL[padding] == 0).all() and (packed.tokens_RxL[padding] == 0).all()
+
+  # The plan: the fewest slots (rows are powers of two: three bins of 128 would take four rows);
+  # for as many slots, the narrower rows (less attention per row).
+  plan = lambda lengths: sample.pack_rows_plan(lengths, 0, min_width=32, row_multiple=1,
+                                               token_flops=1.0, attention_flops=0.01)[:2]
+  assert plan([100, 90, 40]) == (1, 256)
+  assert plan([100, 90, 20, 20, 10]) == (2, 128)
+  with pytest.raises(ValueError, match="plen 8"):
+    sample.pack_prompts(prompts, rows, 8, 8)

@@ -477,29 +477,35 @@ def write_slots(buffer_BxS: jax.Array, new_BxT: jax.Array, index_B: jax.Array) -
   return jax.vmap(write_row)(buffer_BxS, new_BxT, index_B)
 
 
-def graft_prefix(cache: Cache, prefix: Cache, start_B: jax.Array) -> Cache:
-  """``cache`` with a prompt prefix that every row shares written in: row b's slots
-  start_B[b] .. start_B[b] + P - 1 take the keys, values and segment ids of ``prefix``, a cache of
-  P slots filled by one pass over the shared tokens on n rows (n divides B; row b takes prefix
-  row b // (B // n), so a batch sharded n ways reads its own device's copy).
+def unpack_cache(packed: Cache, row_B: jax.Array, slot_BxP: jax.Array, cache_len: int) -> Cache:
+  """A decode cache of ``cache_len`` slots per batch row from a cache of packed prompt rows
+  (``Transformer.prefill``): batch row b's slot s < P takes packed row row_B[b]'s slot
+  slot_BxP[b, s] (-1: an empty slot: zeros, segment 0); slots P .. cache_len - 1 start empty.
 
-  Keys and values depend only on the tokens and positions before them (causal attention), so a
-  row's prefix slots hold the same values whether computed in the row or once for all rows.
-  """
+  Keys and values depend only on the tokens and positions a slot attends to, so a prompt's slots
+  hold the same values whether computed in a row of its own or packed beside other prompts (and
+  beside one copy of a prefix all of them share) with a mask that keeps them apart."""
+  empty_BxP = slot_BxP < 0
+  slot_BxP = jnp.maximum(slot_BxP, 0)
+  P = slot_BxP.shape[1]
+  if cache_len < P:
+    raise ValueError(f"unpack_cache: cache_len={cache_len} is shorter than the {P} prompt slots")
 
-  def graft(buffer, new, batch_axis, slot_axis):
-    new = jnp.repeat(new, buffer.shape[batch_axis] // new.shape[batch_axis], axis=batch_axis)
-    inner = slot_axis - 1 if slot_axis > batch_axis else slot_axis
-    write = lambda buf, rows, i: jax.lax.dynamic_update_slice_in_dim(buf, rows, i, axis=inner)
-    return jax.vmap(write, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)(
-        buffer, new.astype(buffer.dtype), start_B)
+  def gather(buffer, batch_axis, slot_axis):  # batch_axis < slot_axis in every layout
+    rows = jnp.take(buffer, row_B, axis=batch_axis)  # one packed row per batch row
+    take = lambda row, slots: jnp.take(row, slots, axis=slot_axis - 1)
+    out = jax.vmap(take, in_axes=(batch_axis, 0), out_axes=batch_axis)(rows, slot_BxP)
+    others = tuple(a for a in range(out.ndim) if a not in (batch_axis, slot_axis))
+    out = jnp.where(jnp.expand_dims(~empty_BxP, others), out, jnp.zeros((), out.dtype))
+    return jnp.pad(out, [(0, cache_len - P) if a == slot_axis else (0, 0) for a in range(out.ndim)])
 
-  if isinstance(cache.keys, tuple):  # per layer: keys [B, K, H, S], values [B, K, S, H]
-    keys = tuple(graft(c, p, 0, 3) for c, p in zip(cache.keys, prefix.keys))
-    values = tuple(graft(c, p, 0, 2) for c, p in zip(cache.values, prefix.values))
-  else:  # scanned: [Y, B, K, H, S] and [Y, B, K, S, H]
-    keys, values = graft(cache.keys, prefix.keys, 1, 4), graft(cache.values, prefix.values, 1, 3)
-  return Cache(keys, values, graft(cache.segment_ids_BxS, prefix.segment_ids_BxS, 0, 1))
+  if isinstance(packed.keys, tuple):  # per layer: keys [R, K, H, S], values [R, K, S, H]
+    keys = tuple(gather(k, 0, 3) for k in packed.keys)
+    values = tuple(gather(v, 0, 2) for v in packed.values)
+  else:  # scanned: [Y, R, K, H, S] and [Y, R, K, S, H]
+    keys, values = gather(packed.keys, 1, 4), gather(packed.values, 1, 3)
+  segment_ids_BxS = jnp.pad((~empty_BxP).astype(jnp.int32), [(0, 0), (0, cache_len - P)])
+  return Cache(keys, values, segment_ids_BxS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,24 +590,32 @@ class Attention(nnx.Module):
       cache_v_BxKxSxH = jax.lax.dynamic_update_slice_in_dim(
           cache_v_BxKxSxH, v_BxLxKxH.transpose(0, 2, 1, 3).astype(cache_v_BxKxSxH.dtype), slot, 2)
       new_cache = (cache_k_BxKxHxS, cache_v_BxKxSxH)
-      out_BxTxNxH = cached_attention(q_BxLxNxH, cache_k_BxKxHxS.astype(dt),
-                                     cache_v_BxKxSxH.astype(dt), mask_Bx1xTxS, c.head_dim ** -0.5)
-    elif training_attention_impl(c.attention_impl, dt, c.head_dim, q_BxLxNxH.shape[1]) == "xla":
-      out_BxTxNxH = training_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
-                                       mask_Bx1xTxS.visible_Bx1xLxL, c.head_dim ** -0.5,
-                                       mask_Bx1xTxS.tile)
-    elif c.attention_impl == "cpu_flash":
-      out_BxTxNxH = cpu_attention.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
-                                            cpu_attention.mask_bias(mask_Bx1xTxS.visible_Bx1xLxL),
-                                            c.head_dim ** -0.5)
+      if isinstance(mask_Bx1xTxS, RowsMask):  # whole rows into a fresh cache of L slots (prefill)
+        out_BxTxNxH = self._rows_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xTxS)
+      else:
+        out_BxTxNxH = cached_attention(q_BxLxNxH, cache_k_BxKxHxS.astype(dt),
+                                       cache_v_BxKxSxH.astype(dt), mask_Bx1xTxS, c.head_dim ** -0.5)
     else:
-      out_BxTxNxH = cudnn_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
-                                    mask_Bx1xTxS.visible_Bx1xLxL, c.head_dim ** -0.5)
+      out_BxTxNxH = self._rows_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xTxS)
     # wo contracts (N, H) as ONE flat dim (``dense``): as a two-axis contraction XLA CPU copied a
     # transposed wo on every decode step.
     if self.out_in:
       return out_in_dot(out_BxTxNxH, self.wo_DxNxH[...].astype(dt), 2), new_cache
     return dense(out_BxTxNxH, self.wo_NxHxD[...].astype(dt), 2, gemm=c.cpu_gemm), new_cache
+
+  def _rows_attention(self, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask: RowsMask) -> jax.Array:
+    """The attention of whole rows (``attention_impl``; ``training_attention_impl``)."""
+    c = self.config
+    scale = c.head_dim ** -0.5
+    impl = training_attention_impl(c.attention_impl, q_BxLxNxH.dtype, c.head_dim,
+                                   q_BxLxNxH.shape[1])
+    if impl == "xla":
+      return training_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask.visible_Bx1xLxL, scale,
+                                mask.tile)
+    if impl == "cpu_flash":
+      return cpu_attention.attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
+                                     cpu_attention.mask_bias(mask.visible_Bx1xLxL), scale)
+    return cudnn_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask.visible_Bx1xLxL, scale)
 
 
 class MLP(nnx.Module):
@@ -715,12 +729,29 @@ class Transformer(nnx.Module):
                                             cache_index)
     if last_only:
       hidden_BxLxD = hidden_BxLxD[:, -1:]
+    logits_BxLxV = self.logits(hidden_BxLxD, decode_step=cache is not None and tokens_BxL.shape[1] == 1)
+    return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
+
+  def prefill(self, tokens_RxL, positions_RxL, segment_ids_RxL,
+              subtree_end_RxL) -> tuple[jax.Array, Cache]:
+    """Whole rows into a fresh cache of exactly their L slots: (final-norm hidden states
+    [R, L, D], the cache). The rows may hold several prompts each, kept apart by
+    ``subtree_end_RxL`` (``attention_mask``; the sampler packs prompts as token trees under the
+    prefix they share), and run the rows' attention (``attention_impl``, with its tiles), not
+    the cache's."""
+    R, L = jnp.shape(tokens_RxL)
+    return self._forward(tokens_RxL, positions_RxL, segment_ids_RxL, self.init_cache(R, L), 0,
+                         subtree_end_RxL)
+
+  def logits(self, hidden_BxLxD: jax.Array, *, decode_step: bool = False) -> jax.Array:
+    """Float32 logits [B, L, vocab_size] of final-norm hidden states. ``decode_step``: one
+    column of a decode step (picks the CPU head layout below)."""
     if self.out_in:
       head_VxD = self.embed_VxD[...] if self.config.tie_embeddings else self.lm_head_VxD[...]
       logits_BxLxV = out_in_dot(hidden_BxLxD, head_VxD.astype(hidden_BxLxD.dtype), 1,
                                 preferred_element_type=jnp.float32)
-    elif (cache is not None and tokens_BxL.shape[1] == 1 and self.config.tie_embeddings
-          and hidden_BxLxD.dtype == jnp.float32 and jax.default_backend() == "cpu"):
+    elif (decode_step and self.config.tie_embeddings and hidden_BxLxD.dtype == jnp.float32
+          and jax.default_backend() == "cpu"):
       # A CPU decode step with a tied head: its products run with XLA's own dots in fp32
       # ("rows" layout, ``sample.decode_plan``), which take h @ E^T through a slow Eigen kernel.
       logits_BxLxV = vocab_rows_head(hidden_BxLxD, self.embed_VxD[...])
@@ -728,8 +759,7 @@ class Transformer(nnx.Module):
       logits_BxLxV = dense(hidden_BxLxD, self.unembed_DxV().astype(hidden_BxLxD.dtype),
                            preferred_element_type=jnp.float32)
     logits_BxLxV = sharding.constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
-    logits_BxLxV = logits_BxLxV[..., :self.config.vocab_size]
-    return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
+    return logits_BxLxV[..., :self.config.vocab_size]
 
   def hidden_states(self, tokens_BxL, positions_BxL, segment_ids_BxL,
                     subtree_end_BxL=None) -> jax.Array:
@@ -807,7 +837,16 @@ class Transformer(nnx.Module):
     write_index_B = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (B,))
     cache_segments_BxS = write_slots(cache.segment_ids_BxS, segment_ids_BxL, write_index_B)
     slots_BxL = write_index_B[:, None] + jnp.arange(L, dtype=jnp.int32)
-    mask = attention_mask(slots_BxL, segment_ids_BxL, cache_segments_BxS, c.sliding_window)
+    if subtree_end_BxL is not None:  # whole rows (``prefill``): the rows' own attention
+      if not (isinstance(cache_index, int) and cache_index == 0 and L == max_len):
+        raise ValueError(f"whole rows with subtree_end fill a fresh cache of exactly their {L}"
+                         f" slots from slot 0; got cache_index={cache_index}, cache of {max_len}")
+      mask = RowsMask(attention_mask(slots_BxL, segment_ids_BxL, segment_ids_BxL, c.sliding_window,
+                                     jnp.asarray(subtree_end_BxL, jnp.int32),
+                                     jnp.asarray(positions_BxL, jnp.int32)),
+                      attention_tile(L, trees=True))
+    else:
+      mask = attention_mask(slots_BxL, segment_ids_BxL, cache_segments_BxS, c.sliding_window)
     if c.scan_layers:
       x_BxLxD, (keys, values) = self._scan_layers(x_BxLxD, cos, sin, mask,
                                                   (cache.keys, cache.values), write_index_B)
