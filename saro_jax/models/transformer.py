@@ -42,6 +42,12 @@ class Cache(NamedTuple):
   segment_ids_BxS: jax.Array  # int32
 
 
+# The cache's logical axes (``sharding``): rows split like the batch; a scanned cache adds "layers".
+CACHE_KEY_AXES = ("batch", "act_kv_heads", "head_dim", "cache_length")
+CACHE_VALUE_AXES = ("batch", "act_kv_heads", "cache_length", "head_dim")
+CACHE_SEGMENT_AXES = ("batch", "cache_length")
+
+
 def _param(rngs: nnx.Rngs | None, shape, dtype, names, init: str = "normal") -> nnx.Param:
   if init == "normal":
     # Drawn as a matrix and reshaped: XLA compiles a 3-D random normal several times slower.
@@ -491,21 +497,23 @@ def unpack_cache(packed: Cache, row_B: jax.Array, slot_BxP: jax.Array, cache_len
   if cache_len < P:
     raise ValueError(f"unpack_cache: cache_len={cache_len} is shorter than the {P} prompt slots")
 
-  def gather(buffer, batch_axis, slot_axis):  # batch_axis < slot_axis in every layout
+  def gather(buffer, batch_axis, slot_axis, axes):  # batch_axis < slot_axis in every layout
     rows = jnp.take(buffer, row_B, axis=batch_axis)  # one packed row per batch row
     take = lambda row, slots: jnp.take(row, slots, axis=slot_axis - 1)
     out = jax.vmap(take, in_axes=(batch_axis, 0), out_axes=batch_axis)(rows, slot_BxP)
     others = tuple(a for a in range(out.ndim) if a not in (batch_axis, slot_axis))
     out = jnp.where(jnp.expand_dims(~empty_BxP, others), out, jnp.zeros((), out.dtype))
-    return jnp.pad(out, [(0, cache_len - P) if a == slot_axis else (0, 0) for a in range(out.ndim)])
+    out = jnp.pad(out, [(0, cache_len - P) if a == slot_axis else (0, 0) for a in range(out.ndim)])
+    return sharding.constrain(out, axes)  # as ``Transformer.init_cache`` lays the cache out
 
   if isinstance(packed.keys, tuple):  # per layer: keys [R, K, H, S], values [R, K, S, H]
-    keys = tuple(gather(k, 0, 3) for k in packed.keys)
-    values = tuple(gather(v, 0, 2) for v in packed.values)
+    keys = tuple(gather(k, 0, 3, CACHE_KEY_AXES) for k in packed.keys)
+    values = tuple(gather(v, 0, 2, CACHE_VALUE_AXES) for v in packed.values)
   else:  # scanned: [Y, R, K, H, S] and [Y, R, K, S, H]
-    keys, values = gather(packed.keys, 1, 4), gather(packed.values, 1, 3)
+    keys = gather(packed.keys, 1, 4, ("layers",) + CACHE_KEY_AXES)
+    values = gather(packed.values, 1, 3, ("layers",) + CACHE_VALUE_AXES)
   segment_ids_BxS = jnp.pad((~empty_BxP).astype(jnp.int32), [(0, 0), (0, cache_len - P)])
-  return Cache(keys, values, segment_ids_BxS)
+  return Cache(keys, values, sharding.constrain(segment_ids_BxS, CACHE_SEGMENT_AXES))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,7 +737,8 @@ class Transformer(nnx.Module):
                                             cache_index)
     if last_only:
       hidden_BxLxD = hidden_BxLxD[:, -1:]
-    logits_BxLxV = self.logits(hidden_BxLxD, decode_step=cache is not None and tokens_BxL.shape[1] == 1)
+    decode_step = cache is not None and tokens_BxL.shape[1] == 1
+    logits_BxLxV = self.logits(hidden_BxLxD, decode_step=decode_step)
     return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
 
   def prefill(self, tokens_RxL, positions_RxL, segment_ids_RxL,
@@ -778,18 +787,17 @@ class Transformer(nnx.Module):
     dtype = jnp.dtype(dtype or c.compute_dtype)
     K, H = c.num_kv_heads, c.head_dim
     zeros = lambda shape, names: sharding.constrain(jnp.zeros(shape, dtype), names)
-    k_names = ("batch", "act_kv_heads", "head_dim", "cache_length")
-    v_names = ("batch", "act_kv_heads", "cache_length", "head_dim")
     if c.scan_layers:  # one stacked buffer per kind, scanned alongside the stacked weights
       Y = c.num_layers
-      return Cache(keys=zeros((Y, batch, K, H, max_len), ("layers",) + k_names),
-                   values=zeros((Y, batch, K, max_len, H), ("layers",) + v_names),
+      return Cache(keys=zeros((Y, batch, K, H, max_len), ("layers",) + CACHE_KEY_AXES),
+                   values=zeros((Y, batch, K, max_len, H), ("layers",) + CACHE_VALUE_AXES),
                    segment_ids_BxS=sharding.constrain(jnp.zeros((batch, max_len), jnp.int32),
-                                                      ("batch", "cache_length")))
-    return Cache(keys=tuple(zeros((batch, K, H, max_len), k_names) for _ in range(c.num_layers)),
-                 values=tuple(zeros((batch, K, max_len, H), v_names) for _ in range(c.num_layers)),
+                                                      CACHE_SEGMENT_AXES))
+    layers = range(c.num_layers)
+    return Cache(keys=tuple(zeros((batch, K, H, max_len), CACHE_KEY_AXES) for _ in layers),
+                 values=tuple(zeros((batch, K, max_len, H), CACHE_VALUE_AXES) for _ in layers),
                  segment_ids_BxS=sharding.constrain(jnp.zeros((batch, max_len), jnp.int32),
-                                                    ("batch", "cache_length")))
+                                                    CACHE_SEGMENT_AXES))
 
   # -- internals -------------------------------------------------------------------------------
 
