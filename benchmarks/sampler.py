@@ -49,13 +49,12 @@ def prompts(n: int) -> list[str]:
 
 
 def eval_preset_prompts() -> list[str]:
-  """The smollm2_135m evaluation preset's prompts (its prompt sets, ``limit`` per label)."""
-  from saro_jax import presets
-  from saro_jax.evaluate import prompts as prompts_lib
+  """The smollm2_135m evaluation preset's prompts, read as the evaluation reads them."""
+  from saro_jax import config, presets
+  from saro_jax.evaluate import evaluation
 
-  section = presets.eval_section("smollm2_135m")
-  specs = [s.strip() for s in section.prompt_sets.split(",") if s.strip()]
-  return [p.prompt for spec in specs for p in prompts_lib.read_prompts(spec, limit=section.limit)]
+  ev = config.eval_config(presets.eval_section("smollm2_135m"))
+  return [p.prompt for p in evaluation.read_prompt_sets(ev)]
 
 
 def tiny_model(tokenizer):
