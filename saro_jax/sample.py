@@ -541,7 +541,7 @@ def pack_prompts(prompts_ids: Sequence[Sequence[int]], rows: int, plen: int, pre
   tokens[:, :prefix] = np.asarray(prompts_ids[0][:prefix], np.int32)
   positions[:, :prefix] = np.arange(prefix)
   segments[:, :prefix] = 1
-  row, start = np.zeros(n, np.int64), np.full(n, prefix, np.int64)  # empty suffix: the prefix
+  row, start = np.zeros(n, np.int32), np.full(n, prefix, np.int32)  # empty suffix: the prefix
   for r, members in enumerate(bins):
     at = prefix
     for i in members:
@@ -552,15 +552,15 @@ def pack_prompts(prompts_ids: Sequence[Sequence[int]], rows: int, plen: int, pre
       subtree_end[r, at:end] = end
       row[i], start[i] = r, at
       at = end
-  source = [b if b < n else 0 for b in range(rows)]  # filler rows: the first prompt's cache
-  length_B = np.asarray([len(prompts_ids[i]) for i in source], np.int32)
+  source_B = np.where(np.arange(rows) < n, np.arange(rows), 0)  # fillers: the first prompt
+  suffix_B = np.asarray(lengths, np.int32)[source_B]
+  length_B = prefix + suffix_B
   slot_BxP = np.full((rows, plen), -1, np.int32)
-  for b, i in enumerate(source):
-    own = np.arange(lengths[i]) + start[i]
+  for b, i in enumerate(source_B):
+    own = np.arange(suffix_B[b]) + start[i]
     slot_BxP[b, plen - length_B[b]:] = np.concatenate([np.arange(prefix), own])
-  last_B = np.asarray([start[i] + lengths[i] - 1 for i in source], np.int32)
-  return PackedPrompts(tokens, positions, segments, subtree_end,
-                       np.asarray([row[i] for i in source], np.int32), last_B, slot_BxP, length_B)
+  return PackedPrompts(tokens, positions, segments, subtree_end, row[source_B],
+                       start[source_B] + suffix_B - 1, slot_BxP, length_B)
 
 
 def prefill_flops(config) -> tuple[float, float]:
