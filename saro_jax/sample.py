@@ -137,21 +137,22 @@ def sample_token(logits_BxV: jax.Array, keys_B: jax.Array, step: jax.Array, samp
   return jax.lax.cond(sampling.temperature == 0.0, greedy, draw)
 
 
-def _forward(model, cache, tokens_BxT, positions_BxT, segment_ids_BxT, cache_index):
+def _forward(model, cache, tokens_BxT, positions_BxT, segment_ids_BxT, cache_index, windows=None):
   """Logits of the last column [B, 1, V] and the updated cache."""
   logits_BxTxV, cache = model(tokens_BxT, positions_BxT, segment_ids_BxT, cache=cache,
-                              cache_index=cache_index, last_only=True)
+                              cache_index=cache_index, last_only=True, cache_windows=windows)
   return logits_BxTxV[..., :model.config.vocab_size], cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "mesh"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "mesh", "windows"))
 def _prefill(graphdef, state, tokens_RxL, positions_RxL, segment_ids_RxL, subtree_end_RxL, row_B,
              last_B, slot_BxP, length_B, prompt_index_B, done_B, seed, eos_E, sampling: Sampling, *,
-             cache_len: int, mesh: Mesh | None):
+             cache_len: int, mesh: Mesh | None, windows: tuple[tuple[int, int], ...] | None = None):
   """Runs a batch's prompts, packed into R rows (``pack_prompts``), through the model in one pass,
   unpacks their keys and values into a fresh decode cache of ``cache_len`` slots per batch row
-  (each prompt right-aligned in the first P = slot_BxP.shape[1] slots) and samples the first new
-  token from the hidden state at each prompt's last token (no R x L x V logits)."""
+  (each prompt right-aligned in the first P = slot_BxP.shape[1] slots; with ``windows``
+  (``decode_windows``) a grouped cache, each group's rows from its first slot on) and samples the
+  first new token from the hidden state at each prompt's last token (no R x L x V logits)."""
   keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), prompt_index_B)
   with sharding.use(mesh):
     model = nnx.merge(graphdef, state)
@@ -160,16 +161,22 @@ def _prefill(graphdef, state, tokens_RxL, positions_RxL, segment_ids_RxL, subtre
                                          subtree_end_RxL)
     last_Bx1xD = hidden_RxLxD[row_B, last_B][:, None]
     first_B = sample_token(model.logits(last_Bx1xD)[:, 0], keys_B, jnp.int32(0), sampling)
-    cache = transformer.unpack_cache(packed, row_B, slot_BxP, cache_len)
+    if windows is None:
+      cache = transformer.unpack_cache(packed, row_B, slot_BxP, cache_len)
+    else:
+      cache = tuple(transformer.unpack_cache(packed, row_B[r:e], slot_BxP[r:e, s:], cache_len - s)
+                    for (r, s), e in zip(windows, transformer.group_ends(windows, batch)))
     out_BxN = jnp.zeros((batch, cache_len - plen), jnp.int32).at[:, 0].set(first_B)
     done_B = done_B | jnp.isin(first_B, eos_E)
     return dict(cache=cache, out=out_BxN, done=done_B, pos=length_B, keys=keys_B, step=jnp.int32(1))
 
 
 def _decode_loop(graphdef, state, carry: dict, until, eos_E, sampling: Sampling, *, prompt_len: int,
-                 mesh: Mesh | None, columns: bool = False):
+                 mesh: Mesh | None, columns: bool = False,
+                 windows: tuple[tuple[int, int], ...] | None = None):
   """Decodes until step ``until`` (exclusive) or until every row is done. ``columns``: each step
-  runs feature-major (``decode_columns.decode_step``; the model must be the [out, in] copy)."""
+  runs feature-major (``decode_columns.decode_step``; the model must be the [out, in] copy).
+  ``windows``: the carry holds a grouped cache (``decode_windows``)."""
 
   def cond(c):
     return (c["step"] < until) & ~jnp.all(c["done"])
@@ -181,10 +188,11 @@ def _decode_loop(graphdef, state, carry: dict, until, eos_E, sampling: Sampling,
     model = nnx.merge(graphdef, state)  # merged per trace of the body: no outer-trace mutation
     if columns:
       logits_BxV, cache = decode_columns.decode_step(model, c["cache"], last_B, c["pos"],
-                                                     prompt_len + step - 1)
+                                                     prompt_len + step - 1, windows)
     else:
       logits_Bx1xV, cache = _forward(model, c["cache"], last_B[:, None], c["pos"][:, None],
-                                     jnp.ones((batch, 1), jnp.int32), prompt_len + step - 1)
+                                     jnp.ones((batch, 1), jnp.int32), prompt_len + step - 1,
+                                     windows)
       logits_BxV = logits_Bx1xV[:, 0]
     new_B = sample_token(logits_BxV, c["keys"], step, sampling)
     new_B = jnp.where(c["done"], 0, new_B)  # finished rows idle; their tokens are never read
@@ -196,7 +204,7 @@ def _decode_loop(graphdef, state, carry: dict, until, eos_E, sampling: Sampling,
     return jax.lax.while_loop(cond, body, carry)
 
 
-_DECODE_JIT = dict(static_argnames=("graphdef", "prompt_len", "mesh", "columns"),
+_DECODE_JIT = dict(static_argnames=("graphdef", "prompt_len", "mesh", "columns", "windows"),
                    donate_argnames=("carry",))
 _decode = jax.jit(_decode_loop, **_DECODE_JIT)
 
@@ -572,6 +580,47 @@ def prefill_flops(config) -> tuple[float, float]:
   return 2.0 * (D * (N + 2 * K) * H + N * H * D + 3 * D * F), 2.0 * N * H
 
 
+# ``decode_windows``: windows start on multiples of WINDOW_SLOTS slots, groups of rows on multiples
+# of WINDOW_ROWS rows, at most WINDOW_GROUPS groups, and a plan is kept only if it reads at most
+# WINDOW_SHARE of the cache: each plan is a compiled decode, so batches of similar lengths keep
+# the one window (and compile nothing new).
+WINDOW_SLOTS = 32
+WINDOW_ROWS = 4
+WINDOW_GROUPS = 3
+WINDOW_SHARE = 0.8
+
+
+def decode_windows(length_B: Sequence[int], plen: int, cache_len: int, *,
+                   row_multiple: int = 1) -> tuple[tuple[int, int], ...]:
+  """The groups of a batch's decode cache: ((first row, first slot), ...), the fewest cache slots
+  in all (``transformer.write_and_attend``: each group's rows hold their slots from its first
+  on, and a decode step reads them all once per layer). Batch row b's prompt of length_B[b]
+  tokens sits right-aligned in the first ``plen`` slots (``unpack_cache``) and its new tokens
+  after them, so a group of rows sees nothing before slot plen - (its longest prompt): the left
+  padding of a batch whose prompts differ in length (the evaluation's jailbreak-wrapped prompts
+  of ~430 tokens beside plain ones of ~50) is neither kept nor read at every step.
+  ``row_multiple`` > 1 (rows split over devices): one group, so no group cuts across the split.
+  ((0, 0),): the whole cache, ungrouped."""
+  B = len(length_B)
+  lengths = [int(n) for n in length_B]
+  quantum = WINDOW_ROWS if row_multiple == 1 else B
+  bounds = list(range(0, B, quantum)) + [B]
+  first_slot = lambda a, e: max(0, plen - max(lengths[a:e])) // WINDOW_SLOTS * WINDOW_SLOTS
+
+  @functools.cache
+  def best(i: int, groups: int) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """(slots read, windows) for the rows from bounds[i] on, in at most ``groups`` groups."""
+    a, plans = bounds[i], []
+    for j in range(i + 1, len(bounds)) if groups > 1 else [len(bounds) - 1]:
+      e, s = bounds[j], first_slot(a, bounds[j])
+      rest = best(j, groups - 1) if e < B else (0, ())
+      plans.append(((e - a) * (cache_len - s) + rest[0], ((a, s),) + rest[1]))
+    return min(plans)
+
+  slots, windows = best(0, WINDOW_GROUPS)
+  return windows if slots <= WINDOW_SHARE * B * cache_len else ((0, 0),)
+
+
 def _generate_batch(prefill_model, decode_model, tokenizer, prompts_ids: Sequence[list[int]],
                     prompt_index: Sequence[int], rows: int, plen: int, prefix: int, *,
                     sampling: Sampling, packing,
@@ -588,15 +637,18 @@ def _generate_batch(prefill_model, decode_model, tokenizer, prompts_ids: Sequenc
   put = functools.partial(_to_device, mesh=mesh)
   eos_E = jnp.asarray(eos, jnp.int32)
   packed = packing(prompts_ids, rows, plen, prefix)
+  windows = decode_windows([len(ids) for ids in prompts_ids] + [0] * (rows - n), plen,
+                           plen + max_new_tokens, row_multiple=_batch_axis_size(mesh))
+  windows = None if windows == ((0, 0),) else windows  # the whole cache: one ungrouped Cache
   carry = _prefill(*prefill_model, *map(put, packed.arrays()), put(index), put(done),
                    jnp.uint32(seed % 2**32), eos_E, sampling, cache_len=plen + max_new_tokens,
-                   mesh=mesh)
+                   mesh=mesh, windows=windows)
   step = 1
   every = stop_check_every if stop else max_new_tokens
   while step < max_new_tokens:
     until = min(max_new_tokens, step + every)
     carry = decoder(*decode_model, carry, jnp.int32(until), eos_E, sampling, prompt_len=plen,
-                    mesh=mesh)
+                    mesh=mesh, windows=windows)
     step = int(_to_host(carry["step"]))
     done_now = _to_host(carry["done"]).copy()
     if stop and not done_now.all():

@@ -4,6 +4,7 @@ bundled BPE tokenizer)."""
 
 import gc
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -352,15 +353,16 @@ def test_split_reasoning():
 def test_compiles_once_per_bucket(model, tokenizer, monkeypatch):
   """A second set of prompts in the same buckets (batch rows, prompt length, packed prefill rows
   and width) compiles nothing: the prefill once per (cache rows, packed rows, width, cache
-  length), the decode once per (rows, cache length)."""
+  length), the decode once per (rows, cache length, cache windows: here the whole cache, as
+  the prompts are short)."""
   shapes = set()
   prefill = sample._prefill
 
   def recording(graphdef, state, tokens_RxL, positions_RxL, segment_ids_RxL, subtree_end_RxL,
-                row_B, *rest, cache_len, mesh):
-    shapes.add((row_B.shape[0], tokens_RxL.shape, cache_len))
+                row_B, *rest, cache_len, mesh, windows):
+    shapes.add((row_B.shape[0], tokens_RxL.shape, cache_len, windows))
     return prefill(graphdef, state, tokens_RxL, positions_RxL, segment_ids_RxL, subtree_end_RxL,
-                   row_B, *rest, cache_len=cache_len, mesh=mesh)
+                   row_B, *rest, cache_len=cache_len, mesh=mesh, windows=windows)
 
   monkeypatch.setattr(sample, "_prefill", recording)
 
@@ -376,6 +378,67 @@ def test_compiles_once_per_bucket(model, tokenizer, monkeypatch):
   again = run([["other words"], ["y", "a somewhat longer prompt"], ["1", "2", "3", "4"],
                ["5", "6", "7"]])
   assert len({s[1] for s in seen}) == 2 and shapes == seen and again == warm
+  assert {s[3] for s in seen} == {None}  # short prompts: the whole cache, ungrouped
+
+
+def _window_slots(windows, rows: int, cache_len: int) -> int:
+  ends = [r for r, _ in windows[1:]] + [rows]
+  return sum((e - r) * (cache_len - s) for (r, s), e in zip(windows, ends))
+
+
+def test_decode_windows_plan_the_fewest_slots_each_row_still_sees():
+  # The evaluation preset's first batch: 10 jailbreak-wrapped prompts of 112-429 tokens beside 20
+  # of 57 (prompt slots 536, 192 new tokens): three groups read 55 % of the cache's slots.
+  lengths = [429, 400, 350, 300, 250, 200, 150, 130, 120, 112] + [57] * 20
+  windows = sample.decode_windows(lengths, 536, 728)
+  assert windows == ((0, 96), (4, 256), (8, 416))
+  assert _window_slots(windows, 30, 728) == 4 * 632 + 4 * 472 + 22 * 312
+  # Prompts of similar lengths keep the whole cache (no new compiled decode); so do rows split
+  # over devices here (one group only: its window would still read 87 % of the cache).
+  assert sample.decode_windows([57] * 30, 88, 280) == ((0, 0),)
+  assert sample.decode_windows(lengths, 536, 728, row_multiple=2) == ((0, 0),)
+  assert sample.decode_windows([429] + [57] * 31, 536, 728, row_multiple=2) == ((0, 0),)
+  # Against every plan of at most WINDOW_GROUPS groups on WINDOW_ROWS boundaries: the fewest
+  # slots, and no row's window starts after its prompt's first slot (plen - its length).
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    rows = int(rng.integers(1, 5)) * sample.WINDOW_ROWS + int(rng.integers(0, 4))
+    lengths = sorted(rng.integers(1, 300, rows).tolist(), reverse=bool(rng.integers(2)))
+    plen, cache_len = sample.bucket(max(lengths), 32), sample.bucket(max(lengths), 32) + 64
+    windows = sample.decode_windows(lengths, plen, cache_len)
+    ends = [r for r, _ in windows[1:]] + [rows]
+    for (r, s), e in zip(windows, ends):
+      assert all(s <= plen - n for n in lengths[r:e])
+    cuts = range(sample.WINDOW_ROWS, rows, sample.WINDOW_ROWS)
+    fewest = min(
+        _window_slots(tuple((a, (plen - max(lengths[a:e])) // 32 * 32)
+                            for a, e in zip((0,) + c, c + (rows,))), rows, cache_len)
+        for g in range(sample.WINDOW_GROUPS) for c in itertools.combinations(cuts, g))
+    got = _window_slots(windows, rows, cache_len)
+    assert got == (fewest if fewest <= sample.WINDOW_SHARE * rows * cache_len
+                   else rows * cache_len)
+
+
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+def test_decode_windows_decode_the_whole_caches_tokens(model, tokenizer, layout, monkeypatch):
+  """Four long prompts beside four short ones: the short rows' group reads the cache from past
+  the long prompts' left padding on (``sample.decode_windows``), and every row decodes the
+  tokens of the decode that reads the whole cache."""
+  prompts = [f"{LONG} Case {i}." for i in range(4)] + ["hi there", "x", "Why?", "ok then"]
+  plans, plan = [], sample.decode_windows
+  monkeypatch.setattr(sample, "decode_windows", lambda *a, **k: plans.append(plan(*a, **k)) or plans[-1])
+  kw = dict(max_new_tokens=12, eos_ids=NEVER, batch_size=8, decode_layout=layout)
+  windowed = sample.generate(model, tokenizer, prompts, **kw)
+  assert len(plans[-1]) > 1  # the path under test is taken
+  monkeypatch.setattr(sample, "decode_windows", lambda *a, **k: ((0, 0),))
+  whole = sample.generate(model, tokenizer, prompts, **kw)
+  assert [g.tokens for g in windowed] == [g.tokens for g in whole]
+  assert len({tuple(g.tokens) for g in whole}) >= 6  # not a degenerate model
+  if layout == "columns":  # and a window one step too short (it cuts each group's longest prompt)
+    late = lambda windows: tuple((r, s + sample.WINDOW_SLOTS * (r > 0)) for r, s in windows)
+    monkeypatch.setattr(sample, "decode_windows", lambda *a, **k: late(plan(*a, **k)))
+    cut = sample.generate(model, tokenizer, prompts, **kw)
+    assert [g.tokens for g in cut[4:]] != [g.tokens for g in whole[4:]]
 
 
 def test_prefill_never_builds_prompt_length_logits(model, tokenizer, greedy):

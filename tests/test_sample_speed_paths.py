@@ -6,6 +6,7 @@ layout), and the side-by-side benchmarks (which assert token identity: with tran
 generate, and between the two layouts) run at a tiny size."""
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -46,9 +47,23 @@ def test_cached_attention_equals_dot_product_attention(num_kv_heads, T):
                                                v.transpose(0, 2, 1, 3), mask, H ** -0.5)
     unmasked = transformer.cached_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3),
                                             jnp.ones_like(mask), H ** -0.5)
-    return want, got, wrong_group[:, :, ::-1], unmasked
+    # A grouped cache (``write_and_attend``): each row's group holds only the slots from the first
+    # one it sees on (row 1 past its left padding, row 2 its last T slots), the new columns
+    # written at their slot in each group's own arrays; and a window one slot too short.
+    k_c, v_c = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
 
-  want, got, wrong_group, unmasked = both(q, k, v)
+    def grouped(windows):
+      ends = transformer.group_ends(windows, B)
+      kv = tuple((k_c[r:e, :, :, s:], v_c[r:e, :, s:]) for (r, s), e in zip(windows, ends))
+      mask_g = transformer.CacheMask(tuple(mask[r:e, :, :, s:] for (r, s), e in zip(windows, ends)),
+                                     windows)
+      return transformer.write_and_attend(q, k_c[..., S - T:], v_c[:, :, S - T:], kv, mask_g,
+                                          S - T, H ** -0.5)[0]
+
+    windowed, cut = grouped(((0, 0), (1, 4), (2, S - T))), grouped(((0, 0), (1, 5), (2, S - T)))
+    return want, got, wrong_group[:, :, ::-1], unmasked, windowed, cut
+
+  want, got, wrong_group, unmasked, windowed, cut = both(q, k, v)
   # Error model: both sides compute the same fp32 sums in possibly different orders. Logits are
   # H-term dot products of unit normals (|logit| <~ 4 * sqrt(H) after scaling ~4); a reordering
   # moves each by <= H * u * sum|q_i k_i| ~ 16 * 6e-8 * 16 = 1.5e-5 relative to 1, softmax
@@ -57,6 +72,8 @@ def test_cached_attention_equals_dot_product_attention(num_kv_heads, T):
   # We use 1e-4 absolute; a real bug (a wrong key, a dropped mask, a mis-grouped head) moves the
   # output by O(0.1-1).
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(windowed), np.asarray(want), atol=1e-4, rtol=0)
+  assert np.abs(np.asarray(cut[1]) - np.asarray(want[1])).max() > 1e-2  # a visible slot cut off
   if num_kv_heads > 1:  # the bound catches heads paired with the wrong kv group
     assert np.abs(np.asarray(wrong_group) - np.asarray(want)).max() > 1e-2
   assert np.abs(np.asarray(unmasked) - np.asarray(want)).max() > 1e-2  # and a dropped mask
@@ -199,7 +216,7 @@ def test_out_in_copy_keeps_the_weights_sharding():
 
 
 def _decode_hlo(batch: int, plen: int, new: int, out_in: bool, options=None, tied=False,
-                columns=False) -> str:
+                columns=False, windows=None) -> str:
   config = models.ModelConfig(family="llama", vocab_size=300, hidden_size=48, intermediate_size=96,
                               num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8,
                               tie_embeddings=tied)
@@ -210,34 +227,43 @@ def _decode_hlo(batch: int, plen: int, new: int, out_in: bool, options=None, tie
   packed = sample.pack_prompts([[1] * plen] * batch, batch, plen, 0)
   carry = jax.eval_shape(lambda: sample._prefill(
       graphdef, state, *map(jnp.asarray, packed.arrays()), jnp.zeros(batch, jnp.uint32),
-      jnp.zeros(batch, bool), jnp.uint32(0), eos, sampling, cache_len=plen + new, mesh=None))
+      jnp.zeros(batch, bool), jnp.uint32(0), eos, sampling, cache_len=plen + new, mesh=None,
+      windows=windows))
   return sample._decode.lower(graphdef, state, carry, jnp.int32(new), eos, sampling,
-                              prompt_len=plen, mesh=None, columns=columns).compile(options).as_text()
+                              prompt_len=plen, mesh=None, columns=columns,
+                              windows=windows).compile(options).as_text()
 
 
-@pytest.mark.parametrize("out_in,options,tied,columns", [
-    (False, None, False, False), (True, None, False, False),
-    (False, xla_options.CPU_DECODE_OPTIONS, False, False),
-    (False, xla_options.CPU_DECODE_OPTIONS, True, False),
-    (True, None, False, True), (True, None, True, True)],
-    ids=["in_out", "out_in", "in_out_cpu_dots", "in_out_cpu_dots_tied", "columns", "columns_tied"])
-def test_decode_step_copies_no_cache_or_weights(out_in, options, tied, columns):
+@pytest.mark.parametrize("out_in,options,tied,columns,grouped", [
+    (False, None, False, False, False), (True, None, False, False, False),
+    (False, xla_options.CPU_DECODE_OPTIONS, False, False, False),
+    (False, xla_options.CPU_DECODE_OPTIONS, True, False, False),
+    (True, None, False, True, False), (True, None, True, True, False),
+    (True, None, True, True, True), (False, xla_options.CPU_DECODE_OPTIONS, True, False, True)],
+    ids=["in_out", "out_in", "in_out_cpu_dots", "in_out_cpu_dots_tied", "columns", "columns_tied",
+         "columns_grouped", "in_out_cpu_dots_grouped"])
+def test_decode_step_copies_no_cache_or_weights(out_in, options, tied, columns, grouped):
   """Decoding is memory-bound: each step must read the weights and the cache once, in place.
 
   Before the cache layouts were chosen for it, XLA transposed every layer's K and V cache and a
   transposed copy of wo on every step (a quarter of the step time for SmolLM2 at batch 16). The
   out_in copy (the bf16 CPU default), XLA's own dots (with the tied head read as [V, D]) and the
   feature-major step on the copy (the fp32 CPU default; its activations [D, B] turn to the
-  cache's rows only around the attention) must not bring such a copy back either.
+  cache's rows only around the attention) must not bring such a copy back either; nor a grouped
+  cache (``sample.decode_windows``: rows 2-3 hold slots 8.. only; one shared cache sliced per
+  group instead had XLA copy the whole cache every step).
   """
   batch, plen, new = 4, 8, 8
-  hlo = _decode_hlo(batch, plen, new, out_in, options, tied, columns)
+  windows = ((0, 0), (2, 8)) if grouped else None
+  hlo = _decode_hlo(batch, plen, new, out_in, options, tied, columns, windows)
   assert ("ynn_fusion" in hlo) == (options is None)  # the option took effect (and only there)
   S = plen + new
-  big = {f"f32[{batch},2,8,{S}]", f"f32[{batch},2,{S},8]", f"f32[{batch},{S},2,8]",
-         f"f32[{batch},2,{S}]", "f32[6,8,48]", "f32[8,6,48]", "f32[48,48]", "f32[48,6,8]",
-         "f32[48,96]", "f32[96,48]", "f32[48,300]", "f32[300,48]", "f32[48,16]", "f32[16,48]",
-         "f32[2,8,48]", "f32[48,2,8]"}
+  caches = [(batch, S)] + ([(2, S), (2, S - 8)] if grouped else [])
+  big = {f"f32[{rows},2,8,{slots}]" for rows, slots in caches}
+  big |= {f"f32[{rows},2,{slots},8]" for rows, slots in caches}
+  big |= {f"f32[{batch},{S},2,8]", f"f32[{batch},2,{S}]", "f32[6,8,48]", "f32[8,6,48]",
+          "f32[48,48]", "f32[48,6,8]", "f32[48,96]", "f32[96,48]", "f32[48,300]", "f32[300,48]",
+          "f32[48,16]", "f32[16,48]", "f32[2,8,48]", "f32[48,2,8]"}
   moved = []
   for shape, op in re.findall(r"= (f32\[[0-9,]+\])\{[0-9,]*\} (copy|transpose|scatter)\(", hlo):
     if shape in big:
@@ -363,11 +389,16 @@ def test_packed_prefill_fills_the_cache_as_each_prompt_alone(family, scan, tmp_p
     return [np.asarray(x) for x in ((cache.keys, cache.values) if scan else
                                     (np.stack(cache.keys), np.stack(cache.values)))]
 
-  def alone(ids):  # one prompt through the cache path: (greedy first token, [keys, values])
-    n = len(ids)
-    one = lambda x: jnp.asarray([x], jnp.int32)
-    logits, cache = model(one(ids), one(list(range(n))), one([1] * n),
-                          cache=model.init_cache(1, n), cache_index=0, last_only=True)
+  @jax.jit  # one program per prompt length (op by op, the unscanned model took a minute)
+  def cache_path(state, ids_1xN):
+    one = nnx.merge(graphdef, state)
+    n = ids_1xN.shape[1]
+    return one(ids_1xN, jnp.arange(n)[None], jnp.ones_like(ids_1xN), cache=one.init_cache(1, n),
+               cache_index=0, last_only=True)
+
+  @functools.cache
+  def alone(ids: tuple):  # one prompt through the cache path: (greedy first token, [keys, values])
+    logits, cache = cache_path(state, jnp.asarray([ids], jnp.int32))
     return int(np.argmax(np.asarray(logits)[0, -1])), [x[:, 0] for x in stacked(cache)]
 
   token_flops, attention_flops = sample.prefill_flops(model.config)
@@ -383,7 +414,7 @@ def test_packed_prefill_fills_the_cache_as_each_prompt_alone(family, scan, tmp_p
   for b in range(rows):
     ids = prompts[b if b < len(prompts) else 0]
     n = len(ids)
-    first, (ref_k, ref_v) = alone(ids)
+    first, (ref_k, ref_v) = alone(tuple(ids))
     real_S = (np.arange(cache_len) >= plen - n) & (np.arange(cache_len) < plen)
     np.testing.assert_array_equal(got["cache"].segment_ids_BxS[b], real_S)
     assert got["pos"][b] == n and got["out"][b, 0] == first
@@ -397,7 +428,7 @@ def test_packed_prefill_fills_the_cache_as_each_prompt_alone(family, scan, tmp_p
   b = max((i for i in range(len(prompts)) if packed.row_B[i] == shared_row
            and len(prompts[i]) > P), key=lambda i: packed.last_B[i])
   n = len(prompts[b])
-  ref_k = alone(prompts[b])[1][0]
+  ref_k = alone(tuple(prompts[b]))[1][0]
   L = packed.tokens_RxL.shape[1]
   bugs = {"no subtree ends": dataclasses.replace(packed, subtree_end_RxL=np.full_like(
               packed.subtree_end_RxL, L)),

@@ -38,9 +38,9 @@ def _project(w_OxI: jax.Array, h_IxB: jax.Array, dtype) -> jax.Array:
   return y_OxB.reshape(*out_dims, h_IxB.shape[-1])
 
 
-def _layer(config: ModelConfig, p: dict, x_DxB, cos_HxB, sin_HxB, mask_Bx1x1xS, k_BxKxHxS,
-           v_BxKxSxH, slot):
-  """One decoder block on columns; returns (x_DxB, (keys, values) with the new slot written)."""
+def _layer(config: ModelConfig, p: dict, x_DxB, cos_HxB, sin_HxB, mask_Bx1x1xS, kv_cache, slot):
+  """One decoder block on columns; returns (x_DxB, the layer's cache with the new slot written:
+  (keys, values), or one such pair per group of a grouped cache)."""
   c = config
   dt = x_DxB.dtype
   N, H = c.num_heads, c.head_dim
@@ -59,13 +59,11 @@ def _layer(config: ModelConfig, p: dict, x_DxB, cos_HxB, sin_HxB, mask_Bx1x1xS, 
   q_NxHxB = transformer.rotate(q_NxHxB, cos_HxB, sin_HxB, axis=1)
   k_KxHxB = transformer.rotate(k_KxHxB, cos_HxB, sin_HxB, axis=1)
 
-  k_BxKxHx1 = k_KxHxB.transpose(2, 0, 1)[..., None].astype(k_BxKxHxS.dtype)
-  v_BxKx1xH = v_KxHxB.transpose(2, 0, 1)[:, :, None, :].astype(v_BxKxSxH.dtype)
-  k_BxKxHxS = jax.lax.dynamic_update_slice_in_dim(k_BxKxHxS, k_BxKxHx1, slot, 3)
-  v_BxKxSxH = jax.lax.dynamic_update_slice_in_dim(v_BxKxSxH, v_BxKx1xH, slot, 2)
+  k_BxKxHx1 = k_KxHxB.transpose(2, 0, 1)[..., None]
+  v_BxKx1xH = v_KxHxB.transpose(2, 0, 1)[:, :, None, :]
   q_Bx1xNxH = q_NxHxB.transpose(2, 0, 1)[:, None]
-  out_Bx1xNxH = transformer.cached_attention(q_Bx1xNxH, k_BxKxHxS.astype(dt), v_BxKxSxH.astype(dt),
-                                             mask_Bx1x1xS, H ** -0.5)
+  out_Bx1xNxH, kv_cache = transformer.write_and_attend(q_Bx1xNxH, k_BxKxHx1, v_BxKx1xH, kv_cache,
+                                                       mask_Bx1x1xS, slot, H ** -0.5)
   out_NHxB = out_Bx1xNxH.reshape(B, N * H).T
   x_DxB = x_DxB + _project(p["wo"].reshape(-1, N * H), out_NHxB, dt)
 
@@ -77,7 +75,7 @@ def _layer(config: ModelConfig, p: dict, x_DxB, cos_HxB, sin_HxB, mask_Bx1x1xS, 
   else:
     act_FxB = jax.nn.gelu(gate_FxB, approximate=c.hidden_act == "gelu_tanh")
   x_DxB = x_DxB + _project(p["w_down"], act_FxB * up_FxB, dt)
-  return x_DxB, (k_BxKxHxS, v_BxKxSxH)
+  return x_DxB, kv_cache
 
 
 def _layer_arrays(block) -> dict:
@@ -95,10 +93,12 @@ def _layer_arrays(block) -> dict:
 
 
 def decode_step(model: transformer.Transformer, cache: transformer.Cache, tokens_B: jax.Array,
-                positions_B: jax.Array, cache_index) -> tuple[jax.Array, transformer.Cache]:
+                positions_B: jax.Array, cache_index,
+                cache_windows: tuple[tuple[int, int], ...] | None = None,
+                ) -> tuple[jax.Array, transformer.Cache]:
   """Logits [B, vocab_size] (float32) of one new token per row, and the cache with it written at
   slot ``cache_index`` (a scalar: the sampler's rows share a column). ``model``: the decode copy
-  (``transformer.to_out_in``)."""
+  (``transformer.to_out_in``). ``cache_windows``: as ``Transformer.__call__``'s."""
   if not model.out_in:
     raise ValueError("decode_columns.decode_step reads the [out, in] decode copy: pass "
                      "transformer.to_out_in(model)")
@@ -114,27 +114,23 @@ def decode_step(model: transformer.Transformer, cache: transformer.Cache, tokens
   cos_Bx1xH, sin_Bx1xH = transformer.rope_cos_sin(c, positions_B[:, None])
   cos_HxB, sin_HxB = cos_Bx1xH[:, 0].T, sin_Bx1xH[:, 0].T
   slot = jnp.asarray(cache_index, jnp.int32)
-  write_B = jnp.broadcast_to(slot, (B,))
-  segments_BxS = transformer.write_slots(cache.segment_ids_BxS, jnp.ones((B, 1), jnp.int32), write_B)
-  mask_Bx1x1xS = transformer.attention_mask(write_B[:, None], jnp.ones((B, 1), jnp.int32),
-                                            segments_BxS, c.sliding_window)
-  step = lambda p, x, k, v: _layer(c, p, x, cos_HxB, sin_HxB, mask_Bx1x1xS, k, v, slot)
+  windows = None if cache_windows is None else tuple(tuple(w) for w in cache_windows)
+  segments, mask = transformer.cache_mask(transformer.cache_segment_ids(cache, windows),
+                                          jnp.ones((B, 1), jnp.int32), slot, c.sliding_window,
+                                          windows)
+  step = lambda p, x, kv: _layer(c, p, x, cos_HxB, sin_HxB, mask, kv, slot)
   if c.scan_layers:
-    def body(x_DxB, layer):
-      p, k, v = layer
-      return step(p, x_DxB, k, v)
-    x_DxB, (keys, values) = jax.lax.scan(body, x_DxB, (_layer_arrays(model.layers), cache.keys,
-                                                       cache.values))
+    x_DxB, new_kv = jax.lax.scan(lambda x, layer: step(layer[0], x, layer[1]), x_DxB,
+                                 (_layer_arrays(model.layers), transformer.layer_kv(cache, windows)))
   else:
-    keys, values = [], []
-    for block, k, v in zip(model.layers, cache.keys, cache.values):
-      x_DxB, (k, v) = step(_layer_arrays(block), x_DxB, k, v)
-      keys.append(k)
-      values.append(v)
-    keys, values = tuple(keys), tuple(values)
+    new_kv = []
+    for i, block in enumerate(model.layers):
+      x_DxB, kv = step(_layer_arrays(block), x_DxB, transformer.layer_kv(cache, windows, i))
+      new_kv.append(kv)
+  cache = transformer.rebuild_cache(new_kv, segments, windows, stacked=c.scan_layers)
   h_DxB = _norm(x_DxB, model.final_norm.scale_D[...][:, None], c, axis=0)
   head_VxD = model.embed_VxD[...] if c.tie_embeddings else model.lm_head_VxD[...]
   # As W @ h [V, B] (``transformer.vocab_rows_head``): XLA would fold the transpose to [B, V] into
   # the product and hand it to its slow Eigen kernel.
   logits_BxV = transformer.vocab_rows_head(h_DxB.T, head_VxD)
-  return logits_BxV[:, :c.vocab_size], transformer.Cache(keys, values, segments_BxS)
+  return logits_BxV[:, :c.vocab_size], cache

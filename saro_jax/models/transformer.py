@@ -158,6 +158,95 @@ def attention_mask(q_slot_BxT: jax.Array, q_segment_BxT: jax.Array, k_segment_Bx
   return visible[:, None, :, :]
 
 
+@struct.dataclass
+class CacheMask:
+  """The mask of a decode cache kept in groups of rows (``Transformer.__call__``'s
+  ``cache_windows``): ``windows`` = ((first row r_g, first slot s_g), ...) in row order, static;
+  group g (rows r_g .. r_(g+1) - 1) holds only the cache's slots s_g .. S - 1, in arrays of its
+  own, and ``visible`` its boolean mask over them, [B_g, 1, T, S - s_g]."""
+  visible: tuple[jax.Array, ...]
+  windows: tuple[tuple[int, int], ...] = struct.field(pytree_node=False)
+
+
+def group_ends(windows: tuple[tuple[int, int], ...], rows: int) -> list[int]:
+  """The row each window's group ends before."""
+  return [r for r, _ in windows[1:]] + [rows]
+
+
+def cache_mask(segment_ids_BxS, segment_ids_BxL: jax.Array, cache_index,
+               sliding_window: int | None, windows: tuple[tuple[int, int], ...] | None = None):
+  """(the cache's segment ids with L new columns written at slot ``cache_index``, the new
+  columns' mask over the cache: boolean [B, 1, L, S]). ``windows``: a grouped cache (segment ids
+  and the mask per group, a ``CacheMask``), each group's slots counted from its first one."""
+  B, L = segment_ids_BxL.shape
+  if windows is not None:
+    parts = [cache_mask(segments, segment_ids_BxL[r:e], cache_index - s, sliding_window)
+             for (r, s), e, segments in zip(windows, group_ends(windows, B), segment_ids_BxS)]
+    return tuple(p[0] for p in parts), CacheMask(tuple(p[1] for p in parts), windows)
+  write_B = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (B,))
+  segments_BxS = write_slots(segment_ids_BxS, segment_ids_BxL, write_B)
+  slots_BxL = write_B[:, None] + jnp.arange(L, dtype=jnp.int32)
+  return segments_BxS, attention_mask(slots_BxL, segment_ids_BxL, segments_BxS, sliding_window)
+
+
+def layer_kv(cache, windows, layer: int | None = None):
+  """One layer's (keys, values) of a decode cache (``layer`` None: a scanned cache's stacked
+  arrays), or of a grouped cache (``windows``: a Cache per group) one such pair per group."""
+  groups = (cache,) if windows is None else tuple(cache)
+  kvs = [(g.keys, g.values) if layer is None else (g.keys[layer], g.values[layer]) for g in groups]
+  return kvs[0] if windows is None else tuple(kvs)
+
+
+def cache_segment_ids(cache, windows):
+  return cache.segment_ids_BxS if windows is None else tuple(g.segment_ids_BxS for g in cache)
+
+
+def rebuild_cache(new_kv, segment_ids, windows, *, stacked: bool):
+  """The Cache (a grouped cache: one per group) from the layers' new ``layer_kv`` values: a list
+  over layers, or (``stacked``) the layer scan's stacked output."""
+  if stacked:
+    per_group = [new_kv] if windows is None else list(new_kv)
+  else:
+    layers = [[kv] if windows is None else list(kv) for kv in new_kv]
+    per_group = [tuple(zip(*kvs)) for kvs in zip(*layers)]  # (keys per layer, values per layer)
+  caches = tuple(Cache(keys, values, segments) for (keys, values), segments in
+                 zip(per_group, (segment_ids,) if windows is None else segment_ids))
+  return caches[0] if windows is None else caches
+
+
+def write_and_attend(q_BxTxNxH: jax.Array, k_BxKxHxT: jax.Array, v_BxKxTxH: jax.Array, kv_cache,
+                     mask_Bx1xTxS: jax.Array | CacheMask, slot, scale: float):
+  """Writes T new columns' keys and values (in the cache's layouts) into one layer's cache at
+  ``slot`` (every row the same slot: a dynamic-update-slice done in place, not a per-row scatter)
+  and attends the new queries over it: (out [B, T, N, H] in q's dtype, the layer's new cache).
+
+  A grouped cache (``CacheMask``; ``kv_cache`` one (keys, values) per group) writes and attends
+  each group of rows in its own arrays, from its first slot on: a decode step reads the whole
+  cache once per layer, so the slots a group does not hold (a batch's short prompts beside long
+  ones: their left padding) are memory traffic saved. The slots left out are ones no row of the
+  group sees, so only the order of the softmax's and the values' sums changes (fp32 roundoff).
+  (Slicing one shared array per group instead let XLA fuse the in-place write into each slice and
+  copy the whole cache every step.)"""
+  if isinstance(mask_Bx1xTxS, CacheMask):
+    windows, outs, caches = mask_Bx1xTxS.windows, [], []
+    for (r, s), e, kv, visible in zip(windows, group_ends(windows, q_BxTxNxH.shape[0]), kv_cache,
+                                      mask_Bx1xTxS.visible):
+      out, kv = write_and_attend(q_BxTxNxH[r:e], k_BxKxHxT[r:e], v_BxKxTxH[r:e], kv, visible,
+                                 slot - s, scale)
+      outs.append(out)
+      caches.append(kv)
+    return jnp.concatenate(outs, axis=0), tuple(caches)
+  cache_k_BxKxHxS, cache_v_BxKxSxH = kv_cache
+  cache_k_BxKxHxS = jax.lax.dynamic_update_slice_in_dim(
+      cache_k_BxKxHxS, k_BxKxHxT.astype(cache_k_BxKxHxS.dtype), slot, 3)
+  cache_v_BxKxSxH = jax.lax.dynamic_update_slice_in_dim(
+      cache_v_BxKxSxH, v_BxKxTxH.astype(cache_v_BxKxSxH.dtype), slot, 2)
+  dt = q_BxTxNxH.dtype
+  out_BxTxNxH = cached_attention(q_BxTxNxH, cache_k_BxKxHxS.astype(dt), cache_v_BxKxSxH.astype(dt),
+                                 mask_Bx1xTxS, scale)
+  return out_BxTxNxH, (cache_k_BxKxHxS, cache_v_BxKxSxH)
+
+
 def cached_attention(q_BxTxNxH: jax.Array, k_BxKxHxS: jax.Array, v_BxKxSxH: jax.Array,
                      mask_Bx1xTxS: jax.Array, scale: float) -> jax.Array:
   """Grouped-query attention over the cache layouts above -> [B, T, N, H].
@@ -588,21 +677,21 @@ class Attention(nnx.Module):
     v_BxLxKxH = sharding.constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
 
     new_cache = None
-    if kv_cache is not None:
-      # One write slot for every row (the sampler's rows share a column): a dynamic-update-slice
-      # done in place, not a per-row scatter.
+    if kv_cache is not None and isinstance(mask_Bx1xTxS, RowsMask):
+      # Whole rows into a fresh cache of exactly their L slots (``Transformer.prefill``), with the
+      # rows' own attention.
       cache_k_BxKxHxS, cache_v_BxKxSxH = kv_cache
-      slot = write_index_B[0]
-      cache_k_BxKxHxS = jax.lax.dynamic_update_slice_in_dim(
-          cache_k_BxKxHxS, k_BxLxKxH.transpose(0, 2, 3, 1).astype(cache_k_BxKxHxS.dtype), slot, 3)
-      cache_v_BxKxSxH = jax.lax.dynamic_update_slice_in_dim(
-          cache_v_BxKxSxH, v_BxLxKxH.transpose(0, 2, 1, 3).astype(cache_v_BxKxSxH.dtype), slot, 2)
-      new_cache = (cache_k_BxKxHxS, cache_v_BxKxSxH)
-      if isinstance(mask_Bx1xTxS, RowsMask):  # whole rows into a fresh cache of L slots (prefill)
-        out_BxTxNxH = self._rows_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xTxS)
-      else:
-        out_BxTxNxH = cached_attention(q_BxLxNxH, cache_k_BxKxHxS.astype(dt),
-                                       cache_v_BxKxSxH.astype(dt), mask_Bx1xTxS, c.head_dim ** -0.5)
+      new_cache = (jax.lax.dynamic_update_slice_in_dim(
+                       cache_k_BxKxHxS, k_BxLxKxH.transpose(0, 2, 3, 1).astype(cache_k_BxKxHxS.dtype),
+                       0, 3),
+                   jax.lax.dynamic_update_slice_in_dim(
+                       cache_v_BxKxSxH, v_BxLxKxH.transpose(0, 2, 1, 3).astype(cache_v_BxKxSxH.dtype),
+                       0, 2))
+      out_BxTxNxH = self._rows_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xTxS)
+    elif kv_cache is not None:
+      out_BxTxNxH, new_cache = write_and_attend(
+          q_BxLxNxH, k_BxLxKxH.transpose(0, 2, 3, 1), v_BxLxKxH.transpose(0, 2, 1, 3), kv_cache,
+          mask_Bx1xTxS, write_index_B[0], c.head_dim ** -0.5)
     else:
       out_BxTxNxH = self._rows_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_Bx1xTxS)
     # wo contracts (N, H) as ONE flat dim (``dense``): as a two-axis contraction XLA CPU copied a
@@ -728,13 +817,16 @@ class Transformer(nnx.Module):
   # -- public API ------------------------------------------------------------------------------
 
   def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, *, cache: Cache | None = None,
-               cache_index=None, last_only: bool = False):
+               cache_index=None, last_only: bool = False,
+               cache_windows: tuple[tuple[int, int], ...] | None = None):
     """Logits [B, L, vocab_size] float32; with ``cache``, returns (logits, updated cache).
 
     ``last_only``: logits of the last column only, [B, 1, vocab_size] (a prefill needs no others;
-    the unembedding of the other columns is never computed)."""
+    the unembedding of the other columns is never computed). ``cache_windows``: ``cache`` is a
+    grouped cache, one Cache per window ((first row r_g, first slot s_g), ...) holding rows
+    r_g .. r_(g+1) - 1 and slots s_g .. on (``write_and_attend``); returned grouped likewise."""
     hidden_BxLxD, new_cache = self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, cache,
-                                            cache_index)
+                                            cache_index, cache_windows=cache_windows)
     if last_only:
       hidden_BxLxD = hidden_BxLxD[:, -1:]
     decode_step = cache is not None and tokens_BxL.shape[1] == 1
@@ -802,7 +894,7 @@ class Transformer(nnx.Module):
   # -- internals -------------------------------------------------------------------------------
 
   def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache, cache_index,
-               subtree_end_BxL=None):
+               subtree_end_BxL=None, cache_windows=None):
     c = self.config
     dt = jnp.dtype(c.compute_dtype)
     tokens_BxL = jnp.asarray(tokens_BxL, jnp.int32)
@@ -834,7 +926,16 @@ class Transformer(nnx.Module):
         x_BxLxD = run(block, x_BxLxD, cos, sin, mask)
       return self.final_norm(x_BxLxD), None
 
-    max_len = cache.segment_ids_BxS.shape[1]
+    # A grouped cache (``cache_windows``): one Cache per group of rows, group g holding the slots
+    # s_g .. max_len - 1 (``write_and_attend``).
+    windows = None if cache_windows is None else tuple(tuple(w) for w in cache_windows)
+    groups = (cache,) if windows is None else tuple(cache)
+    first_slots = (0,) if windows is None else tuple(s for _, s in windows)
+    ends = {s + g.segment_ids_BxS.shape[1] for s, g in zip(first_slots, groups)}
+    if len(groups) != len(first_slots) or len(ends) != 1:
+      raise ValueError(f"cache_windows={windows}: one cache per window, all ending at one slot"
+                       f" (got {len(groups)} caches ending at {sorted(ends)})")
+    max_len = ends.pop()
     if isinstance(cache_index, int) and not 0 <= cache_index <= max_len - L:
       # dynamic_update_slice would clamp the start and silently overwrite earlier slots.
       raise ValueError(f"cache_index={cache_index} + {L} new tokens does not fit the cache of "
@@ -843,28 +944,29 @@ class Transformer(nnx.Module):
       raise ValueError(f"cache_index must be a scalar (every row writes the same slot; the sampler"
                        f" left-pads so rows share columns), got shape {jnp.shape(cache_index)}")
     write_index_B = jnp.broadcast_to(jnp.asarray(cache_index, jnp.int32), (B,))
-    cache_segments_BxS = write_slots(cache.segment_ids_BxS, segment_ids_BxL, write_index_B)
-    slots_BxL = write_index_B[:, None] + jnp.arange(L, dtype=jnp.int32)
     if subtree_end_BxL is not None:  # whole rows (``prefill``): the rows' own attention
-      if not (isinstance(cache_index, int) and cache_index == 0 and L == max_len):
+      if not (isinstance(cache_index, int) and cache_index == 0 and L == max_len and windows is None):
         raise ValueError(f"whole rows with subtree_end fill a fresh cache of exactly their {L}"
                          f" slots from slot 0; got cache_index={cache_index}, cache of {max_len}")
+      cache_segments = write_slots(cache.segment_ids_BxS, segment_ids_BxL, write_index_B)
+      slots_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
       mask = RowsMask(attention_mask(slots_BxL, segment_ids_BxL, segment_ids_BxL, c.sliding_window,
                                      jnp.asarray(subtree_end_BxL, jnp.int32),
                                      jnp.asarray(positions_BxL, jnp.int32)),
                       attention_tile(L, trees=True))
     else:
-      mask = attention_mask(slots_BxL, segment_ids_BxL, cache_segments_BxS, c.sliding_window)
+      cache_segments, mask = cache_mask(cache_segment_ids(cache, windows), segment_ids_BxL,
+                                        cache_index, c.sliding_window, windows)
     if c.scan_layers:
-      x_BxLxD, (keys, values) = self._scan_layers(x_BxLxD, cos, sin, mask,
-                                                  (cache.keys, cache.values), write_index_B)
-      return self.final_norm(x_BxLxD), Cache(keys, values, cache_segments_BxS)
-    keys, values = [], []
-    for block, k, v in zip(self.layers, cache.keys, cache.values):
-      x_BxLxD, (k, v) = block(x_BxLxD, cos, sin, mask, (k, v), write_index_B)
-      keys.append(k)
-      values.append(v)
-    return self.final_norm(x_BxLxD), Cache(tuple(keys), tuple(values), cache_segments_BxS)
+      x_BxLxD, new_kv = self._scan_layers(x_BxLxD, cos, sin, mask, layer_kv(cache, windows),
+                                          write_index_B)
+    else:
+      new_kv = []
+      for i, block in enumerate(self.layers):
+        x_BxLxD, kv = block(x_BxLxD, cos, sin, mask, layer_kv(cache, windows, i), write_index_B)
+        new_kv.append(kv)
+    return self.final_norm(x_BxLxD), rebuild_cache(new_kv, cache_segments, windows,
+                                                   stacked=c.scan_layers)
 
   def _scan_layers(self, x_BxLxD, cos, sin, mask, kv_YxBx=None, write_index_B=None):
     """The stacked blocks run by one ``jax.lax.scan`` over the layer axis: XLA compiles the body
