@@ -485,6 +485,25 @@ def test_sharded_shared_prefix_generation_matches_single_device(tokenizer, greed
   assert [g.tokens for g in gens] == [g.tokens for g in greedy_unshared]
 
 
+def test_sharded_grouped_cache_generation_matches_single_device(model, tokenizer, monkeypatch):
+  """Rows split over the 2x2x2 mesh's shards keep one group (``decode_windows``), shifted past
+  the slots no prompt reaches: prompts of 129-160 tokens past their shared start in a bucket of
+  256 drop the first 96 or more of the cache's slots on every shard, to the same tokens."""
+  prompts = [f"Case {k}: " + LONG + " Then list every step." * (2 + k) for k in range(4)]
+  ids = [sample.render_prompt(tokenizer, p)[1] for p in prompts]
+  P = sample.shared_prefix(ids)
+  plen = P + sample.bucket(max(map(len, ids)) - P, 32)
+  assert plen - P == 256 and 128 < max(map(len, ids)) - P <= 160  # the shape this test is about
+  plans, plan = [], sample.decode_windows
+  monkeypatch.setattr(sample, "decode_windows", lambda *a, **k: plans.append(plan(*a, **k)) or plans[-1])
+  mesh = sharding.make_mesh(2, 2, 2)
+  sharded = tiny_model(len(tokenizer), mesh=mesh)
+  gens = sample.generate(sharded, tokenizer, prompts, max_new_tokens=12, eos_ids=NEVER, mesh=mesh)
+  assert len(plans[0]) == 1 and plans[0][0][1] >= 96  # one group, from slot 96 or later
+  alone = sample.generate(model, tokenizer, prompts, max_new_tokens=12, eos_ids=NEVER)
+  assert [g.tokens for g in gens] == [g.tokens for g in alone]
+
+
 def test_generate_stage_writes_jsonl(tmp_path, capsys):
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text(
