@@ -79,6 +79,19 @@ def test_cached_attention_equals_dot_product_attention(num_kv_heads, T):
   assert np.abs(np.asarray(unmasked) - np.asarray(want)).max() > 1e-2  # and a dropped mask
 
 
+def test_a_grouped_cache_must_be_one_cache_per_window_ending_together():
+  config = models.ModelConfig(family="llama", vocab_size=300, hidden_size=48, intermediate_size=96,
+                              num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8)
+  model = models.init_random(config, seed=0)
+  one = jnp.ones((4, 1), jnp.int32)
+  windows = ((0, 0), (2, 8))
+  for bad, says in [(model.init_cache(4, 16), "one Cache per window, got one Cache"),
+                    ((model.init_cache(4, 16),), "got 1 caches"),
+                    ((model.init_cache(2, 16), model.init_cache(2, 16)), "end at [16, 24]")]:
+    with pytest.raises(ValueError, match=re.escape(says)):
+      model(one, one, one, cache=bad, cache_index=9, cache_windows=windows)
+
+
 # (family, scan_layers): biases (qwen2), qk-norm + tied head (qwen3), (1+w) norms + gelu + tied
 # (gemma), the untied lm head (llama), and the stacked [Y, ...] weights of a scanned model.
 OUT_IN_CASES = [("llama", False), ("qwen2", True), ("qwen3", False), ("gemma", True)]

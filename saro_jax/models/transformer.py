@@ -189,16 +189,27 @@ def cache_mask(segment_ids_BxS, segment_ids_BxL: jax.Array, cache_index,
   return segments_BxS, attention_mask(slots_BxL, segment_ids_BxL, segments_BxS, sliding_window)
 
 
+def cache_groups(cache, windows) -> tuple[Cache, ...]:
+  """A decode cache's groups: (cache,) when ungrouped; with ``windows`` one Cache per window."""
+  if windows is None:
+    return (cache,)
+  if isinstance(cache, Cache) or len(cache) != len(windows):
+    got = "one Cache" if isinstance(cache, Cache) else f"{len(cache)} caches"
+    raise ValueError(f"cache_windows={windows}: the cache must be one Cache per window, got {got}")
+  return tuple(cache)
+
+
 def layer_kv(cache, windows, layer: int | None = None):
   """One layer's (keys, values) of a decode cache (``layer`` None: a scanned cache's stacked
   arrays), or of a grouped cache (``windows``: a Cache per group) one such pair per group."""
-  groups = (cache,) if windows is None else tuple(cache)
+  groups = cache_groups(cache, windows)
   kvs = [(g.keys, g.values) if layer is None else (g.keys[layer], g.values[layer]) for g in groups]
   return kvs[0] if windows is None else tuple(kvs)
 
 
 def cache_segment_ids(cache, windows):
-  return cache.segment_ids_BxS if windows is None else tuple(g.segment_ids_BxS for g in cache)
+  return cache.segment_ids_BxS if windows is None else tuple(
+      g.segment_ids_BxS for g in cache_groups(cache, windows))
 
 
 def rebuild_cache(new_kv, segment_ids, windows, *, stacked: bool):
@@ -929,12 +940,11 @@ class Transformer(nnx.Module):
     # A grouped cache (``cache_windows``): one Cache per group of rows, group g holding the slots
     # s_g .. max_len - 1 (``write_and_attend``).
     windows = None if cache_windows is None else tuple(tuple(w) for w in cache_windows)
-    groups = (cache,) if windows is None else tuple(cache)
     first_slots = (0,) if windows is None else tuple(s for _, s in windows)
-    ends = {s + g.segment_ids_BxS.shape[1] for s, g in zip(first_slots, groups)}
-    if len(groups) != len(first_slots) or len(ends) != 1:
-      raise ValueError(f"cache_windows={windows}: one cache per window, all ending at one slot"
-                       f" (got {len(groups)} caches ending at {sorted(ends)})")
+    ends = {s + g.segment_ids_BxS.shape[1] for s, g in zip(first_slots, cache_groups(cache, windows))}
+    if len(ends) != 1:
+      raise ValueError(f"cache_windows={windows}: every group's cache must end at the same slot"
+                       f" (they end at {sorted(ends)})")
     max_len = ends.pop()
     if isinstance(cache_index, int) and not 0 <= cache_index <= max_len - L:
       # dynamic_update_slice would clamp the start and silently overwrite earlier slots.
