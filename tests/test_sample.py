@@ -51,10 +51,10 @@ def generate_config(preset: str = "tiny"):
   return module.get_config(preset)
 
 
-def tiny_model(vocab_size: int, mesh=None):
+def tiny_model(vocab_size: int, mesh=None, **overrides):
   # The tiny preset's architecture: the stage test then reuses these compiled programs.
   arch = dict(generate_config().model.arch)
-  config = models.ModelConfig(**arch, vocab_size=vocab_size)
+  config = models.ModelConfig(**{**arch, **overrides}, vocab_size=vocab_size)
   model = models.init_random(config, seed=0, mesh=mesh)
   # HF-style init (std 0.02) makes a tiny random model repeat one token forever; weights 10x larger
   # give varied greedy continuations, so token-for-token comparisons actually discriminate.
@@ -419,11 +419,14 @@ def test_decode_windows_plan_the_fewest_slots_each_row_still_sees():
                    else rows * cache_len)
 
 
-@pytest.mark.parametrize("layout", ["columns", "rows"])
-def test_decode_windows_decode_the_whole_caches_tokens(model, tokenizer, layout, monkeypatch):
+@pytest.mark.parametrize("layout,scan", [("columns", False), ("rows", False), ("rows", True)])
+def test_decode_windows_decode_the_whole_caches_tokens(model, tokenizer, layout, scan, monkeypatch):
   """Four long prompts beside four short ones: the short rows' group reads the cache from past
   the long prompts' left padding on (``sample.decode_windows``), and every row decodes the
-  tokens of the decode that reads the whole cache."""
+  tokens of the decode that reads the whole cache (also with the layers scanned: a [Y, ...]
+  cache per group)."""
+  if scan:
+    model = tiny_model(len(tokenizer), scan_layers=True)
   prompts = [f"{LONG} Case {i}." for i in range(4)] + ["hi there", "x", "Why?", "ok then"]
   plans, plan = [], sample.decode_windows
   monkeypatch.setattr(sample, "decode_windows", lambda *a, **k: plans.append(plan(*a, **k)) or plans[-1])
