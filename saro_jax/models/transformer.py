@@ -190,12 +190,17 @@ def cache_mask(segment_ids_BxS, segment_ids_BxL: jax.Array, cache_index,
 
 
 def cache_groups(cache, windows) -> tuple[Cache, ...]:
-  """A decode cache's groups: (cache,) when ungrouped; with ``windows`` one Cache per window."""
+  """A decode cache's groups: (cache,) when ungrouped; with ``windows`` one Cache per window, all
+  ending at the same slot (checked)."""
   if windows is None:
     return (cache,)
   if isinstance(cache, Cache) or len(cache) != len(windows):
     got = "one Cache" if isinstance(cache, Cache) else f"{len(cache)} caches"
     raise ValueError(f"cache_windows={windows}: the cache must be one Cache per window, got {got}")
+  ends = {s + g.segment_ids_BxS.shape[1] for (_, s), g in zip(windows, cache)}
+  if len(ends) != 1:
+    raise ValueError(f"cache_windows={windows}: every group's cache must end at the same slot"
+                     f" (they end at {sorted(ends)})")
   return tuple(cache)
 
 
@@ -940,12 +945,8 @@ class Transformer(nnx.Module):
     # A grouped cache (``cache_windows``): one Cache per group of rows, group g holding the slots
     # s_g .. max_len - 1 (``write_and_attend``).
     windows = None if cache_windows is None else tuple(tuple(w) for w in cache_windows)
-    first_slots = (0,) if windows is None else tuple(s for _, s in windows)
-    ends = {s + g.segment_ids_BxS.shape[1] for s, g in zip(first_slots, cache_groups(cache, windows))}
-    if len(ends) != 1:
-      raise ValueError(f"cache_windows={windows}: every group's cache must end at the same slot"
-                       f" (they end at {sorted(ends)})")
-    max_len = ends.pop()
+    max_len = (0 if windows is None else windows[0][1]) + \
+        cache_groups(cache, windows)[0].segment_ids_BxS.shape[1]
     if isinstance(cache_index, int) and not 0 <= cache_index <= max_len - L:
       # dynamic_update_slice would clamp the start and silently overwrite earlier slots.
       raise ValueError(f"cache_index={cache_index} + {L} new tokens does not fit the cache of "
