@@ -85,6 +85,10 @@ class Generation:
 # top-k alone (top_p = 1) with k at most this many: the k-th largest logit comes from a top-k of
 # this width instead of a sort of the whole vocabulary.
 TOP_K_SHORTLIST = 256
+# top-p: the nucleus is looked for among the top tokens of these widths in turn (a top-k each); a
+# batch goes on to the next width only if some row's nucleus (or top-k set) reaches past this one,
+# and to the whole vocabulary sorted past the last.
+NUCLEUS_WIDTHS = (256, 4096)
 
 
 def sample_token(logits_BxV: jax.Array, keys_B: jax.Array, step: jax.Array, sampling: Sampling) -> jax.Array:
@@ -93,12 +97,14 @@ def sample_token(logits_BxV: jax.Array, keys_B: jax.Array, step: jax.Array, samp
   Sampling follows HF's order: temperature, then top-k, then top-p over the top-k survivors.
   Each filter is a cut: logits below the row's cut value are dropped, and the categorical draw's
   noise depends only on the key and the shape, so the drawn token depends on the cut and the kept
-  logits alone. Only top-p needs the whole vocabulary in order (the mass before each token). The
-  other settings find the same cut without the sort that XLA:CPU takes ~0.9 s for at 40 x 49152
-  (against ~0.15 s for the SmolLM2 decode step itself):
-  no filter cuts at -inf (nothing dropped, as the sort's cut at the smallest logit dropped
-  nothing), and top-k alone (k <= TOP_K_SHORTLIST) cuts at the k-th value of a short top-k. The
-  tokens are bit-identical to the sorted path's (tests/test_sample.py).
+  logits alone. None of the settings sorts the whole vocabulary unless it must (XLA:CPU takes
+  ~0.9 s for that at 64 x 49152, against ~0.2 s for the SmolLM2 decode step itself):
+  no filter cuts at -inf (nothing dropped); top-k alone (k <= TOP_K_SHORTLIST) cuts at the k-th
+  value of a short top-k; top-p finds its cut among the top NUCLEUS_WIDTHS tokens
+  (``_nucleus_cut``). The first two are bit-identical to the sorted path's tokens; the nucleus's
+  probabilities are normalised over the vocabulary in its own order instead of sorted order, so
+  its cut can differ from the sorted path's only where a row's mass sits within a few float32
+  roundings of top_p (tests/test_sample.py).
   """
 
   def greedy():
@@ -109,17 +115,6 @@ def sample_token(logits_BxV: jax.Array, keys_B: jax.Array, step: jax.Array, samp
     logits = logits_BxV.astype(jnp.float32) / jnp.maximum(sampling.temperature, 1e-6)
     k = jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, vocab), vocab)
 
-    def nucleus_cut():
-      sorted_BxV = jax.lax.top_k(logits, vocab)[0]  # descending: the values of a full sort
-      in_top_k_V = jnp.arange(vocab) < k
-      probs_BxV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BxV, -jnp.inf), axis=-1)
-      # Nucleus: keep the smallest prefix whose mass reaches top_p (a token is kept while the mass
-      # strictly before it is below top_p); top_p = 1 keeps all k (no float-rounding losses).
-      before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-      n_keep_B = jnp.clip(jnp.sum((before_BxV < sampling.top_p) & in_top_k_V, axis=-1), 1, k)
-      n_keep_B = jnp.where(sampling.top_p >= 1.0, k, n_keep_B)
-      return jnp.take_along_axis(sorted_BxV, n_keep_B[:, None] - 1, axis=-1)
-
     def top_k_cut():
       top_BxC = jax.lax.top_k(logits, min(TOP_K_SHORTLIST, vocab))[0]
       return jax.lax.dynamic_slice_in_dim(top_BxC, jnp.minimum(k, top_BxC.shape[-1]) - 1, 1, axis=-1)
@@ -129,12 +124,56 @@ def sample_token(logits_BxV: jax.Array, keys_B: jax.Array, step: jax.Array, samp
 
     which = jnp.where(sampling.top_p < 1.0, 0, jnp.where(k >= vocab, 2,
                                                          jnp.where(k <= TOP_K_SHORTLIST, 1, 0)))
-    cut_Bx1 = jax.lax.switch(which, (nucleus_cut, top_k_cut, no_cut))
+    cut_Bx1 = jax.lax.switch(which, (lambda: _nucleus_cut(logits, k, sampling.top_p), top_k_cut,
+                                     no_cut))
     logits = jnp.where(logits < cut_Bx1, -jnp.inf, logits)
     step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
     return jax.vmap(jax.random.categorical)(step_keys_B, logits).astype(jnp.int32)
 
   return jax.lax.cond(sampling.temperature == 0.0, greedy, draw)
+
+
+def _nucleus_cut(logits_BxV: jax.Array, k: jax.Array, top_p: jax.Array,
+                 widths: tuple[int, ...] = NUCLEUS_WIDTHS) -> jax.Array:
+  """[B, 1]: each row's smallest kept logit under top-k ``k`` then top-p ``top_p`` (< 1).
+
+  The nucleus: the top tokens in descending order, each kept while the probability mass strictly
+  before it (softmax over the top-k survivors) is below top_p, at least one. Its cut is read off
+  a top-k of ``widths[0]`` tokens when every row's nucleus ends inside it (the mass reaches top_p
+  there) and the normaliser is known: the sum over the whole vocabulary (no top-k), or over the
+  shortlist's first k (k <= width); otherwise the next width is tried (a ``lax.cond``: a batch
+  pays for a wider top-k only when some row needs it), and past the last the whole vocabulary
+  is sorted. SmolLM2 over 3035 positions of the recipe's synthesized traces, top_p 0.9: at
+  temperature 0.5 every nucleus held <= 147 tokens; at temperature 1, 14 % held more than 256
+  (at most 2706), so such batches mostly take the 4096 rung (benchmarks/README.md "Session 61").
+  """
+  vocab = logits_BxV.shape[-1]
+  width = widths[0] if widths else vocab
+  if width >= vocab:  # the whole vocabulary, sorted (descending: the values of a full sort)
+    sorted_BxV = jax.lax.top_k(logits_BxV, vocab)[0]
+    in_top_k_V = jnp.arange(vocab) < k
+    probs_BxV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BxV, -jnp.inf), axis=-1)
+    before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    n_keep_B = jnp.clip(jnp.sum((before_BxV < top_p) & in_top_k_V, axis=-1), 1, k)
+    return jnp.take_along_axis(sorted_BxV, n_keep_B[:, None] - 1, axis=-1)
+  # The barrier keeps the top-k a top-k: with its values sliced twice (the max, below) XLA:CPU
+  # rewrote it as a sort of the whole row (0.6 s at 40 x 49152 against 13 ms).
+  top_BxC = jax.lax.optimization_barrier(jax.lax.top_k(logits_BxV, width)[0])
+  max_Bx1 = top_BxC[:, :1]
+  in_top_k_C = jnp.arange(width) < k
+  exp_BxC = jnp.where(in_top_k_C, jnp.exp(top_BxC - max_Bx1), 0.0)
+  # The softmax's normaliser over the top-k survivors: the whole row, or the shortlist's first k.
+  total_Bx1 = jnp.where(k >= vocab, jnp.sum(jnp.exp(logits_BxV - max_Bx1), axis=-1, keepdims=True),
+                        jnp.sum(exp_BxC, axis=-1, keepdims=True))
+  probs_BxC = exp_BxC / total_Bx1
+  before_BxC = jnp.cumsum(probs_BxC, axis=-1) - probs_BxC
+  kept_B = jnp.sum((before_BxC < top_p) & in_top_k_C, axis=-1)
+  # The mass before a token never falls along the order, so a token outside the nucleus inside the
+  # shortlist puts every later one outside too; with k between the width and the vocabulary the
+  # normaliser needs the k-th value, which only a wider top-k has.
+  fits = jnp.all((k <= width) | ((k >= vocab) & (kept_B < width)))
+  cut_Bx1 = jnp.take_along_axis(top_BxC, jnp.clip(kept_B, 1, k)[:, None] - 1, axis=-1)
+  return jax.lax.cond(fits, lambda: cut_Bx1, lambda: _nucleus_cut(logits_BxV, k, top_p, widths[1:]))
 
 
 def _forward(model, cache, tokens_BxT, positions_BxT, segment_ids_BxT, cache_index, windows=None):

@@ -219,7 +219,8 @@ def test_matmul_benchmark_bf16_times_both_result_types(capsys):
 
 def test_sample_token_benchmark_reports_every_setting(capsys):
   """benchmarks/sample_token.py at a small size: a figure per setting, and its assertion that the
-  shortcuts draw the sorted path's tokens held (it raises otherwise)."""
+  shortcuts draw the sorted path's tokens held (it raises otherwise; top-p counts the rows whose
+  mass sat within rounding of top_p instead)."""
   out = benchmark_scripts.load("sample_token").main(["--batch", "4", "--vocab", "600",
                                                      "--rounds", "1"])
   assert set(out) == {"greedy", "temperature 1", "top_k 50", "top_p 0.9"}

@@ -330,7 +330,9 @@ def test_sample_token_shortcuts_draw_the_sorted_paths_tokens():
   ours, theirs = jax.jit(sample.sample_token), jax.jit(sorted_path_token)
   settings = [dict(temperature=1.0), dict(temperature=0.3), dict(temperature=2.0, top_k=1)]
   settings += [dict(temperature=1.0, top_k=k) for k in (2, 50, 255, 256, 257, 999, 1000, 5000)]
-  settings += [dict(temperature=0.7, top_p=p, top_k=k) for p in (0.5, 0.95) for k in (0, 50)]
+  # (top-p sums its masses in another order than the sorted path: a cut may move where a mass
+  # sits within rounding of top_p, so its test is against a float64 nucleus, with and without
+  # top-k: test_nucleus_cut_is_the_float64_nucleus.)
   for kw in settings:
     for step in range(3):
       a = ours(logits, keys, jnp.int32(step), sample.Sampling.of(**kw))
@@ -340,6 +342,51 @@ def test_sample_token_shortcuts_draw_the_sorted_paths_tokens():
   free = ours(logits, keys, jnp.int32(0), sample.Sampling.of(temperature=1.0))
   top = ours(logits, keys, jnp.int32(0), sample.Sampling.of(temperature=1.0, top_k=2))
   assert (np.asarray(free) != np.asarray(top)).any()
+
+
+def test_nucleus_cut_is_the_float64_nucleus():
+  """top-p reads its cut off a short top-k (``NUCLEUS_WIDTHS``), a wider one, or the sorted
+  vocabulary, whichever first holds every row's nucleus: each rung's cut must be the float64
+  nucleus's. Widths (16, 64) over a vocabulary of 512 so that small batches need each rung:
+  peaked rows (nuclei <= 16), flatter ones (17-64), flat ones (> 64: the sort), and top-k on both
+  sides of each width.
+
+  Error model: the cut is exact (one of the logits) unless a row's mass before some token sits
+  within rounding of top_p. The fp32 mass before a token is a cumsum of <= V probabilities, each
+  an exp over a normaliser summed over <= V terms: |error| <= (2V + 4) u (u = 2^-24, masses <= 1)
+  ~= 6.1e-5 at V = 512. Rows with a mass that close to top_p are left out and counted (the masses
+  are float64 numpy's, the same on every machine: 18 of 864 rows). Planted bugs fail it: the
+  normaliser summed over the shortlist alone, and a shortlist trusted with k between its width
+  and the vocabulary (its normaliser then misses survivors)."""
+  B, V, widths = 48, 512, (16, 64)
+  u = 2.0 ** -24
+  eps = (2 * V + 4) * u
+  cut_fn = jax.jit(lambda x, k, p: sample._nucleus_cut(x, k, p, widths))
+  skipped = checked = 0
+  for case, (scale, top_k, rung) in enumerate(((6.0, 0, 0), (6.0, 10, 0), (3.5, 0, 1),
+                                               (3.5, 40, 1), (0.3, 0, 2), (3.5, 100, 2))):
+    rng = np.random.default_rng(case)
+    logits = (rng.standard_normal((B, V)) * scale).astype(np.float32)
+    for top_p in (0.5, 0.8, 0.9):
+      k = top_k or V
+      s = -np.sort(-logits.astype(np.float64), axis=-1)[:, :k]
+      probs = np.exp(s - s[:, :1])
+      probs /= probs.sum(-1, keepdims=True)
+      before = np.cumsum(probs, -1) - probs
+      n_keep = np.clip((before < top_p).sum(-1), 1, k)
+      # The batch needs the rung it was built for (the widest row decides).
+      need = max(n_keep.max() if top_k == 0 else k, 1)
+      if top_p == 0.9:
+        assert need > (0, *widths)[rung] and (rung == 2 or need <= widths[rung]), (scale, top_k, need)
+      want = s[np.arange(B), n_keep - 1].astype(np.float32)
+      got = np.asarray(cut_fn(jnp.asarray(logits), jnp.int32(k), jnp.float32(top_p)))[:, 0]
+      close = (np.abs(before - top_p) <= eps).any(-1)
+      skipped += int(close.sum())
+      checked += int((~close).sum())
+      bad = np.flatnonzero((got != want) & ~close)
+      assert bad.size == 0, (scale, top_k, top_p, bad[:5], got[bad[:5]], want[bad[:5]])
+  # The float64 masses and eps are the same on every machine: so is this count (18 of 864 rows).
+  assert checked >= 0.9 * (checked + skipped), (skipped, checked)
 
 
 def test_split_reasoning():
