@@ -508,12 +508,20 @@ def test_prefill_never_builds_prompt_length_logits(model, tokenizer, greedy):
   assert largest < R * L, f"a [.., {vocab}] tensor with {largest} rows: R x L x V logits"
 
 
-def test_sharded_generation_matches_single_device(tokenizer, greedy):
+def test_sharded_generation_matches_single_device(model, tokenizer, greedy):
+  """Greedy, and sampled with top-p (its nucleus found in a top-k of the sharded logits, the
+  ``lax.cond`` over the rungs taken on a predicate over every row): the settings are traced, so
+  both run the same compiled programs."""
   mesh = sharding.make_mesh(2, 2, 2)
   sharded = tiny_model(len(tokenizer), mesh=mesh)
   assert len(sharded.layers[0].mlp.w_up_DxF[...].sharding.device_set) == 8
   gens = sample.generate(sharded, tokenizer, PROMPTS, max_new_tokens=12, eos_ids=NEVER, mesh=mesh)
   assert [g.tokens for g in gens] == [g.tokens for g in greedy]
+  kw = dict(max_new_tokens=12, eos_ids=NEVER, temperature=0.7, top_p=0.9, seed=3)
+  sampled = sample.generate(sharded, tokenizer, PROMPTS, mesh=mesh, **kw)
+  assert [g.tokens for g in sampled] == [g.tokens for g in sample.generate(model, tokenizer,
+                                                                           PROMPTS, **kw)]
+  assert [g.tokens for g in sampled] != [g.tokens for g in greedy]
 
 
 def test_shared_prefix_generation_matches_the_unshared(model, tokenizer, greedy_unshared):
