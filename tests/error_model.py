@@ -90,6 +90,13 @@ def max_bound(scale: float, depth: int, programs: int = 2) -> float:
   return programs * gamma(depth) * scale
 
 
+def decision_tie(scale: float, depth: int) -> float:
+  """The largest gap between two tokens' logits that two fp32 programs may order differently: each
+  logit of each program is within gamma(depth) * scale of the exact one, so the two programs'
+  values of one logit are within max_bound, and the gap between two logits within twice that."""
+  return 2 * max_bound(scale, depth)
+
+
 def mean_bound(scale: float, depth: int, programs: int = 2) -> float:
   """Random-walk size of the typical |a - b|, relative to the same (maximum) scale."""
   return programs * math.sqrt(depth) * U * scale

@@ -64,18 +64,6 @@ def torch_logits(torch_reference, prompt_ids) -> list[np.ndarray]:
             for ids in prompt_ids]
 
 
-def right_padded(prompt_ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """All prompts in one batch: right padding is segment 0, which no real token attends to."""
-  length = max(len(ids) for ids in prompt_ids)
-  tokens_BxL = np.zeros((len(prompt_ids), length), np.int32)
-  segment_ids_BxL = np.zeros_like(tokens_BxL)
-  for b, ids in enumerate(prompt_ids):
-    tokens_BxL[b, :len(ids)] = ids
-    segment_ids_BxL[b, :len(ids)] = 1
-  positions_BxL = np.broadcast_to(np.arange(length, dtype=np.int32), tokens_BxL.shape).copy()
-  return tokens_BxL, positions_BxL, segment_ids_BxL
-
-
 def max_abs_diff_per_prompt(logits_BxLxV, prompt_ids, torch_logits) -> list[float]:
   logits_BxLxV = np.asarray(logits_BxLxV)
   return [float(np.abs(logits_BxLxV[b, :len(ids)] - ref).max())
@@ -152,7 +140,7 @@ def test_logits_match_pytorch(jax_model, prompt_ids, torch_logits):
   c = jax_model.config
   assert (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.head_dim) == (
       30, 576, 1536, 9, 64)  # the depth used by logits_parity
-  logits_BxLxV = tiny_hf.jax_logits(jax_model, *right_padded(prompt_ids))
+  logits_BxLxV = tiny_hf.jax_logits(jax_model, *tiny_hf.right_padded(prompt_ids))
   for b, (ids, ref) in enumerate(zip(prompt_ids, torch_logits)):
     d = np.abs(np.asarray(logits_BxLxV)[b, :len(ids)] - ref)
     print(f"SmolLM2 prompt of {len(ids)} tokens: max |logits - torch| = {d.max():.2e}, "
@@ -188,7 +176,7 @@ def test_planted_bug_is_caught(bug, smollm2_tensors, prompt_ids, torch_logits):
   from saro_jax.models import hf
   config, tensors = bug(*smollm2_tensors)
   model = hf.load_from_tensors(config, tensors, param_dtype="float32", compute_dtype="float32")
-  logits_parity(model(*right_padded(prompt_ids)), prompt_ids, torch_logits,
+  logits_parity(model(*tiny_hf.right_padded(prompt_ids)), prompt_ids, torch_logits,
                 check=em.assert_caught, what=bug.__name__)
 
 
@@ -197,7 +185,8 @@ def test_sharded_2x2x2_equals_single_device(smollm2_path, jax_model, prompt_ids)
   start = time.perf_counter()
   sharded = gg.load_gguf(smollm2_path, mesh=mesh, param_dtype="float32", compute_dtype="float32")
   print(f"\nload_gguf (2x2x2 mesh): {time.perf_counter() - start:.1f} s")
-  tokens_BxL, positions_BxL, segment_ids_BxL = right_padded(prompt_ids + prompt_ids[:1])  # B=4
+  tokens_BxL, positions_BxL, segment_ids_BxL = tiny_hf.right_padded(  # B=4
+      prompt_ids + prompt_ids[:1])
   graphdef, state = nnx.split(sharded)
 
   @jax.jit

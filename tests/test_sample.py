@@ -511,9 +511,9 @@ def test_prefill_never_builds_prompt_length_logits(model, tokenizer, greedy):
 
 def recomputed_choices(model, tokenizer, prompts, gens, *, temperature: float = 0.0,
                        top_p: float = 1.0, seed: int = 0):
-  """Which tokens two fp32 programs may pick at each generated step (``assert_same_until_near_tie``),
-  from logits of a third program: ONE full forward of prompt + tokens on one device
-  (``tiny_hf.jax_logits``).
+  """Which tokens two fp32 programs may pick at each generated step
+  (``assert_same_until_near_tie``), from logits of a third program: ONE full forward of prompt +
+  tokens on one device (``tiny_hf.jax_logits``).
 
   Returns per prompt (scores [N, V], sure [N, V], possible [N, V], tie). The sampler draws the
   argmax of its scores over its nucleus (``sample_token``): greedy, the logits over every token;
@@ -522,28 +522,22 @@ def recomputed_choices(model, tokenizer, prompts, gens, *, temperature: float = 
   if it may be in a program's nucleus (``possible``) and its score is within ``tie`` of the best
   score among the tokens every program keeps (``sure``).
 
-  The tie, from tests/error_model.py: each program's logits are within gamma(depth) * max|logit|
-  of the exact ones (depth: the model's at the longest sequence), so two programs' logit of one
-  token are within max_bound, and the gap between two tokens within 2 max_bound (the bound the
-  SmolLM2 greedy test uses); / T in score units. The nucleus keeps a token while the mass before it
-  (in descending order) is below top_p; that mass moves by at most 2 tie / T (each probability's
-  relative error: its logit's and the normaliser's) plus the cumulative sum's rounding gamma(V), so
-  a token whose mass before lies within that of top_p may be kept by one program and not the other.
+  The tie: ``error_model.decision_tie`` (depth: the model's at the longest sequence, scale:
+  max|logit|; the bound the SmolLM2 greedy test uses), / T in score units. The nucleus keeps a
+  token while the mass before it (in descending order) is below top_p; that mass moves by at most
+  2 tie / T (each probability's relative error: its logit's and the normaliser's) plus the
+  cumulative sum's rounding gamma(V), so a token whose mass before lies within that of top_p may
+  be kept by one program and not the other.
   """
   ids = [sample.render_prompt(tokenizer, p)[1] for p in prompts]
   seqs = [x + g.tokens for x, g in zip(ids, gens)]
-  B, L = len(seqs), max(map(len, seqs))
-  tokens_BxL, segment_ids_BxL = np.zeros((B, L), np.int32), np.zeros((B, L), np.int32)
-  for r, s in enumerate(seqs):
-    tokens_BxL[r, :len(s)], segment_ids_BxL[r, :len(s)] = s, 1
-  positions_BxL = np.broadcast_to(np.arange(L, dtype=np.int32), (B, L))
-  logits_BxLxV = tiny_hf.jax_logits(model, tokens_BxL, positions_BxL, segment_ids_BxL)
-  depth = em.model_depth(model.config, L)
+  logits_BxLxV = tiny_hf.jax_logits(model, *tiny_hf.right_padded(seqs))
+  depth = em.model_depth(model.config, max(map(len, seqs)))
   out = []
   for i, (x, g) in enumerate(zip(ids, gens)):
     logits_NxV = logits_BxLxV[i, len(x) - 1:len(x) - 1 + len(g.tokens)].astype(np.float64)
     N, V = logits_NxV.shape
-    tie = 2 * em.max_bound(float(np.abs(logits_NxV).max()), depth)
+    tie = em.decision_tie(float(np.abs(logits_NxV).max()), depth)
     if temperature == 0.0:
       everything = np.ones((N, V), bool)
       out.append((logits_NxV, everything, everything, tie))
@@ -561,8 +555,9 @@ def recomputed_choices(model, tokenizer, prompts, gens, *, temperature: float = 
     np.put_along_axis(sure_NxV, order_NxV, (before_NxV < top_p - mass_tie) | first_NxV, axis=-1)
     np.put_along_axis(possible_NxV, order_NxV, (before_NxV < top_p + mass_tie) | first_NxV, axis=-1)
     key = jax.random.fold_in(jax.random.key(seed), i)
-    noise_NxV = np.stack([np.asarray(jax.random.gumbel(jax.random.fold_in(key, k), (V,), jnp.float32))
-                          for k in range(N)]).astype(np.float64)
+    noise_NxV = np.stack([
+        np.asarray(jax.random.gumbel(jax.random.fold_in(key, k), (V,), jnp.float32))
+        for k in range(N)]).astype(np.float64)
     out.append((scaled_NxV + noise_NxV, sure_NxV, possible_NxV, tie))
   return out
 

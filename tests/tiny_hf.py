@@ -113,6 +113,21 @@ def padded_batch(seed: int = 0, lengths=(12, 7), left_pad=(False, True), vocab_s
   return tokens, positions, segment_ids
 
 
+def right_padded(prompt_ids):
+  """(tokens, positions, segment_ids) int32 [B, L] of all prompts (sequences of token ids) in one
+  batch: right padding is segment 0, which no real token attends to."""
+  import numpy as np
+
+  length = max(len(ids) for ids in prompt_ids)
+  tokens_BxL = np.zeros((len(prompt_ids), length), np.int32)
+  segment_ids_BxL = np.zeros_like(tokens_BxL)
+  for b, ids in enumerate(prompt_ids):
+    tokens_BxL[b, :len(ids)] = ids
+    segment_ids_BxL[b, :len(ids)] = 1
+  positions_BxL = np.broadcast_to(np.arange(length, dtype=np.int32), tokens_BxL.shape).copy()
+  return tokens_BxL, positions_BxL, segment_ids_BxL
+
+
 def torch_logits(model: torch.nn.Module, tokens, positions, segment_ids):
   """Reference logits from a transformers model (padding = segment 0 -> attention_mask 0)."""
   import numpy as np
