@@ -120,6 +120,14 @@ def cpu_ffi_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+  """A tiny random Llama saved in HF format (``tiny_hf``: non-default values where they change
+  the numbers, rope theta 2345...), once per test module."""
+  import tiny_hf
+  return tiny_hf.save_tiny_hf("llama", tmp_path_factory.mktemp("tiny") / "llama")
+
+
 # Heaviest files first under `--dist loadfile`. xdist's default queue puts files with many tests
 # first, so the files of ONE slow test (the two-process SaRO run, the SmolLM2 eval and greedy
 # runs) came last, and a worker takes another file whenever it has 2 tests or fewer left: the run

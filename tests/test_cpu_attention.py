@@ -75,12 +75,6 @@ def test_bad_operands_are_clear_errors():
     jax.block_until_ready(cpu_attention.attention(q[:, :, :5], k, v, bias, 1.0))
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-  # tiny_hf's llama takes non-default values where they change the numbers (rope theta 2345...).
-  return tiny_hf.save_tiny_hf("llama", tmp_path_factory.mktemp("tiny") / "llama")
-
-
 def test_logits_and_gradients_with_cpu_flash_match_xla(llama_dir):
   xla = hf.load_hf(str(llama_dir))
   flash = hf.load_hf(str(llama_dir), attention_impl="cpu_flash")

@@ -59,12 +59,6 @@ def test_an_empty_contraction_gives_zeros():
   np.testing.assert_array_equal(np.asarray(out), np.zeros((3, 4), np.float32))
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-  # tiny_hf's llama takes non-default values where they change the numbers (rope theta 2345...).
-  return tiny_hf.save_tiny_hf("llama", tmp_path_factory.mktemp("tiny") / "llama")
-
-
 def test_logits_and_gradients_with_mkl_match_xlas_dots(llama_dir):
   xla = hf.load_hf(str(llama_dir))
   mkl = hf.load_hf(str(llama_dir), cpu_gemm="mkl")

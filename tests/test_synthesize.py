@@ -216,17 +216,19 @@ def test_parse_trace_rejects_malformed_text():
     synthesis.synthesize([{"id": "x", "prompt": "p", "label": "toxic"}], None, "/tmp/unused-synth")
 
 
-# ---- the local-sampler teacher on a tiny random HF model ----------------------------------------------
+# ---- the local-sampler teachers on a tiny random HF model -------------------------------------
 
-@pytest.mark.heavy
-def test_sampler_teacher_puts_the_policy_in_context_and_validates(tmp_path):
+
+def _synthesize_seeing_prompts(teacher_class, tmp_path, monkeypatch):
+  """(teacher, stats, the prompt texts it handed ``sample.generate``) after one harmful and one
+  benign prompt, with a ``teacher_class`` over a tiny random Llama."""
   import tiny_hf
 
   from saro_jax import sample
   from saro_jax.evaluate import evaluation
   path = tiny_hf.save_tiny_hf("llama", tmp_path / "tiny", max_position_embeddings=4096)
   model, tokenizer = evaluation.load_model(str(path))
-  teacher = synthesis.SamplerTeacher(model, tokenizer, max_new_tokens=8, temperature=1.0, batch_size=4)
+  teacher = teacher_class(model, tokenizer, max_new_tokens=8, temperature=1.0, batch_size=4)
   seen = []
   real_generate = sample.generate
 
@@ -234,11 +236,14 @@ def test_sampler_teacher_puts_the_policy_in_context_and_validates(tmp_path):
     seen.extend(prompts)
     return real_generate(model, tokenizer, prompts, **kw)
 
-  sample.generate = spy
-  try:
-    stats = synthesis.synthesize(HARMFUL[:1] + BENIGN[:1], teacher, tmp_path / "out")
-  finally:
-    sample.generate = real_generate
+  monkeypatch.setattr(sample, "generate", spy)
+  stats = synthesis.synthesize(HARMFUL[:1] + BENIGN[:1], teacher, tmp_path / "out")
+  return teacher, stats, seen
+
+
+@pytest.mark.heavy
+def test_sampler_teacher_puts_the_policy_in_context_and_validates(tmp_path, monkeypatch):
+  teacher, stats, seen = _synthesize_seeing_prompts(synthesis.SamplerTeacher, tmp_path, monkeypatch)
   # safe: 2 prompts; unsafe and reflection: 1 harmful prompt each; one batched generate call of
   # chat-templated text that ends in the prefill (the open tag; "Wait," for the reflection).
   assert teacher.generated == 4 == len(seen)
@@ -330,26 +335,8 @@ def test_limit_is_spread_evenly_per_label(tmp_path):
 
 
 @pytest.mark.heavy
-def test_self_teacher_answers_benign_prompts_after_a_prefilled_reasoning_block(tmp_path):
-  import tiny_hf
-
-  from saro_jax import sample
-  from saro_jax.evaluate import evaluation
-  path = tiny_hf.save_tiny_hf("llama", tmp_path / "tiny", max_position_embeddings=4096)
-  model, tokenizer = evaluation.load_model(str(path))
-  teacher = synthesis.SelfTeacher(model, tokenizer, max_new_tokens=8, temperature=1.0, batch_size=4)
-  seen = []
-  real_generate = sample.generate
-
-  def spy(model, tokenizer, prompts, **kw):
-    seen.extend(prompts)
-    return real_generate(model, tokenizer, prompts, **kw)
-
-  sample.generate = spy
-  try:
-    stats = synthesis.synthesize(HARMFUL[:1] + BENIGN[:1], teacher, tmp_path / "out")
-  finally:
-    sample.generate = real_generate
+def test_self_teacher_answers_benign_prompts_after_a_prefilled_reasoning_block(tmp_path, monkeypatch):
+  teacher, stats, seen = _synthesize_seeing_prompts(synthesis.SelfTeacher, tmp_path, monkeypatch)
   # Only the benign prompt is sampled: the bare request (no policy, no prefill); the trace puts the
   # template writer's reasoning block before the answer; the harmful prompt is the template writer's.
   assert teacher.generated == 1 == len(seen)
