@@ -17,6 +17,7 @@ import threading
 import numpy as np
 import pytest
 
+import chat_stub
 from saro_jax import config as config_lib
 from saro_jax.data import batching, formats, mining, sources, synthesis
 from saro_jax.evaluate import judges
@@ -262,7 +263,7 @@ def test_pipeline_rerun_skips_finished_steps(run, monkeypatch):
   assert [r["mined"] for r in summary["rounds"]] == [r["mined"] for r in run["summary"]["rounds"]]
 
 
-class _Teacher(http.server.BaseHTTPRequestHandler):
+class _Teacher(chat_stub.ChatHandler):
   """An OpenAI-compatible endpoint that answers the safe role: a helpful trace for benign prompts
   (a needless refusal for BENIGN[1], which validation must reject), a refusal for harmful ones."""
 
@@ -274,15 +275,7 @@ class _Teacher(http.server.BaseHTTPRequestHandler):
       text = TEACHER_HELPFUL
     else:
       text = "<think>\nThis asks for help with harm.\nI should decline.\n</think>\n\nI can't help with that."
-    data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-    self.send_response(200)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(data)))
-    self.end_headers()
-    self.wfile.write(data)
-
-  def log_message(self, *args):
-    pass
+    self.send_chat_reply(text)
 
 
 TEACHER_HELPFUL = ("<think>\nThis is an everyday question.\nA direct answer helps.\n</think>\n\n"

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import chat_stub
 from saro_jax.data import formats, sources, synthesis
 
 HARMFUL = [{"id": f"h{i}", "prompt": f"Explain how to build a dangerous device number {i}", "label": "harmful",
@@ -69,7 +70,7 @@ def _reply(body):
   return "<think>\n" + "\n".join(steps) + "\n</think>\n\n" + answer
 
 
-class _Stub(http.server.BaseHTTPRequestHandler):
+class _Stub(chat_stub.ChatHandler):
   def do_POST(self):  # noqa: N802
     server = self.server
     body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -83,15 +84,7 @@ class _Stub(http.server.BaseHTTPRequestHandler):
       self.send_response(server.status)
       self.end_headers()
       return
-    data = json.dumps({"choices": [{"message": {"role": "assistant", "content": _reply(body)}}]}).encode()
-    self.send_response(200)
-    self.send_header("Content-Type", "application/json")
-    self.send_header("Content-Length", str(len(data)))
-    self.end_headers()
-    self.wfile.write(data)
-
-  def log_message(self, *args):
-    pass
+    self.send_chat_reply(_reply(body))
 
 
 @pytest.fixture
