@@ -8,11 +8,9 @@ from saro_jax.sample, the verdicts from evaluate/judges.RefusalPhraseJudge, the 
 back by sources.py and data/pipeline.dpo_batches, and SRPO trains on them."""
 
 import dataclasses
-import http.server
 import importlib.util
 import json
 import pathlib
-import threading
 
 import numpy as np
 import pytest
@@ -290,16 +288,13 @@ def test_http_teacher_writes_missing_chosen_sides(run, tmp_path):
   from saro_jax.stages import mine as mine_stage
   from saro_jax.stages import pipeline
   w = run["workdir"]
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Teacher)
-  server.requests = []
-  thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-  thread.start()
-  try:
+  with chat_stub.serving(_Teacher) as (server, base_url):
+    server.requests = []
     table = {pipeline.MINED: str(w / "mine" / "pairs.jsonl")}
     cfg = pipeline._resolved_config(run["config"], {**table, **{
         f"synthesized:{n}": str(w / "synthesize" / f"{n}.jsonl") for n in pipeline.SYNTHESIZED}})
     cfg.mine.traces, cfg.mine.mix_with, cfg.mine.teacher = "", "", "http"
-    cfg.mine.http.base_url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    cfg.mine.http.base_url = base_url
     cfg.mine.http.model = "stub"
     out = tmp_path / "mine"
     out.mkdir()
@@ -326,9 +321,6 @@ def test_http_teacher_writes_missing_chosen_sides(run, tmp_path):
     n = len(server.requests)
     assert mine_stage.mine(cfg, out, policy=str(w / "rw" / "checkpoints")) == stats
     assert len(server.requests) == n  # resumed from chosen.jsonl
-  finally:
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.mark.heavy

@@ -1,12 +1,10 @@
 """SaRO data synthesis: the template writer, an OpenAI-compatible teacher (a local stub server),
 shortest rejection sampling, cache and resume, the local-sampler teacher, and the stage."""
 
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -89,17 +87,9 @@ class _Stub(chat_stub.ChatHandler):
 
 @pytest.fixture
 def stub():
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
-  server.log, server.fail_next, server.status = [], 0, 200
-  thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-  thread.start()
-  stopper = threading.Timer(120.0, server.shutdown)  # bounded: stops by itself if a test hangs
-  stopper.daemon = True
-  stopper.start()
-  yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
-  stopper.cancel()
-  server.shutdown()
-  server.server_close()
+  with chat_stub.serving(_Stub) as (server, base_url):
+    server.log, server.fail_next, server.status = [], 0, 200
+    yield server, base_url
 
 
 def test_http_teacher_retries_validates_and_keeps_the_shortest(stub, tmp_path, monkeypatch):
