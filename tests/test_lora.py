@@ -21,11 +21,10 @@ CFG = lora.LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "down"))
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-  path = tiny_hf.save_tiny_hf("llama", tmp_path_factory.mktemp("lora_base"))
-  model = hf.load_hf(str(path))
+def base(llama_dir):
+  model = hf.load_hf(str(llama_dir))
   graphdef, params = train.split_model(model)
-  return path, graphdef, params
+  return llama_dir, graphdef, params
 
 
 def logits(graphdef, params, batch):
